@@ -21,13 +21,15 @@ import logging
 import os
 import re
 import secrets
+import signal
 import sqlite3
 import sys
+import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from urllib.parse import quote, unquote_to_bytes, urlencode
 
 import aiosqlite
 import orjson
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -79,11 +82,12 @@ EVENT_RE = re.compile(r"[a-z0-9_]{1,32}")
 TXID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 CURRENCY_RE = re.compile(r"[A-Za-z]{3}")
 PAYOUT_RE = re.compile(r"(\d{1,12})(?:\.(\d{1,6}))?")
-UNIX_TS_RE = re.compile(r"\d{1,12}(?:\.\d{1,9})?")
+UNIX_TS_RE = re.compile(r"\d{1,13}(?:\.\d{1,9})?")  # 13 digits: milliseconds, refused as future
 CAMPAIGN_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 TOKEN_RE = re.compile(r"[A-Za-z0-9._~-]{8,128}")  # URL-safe: pasted into query strings
 MACRO_RE = re.compile(r"\{([^{}]*)\}")
-URL_HEAD_RE = re.compile(r"https?://[^/?#{}@\s]+(?=[/?#]|$)")
+URL_HEAD_RE = re.compile(r"https?://([^/?#]*)")
+HOST_RE = re.compile(r"([A-Za-z0-9-]+\.)*[A-Za-z0-9-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 CONTROL_CHARS = dict.fromkeys([*range(0x20), 0x7F])  # str.translate table: delete
 
 # Link previewers, crawlers and HTTP libraries: redirected, stored, flagged as bots.
@@ -286,12 +290,13 @@ def compile_template(source: str, key: str, macros: tuple[str, ...]) -> Template
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in source):
         raise ConfigError(key, f"must not contain spaces or control characters, got {shown(source)}")
     head = URL_HEAD_RE.match(source)
-    if not head:
+    if not head or not head.group(1):
         raise ConfigError(key, f"must be an http(s) URL, got {shown(source)}")
-    first_macro = source.find("{")
-    if 0 <= first_macro < head.end():
+    if "{" in head.group(0):
         # A macro in the scheme or host would let a click choose where visitors go.
         raise ConfigError(key, f"macros are only allowed after the host, got {shown(source)}")
+    if not HOST_RE.fullmatch(head.group(1)):
+        raise ConfigError(key, f"has no valid host (user:password@ is not allowed), got {shown(source)}")
     main, hash_, fragment = source.partition("#")
     parts, pos = [], 0
     for match in MACRO_RE.finditer(main):
@@ -1414,29 +1419,40 @@ LOG_CONFIG = {
 }
 
 
+class UvicornServer(uvicorn.Server):
+    """uvicorn's server, but a signal is a clean stop: after the graceful shutdown
+    the process exits 0 (uvicorn re-raises the signal, which systemd sees as a kill)."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+
 def config_path(args: argparse.Namespace) -> str | None:
     return args.config or os.environ.get("TINYTRACK_CONFIG") or None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the tracker (one uvicorn worker)."""
-    import uvicorn
-
     path = config_path(args)
-    if path:
-        config = load_config(path)
-    else:
-        config = embedded_default(args)
-    server = config.server
+    config = load_config(path) if path else embedded_default(args)
     server = dataclasses.replace(
-        server,
-        host=args.host or server.host,
-        port=args.port or server.port,
-        uds=args.uds or server.uds,
+        config.server,
+        host=args.host or config.server.host,
+        port=args.port or config.server.port,
+        uds=args.uds or config.server.uds,
     )
     config = dataclasses.replace(config, server=server)
     app = create_app(config, tune_gc=True)
-    uvicorn.run(
+    uvicorn_config = uvicorn.Config(
         app,
         host=server.host,
         port=server.port,
@@ -1448,7 +1464,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_config=LOG_CONFIG,
         timeout_graceful_shutdown=30,
     )
-    return 0
+    runner = UvicornServer(uvicorn_config)
+    runner.run()
+    return 0 if runner.started else 1
 
 
 def embedded_default(args: argparse.Namespace) -> Config:
