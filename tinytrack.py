@@ -186,6 +186,7 @@ class ServerConfig:
     port: int = 8080
     uds: str | None = None
     trusted_proxies: tuple[Network, ...] = ()
+    access_log: bool = False  # a line per request; postbacks are always logged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,6 +348,7 @@ def build_config(data: Mapping[str, Any]) -> Config:
         port=s.number("port", 8080, low=1, high=65535),
         uds=s.get("uds", str, None),
         trusted_proxies=_networks(s, "trusted_proxies", ("127.0.0.1", "::1")),
+        access_log=s.get("access_log", bool, False),
     )
     s.done()
 
@@ -812,6 +814,23 @@ def mask_ip(text: str) -> str:
         return "-" if not text else "invalid"
     prefix = 24 if address.version == 4 else 48
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
+
+
+SECRET_PARAMS = frozenset({b"token", b"key", b"signature", b"sig", b"secret", b"password"})
+
+
+def log_safe(text: str) -> str:
+    """Text for a log line: control characters escaped, so nobody forges a line."""
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+
+
+def redact_query(raw: bytes) -> str:
+    """A query string for a log line, with the values of secret parameters hidden."""
+    parts = []
+    for part in raw.split(b"&"):
+        name = part.partition(b"=")[0]
+        parts.append(name + b"=***" if unquote_to_bytes(name).lower() in SECRET_PARAMS else part)
+    return log_safe(b"&".join(parts).decode("ascii", "backslashreplace"))
 
 
 # --- Storage ------------------------------------------------------------------
@@ -1400,6 +1419,37 @@ pre{{background:#f4f4f4;padding:.8rem;overflow-x:auto;white-space:pre-wrap;word-
 """
 
 
+access_log = logging.getLogger("tinytrack.access")
+
+
+class AccessLog:
+    """tinytrack's own access log (uvicorn's prints query strings, tokens and all):
+    masked client address, redacted query, status and time. Headers never."""
+
+    def __init__(self, app: TinyTrack) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 0
+
+        async def send_and_note(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            forwarded_for = header_values(scope, b"x-forwarded-for")[0]
+            query = "?" + redact_query(scope["query_string"]) if scope["query_string"] else ""
+            path = log_safe(scope.get("raw_path", b"").decode("ascii", "backslashreplace") or scope["path"])
+            access_log.info('%s "%s %s%s" %d %.1fms', mask_ip(self.app.peer_address(scope, forwarded_for)),
+                            scope["method"], path, query, status, (time.perf_counter() - started) * 1000)  # fmt: skip
+
+
 def create_app(config: Config, *, clock: Callable[[], float] = time.time, tune_gc: bool = False) -> TinyTrack:
     """Build the ASGI app for a config; nothing starts until the lifespan runs."""
     return TinyTrack(config, clock=clock, tune_gc=tune_gc)
@@ -1453,7 +1503,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = dataclasses.replace(config, server=server)
     app = create_app(config, tune_gc=True)
     uvicorn_config = uvicorn.Config(
-        app,
+        AccessLog(app) if server.access_log else app,
         host=server.host,
         port=server.port,
         uds=server.uds,

@@ -103,3 +103,24 @@ def test_embedded_default_serves_the_demo_and_prints_tokens_once(tmp_path: Path)
     second.start()
     assert second.stop() == 0
     assert token not in second.output()
+
+
+def test_access_log_redacts_tokens_and_masks_addresses(tmp_path: Path):
+    port = free_port()
+    config = write_config(tmp_path, port)
+    config.write_text(config.read_text().replace('trusted_proxies = ["127.0.0.1", "::1"]', 'trusted_proxies = ["127.0.0.1", "::1"]\naccess_log = true'))
+    server = Server(tmp_path, config, port).start()
+    with httpx.Client(base_url=server.url) as http:
+        click = http.get("/c/spring?sub1=fb", headers={"user-agent": "Mozilla/5.0", "x-forwarded-for": "203.0.113.77"})
+        cid = re.search(r"cid=([0-9a-f-]{36})", click.headers["location"]).group(1)
+        http.get(f"/postback?click_id={cid}&token={POSTBACK_TOKEN}")
+        http.get(f"/postback?click_id={cid}&key=wrong-guess-123")
+        http.post("/postback", json={"click_id": cid}, headers={"authorization": f"Bearer {POSTBACK_TOKEN}"})
+    assert server.stop() == 0
+    log = server.output()
+    assert '203.0.113.0 "GET /c/spring?sub1=fb" 302' in log
+    assert f'127.0.0.0 "GET /postback?click_id={cid}&token=***" 200' in log
+    assert f'"GET /postback?click_id={cid}&key=***" 401' in log
+    assert '"POST /postback" 200' in log
+    for secret in (POSTBACK_TOKEN, "wrong-guess-123", "203.0.113.77"):
+        assert secret not in log

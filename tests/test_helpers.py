@@ -324,3 +324,16 @@ def test_mask_ip(text, masked):
 )
 def test_is_bot(user_agent, bot):
     assert tinytrack.is_bot(user_agent) is bot
+
+
+@pytest.mark.parametrize(
+    "raw, logged",
+    [
+        (b"click_id=abc&token=s3cret-value&payout=1", "click_id=abc&token=***&payout=1"),
+        (b"KEY=s3cret&Token=x&%74oken=y", "KEY=***&Token=***&%74oken=***"),
+        (b"a=%0d%0a", "a=%0d%0a"),
+        (b"a=\xff\x00", "a=\\\\xff\\x00"),
+    ],
+)
+def test_redact_query(raw, logged):
+    assert tinytrack.redact_query(raw) == logged
