@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
+import csv
+import io
 import dataclasses
 import datetime as dt
 import enum
@@ -749,6 +753,40 @@ def token_matches(candidate: str | None, tokens: Iterable[str]) -> bool:
     return found
 
 
+def admin_authorized(authorization: str | None, token: str | None) -> bool:
+    """``Bearer <admin token>``, or HTTP Basic with the admin token as the password."""
+    if not token or not authorization:
+        return False
+    scheme, _, value = authorization.strip().partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        return token_matches(value.strip(), (token,))
+    if scheme == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return token_matches(decoded.partition(":")[2], (token,))
+    return False
+
+
+def parse_since(text: str, field: str = "since") -> int:
+    """``YYYY-MM-DD`` (UTC midnight) or an ISO 8601 time with an offset, as unix ms."""
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise FieldError(field, f"must be YYYY-MM-DD or ISO 8601 with an offset, got {shown(text)}") from None
+    if moment.tzinfo is None:
+        if len(text) != 10:
+            raise FieldError(field, f"needs a UTC offset, got {shown(text)}")
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
+def iso_ms(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def sign(secret: str, timestamp: int, payload: bytes) -> str:
     return hmac.new(secret.encode(), b"%d." % timestamp + payload, hashlib.sha256).hexdigest()
 
@@ -902,6 +940,11 @@ SCHEMA = [
 ]
 
 
+CONVERSION_COLUMNS = ("id", "click_id", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "ext_id", "event", "txid",
+                      "status", "reason", "payout", "currency", "ts", "created_at", "updated_at")  # fmt: skip
+ORPHAN_COLUMNS = ("id", "click_id", "event", "txid", "status", "payout", "currency", "ts", "first_seen", "last_seen", "hits")
+
+
 class Result(enum.Enum):
     """What a postback did; the value is what the answer and the log say."""
 
@@ -1030,6 +1073,35 @@ class Store:
         async with self._reader.execute("SELECT count(*) FROM meta") as cursor:
             await cursor.fetchone()
         return True
+
+    async def conversions(self, since_ms: int, after_id: int, limit: int, campaign: str | None, status: str | None) -> list[dict]:
+        """Conversions created since a time, oldest first, for reconciliation."""
+        sql = """SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, status, reason,
+                        payout, currency, ts, created_at, updated_at
+                 FROM conversions WHERE id > ? AND created_at >= ?"""
+        args: list[Any] = [after_id, since_ms]
+        if campaign is not None:
+            sql, args = sql + " AND campaign = ?", [*args, campaign]
+        if status is not None:
+            sql, args = sql + " AND status = ?", [*args, status]
+        rows = await self._read(sql + " ORDER BY id LIMIT ?", (*args, limit))
+        return [
+            dict(zip(CONVERSION_COLUMNS, (*r[:1], format_uuid(r[1]), *r[2:13], format_money(r[13]), r[14], *map(iso_ms, r[15:]))))
+            for r in rows
+        ]
+
+    async def orphans(self, since_ms: int, after_id: int, limit: int) -> list[dict]:
+        """Postbacks for unknown click ids, oldest first."""
+        rows = await self._read(
+            """SELECT id, click_id, event, txid, status, payout, currency, ts, first_seen, last_seen, hits
+               FROM orphans WHERE id > ? AND last_seen >= ? ORDER BY id LIMIT ?""",
+            (after_id, since_ms, limit),
+        )
+        return [dict(zip(ORPHAN_COLUMNS, (*r[:5], format_money(r[5]), r[6], *map(iso_ms, r[7:10]), r[10]))) for r in rows]
+
+    async def _read(self, sql: str, args: tuple) -> list[tuple]:
+        async with self._reader.execute(sql, args) as cursor:
+            return await cursor.fetchall()
 
     async def _submit(self, item: object) -> Any:
         if self._closing:
@@ -1218,6 +1290,8 @@ class TinyTrack:
                 Route("/healthz", self.healthz),
                 Route("/demo", self.demo),
                 Route("/", self.index),
+                Route("/api/conversions", self.api_conversions),
+                Route("/api/orphans", self.api_orphans),
             ],
             exception_handlers={404: self.not_found, 405: self.not_allowed},
             lifespan=self.lifespan,
@@ -1379,11 +1453,80 @@ class TinyTrack:
         page = DEMO_PAGE.format(click_id=html.escape(click_id), curl_get=html.escape(curl_get), curl_post=html.escape(curl_post))
         return HTMLResponse(page, headers={"cache-control": "no-store"})
 
+    # The admin API: admin.token as a Bearer token or the HTTP Basic password.
+
+    def admin_refusal(self, request: Request) -> Response | None:
+        if admin_authorized(request.headers.get("authorization"), self.config.admin.token):
+            return None
+        return JSONResponse({"error": "unauthorized"}, 401, headers={"www-authenticate": 'Basic realm="tinytrack"'})
+
+    async def api_conversions(self, request: Request) -> Response:
+        """Conversions for reconciliation: ?since=&campaign=&status=&after=&limit=&format=json|csv"""
+        if refused := self.admin_refusal(request):
+            return refused
+        params = request.query_params
+        status = params.get("status")
+        try:
+            if status is not None and status not in STATUSES:
+                raise FieldError("status", f"must be one of {', '.join(STATUSES)}, got {shown(status)}")
+            since, after, limit, fmt = listing_params(params)
+        except FieldError as exc:
+            return JSONResponse({"error": exc.message}, 400)
+        rows = await self.store.conversions(since, after, limit, params.get("campaign"), status)
+        return listing_answer(rows, CONVERSION_COLUMNS, limit, fmt)
+
+    async def api_orphans(self, request: Request) -> Response:
+        """Postbacks for unknown click ids: ?since=&after=&limit=&format=json|csv"""
+        if refused := self.admin_refusal(request):
+            return refused
+        try:
+            since, after, limit, fmt = listing_params(request.query_params)
+        except FieldError as exc:
+            return JSONResponse({"error": exc.message}, 400)
+        return listing_answer(await self.store.orphans(since, after, limit), ORPHAN_COLUMNS, limit, fmt)
+
     async def not_found(self, request: Request, exc: Exception | None) -> Response:
         return JSONResponse({"error": "not found"}, 404)
 
     async def not_allowed(self, request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": "method not allowed"}, 405)
+
+
+def listing_params(params: Mapping[str, str]) -> tuple[int, int, int, str]:
+    """``since``, the ``after`` cursor, ``limit`` and ``format`` of a listing."""
+    since = parse_since(params["since"]) if params.get("since") else 0
+    after, limit = params.get("after", "0"), params.get("limit", "100")
+    if not after.isdigit():
+        raise FieldError("after", f"must be the cursor from a previous page, got {shown(after)}")
+    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        raise FieldError("limit", f"must be 1-1000, got {shown(limit)}")
+    fmt = params.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise FieldError("format", f"must be json or csv, got {shown(fmt)}")
+    return since, int(after), int(limit), fmt
+
+
+def csv_cell(value: object) -> object:
+    """A spreadsheet reads a cell starting with = + - @ as a formula; sub ids come
+    from the internet, so such text is prefixed with ' (OWASP: CSV injection)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+def listing_answer(rows: list[dict], columns: tuple[str, ...], limit: int, fmt: str) -> Response:
+    """A page of rows; the cursor for the next page is ``next`` (JSON) or X-Next-After (CSV)."""
+    after = str(rows[-1]["id"]) if len(rows) == limit else None
+    headers = {"cache-control": "no-store"}
+    if fmt == "json":
+        return Response(orjson.dumps({"rows": rows, "next": after}), headers=headers, media_type="application/json")
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([csv_cell(row[column]) for column in columns] for row in rows)
+    if after:
+        headers["x-next-after"] = after
+    return Response(out.getvalue(), headers=headers, media_type="text/csv; charset=utf-8")
 
 
 def parse_body(body: bytes, content_type: str | None) -> list[tuple[str, Any]]:
