@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -33,7 +34,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -1302,6 +1303,21 @@ class TinyTrack:
         self.config = config
         self.store.window_days = {name: c.window_days for name, c in config.campaigns.items()}
 
+    def reload(self, path: str) -> bool:
+        """Swap in a new config from `path` (SIGHUP). A bad file is refused and
+        the running config stays; requests in flight finish on the one they read."""
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return False
+        # Where to listen and which database are fixed for the life of the process.
+        new = dataclasses.replace(new, server=dataclasses.replace(new.server, host=self.config.server.host,
+                                  port=self.config.server.port, uds=self.config.server.uds), storage=self.config.storage)  # fmt: skip
+        self.apply_config(new)
+        log.info("reloaded %s: %d campaigns, %d postback tokens", path, len(new.campaigns), len(new.postback.tokens))
+        return True
+
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "http":
             path = scope["path"]
@@ -1614,14 +1630,22 @@ LOG_CONFIG = {
 
 class UvicornServer(uvicorn.Server):
     """uvicorn's server, but a signal is a clean stop: after the graceful shutdown
-    the process exits 0 (uvicorn re-raises the signal, which systemd sees as a kill)."""
+    the process exits 0 (uvicorn re-raises the signal, which systemd sees as a kill).
+    SIGHUP calls `on_hangup` (reload the config)."""
+
+    def __init__(self, config: uvicorn.Config, on_hangup: Callable[[], object] | None = None) -> None:
+        super().__init__(config)
+        self.on_hangup = on_hangup
 
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        handlers = {signal.SIGINT: self.handle_exit, signal.SIGTERM: self.handle_exit}
+        if self.on_hangup:
+            handlers[signal.SIGHUP] = lambda sig, frame: self.on_hangup()
+        originals = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         try:
             yield
         finally:
@@ -1645,11 +1669,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     config = dataclasses.replace(config, server=server)
     app = create_app(config, tune_gc=True)
+    sock = bind_unix_socket(server.uds) if server.uds else None
     uvicorn_config = uvicorn.Config(
         AccessLog(app) if server.access_log else app,
         host=server.host,
         port=server.port,
-        uds=server.uds,
+        fd=sock.fileno() if sock else None,
         lifespan="on",
         proxy_headers=False,  # tinytrack reads X-Forwarded-For itself, right to left
         server_header=False,
@@ -1657,9 +1682,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_config=LOG_CONFIG,
         timeout_graceful_shutdown=30,
     )
-    runner = UvicornServer(uvicorn_config)
-    runner.run()
+    hangup = (lambda: app.reload(path)) if path else (lambda: log.info("SIGHUP: no config file to reload"))
+    runner = UvicornServer(uvicorn_config, on_hangup=hangup)
+    try:
+        runner.run()
+    finally:
+        if sock:
+            sock.close()
+            with suppress(FileNotFoundError):
+                os.unlink(server.uds)
     return 0 if runner.started else 1
+
+
+def bind_unix_socket(path: str) -> socket.socket:
+    """A listening unix socket, mode 0660: the owner and its group (nginx joins it)
+    may connect. uvicorn's own --uds makes it 0666, open to every local user."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except FileNotFoundError:
+        pass
+    except ConnectionRefusedError:
+        os.unlink(path)  # left by a process that died: nobody listens on it
+    except OSError as exc:
+        raise TinytrackError(f"{path}: {exc.strerror}") from None
+    else:
+        raise TinytrackError(f"{path}: another server is listening on it")
+    finally:
+        probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o117)  # no window in which the socket is wider than 0660
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise TinytrackError(f"{path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o660)
+    sock.listen(2048)
+    return sock
 
 
 def embedded_default(args: argparse.Namespace) -> Config:

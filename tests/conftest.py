@@ -117,15 +117,16 @@ async def new_click(client: httpx.AsyncClient, campaign: str = "spring", **param
 class Server:
     """A real `tinytrack serve` process."""
 
-    def __init__(self, directory: Path, config_path: Path | None, port: int, env: dict | None = None) -> None:
-        self.directory, self.config_path, self.port = directory, config_path, port
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, directory: Path, config_path: Path | None, port: int, env: dict | None = None, uds: Path | None = None) -> None:
+        self.directory, self.config_path, self.port, self.uds = directory, config_path, port, uds
+        self.url = "http://tracker" if uds else f"http://127.0.0.1:{port}"
         self.log_path = directory / f"server-{port}.log"
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
 
     def start(self, *extra: str) -> Server:
-        args = [sys.executable, "-m", "tinytrack", "serve", "--port", str(self.port), *extra]
+        listen = ["--uds", str(self.uds)] if self.uds else ["--port", str(self.port)]
+        args = [sys.executable, "-m", "tinytrack", "serve", *listen, *extra]
         if self.config_path:
             args += ["-c", str(self.config_path)]
         self.log = open(self.log_path, "ab")
@@ -135,11 +136,16 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited {self.process.returncode}: {self.log_path.read_text()}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
+                with self.client() as http:
+                    if http.get("/healthz", timeout=1).status_code == 200:
+                        return self
             except httpx.TransportError:
                 time.sleep(0.05)
         raise RuntimeError(f"server did not start: {self.log_path.read_text()}")
+
+    def client(self) -> httpx.Client:
+        transport = httpx.HTTPTransport(uds=str(self.uds)) if self.uds else None
+        return httpx.Client(transport=transport, base_url=self.url)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         assert self.process is not None
