@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import html
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -86,14 +87,16 @@ UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
 EVENT_RE = re.compile(r"[a-z0-9_]{1,32}")
 TXID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 CURRENCY_RE = re.compile(r"[A-Za-z]{3}")
-PAYOUT_RE = re.compile(r"(\d{1,12})(?:\.(\d{1,6}))?")
-UNIX_TS_RE = re.compile(r"\d{1,13}(?:\.\d{1,9})?")  # 13 digits: milliseconds, refused as future
+PAYOUT_RE = re.compile(r"([0-9]{1,12})(?:\.([0-9]{1,6}))?")  # [0-9], not \d: "١٢" is no payout
+UNIX_TS_RE = re.compile(r"[0-9]{1,13}(?:\.[0-9]{1,9})?")  # 13 digits: milliseconds, refused as future
+DIGITS_RE = re.compile(r"[0-9]{1,12}")  # ASCII only: "²".isdigit() is True, int("²") fails
 CAMPAIGN_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 TOKEN_RE = re.compile(r"[A-Za-z0-9._~-]{8,128}")  # URL-safe: pasted into query strings
 MACRO_RE = re.compile(r"\{([^{}]*)\}")
 URL_HEAD_RE = re.compile(r"https?://([^/?#]*)")
-HOST_RE = re.compile(r"([A-Za-z0-9-]+\.)*[A-Za-z0-9-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
-CONTROL_CHARS = dict.fromkeys([*range(0x20), 0x7F])  # str.translate table: delete
+HOST_RE = re.compile(r"([A-Za-z0-9-]+\.)*[A-Za-z0-9-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+# C0, DEL, C1 and the Unicode line breaks: deleted from free text (str.translate table).
+CONTROL_CHARS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029])
 
 # Link previewers, crawlers and HTTP libraries: redirected, stored, flagged as bots.
 BOT_RE = re.compile(
@@ -665,7 +668,8 @@ def field_text(name: str, raw: Any) -> str | None:
         return text[:-2] if text.endswith(".0") else text
     if isinstance(raw, str):
         return raw.strip() or None
-    raise FieldError(name, f"must be a string or a number, got {type(raw).__name__}")
+    kind = "an object" if isinstance(raw, (dict, JSONObject)) else "an array" if isinstance(raw, list) else type(raw).__name__
+    raise FieldError(name, f"must be a string or a number, got {kind}")
 
 
 def parse_payout(text: str) -> int:
@@ -685,6 +689,8 @@ def format_money(units: int) -> str:
 
 def parse_ts(text: str, now: float) -> int:
     """ISO 8601 with an offset, or unix seconds, as unix milliseconds."""
+    if len(text) > 40 or not text.isascii() or not text.isprintable():
+        raise FieldError("ts", f"must be ISO 8601 with an offset or unix seconds, got {shown(text)}")
     if UNIX_TS_RE.fullmatch(text):
         seconds = float(text)
     else:
@@ -799,7 +805,7 @@ def verify_signature(header: str | None, payload: bytes, secrets_: Iterable[str]
     timestamp, candidates = None, []
     for item in header.split(","):
         name, _, value = item.strip().partition("=")
-        if name == "t" and value.isdigit() and len(value) <= 12:
+        if name == "t" and DIGITS_RE.fullmatch(value):
             timestamp = int(value)
         elif name == "v1" and value:
             candidates.append(value.lower().encode())
@@ -1418,7 +1424,7 @@ class TinyTrack:
         pairs: list[tuple[str, Any]] = parse_pairs(query, "query")
         body = b""
         if method == "POST":
-            if length and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            if length and (not DIGITS_RE.fullmatch(length) or int(length) > MAX_BODY_BYTES):
                 raise HTTPError(413, f"body: more than {MAX_BODY_BYTES} bytes")
             body = await read_body(receive, MAX_BODY_BYTES)
             if body:
@@ -1512,9 +1518,9 @@ def listing_params(params: Mapping[str, str]) -> tuple[int, int, int, str]:
     """``since``, the ``after`` cursor, ``limit`` and ``format`` of a listing."""
     since = parse_since(params["since"]) if params.get("since") else 0
     after, limit = params.get("after", "0"), params.get("limit", "100")
-    if not after.isdigit():
+    if not DIGITS_RE.fullmatch(after):
         raise FieldError("after", f"must be the cursor from a previous page, got {shown(after)}")
-    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+    if not DIGITS_RE.fullmatch(limit) or not 1 <= int(limit) <= 1000:
         raise FieldError("limit", f"must be 1-1000, got {shown(limit)}")
     fmt = params.get("format", "json")
     if fmt not in ("json", "csv"):
@@ -1545,17 +1551,29 @@ def listing_answer(rows: list[dict], columns: tuple[str, ...], limit: int, fmt: 
     return Response(out.getvalue(), headers=headers, media_type="text/csv; charset=utf-8")
 
 
+class JSONObject(list):
+    """A JSON object as its (key, value) pairs, repeats and all."""
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_body(body: bytes, content_type: str | None) -> list[tuple[str, Any]]:
     """Pairs from a JSON object or a form body; 415 for anything else."""
     media = (content_type or "").split(";")[0].strip().lower()
     if media == "application/json":
         try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError:
+            # The standard library here, not orjson: orjson keeps the last of repeated
+            # keys, which would let {"payout":"1","payout":"1000"} slip past the
+            # "given twice" check; and numbers arrive as their exact text, not floats.
+            # UTF-8 only, as RFC 8259 asks of JSON between systems.
+            data = json.loads(body.decode(), object_pairs_hook=JSONObject, parse_float=str, parse_int=str, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
             raise FieldError("body", "invalid JSON") from None
-        if not isinstance(data, dict):
+        if not isinstance(data, JSONObject):
             raise FieldError("body", "must be a JSON object")
-        return list(data.items())
+        return data
     if media in FORM_TYPES:
         return parse_pairs(body, "body")
     raise HTTPError(415, "content-type: must be application/json or application/x-www-form-urlencoded")

@@ -110,8 +110,8 @@ def test_field_text(raw, text):
     "raw, message",
     [
         (True, "payout: must be a string or a number, got a boolean"),
-        ([1], "payout: must be a string or a number, got list"),
-        ({"a": 1}, "payout: must be a string or a number, got dict"),
+        ([1], "payout: must be a string or a number, got an array"),
+        ({"a": 1}, "payout: must be a string or a number, got an object"),
         (float("nan"), "payout: must be a finite number"),
     ],
 )
