@@ -37,7 +37,7 @@ def test_defaults():
     assert config.retention.conversions_days == 0
     assert config.forward.max_age_hours == 72
     assert config.forward.allow_private is False
-    assert [str(n) for n in config.server.trusted_proxies] == ["127.0.0.1/32", "::1/128"]
+    assert sorted(str(n) for n in config.server.trusted_proxies) == ["127.0.0.1/32", "::1/128"]
 
 
 def test_config_is_frozen():
