@@ -149,3 +149,17 @@ async def test_unknown_path_is_a_json_404(client):
 
 async def test_demo_page_is_off_with_a_config_file(client):
     assert (await client.get("/demo?click_id=0190a6b2-7c1d-7abc-8def-0123456789ab")).status_code == 404
+
+
+async def test_a_click_waits_for_another_writer_then_is_stored(app, client):
+    import asyncio
+
+    other = sqlite3.connect(app.config.storage.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # a CLI command holding the write lock
+    pending = asyncio.create_task(new_click(client, sub1="waited"))
+    await asyncio.sleep(0.3)
+    assert not pending.done()  # no 302 before the click is stored
+    other.execute("COMMIT")
+    other.close()
+    click_id = await asyncio.wait_for(pending, 10)
+    assert [str(uuid.UUID(bytes=row[0])) for row in stored_clicks(app)] == [click_id]
