@@ -62,7 +62,7 @@ MAX_UA_CHARS = 512
 MAX_FIELDS = 64  # query/form pairs; a postback has ~10, a click a handful
 MAX_BODY_BYTES = 1024  # SPEC: a postback body is small; more is 413
 MAX_BATCH = 1000  # rows per transaction; keeps one commit's latency bounded
-CHECKPOINT_ROWS = 5000  # rows written before the WAL is checkpointed (off the event loop)
+CHECKPOINT_ROWS = 5000  # rows written before the WAL is checkpointed (on the writer thread)
 BUSY_TIMEOUT_MS = 5000  # how long a batch waits for another process's write lock
 SIGNATURE_TOLERANCE = 300  # seconds either way, as Stripe-style webhook signatures
 FUTURE_TS_TOLERANCE = 86400  # a network clock may be off, a day is not a clock error
@@ -1061,8 +1061,6 @@ class Store:
         self._reader: aiosqlite.Connection | None = None
         self._synchronous_full = False
         self._busy_timeout = BUSY_TIMEOUT_MS
-        self._checkpointer: ThreadPoolExecutor | None = None
-        self._checkpoint: asyncio.Future | None = None
         self._unchecked_rows = 0
         self._closing = False
         self.batches = 0
@@ -1072,9 +1070,8 @@ class Store:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinytrack-writer")
         self._con = await loop.run_in_executor(self._executor, open_database, self.path)
         # Commits never checkpoint on their own: that fsyncs the database file, and a
-        # click-only commit runs on the event loop. A thread of its own does it instead.
+        # click-only commit runs on the event loop. The write loop does it on the thread.
         self._con.execute("PRAGMA wal_autocheckpoint = 0")
-        self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinytrack-checkpoint")
         self._reader = await aiosqlite.connect(f"file:{quote(os.path.abspath(self.path))}?mode=ro", uri=True)
         self._closing = False
         self._writer_task = asyncio.create_task(self._write_loop(), name="tinytrack-writer")
@@ -1085,15 +1082,12 @@ class Store:
         self._wake()
         if self._writer_task:
             await self._writer_task
-        if self._checkpoint:
-            await self._checkpoint
         if self._reader:
             await self._reader.close()
         if self._executor:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, self._con.close)  # the last close checkpoints
             self._executor.shutdown()
-            self._checkpointer.shutdown()
 
     @property
     def pending(self) -> int:
@@ -1177,9 +1171,11 @@ class Store:
                     if not future.done():
                         future.set_result(result)
             self._unchecked_rows += len(items)
-            if self._unchecked_rows >= CHECKPOINT_ROWS and (self._checkpoint is None or self._checkpoint.done()):
+            if self._unchecked_rows >= CHECKPOINT_ROWS:
+                # Between batches, so the whole WAL is copied back and the next commit
+                # starts it again from the top; requests queue meanwhile (group commit).
                 self._unchecked_rows = 0
-                self._checkpoint = loop.run_in_executor(self._checkpointer, self._checkpoint_wal)
+                await loop.run_in_executor(self._executor, self._checkpoint_wal)
 
     async def _write(self, items: list[object]) -> list[Outcome | None]:
         if not any(isinstance(item, Postback) for item in items):
@@ -1195,13 +1191,8 @@ class Store:
         return await loop.run_in_executor(self._executor, self._write_batch, items)
 
     def _checkpoint_wal(self) -> None:
-        # Its own connection on its own thread; PASSIVE never blocks the writer.
-        try:
-            con = sqlite3.connect(self.path, isolation_level=None)
-            try:
-                con.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            finally:
-                con.close()
+        try:  # PASSIVE: never waits on readers; a long report just leaves some for next time
+            self._con.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as exc:
             log.warning("WAL checkpoint failed, will retry: %s", exc)
 
