@@ -1042,11 +1042,12 @@ INSERT_CLICK = """INSERT INTO clicks (id, ts, campaign, sub1, sub2, sub3, sub4, 
 
 
 class Store:
-    """Owns the database: one writer thread taking batches (group commit), and
+    """Owns the database: one writer connection taking batches (group commit), and
     an aiosqlite connection for reads, so a slow read never holds up a write.
 
-    The writer runs a whole batch in one call on its own thread: a round trip
-    per batch rather than per statement, which aiosqlite's public API cannot do.
+    A batch with postbacks (fsynced) runs in one call on the writer thread: a
+    round trip per batch, not per statement, which aiosqlite's public API cannot
+    do. A batch of clicks alone (no fsync) commits right on the event loop.
     """
 
     def __init__(self, path: str, *, clock: Callable[[], float] = time.time) -> None:
@@ -1178,17 +1179,18 @@ class Store:
                 await loop.run_in_executor(self._executor, self._checkpoint_wal)
 
     async def _write(self, items: list[object]) -> list[Outcome | None]:
-        if not any(isinstance(item, Postback) for item in items):
+        postbacks = any(isinstance(item, Postback) for item in items)
+        if not postbacks:
             # Clicks alone commit without an fsync in ~5 us a row: cheaper on the event
             # loop than a hop to the writer thread and back (measured ~57 us on one core).
             # If another process holds the write lock, don't wait here: go to the thread.
             try:
-                return self._write_batch(items, busy_timeout=0)
+                return self._write_batch(items, postbacks, busy_timeout=0)
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
                     raise
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._write_batch, items)
+        return await loop.run_in_executor(self._executor, self._write_batch, items, postbacks)
 
     def _checkpoint_wal(self) -> None:
         try:  # PASSIVE: never waits on readers; a long report just leaves some for next time
@@ -1198,12 +1200,11 @@ class Store:
 
     # One batch, one transaction: on the writer thread, or for clicks alone on the loop.
 
-    def _write_batch(self, items: list[object], busy_timeout: int = BUSY_TIMEOUT_MS) -> list[Outcome | None]:
+    def _write_batch(self, items: list[object], postbacks: bool, busy_timeout: int = BUSY_TIMEOUT_MS) -> list[Outcome | None]:
         con = self._con
         if busy_timeout != self._busy_timeout:
             con.execute(f"PRAGMA busy_timeout = {busy_timeout}")
             self._busy_timeout = busy_timeout
-        postbacks = any(isinstance(item, Postback) for item in items)
         if postbacks != self._synchronous_full:
             # Outside a transaction, as SQLite requires. The WAL is one log, so
             # the fsync of a postback batch also hardens the clicks before it.
