@@ -563,11 +563,6 @@ def format_uuid(raw: bytes) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def uuid_time(raw: bytes) -> float:
-    """The unix time, in seconds, that a UUIDv7 carries."""
-    return int.from_bytes(raw[:6]) / 1000
-
-
 def clean(value: str, limit: int) -> str:
     """Free text from a click: control characters out, then cut to `limit`."""
     if value.isprintable():  # nearly always; translate() with a table costs ~10x more
@@ -995,12 +990,8 @@ class Outcome:
     reason: str | None = None
 
 
-def open_database(path: str, *, readonly: bool = False) -> sqlite3.Connection:
+def open_database(path: str) -> sqlite3.Connection:
     """Open the file in WAL mode and bring its schema up to date."""
-    if readonly:
-        con = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True, isolation_level=None)
-        con.execute("PRAGMA busy_timeout = 5000")
-        return con
     con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")  # CLI commands may hold the lock briefly
     con.execute("PRAGMA journal_mode = WAL")

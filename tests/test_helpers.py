@@ -25,8 +25,8 @@ def test_click_ids_are_uuid7_time_ordered_and_unique():
         assert parsed.version == 7
         assert parsed.variant == uuid.RFC_4122
         assert str(parsed) == tinytrack.format_uuid(raw)
-    assert tinytrack.uuid_time(made[0]) == NOW
-    assert tinytrack.uuid_time(made[-1]) == NOW + 0.001
+    assert int.from_bytes(made[0][:6]) == NOW * 1000  # the first 48 bits: unix milliseconds
+    assert int.from_bytes(made[-1][:6]) == NOW * 1000 + 1
 
 
 def test_click_ids_stay_ordered_when_the_clock_steps_back():
