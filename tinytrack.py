@@ -197,7 +197,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     uds: str | None = None
-    trusted_proxies: frozenset[Network] = frozenset()  # hashable once: keys a cache per click
+    # Loopback, where nginx runs. A frozenset: hashed once, it keys a cache per click.
+    trusted_proxies: frozenset[Network] = frozenset(map(ipaddress.ip_network, ("127.0.0.1", "::1")))
     access_log: bool = False  # a line per request; postbacks are always logged
 
 
@@ -310,6 +311,11 @@ def compile_template(source: str, key: str, macros: tuple[str, ...]) -> Template
         raise ConfigError(key, f"macros are only allowed after the host, got {shown(source)}")
     if not HOST_RE.fullmatch(head.group(1)):
         raise ConfigError(key, f"has no valid host (user:password@ is not allowed), got {shown(source)}")
+    return split_template(source, key, macros)
+
+
+def split_template(source: str, key: str, macros: tuple[str, ...]) -> Template:
+    """Split a URL template into literal text and macros (no checks of the URL itself)."""
     main, hash_, fragment = source.partition("#")
     parts, pos = [], 0
     for match in MACRO_RE.finditer(main):
@@ -337,8 +343,10 @@ def parse_network(text: str, key: str) -> Network:
     return net
 
 
-def _networks(table: _Table, name: str, default: tuple) -> tuple[Network, ...]:
-    items = table.strings(name, default)
+def _networks(table: _Table, name: str, default: Collection[Network]) -> tuple[Network, ...]:
+    items = table.strings(name, None)
+    if items is None:
+        return tuple(default)
     return tuple(parse_network(item, f"{table.key(name)}[{i}]") for i, item in enumerate(items))
 
 
@@ -353,19 +361,21 @@ def _tokens(table: _Table, name: str) -> tuple[str, ...]:
 def build_config(data: Mapping[str, Any]) -> Config:
     """Validate a parsed TOML document into a Config; raises ConfigError."""
     root = _Table(dict(data), "")
+    # A key left out takes the dataclass's default: the defaults are written once, there.
+    ds, dst, dp, dr, df = ServerConfig(), StorageConfig(), PostbackConfig(), RetentionConfig(), ForwardConfig()
 
     s = root.table("server")
     server = ServerConfig(
-        host=s.get("host", str, "127.0.0.1"),
-        port=s.number("port", 8080, low=1, high=65535),
-        uds=s.get("uds", str, None),
-        trusted_proxies=frozenset(_networks(s, "trusted_proxies", ("127.0.0.1", "::1"))),
-        access_log=s.get("access_log", bool, False),
+        host=s.get("host", str, ds.host),
+        port=s.number("port", ds.port, low=1, high=65535),
+        uds=s.get("uds", str, ds.uds),
+        trusted_proxies=frozenset(_networks(s, "trusted_proxies", ds.trusted_proxies)),
+        access_log=s.get("access_log", bool, ds.access_log),
     )
     s.done()
 
     st = root.table("storage")
-    storage = StorageConfig(path=st.get("path", str, "tinytrack.db"))
+    storage = StorageConfig(path=st.get("path", str, dst.path))
     if not storage.path:
         raise ConfigError("storage.path", "must not be empty")
     st.done()
@@ -378,7 +388,7 @@ def build_config(data: Mapping[str, Any]) -> Config:
     for i, event in enumerate(events or ()):
         if not EVENT_RE.fullmatch(event):
             raise ConfigError(f"postback.events[{i}]", f"must match [a-z0-9_]{{1,32}}, got {shown(event)}")
-    currency = p.get("currency", str, "USD")
+    currency = p.get("currency", str, dp.currency)
     if not CURRENCY_RE.fullmatch(currency):
         raise ConfigError("postback.currency", f"must be a three-letter ISO 4217 code, got {shown(currency)}")
     status_map = {}
@@ -392,7 +402,7 @@ def build_config(data: Mapping[str, Any]) -> Config:
             raise ConfigError(f"postback.hmac_secrets[{i}]", "must be at least 16 characters")
     postback = PostbackConfig(
         tokens=tokens,
-        allow_ips=_networks(p, "allow_ips", ()),
+        allow_ips=_networks(p, "allow_ips", dp.allow_ips),
         events=events,
         currency=currency.upper(),
         status_map=status_map,
@@ -412,21 +422,21 @@ def build_config(data: Mapping[str, Any]) -> Config:
 
     r = root.table("retention")
     retention = RetentionConfig(
-        clicks_days=r.number("clicks_days", 90, low=0),
-        conversions_days=r.number("conversions_days", 0, low=0),
-        pii_days=r.number("pii_days", 30, low=0),
-        orphans_days=r.number("orphans_days", 30, low=0),
-        interval_minutes=r.number("interval_minutes", 60, low=1),
+        clicks_days=r.number("clicks_days", dr.clicks_days, low=0),
+        conversions_days=r.number("conversions_days", dr.conversions_days, low=0),
+        pii_days=r.number("pii_days", dr.pii_days, low=0),
+        orphans_days=r.number("orphans_days", dr.orphans_days, low=0),
+        interval_minutes=r.number("interval_minutes", dr.interval_minutes, low=1),
     )
     r.done()
 
     f = root.table("forward")
     forward = ForwardConfig(
-        allow_private=f.get("allow_private", bool, False),
-        first_retry_seconds=f.number("first_retry_seconds", 30, low=1),
-        max_age_hours=f.number("max_age_hours", 72, low=1),
-        timeout_seconds=f.number("timeout_seconds", 10, low=1, high=300),
-        delay_seconds=f.number("delay_seconds", 0, low=0),
+        allow_private=f.get("allow_private", bool, df.allow_private),
+        first_retry_seconds=f.number("first_retry_seconds", df.first_retry_seconds, low=1),
+        max_age_hours=f.number("max_age_hours", df.max_age_hours, low=1),
+        timeout_seconds=f.number("timeout_seconds", df.timeout_seconds, low=1, high=300),
+        delay_seconds=f.number("delay_seconds", df.delay_seconds, low=0),
     )
     f.done()
 
@@ -478,9 +488,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def embedded_config(host: str, port: int, postback_token: str, admin_token: str) -> Config:
     """The no-config default: one `demo` campaign landing on the built-in /demo page."""
     # A relative Location keeps the demo working whatever address the server is reached at.
-    demo_url = Template("/demo?click_id={click_id}", (("/demo?click_id=", "click_id"), ("", "")), "", True)
+    demo_url = split_template("/demo?click_id={click_id}", "campaigns.demo.url", MACROS_CLICK)
     return Config(
-        server=ServerConfig(host=host, port=port, trusted_proxies=frozenset((parse_network("127.0.0.1", ""), parse_network("::1", "")))),
+        server=ServerConfig(host=host, port=port),
         postback=PostbackConfig(tokens=(postback_token,)),
         admin=AdminConfig(token=admin_token),
         campaigns={"demo": Campaign(name="demo", url=demo_url)},
@@ -1404,7 +1414,7 @@ class TinyTrack:
         click_id = self.ids.new()
         if method == "GET":  # HEAD (link previews) gets the same answer and stores nothing
             row = (
-                click_id, int(self.clock() * 1000), campaign.name,
+                click_id, self.ids.last_ms, campaign.name,  # ts: the millisecond inside the id
                 values.get("sub1"), values.get("sub2"), values.get("sub3"), values.get("sub4"), values.get("sub5"),
                 values.get("ext_id"), self.peer_address(scope, forwarded_for), user_agent, is_bot(user_agent),
             )  # fmt: skip
