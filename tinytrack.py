@@ -14,6 +14,7 @@ import binascii
 import csv
 import io
 import dataclasses
+import email.utils
 import datetime as dt
 import enum
 import gc
@@ -29,20 +30,23 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import sqlite3
 import sys
 import threading
 import time
 import tomllib
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager, suppress
-from functools import lru_cache
+from contextlib import asynccontextmanager, closing, contextmanager, suppress
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote_to_bytes, urlencode
+from urllib.parse import quote, unquote_to_bytes, urlencode, urlsplit
 
 import aiosqlite
+import h11
 import orjson
 import uvicorn
 from starlette.applications import Starlette
@@ -971,11 +975,86 @@ SCHEMA = [
         UNIQUE (click_id, dedupe_key)
     );
     """,
+    # version 2: forwarding, daily totals, retention
+    """
+    -- A conversion's forward to its traffic source, written in the conversion's own
+    -- transaction. The URL is filled in then, so the row needs nothing else to send.
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        conversion_id INTEGER NOT NULL,    -- no foreign key: a delivery outlives a purge
+        campaign TEXT NOT NULL,
+        status TEXT NOT NULL,              -- the conversion status it tells the source
+        url TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL UNIQUE,
+        state TEXT NOT NULL,               -- pending, done, failed (final), dead (gave up), canceled
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        next_at INTEGER NOT NULL,          -- when a pending delivery is due
+        last_at INTEGER,
+        last_code INTEGER,
+        last_error TEXT,
+        deadline INTEGER NOT NULL          -- after this a failing delivery is dead
+    );
+    CREATE INDEX outbox_due ON outbox (next_at) WHERE state = 'pending';
+    CREATE INDEX outbox_conversion ON outbox (conversion_id);
+    CREATE INDEX outbox_state ON outbox (state, id);
+    CREATE TABLE outbox_attempts (
+        outbox_id INTEGER NOT NULL REFERENCES outbox (id) ON DELETE CASCADE,
+        at INTEGER NOT NULL,
+        code INTEGER,                      -- the HTTP status, if one came back
+        error TEXT,
+        ms INTEGER NOT NULL
+    );
+    CREATE INDEX outbox_attempts_outbox ON outbox_attempts (outbox_id);
+    -- Totals per UTC day (days since 1970), campaign and sub1, kept current as rows
+    -- are written, so reports never scan raw rows and outlive their purge.
+    CREATE TABLE daily_clicks (
+        day INTEGER NOT NULL,
+        campaign TEXT NOT NULL,
+        sub1 TEXT NOT NULL,                -- '' when the click had none
+        clicks INTEGER NOT NULL,           -- humans
+        bot_clicks INTEGER NOT NULL,
+        PRIMARY KEY (day, campaign, sub1)
+    ) WITHOUT ROWID;
+    -- Conversions by the day they converted, in their current status.
+    CREATE TABLE daily_conversions (
+        day INTEGER NOT NULL,
+        campaign TEXT NOT NULL,
+        sub1 TEXT NOT NULL,
+        status TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        conversions INTEGER NOT NULL,
+        payout INTEGER NOT NULL,           -- micro-units
+        PRIMARY KEY (day, campaign, sub1, status, currency)
+    ) WITHOUT ROWID;
+    INSERT INTO daily_clicks
+        SELECT ts / 86400000, campaign, coalesce(sub1, ''), sum(bot = 0), sum(bot) FROM clicks GROUP BY 1, 2, 3;
+    INSERT INTO daily_conversions
+        SELECT ts / 86400000, campaign, coalesce(sub1, ''), status, currency, count(*), sum(payout)
+        FROM conversions GROUP BY 1, 2, 3, 4, 5;
+    CREATE TRIGGER conversions_daily_insert AFTER INSERT ON conversions BEGIN
+        INSERT INTO daily_conversions VALUES (NEW.ts / 86400000, NEW.campaign, coalesce(NEW.sub1, ''),
+            NEW.status, NEW.currency, 1, NEW.payout)
+        ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout;
+    END;
+    CREATE TRIGGER conversions_daily_update AFTER UPDATE OF status, payout, currency ON conversions BEGIN
+        UPDATE daily_conversions SET conversions = conversions - 1, payout = payout - OLD.payout
+        WHERE day = OLD.ts / 86400000 AND campaign = OLD.campaign AND sub1 = coalesce(OLD.sub1, '')
+            AND status = OLD.status AND currency = OLD.currency;
+        INSERT INTO daily_conversions VALUES (NEW.ts / 86400000, NEW.campaign, coalesce(NEW.sub1, ''),
+            NEW.status, NEW.currency, 1, NEW.payout)
+        ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout;
+    END;
+    CREATE INDEX orphans_last_seen ON orphans (last_seen);
+    """,
 ]
 
 
 CONVERSION_COLUMNS = ("id", "click_id", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "ext_id", "event", "txid",
                       "status", "reason", "payout", "currency", "ts", "created_at", "updated_at")  # fmt: skip
+OUTBOX_COLUMNS = ("id", "conversion_id", "campaign", "status", "state", "attempts", "created_at", "next_at", "last_at",
+                  "last_code", "last_error", "url")  # fmt: skip
+OUTBOX_STATES = ("pending", "done", "failed", "dead", "canceled")
 ORPHAN_COLUMNS = ("id", "click_id", "event", "txid", "status", "payout", "currency", "ts", "first_seen", "last_seen", "hits")
 
 
@@ -998,6 +1077,19 @@ class Outcome:
     result: Result
     id: int | None = None
     reason: str | None = None
+
+
+OUTBOX_SELECT = """SELECT id, conversion_id, campaign, status, state, attempts, created_at, next_at, last_at,
+                         last_code, last_error, url FROM outbox"""
+
+
+def outbox_dict(row: tuple) -> dict:
+    """An OUTBOX_SELECT row for people: times as ISO 8601, next_at only while pending."""
+    fields = dict(zip(OUTBOX_COLUMNS, row))
+    fields["created_at"] = iso_ms(fields["created_at"])
+    fields["next_at"] = iso_ms(fields["next_at"]) if fields["state"] == "pending" else None
+    fields["last_at"] = fields["last_at"] and iso_ms(fields["last_at"])
+    return fields
 
 
 def open_database(path: str) -> sqlite3.Connection:
@@ -1040,6 +1132,27 @@ def meta_token(con: sqlite3.Connection, key: str) -> tuple[str, bool]:
 
 INSERT_CLICK = """INSERT INTO clicks (id, ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, ip, ua, bot)
                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+ADD_DAILY_CLICKS = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks) VALUES (?, ?, ?, ?, ?)
+                      ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks"""
+INSERT_OUTBOX = """INSERT INTO outbox (conversion_id, campaign, status, url, idempotency_key, state, created_at, next_at, deadline)
+                   VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """Work for the writer thread, in a transaction of its own (outbox results, purges)."""
+
+    func: Callable[[sqlite3.Connection, int], Any]
+
+
+def batch_size(queue: list[tuple[object, Any]]) -> int:
+    """How many queued writes go in the next transaction: a Job goes alone."""
+    if isinstance(queue[0][0], Job):
+        return 1
+    for i in range(1, min(len(queue), MAX_BATCH)):
+        if isinstance(queue[i][0], Job):
+            return i
+    return min(len(queue), MAX_BATCH)
 
 
 class Store:
@@ -1054,7 +1167,10 @@ class Store:
     def __init__(self, path: str, *, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self.clock = clock
-        self.window_days: Mapping[str, int | None] = {}
+        self.campaigns: Mapping[str, Campaign] = {}  # set from the config, on start and on reload
+        self.forward = ForwardConfig()
+        self.on_forward: Callable[[], object] | None = None  # told when a batch queued forwards
+        self._forwards_queued = False
         self._queue: list[tuple[object, asyncio.Future]] = []
         self._wakeup: asyncio.Future | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -1103,6 +1219,10 @@ class Store:
         """Match, dedupe and store a postback; returns once it is committed and fsynced."""
         return await self._submit(postback)
 
+    async def run(self, func: Callable[[sqlite3.Connection, int], Any]) -> Any:
+        """Run ``func(connection, now_ms)`` on the writer, in a transaction of its own."""
+        return await self._submit(Job(func))
+
     async def ping(self) -> bool:
         async with self._reader.execute("SELECT count(*) FROM meta") as cursor:
             await cursor.fetchone()
@@ -1133,6 +1253,21 @@ class Store:
         )
         return [dict(zip(ORPHAN_COLUMNS, (*r[:5], format_money(r[5]), r[6], *map(iso_ms, r[7:10]), r[10]))) for r in rows]
 
+    async def outbox(self, since_ms: int, after_id: int, limit: int, state: str | None) -> list[dict]:
+        """Deliveries created since a time, oldest first."""
+        sql, args = OUTBOX_SELECT + " WHERE id > ? AND created_at >= ?", [after_id, since_ms]
+        if state is not None:
+            sql, args = sql + " AND state = ?", [*args, state]
+        return [outbox_dict(row) for row in await self._read(sql + " ORDER BY id LIMIT ?", (*args, limit))]
+
+    async def due_deliveries(self, now_ms: int, limit: int) -> list[tuple]:
+        """Pending deliveries that are due, soonest first: id, url, key, attempts, deadline."""
+        return await self._read(
+            """SELECT id, url, idempotency_key, attempts, deadline FROM outbox
+               WHERE state = 'pending' AND next_at <= ? ORDER BY next_at LIMIT ?""",
+            (now_ms, limit),
+        )
+
     async def _read(self, sql: str, args: tuple) -> list[tuple]:
         async with self._reader.execute(sql, args) as cursor:
             return await cursor.fetchall()
@@ -1158,7 +1293,8 @@ class Store:
                 self._wakeup = loop.create_future()
                 await self._wakeup
                 continue
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            size = batch_size(self._queue)
+            batch, self._queue = self._queue[:size], self._queue[size:]
             items = [item for item, _ in batch]
             try:
                 results = await self._write(items)
@@ -1172,6 +1308,10 @@ class Store:
                 for (_, future), result in zip(batch, results):
                     if not future.done():
                         future.set_result(result)
+            if self._forwards_queued:
+                self._forwards_queued = False
+                if self.on_forward:
+                    self.on_forward()
             self._unchecked_rows += len(items)
             if self._unchecked_rows >= CHECKPOINT_ROWS:
                 # Between batches, so the whole WAL is copied back and the next commit
@@ -1179,7 +1319,10 @@ class Store:
                 self._unchecked_rows = 0
                 await loop.run_in_executor(self._executor, self._checkpoint_wal)
 
-    async def _write(self, items: list[object]) -> list[Outcome | None]:
+    async def _write(self, items: list[object]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        if isinstance(items[0], Job):  # always alone in its batch: its failure is its own
+            return [await loop.run_in_executor(self._executor, self._run_job, items[0])]
         postbacks = any(isinstance(item, Postback) for item in items)
         if not postbacks:
             # Clicks alone commit without an fsync in ~5 us a row: cheaper on the event
@@ -1190,7 +1333,6 @@ class Store:
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
                     raise
-        loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._write_batch, items, postbacks)
 
     def _checkpoint_wal(self) -> None:
@@ -1201,7 +1343,7 @@ class Store:
 
     # One batch, one transaction: on the writer thread, or for clicks alone on the loop.
 
-    def _write_batch(self, items: list[object], postbacks: bool, busy_timeout: int = BUSY_TIMEOUT_MS) -> list[Outcome | None]:
+    def _begin(self, postbacks: bool, busy_timeout: int) -> sqlite3.Connection:
         con = self._con
         if busy_timeout != self._busy_timeout:
             con.execute(f"PRAGMA busy_timeout = {busy_timeout}")
@@ -1211,28 +1353,51 @@ class Store:
             # the fsync of a postback batch also hardens the clicks before it.
             con.execute("PRAGMA synchronous = FULL" if postbacks else "PRAGMA synchronous = NORMAL")
             self._synchronous_full = postbacks
-        now_ms = int(self.clock() * 1000)
         con.execute("BEGIN IMMEDIATE")
+        return con
+
+    def _write_batch(self, items: list[object], postbacks: bool, busy_timeout: int = BUSY_TIMEOUT_MS) -> list[Outcome | None]:
+        con = self._begin(postbacks, busy_timeout)
+        now_ms = int(self.clock() * 1000)
         try:
             results: list[Outcome | None] = []
-            clicks = []
+            clicks: list[tuple] = []
             for item in items:
                 if isinstance(item, Postback):
                     if clicks:  # keep arrival order: a batch's clicks land before later postbacks
-                        con.executemany(INSERT_CLICK, clicks)
+                        self._insert_clicks(con, clicks)
                         clicks = []
                     results.append(self._apply_postback(con, item, now_ms))
                 else:
                     clicks.append(item)
                     results.append(None)
             if clicks:
-                con.executemany(INSERT_CLICK, clicks)
+                self._insert_clicks(con, clicks)
             con.execute("COMMIT")
         except BaseException:
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise
         return results
+
+    def _run_job(self, job: Job) -> Any:
+        con = self._begin(False, BUSY_TIMEOUT_MS)
+        try:
+            result = job.func(con, int(self.clock() * 1000))
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        return result
+
+    @staticmethod
+    def _insert_clicks(con: sqlite3.Connection, rows: list[tuple]) -> None:
+        con.executemany(INSERT_CLICK, rows)
+        # The day's totals, once per (day, campaign, sub1) in the batch rather than a
+        # trigger per row: a batch of clicks has few distinct keys.
+        totals = Counter((row[1] // 86_400_000, row[2], row[3] or "", row[11]) for row in rows)
+        con.executemany(ADD_DAILY_CLICKS, [(day, c, s, 0 if bot else n, n if bot else 0) for (day, c, s, bot), n in totals.items()])
 
     def _apply_postback(self, con: sqlite3.Connection, pb: Postback, now_ms: int) -> Outcome:
         key = pb.dedupe_key
@@ -1248,7 +1413,8 @@ class Store:
                 (format_uuid(pb.click_id), key, pb.event, pb.txid, pb.status, pb.payout, pb.currency, pb.ts_ms, pb.ip, now_ms, now_ms),
             )
             return Outcome(Result.ORPHAN)
-        window = self.window_days.get(click[1])
+        campaign = self.campaigns.get(click[1])
+        window = campaign.window_days if campaign else None
         late = window is not None and pb.ts_ms - click[0] > window * 86_400_000
         reason = Reason.OUTSIDE_WINDOW.value if late else None
         created = con.execute(
@@ -1260,21 +1426,298 @@ class Store:
              pb.payout, pb.currency, pb.ts_ms, now_ms, now_ms, pb.ip),
         ).fetchone()  # fmt: skip
         if created:
-            return Outcome(Result.REJECTED if late else Result.CREATED, created[0], reason)
-        conversion_id, status, reason = con.execute(
-            "SELECT id, status, reason FROM conversions WHERE click_id = ? AND dedupe_key = ?", (pb.click_id, key)
+            if late:
+                return Outcome(Result.REJECTED, created[0], reason)
+            self._queue_forward(con, campaign, created[0], (pb.click_id, *click[1:], pb.event, pb.txid), pb.status,
+                                pb.payout, pb.currency, now_ms)  # fmt: skip
+            return Outcome(Result.CREATED, created[0])
+        conversion_id, status, reason, *facts = con.execute(
+            """SELECT id, status, reason, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid
+               FROM conversions WHERE click_id = ? AND dedupe_key = ?""",
+            (pb.click_id, key),
         ).fetchone()
         if reason is not None:
             return Outcome(Result.REJECTED, conversion_id, reason)
         if status == pb.status:
             return Outcome(Result.DUPLICATE, conversion_id)
         # A status change; without a payout it keeps the amount it was credited with.
-        con.execute(
+        payout, currency = con.execute(
             """UPDATE conversions SET status = ?, updated_at = ?, ip = ?,
-                   payout = coalesce(?, payout), currency = coalesce(?, currency) WHERE id = ?""",
+                   payout = coalesce(?, payout), currency = coalesce(?, currency) WHERE id = ? RETURNING payout, currency""",
             (pb.status, now_ms, pb.ip, pb.payout if pb.payout_given else None, pb.currency if pb.payout_given else None, conversion_id),
-        )
+        ).fetchone()
+        self._queue_forward(con, campaign, conversion_id, facts, pb.status, payout, currency, now_ms)
         return Outcome(Result.UPDATED, conversion_id)
+
+    def _queue_forward(self, con: sqlite3.Connection, campaign: Campaign | None, conversion_id: int, facts: Iterable,
+                       status: str, payout: int, currency: str, now_ms: int) -> None:  # fmt: skip
+        """Queue the conversion's forward to its traffic source, in the same transaction,
+        if its campaign forwards this event and status. ``facts``: click_id, campaign,
+        sub1..sub5, ext_id, event, txid."""
+        if campaign is None or campaign.postback_url is None:
+            return
+        values = dict(zip(("click_id", "campaign", *SUB_FIELDS, "ext_id", "event", "txid"), facts))
+        if campaign.forward_events is not None and values["event"] not in campaign.forward_events:
+            return
+        if status == "rejected":
+            # A reversal. What the source was not told yet is not sent at all; what it
+            # was told (or is being told, with retries) it now hears was reversed.
+            con.execute(
+                """UPDATE outbox SET state = 'canceled', last_error = 'the conversion was rejected before this was sent'
+                   WHERE conversion_id = ? AND state = 'pending' AND attempts = 0""",
+                (conversion_id,),
+            )
+            told = con.execute("SELECT 1 FROM outbox WHERE conversion_id = ? AND attempts > 0 LIMIT 1", (conversion_id,)).fetchone()
+            if not told and status not in campaign.forward_statuses:
+                return
+        elif status not in campaign.forward_statuses:
+            return
+        values.update(click_id=format_uuid(values["click_id"]), status=status, payout=format_money(payout),
+                      currency=currency, id=str(conversion_id))  # fmt: skip
+        con.execute(INSERT_OUTBOX, outbox_row(campaign, conversion_id, status, values, now_ms, self.forward))
+        self._forwards_queued = True
+
+
+def outbox_row(campaign: Campaign, conversion_id: int, status: str, values: Mapping[str, str | None], now_ms: int,
+               conf: ForwardConfig) -> tuple:  # fmt: skip
+    """The INSERT_OUTBOX parameters for one delivery of a conversion."""
+    url = campaign.postback_url.fill({k: v for k, v in values.items() if v is not None})
+    first_try = now_ms + conf.delay_seconds * 1000
+    # The key the source can dedupe on: random, so it is unique across installations,
+    # and stored, so every retry of this delivery sends the same one.
+    return (conversion_id, campaign.name, status, url, secrets.token_hex(16), now_ms, first_try,
+            first_try + conf.max_age_hours * 3_600_000)  # fmt: skip
+
+
+# --- Forwarding ---------------------------------------------------------------
+
+FORWARD_CONCURRENCY = 8  # deliveries in flight at once; a 1 vCPU box has other work
+FORWARD_POLL_SECONDS = 1.0  # how often the outbox is looked at when nothing woke the worker
+FORWARD_BATCH = 100  # due deliveries read at a time
+FORWARD_SHUTDOWN_SECONDS = 10  # SIGTERM waits at most this for deliveries in flight
+MAX_BACKOFF_SECONDS = 6 * 3600
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """What one try of a delivery came to."""
+
+    code: int | None = None  # the HTTP status, if an answer came
+    error: str | None = None
+    retry_after: float | None = None  # seconds, from a 429/503's Retry-After
+    final: bool = False  # an error no retry can fix (a refused address)
+
+
+def is_public(address: Address) -> bool:
+    """False for loopback, private, link-local, multicast, unspecified and reserved
+    addresses, including IPv4 inside IPv6 (mapped, NAT64, 6to4, Teredo)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo and address.teredo[1])
+        if address in NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None and not is_public(embedded):
+            return False
+    return address.is_global and not address.is_multicast
+
+
+def parse_retry_after(text: str | None, now: float) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date."""
+    if not text:
+        return None
+    text = text.strip()
+    if DIGITS_RE.fullmatch(text):
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+async def send_forward(url: str, key: str, timeout: float, allow_private: bool) -> Attempt:
+    """GET ``url`` once, without following redirects; what came back.
+
+    The host is resolved here, checked, and the checked address is the one
+    connected to, so DNS cannot swap in a private address after the check."""
+    parts = urlsplit(url)
+    host, https = parts.hostname or "", parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                return Attempt(error=f"cannot resolve {host}: {exc.strerror}")
+            addresses = list(dict.fromkeys(info[4][0] for info in infos))
+            if not allow_private:
+                refused = [a for a in addresses if not is_public(ipaddress.ip_address(a.split("%")[0]))]
+                if refused:
+                    return Attempt(error=f"refused: {host} resolves to {refused[0]}, not a public address "
+                                         "(forward.allow_private = true allows it)", final=True)  # fmt: skip
+            context = ssl.create_default_context() if https else None
+            errors = []
+            for address in addresses:
+                try:
+                    reader, writer = await asyncio.open_connection(
+                        address, port, ssl=context, server_hostname=host if https else None
+                    )
+                    break
+                except (OSError, ssl.SSLError) as exc:
+                    errors.append(f"{address}: {exc.strerror or exc}")
+            else:
+                return Attempt(error=f"cannot connect: {'; '.join(errors)}")
+            try:
+                return await exchange(reader, writer, parts.netloc, target, key, loop.time)
+            finally:
+                writer.close()
+    except TimeoutError:
+        return Attempt(error=f"no answer within {timeout:g} s")
+    except (OSError, ssl.SSLError) as exc:
+        return Attempt(error=f"connection failed: {exc}")
+
+
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, target: str,
+                   key: str, now: Callable[[], float]) -> Attempt:  # fmt: skip
+    """One request and the status line and headers of its answer, parsed by h11."""
+    conn = h11.Connection(h11.CLIENT)
+    headers = [("Host", host), ("User-Agent", f"tinytrack/{__version__}"), ("Accept", "*/*"),
+               ("Idempotency-Key", key), ("Connection", "close")]  # fmt: skip
+    writer.write(conn.send(h11.Request(method="GET", target=target, headers=headers)))
+    writer.write(conn.send(h11.EndOfMessage()))
+    await writer.drain()
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            return Attempt(error=f"bad HTTP answer: {exc}")
+        if event is h11.NEED_DATA:
+            data = await reader.read(8192)
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Response):
+            retry_after = dict(event.headers).get(b"retry-after")
+            if 300 <= event.status_code < 400:
+                location = dict(event.headers).get(b"location", b"").decode("latin-1")
+                return Attempt(event.status_code, f"redirect to {shown(location, 80)} not followed")
+            return Attempt(event.status_code, None, parse_retry_after(retry_after and retry_after.decode("latin-1"), time.time()))
+        if isinstance(event, h11.ConnectionClosed):
+            return Attempt(error="connection closed before an answer")
+        # h11.InformationalResponse (1xx): keep reading
+
+
+def next_step(attempt: Attempt, attempts: int, deadline_ms: int, now_ms: int, conf: ForwardConfig,
+              rng: Callable[[], float] = random.random) -> tuple[str, int, str | None]:  # fmt: skip
+    """After a delivery's ``attempts``-th try: its new state, when it is next due and
+    why it failed (None when done)."""
+    code = attempt.code
+    if code is not None and 200 <= code < 300:
+        return "done", now_ms, None
+    error = attempt.error or f"HTTP {code}"
+    if code == 410:
+        return "failed", now_ms, "HTTP 410: the source says this URL is gone; not retried"
+    if attempt.final or (code is not None and 300 <= code < 500 and code != 429):
+        return "failed", now_ms, error
+    # Retried: 5xx, 429, timeouts, refused connections. Exponential with jitter, so
+    # deliveries that failed together (the source was down) don't retry together.
+    if attempt.retry_after is not None and code in (429, 503):
+        delay = min(attempt.retry_after, MAX_BACKOFF_SECONDS)
+    else:
+        delay = min(conf.first_retry_seconds * 2 ** (attempts - 1), MAX_BACKOFF_SECONDS) * (0.8 + 0.4 * rng())
+    due = now_ms + int(delay * 1000)
+    if due > deadline_ms:
+        return "dead", now_ms, f"{error}; gave up after {attempts} tries (forward.max_age_hours)"
+    return "pending", due, error
+
+
+class Forwarder:
+    """Sends the outbox: due deliveries, a few at a time, each result written back
+    by the store's writer. Runs in the app's lifespan."""
+
+    def __init__(self, store: Store, config: ForwardConfig, *, clock: Callable[[], float] = time.time,
+                 send: Callable[..., Any] = send_forward) -> None:  # fmt: skip
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.send = send
+        self.counts: Counter[str] = Counter()  # outcomes since start, for /metrics
+        self._inflight: dict[int, asyncio.Task] = {}
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name="tinytrack-forwarder")
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def stop(self, grace: float) -> None:
+        """Take no new deliveries; give those in flight ``grace`` seconds. What is
+        cut off stays pending and is sent after the next start."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._task:
+            await self._task
+        if self._inflight:
+            done, cut = await asyncio.wait(list(self._inflight.values()), timeout=grace)
+            for task in cut:
+                task.cancel()
+            await asyncio.gather(*cut, return_exceptions=True)
+            if cut:
+                log.info("forwarding: %d deliveries cut off by shutdown stay pending", len(cut))
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._wakeup.clear()
+            try:
+                due = await self.store.due_deliveries(int(self.clock() * 1000), FORWARD_BATCH)
+            except Exception as exc:  # a locked or busy database: try again next round
+                log.warning("forwarding: cannot read the outbox: %s", exc)
+                due = []
+            for row in due:
+                if len(self._inflight) >= FORWARD_CONCURRENCY:
+                    break
+                if row[0] not in self._inflight:
+                    self._inflight[row[0]] = asyncio.create_task(self._deliver(*row))
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), FORWARD_POLL_SECONDS)
+
+    async def _deliver(self, outbox_id: int, url: str, key: str, attempts: int, deadline: int) -> None:
+        try:
+            started = time.perf_counter()
+            attempt = await self.send(url, key, self.config.timeout_seconds, self.config.allow_private)
+            took = int((time.perf_counter() - started) * 1000)
+            now_ms = int(self.clock() * 1000)
+            state, due, error = next_step(attempt, attempts + 1, deadline, now_ms, self.config)
+            self.counts[state] += 1
+            level = logging.DEBUG if state == "done" else logging.INFO if state == "pending" else logging.WARNING
+            log.log(level, "forward %d: %s (%s)", outbox_id, state, error or f"HTTP {attempt.code}")
+            await self.store.run(partial(record_attempt, outbox_id=outbox_id, attempt=attempt, state=state,
+                                         due=due, error=error, took=took))  # fmt: skip
+        except Exception:
+            log.exception("forward %d: unexpected error; it stays pending", outbox_id)
+        finally:
+            self._inflight.pop(outbox_id, None)
+            self._wakeup.set()  # a slot is free
+
+
+def record_attempt(con: sqlite3.Connection, now_ms: int, *, outbox_id: int, attempt: Attempt, state: str,
+                   due: int, error: str | None, took: int) -> None:  # fmt: skip
+    """Write one try's result (on the writer). A delivery canceled meanwhile stays canceled."""
+    con.execute(
+        """UPDATE outbox SET attempts = attempts + 1, last_at = ?, last_code = ?, last_error = ?,
+               state = CASE state WHEN 'pending' THEN ? ELSE state END, next_at = ?
+           WHERE id = ?""",
+        (now_ms, attempt.code, error, state, due, outbox_id),
+    )
+    con.execute("INSERT INTO outbox_attempts (outbox_id, at, code, error, ms) VALUES (?, ?, ?, ?, ?)",
+                (outbox_id, now_ms, attempt.code, attempt.error, took))  # fmt: skip
 
 
 # --- HTTP handlers ------------------------------------------------------------
@@ -1332,6 +1775,7 @@ class TinyTrack:
         self.tune_gc = tune_gc
         self.ids = ClickIds(clock)
         self.store = Store(config.storage.path, clock=clock)
+        self.forwarder = Forwarder(self.store, config.forward, clock=clock)
         self.router = Starlette(
             routes=[
                 Route("/healthz", self.healthz),
@@ -1339,6 +1783,7 @@ class TinyTrack:
                 Route("/", self.index),
                 Route("/api/conversions", self.api_conversions),
                 Route("/api/orphans", self.api_orphans),
+                Route("/api/outbox", self.api_outbox),
             ],
             exception_handlers={404: self.not_found, 405: self.not_allowed},
             lifespan=self.lifespan,
@@ -1347,7 +1792,9 @@ class TinyTrack:
 
     def apply_config(self, config: Config) -> None:
         self.config = config
-        self.store.window_days = {name: c.window_days for name, c in config.campaigns.items()}
+        self.store.campaigns = config.campaigns
+        self.store.forward = config.forward
+        self.forwarder.config = config.forward
 
     def reload(self, path: str) -> bool:
         """Swap in a new config from `path` (SIGHUP). A bad file is refused and
@@ -1383,6 +1830,8 @@ class TinyTrack:
 
     async def startup(self) -> None:
         await self.store.open()
+        self.store.on_forward = self.forwarder.wake
+        self.forwarder.start()
         if self.tune_gc:
             # Measured: the 16-22 ms p99 tails under load were gen-0 collections of
             # short-lived request objects. Freeze start-up objects, collect less often.
@@ -1392,6 +1841,8 @@ class TinyTrack:
         log.info("tinytrack %s ready: %d campaigns, database %s", __version__, len(self.config.campaigns), self.config.storage.path)
 
     async def shutdown(self) -> None:
+        # Deliveries in flight get a bounded time; their results go through the writer.
+        await self.forwarder.stop(grace=min(self.config.forward.timeout_seconds, FORWARD_SHUTDOWN_SECONDS))
         await self.store.close()
         log.info("tinytrack stopped; every acknowledged write is committed")
 
@@ -1549,6 +2000,19 @@ class TinyTrack:
         except FieldError as exc:
             return JSONResponse({"error": exc.message}, 400)
         return listing_answer(await self.store.orphans(since, after, limit), ORPHAN_COLUMNS, limit, fmt)
+
+    async def api_outbox(self, request: Request) -> Response:
+        """Forwards to traffic sources: ?state=&since=&after=&limit=&format=json|csv"""
+        if refused := self.admin_refusal(request):
+            return refused
+        state = request.query_params.get("state")
+        try:
+            if state is not None and state not in OUTBOX_STATES:
+                raise FieldError("state", f"must be one of {', '.join(OUTBOX_STATES)}, got {shown(state)}")
+            since, after, limit, fmt = listing_params(request.query_params)
+        except FieldError as exc:
+            return JSONResponse({"error": exc.message}, 400)
+        return listing_answer(await self.store.outbox(since, after, limit, state), OUTBOX_COLUMNS, limit, fmt)
 
     async def not_found(self, request: Request, exc: Exception | None) -> Response:
         return JSONResponse({"error": "not found"}, 404)
@@ -1838,6 +2302,124 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def open_for_command(args: argparse.Namespace) -> tuple[Config, sqlite3.Connection]:
+    """The config (or the embedded default's) and its database, for a command run
+    beside the server: WAL lets it read while the server writes, and its short
+    writes wait for the server's (busy_timeout)."""
+    path = config_path(args)
+    config = load_config(path) if path else Config()
+    if not os.path.exists(config.storage.path):
+        raise TinytrackError(f"{config.storage.path}: no database here yet (serve creates it)")
+    try:
+        return config, open_database(config.storage.path)
+    except (sqlite3.Error, StorageError) as exc:
+        raise TinytrackError(f"{config.storage.path}: {exc}") from None
+
+
+def print_table(rows: list[dict], columns: Iterable[str]) -> None:
+    """Rows as aligned text columns; numbers right-aligned."""
+    columns = list(columns)
+    cells = [[("" if row.get(c) is None else str(row[c])) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(line[i]) for line in cells)]) for i, c in enumerate(columns)]
+    numeric = [all(re.fullmatch(r"-?[0-9.,%]+", line[i] or "0") for line in cells) for i in range(len(columns))]
+    for line in [columns, *cells]:
+        print("  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(line, widths, numeric)).rstrip())
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    """List, inspect, retry and replay forwards to traffic sources."""
+    config, con = open_for_command(args)
+    with closing(con):
+        return OUTBOX_ACTIONS[args.action](args, config, con)
+
+
+def outbox_list(args: argparse.Namespace, config: Config, con: sqlite3.Connection) -> int:
+    sql, params = OUTBOX_SELECT, []
+    if args.state:
+        sql, params = sql + " WHERE state = ?", [args.state]
+    rows = con.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, args.limit)).fetchall()
+    if not rows:
+        print(f"no {args.state or ''} deliveries".replace("  ", " "))
+        return 0
+    shown_rows = [outbox_dict(row) for row in reversed(rows)]
+    for row in shown_rows:
+        row["last_error"] = row["last_error"] and shown(row["last_error"], 60).strip("'\"")
+        row["when"] = row["next_at"] if row["state"] == "pending" else row["last_at"]
+    print_table(shown_rows, ("id", "state", "campaign", "status", "attempts", "when", "last_code", "last_error"))
+    return 0
+
+
+def outbox_show(args: argparse.Namespace, config: Config, con: sqlite3.Connection) -> int:
+    row = con.execute(OUTBOX_SELECT + " WHERE id = ?", (args.id,)).fetchone()
+    if row is None:
+        raise TinytrackError(f"outbox: no delivery {args.id}")
+    for name, value in outbox_dict(row).items():
+        print(f"{name:>14}  {'' if value is None else value}")
+    attempts = con.execute("SELECT at, code, error, ms FROM outbox_attempts WHERE outbox_id = ? ORDER BY at", (args.id,))
+    print()
+    print_table([{"at": iso_ms(at), "code": code, "error": error, "ms": ms} for at, code, error, ms in attempts],
+                ("at", "code", "ms", "error"))  # fmt: skip
+    return 0
+
+
+def outbox_retry(args: argparse.Namespace, config: Config, con: sqlite3.Connection) -> int:
+    if not args.ids and not args.all_dead and not args.all_failed:
+        raise TinytrackError("outbox retry: give delivery ids, --all-dead or --all-failed")
+    now_ms = int(time.time() * 1000)
+    states = [state for state, wanted in (("dead", args.all_dead), ("failed", args.all_failed)) if wanted]
+    with con:  # one transaction; the server's forwarder picks them up within a second
+        cursor = con.execute(
+            f"""UPDATE outbox SET state = 'pending', next_at = ?, deadline = ?
+                WHERE state IN ('dead', 'failed', 'canceled') AND (id IN ({",".join("?" * len(args.ids))})
+                      OR state IN ({",".join("?" * len(states))}))""",
+            (now_ms, now_ms + config.forward.max_age_hours * 3_600_000, *args.ids, *states),
+        )
+    print(f"{cursor.rowcount} deliveries pending again")
+    for missing in set(args.ids) - {row[0] for row in con.execute(
+            f"SELECT id FROM outbox WHERE id IN ({','.join('?' * len(args.ids))}) AND state = 'pending'", args.ids)}:  # fmt: skip
+        print(f"  {missing}: not retried (no such delivery, or it is not dead, failed or canceled)", file=sys.stderr)
+    return 0
+
+
+def outbox_replay(args: argparse.Namespace, config: Config, con: sqlite3.Connection) -> int:
+    try:
+        since = parse_since(args.since)
+    except FieldError as exc:
+        raise TinytrackError(f"--{exc.message}") from None
+    forwarding = {name: c for name, c in config.campaigns.items() if c.postback_url is not None}
+    if args.campaign:
+        if args.campaign not in config.campaigns:
+            raise TinytrackError(f"--campaign: no campaign {shown(args.campaign)} in the config")
+        forwarding = {args.campaign: forwarding[args.campaign]} if args.campaign in forwarding else {}
+    if not forwarding:
+        raise TinytrackError("outbox replay: no campaign (of those asked for) has a postback_url")
+    now_ms = int(time.time() * 1000)
+    queued = Counter()
+    with con:
+        rows = con.execute(
+            f"""SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, status, payout, currency
+                FROM conversions WHERE created_at >= ? AND reason IS NULL AND campaign IN ({",".join("?" * len(forwarding))})
+                ORDER BY id""",
+            (since, *forwarding),
+        ).fetchall()
+        for conversion_id, click_id, name, *facts, event, txid, status, payout, currency in rows:
+            campaign = forwarding[name]
+            if status not in campaign.forward_statuses or (campaign.forward_events is not None and event not in campaign.forward_events):
+                continue
+            values = dict(zip(("campaign", *SUB_FIELDS, "ext_id"), (name, *facts)))
+            values.update(click_id=format_uuid(click_id), event=event, txid=txid, status=status,
+                          payout=format_money(payout), currency=currency, id=str(conversion_id))  # fmt: skip
+            if not args.dry_run:
+                con.execute(INSERT_OUTBOX, outbox_row(campaign, conversion_id, status, values, now_ms, config.forward))
+            queued[name] += 1
+    verb = "would queue" if args.dry_run else "queued"
+    print(f"{verb} {sum(queued.values())} deliveries" + "".join(f"\n  {n}: {k}" for n, k in sorted(queued.items())))
+    return 0
+
+
+OUTBOX_ACTIONS = {"list": outbox_list, "show": outbox_show, "retry": outbox_retry, "replay": outbox_replay}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinytrack", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"tinytrack {__version__}")
@@ -1858,6 +2440,24 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("file", nargs="?", default="config.toml", help="where to write (default: config.toml)")
     check = command(cmd_check)
     check.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG)")
+
+    outbox = command(cmd_outbox)
+    actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
+    config_flag = argparse.ArgumentParser(add_help=False)
+    config_flag.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./tinytrack.db)")
+    listing = actions.add_parser("list", parents=[config_flag], help="the latest deliveries")
+    listing.add_argument("--state", choices=OUTBOX_STATES, help="only deliveries in this state")
+    listing.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    show = actions.add_parser("show", parents=[config_flag], help="one delivery and each of its attempts")
+    show.add_argument("id", type=int)
+    retry = actions.add_parser("retry", parents=[config_flag], help="send dead, failed or canceled deliveries again")
+    retry.add_argument("ids", type=int, nargs="*", metavar="ID")
+    retry.add_argument("--all-dead", action="store_true", help="every dead delivery")
+    retry.add_argument("--all-failed", action="store_true", help="every failed delivery")
+    replay = actions.add_parser("replay", parents=[config_flag], help="queue conversions again, with the current postback_url")
+    replay.add_argument("--since", required=True, help="conversions created since YYYY-MM-DD (UTC) or an ISO 8601 time")
+    replay.add_argument("--campaign", help="only this campaign")
+    replay.add_argument("--dry-run", action="store_true", help="count, queue nothing")
     return parser
 
 
