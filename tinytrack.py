@@ -232,6 +232,7 @@ class RetentionConfig:
     conversions_days: int = 0
     pii_days: int = 30
     orphans_days: int = 30
+    outbox_days: int = 30  # finished deliveries (done, failed, dead, canceled) and their attempts
     interval_minutes: int = 60
 
 
@@ -430,6 +431,7 @@ def build_config(data: Mapping[str, Any]) -> Config:
         conversions_days=r.number("conversions_days", dr.conversions_days, low=0),
         pii_days=r.number("pii_days", dr.pii_days, low=0),
         orphans_days=r.number("orphans_days", dr.orphans_days, low=0),
+        outbox_days=r.number("outbox_days", dr.outbox_days, low=0),
         interval_minutes=r.number("interval_minutes", dr.interval_minutes, low=1),
     )
     r.done()
@@ -883,6 +885,11 @@ def mask_ip(text: str) -> str:
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
 
 
+def truncate_ip(text: str | None) -> str | None:
+    """A click's address once ``pii_days`` have passed: its /24 or /48 network."""
+    return mask_ip(text) if text and parse_address(text) else None
+
+
 SECRET_PARAMS = frozenset({b"token", b"key", b"signature", b"sig", b"secret", b"password"})
 
 
@@ -1096,6 +1103,10 @@ def open_database(path: str) -> sqlite3.Connection:
     """Open the file in WAL mode and bring its schema up to date."""
     con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")  # CLI commands may hold the lock briefly
+    # Pages freed by purges go back to the file system a few at a time (the purge
+    # runs incremental_vacuum), never in one long exclusive VACUUM. Only takes
+    # effect before the first table is made; migrate converts older files once.
+    con.execute("PRAGMA auto_vacuum = INCREMENTAL")
     con.execute("PRAGMA journal_mode = WAL")
     # The WAL is cut back to this after a checkpoint; a long report can grow it meanwhile.
     con.execute("PRAGMA journal_size_limit = 67108864")
@@ -1103,6 +1114,7 @@ def open_database(path: str) -> sqlite3.Connection:
     # acknowledge postbacks switch to FULL so they also survive power loss.
     con.execute("PRAGMA synchronous = NORMAL")
     con.execute("PRAGMA foreign_keys = ON")
+    con.create_function("truncate_ip", 1, truncate_ip, deterministic=True)
     migrate(con, path)
     return con
 
@@ -1118,6 +1130,12 @@ def migrate(con: sqlite3.Connection, path: str) -> None:
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise
+    if version < 2 <= len(SCHEMA) and con.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+        # A file made before tinytrack purged anything: switch it to incremental
+        # auto-vacuum, which takes one full VACUUM (once, while nothing else runs).
+        log.warning("%s: converting to incremental auto-vacuum (once; takes a while on a big file)", path)
+        con.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        con.execute("VACUUM")
 
 
 def meta_token(con: sqlite3.Connection, key: str) -> tuple[str, bool]:
@@ -1143,6 +1161,7 @@ class Job:
     """Work for the writer thread, in a transaction of its own (outbox results, purges)."""
 
     func: Callable[[sqlite3.Connection, int], Any]
+    rows: int = 1  # about how many rows it writes, for WAL checkpoint pacing
 
 
 def batch_size(queue: list[tuple[object, Any]]) -> int:
@@ -1219,9 +1238,9 @@ class Store:
         """Match, dedupe and store a postback; returns once it is committed and fsynced."""
         return await self._submit(postback)
 
-    async def run(self, func: Callable[[sqlite3.Connection, int], Any]) -> Any:
+    async def run(self, func: Callable[[sqlite3.Connection, int], Any], rows: int = 1) -> Any:
         """Run ``func(connection, now_ms)`` on the writer, in a transaction of its own."""
-        return await self._submit(Job(func))
+        return await self._submit(Job(func, rows))
 
     async def ping(self) -> bool:
         async with self._reader.execute("SELECT count(*) FROM meta") as cursor:
@@ -1312,7 +1331,7 @@ class Store:
                 self._forwards_queued = False
                 if self.on_forward:
                     self.on_forward()
-            self._unchecked_rows += len(items)
+            self._unchecked_rows += items[0].rows if isinstance(items[0], Job) else len(items)
             if self._unchecked_rows >= CHECKPOINT_ROWS:
                 # Between batches, so the whole WAL is copied back and the next commit
                 # starts it again from the top; requests queue meanwhile (group commit).
@@ -1487,6 +1506,139 @@ def outbox_row(campaign: Campaign, conversion_id: int, status: str, values: Mapp
     # and stored, so every retry of this delivery sends the same one.
     return (conversion_id, campaign.name, status, url, secrets.token_hex(16), now_ms, first_try,
             first_try + conf.max_age_hours * 3_600_000)  # fmt: skip
+
+
+# --- Retention -----------------------------------------------------------------
+
+PURGE_BATCH = 1000  # rows per transaction: short enough that clicks queued behind it barely wait
+PURGE_PAUSE = 0.005  # seconds between batches, so clicks' own batches go in between
+VACUUM_PAGES = 256  # pages handed back to the file system per transaction
+DAY_MS = 86_400_000
+
+
+def uuid_floor(ms: int) -> bytes:
+    """The smallest UUIDv7 of a millisecond: click ids below it are older."""
+    return max(ms, 0).to_bytes(6, "big") + bytes(10)
+
+
+@dataclasses.dataclass(frozen=True)
+class PurgeRule:
+    """One retention rule: what it does to which rows, a batch at a time."""
+
+    table: str
+    action: str
+    days: Callable[[RetentionConfig], int]  # 0 turns the rule off
+    count: str  # SQL: how many rows are due (for --dry-run); takes (cutoff,)
+    batch: str  # SQL: one batch; takes (cutoff, limit)
+
+
+PURGE_RULES = (
+    PurgeRule("clicks", "deleted", lambda r: r.clicks_days,
+              "SELECT count(*) FROM clicks WHERE id < ?",
+              "DELETE FROM clicks WHERE id IN (SELECT id FROM clicks WHERE id < ? ORDER BY id LIMIT ?)"),
+    # pii_done marks how far it got, so each batch starts where the last stopped.
+    PurgeRule("clicks", "ip cut to /24 or /48, user agent dropped", lambda r: r.pii_days,
+              "SELECT count(*) FROM clicks WHERE id > coalesce((SELECT value FROM meta WHERE key = 'pii_done'), x'') AND id < ?",
+              """UPDATE clicks SET ip = truncate_ip(ip), ua = NULL WHERE id IN (
+                     SELECT id FROM clicks WHERE id > coalesce((SELECT value FROM meta WHERE key = 'pii_done'), x'')
+                     AND id < ?1 ORDER BY id LIMIT ?2) RETURNING id"""),
+    PurgeRule("conversions", "deleted, with their history", lambda r: r.conversions_days,
+              "SELECT count(*) FROM conversions WHERE created_at < ?",
+              "DELETE FROM conversions WHERE id IN (SELECT id FROM conversions WHERE created_at < ? ORDER BY created_at LIMIT ?)"),
+    PurgeRule("orphans", "deleted", lambda r: r.orphans_days,
+              "SELECT count(*) FROM orphans WHERE last_seen < ?",
+              "DELETE FROM orphans WHERE id IN (SELECT id FROM orphans WHERE last_seen < ? LIMIT ?)"),
+    PurgeRule("outbox", "finished deliveries deleted, with their attempts", lambda r: r.outbox_days,
+              "SELECT count(*) FROM outbox WHERE state != 'pending' AND coalesce(last_at, created_at) < ?",
+              """DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state != 'pending'
+                     AND coalesce(last_at, created_at) < ? LIMIT ?)"""),
+)  # fmt: skip
+
+
+def rule_cutoff(rule: PurgeRule, conf: RetentionConfig, now_ms: int) -> int | bytes:
+    cutoff = now_ms - rule.days(conf) * DAY_MS
+    return uuid_floor(cutoff) if rule.table == "clicks" else cutoff
+
+
+def purge_batch(con: sqlite3.Connection, now_ms: int, *, rule: PurgeRule, conf: RetentionConfig, limit: int) -> int:
+    """One batch of one rule, in the caller's transaction; how many rows it touched."""
+    cursor = con.execute(rule.batch, (rule_cutoff(rule, conf, now_ms), limit))
+    if rule.batch.endswith("RETURNING id"):
+        ids = cursor.fetchall()
+        if ids:  # the next batch starts after these
+            con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('pii_done', ?)", (max(ids)[0],))
+        return len(ids)
+    return cursor.rowcount
+
+
+def purge_due(con: sqlite3.Connection, conf: RetentionConfig, now_ms: int) -> list[tuple[PurgeRule, int]]:
+    """How many rows each rule that is on would touch now."""
+    return [(rule, con.execute(rule.count, (rule_cutoff(rule, conf, now_ms),)).fetchone()[0])
+            for rule in PURGE_RULES if rule.days(conf)]  # fmt: skip
+
+
+def vacuum_step(con: sqlite3.Connection, now_ms: int) -> int:
+    """Give up to VACUUM_PAGES free pages back to the file system; how many are left."""
+    con.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES})").fetchall()
+    return con.execute("PRAGMA freelist_count").fetchone()[0]
+
+
+class Purger:
+    """Retention in the background: every ``interval_minutes``, each rule in small
+    batches through the store's writer, pausing between them."""
+
+    def __init__(self, store: Store, config: RetentionConfig) -> None:
+        self.store = store
+        self.config = config
+        self.last: dict[str, int] = {}  # what the last run did, for /metrics
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="tinytrack-purge")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a busy or failing disk: the next run tries again
+                log.error("purge failed, will try again: %s", exc)
+            await asyncio.sleep(self.config.interval_minutes * 60)
+
+    async def run_once(self) -> dict[str, int]:
+        """Apply every rule until nothing is due; rows touched per rule."""
+        done: dict[str, int] = {}
+        started = time.perf_counter()
+        for rule in PURGE_RULES:
+            conf = self.config  # a reload between batches takes effect at the next batch
+            if not rule.days(conf):
+                continue
+            total = 0
+            while True:
+                n = await self.store.run(partial(purge_batch, rule=rule, conf=self.config, limit=PURGE_BATCH), rows=PURGE_BATCH)
+                total += n
+                if n < PURGE_BATCH:
+                    break
+                await asyncio.sleep(PURGE_PAUSE)
+            done[f"{rule.table} {rule.action}"] = total
+        free = await self.store.run(vacuum_step, rows=VACUUM_PAGES)
+        while free:
+            await asyncio.sleep(PURGE_PAUSE)
+            free, before = await self.store.run(vacuum_step, rows=VACUUM_PAGES), free
+            if free >= before:  # not an incremental auto-vacuum file: nothing to hand back
+                break
+        self.last = done
+        if any(done.values()):
+            log.info("purge: %s in %.1f s", ", ".join(f"{what}: {n}" for what, n in done.items() if n),
+                     time.perf_counter() - started)  # fmt: skip
+        return done
 
 
 # --- Forwarding ---------------------------------------------------------------
@@ -1776,6 +1928,7 @@ class TinyTrack:
         self.ids = ClickIds(clock)
         self.store = Store(config.storage.path, clock=clock)
         self.forwarder = Forwarder(self.store, config.forward, clock=clock)
+        self.purger = Purger(self.store, config.retention)
         self.router = Starlette(
             routes=[
                 Route("/healthz", self.healthz),
@@ -1795,6 +1948,7 @@ class TinyTrack:
         self.store.campaigns = config.campaigns
         self.store.forward = config.forward
         self.forwarder.config = config.forward
+        self.purger.config = config.retention
 
     def reload(self, path: str) -> bool:
         """Swap in a new config from `path` (SIGHUP). A bad file is refused and
@@ -1832,6 +1986,7 @@ class TinyTrack:
         await self.store.open()
         self.store.on_forward = self.forwarder.wake
         self.forwarder.start()
+        self.purger.start()
         if self.tune_gc:
             # Measured: the 16-22 ms p99 tails under load were gen-0 collections of
             # short-lived request objects. Freeze start-up objects, collect less often.
@@ -1841,6 +1996,7 @@ class TinyTrack:
         log.info("tinytrack %s ready: %d campaigns, database %s", __version__, len(self.config.campaigns), self.config.storage.path)
 
     async def shutdown(self) -> None:
+        await self.purger.stop()
         # Deliveries in flight get a bounded time; their results go through the writer.
         await self.forwarder.stop(grace=min(self.config.forward.timeout_seconds, FORWARD_SHUTDOWN_SECONDS))
         await self.store.close()
@@ -2417,6 +2573,80 @@ def outbox_replay(args: argparse.Namespace, config: Config, con: sqlite3.Connect
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Apply the retention rules now (the server also does, every interval_minutes)."""
+    config, con = open_for_command(args)
+    conf = config.retention
+    now_ms = int(time.time() * 1000)
+    with closing(con):
+        if args.dry_run:
+            rows = [{"table": r.table, "would be": r.action, "rows": n} for r, n in purge_due(con, conf, now_ms)]
+        else:
+            rows = []
+            for rule in PURGE_RULES:
+                if not rule.days(conf):
+                    continue
+                total, n = 0, PURGE_BATCH
+                while n == PURGE_BATCH:  # short transactions: a running server keeps writing between them
+                    with con:
+                        con.execute("BEGIN IMMEDIATE")
+                        n = purge_batch(con, now_ms, rule=rule, conf=conf, limit=PURGE_BATCH)
+                    total += n
+                rows.append({"table": rule.table, "done": rule.action, "rows": total})
+            while vacuum_step(con, now_ms) and con.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+                pass
+    off = [name for name in ("clicks_days", "pii_days", "conversions_days", "orphans_days", "outbox_days") if not getattr(conf, name)]
+    print_table(rows, list(rows[0]) if rows else ["table", "rows"])
+    if off:
+        print(f"kept for good (0 in [retention]): {', '.join(off)}")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Write a consistent copy of the database while the server runs, and check it."""
+    config, con = open_for_command(args)
+    dest = Path(args.dest)
+    if args.keep is not None and (args.keep < 1 or not dest.is_dir()):
+        raise TinytrackError("--keep: needs a folder as DEST and a count of at least 1")
+    if dest.is_dir():
+        dest = dest / time.strftime("tinytrack-%Y%m%d-%H%M%S.db", time.gmtime())
+    if dest.exists():
+        raise TinytrackError(f"{dest}: already exists, not overwritten")
+    partial_copy = dest.with_name(f".{dest.name}.partial")
+    with suppress(FileNotFoundError):
+        partial_copy.unlink()
+    old_umask = os.umask(0o077)  # it holds IPs and tokens: owner only
+    try:
+        with closing(con):
+            # One read transaction: a snapshot, while the server goes on writing (WAL).
+            con.execute("VACUUM INTO ?", (str(partial_copy),))
+        with closing(sqlite3.connect(partial_copy)) as copy:
+            check = copy.execute("PRAGMA integrity_check").fetchall()
+            if check != [("ok",)]:
+                raise TinytrackError(f"{dest}: the copy failed its integrity check: {check[:3]}")
+            counts = {t: copy.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("clicks", "conversions", "outbox")}
+        with open(partial_copy, "rb+") as f:
+            os.fsync(f.fileno())
+        os.link(partial_copy, dest)  # unlike rename, never replaces a file that appeared meanwhile
+    except sqlite3.Error as exc:
+        raise TinytrackError(f"{dest}: {exc}") from None
+    except FileExistsError:
+        raise TinytrackError(f"{dest}: already exists, not overwritten") from None
+    finally:
+        os.umask(old_umask)
+        with suppress(FileNotFoundError):
+            partial_copy.unlink()
+    size = dest.stat().st_size
+    print(f"{dest}: {size / 1e6:.1f} MB, integrity ok, " + ", ".join(f"{n} {t}" for t, n in counts.items()))
+    if args.keep:
+        older = sorted(dest.parent.glob("tinytrack-*.db"))[: -args.keep]
+        for path in older:
+            path.unlink()
+        if older:
+            print(f"removed {len(older)} older backups (--keep {args.keep})")
+    return 0
+
+
 OUTBOX_ACTIONS = {"list": outbox_list, "show": outbox_show, "retry": outbox_retry, "replay": outbox_replay}
 
 
@@ -2440,6 +2670,14 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("file", nargs="?", default="config.toml", help="where to write (default: config.toml)")
     check = command(cmd_check)
     check.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG)")
+
+    purge = command(cmd_purge)
+    purge.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./tinytrack.db)")
+    purge.add_argument("--dry-run", action="store_true", help="show what would go, change nothing")
+    backup = command(cmd_backup)
+    backup.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./tinytrack.db)")
+    backup.add_argument("dest", help="file to write, or a folder for tinytrack-YYYYmmdd-HHMMSS.db")
+    backup.add_argument("--keep", type=int, metavar="N", help="in that folder, keep only the newest N such backups")
 
     outbox = command(cmd_outbox)
     actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
