@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import binascii
 import csv
 import io
@@ -39,6 +40,7 @@ import tomllib
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from decimal import ROUND_HALF_EVEN, Decimal
 from contextlib import asynccontextmanager, closing, contextmanager, suppress
 from functools import lru_cache, partial
 from pathlib import Path
@@ -1201,6 +1203,7 @@ class Store:
         self._unchecked_rows = 0
         self._closing = False
         self.batches = 0
+        self.batch_sizes = Histogram(BATCH_BOUNDS)
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1279,6 +1282,18 @@ class Store:
             sql, args = sql + " AND state = ?", [*args, state]
         return [outbox_dict(row) for row in await self._read(sql + " ORDER BY id LIMIT ?", (*args, limit))]
 
+    async def stats(self, q: StatsQuery) -> list[dict]:
+        """A report, read beside the writer (never on it); see stats_sql."""
+        (clicks_sql, clicks_args), (conv_sql, conv_args) = stats_sql(q)
+        return stats_rows(q, await self._read(clicks_sql, clicks_args), await self._read(conv_sql, conv_args))
+
+    async def outbox_states(self) -> dict[str, int]:
+        rows = await self._read("SELECT state, count(*) FROM outbox GROUP BY state", ())
+        return {state: 0 for state in OUTBOX_STATES} | dict(rows)
+
+    async def latest(self, sql: str, limit: int) -> list[tuple]:
+        return await self._read(sql + " LIMIT ?", (limit,))
+
     async def due_deliveries(self, now_ms: int, limit: int) -> list[tuple]:
         """Pending deliveries that are due, soonest first: id, url, key, attempts, deadline."""
         return await self._read(
@@ -1324,6 +1339,7 @@ class Store:
                         future.set_exception(StorageError(f"database write failed: {exc}"))
             else:
                 self.batches += 1
+                self.batch_sizes.observe(len(items))
                 for (_, future), result in zip(batch, results):
                     if not future.done():
                         future.set_result(result)
@@ -1525,6 +1541,7 @@ def uuid_floor(ms: int) -> bytes:
 class PurgeRule:
     """One retention rule: what it does to which rows, a batch at a time."""
 
+    name: str  # how /metrics and the log call it
     table: str
     action: str
     days: Callable[[RetentionConfig], int]  # 0 turns the rule off
@@ -1533,22 +1550,22 @@ class PurgeRule:
 
 
 PURGE_RULES = (
-    PurgeRule("clicks", "deleted", lambda r: r.clicks_days,
+    PurgeRule("clicks", "clicks", "deleted", lambda r: r.clicks_days,
               "SELECT count(*) FROM clicks WHERE id < ?",
               "DELETE FROM clicks WHERE id IN (SELECT id FROM clicks WHERE id < ? ORDER BY id LIMIT ?)"),
     # pii_done marks how far it got, so each batch starts where the last stopped.
-    PurgeRule("clicks", "ip cut to /24 or /48, user agent dropped", lambda r: r.pii_days,
+    PurgeRule("pii", "clicks", "ip cut to /24 or /48, user agent dropped", lambda r: r.pii_days,
               "SELECT count(*) FROM clicks WHERE id > coalesce((SELECT value FROM meta WHERE key = 'pii_done'), x'') AND id < ?",
               """UPDATE clicks SET ip = truncate_ip(ip), ua = NULL WHERE id IN (
                      SELECT id FROM clicks WHERE id > coalesce((SELECT value FROM meta WHERE key = 'pii_done'), x'')
                      AND id < ?1 ORDER BY id LIMIT ?2) RETURNING id"""),
-    PurgeRule("conversions", "deleted, with their history", lambda r: r.conversions_days,
+    PurgeRule("conversions", "conversions", "deleted, with their history", lambda r: r.conversions_days,
               "SELECT count(*) FROM conversions WHERE created_at < ?",
               "DELETE FROM conversions WHERE id IN (SELECT id FROM conversions WHERE created_at < ? ORDER BY created_at LIMIT ?)"),
-    PurgeRule("orphans", "deleted", lambda r: r.orphans_days,
+    PurgeRule("orphans", "orphans", "deleted", lambda r: r.orphans_days,
               "SELECT count(*) FROM orphans WHERE last_seen < ?",
               "DELETE FROM orphans WHERE id IN (SELECT id FROM orphans WHERE last_seen < ? LIMIT ?)"),
-    PurgeRule("outbox", "finished deliveries deleted, with their attempts", lambda r: r.outbox_days,
+    PurgeRule("outbox", "outbox", "finished deliveries deleted, with their attempts", lambda r: r.outbox_days,
               "SELECT count(*) FROM outbox WHERE state != 'pending' AND coalesce(last_at, created_at) < ?",
               """DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state != 'pending'
                      AND coalesce(last_at, created_at) < ? LIMIT ?)"""),
@@ -1627,7 +1644,7 @@ class Purger:
                 if n < PURGE_BATCH:
                     break
                 await asyncio.sleep(PURGE_PAUSE)
-            done[f"{rule.table} {rule.action}"] = total
+            done[rule.name] = total
         free = await self.store.run(vacuum_step, rows=VACUUM_PAGES)
         while free:
             await asyncio.sleep(PURGE_PAUSE)
@@ -1872,6 +1889,160 @@ def record_attempt(con: sqlite3.Connection, now_ms: int, *, outbox_id: int, atte
                 (outbox_id, now_ms, attempt.code, attempt.error, took))  # fmt: skip
 
 
+# --- Reports ---------------------------------------------------------------------
+
+STATS_GROUPS = ("day", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "status")
+STATS_COLUMNS = ("clicks", "bot_clicks", "conversions", "approved", "pending", "rejected", "payout", "cr", "epc")
+STATS_DEFAULT_DAYS = 30
+STATS_MAX_DAYS = 3660
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsQuery:
+    first_day: int  # UTC days since 1970, inclusive
+    last_day: int
+    by: str = "campaign"
+    campaign: str | None = None
+    bots: bool = False
+
+
+def day_text(day: int) -> str:
+    return (dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()
+
+
+def parse_day(text: str, field: str) -> int:
+    try:
+        return (dt.date.fromisoformat(text) - dt.date(1970, 1, 1)).days if len(text) == 10 else int("x")
+    except ValueError:
+        raise FieldError(field, f"must be a date as YYYY-MM-DD, got {shown(text)}") from None
+
+
+def stats_query(params: Mapping[str, str | None], now: float) -> StatsQuery:
+    """A StatsQuery from ?from=&to=&by=&campaign=&bots= (or the CLI's flags); FieldError names what is wrong."""
+    today = int(now // 86400)
+    last = parse_day(params["to"], "to") if params.get("to") else today
+    first = parse_day(params["from"], "from") if params.get("from") else last - STATS_DEFAULT_DAYS + 1
+    if first > last:
+        raise FieldError("from", f"must not be after to ({day_text(last)}), got {day_text(first)}")
+    if last - first >= STATS_MAX_DAYS:
+        raise FieldError("from", f"the range is at most {STATS_MAX_DAYS} days")
+    by = params.get("by") or "campaign"
+    if by not in STATS_GROUPS:
+        raise FieldError("by", f"must be one of {', '.join(STATS_GROUPS)}, got {shown(by)}")
+    bots = params.get("bots") or "0"
+    if bots not in ("0", "1"):
+        raise FieldError("bots", f"must be 0 or 1, got {shown(bots)}")
+    if params.get("tz") not in (None, "", "UTC", "utc", "Z", "+00:00"):
+        raise FieldError("tz", "totals are kept per UTC day, so only UTC is offered")
+    return StatsQuery(first, last, by, params.get("campaign") or None, bots == "1")
+
+
+def stats_sql(q: StatsQuery) -> tuple[tuple[str, tuple], tuple[str, tuple]]:
+    """The two reads behind a report, (SQL, parameters) for clicks and for conversions.
+    day, campaign, sub1 and status come from the daily totals, which outlive purges;
+    sub2..sub5 from the raw rows still kept (clicks_days)."""
+    where, args = "", ()
+    if q.campaign is not None:
+        where, args = " AND campaign = ?", (q.campaign,)
+    if q.by in ("day", "campaign", "sub1", "status"):
+        key = "''" if q.by == "status" else q.by
+        span = (q.first_day, q.last_day, *args)
+        clicks = f"SELECT {key}, sum(clicks), sum(bot_clicks) FROM daily_clicks WHERE day BETWEEN ? AND ?{where} GROUP BY 1"
+        conversions = f"""SELECT {"status" if q.by == "status" else key}, status, currency, sum(conversions), sum(payout)
+                          FROM daily_conversions WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3"""
+        return (clicks, span), (conversions, span)
+    start, end = q.first_day * DAY_MS, (q.last_day + 1) * DAY_MS
+    clicks = f"""SELECT coalesce({q.by}, ''), sum(bot = 0), sum(bot) FROM clicks
+                 WHERE id >= ? AND id < ?{where} GROUP BY 1"""
+    conversions = f"""SELECT coalesce({q.by}, ''), status, currency, count(*), sum(payout) FROM conversions
+                      WHERE ts >= ? AND ts < ?{where} GROUP BY 1, 2, 3"""
+    return (clicks, (uuid_floor(start), uuid_floor(end), *args)), (conversions, (start, end, *args))
+
+
+def stats_rows(q: StatsQuery, clicks: Iterable[tuple], conversions: Iterable[tuple]) -> list[dict]:
+    """Rows of a report from the two reads of stats_sql. Money stays integer micro-units
+    until it is printed, so sums are exact."""
+    groups: dict[Any, dict] = {}
+
+    def group(key: Any) -> dict:
+        if key not in groups:
+            groups[key] = {q.by: key, "clicks": 0, "bot_clicks": 0, "approved": 0, "pending": 0, "rejected": 0, "payout": Counter()}
+        return groups[key]
+
+    total_humans = total_bots = 0
+    for key, humans, bots in clicks:
+        row = group(key)
+        row["clicks"] += humans
+        row["bot_clicks"] += bots
+        total_humans, total_bots = total_humans + humans, total_bots + bots
+    for key, status, currency, count, payout in conversions:
+        row = group(key)
+        row[status] += count
+        if status == "approved" or q.by == "status":
+            row["payout"][currency] += payout
+    if q.by == "status":  # every status row is set against all the clicks of the range
+        groups.pop("", None)
+        for row in groups.values():
+            row["clicks"], row["bot_clicks"] = total_humans, total_bots
+    rows = []
+    for key in sorted(groups, key=lambda k: (k is None, k)):
+        row = groups[key]
+        if q.by == "day":
+            row["day"] = day_text(key)
+        clicks_counted = row["clicks"] + (row["bot_clicks"] if q.bots else 0)
+        row["clicks"] = clicks_counted
+        row["conversions"] = row["approved"] + row["pending"]
+        micros = row.pop("payout")
+        row["payout"] = {cur: format_money(units) for cur, units in sorted(micros.items())}
+        row["cr"] = ratio(row["conversions"] * 100, clicks_counted, 2)
+        row["epc"] = {cur: ratio(units, clicks_counted * 1_000_000, 4) for cur, units in sorted(micros.items())} if clicks_counted else {}
+        rows.append({q.by: row[q.by], **{c: row[c] for c in STATS_COLUMNS}})
+    return rows
+
+
+def ratio(numerator: int, denominator: int, places: int) -> str | None:
+    """numerator / denominator as an exact decimal string, rounded half-even."""
+    if not denominator:
+        return None
+    return str((Decimal(numerator) / Decimal(denominator)).quantize(Decimal(1).scaleb(-places), ROUND_HALF_EVEN))
+
+
+def stats_table(q: StatsQuery, rows: list[dict]) -> tuple[list[str], list[list[object]]]:
+    """Header and cells for CSV: one payout and one epc column per currency."""
+    currencies = sorted({cur for row in rows for cur in row["payout"]})
+    header = [q.by, *STATS_COLUMNS[:6], *(f"payout_{c}" for c in currencies), "cr", *(f"epc_{c}" for c in currencies)]
+    cells = [[row[q.by], *(row[c] for c in STATS_COLUMNS[:6]), *(row["payout"].get(c, "0.00") for c in currencies),
+              row["cr"], *(row["epc"].get(c, "0.0000" if row["clicks"] else None) for c in currencies)] for row in rows]  # fmt: skip
+    return header, cells
+
+
+class Histogram:
+    """A Prometheus histogram: counts per upper bound, their sum and count."""
+
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def lines(self, name: str, labels: str = "") -> Iterator[str]:
+        cumulative = 0
+        sep = "," if labels else ""
+        for bound, count in zip((*self.bounds, "+Inf"), self.counts):
+            cumulative += count
+            yield f'{name}_bucket{{{labels}{sep}le="{bound}"}} {cumulative}'
+        braces = f"{{{labels}}}" if labels else ""
+        yield f"{name}_sum{braces} {self.sum:.6f}"
+        yield f"{name}_count{braces} {cumulative}"
+
+
+LATENCY_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BOUNDS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
 # --- HTTP handlers ------------------------------------------------------------
 
 NO_STORE = (b"cache-control", b"no-store")
@@ -1929,6 +2100,9 @@ class TinyTrack:
         self.store = Store(config.storage.path, clock=clock)
         self.forwarder = Forwarder(self.store, config.forward, clock=clock)
         self.purger = Purger(self.store, config.retention)
+        self.clicks = Counter()  # stored since start: human, bot
+        self.postbacks = Counter()  # answers since start: a Result's value, or http_<status>
+        self.latency = {"click": Histogram(LATENCY_BOUNDS), "postback": Histogram(LATENCY_BOUNDS)}
         self.router = Starlette(
             routes=[
                 Route("/healthz", self.healthz),
@@ -1937,6 +2111,9 @@ class TinyTrack:
                 Route("/api/conversions", self.api_conversions),
                 Route("/api/orphans", self.api_orphans),
                 Route("/api/outbox", self.api_outbox),
+                Route("/api/stats", self.api_stats),
+                Route("/metrics", self.metrics),
+                Route("/admin", self.admin),
             ],
             exception_handlers={404: self.not_found, 405: self.not_allowed},
             lifespan=self.lifespan,
@@ -1969,9 +2146,13 @@ class TinyTrack:
         if scope["type"] == "http":
             path = scope["path"]
             if path.startswith("/c/"):
-                return await self.click(scope, send)
+                started = time.perf_counter()
+                await self.click(scope, send)
+                return self.latency["click"].observe(time.perf_counter() - started)
             if path == "/postback":
-                return await self.postback(scope, receive, send)
+                started = time.perf_counter()
+                await self.postback(scope, receive, send)
+                return self.latency["postback"].observe(time.perf_counter() - started)
         await self.router(scope, receive, send)
 
     @asynccontextmanager
@@ -2030,6 +2211,7 @@ class TinyTrack:
             except StorageError:
                 # Never redirect a click we could not store: the conversion would be lost.
                 return await send_answer(send, 503, b"try again\n", [(b"retry-after", b"1"), NO_STORE])
+            self.clicks["bot" if row[11] else "human"] += 1
         values["click_id"] = format_uuid(click_id)
         values["campaign"] = campaign.name
         location = campaign.url.fill(values, rest if campaign.pass_query else ())
@@ -2042,12 +2224,15 @@ class TinyTrack:
             outcome, postback = await self.handle_postback(scope, receive)
         except HTTPError as exc:
             log.info("postback %d %s", exc.status, exc.message)
+            self.postbacks[f"http_{exc.status}"] += 1
             extra = [(b"allow", b"GET, POST")] if exc.status == 405 else []
             extra += [(b"www-authenticate", b"Bearer")] if exc.status == 401 else []
             return await send_json(send, exc.status, {"error": exc.message}, extra)
         except StorageError:
+            self.postbacks["http_503"] += 1
             return await send_json(send, 503, {"error": "storage unavailable, retry"}, [(b"retry-after", b"5")])
         result = outcome.result
+        self.postbacks[result.value] += 1
         # Counted postbacks are in the database; what an operator must see is what was not.
         level = logging.INFO if result is Result.ORPHAN or result is Result.REJECTED else logging.DEBUG
         if log.isEnabledFor(level):
@@ -2170,6 +2355,85 @@ class TinyTrack:
             return JSONResponse({"error": exc.message}, 400)
         return listing_answer(await self.store.outbox(since, after, limit, state), OUTBOX_COLUMNS, limit, fmt)
 
+    async def api_stats(self, request: Request) -> Response:
+        """Totals per day, campaign, sub id or status: ?from=&to=&by=&campaign=&bots=&format=json|csv"""
+        if refused := self.admin_refusal(request):
+            return refused
+        params = request.query_params
+        fmt = params.get("format", "json")
+        try:
+            if fmt not in ("json", "csv"):
+                raise FieldError("format", f"must be json or csv, got {shown(fmt)}")
+            q = stats_query(params, self.clock())
+        except FieldError as exc:
+            return JSONResponse({"error": exc.message}, 400)
+        rows = await self.store.stats(q)
+        headers = {"cache-control": "no-store"}
+        if fmt == "json":
+            return Response(orjson.dumps({"rows": rows}), headers=headers, media_type="application/json")
+        header, cells = stats_table(q, rows)
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows([csv_cell(cell) for cell in line] for line in cells)
+        return Response(out.getvalue(), headers=headers, media_type="text/csv; charset=utf-8")
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text format."""
+        if refused := self.admin_refusal(request):
+            return refused
+        lines = []
+
+        def metric(name: str, kind: str, help_: str, samples: Iterable[tuple[str, float]]) -> None:
+            lines.extend((f"# HELP {name} {help_}", f"# TYPE {name} {kind}"))
+            lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+        metric("tinytrack_clicks_total", "counter", "Clicks stored since start.",
+               [(f'{{bot="{int(kind == "bot")}"}}', self.clicks[kind]) for kind in ("human", "bot")])
+        metric("tinytrack_postbacks_total", "counter", "Postbacks answered since start, by result.",
+               [(f'{{result="{r}"}}', n) for r, n in sorted(self.postbacks.items())])
+        metric("tinytrack_forwards_total", "counter", "Forward attempts since start, by the state they led to.",
+               [(f'{{outcome="{o}"}}', self.forwarder.counts[o]) for o in ("done", "pending", "failed", "dead")])
+        outbox = await self.store.outbox_states()
+        metric("tinytrack_outbox", "gauge", "Deliveries in the outbox, by state.",
+               [(f'{{state="{state}"}}', n) for state, n in outbox.items()])
+        metric("tinytrack_write_queue", "gauge", "Writes waiting for the next commit.", [("", self.store.pending)])
+        path = self.config.storage.path
+        size = sum(os.stat(f).st_size for f in (path, f"{path}-wal") if os.path.exists(f))
+        metric("tinytrack_database_bytes", "gauge", "Size of the database file and its WAL.", [("", size)])
+        metric("tinytrack_purged_rows", "gauge", "Rows the last purge touched, by rule.",
+               [(f'{{rule="{log_safe(rule)}"}}', n) for rule, n in self.purger.last.items()])
+        lines.extend(("# HELP tinytrack_commit_batch_size Writes per commit.", "# TYPE tinytrack_commit_batch_size histogram"))
+        lines.extend(self.store.batch_sizes.lines("tinytrack_commit_batch_size"))
+        lines.extend(("# HELP tinytrack_request_seconds Time to answer, by route.", "# TYPE tinytrack_request_seconds histogram"))
+        for route, histogram in self.latency.items():
+            lines.extend(histogram.lines("tinytrack_request_seconds", f'route="{route}"'))
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8",
+                        headers={"cache-control": "no-store"})  # fmt: skip
+
+    async def admin(self, request: Request) -> Response:
+        """One page for a person: the last 30 days, campaigns, conversions, orphans, forwards."""
+        if refused := self.admin_refusal(request):
+            return refused
+        now = self.clock()
+        last = int(now // 86400)
+        days = await self.store.stats(StatsQuery(last - 29, last, "day"))
+        campaigns = await self.store.stats(StatsQuery(last - 29, last, "campaign"))
+        conversions = await self.store.latest(
+            "SELECT created_at, campaign, sub1, event, status, payout, currency, reason FROM conversions ORDER BY id DESC", 20
+        )
+        orphans = await self.store.latest("SELECT last_seen, click_id, event, payout, currency, hits FROM orphans ORDER BY last_seen DESC", 10)
+        problems = await self.store.latest(
+            "SELECT id, campaign, state, attempts, last_at, last_code, last_error FROM outbox WHERE state IN ('failed', 'dead') ORDER BY id DESC", 10
+        )
+        page = render_admin(last, days, campaigns, conversions, orphans, await self.store.outbox_states(), problems)
+        return HTMLResponse(page, headers={
+            "cache-control": "no-store",
+            # Sub ids and events come from the internet: no script may run here, whatever slips through.
+            "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
+            "x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "x-frame-options": "DENY",
+        })  # fmt: skip
+
     async def not_found(self, request: Request, exc: Exception | None) -> Response:
         return JSONResponse({"error": "not found"}, 404)
 
@@ -2255,6 +2519,83 @@ pre{{background:#f4f4f4;padding:.8rem;overflow-x:auto;white-space:pre-wrap;word-
 <p>or, as a JSON POST:</p>
 <pre>{curl_post}</pre>
 <p>Send it twice: the second answer says <code>duplicate</code>.</p>
+</body></html>
+"""
+
+
+def render_admin(last_day: int, days: list[dict], campaigns: list[dict], conversions: list[tuple], orphans: list[tuple],
+                 outbox: Mapping[str, int], problems: list[tuple]) -> str:  # fmt: skip
+    """The /admin page: plain HTML and an inline SVG chart, no script, no CDN."""
+    e = html.escape
+    by_day = {row["day"]: row for row in days}
+    series = [(day_text(d), by_day.get(day_text(d), {})) for d in range(last_day - 29, last_day + 1)]
+    chart = svg_chart([(day, row.get("clicks", 0), row.get("conversions", 0)) for day, row in series])
+
+    def money(payout: Mapping[str, str]) -> str:
+        return " ".join(f"{amount} {cur}" for cur, amount in payout.items()) or "0.00"
+
+    def table(header: Iterable[str], rows: Iterable[Iterable[object]], empty: str) -> str:
+        head = "".join(f"<th>{e(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{e('' if v is None else str(v))}</td>" for v in row) + "</tr>" for row in rows)
+        return f"<div class=scroll><table><tr>{head}</tr>{body}</table></div>" if body else f"<p class=muted>{e(empty)}</p>"
+
+    totals = {k: sum(row[k] for row in campaigns) for k in ("clicks", "conversions", "approved", "rejected")}
+    health = " · ".join(f"{state} <b>{outbox.get(state, 0)}</b>" for state in ("pending", "failed", "dead", "done"))
+    sections = [
+        f"<h1>tinytrack</h1><p class=muted>last 30 days to {day_text(last_day)} (UTC) · clicks {totals['clicks']} · "
+        f"conversions {totals['conversions']} · rejected {totals['rejected']}</p>",
+        f"<h2>Clicks and conversions per day</h2>{chart}",
+        "<h2>Campaigns</h2>" + table(
+            ("campaign", "clicks", "bots", "conv.", "approved", "pending", "rejected", "payout", "CR %", "EPC"),
+            ((r["campaign"], r["clicks"], r["bot_clicks"], r["conversions"], r["approved"], r["pending"], r["rejected"],
+              money(r["payout"]), r["cr"], money(r["epc"])) for r in campaigns), "No clicks in the last 30 days."),
+        f"<h2>Forwards</h2><p>{health}</p>" + table(
+            ("id", "campaign", "state", "tries", "last try", "code", "error"),
+            ((i, c, st, n, at and iso_ms(at), code, err) for i, c, st, n, at, code, err in problems), "Nothing failed."),
+        "<h2>Latest conversions</h2>" + table(
+            ("when", "campaign", "sub1", "event", "status", "payout", "why"),
+            ((iso_ms(at), c, s1, ev, st, f"{format_money(p)} {cur}", why) for at, c, s1, ev, st, p, cur, why in conversions),
+            "No conversions yet."),
+        "<h2>Orphans</h2><p class=muted>Postbacks for click ids this server never issued (or has purged).</p>" + table(
+            ("last seen", "click_id", "event", "payout", "hits"),
+            ((iso_ms(at), cid, ev, f"{format_money(p)} {cur}", hits) for at, cid, ev, p, cur, hits in orphans), "None."),
+    ]  # fmt: skip
+    return ADMIN_PAGE.format(body="\n".join(sections))
+
+
+def svg_chart(points: list[tuple[str, int, int]], width: int = 720, height: int = 220) -> str:
+    """Bars for clicks and a line for conversions (each on its own scale), per day."""
+    pad, n = 28, len(points)
+    top_clicks = max([c for _, c, _ in points] + [1])
+    top_conv = max([v for _, _, v in points] + [1])
+    step = (width - 2 * pad) / n
+    inner = height - 2 * pad
+    bars, dots = [], []
+    for i, (day, clicks, conv) in enumerate(points):
+        x = pad + i * step
+        h = inner * clicks / top_clicks
+        bars.append(f'<rect class=c x="{x + 1:.1f}" y="{pad + inner - h:.1f}" width="{step - 2:.1f}" height="{h:.1f}">'
+                    f"<title>{day}: {clicks} clicks, {conv} conversions</title></rect>")  # fmt: skip
+        dots.append(f"{x + step / 2:.1f},{pad + inner - inner * conv / top_conv:.1f}")
+    labels = (f'<text x="{pad}" y="{pad - 8}">clicks (max {top_clicks})</text>'
+              f'<text x="{width - pad}" y="{pad - 8}" text-anchor=end class=v>conversions (max {top_conv})</text>'
+              f'<text x="{pad}" y="{height - 8}">{points[0][0]}</text>'
+              f'<text x="{width - pad}" y="{height - 8}" text-anchor=end>{points[-1][0]}</text>')  # fmt: skip
+    return (f'<svg id=chart viewBox="0 0 {width} {height}" role=img aria-label="clicks and conversions per day">'
+            f'{"".join(bars)}<polyline class=v points="{" ".join(dots)}"/>{labels}</svg>')  # fmt: skip
+
+
+ADMIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>tinytrack</title>
+<style>body{{font:15px/1.45 system-ui,sans-serif;max-width:60rem;margin:1rem auto;padding:0 .8rem;color:#222}}
+h1{{margin:.2rem 0}}h2{{font-size:1.1rem;margin:1.6rem 0 .4rem}}.muted{{color:#666}}
+.scroll{{overflow-x:auto}}table{{border-collapse:collapse;width:100%;font-size:.9rem}}
+th,td{{text-align:left;padding:.25rem .5rem;border-bottom:1px solid #ddd;white-space:nowrap}}
+svg{{width:100%;height:auto;background:#fafafa}}rect.c{{fill:#9bb7d4}}
+polyline.v{{fill:none;stroke:#d2691e;stroke-width:2}}text{{font-size:11px;fill:#444}}text.v{{fill:#d2691e}}</style>
+</head><body>
+{body}
 </body></html>
 """
 
@@ -2573,6 +2914,34 @@ def outbox_replay(args: argparse.Namespace, config: Config, con: sqlite3.Connect
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Totals per day, campaign, sub id or status, read beside the running server."""
+    config, con = open_for_command(args)
+    try:
+        q = stats_query({"from": args.date_from, "to": args.date_to, "by": args.by, "campaign": args.campaign,
+                         "bots": "1" if args.bots else "0"}, time.time())  # fmt: skip
+    except FieldError as exc:
+        raise TinytrackError(f"--{exc.message}") from None
+    with closing(con):
+        (clicks_sql, clicks_args), (conv_sql, conv_args) = stats_sql(q)
+        rows = stats_rows(q, con.execute(clicks_sql, clicks_args), con.execute(conv_sql, conv_args))
+    if args.json:
+        sys.stdout.write(orjson.dumps({"rows": rows}, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    header, cells = stats_table(q, rows)
+    if args.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows([csv_cell(cell) for cell in line] for line in cells)
+        return 0
+    print(f"{day_text(q.first_day)} to {day_text(q.last_day)} (UTC), by {q.by}" + (f", campaign {q.campaign}" if q.campaign else ""))
+    if not rows:
+        print("nothing in that range")
+        return 0
+    print_table([dict(zip(header, line)) for line in cells], header)
+    return 0
+
+
 def cmd_purge(args: argparse.Namespace) -> int:
     """Apply the retention rules now (the server also does, every interval_minutes)."""
     config, con = open_for_command(args)
@@ -2670,6 +3039,17 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("file", nargs="?", default="config.toml", help="where to write (default: config.toml)")
     check = command(cmd_check)
     check.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG)")
+
+    stats = command(cmd_stats)
+    stats.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./tinytrack.db)")
+    stats.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD", help="first day (default: 30 days ago)")
+    stats.add_argument("--to", dest="date_to", metavar="YYYY-MM-DD", help="last day (default: today, UTC)")
+    stats.add_argument("--by", default="campaign", choices=STATS_GROUPS, help="group rows by (default: campaign)")
+    stats.add_argument("--campaign", help="only this campaign")
+    stats.add_argument("--bots", action="store_true", help="count bot clicks in clicks")
+    output = stats.add_mutually_exclusive_group()
+    output.add_argument("--csv", action="store_true", help="CSV with a header row")
+    output.add_argument("--json", action="store_true", help='JSON: {"rows": [...]}, as /api/stats')
 
     purge = command(cmd_purge)
     purge.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./tinytrack.db)")
