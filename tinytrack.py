@@ -463,6 +463,10 @@ def build_config(data: Mapping[str, Any]) -> Config:
         for i, status in enumerate(statuses):
             if status not in STATUSES:
                 raise ConfigError(f"{key}.forward_statuses[{i}]", f"must be one of {', '.join(STATUSES)}, got {shown(status)}")
+        forward_events = c.strings("forward_events", None)
+        for i, event in enumerate(forward_events or ()):
+            if not EVENT_RE.fullmatch(event):
+                raise ConfigError(f"{key}.forward_events[{i}]", f"must match [a-z0-9_]{{1,32}}, got {shown(event)}")
         window = c.get("window_days", int, None)
         if window is not None and window < 1:
             raise ConfigError(f"{key}.window_days", f"must be at least 1, got {window}")
@@ -472,7 +476,7 @@ def build_config(data: Mapping[str, Any]) -> Config:
             pass_query=c.get("pass_query", bool, False),
             postback_url=postback_url and compile_template(postback_url, f"{key}.postback_url", MACROS_FORWARD),
             window_days=window,
-            forward_events=c.strings("forward_events", None),
+            forward_events=forward_events,
             forward_statuses=statuses,
         )
         c.done()
@@ -531,15 +535,29 @@ currency = "USD"
 [admin]
 token = "{admin_token}"
 
-[retention]
-clicks_days = 90
-pii_days = 30
+[retention]                               # 0 turns a rule off (keep for good)
+clicks_days = 90                          # raw clicks; daily totals are kept for good
+pii_days = 30                             # then a click's IP is cut to /24 or /48, its User-Agent dropped
+conversions_days = 0
+orphans_days = 30
+outbox_days = 30                          # finished forwards and their tries
+# interval_minutes = 60
+
+[forward]                                 # conversions sent on to campaigns' postback_url
+# allow_private = false                   # true: allow loopback/private targets
+# first_retry_seconds = 30                # then doubling, with jitter, capped at 6 h
+# max_age_hours = 72                      # then a failing delivery is dead
+# timeout_seconds = 10
+# delay_seconds = 0                       # hold forwards so a quick reversal cancels them
 
 # One table per campaign; the link for a traffic source is /c/<name>.
 [campaigns.example]
 url = "https://offer.example.com/lp?cid={{click_id}}&s1={{sub1}}"
 # pass_query = false                      # true: append other query parameters
 # window_days = 30                        # postbacks later than this are rejected
+# postback_url = "https://source.example/pb?clickid={{ext_id}}&payout={{payout}}"
+# forward_events = ["purchase"]           # default: every event
+# forward_statuses = ["approved"]         # the default
 """
 
 

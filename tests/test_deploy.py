@@ -464,3 +464,51 @@ def test_systemd_analyze_security_rates_the_unit_ok(rendered_unit: Path):
     found = re.search(r"Overall exposure level for tinytrack\.service: (\d+\.\d+)", checked.stdout)
     assert found, (checked.returncode, checked.stdout[-2000:], checked.stderr)
     assert float(found.group(1)) <= 2.0
+
+
+# --- the backup service and its timer ---------------------------------------------
+
+BACKUP_UNIT = ROOT / "systemd" / "tinytrack-backup.service"
+BACKUP_TIMER = ROOT / "systemd" / "tinytrack-backup.timer"
+
+
+@pytest.fixture
+def rendered_backup(tmp_path: Path) -> tuple[Path, Path]:
+    """The backup service (its binary pointed at this venv's console script) and its timer, side by side."""
+    text = BACKUP_UNIT.read_text()
+    assert text.count(SHIPPED_BINARY) == 1
+    service = tmp_path / "tinytrack-backup.service"
+    service.write_text(text.replace(SHIPPED_BINARY, console_script()))
+    timer = tmp_path / "tinytrack-backup.timer"
+    timer.write_text(BACKUP_TIMER.read_text())
+    return service, timer
+
+
+def test_backup_unit_backs_up_the_database_the_tracker_uses():
+    unit, tracker = unit_lines(BACKUP_UNIT.read_text()), unit_lines(UNIT.read_text())
+    command = shlex.split(unit["ExecStart"][0])
+    assert command[:4] == [SHIPPED_BINARY, "backup", "-c", "/etc/tinytrack/config.toml"]
+    assert command[4].startswith("/var/lib/tinytrack-backups") and command[5:] == ["--keep", "14"]
+    assert unit["Type"] == ["oneshot"] and unit["User"] == tracker["User"]
+    assert "tinytrack" in unit["StateDirectory"][0].split() and "tinytrack-backups" in unit["StateDirectory"][0].split()
+    timer = unit_lines(BACKUP_TIMER.read_text())
+    assert timer["OnCalendar"] and timer["Persistent"] == ["true"]
+
+
+def test_systemd_analyze_verify_is_clean_for_the_backup_timer(rendered_backup: tuple[Path, Path]):
+    service, timer = rendered_backup
+    checked = run_analyze("verify", str(service), str(timer))
+    lines = (checked.stdout + checked.stderr).splitlines()
+    print("\n".join(lines))
+    assert checked.returncode == 0, lines
+    assert [line for line in lines if "tinytrack" in line or str(service.parent) in line] == []
+
+
+def test_systemd_analyze_security_rates_the_backup_unit_ok(rendered_backup: tuple[Path, Path]):
+    if "--offline" not in run_analyze("--help").stdout:
+        pytest.skip("this systemd-analyze has no --offline (systemd < 250)")
+    checked = run_analyze("security", "--no-pager", "--offline=yes", str(rendered_backup[0]))
+    found = re.search(r"Overall exposure level for tinytrack-backup\.service: (\d+\.\d+)", checked.stdout)
+    assert found, (checked.returncode, checked.stdout[-2000:], checked.stderr)
+    print(found.group(0))
+    assert float(found.group(1)) <= 2.0
