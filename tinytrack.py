@@ -2389,12 +2389,7 @@ class TinyTrack:
         headers = {"cache-control": "no-store"}
         if fmt == "json":
             return Response(orjson.dumps({"rows": rows}), headers=headers, media_type="application/json")
-        header, cells = stats_table(q, rows)
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows([csv_cell(cell) for cell in line] for line in cells)
-        return Response(out.getvalue(), headers=headers, media_type="text/csv; charset=utf-8")
+        return Response(csv_text(*stats_table(q, rows)), headers=headers, media_type="text/csv; charset=utf-8")
 
     async def metrics(self, request: Request) -> Response:
         """Prometheus text format."""
@@ -2481,19 +2476,25 @@ def csv_cell(value: object) -> object:
     return value
 
 
+def csv_text(header: Iterable[str], lines: Iterable[Iterable[object]]) -> str:
+    """A header row and rows as CSV, every text cell defused (csv_cell)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([csv_cell(cell) for cell in line] for line in lines)
+    return out.getvalue()
+
+
 def listing_answer(rows: list[dict], columns: tuple[str, ...], limit: int, fmt: str) -> Response:
     """A page of rows; the cursor for the next page is ``next`` (JSON) or X-Next-After (CSV)."""
     after = str(rows[-1]["id"]) if len(rows) == limit else None
     headers = {"cache-control": "no-store"}
     if fmt == "json":
         return Response(orjson.dumps({"rows": rows, "next": after}), headers=headers, media_type="application/json")
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows([csv_cell(row[column]) for column in columns] for row in rows)
     if after:
         headers["x-next-after"] = after
-    return Response(out.getvalue(), headers=headers, media_type="text/csv; charset=utf-8")
+    text = csv_text(columns, ([row[column] for column in columns] for row in rows))
+    return Response(text, headers=headers, media_type="text/csv; charset=utf-8")
 
 
 class JSONObject(list):
@@ -2948,9 +2949,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return 0
     header, cells = stats_table(q, rows)
     if args.csv:
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows([csv_cell(cell) for cell in line] for line in cells)
+        sys.stdout.write(csv_text(header, cells))
         return 0
     print(f"{day_text(q.first_day)} to {day_text(q.last_day)} (UTC), by {q.by}" + (f", campaign {q.campaign}" if q.campaign else ""))
     if not rows:
@@ -3042,9 +3041,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tinytrack {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    def command(func: Callable[[argparse.Namespace], int], *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
         name = func.__name__.removeprefix("cmd_")
-        sub = commands.add_parser(name, help=func.__doc__, description=func.__doc__)
+        sub = commands.add_parser(name, help=func.__doc__, description=func.__doc__, parents=parents)
         sub.set_defaults(func=func)
         return sub
 
@@ -3057,9 +3056,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("file", nargs="?", default="config.toml", help="where to write (default: config.toml)")
     check = command(cmd_check)
     check.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG)")
+    # The commands that work on the database beside a running server.
+    config_flag = argparse.ArgumentParser(add_help=False)
+    config_flag.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./tinytrack.db)")
 
-    stats = command(cmd_stats)
-    stats.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./tinytrack.db)")
+    stats = command(cmd_stats, config_flag)
     stats.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD", help="first day (default: 30 days ago)")
     stats.add_argument("--to", dest="date_to", metavar="YYYY-MM-DD", help="last day (default: today, UTC)")
     stats.add_argument("--by", default="campaign", choices=STATS_GROUPS, help="group rows by (default: campaign)")
@@ -3069,18 +3070,14 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--csv", action="store_true", help="CSV with a header row")
     output.add_argument("--json", action="store_true", help='JSON: {"rows": [...]}, as /api/stats')
 
-    purge = command(cmd_purge)
-    purge.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./tinytrack.db)")
+    purge = command(cmd_purge, config_flag)
     purge.add_argument("--dry-run", action="store_true", help="show what would go, change nothing")
-    backup = command(cmd_backup)
-    backup.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./tinytrack.db)")
+    backup = command(cmd_backup, config_flag)
     backup.add_argument("dest", help="file to write, or a folder for tinytrack-YYYYmmdd-HHMMSS.db")
     backup.add_argument("--keep", type=int, metavar="N", help="in that folder, keep only the newest N such backups")
 
     outbox = command(cmd_outbox)
     actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
-    config_flag = argparse.ArgumentParser(add_help=False)
-    config_flag.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./tinytrack.db)")
     listing = actions.add_parser("list", parents=[config_flag], help="the latest deliveries")
     listing.add_argument("--state", choices=OUTBOX_STATES, help="only deliveries in this state")
     listing.add_argument("--limit", type=int, default=50, help="how many (default 50)")
