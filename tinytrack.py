@@ -1573,7 +1573,8 @@ PURGE_RULES = (
               "DELETE FROM clicks WHERE id IN (SELECT id FROM clicks WHERE id < ? ORDER BY id LIMIT ?)"),
     # pii_done marks how far it got, so each batch starts where the last stopped.
     PurgeRule("pii", "clicks", "ip cut to /24 or /48, user agent dropped", lambda r: r.pii_days,
-              "SELECT count(*) FROM clicks WHERE id > coalesce((SELECT value FROM meta WHERE key = 'pii_done'), x'') AND id < ?",
+              """SELECT count(*) FROM clicks WHERE id > coalesce((SELECT value FROM meta WHERE key = 'pii_done'), x'')
+                     AND id < ?1 AND id >= ?2""",
               """UPDATE clicks SET ip = truncate_ip(ip), ua = NULL WHERE id IN (
                      SELECT id FROM clicks WHERE id > coalesce((SELECT value FROM meta WHERE key = 'pii_done'), x'')
                      AND id < ?1 ORDER BY id LIMIT ?2) RETURNING id"""),
@@ -1608,13 +1609,20 @@ def purge_batch(con: sqlite3.Connection, now_ms: int, *, rule: PurgeRule, conf: 
 
 def purge_due(con: sqlite3.Connection, conf: RetentionConfig, now_ms: int) -> list[tuple[PurgeRule, int]]:
     """How many rows each rule that is on would touch now."""
-    return [(rule, con.execute(rule.count, (rule_cutoff(rule, conf, now_ms),)).fetchone()[0])
-            for rule in PURGE_RULES if rule.days(conf)]  # fmt: skip
+    due = []
+    for rule in PURGE_RULES:
+        if rule.days(conf):
+            args: tuple = (rule_cutoff(rule, conf, now_ms),)
+            if rule.name == "pii":  # clicks the clicks rule deletes first are not cut
+                args += (rule_cutoff(PURGE_RULES[0], conf, now_ms) if conf.clicks_days else b"",)
+            due.append((rule, con.execute(rule.count, args).fetchone()[0]))
+    return due
 
 
 def vacuum_step(con: sqlite3.Connection, now_ms: int) -> int:
     """Give up to VACUUM_PAGES free pages back to the file system; how many are left."""
-    con.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES})").fetchall()
+    for _ in range(VACUUM_PAGES):  # each step of the pragma frees one page; Python's sqlite3 steps once
+        con.execute("PRAGMA incremental_vacuum(1)")
     return con.execute("PRAGMA freelist_count").fetchone()[0]
 
 
@@ -3018,6 +3026,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         raise TinytrackError(f"{dest}: {exc}") from None
     except FileExistsError:
         raise TinytrackError(f"{dest}: already exists, not overwritten") from None
+    except OSError as exc:
+        raise TinytrackError(f"{dest}: {exc.strerror or exc}") from None
     finally:
         os.umask(old_umask)
         with suppress(FileNotFoundError):
