@@ -1936,9 +1936,14 @@ def day_text(day: int) -> str:
     return (dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()
 
 
+DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # fromisoformat also takes week dates (2026-W09-7)
+
+
 def parse_day(text: str, field: str) -> int:
     try:
-        return (dt.date.fromisoformat(text) - dt.date(1970, 1, 1)).days if len(text) == 10 else int("x")
+        if not DATE_RE.fullmatch(text):
+            raise ValueError(text)
+        return (dt.date.fromisoformat(text) - dt.date(1970, 1, 1)).days
     except ValueError:
         raise FieldError(field, f"must be a date as YYYY-MM-DD, got {shown(text)}") from None
 
@@ -1975,7 +1980,8 @@ def stats_sql(q: StatsQuery) -> tuple[tuple[str, tuple], tuple[str, tuple]]:
         span = (q.first_day, q.last_day, *args)
         clicks = f"SELECT {key}, sum(clicks), sum(bot_clicks) FROM daily_clicks WHERE day BETWEEN ? AND ?{where} GROUP BY 1"
         conversions = f"""SELECT {"status" if q.by == "status" else key}, status, currency, sum(conversions), sum(payout)
-                          FROM daily_conversions WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3"""
+                          FROM daily_conversions WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3
+                          HAVING sum(conversions) != 0"""  # a status change leaves its old row at zero
         return (clicks, span), (conversions, span)
     start, end = q.first_day * DAY_MS, (q.last_day + 1) * DAY_MS
     clicks = f"""SELECT coalesce({q.by}, ''), sum(bot = 0), sum(bot) FROM clicks
@@ -2592,7 +2598,7 @@ def render_admin(last_day: int, days: list[dict], campaigns: list[dict], convers
 
 def svg_chart(points: list[tuple[str, int, int]], width: int = 720, height: int = 220) -> str:
     """Bars for clicks and a line for conversions (each on its own scale), per day."""
-    pad, n = 28, len(points)
+    pad, n = 8, len(points)
     top_clicks = max([c for _, c, _ in points] + [1])
     top_conv = max([v for _, _, v in points] + [1])
     step = (width - 2 * pad) / n
@@ -2604,12 +2610,12 @@ def svg_chart(points: list[tuple[str, int, int]], width: int = 720, height: int 
         bars.append(f'<rect class=c x="{x + 1:.1f}" y="{pad + inner - h:.1f}" width="{step - 2:.1f}" height="{h:.1f}">'
                     f"<title>{day}: {clicks} clicks, {conv} conversions</title></rect>")  # fmt: skip
         dots.append(f"{x + step / 2:.1f},{pad + inner - inner * conv / top_conv:.1f}")
-    labels = (f'<text x="{pad}" y="{pad - 8}">clicks (max {top_clicks})</text>'
-              f'<text x="{width - pad}" y="{pad - 8}" text-anchor=end class=v>conversions (max {top_conv})</text>'
-              f'<text x="{pad}" y="{height - 8}">{points[0][0]}</text>'
-              f'<text x="{width - pad}" y="{height - 8}" text-anchor=end>{points[-1][0]}</text>')  # fmt: skip
-    return (f'<svg id=chart viewBox="0 0 {width} {height}" role=img aria-label="clicks and conversions per day">'
-            f'{"".join(bars)}<polyline class=v points="{" ".join(dots)}"/>{labels}</svg>')  # fmt: skip
+    # Labels are HTML around the chart, not SVG text, so they keep their size on a phone.
+    return (f'<p class=legend><span class=c>&#9632; clicks (max {top_clicks})</span>'
+            f'<span class=v>&#9473; conversions (max {top_conv})</span></p>'
+            f'<svg id=chart viewBox="0 0 {width} {height}" role=img aria-label="clicks and conversions per day">'
+            f'{"".join(bars)}<polyline class=v points="{" ".join(dots)}"/></svg>'
+            f"<p class=axis><span>{points[0][0]}</span><span>{points[-1][0]}</span></p>")  # fmt: skip
 
 
 ADMIN_PAGE = """<!doctype html>
@@ -2619,8 +2625,9 @@ ADMIN_PAGE = """<!doctype html>
 h1{{margin:.2rem 0}}h2{{font-size:1.1rem;margin:1.6rem 0 .4rem}}.muted{{color:#666}}
 .scroll{{overflow-x:auto}}table{{border-collapse:collapse;width:100%;font-size:.9rem}}
 th,td{{text-align:left;padding:.25rem .5rem;border-bottom:1px solid #ddd;white-space:nowrap}}
-svg{{width:100%;height:auto;background:#fafafa}}rect.c{{fill:#9bb7d4}}
-polyline.v{{fill:none;stroke:#d2691e;stroke-width:2}}text{{font-size:11px;fill:#444}}text.v{{fill:#d2691e}}</style>
+svg{{width:100%;height:auto;background:#fafafa;display:block}}rect.c{{fill:#9bb7d4}}
+polyline.v{{fill:none;stroke:#d2691e;stroke-width:2}}.legend,.axis{{display:flex;justify-content:space-between;
+margin:.2rem 0;font-size:.85rem;color:#555}}span.c{{color:#6d8fb3}}span.v{{color:#d2691e}}</style>
 </head><body>
 {body}
 </body></html>
