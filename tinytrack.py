@@ -318,6 +318,9 @@ def compile_template(source: str, key: str, macros: tuple[str, ...]) -> Template
         raise ConfigError(key, f"macros are only allowed after the host, got {shown(source)}")
     if not HOST_RE.fullmatch(head.group(1)):
         raise ConfigError(key, f"has no valid host (user:password@ is not allowed), got {shown(source)}")
+    port = head.group(1).rpartition(":")[2] if not head.group(1).endswith("]") and ":" in head.group(1) else None
+    if port is not None and not 1 <= int(port) <= 65535:
+        raise ConfigError(key, f"port must be 1-65535, got {port}")
     return split_template(source, key, macros)
 
 
@@ -459,6 +462,9 @@ def build_config(data: Mapping[str, Any]) -> Config:
         if url is None:
             raise ConfigError(f"{key}.url", "is required")
         postback_url = c.get("postback_url", str, None)
+        if postback_url is not None and not postback_url.isascii():
+            # It goes on a request line as it is: other characters must be percent-encoded.
+            raise ConfigError(f"{key}.postback_url", f"must be ASCII (percent-encode other characters), got {shown(postback_url)}")
         statuses = c.strings("forward_statuses", ("approved",))
         for i, status in enumerate(statuses):
             if status not in STATUSES:
@@ -1513,11 +1519,12 @@ class Store:
         if campaign.forward_events is not None and values["event"] not in campaign.forward_events:
             return
         if status == "rejected":
-            # A reversal. What the source was not told yet is not sent at all; what it
-            # was told (or is being told, with retries) it now hears was reversed.
+            # A reversal. Earlier statuses not yet delivered are not sent at all (nor
+            # retried); if the source may have heard one, it now hears the reversal,
+            # which is then the last thing it is told.
             con.execute(
-                """UPDATE outbox SET state = 'canceled', last_error = 'the conversion was rejected before this was sent'
-                   WHERE conversion_id = ? AND state = 'pending' AND attempts = 0""",
+                """UPDATE outbox SET state = 'canceled', last_error = 'the conversion was rejected before this was delivered'
+                   WHERE conversion_id = ? AND state = 'pending'""",
                 (conversion_id,),
             )
             told = con.execute("SELECT 1 FROM outbox WHERE conversion_id = ? AND attempts > 0 LIMIT 1", (conversion_id,)).fetchone()
@@ -1692,6 +1699,8 @@ FORWARD_BATCH = 100  # due deliveries read at a time
 FORWARD_SHUTDOWN_SECONDS = 10  # SIGTERM waits at most this for deliveries in flight
 MAX_BACKOFF_SECONDS = 6 * 3600
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
+NOT_PUBLIC_V6 = (ipaddress.ip_network("64:ff9b:1::/48"),)  # RFC 8215 local-use NAT64; Python < 3.12.4 calls it global
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # the deprecated ::a.b.c.d form
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1709,9 +1718,9 @@ def is_public(address: Address) -> bool:
     addresses, including IPv4 inside IPv6 (mapped, NAT64, 6to4, Teredo)."""
     if isinstance(address, ipaddress.IPv6Address):
         embedded = address.ipv4_mapped or address.sixtofour or (address.teredo and address.teredo[1])
-        if address in NAT64:
+        if address in NAT64 or address in IPV4_COMPATIBLE:
             embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-        if embedded is not None and not is_public(embedded):
+        if (embedded is not None and not is_public(embedded)) or any(address in net for net in NOT_PUBLIC_V6):
             return False
     return address.is_global and not address.is_multicast
 
@@ -1841,6 +1850,7 @@ class Forwarder:
         self.send = send
         self.counts: Counter[str] = Counter()  # outcomes since start, for /metrics
         self._inflight: dict[int, asyncio.Task] = {}
+        self._finished: dict[int, float] = {}  # id -> when its result was committed (loop time)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -1868,17 +1878,22 @@ class Forwarder:
                 log.info("forwarding: %d deliveries cut off by shutdown stay pending", len(cut))
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             self._wakeup.clear()
+            read_at = loop.time()
             try:
                 due = await self.store.due_deliveries(int(self.clock() * 1000), FORWARD_BATCH)
             except Exception as exc:  # a locked or busy database: try again next round
                 log.warning("forwarding: cannot read the outbox: %s", exc)
                 due = []
+            # A read that began before a delivery's result was committed still shows it
+            # pending: such rows are skipped. Reads that began after have seen the result.
+            self._finished = unsure = {i: at for i, at in self._finished.items() if at >= read_at}
             for row in due:
                 if len(self._inflight) >= FORWARD_CONCURRENCY:
                     break
-                if row[0] not in self._inflight:
+                if row[0] not in self._inflight and row[0] not in unsure:
                     self._inflight[row[0]] = asyncio.create_task(self._deliver(*row))
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), FORWARD_POLL_SECONDS)
@@ -1886,7 +1901,10 @@ class Forwarder:
     async def _deliver(self, outbox_id: int, url: str, key: str, attempts: int, deadline: int) -> None:
         try:
             started = time.perf_counter()
-            attempt = await self.send(url, key, self.config.timeout_seconds, self.config.allow_private)
+            try:
+                attempt = await self.send(url, key, self.config.timeout_seconds, self.config.allow_private)
+            except (ValueError, UnicodeError, h11.LocalProtocolError) as exc:  # a URL no request can carry
+                attempt = Attempt(error=f"cannot send to this URL: {exc}", final=True)
             took = int((time.perf_counter() - started) * 1000)
             now_ms = int(self.clock() * 1000)
             state, due, error = next_step(attempt, attempts + 1, deadline, now_ms, self.config)
@@ -1898,6 +1916,7 @@ class Forwarder:
         except Exception:
             log.exception("forward %d: unexpected error; it stays pending", outbox_id)
         finally:
+            self._finished[outbox_id] = asyncio.get_running_loop().time()
             self._inflight.pop(outbox_id, None)
             self._wakeup.set()  # a slot is free
 
@@ -2906,9 +2925,11 @@ def outbox_retry(args: argparse.Namespace, config: Config, con: sqlite3.Connecti
             (now_ms, now_ms + config.forward.max_age_hours * 3_600_000, *args.ids, *states),
         )
     print(f"{cursor.rowcount} deliveries pending again")
-    for missing in set(args.ids) - {row[0] for row in con.execute(
-            f"SELECT id FROM outbox WHERE id IN ({','.join('?' * len(args.ids))}) AND state = 'pending'", args.ids)}:  # fmt: skip
-        print(f"  {missing}: not retried (no such delivery, or it is not dead, failed or canceled)", file=sys.stderr)
+    missing = sorted(set(args.ids) - {row[0] for row in con.execute(
+        f"SELECT id FROM outbox WHERE id IN ({','.join('?' * len(args.ids))}) AND state = 'pending'", args.ids)})  # fmt: skip
+    if missing:
+        raise TinytrackError(f"outbox retry: not retried (no such delivery, or not dead, failed or canceled): "
+                             f"{', '.join(map(str, missing))}")  # fmt: skip
     return 0
 
 
