@@ -1570,7 +1570,7 @@ class PurgeRule:
     table: str
     action: str
     days: Callable[[RetentionConfig], int]  # 0 turns the rule off
-    count: str  # SQL: how many rows are due (for --dry-run); takes (cutoff,)
+    count: str  # SQL: how many rows are due (for --dry-run); takes (cutoff,), pii also the clicks rule's
     batch: str  # SQL: one batch; takes (cutoff, limit)
 
 
@@ -1915,6 +1915,7 @@ class Forwarder:
                                          due=due, error=error, took=took))  # fmt: skip
         except Exception:
             log.exception("forward %d: unexpected error; it stays pending", outbox_id)
+            await asyncio.sleep(FORWARD_POLL_SECONDS)  # holding its slot: no tight loop if this repeats
         finally:
             self._finished[outbox_id] = asyncio.get_running_loop().time()
             self._inflight.pop(outbox_id, None)
