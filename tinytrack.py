@@ -25,6 +25,7 @@ import html
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -38,7 +39,7 @@ import threading
 import time
 import tomllib
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from decimal import ROUND_HALF_EVEN, Decimal
 from contextlib import asynccontextmanager, closing, contextmanager, suppress
@@ -196,6 +197,11 @@ class Campaign:
     window_days: int | None = None
     forward_events: tuple[str, ...] | None = None
     forward_statuses: tuple[str, ...] = ("approved",)
+
+    def forwards(self, event: str, status: str) -> bool:
+        """Whether a conversion with this event and status goes to the traffic source."""
+        return (self.postback_url is not None and status in self.forward_statuses
+                and (self.forward_events is None or event in self.forward_events))  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1522,17 +1528,14 @@ class Store:
         self._queue_forward(con, campaign, conversion_id, facts, pb.status, payout, currency, now_ms)
         return Outcome(Result.UPDATED, conversion_id)
 
-    def _queue_forward(self, con: sqlite3.Connection, campaign: Campaign | None, conversion_id: int, facts: Iterable,
+    def _queue_forward(self, con: sqlite3.Connection, campaign: Campaign | None, conversion_id: int, facts: Sequence,
                        status: str, payout: int, currency: str, now_ms: int) -> None:  # fmt: skip
         """Queue the conversion's forward to its traffic source, in the same transaction,
-        if its campaign forwards this event and status. ``facts``: click_id, campaign,
-        sub1..sub5, ext_id, event, txid."""
+        if its campaign forwards this event and status. ``facts``: see outbox_row."""
         if campaign is None or campaign.postback_url is None:
             return
-        values = dict(zip(("click_id", "campaign", *SUB_FIELDS, "ext_id", "event", "txid"), facts))
-        if campaign.forward_events is not None and values["event"] not in campaign.forward_events:
-            return
-        if status == "rejected":
+        event, told = facts[-2], False
+        if status == "rejected" and (campaign.forward_events is None or event in campaign.forward_events):
             # A reversal. Earlier statuses not yet delivered are not sent at all (nor
             # retried); if the source may have heard one, it now hears the reversal,
             # which is then the last thing it is told.
@@ -1542,20 +1545,23 @@ class Store:
                 (conversion_id,),
             )
             told = con.execute("SELECT 1 FROM outbox WHERE conversion_id = ? AND attempts > 0 LIMIT 1", (conversion_id,)).fetchone()
-            if not told and status not in campaign.forward_statuses:
-                return
-        elif status not in campaign.forward_statuses:
+        if not (told or campaign.forwards(event, status)):
             return
-        values.update(click_id=format_uuid(values["click_id"]), status=status, payout=format_money(payout),
-                      currency=currency, id=str(conversion_id))  # fmt: skip
-        con.execute(INSERT_OUTBOX, outbox_row(campaign, conversion_id, status, values, now_ms, self.forward))
+        con.execute(INSERT_OUTBOX, outbox_row(campaign, conversion_id, facts, status, payout, currency, now_ms, self.forward))
         self._forwards_queued = True
 
 
-def outbox_row(campaign: Campaign, conversion_id: int, status: str, values: Mapping[str, str | None], now_ms: int,
-               conf: ForwardConfig) -> tuple:  # fmt: skip
-    """The INSERT_OUTBOX parameters for one delivery of a conversion."""
-    url = campaign.postback_url.fill({k: v for k, v in values.items() if v is not None})
+FORWARD_FACTS = ("click_id", "campaign", *SUB_FIELDS, "ext_id", "event", "txid")  # as conversions stores them
+
+
+def outbox_row(campaign: Campaign, conversion_id: int, facts: Sequence, status: str, payout: int, currency: str,
+               now_ms: int, conf: ForwardConfig) -> tuple:  # fmt: skip
+    """The INSERT_OUTBOX parameters for one delivery of a conversion; ``facts`` are its
+    FORWARD_FACTS (click_id as stored: 16 bytes)."""
+    values = {name: value for name, value in zip(FORWARD_FACTS, facts) if value is not None}
+    values.update(click_id=format_uuid(facts[0]), status=status, payout=format_money(payout), currency=currency,
+                  id=str(conversion_id))  # fmt: skip
+    url = campaign.postback_url.fill(values)
     first_try = now_ms + conf.delay_seconds * 1000
     # The key the source can dedupe on: random, so it is unique across installations,
     # and stored, so every retry of this delivery sends the same one.
@@ -1584,29 +1590,29 @@ class PurgeRule:
     table: str
     action: str
     days: Callable[[RetentionConfig], int]  # 0 turns the rule off
-    count: str  # SQL: how many rows are due (for --dry-run); takes (cutoff,), pii also the clicks rule's
+    count: str  # SQL: how many rows are due (for --dry-run); takes :cutoff and :clicks_cutoff
     batch: str  # SQL: one batch; takes (cutoff, limit)
 
 
 PURGE_RULES = (
     PurgeRule("clicks", "clicks", "deleted", lambda r: r.clicks_days,
-              "SELECT count(*) FROM clicks WHERE id < ?",
+              "SELECT count(*) FROM clicks WHERE id < :cutoff",
               "DELETE FROM clicks WHERE id IN (SELECT id FROM clicks WHERE id < ? ORDER BY id LIMIT ?)"),
     # pii_done marks how far it got, so each batch starts where the last stopped.
     PurgeRule("pii", "clicks", "ip cut to /24 or /48, user agent dropped", lambda r: r.pii_days,
               """SELECT count(*) FROM clicks WHERE id > coalesce((SELECT value FROM meta WHERE key = 'pii_done'), x'')
-                     AND id < ?1 AND id >= ?2""",
+                     AND id < :cutoff AND id >= :clicks_cutoff""",  # what the clicks rule deletes first is not cut
               """UPDATE clicks SET ip = truncate_ip(ip), ua = NULL WHERE id IN (
                      SELECT id FROM clicks WHERE id > coalesce((SELECT value FROM meta WHERE key = 'pii_done'), x'')
                      AND id < ?1 ORDER BY id LIMIT ?2) RETURNING id"""),
     PurgeRule("conversions", "conversions", "deleted, with their history", lambda r: r.conversions_days,
-              "SELECT count(*) FROM conversions WHERE created_at < ?",
+              "SELECT count(*) FROM conversions WHERE created_at < :cutoff",
               "DELETE FROM conversions WHERE id IN (SELECT id FROM conversions WHERE created_at < ? ORDER BY created_at LIMIT ?)"),
     PurgeRule("orphans", "orphans", "deleted", lambda r: r.orphans_days,
-              "SELECT count(*) FROM orphans WHERE last_seen < ?",
+              "SELECT count(*) FROM orphans WHERE last_seen < :cutoff",
               "DELETE FROM orphans WHERE id IN (SELECT id FROM orphans WHERE last_seen < ? LIMIT ?)"),
     PurgeRule("outbox", "outbox", "finished deliveries deleted, with their attempts", lambda r: r.outbox_days,
-              "SELECT count(*) FROM outbox WHERE state != 'pending' AND coalesce(last_at, created_at) < ?",
+              "SELECT count(*) FROM outbox WHERE state != 'pending' AND coalesce(last_at, created_at) < :cutoff",
               """DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state != 'pending'
                      AND coalesce(last_at, created_at) < ? LIMIT ?)"""),
 )  # fmt: skip
@@ -1630,14 +1636,9 @@ def purge_batch(con: sqlite3.Connection, now_ms: int, *, rule: PurgeRule, conf: 
 
 def purge_due(con: sqlite3.Connection, conf: RetentionConfig, now_ms: int) -> list[tuple[PurgeRule, int]]:
     """How many rows each rule that is on would touch now."""
-    due = []
-    for rule in PURGE_RULES:
-        if rule.days(conf):
-            args: tuple = (rule_cutoff(rule, conf, now_ms),)
-            if rule.name == "pii":  # clicks the clicks rule deletes first are not cut
-                args += (rule_cutoff(PURGE_RULES[0], conf, now_ms) if conf.clicks_days else b"",)
-            due.append((rule, con.execute(rule.count, args).fetchone()[0]))
-    return due
+    clicks_cutoff = uuid_floor(now_ms - conf.clicks_days * DAY_MS) if conf.clicks_days else b""
+    return [(rule, con.execute(rule.count, {"cutoff": rule_cutoff(rule, conf, now_ms), "clicks_cutoff": clicks_cutoff}).fetchone()[0])
+            for rule in PURGE_RULES if rule.days(conf)]  # fmt: skip
 
 
 def vacuum_step(con: sqlite3.Connection, now_ms: int) -> int:
@@ -1692,12 +1693,10 @@ class Purger:
                     break
                 await asyncio.sleep(PURGE_PAUSE)
             done[rule.name] = total
-        free = await self.store.run(vacuum_step, rows=VACUUM_PAGES)
-        while free:
+        before = math.inf  # until nothing is left, or a step frees nothing (not an incremental auto-vacuum file)
+        while 0 < (left := await self.store.run(vacuum_step, rows=VACUUM_PAGES)) < before:
+            before = left
             await asyncio.sleep(PURGE_PAUSE)
-            free, before = await self.store.run(vacuum_step, rows=VACUUM_PAGES), free
-            if free >= before:  # not an incremental auto-vacuum file: nothing to hand back
-                break
         self.last = done
         if any(done.values()):
             log.info("purge: %s in %.1f s", ", ".join(f"{what}: {n}" for what, n in done.items() if n),
@@ -1818,9 +1817,10 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, h
             conn.receive_data(data)
             continue
         if isinstance(event, h11.Response):
-            retry_after = dict(event.headers).get(b"retry-after")
+            headers = dict(event.headers)  # h11 gives names lower-cased
+            retry_after = headers.get(b"retry-after")
             if 300 <= event.status_code < 400:
-                location = dict(event.headers).get(b"location", b"").decode("latin-1")
+                location = headers.get(b"location", b"").decode("latin-1")
                 return Attempt(event.status_code, f"redirect to {shown(location, 80)} not followed")
             return Attempt(event.status_code, None, parse_retry_after(retry_after and retry_after.decode("latin-1"), time.time()))
         if isinstance(event, h11.ConnectionClosed):
@@ -2970,16 +2970,14 @@ def outbox_replay(args: argparse.Namespace, config: Config, con: sqlite3.Connect
                 ORDER BY id""",
             (since, *forwarding),
         ).fetchall()
-        for conversion_id, click_id, name, *facts, event, txid, status, payout, currency in rows:
-            campaign = forwarding[name]
-            if status not in campaign.forward_statuses or (campaign.forward_events is not None and event not in campaign.forward_events):
+        for conversion_id, *facts, status, payout, currency in rows:
+            campaign = forwarding[facts[1]]
+            if not campaign.forwards(facts[-2], status):
                 continue
-            values = dict(zip(("campaign", *SUB_FIELDS, "ext_id"), (name, *facts)))
-            values.update(click_id=format_uuid(click_id), event=event, txid=txid, status=status,
-                          payout=format_money(payout), currency=currency, id=str(conversion_id))  # fmt: skip
             if not args.dry_run:
-                con.execute(INSERT_OUTBOX, outbox_row(campaign, conversion_id, status, values, now_ms, config.forward))
-            queued[name] += 1
+                con.execute(INSERT_OUTBOX, outbox_row(campaign, conversion_id, facts, status, payout, currency,
+                                                      now_ms, config.forward))  # fmt: skip
+            queued[campaign.name] += 1
     verb = "would queue" if args.dry_run else "queued"
     print(f"{verb} {sum(queued.values())} deliveries" + "".join(f"\n  {n}: {k}" for n, k in sorted(queued.items())))
     return 0
@@ -3031,8 +3029,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
                         n = purge_batch(con, now_ms, rule=rule, conf=conf, limit=PURGE_BATCH)
                     total += n
                 rows.append({"table": rule.table, "done": rule.action, "rows": total})
-            while vacuum_step(con, now_ms) and con.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
-                pass
+            before = math.inf  # as Purger.run_once
+            while 0 < (left := vacuum_step(con, now_ms)) < before:
+                before = left
     off = [name for name in ("clicks_days", "pii_days", "conversions_days", "orphans_days", "outbox_days") if not getattr(conf, name)]
     print_table(rows, list(rows[0]) if rows else ["table", "rows"])
     if off:
