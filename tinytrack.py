@@ -18,6 +18,7 @@ import dataclasses
 import email.utils
 import datetime as dt
 import enum
+import errno
 import gc
 import hashlib
 import hmac
@@ -30,6 +31,7 @@ import os
 import random
 import re
 import secrets
+import shlex
 import signal
 import socket
 import ssl
@@ -70,9 +72,21 @@ MAX_FIELDS = 64  # query/form pairs; a postback has ~10, a click a handful
 MAX_BODY_BYTES = 1024  # SPEC: a postback body is small; more is 413
 MAX_BATCH = 1000  # rows per transaction; keeps one commit's latency bounded
 CHECKPOINT_ROWS = 5000  # rows written before the WAL is checkpointed (on the writer thread)
+# ...or sooner, when the WAL file passes this size or a second has gone by: at light load
+# each small commit writes whole pages (6-7 KiB a click), and on a small disk a big WAL
+# is what fills it. journal_size_limit cuts the file back to this after a checkpoint.
+WAL_LIMIT_BYTES = 4 * 1024 * 1024
+CHECKPOINT_SECONDS = 1.0
+WRITE_RETRY_SECONDS = 0.5  # while writes fail (a full disk), how often the writer tries to recover
 BUSY_TIMEOUT_MS = 5000  # how long a batch waits for another process's write lock
 SIGNATURE_TOLERANCE = 300  # seconds either way, as Stripe-style webhook signatures
 FUTURE_TS_TOLERANCE = 86400  # a network clock may be off, a day is not a clock error
+EARLY_TS_TOLERANCE_MS = 3_600_000  # a conversion up to an hour "before" its click is clock skew
+# The largest payout one postback may carry (in any currency: 1e9 covers a big sale in
+# VND or IDR). In micro-units that is 1e15, so a daily total needs 9,223 such postbacks
+# in one day, campaign and sub1 to near a 64-bit sum, and the writer refuses that one.
+MAX_PAYOUT = 10**9 * 1_000_000
+MAX_SUM = 2**63 - 1
 
 STATUSES = ("approved", "pending", "rejected")
 MACROS_CLICK = ("click_id", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "ext_id")
@@ -153,6 +167,9 @@ class FieldError(HTTPError):
         self.field = field
 
 
+SECRET_KEYS = frozenset({"tokens", "token", "hmac_secrets"})  # config keys whose values no message shows
+
+
 def shown(value: object, limit: int = 40) -> str:
     """A user's value quoted for an error message: escaped, never too long."""
     text = value if isinstance(value, str) else str(value)
@@ -212,11 +229,14 @@ class ServerConfig:
     # Loopback, where nginx runs. A frozenset: hashed once, it keys a cache per click.
     trusted_proxies: frozenset[Network] = frozenset(map(ipaddress.ip_network, ("127.0.0.1", "::1")))
     access_log: bool = False  # a line per request; postbacks are always logged
+    log_postbacks: bool = True  # an INFO line per counted postback; false: only those not counted
+    read_timeout_seconds: int = 10  # a request's headers, and its body, must arrive within this
 
 
 @dataclasses.dataclass(frozen=True)
 class StorageConfig:
     path: str = "tinytrack.db"
+    reserve_mb: int = 8  # disk kept aside, released when the disk fills so a checkpoint can run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +262,7 @@ class RetentionConfig:
     orphans_days: int = 30
     outbox_days: int = 30  # finished deliveries (done, failed, dead, canceled) and their attempts
     interval_minutes: int = 60
+    sub1_per_day: int = 1000  # distinct sub1 per campaign and day in the totals; the rest are "(other)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,8 +306,15 @@ class _Table:
         if not ok:
             want = {str: "a string", int: "an integer", bool: "true or false",
                     list: "a list", dict: "a table"}.get(kind, "another type")  # fmt: skip
-            raise ConfigError(self.key(name), f"must be {want}, got {shown(value)}")
+            raise ConfigError(self.key(name), f"must be {want}, got {self.shown(name, value)}")
         return value
+
+    def shown(self, name: str, value: object) -> str:
+        """A bad value for a message; a secret's only by its type (the message reaches logs)."""
+        if name not in SECRET_KEYS:
+            return shown(value)
+        return {str: "a string", int: "an integer", bool: "a boolean", float: "a number", list: "a list",
+                dict: "a table"}.get(type(value), "another type")  # fmt: skip
 
     def number(self, name: str, default: int, *, low: int, high: int = 10**9) -> int:
         value = self.get(name, int, default)
@@ -300,7 +328,7 @@ class _Table:
             return default
         for i, item in enumerate(value):
             if not isinstance(item, str):
-                raise ConfigError(f"{self.key(name)}[{i}]", f"must be a string, got {shown(item)}")
+                raise ConfigError(f"{self.key(name)}[{i}]", f"must be a string, got {self.shown(name, item)}")
         return tuple(value)
 
     def table(self, name: str) -> _Table:
@@ -374,9 +402,15 @@ def _tokens(table: _Table, name: str) -> tuple[str, ...]:
     return tokens
 
 
+CONFIG_SECTIONS = ("server", "storage", "postback", "admin", "retention", "forward", "campaigns")
+
+
 def build_config(data: Mapping[str, Any]) -> Config:
     """Validate a parsed TOML document into a Config; raises ConfigError."""
     root = _Table(dict(data), "")
+    for name in root.data:  # a misspelt section is the first thing to say, before what it left out
+        if name not in CONFIG_SECTIONS:
+            raise ConfigError(name, f"unknown section; known: {', '.join(CONFIG_SECTIONS)}")
     # A key left out takes the dataclass's default: the defaults are written once, there.
     ds, dst, dp, dr, df = ServerConfig(), StorageConfig(), PostbackConfig(), RetentionConfig(), ForwardConfig()
 
@@ -387,11 +421,13 @@ def build_config(data: Mapping[str, Any]) -> Config:
         uds=s.get("uds", str, ds.uds),
         trusted_proxies=frozenset(_networks(s, "trusted_proxies", ds.trusted_proxies)),
         access_log=s.get("access_log", bool, ds.access_log),
+        log_postbacks=s.get("log_postbacks", bool, ds.log_postbacks),
+        read_timeout_seconds=s.number("read_timeout_seconds", ds.read_timeout_seconds, low=1, high=300),
     )
     s.done()
 
     st = root.table("storage")
-    storage = StorageConfig(path=st.get("path", str, dst.path))
+    storage = StorageConfig(path=st.get("path", str, dst.path), reserve_mb=st.number("reserve_mb", dst.reserve_mb, low=0, high=1024))
     if not storage.path:
         raise ConfigError("storage.path", "must not be empty")
     st.done()
@@ -444,6 +480,7 @@ def build_config(data: Mapping[str, Any]) -> Config:
         orphans_days=r.number("orphans_days", dr.orphans_days, low=0),
         outbox_days=r.number("outbox_days", dr.outbox_days, low=0),
         interval_minutes=r.number("interval_minutes", dr.interval_minutes, low=1),
+        sub1_per_day=r.number("sub1_per_day", dr.sub1_per_day, low=1),
     )
     r.done()
 
@@ -531,9 +568,12 @@ host = "127.0.0.1"                        # behind nginx keep it on loopback
 port = 8080
 # uds = "/run/tinytrack/tinytrack.sock"   # a unix socket instead of host/port
 trusted_proxies = ["127.0.0.1", "::1"]    # peers whose X-Forwarded-For is believed
+# log_postbacks = true                    # a line per postback; false: only those not counted
+# read_timeout_seconds = 10               # for a request's headers and body
 
 [storage]
 path = "tinytrack.db"                     # relative to the working directory
+# reserve_mb = 8                          # kept aside so a full disk can recover; 0: none
 
 [postback]
 # Required. Give a network one of these; list two while you rotate.
@@ -554,6 +594,7 @@ conversions_days = 0
 orphans_days = 30
 outbox_days = 30                          # finished forwards and their tries
 # interval_minutes = 60
+# sub1_per_day = 1000                     # distinct sub1 per campaign and day in the totals; more: "(other)"
 
 [forward]                                 # conversions sent on to campaigns' postback_url
 # allow_private = false                   # true: allow loopback/private targets
@@ -594,6 +635,16 @@ class ClickIds:
         self.clock = clock
         self.last_ms = 0
         self.counter = 0
+
+    def resume(self, last: bytes | None) -> None:
+        """Go on from the newest id stored, so ids keep growing across a restart even
+        when the clock now reads earlier (the ids hold at that millisecond meanwhile)."""
+        if last is None or len(last) != 16:
+            return
+        value = int.from_bytes(last)
+        ms, rand = value >> 80, (((value >> 64) & 0xFFF) << 62) | (value & ((1 << 62) - 1))
+        if ms > self.last_ms or (ms == self.last_ms and rand > self.counter):
+            self.last_ms, self.counter = ms, rand
 
     def new(self) -> bytes:
         ms = int(self.clock() * 1000)
@@ -682,6 +733,7 @@ class Postback:
     txid: str | None = None
     status: str = "approved"
     ts_ms: int = 0
+    ts_given: bool = False  # the sender said when; otherwise ts_ms is when it arrived
     ip: str = ""
 
     @property
@@ -722,6 +774,11 @@ def field_text(name: str, raw: Any) -> str | None:
         text = repr(raw)
         return text[:-2] if text.endswith(".0") else text
     if isinstance(raw, str):
+        if not raw.isascii():
+            try:
+                raw.encode()
+            except UnicodeEncodeError:  # JSON's "\ud800": no UTF-8 can carry it
+                raise FieldError(name, "is not valid Unicode (a lone surrogate)") from None
         return raw.strip() or None
     kind = "an object" if isinstance(raw, (dict, JSONObject)) else "an array" if isinstance(raw, list) else type(raw).__name__
     raise FieldError(name, f"must be a string or a number, got {kind}")
@@ -732,11 +789,16 @@ def parse_payout(text: str) -> int:
     if not match:
         raise FieldError("payout", f"must be a decimal >= 0 with at most 6 decimals, got {shown(text)}")
     whole, frac = match.group(1), match.group(2) or ""
-    return int(whole) * 1_000_000 + int(frac.ljust(6, "0"))
+    units = int(whole) * 1_000_000 + int(frac.ljust(6, "0"))
+    if units > MAX_PAYOUT:
+        raise FieldError("payout", f"must be at most {format_money(MAX_PAYOUT)}, got {shown(text)}")
+    return units
 
 
-def format_money(units: int) -> str:
+def format_money(units: int | float) -> str:
     """Micro-units as an exact decimal string with at least two decimals."""
+    if not isinstance(units, int):  # a total SQLite turned into a REAL on overflow (before the payout cap)
+        units = int(units)
     whole, frac = divmod(units, 1_000_000)
     frac_text = f"{frac:06d}".rstrip("0").ljust(2, "0")
     return f"{whole}.{frac_text}"
@@ -800,6 +862,7 @@ def build_postback(fields: Mapping[str, str], conf: PostbackConfig, now: float, 
         txid=txid,
         status=parse_status(fields["status"], conf.status_map) if "status" in fields else "approved",
         ts_ms=parse_ts(fields["ts"], now) if "ts" in fields else int(now * 1000),
+        ts_given="ts" in fields,
         ip=ip,
     )
 
@@ -1086,7 +1149,30 @@ SCHEMA = [
     END;
     CREATE INDEX orphans_last_seen ON orphans (last_seen);
     """,
+    # version 3: at most retention.sub1_per_day sub1 per campaign and day in the totals
+    """
+    -- The sub1 a conversion is totalled under when it is not its own: '(other)', when its
+    -- click's sub1 came after the day's cap. Decided once, when the conversion is made.
+    ALTER TABLE conversions ADD COLUMN sub1_total TEXT;
+    DROP TRIGGER conversions_daily_insert;
+    DROP TRIGGER conversions_daily_update;
+    CREATE TRIGGER conversions_daily_insert AFTER INSERT ON conversions BEGIN
+        INSERT INTO daily_conversions VALUES (NEW.ts / 86400000, NEW.campaign, coalesce(NEW.sub1_total, NEW.sub1, ''),
+            NEW.status, NEW.currency, 1, NEW.payout)
+        ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout;
+    END;
+    CREATE TRIGGER conversions_daily_update AFTER UPDATE OF status, payout, currency ON conversions BEGIN
+        UPDATE daily_conversions SET conversions = conversions - 1, payout = payout - OLD.payout
+        WHERE day = OLD.ts / 86400000 AND campaign = OLD.campaign AND sub1 = coalesce(OLD.sub1_total, OLD.sub1, '')
+            AND status = OLD.status AND currency = OLD.currency;
+        INSERT INTO daily_conversions VALUES (NEW.ts / 86400000, NEW.campaign, coalesce(NEW.sub1_total, NEW.sub1, ''),
+            NEW.status, NEW.currency, 1, NEW.payout)
+        ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout;
+    END;
+    """,
 ]
+
+OTHER_SUB1 = "(other)"  # the totals' sub1 for a campaign-day's sub1 beyond retention.sub1_per_day
 
 
 CONVERSION_COLUMNS = ("id", "click_id", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "ext_id", "event", "txid",
@@ -1105,6 +1191,7 @@ class Result(enum.Enum):
     UPDATED = "updated"
     REJECTED = "rejected"
     ORPHAN = "orphan"
+    INVALID = "invalid"  # refused once matched to its click (a 400): nothing stored
 
 
 class Reason(enum.Enum):
@@ -1115,7 +1202,8 @@ class Reason(enum.Enum):
 class Outcome:
     result: Result
     id: int | None = None
-    reason: str | None = None
+    reason: str | None = None  # REJECTED: why; INVALID: the 400's "<field>: <problem>"
+    campaign: str | None = None
 
 
 OUTBOX_SELECT = """SELECT id, conversion_id, campaign, status, state, attempts, created_at, next_at, last_at,
@@ -1141,7 +1229,7 @@ def open_database(path: str) -> sqlite3.Connection:
     con.execute("PRAGMA auto_vacuum = INCREMENTAL")
     con.execute("PRAGMA journal_mode = WAL")
     # The WAL is cut back to this after a checkpoint; a long report can grow it meanwhile.
-    con.execute("PRAGMA journal_size_limit = 67108864")
+    con.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
     # NORMAL: in WAL mode a commit survives a killed process; batches that
     # acknowledge postbacks switch to FULL so they also survive power loss.
     con.execute("PRAGMA synchronous = NORMAL")
@@ -1216,6 +1304,75 @@ def batch_size(queue: list[tuple[object, Any]]) -> int:
     return min(len(queue), MAX_BATCH)
 
 
+def insert_clicks(con: sqlite3.Connection, rows: list[tuple], total_sub1: Callable[[int, str, str], str] | None = None) -> None:
+    """Insert clicks and add them to the daily totals, in the caller's transaction.
+    ``total_sub1(day, campaign, sub1)`` names the sub1 a click is totalled under."""
+    con.executemany(INSERT_CLICK, rows)
+    # The day's totals, once per (day, campaign, sub1) in the batch rather than a
+    # trigger per row: a batch of clicks has few distinct keys.
+    totals = Counter((row[1] // 86_400_000, row[2], row[3] or "", row[11]) for row in rows)
+    if total_sub1 is not None:
+        folded: Counter = Counter()
+        for (day, campaign, sub1, bot), n in totals.items():
+            folded[day, campaign, total_sub1(day, campaign, sub1), bot] += n
+        totals = folded
+    con.executemany(ADD_DAILY_CLICKS, [(day, c, s, 0 if bot else n, n if bot else 0) for (day, c, s, bot), n in totals.items()])
+
+
+@dataclasses.dataclass
+class WriteHealth:
+    """Whether writes are committing, for /healthz and the log."""
+
+    last_commit: float | None = None  # wall-clock time of the last commit
+    failing_since: float | None = None
+    failures: int = 0  # batches failed since failing_since
+    last_error: str | None = None
+    last_logged: float = 0.0
+
+
+class DiskReserve:
+    """A file of ``size`` bytes beside the database, given back when the disk fills so
+    that a checkpoint can copy the WAL home and the WAL can start over (then made again
+    once the disk has room)."""
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path, self.size = path, size
+
+    def make(self) -> bool:
+        """Create the reserve if it is missing and the disk has room for it twice."""
+        if not self.size or os.path.exists(self.path):
+            return False
+        with suppress(OSError):
+            disk = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+            if disk.f_bavail * disk.f_frsize < 2 * self.size:
+                return False
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.size)  # real blocks: a sparse file would free nothing
+            except OSError:
+                os.close(fd)
+                os.unlink(self.path)
+                return False
+            os.close(fd)
+            return True
+        return False
+
+    def release(self) -> bool:
+        try:
+            os.unlink(self.path)
+        except OSError:
+            return False
+        return True
+
+
+def overflow_problem(campaign: str, day: int) -> str:
+    return f"payout: would take the {day_text(day)} total of campaign {campaign} past {format_money(MAX_SUM)}"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or getattr(exc, "errno", None) == errno.ENOSPC
+
+
 class Store:
     """Owns the database: one writer connection taking batches (group commit), and
     an aiosqlite connection for reads, so a slow read never holds up a write.
@@ -1223,14 +1380,23 @@ class Store:
     A batch with postbacks (fsynced) runs in one call on the writer thread: a
     round trip per batch, not per statement, which aiosqlite's public API cannot
     do. A batch of clicks alone (no fsync) commits right on the event loop.
+
+    When writes fail (a full disk), every write is answered with StorageError at once,
+    /healthz says so, and the writer keeps trying to recover by itself: a checkpoint
+    that lets the WAL start over (with the disk reserve given back if that is what it
+    takes), then a write. Nothing is acknowledged that was not committed.
     """
 
-    def __init__(self, path: str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: str, *, clock: Callable[[], float] = time.time, reserve_bytes: int = 0) -> None:
         self.path = path
         self.clock = clock
         self.campaigns: Mapping[str, Campaign] = {}  # set from the config, on start and on reload
         self.forward = ForwardConfig()
+        self.sub1_per_day = RetentionConfig().sub1_per_day
         self.on_forward: Callable[[], object] | None = None  # told when a batch queued forwards
+        self.health = WriteHealth()
+        self.last_click_id: bytes | None = None  # the newest click stored, read at open
+        self.reserve = DiskReserve(f"{path}-reserve", reserve_bytes)
         self._forwards_queued = False
         self._queue: list[tuple[object, asyncio.Future]] = []
         self._wakeup: asyncio.Future | None = None
@@ -1241,6 +1407,9 @@ class Store:
         self._synchronous_full = False
         self._busy_timeout = BUSY_TIMEOUT_MS
         self._unchecked_rows = 0
+        self._checkpointed_at = 0.0  # loop time
+        self._recovered_at = 0.0  # loop time of the last recovery attempt
+        self._sub1_seen: dict[tuple[int, str], set[str]] = {}  # (day, campaign) -> sub1 in its totals
         self._closing = False
         self.batches = 0
         self.batch_sizes = Histogram(BATCH_BOUNDS)
@@ -1252,12 +1421,18 @@ class Store:
         # Commits never checkpoint on their own: that fsyncs the database file, and a
         # click-only commit runs on the event loop. The write loop does it on the thread.
         self._con.execute("PRAGMA wal_autocheckpoint = 0")
+        row = self._con.execute("SELECT id FROM clicks ORDER BY id DESC LIMIT 1").fetchone()
+        self.last_click_id = row and row[0]
+        # A WAL left by a crash (or a full disk) is copied home before anything else.
+        if not await loop.run_in_executor(self._executor, self._make_room):
+            self._failed(OSError(errno.ENOSPC, "no room to checkpoint the WAL at start-up"))
         self._reader = await aiosqlite.connect(f"file:{quote(os.path.abspath(self.path))}?mode=ro", uri=True)
         # Reports run on the reader's thread. On one core a long one would take half the
         # CPU from clicks; at a lower priority (Linux nice, per thread) it yields to them.
         await self._reader.create_function("tinytrack_yield", 0, lower_thread_priority)
         await self._read("SELECT tinytrack_yield()", ())
         self._closing = False
+        self._checkpointed_at = loop.time()
         self._writer_task = asyncio.create_task(self._write_loop(), name="tinytrack-writer")
 
     async def close(self) -> None:
@@ -1276,6 +1451,10 @@ class Store:
     @property
     def pending(self) -> int:
         return len(self._queue)
+
+    @property
+    def failing(self) -> bool:
+        return self.health.failing_since is not None
 
     async def record_click(self, row: tuple) -> None:
         """Store a click; returns once it is committed."""
@@ -1338,12 +1517,12 @@ class Store:
     async def latest(self, sql: str, limit: int) -> list[tuple]:
         return await self._read(sql + " LIMIT ?", (limit,))
 
-    async def due_deliveries(self, now_ms: int, limit: int) -> list[tuple]:
+    async def due_deliveries(self, now_ms: int, limit: int, offset: int = 0) -> list[tuple]:
         """Pending deliveries that are due, soonest first: id, url, key, attempts, deadline."""
         return await self._read(
             """SELECT id, url, idempotency_key, attempts, deadline FROM outbox
-               WHERE state = 'pending' AND next_at <= ? ORDER BY next_at LIMIT ?""",
-            (now_ms, limit),
+               WHERE state = 'pending' AND next_at <= ? ORDER BY next_at, id LIMIT ? OFFSET ?""",
+            (now_ms, limit, offset),
         )
 
     async def _read(self, sql: str, args: tuple) -> list[tuple]:
@@ -1368,35 +1547,129 @@ class Store:
             if not self._queue:
                 if self._closing:
                     return
+                # Idle: still wake for a checkpoint that is due, or to try to recover.
+                timeout = WRITE_RETRY_SECONDS if self.failing else CHECKPOINT_SECONDS if self._unchecked_rows else None
                 self._wakeup = loop.create_future()
-                await self._wakeup
+                done, _ = await asyncio.wait((self._wakeup,), timeout=timeout)
+                if not done and self.failing:
+                    await self._recover(loop, probe=True)
+                elif not done:
+                    await self._checkpoint(loop)
                 continue
+            if self.failing and loop.time() - self._recovered_at >= WRITE_RETRY_SECONDS:
+                await self._recover(loop, probe=False)
             size = batch_size(self._queue)
             batch, self._queue = self._queue[:size], self._queue[size:]
             items = [item for item, _ in batch]
             try:
                 results = await self._write(items)
             except Exception as exc:
-                log.error("write of %d items failed: %s", len(items), exc)
+                self._sub1_seen.clear()  # it may name sub1 rows the rollback took back
+                self._failed(exc)
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(StorageError(f"database write failed: {exc}"))
-            else:
-                self.batches += 1
-                self.batch_sizes.observe(len(items))
-                for (_, future), result in zip(batch, results):
-                    if not future.done():
-                        future.set_result(result)
+                continue
+            self._committed()
+            self.batches += 1
+            self.batch_sizes.observe(len(items))
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
             if self._forwards_queued:
                 self._forwards_queued = False
                 if self.on_forward:
                     self.on_forward()
             self._unchecked_rows += items[0].rows if isinstance(items[0], Job) else len(items)
-            if self._unchecked_rows >= CHECKPOINT_ROWS:
-                # Between batches, so the whole WAL is copied back and the next commit
-                # starts it again from the top; requests queue meanwhile (group commit).
-                self._unchecked_rows = 0
-                await loop.run_in_executor(self._executor, self._checkpoint_wal)
+            if self._checkpoint_due(loop):
+                await self._checkpoint(loop)
+
+    def _checkpoint_due(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """By rows (throughput), by time (light load writes whole pages per commit) or
+        by the WAL's size (big rows): whichever comes first keeps the WAL small."""
+        if self._unchecked_rows >= CHECKPOINT_ROWS:
+            return True
+        since = loop.time() - self._checkpointed_at
+        if since >= CHECKPOINT_SECONDS:
+            return True
+        with suppress(OSError):
+            return since >= 0.05 and os.stat(f"{self.path}-wal").st_size > WAL_LIMIT_BYTES
+        return False
+
+    async def _checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Between batches, so the whole WAL is copied back and the next commit
+        # starts it again from the top; requests queue meanwhile (group commit).
+        self._unchecked_rows = 0
+        self._checkpointed_at = loop.time()
+        await loop.run_in_executor(self._executor, self._checkpoint_wal)
+
+    def _checkpoint_wal(self) -> None:
+        try:  # PASSIVE: never waits on readers; a long report just leaves some for next time
+            self._con.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            log.warning("WAL checkpoint failed, will retry: %s", exc)
+        else:
+            if self.reserve.size and not os.path.exists(self.reserve.path):
+                self.reserve.make()  # the disk had room again
+
+    async def _recover(self, loop: asyncio.AbstractEventLoop, *, probe: bool) -> None:
+        """While writes fail: make room, and (when idle) see whether a write commits."""
+        self._recovered_at = loop.time()
+        try:
+            await loop.run_in_executor(self._executor, self._make_room)
+            if probe:
+                await loop.run_in_executor(self._executor, self._probe_write)
+        except Exception as exc:
+            self._failed(exc)
+        else:
+            if probe:
+                self._committed()
+
+    def _make_room(self) -> bool:
+        """Checkpoint the whole WAL and cut it to nothing, giving back the disk reserve
+        if the disk is too full for that. True when the WAL was emptied."""
+        for attempt in range(2):
+            self._set_busy_timeout(0)  # TRUNCATE would wait for readers; a report may run
+            try:
+                busy, _, _ = self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                return not busy
+            except sqlite3.Error as exc:
+                if attempt or not is_disk_full(exc) or not self.reserve.release():
+                    log.debug("checkpoint to make room failed: %s", exc)
+                    return False
+                log.warning("disk full: gave back the %d MB disk reserve (%s) so the WAL can be checkpointed",
+                            self.reserve.size >> 20, self.reserve.path)  # fmt: skip
+        return False
+
+    def _probe_write(self) -> None:
+        con = self._begin(False, 0)
+        try:
+            con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_write', ?)", (str(int(self.clock() * 1000)),))
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+
+    def _failed(self, exc: BaseException) -> None:
+        """Note a failed write: the first is logged, then a line a minute with the count."""
+        health, now = self.health, time.time()
+        health.failures += 1
+        health.last_error = str(exc)
+        if health.failing_since is None:
+            health.failing_since = health.last_logged = now
+            log.error("writes are failing, answering 503 until one commits again: %s", exc)
+        elif now - health.last_logged >= 60:
+            health.last_logged = now
+            log.error("writes still failing: %d batches in %.0f s, last: %s", health.failures, now - health.failing_since, exc)
+
+    def _committed(self) -> None:
+        health = self.health
+        health.last_commit = time.time()
+        if health.failing_since is not None:
+            log.warning("writes recovered after %d failed batches in %.1f s", health.failures,
+                        health.last_commit - health.failing_since)  # fmt: skip
+            health.failing_since, health.failures, health.last_error = None, 0, None
 
     async def _write(self, items: list[object]) -> list[Any]:
         loop = asyncio.get_running_loop()
@@ -1414,19 +1687,16 @@ class Store:
                     raise
         return await loop.run_in_executor(self._executor, self._write_batch, items, postbacks)
 
-    def _checkpoint_wal(self) -> None:
-        try:  # PASSIVE: never waits on readers; a long report just leaves some for next time
-            self._con.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.Error as exc:
-            log.warning("WAL checkpoint failed, will retry: %s", exc)
-
     # One batch, one transaction: on the writer thread, or for clicks alone on the loop.
+
+    def _set_busy_timeout(self, ms: int) -> None:
+        if ms != self._busy_timeout:
+            self._con.execute(f"PRAGMA busy_timeout = {ms}")
+            self._busy_timeout = ms
 
     def _begin(self, postbacks: bool, busy_timeout: int) -> sqlite3.Connection:
         con = self._con
-        if busy_timeout != self._busy_timeout:
-            con.execute(f"PRAGMA busy_timeout = {busy_timeout}")
-            self._busy_timeout = busy_timeout
+        self._set_busy_timeout(busy_timeout)
         if postbacks != self._synchronous_full:
             # Outside a transaction, as SQLite requires. The WAL is one log, so
             # the fsync of a postback batch also hardens the clicks before it.
@@ -1444,14 +1714,14 @@ class Store:
             for item in items:
                 if isinstance(item, Postback):
                     if clicks:  # keep arrival order: a batch's clicks land before later postbacks
-                        self._insert_clicks(con, clicks)
+                        insert_clicks(con, clicks, self._total_sub1)
                         clicks = []
                     results.append(self._apply_postback(con, item, now_ms))
                 else:
                     clicks.append(item)
                     results.append(None)
             if clicks:
-                self._insert_clicks(con, clicks)
+                insert_clicks(con, clicks, self._total_sub1)
             con.execute("COMMIT")
         except BaseException:
             if con.in_transaction:
@@ -1470,13 +1740,27 @@ class Store:
             raise
         return result
 
-    @staticmethod
-    def _insert_clicks(con: sqlite3.Connection, rows: list[tuple]) -> None:
-        con.executemany(INSERT_CLICK, rows)
-        # The day's totals, once per (day, campaign, sub1) in the batch rather than a
-        # trigger per row: a batch of clicks has few distinct keys.
-        totals = Counter((row[1] // 86_400_000, row[2], row[3] or "", row[11]) for row in rows)
-        con.executemany(ADD_DAILY_CLICKS, [(day, c, s, 0 if bot else n, n if bot else 0) for (day, c, s, bot), n in totals.items()])
+    def _total_sub1(self, day: int, campaign: str, sub1: str) -> str:
+        """The sub1 a click of this day and campaign is totalled under: its own while the
+        day has fewer than sub1_per_day, else OTHER_SUB1 (clicks are unauthenticated: one
+        address could otherwise add a totals row per click, kept for good)."""
+        seen = self._sub1_seen.get((day, campaign))
+        if seen is None:
+            seen = self._load_sub1_seen(day, campaign)
+        if sub1 in seen:
+            return sub1
+        if len(seen) - (OTHER_SUB1 in seen) >= self.sub1_per_day:
+            seen.add(OTHER_SUB1)
+            return OTHER_SUB1
+        seen.add(sub1)
+        return sub1
+
+    def _load_sub1_seen(self, day: int, campaign: str) -> set[str]:
+        if len(self._sub1_seen) >= 256:  # campaigns x days in flight; older ones are read again if needed
+            self._sub1_seen.clear()
+        rows = self._con.execute("SELECT sub1 FROM daily_clicks WHERE day = ? AND campaign = ?", (day, campaign))
+        seen = self._sub1_seen[day, campaign] = {row[0] for row in rows}
+        return seen
 
     def _apply_postback(self, con: sqlite3.Connection, pb: Postback, now_ms: int) -> Outcome:
         key = pb.dedupe_key
@@ -1492,41 +1776,76 @@ class Store:
                 (format_uuid(pb.click_id), key, pb.event, pb.txid, pb.status, pb.payout, pb.currency, pb.ts_ms, pb.ip, now_ms, now_ms),
             )
             return Outcome(Result.ORPHAN)
-        campaign = self.campaigns.get(click[1])
+        click_ts, name, sub1 = click[0], click[1], click[2] or ""
+        ts = pb.ts_ms
+        if ts < click_ts:
+            if pb.ts_given and click_ts - ts > EARLY_TS_TOLERANCE_MS:
+                problem = f"ts: is before its click ({iso_ms(click_ts)}), got {iso_ms(ts)}"
+                return Outcome(Result.INVALID, reason=problem, campaign=name)
+            # Clock skew (the sender's, or ours stepped back): never dated before its click.
+            ts = click_ts
+        campaign = self.campaigns.get(name)
         window = campaign.window_days if campaign else None
-        late = window is not None and pb.ts_ms - click[0] > window * 86_400_000
+        late = window is not None and ts - click_ts > window * 86_400_000
         reason = Reason.OUTSIDE_WINDOW.value if late else None
+        status = "rejected" if late else pb.status
+        total_sub1 = self._total_sub1_of_conversion(click_ts // DAY_MS, name, sub1)
+        if pb.payout and not self._total_has_room(con, ts // DAY_MS, name, total_sub1 or sub1, status, pb.currency, pb.payout):
+            exists = con.execute("SELECT 1 FROM conversions WHERE click_id = ? AND dedupe_key = ?", (pb.click_id, key)).fetchone()
+            if not exists:
+                return Outcome(Result.INVALID, reason=overflow_problem(name, ts // DAY_MS), campaign=name)
         created = con.execute(
             """INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id,
-                   event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip, sub1_total)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id""",
-            (pb.click_id, key, *click, pb.event, pb.txid, "rejected" if late else pb.status, reason,
-             pb.payout, pb.currency, pb.ts_ms, now_ms, now_ms, pb.ip),
+            (pb.click_id, key, *click, pb.event, pb.txid, status, reason,
+             pb.payout, pb.currency, ts, now_ms, now_ms, pb.ip, total_sub1),
         ).fetchone()  # fmt: skip
         if created:
             if late:
-                return Outcome(Result.REJECTED, created[0], reason)
+                return Outcome(Result.REJECTED, created[0], reason, name)
             self._queue_forward(con, campaign, created[0], (pb.click_id, *click[1:], pb.event, pb.txid), pb.status,
                                 pb.payout, pb.currency, now_ms)  # fmt: skip
-            return Outcome(Result.CREATED, created[0])
-        conversion_id, status, reason, *facts = con.execute(
-            """SELECT id, status, reason, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid
+            return Outcome(Result.CREATED, created[0], campaign=name)
+        conversion_id, status, reason, day, old_payout, old_currency, *facts = con.execute(
+            """SELECT id, status, reason, ts / 86400000, payout, currency, click_id, campaign, sub1, sub2, sub3, sub4, sub5,
+                      ext_id, event, txid
                FROM conversions WHERE click_id = ? AND dedupe_key = ?""",
             (pb.click_id, key),
         ).fetchone()
         if reason is not None:
-            return Outcome(Result.REJECTED, conversion_id, reason)
+            return Outcome(Result.REJECTED, conversion_id, reason, name)
         if status == pb.status:
-            return Outcome(Result.DUPLICATE, conversion_id)
+            return Outcome(Result.DUPLICATE, conversion_id, campaign=name)
         # A status change; without a payout it keeps the amount it was credited with.
+        new_payout, new_currency = (pb.payout, pb.currency) if pb.payout_given else (old_payout, old_currency)
+        if new_payout and not self._total_has_room(con, day, name, total_sub1 or sub1, pb.status, new_currency, new_payout):
+            return Outcome(Result.INVALID, reason=overflow_problem(name, day), campaign=name)
         payout, currency = con.execute(
             """UPDATE conversions SET status = ?, updated_at = ?, ip = ?,
                    payout = coalesce(?, payout), currency = coalesce(?, currency) WHERE id = ? RETURNING payout, currency""",
             (pb.status, now_ms, pb.ip, pb.payout if pb.payout_given else None, pb.currency if pb.payout_given else None, conversion_id),
         ).fetchone()
         self._queue_forward(con, campaign, conversion_id, facts, pb.status, payout, currency, now_ms)
-        return Outcome(Result.UPDATED, conversion_id)
+        return Outcome(Result.UPDATED, conversion_id, campaign=name)
+
+    def _total_sub1_of_conversion(self, click_day: int, campaign: str, sub1: str) -> str | None:
+        """OTHER_SUB1 when the click's sub1 was totalled under it on the click's day, else None."""
+        seen = self._sub1_seen.get((click_day, campaign))
+        if seen is None:
+            seen = self._load_sub1_seen(click_day, campaign)
+        return OTHER_SUB1 if sub1 not in seen and OTHER_SUB1 in seen else None
+
+    @staticmethod
+    def _total_has_room(con: sqlite3.Connection, day: int, campaign: str, sub1: str, status: str, currency: str,
+                        payout: int) -> bool:  # fmt: skip
+        """Whether adding payout keeps that daily total inside a 64-bit integer."""
+        row = con.execute(
+            "SELECT payout FROM daily_conversions WHERE day = ? AND campaign = ? AND sub1 = ? AND status = ? AND currency = ?",
+            (day, campaign, sub1, status, currency),
+        ).fetchone()
+        return row is None or (isinstance(row[0], int) and row[0] <= MAX_SUM - payout)
 
     def _queue_forward(self, con: sqlite3.Connection, campaign: Campaign | None, conversion_id: int, facts: Sequence,
                        status: str, payout: int, currency: str, now_ms: int) -> None:  # fmt: skip
@@ -1624,7 +1943,10 @@ def rule_cutoff(rule: PurgeRule, conf: RetentionConfig, now_ms: int) -> int | by
 
 
 def purge_batch(con: sqlite3.Connection, now_ms: int, *, rule: PurgeRule, conf: RetentionConfig, limit: int) -> int:
-    """One batch of one rule, in the caller's transaction; how many rows it touched."""
+    """One batch of one rule, in the caller's transaction; how many rows it touched.
+    A rule whose days are 0 is off: it touches nothing, whoever asks (its cutoff would be now)."""
+    if not rule.days(conf):
+        return 0
     cursor = con.execute(rule.batch, (rule_cutoff(rule, conf, now_ms), limit))
     if rule.batch.endswith("RETURNING id"):
         ids = cursor.fetchall()
@@ -1681,13 +2003,15 @@ class Purger:
         """Apply every rule until nothing is due; rows touched per rule."""
         done: dict[str, int] = {}
         started = time.perf_counter()
+        # One config for the whole run: a reload meanwhile (say clicks_days = 0, to stop a
+        # purge) must not turn the next batch's cutoff into "now". It applies next run.
+        conf = self.config
         for rule in PURGE_RULES:
-            conf = self.config  # a reload between batches takes effect at the next batch
             if not rule.days(conf):
                 continue
             total = 0
             while True:
-                n = await self.store.run(partial(purge_batch, rule=rule, conf=self.config, limit=PURGE_BATCH), rows=PURGE_BATCH)
+                n = await self.store.run(partial(purge_batch, rule=rule, conf=conf, limit=PURGE_BATCH), rows=PURGE_BATCH)
                 total += n
                 if n < PURGE_BATCH:
                     break
@@ -1707,12 +2031,18 @@ class Purger:
 # --- Forwarding ---------------------------------------------------------------
 
 FORWARD_CONCURRENCY = 8  # deliveries in flight at once; a 1 vCPU box has other work
+FORWARD_PER_HOST = 4  # of those, to one host: a source that hangs can't hold every slot
+FORWARD_PAGES = 10  # due deliveries read per round, in pages, while slots are free and hosts full
 FORWARD_POLL_SECONDS = 1.0  # how often the outbox is looked at when nothing woke the worker
 FORWARD_BATCH = 100  # due deliveries read at a time
 FORWARD_SHUTDOWN_SECONDS = 10  # SIGTERM waits at most this for deliveries in flight
 MAX_BACKOFF_SECONDS = 6 * 3600
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
-NOT_PUBLIC_V6 = (ipaddress.ip_network("64:ff9b:1::/48"),)  # RFC 8215 local-use NAT64; Python < 3.12.4 calls it global
+NOT_PUBLIC_V6 = (
+    ipaddress.ip_network("64:ff9b:1::/48"),  # RFC 8215 local-use NAT64; Python < 3.12.4 calls it global
+    ipaddress.ip_network("fec0::/10"),  # deprecated site-local (RFC 3879), still routed inside some networks
+)
+IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 2765 SIIT: ::ffff:0:a.b.c.d
 IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # the deprecated ::a.b.c.d form
 
 
@@ -1731,7 +2061,7 @@ def is_public(address: Address) -> bool:
     addresses, including IPv4 inside IPv6 (mapped, NAT64, 6to4, Teredo)."""
     if isinstance(address, ipaddress.IPv6Address):
         embedded = address.ipv4_mapped or address.sixtofour or (address.teredo and address.teredo[1])
-        if address in NAT64 or address in IPV4_COMPATIBLE:
+        if address in NAT64 or address in IPV4_COMPATIBLE or address in IPV4_TRANSLATED:
             embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
         if (embedded is not None and not is_public(embedded)) or any(address in net for net in NOT_PUBLIC_V6):
             return False
@@ -1864,6 +2194,7 @@ class Forwarder:
         self.send = send
         self.counts: Counter[str] = Counter()  # outcomes since start, for /metrics
         self._inflight: dict[int, asyncio.Task] = {}
+        self._hosts: dict[int, str] = {}  # in-flight id -> the host it goes to
         self._finished: dict[int, float] = {}  # id -> when its result was committed (loop time)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -1895,22 +2226,37 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         while not self._stopping:
             self._wakeup.clear()
+            await self.start_due(loop)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), FORWARD_POLL_SECONDS)
+
+    async def start_due(self, loop: asyncio.AbstractEventLoop) -> int:
+        """Start the due deliveries that fit in the free slots; how many were started."""
+        started = 0
+        per_host = Counter(self._hosts.values())
+        for page in range(FORWARD_PAGES):
             read_at = loop.time()
             try:
-                due = await self.store.due_deliveries(int(self.clock() * 1000), FORWARD_BATCH)
+                due = await self.store.due_deliveries(int(self.clock() * 1000), FORWARD_BATCH, page * FORWARD_BATCH)
             except Exception as exc:  # a locked or busy database: try again next round
                 log.warning("forwarding: cannot read the outbox: %s", exc)
-                due = []
+                return started
             # A read that began before a delivery's result was committed still shows it
             # pending: such rows are skipped. Reads that began after have seen the result.
             self._finished = unsure = {i: at for i, at in self._finished.items() if at >= read_at}
             for row in due:
                 if len(self._inflight) >= FORWARD_CONCURRENCY:
-                    break
-                if row[0] not in self._inflight and row[0] not in unsure:
-                    self._inflight[row[0]] = asyncio.create_task(self._deliver(*row))
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), FORWARD_POLL_SECONDS)
+                    return started
+                host = forward_host(row[1])
+                if row[0] in self._inflight or row[0] in unsure or per_host[host] >= FORWARD_PER_HOST:
+                    continue
+                per_host[host] += 1
+                self._hosts[row[0]] = host
+                self._inflight[row[0]] = asyncio.create_task(self._deliver(*row))
+                started += 1
+            if len(due) < FORWARD_BATCH:
+                return started
+        return started
 
     async def _deliver(self, outbox_id: int, url: str, key: str, attempts: int, deadline: int) -> None:
         try:
@@ -1933,7 +2279,14 @@ class Forwarder:
         finally:
             self._finished[outbox_id] = asyncio.get_running_loop().time()
             self._inflight.pop(outbox_id, None)
+            self._hosts.pop(outbox_id, None)
             self._wakeup.set()  # a slot is free
+
+
+def forward_host(url: str) -> str:
+    """The host:port a delivery goes to, as the per-host limit counts it."""
+    head = URL_HEAD_RE.match(url)
+    return head.group(1).lower() if head else ""
 
 
 def record_attempt(con: sqlite3.Connection, now_ms: int, *, outbox_id: int, attempt: Attempt, state: str,
@@ -2002,6 +2355,12 @@ def stats_query(params: Mapping[str, str | None], now: float) -> StatsQuery:
     return StatsQuery(first, last, by, params.get("campaign") or None, bots == "1")
 
 
+# Whole units and micro-units summed apart: a plain sum(payout) of daily totals near the
+# 64-bit limit raises "integer overflow", and a total stored as a REAL (an overflow before
+# the payout cap) still adds up. Python puts the two back together, exactly.
+PAYOUT_SUM = "sum(payout / 1000000), sum(payout % 1000000)"
+
+
 def stats_sql(q: StatsQuery) -> tuple[tuple[str, tuple], tuple[str, tuple]]:
     """The two reads behind a report, (SQL, parameters) for clicks and for conversions.
     day, campaign, sub1 and status come from the daily totals, which outlive purges;
@@ -2013,14 +2372,14 @@ def stats_sql(q: StatsQuery) -> tuple[tuple[str, tuple], tuple[str, tuple]]:
         key = "''" if q.by == "status" else q.by
         span = (q.first_day, q.last_day, *args)
         clicks = f"SELECT {key}, sum(clicks), sum(bot_clicks) FROM daily_clicks WHERE day BETWEEN ? AND ?{where} GROUP BY 1"
-        conversions = f"""SELECT {"status" if q.by == "status" else key}, status, currency, sum(conversions), sum(payout)
+        conversions = f"""SELECT {"status" if q.by == "status" else key}, status, currency, sum(conversions), {PAYOUT_SUM}
                           FROM daily_conversions WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3
                           HAVING sum(conversions) != 0"""  # a status change leaves its old row at zero
         return (clicks, span), (conversions, span)
     start, end = q.first_day * DAY_MS, (q.last_day + 1) * DAY_MS
     clicks = f"""SELECT coalesce({q.by}, ''), sum(bot = 0), sum(bot) FROM clicks
                  WHERE id >= ? AND id < ?{where} GROUP BY 1"""
-    conversions = f"""SELECT coalesce({q.by}, ''), status, currency, count(*), sum(payout) FROM conversions
+    conversions = f"""SELECT coalesce({q.by}, ''), status, currency, count(*), {PAYOUT_SUM} FROM conversions
                       WHERE ts >= ? AND ts < ?{where} GROUP BY 1, 2, 3"""
     return (clicks, (uuid_floor(start), uuid_floor(end), *args)), (conversions, (start, end, *args))
 
@@ -2041,7 +2400,8 @@ def stats_rows(q: StatsQuery, clicks: Iterable[tuple], conversions: Iterable[tup
         row["clicks"] += humans
         row["bot_clicks"] += bots
         total_humans, total_bots = total_humans + humans, total_bots + bots
-    for key, status, currency, count, payout in conversions:
+    for key, status, currency, count, whole, micros in conversions:
+        payout = int(whole) * 1_000_000 + int(micros)
         row = group(key)
         row[status] += count
         if status == "approved" or q.by == "status":
@@ -2122,16 +2482,39 @@ async def send_answer(send: Callable, status: int, body: bytes, headers: list[tu
     await send({"type": "http.response.body", "body": body})
 
 
+async def send_no_store(send: Callable, message: dict) -> None:
+    """Starlette's answers, each with Cache-Control: no-store unless it set its own
+    (401s, 404s and 405s included: nothing here is for a shared cache)."""
+    if message["type"] == "http.response.start" and not any(name == b"cache-control" for name, _ in message["headers"]):
+        message["headers"] = [*message["headers"], NO_STORE]
+    await send(message)
+
+
 async def send_json(send: Callable, status: int, payload: dict, extra: Iterable[tuple[bytes, bytes]] = ()) -> None:
     await send_answer(send, status, orjson.dumps(payload), [JSON_TYPE, NO_STORE, *extra])
 
 
-async def read_body(receive: Callable, limit: int) -> bytes:
+def refuse_unsigned_fields(pairs: Iterable[tuple[str, Any]]) -> None:
+    """A signed POST's signature covers its body only: a postback field in its query
+    string would let a captured body be replayed with new fields (token/key aside)."""
+    for name, _ in pairs:
+        field = POSTBACK_ALIASES.get(name)
+        if field is not None and field != "token":
+            raise FieldError(field, "must be in the signed body, not the query string (the signature covers the body)")
+
+
+async def read_body(receive: Callable, limit: int, timeout: float = 10) -> bytes:
     """The request body, refusing with 413 as soon as it passes `limit` bytes
-    (chunked bodies have no Content-Length to check up front)."""
+    (chunked bodies have no Content-Length to check up front), and with 408 when it
+    takes longer than `timeout` seconds (a slow client holds a connection)."""
     chunks, size = [], 0
+    deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        message = await receive()
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            raise HTTPError(408, f"body: not received within {timeout:g} s") from None
         if message["type"] == "http.disconnect":
             raise HTTPError(400, "body: client went away")
         chunk = message.get("body", b"")
@@ -2163,7 +2546,7 @@ class TinyTrack:
         self.clock = clock
         self.tune_gc = tune_gc
         self.ids = ClickIds(clock)
-        self.store = Store(config.storage.path, clock=clock)
+        self.store = Store(config.storage.path, clock=clock, reserve_bytes=config.storage.reserve_mb << 20)
         self.forwarder = Forwarder(self.store, config.forward, clock=clock)
         self.purger = Purger(self.store, config.retention)
         self.clicks = Counter()  # stored since start: human, bot
@@ -2189,6 +2572,7 @@ class TinyTrack:
     def apply_config(self, config: Config) -> None:
         self.config = config
         self.store.campaigns = config.campaigns
+        self.store.sub1_per_day = config.retention.sub1_per_day
         self.store.forward = config.forward
         self.forwarder.config = config.forward
         self.purger.config = config.retention
@@ -2219,6 +2603,7 @@ class TinyTrack:
                 started = time.perf_counter()
                 await self.postback(scope, receive, send)
                 return self.latency["postback"].observe(time.perf_counter() - started)
+            return await self.router(scope, receive, partial(send_no_store, send))
         await self.router(scope, receive, send)
 
     @asynccontextmanager
@@ -2231,6 +2616,7 @@ class TinyTrack:
 
     async def startup(self) -> None:
         await self.store.open()
+        self.ids.resume(self.store.last_click_id)
         self.store.on_forward = self.forwarder.wake
         self.forwarder.start()
         self.purger.start()
@@ -2293,17 +2679,24 @@ class TinyTrack:
             self.postbacks[f"http_{exc.status}"] += 1
             extra = [(b"allow", b"GET, POST")] if exc.status == 405 else []
             extra += [(b"www-authenticate", b"Bearer")] if exc.status == 401 else []
+            extra += [(b"connection", b"close")] if exc.status == 408 else []
             return await send_json(send, exc.status, {"error": exc.message}, extra)
         except StorageError:
             self.postbacks["http_503"] += 1
             return await send_json(send, 503, {"error": "storage unavailable, retry"}, [(b"retry-after", b"5")])
         result = outcome.result
+        if result is Result.INVALID:  # refused by what the click says (a ts before it, a total's limit)
+            log.info("postback 400 %s campaign=%s click=%s", outcome.reason, outcome.campaign, format_uuid(postback.click_id))
+            self.postbacks["http_400"] += 1
+            return await send_json(send, 400, {"error": outcome.reason})
         self.postbacks[result.value] += 1
-        # Counted postbacks are in the database; what an operator must see is what was not.
-        level = logging.INFO if result is Result.ORPHAN or result is Result.REJECTED else logging.DEBUG
+        # One line per postback (no token): what came, for which campaign, what it became.
+        counted = result is not Result.ORPHAN and result is not Result.REJECTED
+        level = logging.INFO if self.config.server.log_postbacks or not counted else logging.DEBUG
         if log.isEnabledFor(level):
-            log.log(level, "postback %s click=%s event=%s status=%s ip=%s", result.value, format_uuid(postback.click_id),
-                    postback.event, postback.status, mask_ip(postback.ip))  # fmt: skip
+            log.log(level, "postback %s id=%s campaign=%s click=%s event=%s status=%s ip=%s", result.value, outcome.id,
+                    outcome.campaign, format_uuid(postback.click_id), postback.event, postback.status,
+                    mask_ip(postback.ip))  # fmt: skip
         if result is Result.ORPHAN:
             return await send_json(send, 404, {"error": "unknown click_id"})
         if result is Result.REJECTED:
@@ -2327,7 +2720,7 @@ class TinyTrack:
         if method == "POST":
             if length and (not DIGITS_RE.fullmatch(length) or int(length) > MAX_BODY_BYTES):
                 raise HTTPError(413, f"body: more than {MAX_BODY_BYTES} bytes")
-            body = await read_body(receive, MAX_BODY_BYTES)
+            body = await read_body(receive, MAX_BODY_BYTES, self.config.server.read_timeout_seconds)
             if body:
                 pairs += parse_body(body, content_type)
         fields = collect_fields(pairs)
@@ -2336,22 +2729,35 @@ class TinyTrack:
         if not token_matches(token, conf.tokens):
             raise HTTPError(401, "unauthorized")
         now = self.clock()
-        if conf.hmac_secrets and not verify_signature(signature, body if method == "POST" else query, conf.hmac_secrets, now):
-            raise HTTPError(401, "unauthorized")
+        if conf.hmac_secrets:
+            if not verify_signature(signature, body if method == "POST" else query, conf.hmac_secrets, now):
+                raise HTTPError(401, "unauthorized")
+            if method == "POST" and query:
+                refuse_unsigned_fields(parse_pairs(query, "query"))
         postback = build_postback(fields, conf, now, ip)
         return await self.store.record_postback(postback), postback
 
     # Everything else, through Starlette.
 
     async def healthz(self, request: Request) -> Response:
+        """200 while reads answer and writes commit; 503 (with why) when either fails."""
+        health = self.store.health
+        answer = {
+            "ok": True,
+            "version": __version__,
+            "campaigns": len(self.config.campaigns),
+            "pending_writes": self.store.pending,
+            "writes": "failing" if self.store.failing else "ok",
+            "last_commit": health.last_commit and iso_ms(int(health.last_commit * 1000)),
+        }
+        if self.store.failing:
+            answer.update(ok=False, failing_since=iso_ms(int(health.failing_since * 1000)), failed_batches=health.failures,
+                          error=health.last_error)  # fmt: skip
         try:
             await self.store.ping()
         except Exception as exc:  # any failure to read is "not healthy", never a 500
-            return JSONResponse({"ok": False, "error": str(exc)}, 503, headers={"cache-control": "no-store"})
-        return JSONResponse(
-            {"ok": True, "version": __version__, "campaigns": len(self.config.campaigns), "pending_writes": self.store.pending},
-            headers={"cache-control": "no-store"},
-        )
+            answer.update(ok=False, error=str(exc))
+        return JSONResponse(answer, 200 if answer["ok"] else 503, headers={"cache-control": "no-store"})
 
     async def index(self, request: Request) -> Response:
         return JSONResponse({"name": "tinytrack", "version": __version__})
@@ -2363,16 +2769,18 @@ class TinyTrack:
         if not UUID_RE.fullmatch(click_id):
             return HTMLResponse("<p>No click id here. Start at <a href='/c/demo'>/c/demo</a>.</p>", 400)
         # The token is shown only to the machine the server runs on: the embedded
-        # default listens on loopback, but someone may pass --host 0.0.0.0.
+        # default listens on loopback, but someone may pass --host 0.0.0.0. The Host
+        # must name loopback too, or a page on any site could read it by DNS rebinding.
         peer = request.client.host if request.client else ""
-        local = match_networks(parse_address(peer), self.config.server.trusted_proxies) and "x-forwarded-for" not in request.headers
+        host = request.headers.get("host", "")
+        local = (match_networks(parse_address(peer), self.config.server.trusted_proxies)
+                 and "x-forwarded-for" not in request.headers and is_loopback_host(host))  # fmt: skip
         token = self.config.postback.tokens[0] if local else "YOUR_POSTBACK_TOKEN"
-        base = f"{request.url.scheme}://{request.url.netloc}"
-        curl_get = f"curl '{base}/postback?click_id={click_id}&payout=1.50&token={token}'"
-        curl_post = (
-            f"curl -X POST {base}/postback -H 'Authorization: Bearer {token}' "
-            f"-H 'Content-Type: application/json' -d '{{\"click_id\":\"{click_id}\",\"payout\":\"1.50\"}}'"
-        )
+        base = f"{request.url.scheme}://{host if HOST_RE.fullmatch(host) else 'YOUR_TRACKER'}"
+        body = orjson.dumps({"click_id": click_id, "payout": "1.50"}).decode()
+        curl_get = f"curl {shlex.quote(f'{base}/postback?click_id={click_id}&payout=1.50&token={token}')}"
+        curl_post = (f"curl -X POST {shlex.quote(base + '/postback')} -H {shlex.quote('Authorization: Bearer ' + token)} "
+                     f"-H 'Content-Type: application/json' -d {shlex.quote(body)}")  # fmt: skip
         page = DEMO_PAGE.format(click_id=html.escape(click_id), curl_get=html.escape(curl_get), curl_post=html.escape(curl_post))
         return HTMLResponse(page, headers={"cache-control": "no-store"})
 
@@ -2485,7 +2893,8 @@ class TinyTrack:
         )
         orphans = await self.store.latest("SELECT last_seen, click_id, event, payout, currency, hits FROM orphans ORDER BY last_seen DESC", 10)
         problems = await self.store.latest(
-            "SELECT id, campaign, state, attempts, last_at, last_code, last_error FROM outbox WHERE state IN ('failed', 'dead') ORDER BY id DESC", 10
+            """SELECT id, campaign, state, attempts, last_at, last_code, last_error FROM outbox
+               WHERE state IN ('failed', 'dead') OR (state = 'pending' AND attempts > 0) ORDER BY id DESC""", 10
         )
         page = render_admin(last, days, campaigns, conversions, orphans, await self.store.outbox_states(), problems)
         return HTMLResponse(page, headers={
@@ -2502,6 +2911,20 @@ class TinyTrack:
         return JSONResponse({"error": "method not allowed"}, 405)
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether a Host header names this machine's loopback: localhost, 127.x or ::1."""
+    if host.startswith("["):
+        name = host[1 : host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        name = host.partition(":")[0]
+    else:
+        name = host
+    if name.lower() == "localhost":
+        return True
+    address = parse_address(name) if name else None
+    return address is not None and address.is_loopback
+
+
 def listing_params(params: Mapping[str, str]) -> tuple[int, int, int, str]:
     """``since``, the ``after`` cursor, ``limit`` and ``format`` of a listing."""
     since = parse_since(params["since"]) if params.get("since") else 0
@@ -2516,18 +2939,23 @@ def listing_params(params: Mapping[str, str]) -> tuple[int, int, int, str]:
     return since, int(after), int(limit), fmt
 
 
+FORMULA_RE = re.compile(r"(?:^|[,;\t|\r\n])\s*[=+\-@\t\r]")
+
+
 def csv_cell(value: object) -> object:
-    """A spreadsheet reads a cell starting with = + - @ as a formula; sub ids come
-    from the internet, so such text is prefixed with ' (OWASP: CSV injection)."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+    """A spreadsheet reads a cell starting with = + - @ as a formula, and one set to
+    split on ; (or tab, or |) finds a cell start after each of them; sub ids come from
+    the internet, so such text is prefixed with ' (OWASP: CSV injection). Every text
+    cell is also quoted (csv_text), so no separator inside one starts a new cell."""
+    if isinstance(value, str) and FORMULA_RE.search(value):
         return "'" + value
     return value
 
 
 def csv_text(header: Iterable[str], lines: Iterable[Iterable[object]]) -> str:
-    """A header row and rows as CSV, every text cell defused (csv_cell)."""
+    """A header row and rows as CSV, every text cell quoted and defused (csv_cell)."""
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
     writer.writerow(header)
     writer.writerows([csv_cell(cell) for cell in line] for line in lines)
     return out.getvalue()
@@ -2607,10 +3035,15 @@ def render_admin(last_day: int, days: list[dict], campaigns: list[dict], convers
         return f"<div class=scroll><table><tr>{head}</tr>{body}</table></div>" if body else f"<p class=muted>{e(empty)}</p>"
 
     totals = {k: sum(row[k] for row in campaigns) for k in ("clicks", "conversions", "approved", "rejected")}
+    revenue: Counter[str] = Counter()
+    for row in campaigns:
+        for cur, amount in row["payout"].items():
+            revenue[cur] += parse_payout_total(amount)
     health = " · ".join(f"{state} <b>{outbox.get(state, 0)}</b>" for state in ("pending", "failed", "dead", "done"))
     sections = [
         f"<h1>tinytrack</h1><p class=muted>last 30 days to {day_text(last_day)} (UTC) · clicks {totals['clicks']} · "
-        f"conversions {totals['conversions']} · rejected {totals['rejected']}</p>",
+        f"conversions {totals['conversions']} · rejected {totals['rejected']} · "
+        f"revenue <b>{e(money({cur: format_money(units) for cur, units in sorted(revenue.items())}))}</b> (approved)</p>",
         f"<h2>Clicks and conversions per day</h2>{chart}",
         "<h2>Campaigns</h2>" + table(
             ("campaign", "clicks", "bots", "conv.", "approved", "pending", "rejected", "payout", "CR %", "EPC"),
@@ -2618,7 +3051,8 @@ def render_admin(last_day: int, days: list[dict], campaigns: list[dict], convers
               money(r["payout"]), r["cr"], money(r["epc"])) for r in campaigns), "No clicks in the last 30 days."),
         f"<h2>Forwards</h2><p>{health}</p>" + table(
             ("id", "campaign", "state", "tries", "last try", "code", "error"),
-            ((i, c, st, n, at and iso_ms(at), code, err) for i, c, st, n, at, code, err in problems), "Nothing failed."),
+            ((i, c, "retrying" if st == "pending" else st, n, at and iso_ms(at), code, err)
+             for i, c, st, n, at, code, err in problems), "Nothing failed or retrying."),
         "<h2>Latest conversions</h2>" + table(
             ("when", "campaign", "sub1", "event", "status", "payout", "why"),
             ((iso_ms(at), c, s1, ev, st, f"{format_money(p)} {cur}", why) for at, c, s1, ev, st, p, cur, why in conversions),
@@ -2628,6 +3062,12 @@ def render_admin(last_day: int, days: list[dict], campaigns: list[dict], convers
             ((iso_ms(at), cid, ev, f"{format_money(p)} {cur}", hits) for at, cid, ev, p, cur, hits in orphans), "None."),
     ]  # fmt: skip
     return ADMIN_PAGE.format(body="\n".join(sections))
+
+
+def parse_payout_total(text: str) -> int:
+    """A format_money string back to micro-units (totals may pass a single payout's cap)."""
+    whole, _, frac = text.partition(".")
+    return int(whole) * 1_000_000 + int(frac.ljust(6, "0"))
 
 
 def svg_chart(points: list[tuple[str, int, int]], width: int = 720, height: int = 220) -> str:
@@ -2743,8 +3183,98 @@ class UvicornServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+DEFAULT_CONFIG = "config.toml"  # what `tinytrack init` writes, and what is used when found here
+
+
 def config_path(args: argparse.Namespace) -> str | None:
-    return args.config or os.environ.get("TINYTRACK_CONFIG") or None
+    """-c, else $TINYTRACK_CONFIG, else ./config.toml when there is one (said on stderr)."""
+    path = args.config or os.environ.get("TINYTRACK_CONFIG")
+    if path:
+        return path
+    if os.path.exists(DEFAULT_CONFIG):
+        print(f"tinytrack: using ./{DEFAULT_CONFIG} (-c FILE chooses another)", file=sys.stderr)
+        return DEFAULT_CONFIG
+    return None
+
+
+def bind_tcp_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else starts, so an address in use is
+    one line and exit 1 (uvicorn would print "ready" first, then a traceback)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise TinytrackError(f"server.host: cannot listen on {host}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart while old connections linger
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise TinytrackError(f"{host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def check_database(path: str) -> None:
+    """Open the database (making or migrating it) and check it takes writes, before
+    serving: a read-only file or folder is one line and exit 1. A full disk is not
+    refused here: the server starts, answers 503 and recovers once there is room."""
+    try:
+        with closing(open_database(path)) as con:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        if not is_disk_full(exc):
+            raise TinytrackError(f"{path}: {exc}") from None
+    except (StorageError, OSError) as exc:
+        raise TinytrackError(f"{path}: {exc}") from None
+
+
+def guarded_http_protocol() -> type | str:
+    """uvicorn's httptools protocol with two repairs (or "auto" where it is missing).
+
+    - A request's headers must be complete within ``timeout_keep_alive`` of the
+      connection or of the previous answer: uvicorn stops that clock at the first byte,
+      so a client sending a byte now and then held a connection for good (slowloris).
+    - When a client closes with pipelined requests queued, the request being answered is
+      told it is gone; uvicorn told only the last one queued, and the answer's write to
+      the closed transport logged a RuntimeError traceback."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "auto"
+
+    class GuardedHttpProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.running_cycle = None
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+        def _unset_keepalive_if_required(self) -> None:
+            pass  # bytes arriving don't stop the clock; complete headers do (below)
+
+        def stop_header_clock(self) -> None:
+            if self.timeout_keep_alive_task is not None:
+                self.timeout_keep_alive_task.cancel()
+                self.timeout_keep_alive_task = None
+
+        def on_headers_complete(self) -> None:
+            self.stop_header_clock()
+            super().on_headers_complete()
+
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            self.running_cycle = cycle
+            super()._start_asgi_task(cycle, app)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.stop_header_clock()
+            cycle = self.running_cycle
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+            super().connection_lost(exc)
+
+    return GuardedHttpProtocol
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -2758,14 +3288,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uds=args.uds or config.server.uds,
     )
     config = dataclasses.replace(config, server=server)
+    check_database(config.storage.path)
     app = create_app(config, tune_gc=True)
-    sock = bind_unix_socket(server.uds) if server.uds else None
+    sock = bind_unix_socket(server.uds) if server.uds else bind_tcp_socket(server.host, server.port)
     uvicorn_config = uvicorn.Config(
         AccessLog(app) if server.access_log else app,
-        host=server.host,
-        port=server.port,
-        fd=sock.fileno() if sock else None,
+        fd=sock.fileno(),
         lifespan="on",
+        http=guarded_http_protocol(),
+        ws="none",  # no WebSockets here; uvicorn's handshake log line carried the raw query (tokens)
+        timeout_keep_alive=server.read_timeout_seconds,
         proxy_headers=False,  # tinytrack reads X-Forwarded-For itself, right to left
         server_header=False,
         access_log=False,
@@ -2777,8 +3309,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         runner.run()
     finally:
-        if sock:
-            sock.close()
+        sock.close()
+        if server.uds:
             with suppress(FileNotFoundError):
                 os.unlink(server.uds)
     return 0 if runner.started else 1
@@ -2822,10 +3354,14 @@ def embedded_default(args: argparse.Namespace) -> Config:
         con = open_database(path)
     except (sqlite3.Error, StorageError) as exc:
         raise TinytrackError(f"{path}: {exc}") from None
-    with con:
-        postback_token, made = meta_token(con, "postback_token")
-        admin_token, _ = meta_token(con, "admin_token")
-    con.close()
+    with closing(con):
+        others = [row[0] for row in con.execute("SELECT DISTINCT campaign FROM daily_clicks WHERE campaign != 'demo' LIMIT 4")]
+        if others:  # a real set-up's database, run without its config: the demo would 404 its campaigns
+            raise TinytrackError(f"./{path} holds clicks of campaigns other than the demo ({', '.join(others[:3])}"
+                                 f"{', ...' if len(others) > 3 else ''}): give its config with -c FILE")  # fmt: skip
+        with con:
+            postback_token, made = meta_token(con, "postback_token")
+            admin_token, _ = meta_token(con, "admin_token")
     config = embedded_config(host, port, postback_token, admin_token)
     where = f"http://{host}:{port}"
     print(f"tinytrack {__version__}: no config given, serving the embedded default from ./{path}")
@@ -2834,11 +3370,33 @@ def embedded_default(args: argparse.Namespace) -> Config:
     if made:
         print(f"  postback token:    {postback_token}")
         print(f"  admin token:       {admin_token}")
-        print("  (shown this once; they are kept in the database. For a real set-up run `tinytrack init`.)")
+        print("  (kept in the database: `tinytrack tokens` shows them again. For a real set-up run `tinytrack init`.)")
     else:
-        print("  tokens: as printed on first start; the demo page shows the postback token")
+        print("  tokens: `tinytrack tokens` shows them (the demo page shows the postback token)")
     sys.stdout.flush()
     return config
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    """Show the embedded default's tokens, read from ./tinytrack.db on this machine."""
+    path = config_path(args)
+    if path:
+        load_config(path)
+        print(f"{path}: the tokens are in that file ([postback] tokens, [admin] token)")
+        return 0
+    db = StorageConfig().path
+    if not os.path.exists(db):
+        raise TinytrackError(f"./{db}: no database here yet (`tinytrack serve` makes it and its tokens)")
+    try:
+        with closing(sqlite3.connect(f"file:{quote(os.path.abspath(db))}?mode=ro", uri=True)) as con:
+            tokens = dict(con.execute("SELECT key, value FROM meta WHERE key IN ('postback_token', 'admin_token')"))
+    except sqlite3.Error as exc:
+        raise TinytrackError(f"./{db}: {exc}") from None
+    if not tokens:
+        raise TinytrackError(f"./{db}: holds no embedded-default tokens (a config file's are in that file)")
+    print(f"postback token:  {tokens.get('postback_token', '-')}")
+    print(f"admin token:     {tokens.get('admin_token', '-')}")
+    return 0
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -3101,17 +3659,19 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     serve = command(cmd_serve)
-    serve.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else the embedded default)")
+    serve.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./config.toml if there, else the embedded default)")
     serve.add_argument("--host", help="address to listen on")
     serve.add_argument("--port", type=int, help="port to listen on")
     serve.add_argument("--uds", help="listen on this unix socket instead")
+    tokens = command(cmd_tokens)
+    tokens.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./config.toml if there)")
     init = command(cmd_init)
     init.add_argument("file", nargs="?", default="config.toml", help="where to write (default: config.toml)")
     check = command(cmd_check)
-    check.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG)")
+    check.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./config.toml)")
     # The commands that work on the database beside a running server.
     config_flag = argparse.ArgumentParser(add_help=False)
-    config_flag.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./tinytrack.db)")
+    config_flag.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./config.toml if there, else ./tinytrack.db)")
 
     stats = command(cmd_stats, config_flag)
     stats.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD", help="first day (default: 30 days ago)")
@@ -3151,10 +3711,17 @@ def main(argv: list[str] | None = None) -> int:
     """The `tinytrack` command; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so a closed pipe is caught below and not at exit
+        return code
     except TinytrackError as exc:
         print(f"tinytrack: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # `tinytrack outbox list | head -3`: the reader has all it wanted.
+        with suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ async def test_conversions_csv_and_filters(client):
     rows = list(csv.DictReader(io.StringIO(answer.text)))
     assert [(r["txid"], r["payout"], r["sub1"]) for r in rows] == [("B", "2.50", "'=cmd|' /C calc'!A0")]
     none = await client.get("/api/conversions?format=csv&campaign=other", headers=BEARER)
-    assert none.text.splitlines() == [",".join(tinytrack.CONVERSION_COLUMNS)]
+    assert none.text.splitlines() == [",".join(f'"{column}"' for column in tinytrack.CONVERSION_COLUMNS)]
     future = await client.get("/api/conversions?since=2999-01-01", headers=BEARER)
     assert future.json() == {"rows": [], "next": None}
 

@@ -258,8 +258,8 @@ async def test_a_finished_delivery_is_not_sent_again_from_a_read_made_before_it_
 
         real_due = app.store.due_deliveries
 
-        async def due_deliveries(now_ms: int, limit: int) -> list[tuple]:
-            rows = await real_due(now_ms, limit)
+        async def due_deliveries(now_ms: int, limit: int, offset: int = 0) -> list[tuple]:
+            rows = await real_due(now_ms, limit, offset)
             if rows and sends and not release.is_set():
                 # This read saw the delivery pending while it was in flight; it answers now...
                 release.set()

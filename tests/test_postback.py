@@ -112,7 +112,8 @@ async def test_post_json_and_form_with_aliases(app, client):
 
 async def test_get_postback_fits_in_200_bytes(app, client):
     cid = await new_click(client)
-    line = f"GET /postback?cid={cid}&et=purchase&sum=123.45&currency=USD&tid=ORD-123456&status=approved&ts=1790000000&key={POSTBACK_TOKEN} HTTP/1.1"
+    ts = int(app.clock())  # unix seconds: ten digits, as 1790000000
+    line = f"GET /postback?cid={cid}&et=purchase&sum=123.45&currency=USD&tid=ORD-123456&status=approved&ts={ts}&key={POSTBACK_TOKEN} HTTP/1.1"
     assert len(line) < 200
     answer = await client.get(line.split(" ")[1])
     assert answer.json()["status"] == "created"

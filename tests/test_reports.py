@@ -378,13 +378,15 @@ async def test_stats_csv_is_the_json(client, clock):
         assert_csv_matches(by, answer.text, rows)
     # Spelled out once: three currencies, and the formula neutralised.
     answer = await client.get(f"/api/stats?from={A}&to={C}&by=sub1&format=csv", headers=BEARER)
+    # Every text cell is quoted (a spreadsheet splitting on ; keeps it whole), numbers are not.
     assert answer.text.splitlines() == [
-        "sub1,clicks,bot_clicks,conversions,approved,pending,rejected,payout_EUR,payout_GBP,payout_USD,cr,epc_EUR,epc_GBP,epc_USD",
-        ",3,0,2,2,0,0,0.00,0.00,1.00,66.67,0.0000,0.0000,0.3333",
-        "\"'=HYPERLINK(\"\"http://evil.example\"\")\",1,0,1,1,0,0,0.00,1.50,0.00,100.00,0.0000,1.5000,0.0000",
-        "a,9,1,7,6,1,0,5.00,0.00,1.55,77.78,0.5556,0.0000,0.1722",
-        "b,2,1,1,1,0,1,0.00,0.00,0.20,50.00,0.0000,0.0000,0.1000",
-        "c,1,1,1,1,0,0,0.00,0.00,4.00,100.00,0.0000,0.0000,4.0000",
+        '"sub1","clicks","bot_clicks","conversions","approved","pending","rejected","payout_EUR","payout_GBP","payout_USD",'
+        '"cr","epc_EUR","epc_GBP","epc_USD"',
+        '"",3,0,2,2,0,0,"0.00","0.00","1.00","66.67","0.0000","0.0000","0.3333"',
+        '"\'=HYPERLINK(""http://evil.example"")",1,0,1,1,0,0,"0.00","1.50","0.00","100.00","0.0000","1.5000","0.0000"',
+        '"a",9,1,7,6,1,0,"5.00","0.00","1.55","77.78","0.5556","0.0000","0.1722"',
+        '"b",2,1,1,1,0,1,"0.00","0.00","0.20","50.00","0.0000","0.0000","0.1000"',
+        '"c",1,1,1,1,0,0,"0.00","0.00","4.00","100.00","0.0000","0.0000","4.0000"',
     ]
 
 
