@@ -2358,7 +2358,7 @@ def stats_query(params: Mapping[str, str | None], now: float) -> StatsQuery:
 # Whole units and micro-units summed apart: a plain sum(payout) of daily totals near the
 # 64-bit limit raises "integer overflow", and a total stored as a REAL (an overflow before
 # the payout cap) still adds up. Python puts the two back together, exactly.
-PAYOUT_SUM = "sum(payout / 1000000), sum(payout % 1000000)"
+PAYOUT_SUM = "sum(payout / 1000000), sum(payout - payout / 1000000 * 1000000)"
 
 
 def stats_sql(q: StatsQuery) -> tuple[tuple[str, tuple], tuple[str, tuple]]:
@@ -2401,7 +2401,7 @@ def stats_rows(q: StatsQuery, clicks: Iterable[tuple], conversions: Iterable[tup
         row["bot_clicks"] += bots
         total_humans, total_bots = total_humans + humans, total_bots + bots
     for key, status, currency, count, whole, micros in conversions:
-        payout = int(whole) * 1_000_000 + int(micros)
+        payout = (whole * 1_000_000 if isinstance(whole, int) else int(whole * 1_000_000)) + int(micros)
         row = group(key)
         row[status] += count
         if status == "approved" or q.by == "status":
