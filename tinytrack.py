@@ -1319,14 +1319,21 @@ def insert_clicks(con: sqlite3.Connection, rows: list[tuple], total_sub1: Callab
     con.executemany(ADD_DAILY_CLICKS, [(day, c, s, 0 if bot else n, n if bot else 0) for (day, c, s, bot), n in totals.items()])
 
 
+WRITE_QUIET_SECONDS = 10  # failures this far apart are one episode in the log (a nearly full disk flaps)
+
+
 @dataclasses.dataclass
 class WriteHealth:
     """Whether writes are committing, for /healthz and the log."""
 
     last_commit: float | None = None  # wall-clock time of the last commit
-    failing_since: float | None = None
+    failing_since: float | None = None  # set while the latest write failed: /healthz answers 503
     failures: int = 0  # batches failed since failing_since
     last_error: str | None = None
+    # The log tells an episode once: its start, a count a minute, its end once quiet.
+    episode_since: float | None = None
+    episode_failures: int = 0
+    last_failure: float = 0.0
     last_logged: float = 0.0
 
 
@@ -1408,6 +1415,7 @@ class Store:
         self._busy_timeout = BUSY_TIMEOUT_MS
         self._unchecked_rows = 0
         self._checkpointed_at = 0.0  # loop time
+        self._checkpoint_warned = 0.0
         self._recovered_at = 0.0  # loop time of the last recovery attempt
         self._sub1_seen: dict[tuple[int, str], set[str]] = {}  # (day, campaign) -> sub1 in its totals
         self._closing = False
@@ -1424,7 +1432,9 @@ class Store:
         row = self._con.execute("SELECT id FROM clicks ORDER BY id DESC LIMIT 1").fetchone()
         self.last_click_id = row and row[0]
         # A WAL left by a crash (or a full disk) is copied home before anything else.
-        if not await loop.run_in_executor(self._executor, self._make_room):
+        if await loop.run_in_executor(self._executor, self._make_room):
+            await loop.run_in_executor(self._executor, self.reserve.make)
+        else:
             self._failed(OSError(errno.ENOSPC, "no room to checkpoint the WAL at start-up"))
         self._reader = await aiosqlite.connect(f"file:{quote(os.path.abspath(self.path))}?mode=ro", uri=True)
         # Reports run on the reader's thread. On one core a long one would take half the
@@ -1607,7 +1617,10 @@ class Store:
         try:  # PASSIVE: never waits on readers; a long report just leaves some for next time
             self._con.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as exc:
-            log.warning("WAL checkpoint failed, will retry: %s", exc)
+            # Said once a minute at most, and not while failing writes are being told.
+            if self.health.episode_since is None and time.time() - self._checkpoint_warned >= 60:
+                self._checkpoint_warned = time.time()
+                log.warning("WAL checkpoint failed, will retry: %s", exc)
         else:
             if self.reserve.size and not os.path.exists(self.reserve.path):
                 self.reserve.make()  # the disk had room again
@@ -1652,24 +1665,31 @@ class Store:
             raise
 
     def _failed(self, exc: BaseException) -> None:
-        """Note a failed write: the first is logged, then a line a minute with the count."""
+        """Note a failed write. The log says it once, then a count a minute (a failing
+        disk fails every batch: thousands of lines a second otherwise)."""
         health, now = self.health, time.time()
+        if health.failing_since is None:
+            health.failing_since, health.failures = now, 0
         health.failures += 1
         health.last_error = str(exc)
-        if health.failing_since is None:
-            health.failing_since = health.last_logged = now
+        health.last_failure = now
+        health.episode_failures += 1
+        if health.episode_since is None:
+            health.episode_since = health.last_logged = now
             log.error("writes are failing, answering 503 until one commits again: %s", exc)
         elif now - health.last_logged >= 60:
             health.last_logged = now
-            log.error("writes still failing: %d batches in %.0f s, last: %s", health.failures, now - health.failing_since, exc)
+            log.error("writes still failing: %d batches in %.0f s, last: %s", health.episode_failures,
+                      now - health.episode_since, exc)  # fmt: skip
 
     def _committed(self) -> None:
-        health = self.health
-        health.last_commit = time.time()
-        if health.failing_since is not None:
-            log.warning("writes recovered after %d failed batches in %.1f s", health.failures,
-                        health.last_commit - health.failing_since)  # fmt: skip
-            health.failing_since, health.failures, health.last_error = None, 0, None
+        health, now = self.health, time.time()
+        health.last_commit = now
+        health.failing_since, health.last_error = None, None
+        if health.episode_since is not None and now - health.last_failure >= WRITE_QUIET_SECONDS:
+            log.warning("writes recovered: %d batches failed in %.1f s, none since %.0f s", health.episode_failures,
+                        health.last_failure - health.episode_since, now - health.last_failure)  # fmt: skip
+            health.episode_since, health.episode_failures = None, 0
 
     async def _write(self, items: list[object]) -> list[Any]:
         loop = asyncio.get_running_loop()
@@ -1683,7 +1703,7 @@ class Store:
             try:
                 return self._write_batch(items, postbacks, busy_timeout=0)
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY:
                     raise
         return await loop.run_in_executor(self._executor, self._write_batch, items, postbacks)
 
@@ -1995,7 +2015,9 @@ class Purger:
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # a busy or failing disk: the next run tries again
+            except StorageError as exc:  # a failing disk: the store has said so already
+                log.warning("purge stopped, will try again next interval: %s", exc)
+            except Exception as exc:  # a busy database: the next run tries again
                 log.error("purge failed, will try again: %s", exc)
             await asyncio.sleep(self.config.interval_minutes * 60)
 
