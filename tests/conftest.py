@@ -28,6 +28,7 @@ trusted_proxies = ["127.0.0.1", "::1"]
 
 [storage]
 path = "{db}"
+reserve_mb = 0  # no 8 MB reserve file per test; test_faults.py tests the reserve
 
 [postback]
 tokens = ["{token}"]

@@ -34,8 +34,11 @@ UA = {"user-agent": "Mozilla/5.0"}
 
 
 @pytest.fixture
-def failing(app, monkeypatch):
-    """Make every write fail as a full disk does, until the test clears the event."""
+async def failing(app, monkeypatch):
+    """Make every write fail as a full disk does, until the test clears the event.
+    The background purge is stopped first: its writes would race the test's."""
+    await app.purger.stop()
+    await app.store.run(lambda con, now_ms: None)  # and whatever it had queued is written
     broken = threading.Event()
     broken.set()
     real_begin = app.store._begin
@@ -205,7 +208,7 @@ def test_a_full_disk_recovers_by_itself_under_load_and_after_a_restart(tmp_path:
     config = write_config(tmp_path, port)
     db = tmpfs / "tinytrack.db"
     config.write_text(config.read_text().replace(str(tmp_path / "tinytrack.db"), str(db))
-                      .replace("[storage]\n", "[storage]\nreserve_mb = 2\n"))  # fmt: skip
+                      .replace("reserve_mb = 0", "reserve_mb = 2"))  # fmt: skip
     server = Server(tmp_path, config, port).start()
     acknowledged: list[str] = []
     wal_sizes: list[int] = []
@@ -217,6 +220,9 @@ def test_a_full_disk_recovers_by_itself_under_load_and_after_a_restart(tmp_path:
             filler = fill(tmpfs)
             assert load.wait_for(503, timeout=15), "the disk filled but clicks still got 302s"
             # The reserve is given back (and the WAL cut), so writes go on a while; fill that too.
+            deadline = time.monotonic() + 5
+            while (tmpfs / "tinytrack.db-reserve").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert not (tmpfs / "tinytrack.db-reserve").exists()
             fill(tmpfs, "filler-b")
             body = wait_health(server, 503, timeout=15)
