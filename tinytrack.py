@@ -2649,7 +2649,10 @@ class TinyTrack:
             gc.collect()
             gc.freeze()
             gc.set_threshold(50_000, 50, 100)
-        log.info("tinytrack %s ready: %d campaigns, database %s", __version__, len(self.config.campaigns), self.config.storage.path)
+        server = self.config.server
+        where = f"unix:{server.uds}" if server.uds else f"http://{server.host}:{server.port}"
+        log.info("tinytrack %s ready on %s: %d campaigns, database %s", __version__, where, len(self.config.campaigns),
+                 self.config.storage.path)  # fmt: skip
 
     async def shutdown(self) -> None:
         await self.purger.stop()

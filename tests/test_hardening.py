@@ -520,7 +520,7 @@ def test_a_port_in_use_is_one_line_and_exit_1(tmp_path: Path):
         done = run("serve", "-c", str(write_config(tmp_path, port)), cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr == f"tinytrack: 127.0.0.1:{port}: Address already in use\n"
-    assert " ready:" not in done.stdout + done.stderr
+    assert " ready on " not in done.stdout + done.stderr
 
 
 def test_outbox_list_into_a_closed_pipe_is_quiet(tmp_path: Path):
