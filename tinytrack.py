@@ -82,6 +82,7 @@ BUSY_TIMEOUT_MS = 5000  # how long a batch waits for another process's write loc
 SIGNATURE_TOLERANCE = 300  # seconds either way, as Stripe-style webhook signatures
 FUTURE_TS_TOLERANCE = 86400  # a network clock may be off, a day is not a clock error
 EARLY_TS_TOLERANCE_MS = 3_600_000  # a conversion up to an hour "before" its click is clock skew
+CLOCK_STEP_MS = 3_600_000  # click ids wait out a clock stepped back this far; further, they follow it
 # The largest payout one postback may carry (in any currency: 1e9 covers a big sale in
 # VND or IDR). In micro-units that is 1e15, so a daily total needs 9,223 such postbacks
 # in one day, campaign and sub1 to near a 64-bit sum, and the writer refuses that one.
@@ -637,20 +638,26 @@ class ClickIds:
         self.counter = 0
 
     def resume(self, last: bytes | None) -> None:
-        """Go on from the newest id stored, so ids keep growing across a restart even
-        when the clock now reads earlier (the ids hold at that millisecond meanwhile)."""
+        """Go on from the newest id stored, so ids keep growing across a restart when
+        the clock now reads a little earlier (ids hold at that millisecond meanwhile).
+        One more than CLOCK_STEP_MS ahead was a clock that was wrong: not followed."""
         if last is None or len(last) != 16:
             return
         value = int.from_bytes(last)
         ms, rand = value >> 80, (((value >> 64) & 0xFFF) << 62) | (value & ((1 << 62) - 1))
+        if ms - self.clock() * 1000 > CLOCK_STEP_MS:
+            log.warning("the newest click is dated %s, ahead of this clock: new clicks follow the clock", iso_ms(ms))
+            return
         if ms > self.last_ms or (ms == self.last_ms and rand > self.counter):
             self.last_ms, self.counter = ms, rand
 
     def new(self) -> bytes:
         ms = int(self.clock() * 1000)
-        if ms > self.last_ms:
+        if ms > self.last_ms or self.last_ms - ms > CLOCK_STEP_MS:
+            # A new millisecond; or the clock stepped back further than ids should wait
+            # out (it was wrong before, or is now): follow it, ids sort below the last.
             self.last_ms, self.counter = ms, int.from_bytes(os.urandom(10)) >> 8  # 72 random bits
-        else:  # same millisecond (or the clock stepped back): count on from the last id
+        else:  # same millisecond (or the clock stepped back a little): count on from the last id
             self.counter += 1 + random.getrandbits(4)  # unpredictable enough: the base is from urandom
         ms, rand = self.last_ms, self.counter & ((1 << 74) - 1)
         value = (ms << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & ((1 << 62) - 1))
@@ -1151,8 +1158,10 @@ SCHEMA = [
     """,
     # version 3: at most retention.sub1_per_day sub1 per campaign and day in the totals
     """
-    -- The sub1 a conversion is totalled under when it is not its own: '(other)', when its
-    -- click's sub1 came after the day's cap. Decided once, when the conversion is made.
+    -- 1 when the click's sub1 came after its campaign-day's cap, so the totals count it
+    -- (and its conversions) under '(other)'. Decided once, as the click is stored.
+    ALTER TABLE clicks ADD COLUMN sub1_other INTEGER;
+    -- The sub1 a conversion is totalled under when it is not its own: '(other)'.
     ALTER TABLE conversions ADD COLUMN sub1_total TEXT;
     DROP TRIGGER conversions_daily_insert;
     DROP TRIGGER conversions_daily_update;
@@ -1280,6 +1289,8 @@ def lower_thread_priority() -> int:
 
 INSERT_CLICK = """INSERT INTO clicks (id, ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, ip, ua, bot)
                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+INSERT_CLICK_OTHER = """INSERT INTO clicks (id, ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, ip, ua, bot, sub1_other)
+                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 ADD_DAILY_CLICKS = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks) VALUES (?, ?, ?, ?, ?)
                       ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks"""
 INSERT_OUTBOX = """INSERT INTO outbox (conversion_id, campaign, status, url, idempotency_key, state, created_at, next_at, deadline)
@@ -1307,15 +1318,23 @@ def batch_size(queue: list[tuple[object, Any]]) -> int:
 def insert_clicks(con: sqlite3.Connection, rows: list[tuple], total_sub1: Callable[[int, str, str], str] | None = None) -> None:
     """Insert clicks and add them to the daily totals, in the caller's transaction.
     ``total_sub1(day, campaign, sub1)`` names the sub1 a click is totalled under."""
-    con.executemany(INSERT_CLICK, rows)
     # The day's totals, once per (day, campaign, sub1) in the batch rather than a
     # trigger per row: a batch of clicks has few distinct keys.
     totals = Counter((row[1] // 86_400_000, row[2], row[3] or "", row[11]) for row in rows)
+    other = set()
     if total_sub1 is not None:
         folded: Counter = Counter()
         for (day, campaign, sub1, bot), n in totals.items():
-            folded[day, campaign, total_sub1(day, campaign, sub1), bot] += n
+            named = total_sub1(day, campaign, sub1)
+            if named != sub1:
+                other.add((day, campaign, sub1))
+            folded[day, campaign, named, bot] += n
         totals = folded
+    if other:  # the click keeps the decision, so its conversions follow it whatever the cap is later
+        rows = [(*row, 1 if (row[1] // 86_400_000, row[2], row[3] or "") in other else None) for row in rows]
+        con.executemany(INSERT_CLICK_OTHER, rows)
+    else:
+        con.executemany(INSERT_CLICK, rows)
     con.executemany(ADD_DAILY_CLICKS, [(day, c, s, 0 if bot else n, n if bot else 0) for (day, c, s, bot), n in totals.items()])
 
 
@@ -1431,11 +1450,16 @@ class Store:
         self._con.execute("PRAGMA wal_autocheckpoint = 0")
         row = self._con.execute("SELECT id FROM clicks ORDER BY id DESC LIMIT 1").fetchone()
         self.last_click_id = row and row[0]
-        # A WAL left by a crash (or a full disk) is copied home before anything else.
-        if await loop.run_in_executor(self._executor, self._make_room):
-            await loop.run_in_executor(self._executor, self.reserve.make)
+        # A WAL left by a crash (or a full disk) is copied home before anything else. If a
+        # reader (a backup, a report) holds it, that waits; a full disk is a failing write.
+        try:
+            await loop.run_in_executor(self._executor, self._make_room)
+        except sqlite3.Error as exc:
+            if not is_disk_full(exc):
+                raise
+            self._failed(exc)
         else:
-            self._failed(OSError(errno.ENOSPC, "no room to checkpoint the WAL at start-up"))
+            await loop.run_in_executor(self._executor, self.reserve.make)
         self._reader = await aiosqlite.connect(f"file:{quote(os.path.abspath(self.path))}?mode=ro", uri=True)
         # Reports run on the reader's thread. On one core a long one would take half the
         # CPU from clicks; at a lower priority (Linux nice, per thread) it yields to them.
@@ -1629,7 +1653,8 @@ class Store:
         """While writes fail: make room, and (when idle) see whether a write commits."""
         self._recovered_at = loop.time()
         try:
-            await loop.run_in_executor(self._executor, self._make_room)
+            with suppress(sqlite3.Error):  # the disk may still be full: the write below says
+                await loop.run_in_executor(self._executor, self._make_room)
             if probe:
                 await loop.run_in_executor(self._executor, self._probe_write)
         except Exception as exc:
@@ -1640,19 +1665,23 @@ class Store:
 
     def _make_room(self) -> bool:
         """Checkpoint the whole WAL and cut it to nothing, giving back the disk reserve
-        if the disk is too full for that. True when the WAL was emptied."""
-        for attempt in range(2):
-            self._set_busy_timeout(0)  # TRUNCATE would wait for readers; a report may run
-            try:
-                busy, _, _ = self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                return not busy
-            except sqlite3.Error as exc:
-                if attempt or not is_disk_full(exc) or not self.reserve.release():
-                    log.debug("checkpoint to make room failed: %s", exc)
-                    return False
-                log.warning("disk full: gave back the %d MB disk reserve (%s) so the WAL can be checkpointed",
-                            self.reserve.size >> 20, self.reserve.path)  # fmt: skip
-        return False
+        if the disk is too full for that. True when the WAL was emptied, False when a
+        reader still holds part of it; a full disk raises."""
+        self._set_busy_timeout(0)  # TRUNCATE would wait for readers; a report may run
+        try:
+            busy, _, _ = self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            if not is_disk_full(exc) or not self._release_reserve():
+                raise
+            busy, _, _ = self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
+
+    def _release_reserve(self) -> bool:
+        if not self.reserve.release():
+            return False
+        log.warning("disk full: gave back the %d MB disk reserve (%s); made again once the disk has room",
+                    self.reserve.size >> 20, self.reserve.path)  # fmt: skip
+        return True
 
     def _probe_write(self) -> None:
         con = self._begin(False, 0)
@@ -1673,6 +1702,8 @@ class Store:
         health.failures += 1
         health.last_error = str(exc)
         health.last_failure = now
+        if is_disk_full(exc):  # whatever filled it, the reserve's room lets the next writes and a checkpoint run
+            self._release_reserve()
         health.episode_failures += 1
         if health.episode_since is None:
             health.episode_since = health.last_logged = now
@@ -1726,6 +1757,8 @@ class Store:
         return con
 
     def _write_batch(self, items: list[object], postbacks: bool, busy_timeout: int = BUSY_TIMEOUT_MS) -> list[Outcome | None]:
+        if len(self._sub1_seen) >= 256:  # campaigns x days seen; between transactions, so no batch's adds are lost
+            self._sub1_seen.clear()
         con = self._begin(postbacks, busy_timeout)
         now_ms = int(self.clock() * 1000)
         try:
@@ -1776,8 +1809,6 @@ class Store:
         return sub1
 
     def _load_sub1_seen(self, day: int, campaign: str) -> set[str]:
-        if len(self._sub1_seen) >= 256:  # campaigns x days in flight; older ones are read again if needed
-            self._sub1_seen.clear()
         rows = self._con.execute("SELECT sub1 FROM daily_clicks WHERE day = ? AND campaign = ?", (day, campaign))
         seen = self._sub1_seen[day, campaign] = {row[0] for row in rows}
         return seen
@@ -1785,7 +1816,7 @@ class Store:
     def _apply_postback(self, con: sqlite3.Connection, pb: Postback, now_ms: int) -> Outcome:
         key = pb.dedupe_key
         click = con.execute(
-            "SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id FROM clicks WHERE id = ?", (pb.click_id,)
+            "SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other FROM clicks WHERE id = ?", (pb.click_id,)
         ).fetchone()
         if click is None:
             con.execute(
@@ -1796,7 +1827,8 @@ class Store:
                 (format_uuid(pb.click_id), key, pb.event, pb.txid, pb.status, pb.payout, pb.currency, pb.ts_ms, pb.ip, now_ms, now_ms),
             )
             return Outcome(Result.ORPHAN)
-        click_ts, name, sub1 = click[0], click[1], click[2] or ""
+        click_ts, name, sub1, total_sub1 = click[0], click[1], click[2] or "", OTHER_SUB1 if click[8] else None
+        click = click[:8]
         ts = pb.ts_ms
         if ts < click_ts:
             if pb.ts_given and click_ts - ts > EARLY_TS_TOLERANCE_MS:
@@ -1809,7 +1841,6 @@ class Store:
         late = window is not None and ts - click_ts > window * 86_400_000
         reason = Reason.OUTSIDE_WINDOW.value if late else None
         status = "rejected" if late else pb.status
-        total_sub1 = self._total_sub1_of_conversion(click_ts // DAY_MS, name, sub1)
         if pb.payout and not self._total_has_room(con, ts // DAY_MS, name, total_sub1 or sub1, status, pb.currency, pb.payout):
             exists = con.execute("SELECT 1 FROM conversions WHERE click_id = ? AND dedupe_key = ?", (pb.click_id, key)).fetchone()
             if not exists:
@@ -1849,13 +1880,6 @@ class Store:
         ).fetchone()
         self._queue_forward(con, campaign, conversion_id, facts, pb.status, payout, currency, now_ms)
         return Outcome(Result.UPDATED, conversion_id, campaign=name)
-
-    def _total_sub1_of_conversion(self, click_day: int, campaign: str, sub1: str) -> str | None:
-        """OTHER_SUB1 when the click's sub1 was totalled under it on the click's day, else None."""
-        seen = self._sub1_seen.get((click_day, campaign))
-        if seen is None:
-            seen = self._load_sub1_seen(click_day, campaign)
-        return OTHER_SUB1 if sub1 not in seen and OTHER_SUB1 in seen else None
 
     @staticmethod
     def _total_has_room(con: sqlite3.Connection, day: int, campaign: str, sub1: str, status: str, currency: str,
@@ -3172,11 +3196,22 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time, tune_g
 
 # --- CLI ----------------------------------------------------------------------
 
+class QuietUpgrades(logging.Filter):
+    """uvicorn warns twice about each WebSocket upgrade it won't serve (tinytrack serves
+    none): lines anyone could make it write, so they are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Unsupported upgrade request") or message.startswith("No supported WebSocket"))
+
+
 LOG_CONFIG = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+    "filters": {"quiet_upgrades": {"()": QuietUpgrades}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr",
+                            "filters": ["quiet_upgrades"]}},
     "loggers": {
         "tinytrack": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
         "uvicorn": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
@@ -3223,22 +3258,29 @@ def config_path(args: argparse.Namespace) -> str | None:
     return None
 
 
-def bind_tcp_socket(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before anything else starts, so an address in use is
-    one line and exit 1 (uvicorn would print "ready" first, then a traceback)."""
+def bind_tcp_sockets(host: str, port: int) -> list[socket.socket]:
+    """The listening sockets, bound before anything else starts, so an address in use is
+    one line and exit 1 (uvicorn would print "ready" first, then a traceback). One per
+    address the host names, as asyncio's create_server: "localhost" is 127.0.0.1 and ::1."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise TinytrackError(f"server.host: cannot listen on {host}: {exc.strerror}") from None
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart while old connections linger
-        sock.bind(address)
-        sock.listen(2048)
-    except OSError as exc:
-        sock.close()
-        raise TinytrackError(f"{host}:{port}: {exc.strerror}") from None
-    return sock
+    sockets: list[socket.socket] = []
+    for family, kind, proto, _, address in dict.fromkeys(infos):
+        sock = socket.socket(family, kind, proto)
+        sockets.append(sock)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart while old connections linger
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # its IPv4 twin has its own socket
+            sock.bind(address)
+            sock.listen(2048)
+        except OSError as exc:
+            for opened in sockets:
+                opened.close()
+            raise TinytrackError(f"{host}:{port}: {exc.strerror}") from None
+    return sockets
 
 
 def check_database(path: str) -> None:
@@ -3316,7 +3358,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = dataclasses.replace(config, server=server)
     check_database(config.storage.path)
     app = create_app(config, tune_gc=True)
-    sock = bind_unix_socket(server.uds) if server.uds else bind_tcp_socket(server.host, server.port)
+    sockets = [bind_unix_socket(server.uds)] if server.uds else bind_tcp_sockets(server.host, server.port)
     uvicorn_config = uvicorn.Config(
         AccessLog(app) if server.access_log else app,
         lifespan="on",
@@ -3335,9 +3377,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # As a socket object, not fd=: uvicorn takes an fd for a unix socket, and a TCP
         # connection served as one loses TCP_NODELAY (a JSON answer then waited 40 ms
         # for the client's delayed ACK: postbacks fell from 12k to 1.4k a second).
-        runner.run(sockets=[sock])
+        runner.run(sockets=sockets)
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         if server.uds:
             with suppress(FileNotFoundError):
                 os.unlink(server.uds)

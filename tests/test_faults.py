@@ -328,13 +328,95 @@ async def test_a_clock_step_back_keeps_ids_in_order_and_conversions_after_their_
 
 
 def test_click_ids_resume_from_the_newest_stored():
-    ids = tinytrack.ClickIds(clock=lambda: 1_700_000_000.0)
-    later = tinytrack.ClickIds(clock=lambda: 1_800_000_000.0).new()
+    ids = tinytrack.ClickIds(clock=lambda: 1_800_000_000.0)
+    later = tinytrack.ClickIds(clock=lambda: 1_800_001_800.0).new()  # half an hour ahead: a small step back since
     ids.resume(later)
     following = [ids.new() for _ in range(100)]
     assert following == sorted(following) and following[0] > later
-    assert all(int.from_bytes(i[:6]) == 1_800_000_000_000 for i in following)
+    assert all(int.from_bytes(i[:6]) == 1_800_001_800_000 for i in following)
     # A stored id older than the clock changes nothing.
     fresh = tinytrack.ClickIds(clock=lambda: 1_900_000_000.0)
     fresh.resume(later)
     assert int.from_bytes(fresh.new()[:6]) == 1_900_000_000_000
+
+
+def test_a_clock_that_was_ahead_is_not_followed_after_it_is_fixed():
+    """One click stored while the clock read a year ahead (a VM before NTP) must not
+    date every later click in the future, nor make correct postbacks 'before their click'."""
+    now = 1_800_000_000.0
+    ahead = tinytrack.ClickIds(clock=lambda: now + 365 * 86400).new()
+    ids = tinytrack.ClickIds(clock=lambda: now)
+    ids.resume(ahead)  # a restart after the clock was fixed
+    assert int.from_bytes(ids.new()[:6]) == int(now * 1000)
+    # In one process: the clock jumps back two hours (it was wrong): ids follow it.
+    clock = [now]
+    moving = tinytrack.ClickIds(clock=lambda: clock[0])
+    moving.new()
+    clock[0] -= 7200
+    assert int.from_bytes(moving.new()[:6]) == int(clock[0] * 1000)
+    # A small step back is waited out: ids keep growing, at the last millisecond.
+    clock[0] += 7200
+    last = moving.new()
+    clock[0] -= 60
+    assert moving.new() > last and int.from_bytes(moving.new()[:6]) == int.from_bytes(last[:6])
+
+
+@pytest.mark.anyio
+async def test_a_reader_holding_the_wal_at_start_up_is_not_a_full_disk(config, clock, caplog):
+    path = config.storage.path
+    app = tinytrack.create_app(config, clock=clock)
+    await app.startup()
+    transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        for _ in range(20):
+            await new_click(client)
+    await app.shutdown()
+    with closing(sqlite3.connect(path)) as writer, closing(sqlite3.connect(path)) as reader:
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        writer.execute("INSERT INTO meta VALUES ('x', 'y')")
+        writer.commit()
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM clicks").fetchone()  # a backup or a report, mid-read
+        writer.execute("INSERT INTO meta VALUES ('z', 'y')")  # WAL frames the reader pins
+        writer.commit()
+        app = tinytrack.create_app(config, clock=clock)
+        with caplog.at_level(logging.INFO, logger="tinytrack"):
+            await app.startup()
+        try:
+            transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                health = await client.get("/healthz")
+                assert (health.status_code, health.json()["writes"]) == (200, "ok")
+        finally:
+            reader.rollback()
+            await app.shutdown()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.anyio
+async def test_the_reserve_is_given_back_whatever_filled_the_disk(tmp_path: Path, monkeypatch):
+    """The WAL is checkpointed every second, so at a full disk the checkpoint itself
+    usually succeeds: the failing write is what gives the reserve back."""
+    config = tinytrack.load_config(write_config(tmp_path))
+    config = dataclasses.replace(config, storage=dataclasses.replace(config.storage, reserve_mb=1))
+    app = tinytrack.create_app(config)
+    await app.startup()
+    reserve = Path(f"{config.storage.path}-reserve")
+    try:
+        assert reserve.stat().st_size == 1 << 20
+        real_begin = app.store._begin
+
+        def full(*args, **kw):
+            real_begin(*args, **kw)
+            error = sqlite3.OperationalError("database or disk is full")
+            error.sqlite_errorcode = sqlite3.SQLITE_FULL
+            raise error
+
+        monkeypatch.setattr(app.store, "_begin", full)
+        transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/c/spring", headers=UA)).status_code == 503
+        assert not reserve.exists()
+    finally:
+        monkeypatch.undo()
+        await app.shutdown()

@@ -218,6 +218,27 @@ async def test_sub1_beyond_sub1_per_day_are_totalled_as_other(capped_config, clo
         await app.shutdown()
 
 
+@pytest.mark.anyio
+async def test_a_conversion_follows_its_clicks_other_after_the_cap_is_raised(capped_config, clock):
+    app = tinytrack.create_app(capped_config, clock=clock)
+    await app.startup()
+    try:
+        transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            for sub1 in ("s0", "s1", "s2"):
+                await new_click(client, sub1=sub1)
+            folded = await new_click(client, sub1="s3")  # past the cap of 3: (other)
+            raised = dataclasses.replace(capped_config.retention, sub1_per_day=10)
+            app.apply_config(dataclasses.replace(capped_config, retention=raised))
+            await new_click(client, sub1="s3")  # now s3 has a row of its own
+            assert (await postback(client, click_id=folded, payout="5")).json()["status"] == "created"
+        assert rows(app, "SELECT sub1, clicks FROM daily_clicks ORDER BY 1") == [
+            ("(other)", 1), ("s0", 1), ("s1", 1), ("s2", 1), ("s3", 1)]
+        assert rows(app, "SELECT sub1, payout FROM daily_conversions") == [("(other)", 5_000_000)]
+    finally:
+        await app.shutdown()
+
+
 def test_sub1_per_day_is_a_retention_key():
     config = tinytrack.build_config({"postback": {"tokens": [POSTBACK_TOKEN]}, "retention": {"sub1_per_day": 50}})
     assert config.retention.sub1_per_day == 50
@@ -416,6 +437,7 @@ def test_websocket_attempts_and_pipelined_closes_log_no_secret_and_no_traceback(
         assert server.stop() == 0
     output = server.output()
     assert "WS-SECRET" not in output
+    assert "Unsupported upgrade" not in output and "WebSocket library" not in output  # lines anyone could make
     assert "Traceback" not in output and "RuntimeError" not in output, output
 
 
@@ -510,6 +532,20 @@ def test_tokens_shows_the_embedded_defaults_tokens_again(tmp_path: Path):
     empty.mkdir()
     missing = run("tokens", cwd=empty)
     assert (missing.returncode, missing.stderr) == (1, "tinytrack: ./tinytrack.db: no database here yet (`tinytrack serve` makes it and its tokens)\n")
+
+
+def test_every_address_the_host_names_is_listened_on():
+    port = free_port()
+    sockets = tinytrack.bind_tcp_sockets("localhost", port)
+    try:
+        names = {info[4][:2] for info in socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM)}
+        assert {sock.getsockname()[:2] for sock in sockets} == names
+        for address in names:  # each one takes connections
+            with socket.create_connection(address, timeout=2):
+                pass
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def test_a_port_in_use_is_one_line_and_exit_1(tmp_path: Path):
