@@ -47,10 +47,9 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from contextlib import asynccontextmanager, closing, contextmanager, suppress
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, unquote_to_bytes, urlencode, urlsplit
 
-import aiosqlite
 import h11
 import orjson
 import uvicorn
@@ -1213,6 +1212,61 @@ class Outcome:
     id: int | None = None
     reason: str | None = None  # REJECTED: why; INVALID: the 400's "<field>: <problem>"
     campaign: str | None = None
+    queued_forward: bool = False  # a delivery to the traffic source was queued with it
+
+
+class ForwardFacts(NamedTuple):
+    """A conversion's facts its forward URL is filled from, as conversions stores them."""
+
+    click_id: bytes
+    campaign: str
+    sub1: str | None
+    sub2: str | None
+    sub3: str | None
+    sub4: str | None
+    sub5: str | None
+    ext_id: str | None
+    event: str
+    txid: str | None
+
+
+class Delivery(NamedTuple):
+    """One forward of a conversion, as the outbox stores it when queued."""
+
+    conversion_id: int
+    campaign: str
+    status: str  # the conversion status it tells the source
+    url: str
+    idempotency_key: str
+    created_at: int
+    next_at: int
+    deadline: int
+
+
+class ForwardPlan(NamedTuple):
+    reversal: bool  # a rejection of a forwarded event: cancel what is pending, tell a source that heard
+    forward: bool  # the campaign forwards this event and status
+
+
+def plan_forward(campaign: Campaign | None, event: str, status: str) -> ForwardPlan:
+    """What a conversion's new status means for its traffic source."""
+    if campaign is None or campaign.postback_url is None:
+        return ForwardPlan(False, False)
+    reversal = status == "rejected" and (campaign.forward_events is None or event in campaign.forward_events)
+    return ForwardPlan(reversal, campaign.forwards(event, status))
+
+
+def build_delivery(campaign: Campaign, conversion_id: int, facts: ForwardFacts, status: str, payout: int, currency: str,
+                   now_ms: int, conf: ForwardConfig) -> Delivery:  # fmt: skip
+    """A delivery of a conversion to the campaign's postback_url, its macros filled."""
+    values = {name: value for name, value in facts._asdict().items() if value is not None}
+    values.update(click_id=format_uuid(facts.click_id), status=status, payout=format_money(payout), currency=currency,
+                  id=str(conversion_id))  # fmt: skip
+    first_try = now_ms + conf.delay_seconds * 1000
+    # The key the source can dedupe on: random, so it is unique across installations,
+    # and stored, so every retry of this delivery sends the same one.
+    return Delivery(conversion_id, campaign.name, status, campaign.postback_url.fill(values), secrets.token_hex(16), now_ms,
+                    first_try, first_try + conf.max_age_hours * 3_600_000)  # fmt: skip
 
 
 OUTBOX_SELECT = """SELECT id, conversion_id, campaign, status, state, attempts, created_at, next_at, last_at,
@@ -1267,16 +1321,6 @@ def migrate(con: sqlite3.Connection, path: str) -> None:
         con.execute("VACUUM")
 
 
-def meta_token(con: sqlite3.Connection, key: str) -> tuple[str, bool]:
-    """A token kept in the meta table, made on first use; True if just made."""
-    row = con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-    if row:
-        return row[0], False
-    token = secrets.token_urlsafe(24)
-    con.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, token))
-    return token, True
-
-
 READER_NICE = 10  # CFS weight 110 against the event loop's 1024: about a tenth of a busy core
 
 
@@ -1293,15 +1337,13 @@ INSERT_CLICK_OTHER = """INSERT INTO clicks (id, ts, campaign, sub1, sub2, sub3, 
                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 ADD_DAILY_CLICKS = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks) VALUES (?, ?, ?, ?, ?)
                       ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks"""
-INSERT_OUTBOX = """INSERT INTO outbox (conversion_id, campaign, status, url, idempotency_key, state, created_at, next_at, deadline)
-                   VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)"""
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
     """Work for the writer thread, in a transaction of its own (outbox results, purges)."""
 
-    func: Callable[[sqlite3.Connection, int], Any]
+    func: Callable[[Database, int], Any]
     rows: int = 1  # about how many rows it writes, for WAL checkpoint pacing
 
 
@@ -1315,27 +1357,566 @@ def batch_size(queue: list[tuple[object, Any]]) -> int:
     return min(len(queue), MAX_BATCH)
 
 
-def insert_clicks(con: sqlite3.Connection, rows: list[tuple], total_sub1: Callable[[int, str, str], str] | None = None) -> None:
-    """Insert clicks and add them to the daily totals, in the caller's transaction.
-    ``total_sub1(day, campaign, sub1)`` names the sub1 a click is totalled under."""
-    # The day's totals, once per (day, campaign, sub1) in the batch rather than a
-    # trigger per row: a batch of clicks has few distinct keys.
-    totals = Counter((row[1] // 86_400_000, row[2], row[3] or "", row[11]) for row in rows)
-    other = set()
-    if total_sub1 is not None:
-        folded: Counter = Counter()
-        for (day, campaign, sub1, bot), n in totals.items():
-            named = total_sub1(day, campaign, sub1)
-            if named != sub1:
-                other.add((day, campaign, sub1))
-            folded[day, campaign, named, bot] += n
-        totals = folded
-    if other:  # the click keeps the decision, so its conversions follow it whatever the cap is later
-        rows = [(*row, 1 if (row[1] // 86_400_000, row[2], row[3] or "") in other else None) for row in rows]
-        con.executemany(INSERT_CLICK_OTHER, rows)
-    else:
-        con.executemany(INSERT_CLICK, rows)
-    con.executemany(ADD_DAILY_CLICKS, [(day, c, s, 0 if bot else n, n if bot else 0) for (day, c, s, bot), n in totals.items()])
+# --- Storage: the database ----------------------------------------------------
+
+
+class ClickRow(NamedTuple):
+    """A click as it is inserted (and as ``clicks`` stores it)."""
+
+    id: bytes
+    ts: int  # unix ms: the millisecond inside the id
+    campaign: str
+    sub1: str | None
+    sub2: str | None
+    sub3: str | None
+    sub4: str | None
+    sub5: str | None
+    ext_id: str | None
+    ip: str | None
+    ua: str | None
+    bot: bool
+
+
+class ClickFacts(NamedTuple):
+    """What a conversion copies from its click, so it outlives the click."""
+
+    ts: int
+    campaign: str
+    sub1: str | None
+    sub2: str | None
+    sub3: str | None
+    sub4: str | None
+    sub5: str | None
+    ext_id: str | None
+
+
+class StoredConversion(NamedTuple):
+    """A stored conversion, as a postback for the same key finds it."""
+
+    id: int
+    status: str
+    reason: str | None
+    day: int  # UTC day it converted
+    payout: int
+    currency: str
+    sub1_total: str | None
+    facts: ForwardFacts
+
+
+class DueDelivery(NamedTuple):
+    id: int
+    url: str
+    key: str
+    attempts: int
+    deadline: int
+
+
+class WritePolicy(NamedTuple):
+    """What the config tells the write path: applied per batch, swapped on reload."""
+
+    campaigns: Mapping[str, Campaign]
+    forward: ForwardConfig
+    sub1_per_day: int
+
+
+PURGE_SQL = {
+    # rule name: (how many rows are due, for --dry-run; one batch). The count takes
+    # :cutoff and :clicks_cutoff; the batch (cutoff, limit).
+    "clicks": ("SELECT count(*) FROM clicks WHERE id < :cutoff",
+               "DELETE FROM clicks WHERE id IN (SELECT id FROM clicks WHERE id < ? ORDER BY id LIMIT ?)"),
+    # pii_done marks how far it got, so each batch starts where the last stopped.
+    "pii": ("""SELECT count(*) FROM clicks WHERE id > coalesce((SELECT value FROM meta WHERE key = 'pii_done'), x'')
+                   AND id < :cutoff AND id >= :clicks_cutoff""",  # what the clicks rule deletes first is not cut
+            """UPDATE clicks SET ip = truncate_ip(ip), ua = NULL WHERE id IN (
+                   SELECT id FROM clicks WHERE id > coalesce((SELECT value FROM meta WHERE key = 'pii_done'), x'')
+                   AND id < ?1 ORDER BY id LIMIT ?2) RETURNING id"""),
+    "conversions": ("SELECT count(*) FROM conversions WHERE created_at < :cutoff",
+                    "DELETE FROM conversions WHERE id IN (SELECT id FROM conversions WHERE created_at < ? ORDER BY created_at LIMIT ?)"),
+    "orphans": ("SELECT count(*) FROM orphans WHERE last_seen < :cutoff",
+                "DELETE FROM orphans WHERE id IN (SELECT id FROM orphans WHERE last_seen < ? LIMIT ?)"),
+    "outbox": ("SELECT count(*) FROM outbox WHERE state != 'pending' AND coalesce(last_at, created_at) < :cutoff",
+               """DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state != 'pending'
+                      AND coalesce(last_at, created_at) < ? LIMIT ?)"""),
+}  # fmt: skip
+
+
+class Database:
+    """Every SQL statement tinytrack runs but the schema's, as domain verbs, on one
+    connection: the writer's (in transactions the Store begins and ends), the
+    reader's, or a command's (datasette's split). Not thread-safe: one thread each."""
+
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self.con = con
+        self._sub1_seen: dict[tuple[int, str], set[str]] = {}  # (day, campaign) -> sub1 in its totals
+        self._busy_timeout: int | None = None
+        self._synchronous_full: bool | None = None
+
+    @classmethod
+    def open(cls, path: str) -> Database:
+        """The file in WAL mode, its schema brought up to date (see open_database)."""
+        return cls(open_database(path))
+
+    @classmethod
+    def open_readonly(cls, path: str) -> Database:
+        """A read-only connection beside the writer: reports, listings, the outbox."""
+        con = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True, check_same_thread=False)
+        return cls(con)
+
+    def close(self) -> None:
+        self.con.close()
+
+    # -- Transactions and upkeep (the Store decides when) --
+
+    def begin(self, *, fsync: bool, busy_timeout_ms: int) -> None:
+        """BEGIN IMMEDIATE; ``fsync``: the commit survives power loss (synchronous=FULL),
+        else a killed process (NORMAL, in WAL mode). Pragmas only change when needed."""
+        con = self.con
+        if len(self._sub1_seen) >= 256:  # campaigns x days seen; emptied between transactions, never inside one
+            self._sub1_seen.clear()
+        if busy_timeout_ms != self._busy_timeout:
+            con.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+            self._busy_timeout = busy_timeout_ms
+        if fsync != self._synchronous_full:
+            # Outside a transaction, as SQLite requires. The WAL is one log, so
+            # the fsync of a postback batch also hardens the clicks before it.
+            con.execute("PRAGMA synchronous = FULL" if fsync else "PRAGMA synchronous = NORMAL")
+            self._synchronous_full = fsync
+        con.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.con.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.con.in_transaction:
+            self.con.execute("ROLLBACK")
+        self._sub1_seen.clear()  # it may name totals rows the rollback took back
+
+    @contextmanager
+    def transaction(self, *, fsync: bool = False, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Iterator[Database]:
+        self.begin(fsync=fsync, busy_timeout_ms=busy_timeout_ms)
+        try:
+            yield self
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+
+    def no_autocheckpoint(self) -> None:
+        # Commits never checkpoint on their own: that fsyncs the database file, and a
+        # click-only commit runs on the event loop. The Store does it on the writer thread.
+        self.con.execute("PRAGMA wal_autocheckpoint = 0")
+
+    def checkpoint(self, mode: str = "PASSIVE") -> bool:
+        """Copy the WAL into the database; True when all of it was. PASSIVE never waits
+        for readers; TRUNCATE also cuts the WAL file to nothing, and here doesn't wait
+        either (busy timeout 0): a report may be reading."""
+        if mode == "TRUNCATE" and self._busy_timeout != 0:
+            self.con.execute("PRAGMA busy_timeout = 0")
+            self._busy_timeout = 0
+        busy, log_frames, done = self.con.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        return not busy and log_frames == done
+
+    def probe_write(self, now_ms: int) -> None:
+        """One tiny write, in the caller's transaction: can the disk take a commit?"""
+        self.con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_write', ?)", (str(now_ms),))
+
+    def vacuum_step(self) -> int:
+        """Give up to VACUUM_PAGES free pages back to the file system; how many are left."""
+        for _ in range(VACUUM_PAGES):  # each step of the pragma frees one page; Python's sqlite3 steps once
+            self.con.execute("PRAGMA incremental_vacuum(1)")
+        return self.con.execute("PRAGMA freelist_count").fetchone()[0]
+
+    def integrity_check(self) -> list[tuple]:
+        return self.con.execute("PRAGMA integrity_check").fetchall()
+
+    def vacuum_into(self, dest: str) -> None:
+        """A compact, consistent copy (one read transaction: the server keeps writing)."""
+        self.con.execute("VACUUM INTO ?", (dest,))
+
+    def can_write(self) -> None:
+        """Raise if this connection can't take a write lock (a read-only file or folder)."""
+        self.con.execute("BEGIN IMMEDIATE")
+        self.con.execute("ROLLBACK")
+
+    # -- Meta --
+
+    def meta_token(self, key: str) -> tuple[str, bool]:
+        """A token kept in the meta table, made on first use; True if just made."""
+        row = self.con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row:
+            return row[0], False
+        token = secrets.token_urlsafe(24)
+        self.con.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, token))
+        return token, True
+
+    def meta_values(self, *keys: str) -> dict[str, str]:
+        marks = ",".join("?" * len(keys))
+        return dict(self.con.execute(f"SELECT key, value FROM meta WHERE key IN ({marks})", keys))
+
+    def newest_click_id(self) -> bytes | None:
+        row = self.con.execute("SELECT id FROM clicks ORDER BY id DESC LIMIT 1").fetchone()
+        return row and row[0]
+
+    def campaigns_with_clicks(self, other_than: str, limit: int) -> list[str]:
+        rows = self.con.execute("SELECT DISTINCT campaign FROM daily_clicks WHERE campaign != ? LIMIT ?", (other_than, limit))
+        return [row[0] for row in rows]
+
+    def table_counts(self, *tables: str) -> dict[str, int]:
+        return {table: self.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in tables}
+
+    # -- Clicks --
+
+    def insert_clicks(self, rows: Sequence[ClickRow], sub1_per_day: int | None = None) -> None:
+        """Insert clicks and add them to the daily totals. With ``sub1_per_day``, a
+        campaign-day's sub1 beyond that many are totalled as OTHER_SUB1 (clicks are
+        unauthenticated: one address could otherwise add a totals row per click, kept
+        for good); the click keeps that decision, so its conversions follow it."""
+        # The day's totals, once per (day, campaign, sub1) in the batch rather than a
+        # trigger per row: a batch of clicks has few distinct keys.
+        totals = Counter((row[1] // DAY_MS, row[2], row[3] or "", row[11]) for row in rows)
+        other = set()
+        if sub1_per_day is not None:
+            folded: Counter = Counter()
+            for (day, campaign, sub1, bot), n in totals.items():
+                named = self._total_sub1(day, campaign, sub1, sub1_per_day)
+                if named != sub1:
+                    other.add((day, campaign, sub1))
+                folded[day, campaign, named, bot] += n
+            totals = folded
+        if other:
+            rows = [(*row, 1 if (row[1] // DAY_MS, row[2], row[3] or "") in other else None) for row in rows]
+            self.con.executemany(INSERT_CLICK_OTHER, rows)
+        else:
+            self.con.executemany(INSERT_CLICK, rows)
+        self.con.executemany(
+            """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks) VALUES (?, ?, ?, ?, ?)
+               ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks""",
+            [(day, c, s, 0 if bot else n, n if bot else 0) for (day, c, s, bot), n in totals.items()],
+        )
+
+    def _total_sub1(self, day: int, campaign: str, sub1: str, cap: int) -> str:
+        seen = self._sub1_in_totals(day, campaign)
+        if sub1 in seen:
+            return sub1
+        if len(seen) - (OTHER_SUB1 in seen) >= cap:
+            seen.add(OTHER_SUB1)
+            return OTHER_SUB1
+        seen.add(sub1)
+        return sub1
+
+    def _sub1_in_totals(self, day: int, campaign: str) -> set[str]:
+        seen = self._sub1_seen.get((day, campaign))
+        if seen is None:
+            rows = self.con.execute("SELECT sub1 FROM daily_clicks WHERE day = ? AND campaign = ?", (day, campaign))
+            seen = self._sub1_seen[day, campaign] = {row[0] for row in rows}
+        return seen
+
+    # -- Postbacks --
+
+    def apply_postback(self, pb: Postback, now_ms: int, policy: WritePolicy) -> Outcome:
+        """Match, dedupe and store a postback, in the caller's transaction: an orphan,
+        a new conversion, a duplicate, or a status change; forwards queued with it."""
+        row = self.con.execute(
+            "SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other FROM clicks WHERE id = ?", (pb.click_id,)
+        ).fetchone()
+        if row is None:
+            return self._record_orphan(pb, now_ms)
+        click, sub1_total = ClickFacts(*row[:8]), OTHER_SUB1 if row[8] else None
+        ts = pb.ts_ms
+        if ts < click.ts:
+            if pb.ts_given and click.ts - ts > EARLY_TS_TOLERANCE_MS:
+                problem = f"ts: is before its click ({iso_ms(click.ts)}), got {iso_ms(ts)}"
+                return Outcome(Result.INVALID, reason=problem, campaign=click.campaign)
+            ts = click.ts  # clock skew (the sender's, or ours stepped back): never dated before its click
+        created = self._new_conversion(pb, click, sub1_total, ts, now_ms, policy)
+        if created is not None:
+            return created
+        existing = self._find_conversion(pb)
+        if existing.reason is not None:
+            return Outcome(Result.REJECTED, existing.id, existing.reason, click.campaign)
+        if existing.status == pb.status:
+            return Outcome(Result.DUPLICATE, existing.id, campaign=click.campaign)
+        return self._change_status(pb, click, existing, now_ms, policy)
+
+    def _record_orphan(self, pb: Postback, now_ms: int) -> Outcome:
+        self.con.execute(
+            """INSERT INTO orphans (click_id, dedupe_key, event, txid, status, payout, currency, ts, ip, first_seen, last_seen)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (click_id, dedupe_key) DO UPDATE SET hits = hits + 1, last_seen = excluded.last_seen,
+                   status = excluded.status, payout = excluded.payout, currency = excluded.currency, ip = excluded.ip""",
+            (format_uuid(pb.click_id), pb.dedupe_key, pb.event, pb.txid, pb.status, pb.payout, pb.currency, pb.ts_ms, pb.ip,
+             now_ms, now_ms),
+        )  # fmt: skip
+        return Outcome(Result.ORPHAN)
+
+    def _find_conversion(self, pb: Postback) -> StoredConversion | None:
+        row = self.con.execute(
+            """SELECT id, status, reason, ts / 86400000, payout, currency, sub1_total, click_id, campaign, sub1, sub2, sub3,
+                      sub4, sub5, ext_id, event, txid
+               FROM conversions WHERE click_id = ? AND dedupe_key = ?""",
+            (pb.click_id, pb.dedupe_key),
+        ).fetchone()
+        return row and StoredConversion(*row[:7], ForwardFacts(*row[7:]))
+
+    def _new_conversion(self, pb: Postback, click: ClickFacts, sub1_total: str | None, ts: int, now_ms: int,
+                        policy: WritePolicy) -> Outcome | None:  # fmt: skip
+        """A new conversion (None if its key exists): one INSERT .. RETURNING, the usual case."""
+        campaign = policy.campaigns.get(click.campaign)
+        late = campaign is not None and campaign.window_days is not None and ts - click.ts > campaign.window_days * DAY_MS
+        reason = Reason.OUTSIDE_WINDOW.value if late else None
+        status = "rejected" if late else pb.status
+        day, sub1 = ts // DAY_MS, sub1_total or click.sub1 or ""
+        if pb.payout and not self._total_has_room(day, click.campaign, sub1, status, pb.currency, pb.payout):
+            if self._find_conversion(pb) is not None:
+                return None  # not new: the status-change path decides
+            return Outcome(Result.INVALID, reason=overflow_problem(click.campaign, day), campaign=click.campaign)
+        row = self.con.execute(
+            """INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id,
+                   event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip, sub1_total)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id""",
+            (pb.click_id, pb.dedupe_key, *click, pb.event, pb.txid, status, reason,
+             pb.payout, pb.currency, ts, now_ms, now_ms, pb.ip, sub1_total),
+        ).fetchone()  # fmt: skip
+        if row is None:
+            return None
+        conversion_id = row[0]
+        if late:
+            return Outcome(Result.REJECTED, conversion_id, reason, click.campaign)
+        facts = ForwardFacts(pb.click_id, *click[1:], pb.event, pb.txid)
+        queued = self._forward(campaign, conversion_id, facts, pb.status, pb.payout, pb.currency, now_ms, policy.forward)
+        return Outcome(Result.CREATED, conversion_id, campaign=click.campaign, queued_forward=queued)
+
+    def _change_status(self, pb: Postback, click: ClickFacts, old: StoredConversion, now_ms: int, policy: WritePolicy) -> Outcome:
+        # Without a payout it keeps the amount it was credited with.
+        payout, currency = (pb.payout, pb.currency) if pb.payout_given else (old.payout, old.currency)
+        sub1 = old.sub1_total or click.sub1 or ""
+        if payout and not self._total_has_room(old.day, click.campaign, sub1, pb.status, currency, payout):
+            return Outcome(Result.INVALID, reason=overflow_problem(click.campaign, old.day), campaign=click.campaign)
+        self.con.execute(
+            "UPDATE conversions SET status = ?, updated_at = ?, ip = ?, payout = ?, currency = ? WHERE id = ?",
+            (pb.status, now_ms, pb.ip, payout, currency, old.id),
+        )
+        campaign = policy.campaigns.get(click.campaign)
+        queued = self._forward(campaign, old.id, old.facts, pb.status, payout, currency, now_ms, policy.forward)
+        return Outcome(Result.UPDATED, old.id, campaign=click.campaign, queued_forward=queued)
+
+    def _total_has_room(self, day: int, campaign: str, sub1: str, status: str, currency: str, payout: int) -> bool:
+        """Whether adding payout keeps that daily total inside a 64-bit integer (one that
+        overflowed into a REAL before the payout cap stays one: reports read it)."""
+        row = self.con.execute(
+            "SELECT payout FROM daily_conversions WHERE day = ? AND campaign = ? AND sub1 = ? AND status = ? AND currency = ?",
+            (day, campaign, sub1, status, currency),
+        ).fetchone()
+        return row is None or not isinstance(row[0], int) or row[0] <= MAX_SUM - payout
+
+    def _forward(self, campaign: Campaign | None, conversion_id: int, facts: ForwardFacts, status: str, payout: int,
+                 currency: str, now_ms: int, conf: ForwardConfig) -> bool:  # fmt: skip
+        """Queue the conversion's forward in the same transaction, as plan_forward says;
+        True if a delivery was queued."""
+        plan = plan_forward(campaign, facts.event, status)
+        told = False
+        if plan.reversal:
+            # Earlier statuses not yet delivered are not sent at all (nor retried); if the
+            # source may have heard one, it now hears the reversal, its last word.
+            self.con.execute(
+                """UPDATE outbox SET state = 'canceled', last_error = 'the conversion was rejected before this was delivered'
+                   WHERE conversion_id = ? AND state = 'pending'""",
+                (conversion_id,),
+            )
+            told = self.con.execute("SELECT 1 FROM outbox WHERE conversion_id = ? AND attempts > 0 LIMIT 1", (conversion_id,)).fetchone()
+        if not (plan.forward or told):
+            return False
+        self.queue_delivery(build_delivery(campaign, conversion_id, facts, status, payout, currency, now_ms, conf))
+        return True
+
+    # -- The outbox --
+
+    def queue_delivery(self, delivery: Delivery) -> None:
+        self.con.execute(
+            """INSERT INTO outbox (conversion_id, campaign, status, url, idempotency_key, state, created_at, next_at, deadline)
+               VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)""",
+            delivery,
+        )
+
+    def due_deliveries(self, now_ms: int, limit: int, offset: int = 0) -> list[DueDelivery]:
+        """Pending deliveries that are due, soonest first."""
+        rows = self.con.execute(
+            """SELECT id, url, idempotency_key, attempts, deadline FROM outbox
+               WHERE state = 'pending' AND next_at <= ? ORDER BY next_at, id LIMIT ? OFFSET ?""",
+            (now_ms, limit, offset),
+        )
+        return [DueDelivery(*row) for row in rows]
+
+    def record_attempt(self, outbox_id: int, attempt: Attempt, state: str, due: int, error: str | None, took_ms: int,
+                       now_ms: int) -> None:  # fmt: skip
+        """One try's result. A delivery canceled meanwhile stays canceled."""
+        self.con.execute(
+            """UPDATE outbox SET attempts = attempts + 1, last_at = ?, last_code = ?, last_error = ?,
+                   state = CASE state WHEN 'pending' THEN ? ELSE state END, next_at = ?
+               WHERE id = ?""",
+            (now_ms, attempt.code, error, state, due, outbox_id),
+        )
+        self.con.execute(
+            "INSERT INTO outbox_attempts (outbox_id, at, code, error, ms) VALUES (?, ?, ?, ?, ?)",
+            (outbox_id, now_ms, attempt.code, attempt.error, took_ms),
+        )
+
+    def retry_deliveries(self, ids: Sequence[int], states: Sequence[str], now_ms: int, deadline: int) -> tuple[int, list[int]]:
+        """Dead, failed or canceled deliveries pending again (these ids, or every one in
+        these states); how many, and which of the ids were not."""
+        cursor = self.con.execute(
+            f"""UPDATE outbox SET state = 'pending', next_at = ?, deadline = ?
+                WHERE state IN ('dead', 'failed', 'canceled') AND (id IN ({",".join("?" * len(ids))})
+                      OR state IN ({",".join("?" * len(states))}))""",
+            (now_ms, deadline, *ids, *states),
+        )
+        pending = {row[0] for row in self.con.execute(
+            f"SELECT id FROM outbox WHERE id IN ({','.join('?' * len(ids))}) AND state = 'pending'", ids)}  # fmt: skip
+        return cursor.rowcount, sorted(set(ids) - pending)
+
+    def conversions_to_replay(self, since_ms: int, campaigns: Collection[str]) -> Iterator[tuple[int, ForwardFacts, str, int, str]]:
+        """Counted conversions created since a time in these campaigns: id, facts, status, payout, currency."""
+        rows = self.con.execute(
+            f"""SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, status, payout, currency
+                FROM conversions WHERE created_at >= ? AND reason IS NULL AND campaign IN ({",".join("?" * len(campaigns))})
+                ORDER BY id""",
+            (since_ms, *campaigns),
+        ).fetchall()
+        for conversion_id, *facts, status, payout, currency in rows:
+            yield conversion_id, ForwardFacts(*facts), status, payout, currency
+
+    def deliveries(self, since_ms: int, after_id: int, limit: int, state: str | None) -> list[dict]:
+        """Deliveries created since a time, oldest first."""
+        sql, args = OUTBOX_SELECT + " WHERE id > ? AND created_at >= ?", [after_id, since_ms]
+        if state is not None:
+            sql, args = sql + " AND state = ?", [*args, state]
+        return [outbox_dict(row) for row in self.con.execute(sql + " ORDER BY id LIMIT ?", (*args, limit))]
+
+    def latest_deliveries(self, state: str | None, limit: int) -> list[dict]:
+        """The newest deliveries (in a state), oldest of them first."""
+        sql, args = OUTBOX_SELECT, []
+        if state:
+            sql, args = sql + " WHERE state = ?", [state]
+        rows = self.con.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [outbox_dict(row) for row in reversed(rows)]
+
+    def delivery(self, outbox_id: int) -> dict | None:
+        row = self.con.execute(OUTBOX_SELECT + " WHERE id = ?", (outbox_id,)).fetchone()
+        return row and outbox_dict(row)
+
+    def attempts(self, outbox_id: int) -> list[dict]:
+        rows = self.con.execute("SELECT at, code, error, ms FROM outbox_attempts WHERE outbox_id = ? ORDER BY at", (outbox_id,))
+        return [{"at": iso_ms(at), "code": code, "error": error, "ms": ms} for at, code, error, ms in rows]
+
+    def outbox_states(self) -> dict[str, int]:
+        rows = self.con.execute("SELECT state, count(*) FROM outbox GROUP BY state")
+        return {state: 0 for state in OUTBOX_STATES} | dict(rows)
+
+    def troubled_deliveries(self, limit: int) -> list[tuple]:
+        """Failed, dead and retrying deliveries, newest first: id, campaign, state, attempts, last_at, code, error."""
+        return self.con.execute(
+            """SELECT id, campaign, state, attempts, last_at, last_code, last_error FROM outbox
+               WHERE state IN ('failed', 'dead') OR (state = 'pending' AND attempts > 0) ORDER BY id DESC LIMIT ?""",
+            (limit,),
+        ).fetchall()
+
+    # -- Retention --
+
+    def purge_batch(self, rule: PurgeRule, conf: RetentionConfig, limit: int, now_ms: int) -> int:
+        """One batch of one rule, in the caller's transaction; how many rows it touched.
+        A rule whose days are 0 is off: it touches nothing, whoever asks (its cutoff would be now)."""
+        if not rule.days(conf):
+            return 0
+        cursor = self.con.execute(PURGE_SQL[rule.name][1], (rule_cutoff(rule, conf, now_ms), limit))
+        if rule.name == "pii":
+            ids = cursor.fetchall()
+            if ids:  # the next batch starts after these
+                self.con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('pii_done', ?)", (max(ids)[0],))
+            return len(ids)
+        return cursor.rowcount
+
+    def purge_due(self, conf: RetentionConfig, now_ms: int) -> list[tuple[PurgeRule, int]]:
+        """How many rows each rule that is on would touch now."""
+        clicks_cutoff = uuid_floor(now_ms - conf.clicks_days * DAY_MS) if conf.clicks_days else b""
+        return [(rule, self.con.execute(PURGE_SQL[rule.name][0], {"cutoff": rule_cutoff(rule, conf, now_ms),
+                                                                   "clicks_cutoff": clicks_cutoff}).fetchone()[0])
+                for rule in PURGE_RULES if rule.days(conf)]  # fmt: skip
+
+    # -- Reports and listings --
+
+    def ping(self) -> bool:
+        self.con.execute("SELECT count(*) FROM meta").fetchone()
+        return True
+
+    def stats(self, q: StatsQuery) -> list[dict]:
+        """A report: day, campaign, sub1 and status from the daily totals, which outlive
+        purges; sub2..sub5 from the raw rows still kept (clicks_days)."""
+        where, args = "", ()
+        if q.campaign is not None:
+            where, args = " AND campaign = ?", (q.campaign,)
+        if q.by in ("day", "campaign", "sub1", "status"):
+            key = "''" if q.by == "status" else q.by
+            span = (q.first_day, q.last_day, *args)
+            clicks = self.con.execute(
+                f"SELECT {key}, sum(clicks), sum(bot_clicks) FROM daily_clicks WHERE day BETWEEN ? AND ?{where} GROUP BY 1", span
+            )
+            conversions = self.con.execute(
+                f"""SELECT {"status" if q.by == "status" else key}, status, currency, sum(conversions), {PAYOUT_SUM}
+                    FROM daily_conversions WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3
+                    HAVING sum(conversions) != 0""",  # a status change leaves its old row at zero
+                span,
+            )
+            return stats_rows(q, clicks.fetchall(), conversions.fetchall())
+        start, end = q.first_day * DAY_MS, (q.last_day + 1) * DAY_MS
+        clicks = self.con.execute(
+            f"SELECT coalesce({q.by}, ''), sum(bot = 0), sum(bot) FROM clicks WHERE id >= ? AND id < ?{where} GROUP BY 1",
+            (uuid_floor(start), uuid_floor(end), *args),
+        )
+        conversions = self.con.execute(
+            f"""SELECT coalesce({q.by}, ''), status, currency, count(*), {PAYOUT_SUM} FROM conversions
+                WHERE ts >= ? AND ts < ?{where} GROUP BY 1, 2, 3""",
+            (start, end, *args),
+        )
+        return stats_rows(q, clicks.fetchall(), conversions.fetchall())
+
+    def conversions(self, since_ms: int, after_id: int, limit: int, campaign: str | None, status: str | None) -> list[dict]:
+        """Conversions created since a time, oldest first, for reconciliation."""
+        sql = """SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, status, reason,
+                        payout, currency, ts, created_at, updated_at
+                 FROM conversions WHERE id > ? AND created_at >= ?"""
+        args: list[Any] = [after_id, since_ms]
+        if campaign is not None:
+            sql, args = sql + " AND campaign = ?", [*args, campaign]
+        if status is not None:
+            sql, args = sql + " AND status = ?", [*args, status]
+        rows = self.con.execute(sql + " ORDER BY id LIMIT ?", (*args, limit))
+        return [
+            dict(zip(CONVERSION_COLUMNS, (*r[:1], format_uuid(r[1]), *r[2:13], format_money(r[13]), r[14], *map(iso_ms, r[15:]))))
+            for r in rows
+        ]
+
+    def orphans(self, since_ms: int, after_id: int, limit: int) -> list[dict]:
+        """Postbacks for unknown click ids, oldest first."""
+        rows = self.con.execute(
+            """SELECT id, click_id, event, txid, status, payout, currency, ts, first_seen, last_seen, hits
+               FROM orphans WHERE id > ? AND last_seen >= ? ORDER BY id LIMIT ?""",
+            (after_id, since_ms, limit),
+        )
+        return [dict(zip(ORPHAN_COLUMNS, (*r[:5], format_money(r[5]), r[6], *map(iso_ms, r[7:10]), r[10]))) for r in rows]
+
+    def recent_conversions(self, limit: int) -> list[tuple]:
+        """The newest conversions: created_at, campaign, sub1, event, status, payout, currency, reason."""
+        return self.con.execute(
+            "SELECT created_at, campaign, sub1, event, status, payout, currency, reason FROM conversions ORDER BY id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+
+    def recent_orphans(self, limit: int) -> list[tuple]:
+        """The orphans seen last: last_seen, click_id, event, payout, currency, hits."""
+        return self.con.execute(
+            "SELECT last_seen, click_id, event, payout, currency, hits FROM orphans ORDER BY last_seen DESC LIMIT ?", (limit,)
+        ).fetchall()
 
 
 WRITE_QUIET_SECONDS = 10  # failures this far apart are one episode in the log (a nearly full disk flaps)
@@ -1400,12 +1981,13 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 class Store:
-    """Owns the database: one writer connection taking batches (group commit), and
-    an aiosqlite connection for reads, so a slow read never holds up a write.
+    """The async side of the database: one writer Database taking batches (group
+    commit), and a reader Database on a thread of its own, so a slow read never holds
+    up a write (datasette's split). Every SQL statement is a Database verb.
 
     A batch with postbacks (fsynced) runs in one call on the writer thread: a
-    round trip per batch, not per statement, which aiosqlite's public API cannot
-    do. A batch of clicks alone (no fsync) commits right on the event loop.
+    round trip per batch, not per statement. A batch of clicks alone (no fsync)
+    commits right on the event loop.
 
     When writes fail (a full disk), each write that fails is answered with StorageError
     (a 503), /healthz says so, and the writer keeps trying to recover by itself: a
@@ -1413,43 +1995,41 @@ class Store:
     is what it takes), then a write. Nothing is acknowledged that was not committed.
     """
 
-    def __init__(self, path: str, *, clock: Callable[[], float] = time.time, reserve_bytes: int = 0) -> None:
-        self.path = path
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
+                 on_forward: Callable[[], object] | None = None) -> None:  # fmt: skip
+        self.path = config.storage.path
         self.clock = clock
-        self.campaigns: Mapping[str, Campaign] = {}  # set from the config, on start and on reload
-        self.forward = ForwardConfig()
-        self.sub1_per_day = RetentionConfig().sub1_per_day
-        self.on_forward: Callable[[], object] | None = None  # told when a batch queued forwards
+        self.on_forward = on_forward  # told when a batch queued forwards
         self.health = WriteHealth()
         self.last_click_id: bytes | None = None  # the newest click stored, read at open
-        self.reserve = DiskReserve(f"{path}-reserve", reserve_bytes)
-        self._forwards_queued = False
+        self.reserve = DiskReserve(f"{self.path}-reserve", config.storage.reserve_mb << 20)
+        self.batches = 0
+        self.batch_sizes = Histogram(BATCH_BOUNDS)
+        self._policy = WritePolicy({}, ForwardConfig(), RetentionConfig().sub1_per_day)
+        self._db: Database | None = None  # the writer's; used on its thread, or on the loop for clicks alone
+        self._reader: Database | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._read_executor: ThreadPoolExecutor | None = None
         self._queue: list[tuple[object, asyncio.Future]] = []
         self._wakeup: asyncio.Future | None = None
-        self._executor: ThreadPoolExecutor | None = None
         self._writer_task: asyncio.Task | None = None
-        self._con: sqlite3.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
-        self._synchronous_full = False
-        self._busy_timeout = BUSY_TIMEOUT_MS
         self._unchecked_rows = 0
         self._checkpointed_at = 0.0  # loop time
         self._checkpoint_warned = 0.0
         self._recovered_at = 0.0  # loop time of the last recovery attempt
-        self._sub1_seen: dict[tuple[int, str], set[str]] = {}  # (day, campaign) -> sub1 in its totals
         self._closing = False
-        self.batches = 0
-        self.batch_sizes = Histogram(BATCH_BOUNDS)
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Campaigns, forwarding and the sub1 cap: the next batch writes with these."""
+        self._policy = WritePolicy(config.campaigns, config.forward, config.retention.sub1_per_day)
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinytrack-writer")
-        self._con = await loop.run_in_executor(self._executor, open_database, self.path)
-        # Commits never checkpoint on their own: that fsyncs the database file, and a
-        # click-only commit runs on the event loop. The write loop does it on the thread.
-        self._con.execute("PRAGMA wal_autocheckpoint = 0")
-        row = self._con.execute("SELECT id FROM clicks ORDER BY id DESC LIMIT 1").fetchone()
-        self.last_click_id = row and row[0]
+        self._db = await loop.run_in_executor(self._executor, Database.open, self.path)
+        self._db.no_autocheckpoint()
+        self.last_click_id = self._db.newest_click_id()
         # A WAL left by a crash (or a full disk) is copied home before anything else. If a
         # reader (a backup, a report) holds it, that waits; a full disk is a failing write.
         try:
@@ -1460,11 +2040,11 @@ class Store:
             self._failed(exc)
         else:
             await loop.run_in_executor(self._executor, self.reserve.make)
-        self._reader = await aiosqlite.connect(f"file:{quote(os.path.abspath(self.path))}?mode=ro", uri=True)
         # Reports run on the reader's thread. On one core a long one would take half the
         # CPU from clicks; at a lower priority (Linux nice, per thread) it yields to them.
-        await self._reader.create_function("tinytrack_yield", 0, lower_thread_priority)
-        await self._read("SELECT tinytrack_yield()", ())
+        self._read_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinytrack-reader",
+                                                 initializer=lower_thread_priority)  # fmt: skip
+        self._reader = await loop.run_in_executor(self._read_executor, Database.open_readonly, self.path)
         self._closing = False
         self._checkpointed_at = loop.time()
         self._writer_task = asyncio.create_task(self._write_loop(), name="tinytrack-writer")
@@ -1475,11 +2055,12 @@ class Store:
         self._wake()
         if self._writer_task:
             await self._writer_task
-        if self._reader:
-            await self._reader.close()
+        loop = asyncio.get_running_loop()
+        if self._read_executor:
+            await loop.run_in_executor(self._read_executor, self._reader.close)
+            self._read_executor.shutdown()
         if self._executor:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._executor, self._con.close)  # the last close checkpoints
+            await loop.run_in_executor(self._executor, self._db.close)  # the last close checkpoints
             self._executor.shutdown()
 
     @property
@@ -1490,7 +2071,7 @@ class Store:
     def failing(self) -> bool:
         return self.health.failing_since is not None
 
-    async def record_click(self, row: tuple) -> None:
+    async def record_click(self, row: ClickRow) -> None:
         """Store a click; returns once it is committed."""
         await self._submit(row)
 
@@ -1498,70 +2079,13 @@ class Store:
         """Match, dedupe and store a postback; returns once it is committed and fsynced."""
         return await self._submit(postback)
 
-    async def run(self, func: Callable[[sqlite3.Connection, int], Any], rows: int = 1) -> Any:
-        """Run ``func(connection, now_ms)`` on the writer, in a transaction of its own."""
+    async def run(self, func: Callable[[Database, int], Any], rows: int = 1) -> Any:
+        """Run ``func(database, now_ms)`` on the writer, in a transaction of its own."""
         return await self._submit(Job(func, rows))
 
-    async def ping(self) -> bool:
-        async with self._reader.execute("SELECT count(*) FROM meta") as cursor:
-            await cursor.fetchone()
-        return True
-
-    async def conversions(self, since_ms: int, after_id: int, limit: int, campaign: str | None, status: str | None) -> list[dict]:
-        """Conversions created since a time, oldest first, for reconciliation."""
-        sql = """SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, status, reason,
-                        payout, currency, ts, created_at, updated_at
-                 FROM conversions WHERE id > ? AND created_at >= ?"""
-        args: list[Any] = [after_id, since_ms]
-        if campaign is not None:
-            sql, args = sql + " AND campaign = ?", [*args, campaign]
-        if status is not None:
-            sql, args = sql + " AND status = ?", [*args, status]
-        rows = await self._read(sql + " ORDER BY id LIMIT ?", (*args, limit))
-        return [
-            dict(zip(CONVERSION_COLUMNS, (*r[:1], format_uuid(r[1]), *r[2:13], format_money(r[13]), r[14], *map(iso_ms, r[15:]))))
-            for r in rows
-        ]
-
-    async def orphans(self, since_ms: int, after_id: int, limit: int) -> list[dict]:
-        """Postbacks for unknown click ids, oldest first."""
-        rows = await self._read(
-            """SELECT id, click_id, event, txid, status, payout, currency, ts, first_seen, last_seen, hits
-               FROM orphans WHERE id > ? AND last_seen >= ? ORDER BY id LIMIT ?""",
-            (after_id, since_ms, limit),
-        )
-        return [dict(zip(ORPHAN_COLUMNS, (*r[:5], format_money(r[5]), r[6], *map(iso_ms, r[7:10]), r[10]))) for r in rows]
-
-    async def outbox(self, since_ms: int, after_id: int, limit: int, state: str | None) -> list[dict]:
-        """Deliveries created since a time, oldest first."""
-        sql, args = OUTBOX_SELECT + " WHERE id > ? AND created_at >= ?", [after_id, since_ms]
-        if state is not None:
-            sql, args = sql + " AND state = ?", [*args, state]
-        return [outbox_dict(row) for row in await self._read(sql + " ORDER BY id LIMIT ?", (*args, limit))]
-
-    async def stats(self, q: StatsQuery) -> list[dict]:
-        """A report, read beside the writer (never on it); see stats_sql."""
-        (clicks_sql, clicks_args), (conv_sql, conv_args) = stats_sql(q)
-        return stats_rows(q, await self._read(clicks_sql, clicks_args), await self._read(conv_sql, conv_args))
-
-    async def outbox_states(self) -> dict[str, int]:
-        rows = await self._read("SELECT state, count(*) FROM outbox GROUP BY state", ())
-        return {state: 0 for state in OUTBOX_STATES} | dict(rows)
-
-    async def latest(self, sql: str, limit: int) -> list[tuple]:
-        return await self._read(sql + " LIMIT ?", (limit,))
-
-    async def due_deliveries(self, now_ms: int, limit: int, offset: int = 0) -> list[tuple]:
-        """Pending deliveries that are due, soonest first: id, url, key, attempts, deadline."""
-        return await self._read(
-            """SELECT id, url, idempotency_key, attempts, deadline FROM outbox
-               WHERE state = 'pending' AND next_at <= ? ORDER BY next_at, id LIMIT ? OFFSET ?""",
-            (now_ms, limit, offset),
-        )
-
-    async def _read(self, sql: str, args: tuple) -> list[tuple]:
-        async with self._reader.execute(sql, args) as cursor:
-            return await cursor.fetchall()
+    async def read(self, func: Callable[..., Any], *args: Any) -> Any:
+        """Run ``func(database, *args)`` on the reader's thread, beside the writer."""
+        return await asyncio.get_running_loop().run_in_executor(self._read_executor, partial(func, self._reader, *args))
 
     async def _submit(self, item: object) -> Any:
         if self._closing:
@@ -1598,7 +2122,6 @@ class Store:
             try:
                 results = await self._write(items)
             except Exception as exc:
-                self._sub1_seen.clear()  # it may name sub1 rows the rollback took back
                 self._failed(exc)
                 for _, future in batch:
                     if not future.done():
@@ -1607,16 +2130,59 @@ class Store:
             self._committed()
             self.batches += 1
             self.batch_sizes.observe(len(items))
+            queued_forward = False
             for (_, future), result in zip(batch, results):
+                queued_forward = queued_forward or (isinstance(result, Outcome) and result.queued_forward)
                 if not future.done():
                     future.set_result(result)
-            if self._forwards_queued:
-                self._forwards_queued = False
-                if self.on_forward:
-                    self.on_forward()
+            if queued_forward and self.on_forward:
+                self.on_forward()
             self._unchecked_rows += items[0].rows if isinstance(items[0], Job) else len(items)
             if self._checkpoint_due(loop):
                 await self._checkpoint(loop)
+
+    async def _write(self, items: list[object]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        if isinstance(items[0], Job):  # always alone in its batch: its failure is its own
+            return [await loop.run_in_executor(self._executor, self._run_job, items[0])]
+        postbacks = any(isinstance(item, Postback) for item in items)
+        if not postbacks:
+            # Clicks alone commit without an fsync in ~5 us a row: cheaper on the event
+            # loop than a hop to the writer thread and back (measured ~57 us on one core).
+            # If another process holds the write lock, don't wait here: go to the thread.
+            try:
+                return self._write_batch(items, postbacks, busy_timeout=0)
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY:
+                    raise
+        return await loop.run_in_executor(self._executor, self._write_batch, items, postbacks)
+
+    # One batch, one transaction: on the writer thread, or for clicks alone on the loop.
+
+    def _write_batch(self, items: list[object], postbacks: bool, busy_timeout: int = BUSY_TIMEOUT_MS) -> list[Outcome | None]:
+        db, policy = self._db, self._policy
+        now_ms = int(self.clock() * 1000)
+        with db.transaction(fsync=postbacks, busy_timeout_ms=busy_timeout):
+            results: list[Outcome | None] = []
+            clicks: list[ClickRow] = []
+            for item in items:
+                if isinstance(item, Postback):
+                    if clicks:  # keep arrival order: a batch's clicks land before later postbacks
+                        db.insert_clicks(clicks, policy.sub1_per_day)
+                        clicks = []
+                    results.append(db.apply_postback(item, now_ms, policy))
+                else:
+                    clicks.append(item)
+                    results.append(None)
+            if clicks:
+                db.insert_clicks(clicks, policy.sub1_per_day)
+        return results
+
+    def _run_job(self, job: Job) -> Any:
+        with self._db.transaction() as db:
+            return job.func(db, int(self.clock() * 1000))
+
+    # Checkpoints, and recovering from a full disk.
 
     def _checkpoint_due(self, loop: asyncio.AbstractEventLoop) -> bool:
         """By rows (throughput), by time (light load writes whole pages per commit) or
@@ -1638,8 +2204,8 @@ class Store:
         await loop.run_in_executor(self._executor, self._checkpoint_wal)
 
     def _checkpoint_wal(self) -> None:
-        try:  # PASSIVE: never waits on readers; a long report just leaves some for next time
-            self._con.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        try:
+            self._db.checkpoint("PASSIVE")  # never waits on readers; a long report just leaves some for next time
         except sqlite3.Error as exc:
             # Said once a minute at most, and not while failing writes are being told.
             if self.health.episode_since is None and time.time() - self._checkpoint_warned >= 60:
@@ -1667,14 +2233,12 @@ class Store:
         """Checkpoint the whole WAL and cut it to nothing, giving back the disk reserve
         if the disk is too full for that. True when the WAL was emptied, False when a
         reader still holds part of it; a full disk raises."""
-        self._set_busy_timeout(0)  # TRUNCATE would wait for readers; a report may run
         try:
-            busy, _, _ = self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return self._db.checkpoint("TRUNCATE")
         except sqlite3.Error as exc:
             if not is_disk_full(exc) or not self._release_reserve():
                 raise
-            busy, _, _ = self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        return not busy
+            return self._db.checkpoint("TRUNCATE")
 
     def _release_reserve(self) -> bool:
         if not self.reserve.release():
@@ -1684,14 +2248,8 @@ class Store:
         return True
 
     def _probe_write(self) -> None:
-        con = self._begin(False, 0)
-        try:
-            con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_write', ?)", (str(int(self.clock() * 1000)),))
-            con.execute("COMMIT")
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
+        with self._db.transaction(busy_timeout_ms=0) as db:
+            db.probe_write(int(self.clock() * 1000))
 
     def _failed(self, exc: BaseException) -> None:
         """Note a failed write. The log says it once, then a count a minute (a failing
@@ -1722,216 +2280,6 @@ class Store:
                         health.last_failure - health.episode_since, now - health.last_failure)  # fmt: skip
             health.episode_since, health.episode_failures = None, 0
 
-    async def _write(self, items: list[object]) -> list[Any]:
-        loop = asyncio.get_running_loop()
-        if isinstance(items[0], Job):  # always alone in its batch: its failure is its own
-            return [await loop.run_in_executor(self._executor, self._run_job, items[0])]
-        postbacks = any(isinstance(item, Postback) for item in items)
-        if not postbacks:
-            # Clicks alone commit without an fsync in ~5 us a row: cheaper on the event
-            # loop than a hop to the writer thread and back (measured ~57 us on one core).
-            # If another process holds the write lock, don't wait here: go to the thread.
-            try:
-                return self._write_batch(items, postbacks, busy_timeout=0)
-            except sqlite3.OperationalError as exc:
-                if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY:
-                    raise
-        return await loop.run_in_executor(self._executor, self._write_batch, items, postbacks)
-
-    # One batch, one transaction: on the writer thread, or for clicks alone on the loop.
-
-    def _set_busy_timeout(self, ms: int) -> None:
-        if ms != self._busy_timeout:
-            self._con.execute(f"PRAGMA busy_timeout = {ms}")
-            self._busy_timeout = ms
-
-    def _begin(self, postbacks: bool, busy_timeout: int) -> sqlite3.Connection:
-        con = self._con
-        self._set_busy_timeout(busy_timeout)
-        if postbacks != self._synchronous_full:
-            # Outside a transaction, as SQLite requires. The WAL is one log, so
-            # the fsync of a postback batch also hardens the clicks before it.
-            con.execute("PRAGMA synchronous = FULL" if postbacks else "PRAGMA synchronous = NORMAL")
-            self._synchronous_full = postbacks
-        con.execute("BEGIN IMMEDIATE")
-        return con
-
-    def _write_batch(self, items: list[object], postbacks: bool, busy_timeout: int = BUSY_TIMEOUT_MS) -> list[Outcome | None]:
-        if len(self._sub1_seen) >= 256:  # campaigns x days seen; between transactions, so no batch's adds are lost
-            self._sub1_seen.clear()
-        con = self._begin(postbacks, busy_timeout)
-        now_ms = int(self.clock() * 1000)
-        try:
-            results: list[Outcome | None] = []
-            clicks: list[tuple] = []
-            for item in items:
-                if isinstance(item, Postback):
-                    if clicks:  # keep arrival order: a batch's clicks land before later postbacks
-                        insert_clicks(con, clicks, self._total_sub1)
-                        clicks = []
-                    results.append(self._apply_postback(con, item, now_ms))
-                else:
-                    clicks.append(item)
-                    results.append(None)
-            if clicks:
-                insert_clicks(con, clicks, self._total_sub1)
-            con.execute("COMMIT")
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
-        return results
-
-    def _run_job(self, job: Job) -> Any:
-        con = self._begin(False, BUSY_TIMEOUT_MS)
-        try:
-            result = job.func(con, int(self.clock() * 1000))
-            con.execute("COMMIT")
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
-        return result
-
-    def _total_sub1(self, day: int, campaign: str, sub1: str) -> str:
-        """The sub1 a click of this day and campaign is totalled under: its own while the
-        day has fewer than sub1_per_day, else OTHER_SUB1 (clicks are unauthenticated: one
-        address could otherwise add a totals row per click, kept for good)."""
-        seen = self._sub1_seen.get((day, campaign))
-        if seen is None:
-            seen = self._load_sub1_seen(day, campaign)
-        if sub1 in seen:
-            return sub1
-        if len(seen) - (OTHER_SUB1 in seen) >= self.sub1_per_day:
-            seen.add(OTHER_SUB1)
-            return OTHER_SUB1
-        seen.add(sub1)
-        return sub1
-
-    def _load_sub1_seen(self, day: int, campaign: str) -> set[str]:
-        rows = self._con.execute("SELECT sub1 FROM daily_clicks WHERE day = ? AND campaign = ?", (day, campaign))
-        seen = self._sub1_seen[day, campaign] = {row[0] for row in rows}
-        return seen
-
-    def _apply_postback(self, con: sqlite3.Connection, pb: Postback, now_ms: int) -> Outcome:
-        key = pb.dedupe_key
-        click = con.execute(
-            "SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other FROM clicks WHERE id = ?", (pb.click_id,)
-        ).fetchone()
-        if click is None:
-            con.execute(
-                """INSERT INTO orphans (click_id, dedupe_key, event, txid, status, payout, currency, ts, ip, first_seen, last_seen)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (click_id, dedupe_key) DO UPDATE SET hits = hits + 1, last_seen = excluded.last_seen,
-                       status = excluded.status, payout = excluded.payout, currency = excluded.currency, ip = excluded.ip""",
-                (format_uuid(pb.click_id), key, pb.event, pb.txid, pb.status, pb.payout, pb.currency, pb.ts_ms, pb.ip, now_ms, now_ms),
-            )
-            return Outcome(Result.ORPHAN)
-        click_ts, name, sub1, total_sub1 = click[0], click[1], click[2] or "", OTHER_SUB1 if click[8] else None
-        click = click[:8]
-        ts = pb.ts_ms
-        if ts < click_ts:
-            if pb.ts_given and click_ts - ts > EARLY_TS_TOLERANCE_MS:
-                problem = f"ts: is before its click ({iso_ms(click_ts)}), got {iso_ms(ts)}"
-                return Outcome(Result.INVALID, reason=problem, campaign=name)
-            # Clock skew (the sender's, or ours stepped back): never dated before its click.
-            ts = click_ts
-        campaign = self.campaigns.get(name)
-        window = campaign.window_days if campaign else None
-        late = window is not None and ts - click_ts > window * 86_400_000
-        reason = Reason.OUTSIDE_WINDOW.value if late else None
-        status = "rejected" if late else pb.status
-        if pb.payout and not self._total_has_room(con, ts // DAY_MS, name, total_sub1 or sub1, status, pb.currency, pb.payout):
-            exists = con.execute("SELECT 1 FROM conversions WHERE click_id = ? AND dedupe_key = ?", (pb.click_id, key)).fetchone()
-            if not exists:
-                return Outcome(Result.INVALID, reason=overflow_problem(name, ts // DAY_MS), campaign=name)
-        created = con.execute(
-            """INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id,
-                   event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip, sub1_total)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-               ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id""",
-            (pb.click_id, key, *click, pb.event, pb.txid, status, reason,
-             pb.payout, pb.currency, ts, now_ms, now_ms, pb.ip, total_sub1),
-        ).fetchone()  # fmt: skip
-        if created:
-            if late:
-                return Outcome(Result.REJECTED, created[0], reason, name)
-            self._queue_forward(con, campaign, created[0], (pb.click_id, *click[1:], pb.event, pb.txid), pb.status,
-                                pb.payout, pb.currency, now_ms)  # fmt: skip
-            return Outcome(Result.CREATED, created[0], campaign=name)
-        conversion_id, status, reason, day, old_payout, old_currency, total_sub1, *facts = con.execute(
-            """SELECT id, status, reason, ts / 86400000, payout, currency, sub1_total, click_id, campaign, sub1, sub2, sub3,
-                      sub4, sub5, ext_id, event, txid
-               FROM conversions WHERE click_id = ? AND dedupe_key = ?""",
-            (pb.click_id, key),
-        ).fetchone()
-        if reason is not None:
-            return Outcome(Result.REJECTED, conversion_id, reason, name)
-        if status == pb.status:
-            return Outcome(Result.DUPLICATE, conversion_id, campaign=name)
-        # A status change; without a payout it keeps the amount it was credited with.
-        new_payout, new_currency = (pb.payout, pb.currency) if pb.payout_given else (old_payout, old_currency)
-        if new_payout and not self._total_has_room(con, day, name, total_sub1 or sub1, pb.status, new_currency, new_payout):
-            return Outcome(Result.INVALID, reason=overflow_problem(name, day), campaign=name)
-        payout, currency = con.execute(
-            """UPDATE conversions SET status = ?, updated_at = ?, ip = ?,
-                   payout = coalesce(?, payout), currency = coalesce(?, currency) WHERE id = ? RETURNING payout, currency""",
-            (pb.status, now_ms, pb.ip, pb.payout if pb.payout_given else None, pb.currency if pb.payout_given else None, conversion_id),
-        ).fetchone()
-        self._queue_forward(con, campaign, conversion_id, facts, pb.status, payout, currency, now_ms)
-        return Outcome(Result.UPDATED, conversion_id, campaign=name)
-
-    @staticmethod
-    def _total_has_room(con: sqlite3.Connection, day: int, campaign: str, sub1: str, status: str, currency: str,
-                        payout: int) -> bool:  # fmt: skip
-        """Whether adding payout keeps that daily total inside a 64-bit integer (one that
-        overflowed into a REAL before the payout cap stays one: reports read it)."""
-        row = con.execute(
-            "SELECT payout FROM daily_conversions WHERE day = ? AND campaign = ? AND sub1 = ? AND status = ? AND currency = ?",
-            (day, campaign, sub1, status, currency),
-        ).fetchone()
-        return row is None or not isinstance(row[0], int) or row[0] <= MAX_SUM - payout
-
-    def _queue_forward(self, con: sqlite3.Connection, campaign: Campaign | None, conversion_id: int, facts: Sequence,
-                       status: str, payout: int, currency: str, now_ms: int) -> None:  # fmt: skip
-        """Queue the conversion's forward to its traffic source, in the same transaction,
-        if its campaign forwards this event and status. ``facts``: see outbox_row."""
-        if campaign is None or campaign.postback_url is None:
-            return
-        event, told = facts[-2], False
-        if status == "rejected" and (campaign.forward_events is None or event in campaign.forward_events):
-            # A reversal. Earlier statuses not yet delivered are not sent at all (nor
-            # retried); if the source may have heard one, it now hears the reversal,
-            # which is then the last thing it is told.
-            con.execute(
-                """UPDATE outbox SET state = 'canceled', last_error = 'the conversion was rejected before this was delivered'
-                   WHERE conversion_id = ? AND state = 'pending'""",
-                (conversion_id,),
-            )
-            told = con.execute("SELECT 1 FROM outbox WHERE conversion_id = ? AND attempts > 0 LIMIT 1", (conversion_id,)).fetchone()
-        if not (told or campaign.forwards(event, status)):
-            return
-        con.execute(INSERT_OUTBOX, outbox_row(campaign, conversion_id, facts, status, payout, currency, now_ms, self.forward))
-        self._forwards_queued = True
-
-
-FORWARD_FACTS = ("click_id", "campaign", *SUB_FIELDS, "ext_id", "event", "txid")  # as conversions stores them
-
-
-def outbox_row(campaign: Campaign, conversion_id: int, facts: Sequence, status: str, payout: int, currency: str,
-               now_ms: int, conf: ForwardConfig) -> tuple:  # fmt: skip
-    """The INSERT_OUTBOX parameters for one delivery of a conversion; ``facts`` are its
-    FORWARD_FACTS (click_id as stored: 16 bytes)."""
-    values = {name: value for name, value in zip(FORWARD_FACTS, facts) if value is not None}
-    values.update(click_id=format_uuid(facts[0]), status=status, payout=format_money(payout), currency=currency,
-                  id=str(conversion_id))  # fmt: skip
-    url = campaign.postback_url.fill(values)
-    first_try = now_ms + conf.delay_seconds * 1000
-    # The key the source can dedupe on: random, so it is unique across installations,
-    # and stored, so every retry of this delivery sends the same one.
-    return (conversion_id, campaign.name, status, url, secrets.token_hex(16), now_ms, first_try,
-            first_try + conf.max_age_hours * 3_600_000)  # fmt: skip
-
 
 # --- Retention -----------------------------------------------------------------
 
@@ -1953,33 +2301,16 @@ class PurgeRule:
     name: str  # how /metrics and the log call it
     table: str
     action: str
-    days: Callable[[RetentionConfig], int]  # 0 turns the rule off
-    count: str  # SQL: how many rows are due (for --dry-run); takes :cutoff and :clicks_cutoff
-    batch: str  # SQL: one batch; takes (cutoff, limit)
+    days: Callable[[RetentionConfig], int]  # 0 turns the rule off; its SQL is Database.PURGE_SQL[name]
 
 
 PURGE_RULES = (
-    PurgeRule("clicks", "clicks", "deleted", lambda r: r.clicks_days,
-              "SELECT count(*) FROM clicks WHERE id < :cutoff",
-              "DELETE FROM clicks WHERE id IN (SELECT id FROM clicks WHERE id < ? ORDER BY id LIMIT ?)"),
-    # pii_done marks how far it got, so each batch starts where the last stopped.
-    PurgeRule("pii", "clicks", "ip cut to /24 or /48, user agent dropped", lambda r: r.pii_days,
-              """SELECT count(*) FROM clicks WHERE id > coalesce((SELECT value FROM meta WHERE key = 'pii_done'), x'')
-                     AND id < :cutoff AND id >= :clicks_cutoff""",  # what the clicks rule deletes first is not cut
-              """UPDATE clicks SET ip = truncate_ip(ip), ua = NULL WHERE id IN (
-                     SELECT id FROM clicks WHERE id > coalesce((SELECT value FROM meta WHERE key = 'pii_done'), x'')
-                     AND id < ?1 ORDER BY id LIMIT ?2) RETURNING id"""),
-    PurgeRule("conversions", "conversions", "deleted, with their history", lambda r: r.conversions_days,
-              "SELECT count(*) FROM conversions WHERE created_at < :cutoff",
-              "DELETE FROM conversions WHERE id IN (SELECT id FROM conversions WHERE created_at < ? ORDER BY created_at LIMIT ?)"),
-    PurgeRule("orphans", "orphans", "deleted", lambda r: r.orphans_days,
-              "SELECT count(*) FROM orphans WHERE last_seen < :cutoff",
-              "DELETE FROM orphans WHERE id IN (SELECT id FROM orphans WHERE last_seen < ? LIMIT ?)"),
-    PurgeRule("outbox", "outbox", "finished deliveries deleted, with their attempts", lambda r: r.outbox_days,
-              "SELECT count(*) FROM outbox WHERE state != 'pending' AND coalesce(last_at, created_at) < :cutoff",
-              """DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state != 'pending'
-                     AND coalesce(last_at, created_at) < ? LIMIT ?)"""),
-)  # fmt: skip
+    PurgeRule("clicks", "clicks", "deleted", lambda r: r.clicks_days),
+    PurgeRule("pii", "clicks", "ip cut to /24 or /48, user agent dropped", lambda r: r.pii_days),
+    PurgeRule("conversions", "conversions", "deleted, with their history", lambda r: r.conversions_days),
+    PurgeRule("orphans", "orphans", "deleted", lambda r: r.orphans_days),
+    PurgeRule("outbox", "outbox", "finished deliveries deleted, with their attempts", lambda r: r.outbox_days),
+)
 
 
 def rule_cutoff(rule: PurgeRule, conf: RetentionConfig, now_ms: int) -> int | bytes:
@@ -1987,43 +2318,23 @@ def rule_cutoff(rule: PurgeRule, conf: RetentionConfig, now_ms: int) -> int | by
     return uuid_floor(cutoff) if rule.table == "clicks" else cutoff
 
 
-def purge_batch(con: sqlite3.Connection, now_ms: int, *, rule: PurgeRule, conf: RetentionConfig, limit: int) -> int:
-    """One batch of one rule, in the caller's transaction; how many rows it touched.
-    A rule whose days are 0 is off: it touches nothing, whoever asks (its cutoff would be now)."""
-    if not rule.days(conf):
-        return 0
-    cursor = con.execute(rule.batch, (rule_cutoff(rule, conf, now_ms), limit))
-    if rule.batch.endswith("RETURNING id"):
-        ids = cursor.fetchall()
-        if ids:  # the next batch starts after these
-            con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('pii_done', ?)", (max(ids)[0],))
-        return len(ids)
-    return cursor.rowcount
-
-
-def purge_due(con: sqlite3.Connection, conf: RetentionConfig, now_ms: int) -> list[tuple[PurgeRule, int]]:
-    """How many rows each rule that is on would touch now."""
-    clicks_cutoff = uuid_floor(now_ms - conf.clicks_days * DAY_MS) if conf.clicks_days else b""
-    return [(rule, con.execute(rule.count, {"cutoff": rule_cutoff(rule, conf, now_ms), "clicks_cutoff": clicks_cutoff}).fetchone()[0])
-            for rule in PURGE_RULES if rule.days(conf)]  # fmt: skip
-
-
-def vacuum_step(con: sqlite3.Connection, now_ms: int) -> int:
-    """Give up to VACUUM_PAGES free pages back to the file system; how many are left."""
-    for _ in range(VACUUM_PAGES):  # each step of the pragma frees one page; Python's sqlite3 steps once
-        con.execute("PRAGMA incremental_vacuum(1)")
-    return con.execute("PRAGMA freelist_count").fetchone()[0]
+def purge_step(db: Database, now_ms: int, *, rule: PurgeRule, conf: RetentionConfig) -> int:
+    return db.purge_batch(rule, conf, PURGE_BATCH, now_ms)
 
 
 class Purger:
     """Retention in the background: every ``interval_minutes``, each rule in small
     batches through the store's writer, pausing between them."""
 
-    def __init__(self, store: Store, config: RetentionConfig) -> None:
+    def __init__(self, store: Store, config: Config) -> None:
         self.store = store
-        self.config = config
+        self.config = config.retention
         self.last: dict[str, int] = {}  # what the last run did, for /metrics
         self._task: asyncio.Task | None = None
+
+    def reconfigure(self, config: Config) -> None:
+        """The rules for the next run; a run under way keeps the ones it started with."""
+        self.config = config.retention
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="tinytrack-purge")
@@ -2058,14 +2369,14 @@ class Purger:
                 continue
             total = 0
             while True:
-                n = await self.store.run(partial(purge_batch, rule=rule, conf=conf, limit=PURGE_BATCH), rows=PURGE_BATCH)
+                n = await self.store.run(partial(purge_step, rule=rule, conf=conf), rows=PURGE_BATCH)
                 total += n
                 if n < PURGE_BATCH:
                     break
                 await asyncio.sleep(PURGE_PAUSE)
             done[rule.name] = total
         before = math.inf  # until nothing is left, or a step frees nothing (not an incremental auto-vacuum file)
-        while 0 < (left := await self.store.run(vacuum_step, rows=VACUUM_PAGES)) < before:
+        while 0 < (left := await self.store.run(lambda db, now_ms: db.vacuum_step(), rows=VACUUM_PAGES)) < before:
             before = left
             await asyncio.sleep(PURGE_PAUSE)
         self.last = done
@@ -2233,10 +2544,10 @@ class Forwarder:
     """Sends the outbox: due deliveries, a few at a time, each result written back
     by the store's writer. Runs in the app's lifespan."""
 
-    def __init__(self, store: Store, config: ForwardConfig, *, clock: Callable[[], float] = time.time,
+    def __init__(self, store: Store, config: Config, *, clock: Callable[[], float] = time.time,
                  send: Callable[..., Any] = send_forward) -> None:  # fmt: skip
         self.store = store
-        self.config = config
+        self.config = config.forward
         self.clock = clock
         self.send = send
         self.counts: Counter[str] = Counter()  # outcomes since start, for /metrics
@@ -2246,6 +2557,10 @@ class Forwarder:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
+
+    def reconfigure(self, config: Config) -> None:
+        """Timeouts and retry pacing for the next try; a try in flight keeps its own."""
+        self.config = config.forward
 
     def start(self) -> None:
         self._stopping = False
@@ -2284,7 +2599,7 @@ class Forwarder:
         for page in range(FORWARD_PAGES):
             read_at = loop.time()
             try:
-                due = await self.store.due_deliveries(int(self.clock() * 1000), FORWARD_BATCH, page * FORWARD_BATCH)
+                due = await self.read_due(int(self.clock() * 1000), FORWARD_BATCH, page * FORWARD_BATCH)
             except Exception as exc:  # a locked or busy database: try again next round
                 log.warning("forwarding: cannot read the outbox: %s", exc)
                 return started
@@ -2305,6 +2620,9 @@ class Forwarder:
                 return started
         return started
 
+    async def read_due(self, now_ms: int, limit: int, offset: int) -> list[DueDelivery]:
+        return await self.store.read(Database.due_deliveries, now_ms, limit, offset)
+
     async def _deliver(self, outbox_id: int, url: str, key: str, attempts: int, deadline: int) -> None:
         try:
             started = time.perf_counter()
@@ -2318,8 +2636,7 @@ class Forwarder:
             self.counts[state] += 1
             level = logging.DEBUG if state == "done" else logging.INFO if state == "pending" else logging.WARNING
             log.log(level, "forward %d: %s (%s)", outbox_id, state, error or f"HTTP {attempt.code}")
-            await self.store.run(partial(record_attempt, outbox_id=outbox_id, attempt=attempt, state=state,
-                                         due=due, error=error, took=took))  # fmt: skip
+            await self.store.run(lambda db, now_ms: db.record_attempt(outbox_id, attempt, state, due, error, took, now_ms))
         except Exception:
             log.exception("forward %d: unexpected error; it stays pending", outbox_id)
             await asyncio.sleep(FORWARD_POLL_SECONDS)  # holding its slot: no tight loop if this repeats
@@ -2334,19 +2651,6 @@ def forward_host(url: str) -> str:
     """The host:port a delivery goes to, as the per-host limit counts it."""
     head = URL_HEAD_RE.match(url)
     return head.group(1).lower() if head else ""
-
-
-def record_attempt(con: sqlite3.Connection, now_ms: int, *, outbox_id: int, attempt: Attempt, state: str,
-                   due: int, error: str | None, took: int) -> None:  # fmt: skip
-    """Write one try's result (on the writer). A delivery canceled meanwhile stays canceled."""
-    con.execute(
-        """UPDATE outbox SET attempts = attempts + 1, last_at = ?, last_code = ?, last_error = ?,
-               state = CASE state WHEN 'pending' THEN ? ELSE state END, next_at = ?
-           WHERE id = ?""",
-        (now_ms, attempt.code, error, state, due, outbox_id),
-    )
-    con.execute("INSERT INTO outbox_attempts (outbox_id, at, code, error, ms) VALUES (?, ?, ?, ?, ?)",
-                (outbox_id, now_ms, attempt.code, attempt.error, took))  # fmt: skip
 
 
 # --- Reports ---------------------------------------------------------------------
@@ -2408,31 +2712,8 @@ def stats_query(params: Mapping[str, str | None], now: float) -> StatsQuery:
 PAYOUT_SUM = "sum(payout / 1000000), sum(payout - payout / 1000000 * 1000000)"
 
 
-def stats_sql(q: StatsQuery) -> tuple[tuple[str, tuple], tuple[str, tuple]]:
-    """The two reads behind a report, (SQL, parameters) for clicks and for conversions.
-    day, campaign, sub1 and status come from the daily totals, which outlive purges;
-    sub2..sub5 from the raw rows still kept (clicks_days)."""
-    where, args = "", ()
-    if q.campaign is not None:
-        where, args = " AND campaign = ?", (q.campaign,)
-    if q.by in ("day", "campaign", "sub1", "status"):
-        key = "''" if q.by == "status" else q.by
-        span = (q.first_day, q.last_day, *args)
-        clicks = f"SELECT {key}, sum(clicks), sum(bot_clicks) FROM daily_clicks WHERE day BETWEEN ? AND ?{where} GROUP BY 1"
-        conversions = f"""SELECT {"status" if q.by == "status" else key}, status, currency, sum(conversions), {PAYOUT_SUM}
-                          FROM daily_conversions WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3
-                          HAVING sum(conversions) != 0"""  # a status change leaves its old row at zero
-        return (clicks, span), (conversions, span)
-    start, end = q.first_day * DAY_MS, (q.last_day + 1) * DAY_MS
-    clicks = f"""SELECT coalesce({q.by}, ''), sum(bot = 0), sum(bot) FROM clicks
-                 WHERE id >= ? AND id < ?{where} GROUP BY 1"""
-    conversions = f"""SELECT coalesce({q.by}, ''), status, currency, count(*), {PAYOUT_SUM} FROM conversions
-                      WHERE ts >= ? AND ts < ?{where} GROUP BY 1, 2, 3"""
-    return (clicks, (uuid_floor(start), uuid_floor(end), *args)), (conversions, (start, end, *args))
-
-
 def stats_rows(q: StatsQuery, clicks: Iterable[tuple], conversions: Iterable[tuple]) -> list[dict]:
-    """Rows of a report from the two reads of stats_sql. Money stays integer micro-units
+    """Rows of a report from its two reads (Database.stats). Money stays integer micro-units
     until it is printed, so sums are exact."""
     groups: dict[Any, dict] = {}
 
@@ -2593,9 +2874,9 @@ class TinyTrack:
         self.clock = clock
         self.tune_gc = tune_gc
         self.ids = ClickIds(clock)
-        self.store = Store(config.storage.path, clock=clock, reserve_bytes=config.storage.reserve_mb << 20)
-        self.forwarder = Forwarder(self.store, config.forward, clock=clock)
-        self.purger = Purger(self.store, config.retention)
+        self.store = Store(config, clock=clock, on_forward=self.wake_forwarder)
+        self.forwarder = Forwarder(self.store, config, clock=clock)
+        self.purger = Purger(self.store, config)
         self.clicks = Counter()  # stored since start: human, bot
         self.postbacks = Counter()  # answers since start: a Result's value, or http_<status>
         self.latency = {"click": Histogram(LATENCY_BOUNDS), "postback": Histogram(LATENCY_BOUNDS)}
@@ -2614,15 +2895,15 @@ class TinyTrack:
             exception_handlers={404: self.not_found, 405: self.not_allowed},
             lifespan=self.lifespan,
         )
-        self.apply_config(config)
 
     def apply_config(self, config: Config) -> None:
+        """Every component takes the new config, each at a point it chooses."""
         self.config = config
-        self.store.campaigns = config.campaigns
-        self.store.sub1_per_day = config.retention.sub1_per_day
-        self.store.forward = config.forward
-        self.forwarder.config = config.forward
-        self.purger.config = config.retention
+        for component in (self.store, self.forwarder, self.purger):
+            component.reconfigure(config)
+
+    def wake_forwarder(self) -> None:
+        self.forwarder.wake()
 
     def reload(self, path: str) -> bool:
         """Swap in a new config from `path` (SIGHUP). A bad file is refused and
@@ -2664,7 +2945,6 @@ class TinyTrack:
     async def startup(self) -> None:
         await self.store.open()
         self.ids.resume(self.store.last_click_id)
-        self.store.on_forward = self.forwarder.wake
         self.forwarder.start()
         self.purger.start()
         if self.tune_gc:
@@ -2703,7 +2983,7 @@ class TinyTrack:
         user_agent = clean(user_agent, MAX_UA_CHARS) if user_agent else ""
         click_id = self.ids.new()
         if method == "GET":  # HEAD (link previews) gets the same answer and stores nothing
-            row = (
+            row = ClickRow(
                 click_id, self.ids.last_ms, campaign.name,  # ts: the millisecond inside the id
                 values.get("sub1"), values.get("sub2"), values.get("sub3"), values.get("sub4"), values.get("sub5"),
                 values.get("ext_id"), self.peer_address(scope, forwarded_for), user_agent, is_bot(user_agent),
@@ -2713,7 +2993,7 @@ class TinyTrack:
             except StorageError:
                 # Never redirect a click we could not store: the conversion would be lost.
                 return await send_answer(send, 503, b"try again\n", [(b"retry-after", b"1"), NO_STORE])
-            self.clicks["bot" if row[11] else "human"] += 1
+            self.clicks["bot" if row.bot else "human"] += 1
         values["click_id"] = format_uuid(click_id)
         values["campaign"] = campaign.name
         location = campaign.url.fill(values, rest if campaign.pass_query else ())
@@ -2804,7 +3084,7 @@ class TinyTrack:
             answer.update(ok=False, failing_since=iso_ms(int(health.failing_since * 1000)), failed_batches=health.failures,
                           error=health.last_error)  # fmt: skip
         try:
-            await self.store.ping()
+            await self.store.read(Database.ping)
         except Exception as exc:  # any failure to read is "not healthy", never a 500
             answer.update(ok=False, error=str(exc))
         return JSONResponse(answer, 200 if answer["ok"] else 503, headers={"cache-control": "no-store"})
@@ -2853,7 +3133,7 @@ class TinyTrack:
             since, after, limit, fmt = listing_params(params)
         except FieldError as exc:
             return JSONResponse({"error": exc.message}, 400)
-        rows = await self.store.conversions(since, after, limit, params.get("campaign"), status)
+        rows = await self.store.read(Database.conversions, since, after, limit, params.get("campaign"), status)
         return listing_answer(rows, CONVERSION_COLUMNS, limit, fmt)
 
     async def api_orphans(self, request: Request) -> Response:
@@ -2864,7 +3144,7 @@ class TinyTrack:
             since, after, limit, fmt = listing_params(request.query_params)
         except FieldError as exc:
             return JSONResponse({"error": exc.message}, 400)
-        return listing_answer(await self.store.orphans(since, after, limit), ORPHAN_COLUMNS, limit, fmt)
+        return listing_answer(await self.store.read(Database.orphans, since, after, limit), ORPHAN_COLUMNS, limit, fmt)
 
     async def api_outbox(self, request: Request) -> Response:
         """Forwards to traffic sources: ?state=&since=&after=&limit=&format=json|csv"""
@@ -2877,7 +3157,7 @@ class TinyTrack:
             since, after, limit, fmt = listing_params(request.query_params)
         except FieldError as exc:
             return JSONResponse({"error": exc.message}, 400)
-        return listing_answer(await self.store.outbox(since, after, limit, state), OUTBOX_COLUMNS, limit, fmt)
+        return listing_answer(await self.store.read(Database.deliveries, since, after, limit, state), OUTBOX_COLUMNS, limit, fmt)
 
     async def api_stats(self, request: Request) -> Response:
         """Totals per day, campaign, sub id or status: ?from=&to=&by=&campaign=&bots=&format=json|csv"""
@@ -2891,7 +3171,7 @@ class TinyTrack:
             q = stats_query(params, self.clock())
         except FieldError as exc:
             return JSONResponse({"error": exc.message}, 400)
-        rows = await self.store.stats(q)
+        rows = await self.store.read(Database.stats, q)
         headers = {"cache-control": "no-store"}
         if fmt == "json":
             return Response(orjson.dumps({"rows": rows}), headers=headers, media_type="application/json")
@@ -2913,7 +3193,7 @@ class TinyTrack:
                [(f'{{result="{r}"}}', n) for r, n in sorted(self.postbacks.items())])
         metric("tinytrack_forwards_total", "counter", "Forward attempts since start, by the state they led to.",
                [(f'{{outcome="{o}"}}', self.forwarder.counts[o]) for o in ("done", "pending", "failed", "dead")])
-        outbox = await self.store.outbox_states()
+        outbox = await self.store.read(Database.outbox_states)
         metric("tinytrack_outbox", "gauge", "Deliveries in the outbox, by state.",
                [(f'{{state="{state}"}}', n) for state, n in outbox.items()])
         metric("tinytrack_write_queue", "gauge", "Writes waiting for the next commit.", [("", self.store.pending)])
@@ -2936,17 +3216,11 @@ class TinyTrack:
             return refused
         now = self.clock()
         last = int(now // 86400)
-        days = await self.store.stats(StatsQuery(last - 29, last, "day"))
-        campaigns = await self.store.stats(StatsQuery(last - 29, last, "campaign"))
-        conversions = await self.store.latest(
-            "SELECT created_at, campaign, sub1, event, status, payout, currency, reason FROM conversions ORDER BY id DESC", 20
-        )
-        orphans = await self.store.latest("SELECT last_seen, click_id, event, payout, currency, hits FROM orphans ORDER BY last_seen DESC", 10)
-        problems = await self.store.latest(
-            """SELECT id, campaign, state, attempts, last_at, last_code, last_error FROM outbox
-               WHERE state IN ('failed', 'dead') OR (state = 'pending' AND attempts > 0) ORDER BY id DESC""", 10
-        )
-        page = render_admin(last, days, campaigns, conversions, orphans, await self.store.outbox_states(), problems)
+        read = self.store.read
+        page = render_admin(last, await read(Database.stats, StatsQuery(last - 29, last, "day")),
+                            await read(Database.stats, StatsQuery(last - 29, last, "campaign")),
+                            await read(Database.recent_conversions, 20), await read(Database.recent_orphans, 10),
+                            await read(Database.outbox_states), await read(Database.troubled_deliveries, 10))  # fmt: skip
         return HTMLResponse(page, headers={
             "cache-control": "no-store",
             # Sub ids and events come from the internet: no script may run here, whatever slips through.
@@ -3288,9 +3562,8 @@ def check_database(path: str) -> None:
     serving: a read-only file or folder is one line and exit 1. A full disk is not
     refused here: the server starts, answers 503 and recovers once there is room."""
     try:
-        with closing(open_database(path)) as con:
-            con.execute("BEGIN IMMEDIATE")
-            con.execute("ROLLBACK")
+        with closing(Database.open(path)) as db:
+            db.can_write()
     except sqlite3.Error as exc:
         if not is_disk_full(exc):
             raise TinytrackError(f"{path}: {exc}") from None
@@ -3422,17 +3695,17 @@ def embedded_default(args: argparse.Namespace) -> Config:
     host, port = args.host or "127.0.0.1", args.port or 8080
     path = StorageConfig().path
     try:
-        con = open_database(path)
+        db = Database.open(path)
     except (sqlite3.Error, StorageError) as exc:
         raise TinytrackError(f"{path}: {exc}") from None
-    with closing(con):
-        others = [row[0] for row in con.execute("SELECT DISTINCT campaign FROM daily_clicks WHERE campaign != 'demo' LIMIT 4")]
+    with closing(db):
+        others = db.campaigns_with_clicks(other_than="demo", limit=4)
         if others:  # a real set-up's database, run without its config: the demo would 404 its campaigns
             raise TinytrackError(f"./{path} holds clicks of campaigns other than the demo ({', '.join(others[:3])}"
                                  f"{', ...' if len(others) > 3 else ''}): give its config with -c FILE")  # fmt: skip
-        with con:
-            postback_token, made = meta_token(con, "postback_token")
-            admin_token, _ = meta_token(con, "admin_token")
+        with db.transaction():
+            postback_token, made = db.meta_token("postback_token")
+            admin_token, _ = db.meta_token("admin_token")
     config = embedded_config(host, port, postback_token, admin_token)
     where = f"http://{host}:{port}"
     print(f"tinytrack {__version__}: no config given, serving the embedded default from ./{path}")
@@ -3459,8 +3732,8 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     if not os.path.exists(db):
         raise TinytrackError(f"./{db}: no database here yet (`tinytrack serve` makes it and its tokens)")
     try:
-        with closing(sqlite3.connect(f"file:{quote(os.path.abspath(db))}?mode=ro", uri=True)) as con:
-            tokens = dict(con.execute("SELECT key, value FROM meta WHERE key IN ('postback_token', 'admin_token')"))
+        with closing(Database.open_readonly(db)) as reader:
+            tokens = reader.meta_values("postback_token", "admin_token")
     except sqlite3.Error as exc:
         raise TinytrackError(f"./{db}: {exc}") from None
     if not tokens:
@@ -3497,7 +3770,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_for_command(args: argparse.Namespace) -> tuple[Config, sqlite3.Connection]:
+def open_for_command(args: argparse.Namespace) -> tuple[Config, Database]:
     """The config (or the embedded default's) and its database, for a command run
     beside the server: WAL lets it read while the server writes, and its short
     writes wait for the server's (busy_timeout)."""
@@ -3506,7 +3779,7 @@ def open_for_command(args: argparse.Namespace) -> tuple[Config, sqlite3.Connecti
     if not os.path.exists(config.storage.path):
         raise TinytrackError(f"{config.storage.path}: no database here yet (serve creates it)")
     try:
-        return config, open_database(config.storage.path)
+        return config, Database.open(config.storage.path)
     except (sqlite3.Error, StorageError) as exc:
         raise TinytrackError(f"{config.storage.path}: {exc}") from None
 
@@ -3523,62 +3796,49 @@ def print_table(rows: list[dict], columns: Iterable[str]) -> None:
 
 def cmd_outbox(args: argparse.Namespace) -> int:
     """List, inspect, retry and replay forwards to traffic sources."""
-    config, con = open_for_command(args)
-    with closing(con):
-        return OUTBOX_ACTIONS[args.action](args, config, con)
+    config, db = open_for_command(args)
+    with closing(db):
+        return OUTBOX_ACTIONS[args.action](args, config, db)
 
 
-def outbox_list(args: argparse.Namespace, config: Config, con: sqlite3.Connection) -> int:
-    sql, params = OUTBOX_SELECT, []
-    if args.state:
-        sql, params = sql + " WHERE state = ?", [args.state]
-    rows = con.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, args.limit)).fetchall()
+def outbox_list(args: argparse.Namespace, config: Config, db: Database) -> int:
+    rows = db.latest_deliveries(args.state, args.limit)
     if not rows:
         print(f"no {args.state or ''} deliveries".replace("  ", " "))
         return 0
-    shown_rows = [outbox_dict(row) for row in reversed(rows)]
-    for row in shown_rows:
+    for row in rows:
         row["last_error"] = row["last_error"] and shown(row["last_error"], 60).strip("'\"")
         row["when"] = row["next_at"] if row["state"] == "pending" else row["last_at"]
-    print_table(shown_rows, ("id", "state", "campaign", "status", "attempts", "when", "last_code", "last_error"))
+    print_table(rows, ("id", "state", "campaign", "status", "attempts", "when", "last_code", "last_error"))
     return 0
 
 
-def outbox_show(args: argparse.Namespace, config: Config, con: sqlite3.Connection) -> int:
-    row = con.execute(OUTBOX_SELECT + " WHERE id = ?", (args.id,)).fetchone()
-    if row is None:
+def outbox_show(args: argparse.Namespace, config: Config, db: Database) -> int:
+    delivery = db.delivery(args.id)
+    if delivery is None:
         raise TinytrackError(f"outbox: no delivery {args.id}")
-    for name, value in outbox_dict(row).items():
+    for name, value in delivery.items():
         print(f"{name:>14}  {'' if value is None else value}")
-    attempts = con.execute("SELECT at, code, error, ms FROM outbox_attempts WHERE outbox_id = ? ORDER BY at", (args.id,))
     print()
-    print_table([{"at": iso_ms(at), "code": code, "error": error, "ms": ms} for at, code, error, ms in attempts],
-                ("at", "code", "ms", "error"))  # fmt: skip
+    print_table(db.attempts(args.id), ("at", "code", "ms", "error"))
     return 0
 
 
-def outbox_retry(args: argparse.Namespace, config: Config, con: sqlite3.Connection) -> int:
+def outbox_retry(args: argparse.Namespace, config: Config, db: Database) -> int:
     if not args.ids and not args.all_dead and not args.all_failed:
         raise TinytrackError("outbox retry: give delivery ids, --all-dead or --all-failed")
     now_ms = int(time.time() * 1000)
     states = [state for state, wanted in (("dead", args.all_dead), ("failed", args.all_failed)) if wanted]
-    with con:  # one transaction; the server's forwarder picks them up within a second
-        cursor = con.execute(
-            f"""UPDATE outbox SET state = 'pending', next_at = ?, deadline = ?
-                WHERE state IN ('dead', 'failed', 'canceled') AND (id IN ({",".join("?" * len(args.ids))})
-                      OR state IN ({",".join("?" * len(states))}))""",
-            (now_ms, now_ms + config.forward.max_age_hours * 3_600_000, *args.ids, *states),
-        )
-    print(f"{cursor.rowcount} deliveries pending again")
-    missing = sorted(set(args.ids) - {row[0] for row in con.execute(
-        f"SELECT id FROM outbox WHERE id IN ({','.join('?' * len(args.ids))}) AND state = 'pending'", args.ids)})  # fmt: skip
+    with db.transaction():  # one transaction; the server's forwarder picks them up within a second
+        count, missing = db.retry_deliveries(args.ids, states, now_ms, now_ms + config.forward.max_age_hours * 3_600_000)
+    print(f"{count} deliveries pending again")
     if missing:
         raise TinytrackError(f"outbox retry: not retried (no such delivery, or not dead, failed or canceled): "
                              f"{', '.join(map(str, missing))}")  # fmt: skip
     return 0
 
 
-def outbox_replay(args: argparse.Namespace, config: Config, con: sqlite3.Connection) -> int:
+def outbox_replay(args: argparse.Namespace, config: Config, db: Database) -> int:
     try:
         since = parse_since(args.since)
     except FieldError as exc:
@@ -3592,20 +3852,13 @@ def outbox_replay(args: argparse.Namespace, config: Config, con: sqlite3.Connect
         raise TinytrackError("outbox replay: no campaign (of those asked for) has a postback_url")
     now_ms = int(time.time() * 1000)
     queued = Counter()
-    with con:
-        rows = con.execute(
-            f"""SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, status, payout, currency
-                FROM conversions WHERE created_at >= ? AND reason IS NULL AND campaign IN ({",".join("?" * len(forwarding))})
-                ORDER BY id""",
-            (since, *forwarding),
-        ).fetchall()
-        for conversion_id, *facts, status, payout, currency in rows:
-            campaign = forwarding[facts[1]]
-            if not campaign.forwards(facts[-2], status):
+    with db.transaction():
+        for conversion_id, facts, status, payout, currency in db.conversions_to_replay(since, list(forwarding)):
+            campaign = forwarding[facts.campaign]
+            if not campaign.forwards(facts.event, status):
                 continue
             if not args.dry_run:
-                con.execute(INSERT_OUTBOX, outbox_row(campaign, conversion_id, facts, status, payout, currency,
-                                                      now_ms, config.forward))  # fmt: skip
+                db.queue_delivery(build_delivery(campaign, conversion_id, facts, status, payout, currency, now_ms, config.forward))
             queued[campaign.name] += 1
     verb = "would queue" if args.dry_run else "queued"
     print(f"{verb} {sum(queued.values())} deliveries" + "".join(f"\n  {n}: {k}" for n, k in sorted(queued.items())))
@@ -3614,15 +3867,14 @@ def outbox_replay(args: argparse.Namespace, config: Config, con: sqlite3.Connect
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """Totals per day, campaign, sub id or status, read beside the running server."""
-    config, con = open_for_command(args)
+    config, db = open_for_command(args)
     try:
         q = stats_query({"from": args.date_from, "to": args.date_to, "by": args.by, "campaign": args.campaign,
                          "bots": "1" if args.bots else "0"}, time.time())  # fmt: skip
     except FieldError as exc:
         raise TinytrackError(f"--{exc.message}") from None
-    with closing(con):
-        (clicks_sql, clicks_args), (conv_sql, conv_args) = stats_sql(q)
-        rows = stats_rows(q, con.execute(clicks_sql, clicks_args), con.execute(conv_sql, conv_args))
+    with closing(db):
+        rows = db.stats(q)
     if args.json:
         sys.stdout.write(orjson.dumps({"rows": rows}, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
@@ -3640,12 +3892,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     """Apply the retention rules now (the server also does, every interval_minutes)."""
-    config, con = open_for_command(args)
+    config, db = open_for_command(args)
     conf = config.retention
     now_ms = int(time.time() * 1000)
-    with closing(con):
+    with closing(db):
         if args.dry_run:
-            rows = [{"table": r.table, "would be": r.action, "rows": n} for r, n in purge_due(con, conf, now_ms)]
+            rows = [{"table": r.table, "would be": r.action, "rows": n} for r, n in db.purge_due(conf, now_ms)]
         else:
             rows = []
             for rule in PURGE_RULES:
@@ -3653,13 +3905,12 @@ def cmd_purge(args: argparse.Namespace) -> int:
                     continue
                 total, n = 0, PURGE_BATCH
                 while n == PURGE_BATCH:  # short transactions: a running server keeps writing between them
-                    with con:
-                        con.execute("BEGIN IMMEDIATE")
-                        n = purge_batch(con, now_ms, rule=rule, conf=conf, limit=PURGE_BATCH)
+                    with db.transaction():
+                        n = db.purge_batch(rule, conf, PURGE_BATCH, now_ms)
                     total += n
                 rows.append({"table": rule.table, "done": rule.action, "rows": total})
             before = math.inf  # as Purger.run_once
-            while 0 < (left := vacuum_step(con, now_ms)) < before:
+            while 0 < (left := db.vacuum_step()) < before:
                 before = left
     off = [name for name in ("clicks_days", "pii_days", "conversions_days", "orphans_days", "outbox_days") if not getattr(conf, name)]
     print_table(rows, list(rows[0]) if rows else ["table", "rows"])
@@ -3670,7 +3921,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     """Write a consistent copy of the database while the server runs, and check it."""
-    config, con = open_for_command(args)
+    config, db = open_for_command(args)
     dest = Path(args.dest)
     if args.keep is not None and (args.keep < 1 or not dest.is_dir()):
         raise TinytrackError("--keep: needs a folder as DEST and a count of at least 1")
@@ -3683,14 +3934,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
         partial_copy.unlink()
     old_umask = os.umask(0o077)  # it holds IPs and tokens: owner only
     try:
-        with closing(con):
-            # One read transaction: a snapshot, while the server goes on writing (WAL).
-            con.execute("VACUUM INTO ?", (str(partial_copy),))
-        with closing(sqlite3.connect(partial_copy)) as copy:
-            check = copy.execute("PRAGMA integrity_check").fetchall()
+        with closing(db):
+            db.vacuum_into(str(partial_copy))
+        with closing(Database(sqlite3.connect(partial_copy))) as copy:
+            check = copy.integrity_check()
             if check != [("ok",)]:
                 raise TinytrackError(f"{dest}: the copy failed its integrity check: {check[:3]}")
-            counts = {t: copy.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("clicks", "conversions", "outbox")}
+            counts = copy.table_counts("clicks", "conversions", "outbox")
         with open(partial_copy, "rb+") as f:
             os.fsync(f.fileno())
         os.link(partial_copy, dest)  # unlike rename, never replaces a file that appeared meanwhile

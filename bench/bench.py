@@ -323,12 +323,12 @@ def machine_facts(py: str) -> dict:
         "import sys, sqlite3, importlib.metadata as m\n"
         "v = lambda n: (m.version(n) if n else '')\n"
         "out = [sys.version.split()[0], sqlite3.sqlite_version]\n"
-        "for n in ('starlette', 'uvicorn', 'uvloop', 'httptools', 'aiosqlite'):\n"
+        "for n in ('starlette', 'uvicorn', 'uvloop', 'httptools', 'orjson'):\n"
         "    try: out.append(m.version(n))\n"
         "    except Exception: out.append('missing')\n"
         "print(' '.join(out))"
     )]).split()
-    names = ["python", "sqlite", "starlette", "uvicorn", "uvloop", "httptools", "aiosqlite"]
+    names = ["python", "sqlite", "starlette", "uvicorn", "uvloop", "httptools", "orjson"]
     source = (REPO / "tinytrack.py").read_bytes()
     commit = sh(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     dirty = sh(["git", "-C", str(REPO), "status", "--porcelain", "--", "tinytrack.py"])
@@ -781,7 +781,7 @@ class Bench:
             f"Machine: {facts['nproc']} CPU ({facts['cpu']}), {facts['mem_gb']} GB RAM, Linux {facts['kernel']}; "
             f"Python {v.get('python')}, SQLite {v.get('sqlite')}, Starlette {v.get('starlette')}, "
             f"uvicorn {v.get('uvicorn')} (uvloop {v.get('uvloop')}, httptools {v.get('httptools')}), "
-            f"aiosqlite {v.get('aiosqlite')}, {facts['wrk']}. tinytrack {facts['tinytrack']}.",
+            f"orjson {v.get('orjson')}, {facts['wrk']}. tinytrack {facts['tinytrack']}.",
             f"Server on CPU {a.server_cpu}, `wrk -t{a.threads} -c{a.connections} -d{a.duration:g}s --latency` on CPU "
             f"{a.load_cpu}{f' (both at nice {a.nice})' if PRIORITY else ''}, {a.warmup:g} s warm-up, loopback; "
             f"User-Agent {'a desktop Chrome' if a.user_agent == UA else repr(a.user_agent)}; "
@@ -795,7 +795,7 @@ class Bench:
     def run(self) -> str:
         a = self.args
         facts = machine_facts(a.python)
-        missing = [n for n in ("starlette", "uvicorn", "aiosqlite") if facts["versions"].get(n, "missing") == "missing"]
+        missing = [n for n in ("starlette", "uvicorn", "orjson") if facts["versions"].get(n, "missing") == "missing"]
         if missing:
             raise SystemExit(f"bench: {a.python} lacks {', '.join(missing)}: install tinytrack's dependencies there "
                              "(pip install -e .) or pass --python PATH")

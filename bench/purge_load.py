@@ -48,7 +48,7 @@ def seed(db: Path, clicks: int, newest_days: float, oldest_days: float) -> None:
                       "203.0.113.7", bench.UA, 0))
         if len(batch) == 100_000 or i == clicks - 1:
             con.execute("BEGIN")
-            tt.insert_clicks(con, batch)
+            tt.Database(con).insert_clicks(batch)
             con.execute("COMMIT")
             batch = []
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")

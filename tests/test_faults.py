@@ -38,17 +38,18 @@ async def failing(app, monkeypatch):
     """Make every write fail as a full disk does, until the test clears the event.
     The background purge is stopped first: its writes would race the test's."""
     await app.purger.stop()
-    await app.store.run(lambda con, now_ms: None)  # and whatever it had queued is written
+    await app.store.run(lambda db, now_ms: None)  # and whatever it had queued is written
     broken = threading.Event()
     broken.set()
-    real_begin = app.store._begin
+    writer = app.store._db
+    real_begin = writer.begin
 
     def begin(*args, **kw):  # every write (batches, jobs, the recovery probe) starts here
         if broken.is_set():
             raise sqlite3.OperationalError("database or disk is full")
         return real_begin(*args, **kw)
 
-    monkeypatch.setattr(app.store, "_begin", begin)
+    monkeypatch.setattr(writer, "begin", begin)
     monkeypatch.setattr(tinytrack, "WRITE_RETRY_SECONDS", 0.05)
     monkeypatch.setattr(tinytrack, "WRITE_QUIET_SECONDS", 0.2)
     return broken
@@ -404,7 +405,7 @@ async def test_the_reserve_is_given_back_whatever_filled_the_disk(tmp_path: Path
     reserve = Path(f"{config.storage.path}-reserve")
     try:
         assert reserve.stat().st_size == 1 << 20
-        real_begin = app.store._begin
+        real_begin = app.store._db.begin
 
         def full(*args, **kw):
             real_begin(*args, **kw)
@@ -412,7 +413,7 @@ async def test_the_reserve_is_given_back_whatever_filled_the_disk(tmp_path: Path
             error.sqlite_errorcode = sqlite3.SQLITE_FULL
             raise error
 
-        monkeypatch.setattr(app.store, "_begin", full)
+        monkeypatch.setattr(app.store._db, "begin", full)
         transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             assert (await client.get("/c/spring", headers=UA)).status_code == 503

@@ -256,7 +256,7 @@ async def test_a_finished_delivery_is_not_sent_again_from_a_read_made_before_it_
             await release.wait()
             return tinytrack.Attempt(200)
 
-        real_due = app.store.due_deliveries
+        real_due = app.forwarder.read_due
 
         async def due_deliveries(now_ms: int, limit: int, offset: int = 0) -> list[tuple]:
             rows = await real_due(now_ms, limit, offset)
@@ -268,7 +268,7 @@ async def test_a_finished_delivery_is_not_sent_again_from_a_read_made_before_it_
             return rows
 
         app.forwarder.send = send
-        app.store.due_deliveries = due_deliveries
+        app.forwarder.read_due = due_deliveries
         await click_and_convert(http, "pb")
         await until(lambda: release.is_set() and outbox(db)[0]["state"] == "done", what="the delivery")
         await asyncio.sleep(0.3)

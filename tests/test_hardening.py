@@ -83,7 +83,7 @@ def test_a_rule_whose_days_are_0_deletes_nothing_whoever_calls_it(tmp_path: Path
         off = tinytrack.RetentionConfig(clicks_days=0)
         with con:
             con.execute("BEGIN IMMEDIATE")
-            assert tinytrack.purge_batch(con, 1_800_000_000_000, rule=clicks_rule, conf=off, limit=1000) == 0
+            assert tinytrack.Database(con).purge_batch(clicks_rule, off, 1000, 1_800_000_000_000) == 0
     assert count(path, "clicks") == 50
 
 
@@ -510,7 +510,7 @@ def test_serve_and_the_commands_use_config_toml_in_the_folder(tmp_path: Path):
 
 def test_the_demo_refuses_a_database_that_holds_other_campaigns(tmp_path: Path):
     with closing(tinytrack.open_database(str(tmp_path / "tinytrack.db"))) as con, con:
-        tinytrack.insert_clicks(con, [(bytes(16), 1_790_000_000_000, "spring", None, None, None, None, None, None, "", "", 0)])
+        tinytrack.Database(con).insert_clicks([(bytes(16), 1_790_000_000_000, "spring", None, None, None, None, None, None, "", "", 0)])
     done = run("serve", "--port", str(free_port()), cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr == ("tinytrack: ./tinytrack.db holds clicks of campaigns other than the demo (spring): "
@@ -520,8 +520,8 @@ def test_the_demo_refuses_a_database_that_holds_other_campaigns(tmp_path: Path):
 
 def test_tokens_shows_the_embedded_defaults_tokens_again(tmp_path: Path):
     with closing(tinytrack.open_database(str(tmp_path / "tinytrack.db"))) as con, con:
-        postback_token, _ = tinytrack.meta_token(con, "postback_token")
-        admin_token, _ = tinytrack.meta_token(con, "admin_token")
+        postback_token, _ = tinytrack.Database(con).meta_token("postback_token")
+        admin_token, _ = tinytrack.Database(con).meta_token("admin_token")
     done = run("tokens", cwd=tmp_path)
     assert (done.returncode, done.stdout) == (0, f"postback token:  {postback_token}\nadmin token:     {admin_token}\n")
     (tmp_path / "config.toml").write_text(f'[postback]\ntokens = ["{POSTBACK_TOKEN}"]\n')

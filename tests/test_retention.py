@@ -493,14 +493,14 @@ def test_a_vacuum_step_hands_back_up_to_vacuum_pages_pages(tmp_path: Path):
     con = tinytrack.open_database(str(tmp_path / "t.db"))
     try:
         con.execute("BEGIN IMMEDIATE")
-        tinytrack.insert_clicks(con, [(v7(1_700_000_000_000 + i, i), 1_700_000_000_000 + i, "spring", None, None, None, None,
+        tinytrack.Database(con).insert_clicks([(v7(1_700_000_000_000 + i, i), 1_700_000_000_000 + i, "spring", None, None, None, None,
                                               None, None, "198.51.100.7", "x" * 1000, False) for i in range(3000)])  # fmt: skip
         con.execute("COMMIT")
         con.execute("DELETE FROM clicks")
         free = con.execute("PRAGMA freelist_count").fetchone()[0]
         pages = con.execute("PRAGMA page_count").fetchone()[0]
         assert free > 2 * tinytrack.VACUUM_PAGES
-        left = tinytrack.vacuum_step(con, 0)
+        left = tinytrack.Database(con).vacuum_step()
         assert left == con.execute("PRAGMA freelist_count").fetchone()[0]
         assert free - left == tinytrack.VACUUM_PAGES  # a step hands back VACUUM_PAGES pages, not one
         assert pages - con.execute("PRAGMA page_count").fetchone()[0] >= tinytrack.VACUUM_PAGES  # the file got shorter
@@ -565,7 +565,7 @@ def test_a_v1_database_is_migrated_with_backfilled_daily_totals(tmp_path: Path, 
         # And the converted file hands freed pages back.
         con.execute("DELETE FROM clicks")
         con.execute("DELETE FROM conversions")
-        while tinytrack.vacuum_step(con, 0):
+        while tinytrack.Database(con).vacuum_step():
             pass
         assert con.execute("PRAGMA freelist_count").fetchone() == (0,)
         assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
@@ -591,7 +591,7 @@ def seed_for_cli(path: str, now: int) -> dict[str, bytes]:
     ids = {"ancient": v7(now - 100 * DAY, 1), "month_old": v7(now - 40 * DAY, 2), "fresh": v7(now - DAY, 3)}
     try:
         con.execute("BEGIN IMMEDIATE")
-        tinytrack.insert_clicks(con, [
+        tinytrack.Database(con).insert_clicks([
             (ids[name], int.from_bytes(ids[name][:6]), "spring", "fb", None, None, None, None, "E", "203.0.113.77", "Mozilla/5.0", False)
             for name in ("ancient", "month_old", "fresh")])  # fmt: skip
         for i, (click, created) in enumerate([("ancient", now - 99 * DAY), ("month_old", now - 39 * DAY), ("fresh", now - DAY)]):
