@@ -2080,20 +2080,35 @@ class Store:
         return await self._submit(postback)
 
     async def run(self, func: Callable[[Database, int], Any], rows: int = 1) -> Any:
-        """Run ``func(database, now_ms)`` on the writer, in a transaction of its own."""
-        return await self._submit(Job(func, rows))
+        """Run ``func(database, now_ms)`` on the writer, in a transaction of its own. If
+        the caller is cancelled (a purge stopped), a job not yet begun is dropped and one
+        being written is waited for: nothing of the caller's runs after it stops."""
+        future = self._enqueue(Job(func, rows))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            queued = [entry for entry in self._queue if entry[1] is future]
+            if queued:
+                self._queue.remove(queued[0])
+            else:
+                with suppress(Exception):
+                    await future
+            raise
 
     async def read(self, func: Callable[..., Any], *args: Any) -> Any:
         """Run ``func(database, *args)`` on the reader's thread, beside the writer."""
         return await asyncio.get_running_loop().run_in_executor(self._read_executor, partial(func, self._reader, *args))
 
     async def _submit(self, item: object) -> Any:
+        return await self._enqueue(item)
+
+    def _enqueue(self, item: object) -> asyncio.Future:
         if self._closing:
             raise StorageError("shutting down")
         future = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         self._wake()
-        return await future
+        return future
 
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
