@@ -150,27 +150,58 @@ class StorageError(TinytrackError):
     """The database could not take a write; nothing was acknowledged."""
 
 
-class HTTPError(Exception):
-    """An answer other than success, with a stable short message."""
+class Refusal(enum.Enum):
+    """Why a request is refused: its answer's status and message. The status is its
+    code in the log line ("postback 401 unauthorized") and in the metrics label
+    (result="http_401"), as the README has always named them."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+    BAD_REQUEST = (400, "bad request")  # a FieldError names the field instead
+    UNAUTHORIZED = (401, "unauthorized")
+    FORBIDDEN = (403, "forbidden")
+    NOT_FOUND = (404, "not found")
+    METHOD_NOT_ALLOWED = (405, "method not allowed")
+    TIMEOUT = (408, "body: not received in time")
+    TOO_LARGE = (413, f"body: more than {MAX_BODY_BYTES} bytes")
+    UNSUPPORTED_MEDIA_TYPE = (415, "content-type: must be application/json or application/x-www-form-urlencoded")
+    UNAVAILABLE = (503, "storage unavailable, retry")
+
+    @property
+    def status(self) -> int:
+        return self.value[0]
+
+    @property
+    def code(self) -> str:
+        return f"http_{self.value[0]}"
+
+
+class HTTPError(TinytrackError):
+    """A refused request: the answer's status, its message, and any headers it needs."""
+
+    def __init__(self, refusal: Refusal, message: str | None = None, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        self.refusal, self.status = refusal, refusal.status
+        self.message = message or refusal.value[1]
+        self.headers = list(headers)
+        super().__init__(self.message)
 
 
 class FieldError(HTTPError):
     """Bad input in one named field: always a 400 naming the field."""
 
     def __init__(self, field: str, problem: str) -> None:
-        super().__init__(400, f"{field}: {problem}")
+        super().__init__(Refusal.BAD_REQUEST, f"{field}: {problem}")
         self.field = field
+
+    @classmethod
+    def from_message(cls, message: str) -> FieldError:
+        """From a "<field>: <problem>" message (the writer's refusals)."""
+        field, _, problem = message.partition(": ")
+        return cls(field, problem)
 
 
 SECRET_KEYS = frozenset({"tokens", "token", "hmac_secrets"})  # config keys whose values no message shows
 
 
-def shown(value: object, limit: int = 40) -> str:
+def quoted(value: object, limit: int = 40) -> str:
     """A user's value quoted for an error message: escaped, never too long."""
     text = value if isinstance(value, str) else str(value)
     return repr(text if len(text) <= limit else text[:limit] + "...")
@@ -291,7 +322,7 @@ class _Table:
 
     def __init__(self, data: object, prefix: str) -> None:
         if not isinstance(data, dict):
-            raise ConfigError(prefix, f"must be a table, got {shown(data)}")
+            raise ConfigError(prefix, f"must be a table, got {quoted(data)}")
         self.data, self.prefix, self.seen = data, prefix, set()
 
     def key(self, name: str) -> str:
@@ -306,13 +337,13 @@ class _Table:
         if not ok:
             want = {str: "a string", int: "an integer", bool: "true or false",
                     list: "a list", dict: "a table"}.get(kind, "another type")  # fmt: skip
-            raise ConfigError(self.key(name), f"must be {want}, got {self.shown(name, value)}")
+            raise ConfigError(self.key(name), f"must be {want}, got {self.quoted_value(name, value)}")
         return value
 
-    def shown(self, name: str, value: object) -> str:
+    def quoted_value(self, name: str, value: object) -> str:
         """A bad value for a message; a secret's only by its type (the message reaches logs)."""
         if name not in SECRET_KEYS:
-            return shown(value)
+            return quoted(value)
         return {str: "a string", int: "an integer", bool: "a boolean", float: "a number", list: "a list",
                 dict: "a table"}.get(type(value), "another type")  # fmt: skip
 
@@ -328,7 +359,7 @@ class _Table:
             return default
         for i, item in enumerate(value):
             if not isinstance(item, str):
-                raise ConfigError(f"{self.key(name)}[{i}]", f"must be a string, got {self.shown(name, item)}")
+                raise ConfigError(f"{self.key(name)}[{i}]", f"must be a string, got {self.quoted_value(name, item)}")
         return tuple(value)
 
     def table(self, name: str) -> _Table:
@@ -343,15 +374,15 @@ class _Table:
 def compile_template(source: str, key: str, macros: tuple[str, ...]) -> Template:
     """Check an offer URL template and split it into literal text and macros."""
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in source):
-        raise ConfigError(key, f"must not contain spaces or control characters, got {shown(source)}")
+        raise ConfigError(key, f"must not contain spaces or control characters, got {quoted(source)}")
     head = URL_HEAD_RE.match(source)
     if not head or not head.group(1):
-        raise ConfigError(key, f"must be an http(s) URL, got {shown(source)}")
+        raise ConfigError(key, f"must be an http(s) URL, got {quoted(source)}")
     if "{" in head.group(0):
         # A macro in the scheme or host would let a click choose where visitors go.
-        raise ConfigError(key, f"macros are only allowed after the host, got {shown(source)}")
+        raise ConfigError(key, f"macros are only allowed after the host, got {quoted(source)}")
     if not HOST_RE.fullmatch(head.group(1)):
-        raise ConfigError(key, f"has no valid host (user:password@ is not allowed), got {shown(source)}")
+        raise ConfigError(key, f"has no valid host (user:password@ is not allowed), got {quoted(source)}")
     port = head.group(1).rpartition(":")[2] if not head.group(1).endswith("]") and ":" in head.group(1) else None
     if port is not None and not 1 <= int(port) <= 65535:
         raise ConfigError(key, f"port must be 1-65535, got {port}")
@@ -370,7 +401,7 @@ def split_template(source: str, key: str, macros: tuple[str, ...]) -> Template:
         pos = match.end()
     tail = main[pos:]
     if "{" in tail or "}" in tail or "{" in fragment or "}" in fragment:
-        raise ConfigError(key, f"unbalanced or misplaced brace in {shown(source)}")
+        raise ConfigError(key, f"unbalanced or misplaced brace in {quoted(source)}")
     parts.append((tail, ""))
     return Template(source, tuple(parts), hash_ + fragment, "?" in main)
 
@@ -380,7 +411,7 @@ def parse_network(text: str, key: str) -> Network:
     try:
         net = ipaddress.ip_network(text, strict=True)
     except ValueError as exc:
-        raise ConfigError(key, f"not an IP address or CIDR: {shown(text)} ({exc})") from None
+        raise ConfigError(key, f"not an IP address or CIDR: {quoted(text)} ({exc})") from None
     if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped:
         mapped = net.network_address.ipv4_mapped
         net = ipaddress.ip_network(f"{mapped}/{max(net.prefixlen - 96, 0)}")
@@ -439,14 +470,14 @@ def build_config(data: Mapping[str, Any]) -> Config:
     events = p.strings("events", None)
     for i, event in enumerate(events or ()):
         if not EVENT_RE.fullmatch(event):
-            raise ConfigError(f"postback.events[{i}]", f"must match [a-z0-9_]{{1,32}}, got {shown(event)}")
+            raise ConfigError(f"postback.events[{i}]", f"must match [a-z0-9_]{{1,32}}, got {quoted(event)}")
     currency = p.get("currency", str, dp.currency)
     if not CURRENCY_RE.fullmatch(currency):
-        raise ConfigError("postback.currency", f"must be a three-letter ISO 4217 code, got {shown(currency)}")
+        raise ConfigError("postback.currency", f"must be a three-letter ISO 4217 code, got {quoted(currency)}")
     status_map = {}
     for word, status in p.get("status_map", dict, {}).items():
         if status not in STATUSES:
-            raise ConfigError(f"postback.status_map.{word}", f"must be one of {', '.join(STATUSES)}, got {shown(status)}")
+            raise ConfigError(f"postback.status_map.{word}", f"must be one of {', '.join(STATUSES)}, got {quoted(status)}")
         status_map[word.lower()] = status
     secrets_ = p.strings("hmac_secrets")
     for i, secret in enumerate(secrets_):
@@ -507,15 +538,15 @@ def build_config(data: Mapping[str, Any]) -> Config:
         postback_url = c.get("postback_url", str, None)
         if postback_url is not None and not postback_url.isascii():
             # It goes on a request line as it is: other characters must be percent-encoded.
-            raise ConfigError(f"{key}.postback_url", f"must be ASCII (percent-encode other characters), got {shown(postback_url)}")
+            raise ConfigError(f"{key}.postback_url", f"must be ASCII (percent-encode other characters), got {quoted(postback_url)}")
         statuses = c.strings("forward_statuses", ("approved",))
         for i, status in enumerate(statuses):
             if status not in STATUSES:
-                raise ConfigError(f"{key}.forward_statuses[{i}]", f"must be one of {', '.join(STATUSES)}, got {shown(status)}")
+                raise ConfigError(f"{key}.forward_statuses[{i}]", f"must be one of {', '.join(STATUSES)}, got {quoted(status)}")
         forward_events = c.strings("forward_events", None)
         for i, event in enumerate(forward_events or ()):
             if not EVENT_RE.fullmatch(event):
-                raise ConfigError(f"{key}.forward_events[{i}]", f"must match [a-z0-9_]{{1,32}}, got {shown(event)}")
+                raise ConfigError(f"{key}.forward_events[{i}]", f"must match [a-z0-9_]{{1,32}}, got {quoted(event)}")
         window = c.get("window_days", int, None)
         if window is not None and window < 1:
             raise ConfigError(f"{key}.window_days", f"must be at least 1, got {window}")
@@ -650,7 +681,8 @@ class ClickIds:
         if ms > self.last_ms or (ms == self.last_ms and rand > self.counter):
             self.last_ms, self.counter = ms, rand
 
-    def new(self) -> bytes:
+    def new(self) -> tuple[bytes, int]:
+        """A new id, and the millisecond inside it (the click's time)."""
         ms = int(self.clock() * 1000)
         if ms > self.last_ms or self.last_ms - ms > CLOCK_STEP_MS:
             # A new millisecond; or the clock stepped back further than ids should wait
@@ -660,7 +692,7 @@ class ClickIds:
             self.counter += 1 + random.getrandbits(4)  # unpredictable enough: the base is from urandom
         ms, rand = self.last_ms, self.counter & ((1 << 74) - 1)
         value = (ms << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & ((1 << 62) - 1))
-        return value.to_bytes(16)
+        return value.to_bytes(16), ms
 
 
 def format_uuid(raw: bytes) -> str:
@@ -668,7 +700,7 @@ def format_uuid(raw: bytes) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def clean(value: str, limit: int) -> str:
+def strip_controls(value: str, limit: int) -> str:
     """Free text from a click: control characters out, then cut to `limit`."""
     if value.isprintable():  # nearly always; translate() with a table costs ~10x more
         return value[:limit]
@@ -694,7 +726,7 @@ def parse_pairs(raw: bytes, where: str) -> list[tuple[str, str]]:
         try:
             pairs.append((key, unquote_to_bytes(value.replace(b"+", b" ")).decode()))
         except UnicodeDecodeError:
-            raise FieldError(clean(key, 40) or where, "not valid UTF-8") from None
+            raise FieldError(strip_controls(key, 40) or where, "not valid UTF-8") from None
     return pairs
 
 
@@ -707,10 +739,10 @@ def parse_click_query(raw: bytes) -> tuple[dict[str, str], list[tuple[str, str]]
         if not part:
             continue
         name, _, value = part.partition("=")
-        name, value = _unquote(name), clean(_unquote(value), MAX_VALUE_CHARS)
+        name, value = _unquote(name), strip_controls(_unquote(value), MAX_VALUE_CHARS)
         field = EXT_ID_ALIASES.get(name) or (name if name in SUB_FIELDS else None)
         if field is None:
-            rest.append((clean(name, MAX_VALUE_CHARS), value))
+            rest.append((strip_controls(name, MAX_VALUE_CHARS), value))
         elif field not in values:  # the first of repeated parameters wins
             values[field] = value
     return values, rest
@@ -793,11 +825,11 @@ def field_text(name: str, raw: Any) -> str | None:
 def parse_payout(text: str) -> int:
     match = PAYOUT_RE.fullmatch(text)
     if not match:
-        raise FieldError("payout", f"must be a decimal >= 0 with at most 6 decimals, got {shown(text)}")
+        raise FieldError("payout", f"must be a decimal >= 0 with at most 6 decimals, got {quoted(text)}")
     whole, frac = match.group(1), match.group(2) or ""
     units = int(whole) * 1_000_000 + int(frac.ljust(6, "0"))
     if units > MAX_PAYOUT:
-        raise FieldError("payout", f"must be at most {format_money(MAX_PAYOUT)}, got {shown(text)}")
+        raise FieldError("payout", f"must be at most {format_money(MAX_PAYOUT)}, got {quoted(text)}")
     return units
 
 
@@ -813,21 +845,21 @@ def format_money(units: int | float) -> str:
 def parse_ts(text: str, now: float) -> int:
     """ISO 8601 with an offset, or unix seconds, as unix milliseconds."""
     if len(text) > 40 or not text.isascii() or not text.isprintable():
-        raise FieldError("ts", f"must be ISO 8601 with an offset or unix seconds, got {shown(text)}")
+        raise FieldError("ts", f"must be ISO 8601 with an offset or unix seconds, got {quoted(text)}")
     if UNIX_TS_RE.fullmatch(text):
         seconds = float(text)
     else:
         try:
             moment = dt.datetime.fromisoformat(text)
         except ValueError:
-            raise FieldError("ts", f"must be ISO 8601 with an offset or unix seconds, got {shown(text)}") from None
+            raise FieldError("ts", f"must be ISO 8601 with an offset or unix seconds, got {quoted(text)}") from None
         if moment.tzinfo is None:
-            raise FieldError("ts", f"needs a UTC offset (like 2026-01-06T14:03:22Z), got {shown(text)}")
+            raise FieldError("ts", f"needs a UTC offset (like 2026-01-06T14:03:22Z), got {quoted(text)}")
         seconds = moment.timestamp()
     if seconds > now + FUTURE_TS_TOLERANCE:
-        raise FieldError("ts", f"is more than a day in the future, got {shown(text)}")
+        raise FieldError("ts", f"is more than a day in the future, got {quoted(text)}")
     if seconds < 946684800:  # 2000-01-01: anything earlier is a unit mix-up
-        raise FieldError("ts", f"is before the year 2000, got {shown(text)}")
+        raise FieldError("ts", f"is before the year 2000, got {quoted(text)}")
     return int(seconds * 1000)
 
 
@@ -835,7 +867,7 @@ def parse_status(text: str, status_map: Mapping[str, str]) -> str:
     word = text.lower()
     status = status_map.get(word, word)
     if status not in STATUSES:
-        raise FieldError("status", f"must be one of {', '.join(STATUSES)} or a postback.status_map word, got {shown(text)}")
+        raise FieldError("status", f"must be one of {', '.join(STATUSES)} or a postback.status_map word, got {quoted(text)}")
     return status
 
 
@@ -845,19 +877,19 @@ def build_postback(fields: Mapping[str, str], conf: PostbackConfig, now: float, 
     if click_text is None:
         raise FieldError("click_id", "is required")
     if not UUID_RE.fullmatch(click_text):
-        raise FieldError("click_id", f"must be a click id issued by this server (a UUID), got {shown(click_text)}")
+        raise FieldError("click_id", f"must be a click id issued by this server (a UUID), got {quoted(click_text)}")
     event = fields.get("event", "conversion").lower()
     if not EVENT_RE.fullmatch(event):
-        raise FieldError("event", f"must match [a-z0-9_]{{1,32}}, got {shown(event)}")
+        raise FieldError("event", f"must match [a-z0-9_]{{1,32}}, got {quoted(event)}")
     if conf.events is not None and event not in conf.events:
-        raise FieldError("event", f"must be one of {', '.join(conf.events)}, got {shown(event)}")
+        raise FieldError("event", f"must be one of {', '.join(conf.events)}, got {quoted(event)}")
     payout_text = fields.get("payout")
     currency = fields.get("currency", conf.currency)
     if not CURRENCY_RE.fullmatch(currency):
-        raise FieldError("currency", f"must be a three-letter ISO 4217 code, got {shown(currency)}")
+        raise FieldError("currency", f"must be a three-letter ISO 4217 code, got {quoted(currency)}")
     txid = fields.get("txid")
     if txid is not None and not TXID_RE.fullmatch(txid):
-        raise FieldError("txid", f"must be 1-64 characters of A-Z a-z 0-9 . _ : -, got {shown(txid)}")
+        raise FieldError("txid", f"must be 1-64 characters of A-Z a-z 0-9 . _ : -, got {quoted(txid)}")
     payout = parse_payout(payout_text) if payout_text is not None else 0
     return Postback(
         click_id=bytes.fromhex(click_text.replace("-", "")),
@@ -884,15 +916,20 @@ def token_matches(candidate: str | None, tokens: Iterable[str]) -> bool:
     return found
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (RFC 6750), else None."""
+    scheme, _, value = (authorization or "").strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
 def admin_authorized(authorization: str | None, token: str | None) -> bool:
     """``Bearer <admin token>``, or HTTP Basic with the admin token as the password."""
     if not token or not authorization:
         return False
+    if (bearer := bearer_token(authorization)) is not None:
+        return token_matches(bearer, (token,))
     scheme, _, value = authorization.strip().partition(" ")
-    scheme = scheme.lower()
-    if scheme == "bearer":
-        return token_matches(value.strip(), (token,))
-    if scheme == "basic":
+    if scheme.lower() == "basic":
         try:
             decoded = base64.b64decode(value.strip(), validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):
@@ -906,10 +943,10 @@ def parse_since(text: str, field: str = "since") -> int:
     try:
         moment = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise FieldError(field, f"must be YYYY-MM-DD or ISO 8601 with an offset, got {shown(text)}") from None
+        raise FieldError(field, f"must be YYYY-MM-DD or ISO 8601 with an offset, got {quoted(text)}") from None
     if moment.tzinfo is None:
         if len(text) != 10:
-            raise FieldError(field, f"needs a UTC offset, got {shown(text)}")
+            raise FieldError(field, f"needs a UTC offset, got {quoted(text)}")
         moment = moment.replace(tzinfo=dt.timezone.utc)
     return int(moment.timestamp() * 1000)
 
@@ -1191,7 +1228,7 @@ OUTBOX_STATES = ("pending", "done", "failed", "dead", "canceled")
 ORPHAN_COLUMNS = ("id", "click_id", "event", "txid", "status", "payout", "currency", "ts", "first_seen", "last_seen", "hits")
 
 
-class Result(enum.Enum):
+class PostbackResult(enum.Enum):
     """What a postback did; the value is what the answer and the log say."""
 
     CREATED = "created"
@@ -1202,13 +1239,15 @@ class Result(enum.Enum):
     INVALID = "invalid"  # refused once matched to its click (a 400): nothing stored
 
 
-class Reason(enum.Enum):
+class RejectReason(enum.Enum):
+    """Why a valid postback was stored but not counted."""
+
     OUTSIDE_WINDOW = "outside_window"
 
 
 @dataclasses.dataclass(frozen=True)
-class Outcome:
-    result: Result
+class PostbackOutcome:
+    result: PostbackResult
     id: int | None = None
     reason: str | None = None  # REJECTED: why; INVALID: the 400's "<field>: <problem>"
     campaign: str | None = None
@@ -1613,7 +1652,7 @@ class Database:
 
     # -- Postbacks --
 
-    def apply_postback(self, pb: Postback, now_ms: int, policy: WritePolicy) -> Outcome:
+    def apply_postback(self, pb: Postback, now_ms: int, policy: WritePolicy) -> PostbackOutcome:
         """Match, dedupe and store a postback, in the caller's transaction: an orphan,
         a new conversion, a duplicate, or a status change; forwards queued with it."""
         row = self.con.execute(
@@ -1626,19 +1665,19 @@ class Database:
         if ts < click.ts:
             if pb.ts_given and click.ts - ts > EARLY_TS_TOLERANCE_MS:
                 problem = f"ts: is before its click ({iso_ms(click.ts)}), got {iso_ms(ts)}"
-                return Outcome(Result.INVALID, reason=problem, campaign=click.campaign)
+                return PostbackOutcome(PostbackResult.INVALID, reason=problem, campaign=click.campaign)
             ts = click.ts  # clock skew (the sender's, or ours stepped back): never dated before its click
         created = self._new_conversion(pb, click, sub1_total, ts, now_ms, policy)
         if created is not None:
             return created
         existing = self._find_conversion(pb)
         if existing.reason is not None:
-            return Outcome(Result.REJECTED, existing.id, existing.reason, click.campaign)
+            return PostbackOutcome(PostbackResult.REJECTED, existing.id, existing.reason, click.campaign)
         if existing.status == pb.status:
-            return Outcome(Result.DUPLICATE, existing.id, campaign=click.campaign)
+            return PostbackOutcome(PostbackResult.DUPLICATE, existing.id, campaign=click.campaign)
         return self._change_status(pb, click, existing, now_ms, policy)
 
-    def _record_orphan(self, pb: Postback, now_ms: int) -> Outcome:
+    def _record_orphan(self, pb: Postback, now_ms: int) -> PostbackOutcome:
         self.con.execute(
             """INSERT INTO orphans (click_id, dedupe_key, event, txid, status, payout, currency, ts, ip, first_seen, last_seen)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -1647,7 +1686,7 @@ class Database:
             (format_uuid(pb.click_id), pb.dedupe_key, pb.event, pb.txid, pb.status, pb.payout, pb.currency, pb.ts_ms, pb.ip,
              now_ms, now_ms),
         )  # fmt: skip
-        return Outcome(Result.ORPHAN)
+        return PostbackOutcome(PostbackResult.ORPHAN)
 
     def _find_conversion(self, pb: Postback) -> StoredConversion | None:
         row = self.con.execute(
@@ -1659,17 +1698,17 @@ class Database:
         return row and StoredConversion(*row[:7], ForwardFacts(*row[7:]))
 
     def _new_conversion(self, pb: Postback, click: ClickFacts, sub1_total: str | None, ts: int, now_ms: int,
-                        policy: WritePolicy) -> Outcome | None:  # fmt: skip
+                        policy: WritePolicy) -> PostbackOutcome | None:  # fmt: skip
         """A new conversion (None if its key exists): one INSERT .. RETURNING, the usual case."""
         campaign = policy.campaigns.get(click.campaign)
         late = campaign is not None and campaign.window_days is not None and ts - click.ts > campaign.window_days * DAY_MS
-        reason = Reason.OUTSIDE_WINDOW.value if late else None
+        reason = RejectReason.OUTSIDE_WINDOW.value if late else None
         status = "rejected" if late else pb.status
         day, sub1 = ts // DAY_MS, sub1_total or click.sub1 or ""
         if pb.payout and not self._total_has_room(day, click.campaign, sub1, status, pb.currency, pb.payout):
             if self._find_conversion(pb) is not None:
                 return None  # not new: the status-change path decides
-            return Outcome(Result.INVALID, reason=overflow_problem(click.campaign, day), campaign=click.campaign)
+            return PostbackOutcome(PostbackResult.INVALID, reason=overflow_problem(click.campaign, day), campaign=click.campaign)
         row = self.con.execute(
             """INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id,
                    event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip, sub1_total)
@@ -1682,24 +1721,24 @@ class Database:
             return None
         conversion_id = row[0]
         if late:
-            return Outcome(Result.REJECTED, conversion_id, reason, click.campaign)
+            return PostbackOutcome(PostbackResult.REJECTED, conversion_id, reason, click.campaign)
         facts = ForwardFacts(pb.click_id, *click[1:], pb.event, pb.txid)
         queued = self._forward(campaign, conversion_id, facts, pb.status, pb.payout, pb.currency, now_ms, policy.forward)
-        return Outcome(Result.CREATED, conversion_id, campaign=click.campaign, queued_forward=queued)
+        return PostbackOutcome(PostbackResult.CREATED, conversion_id, campaign=click.campaign, queued_forward=queued)
 
-    def _change_status(self, pb: Postback, click: ClickFacts, old: StoredConversion, now_ms: int, policy: WritePolicy) -> Outcome:
+    def _change_status(self, pb: Postback, click: ClickFacts, old: StoredConversion, now_ms: int, policy: WritePolicy) -> PostbackOutcome:
         # Without a payout it keeps the amount it was credited with.
         payout, currency = (pb.payout, pb.currency) if pb.payout_given else (old.payout, old.currency)
         sub1 = old.sub1_total or click.sub1 or ""
         if payout and not self._total_has_room(old.day, click.campaign, sub1, pb.status, currency, payout):
-            return Outcome(Result.INVALID, reason=overflow_problem(click.campaign, old.day), campaign=click.campaign)
+            return PostbackOutcome(PostbackResult.INVALID, reason=overflow_problem(click.campaign, old.day), campaign=click.campaign)
         self.con.execute(
             "UPDATE conversions SET status = ?, updated_at = ?, ip = ?, payout = ?, currency = ? WHERE id = ?",
             (pb.status, now_ms, pb.ip, payout, currency, old.id),
         )
         campaign = policy.campaigns.get(click.campaign)
         queued = self._forward(campaign, old.id, old.facts, pb.status, payout, currency, now_ms, policy.forward)
-        return Outcome(Result.UPDATED, old.id, campaign=click.campaign, queued_forward=queued)
+        return PostbackOutcome(PostbackResult.UPDATED, old.id, campaign=click.campaign, queued_forward=queued)
 
     def _total_has_room(self, day: int, campaign: str, sub1: str, status: str, currency: str, payout: int) -> bool:
         """Whether adding payout keeps that daily total inside a 64-bit integer (one that
@@ -2075,11 +2114,11 @@ class Store:
         """Store a click; returns once it is committed."""
         await self._submit(row)
 
-    async def record_postback(self, postback: Postback) -> Outcome:
+    async def record_postback(self, postback: Postback) -> PostbackOutcome:
         """Match, dedupe and store a postback; returns once it is committed and fsynced."""
         return await self._submit(postback)
 
-    async def run(self, func: Callable[[Database, int], Any], rows: int = 1) -> Any:
+    async def write(self, func: Callable[[Database, int], Any], rows: int = 1) -> Any:
         """Run ``func(database, now_ms)`` on the writer, in a transaction of its own. If
         the caller is cancelled (a purge stopped), a job not yet begun is dropped and one
         being written is waited for: nothing of the caller's runs after it stops."""
@@ -2147,7 +2186,7 @@ class Store:
             self.batch_sizes.observe(len(items))
             queued_forward = False
             for (_, future), result in zip(batch, results):
-                queued_forward = queued_forward or (isinstance(result, Outcome) and result.queued_forward)
+                queued_forward = queued_forward or (isinstance(result, PostbackOutcome) and result.queued_forward)
                 if not future.done():
                     future.set_result(result)
             if queued_forward and self.on_forward:
@@ -2174,11 +2213,11 @@ class Store:
 
     # One batch, one transaction: on the writer thread, or for clicks alone on the loop.
 
-    def _write_batch(self, items: list[object], postbacks: bool, busy_timeout: int = BUSY_TIMEOUT_MS) -> list[Outcome | None]:
+    def _write_batch(self, items: list[object], postbacks: bool, busy_timeout: int = BUSY_TIMEOUT_MS) -> list[PostbackOutcome | None]:
         db, policy = self._db, self._policy
         now_ms = int(self.clock() * 1000)
         with db.transaction(fsync=postbacks, busy_timeout_ms=busy_timeout):
-            results: list[Outcome | None] = []
+            results: list[PostbackOutcome | None] = []
             clicks: list[ClickRow] = []
             for item in items:
                 if isinstance(item, Postback):
@@ -2384,14 +2423,14 @@ class Purger:
                 continue
             total = 0
             while True:
-                n = await self.store.run(partial(purge_step, rule=rule, conf=conf), rows=PURGE_BATCH)
+                n = await self.store.write(partial(purge_step, rule=rule, conf=conf), rows=PURGE_BATCH)
                 total += n
                 if n < PURGE_BATCH:
                     break
                 await asyncio.sleep(PURGE_PAUSE)
             done[rule.name] = total
         before = math.inf  # until nothing is left, or a step frees nothing (not an incremental auto-vacuum file)
-        while 0 < (left := await self.store.run(lambda db, now_ms: db.vacuum_step(), rows=VACUUM_PAGES)) < before:
+        while 0 < (left := await self.store.write(lambda db, now_ms: db.vacuum_step(), rows=VACUUM_PAGES)) < before:
             before = left
             await asyncio.sleep(PURGE_PAUSE)
         self.last = done
@@ -2524,7 +2563,7 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, h
             retry_after = headers.get(b"retry-after")
             if 300 <= event.status_code < 400:
                 location = headers.get(b"location", b"").decode("latin-1")
-                return Attempt(event.status_code, f"redirect to {shown(location, 80)} not followed")
+                return Attempt(event.status_code, f"redirect to {quoted(location, 80)} not followed")
             return Attempt(event.status_code, None, parse_retry_after(retry_after and retry_after.decode("latin-1"), time.time()))
         if isinstance(event, h11.ConnectionClosed):
             return Attempt(error="connection closed before an answer")
@@ -2651,7 +2690,7 @@ class Forwarder:
             self.counts[state] += 1
             level = logging.DEBUG if state == "done" else logging.INFO if state == "pending" else logging.WARNING
             log.log(level, "forward %d: %s (%s)", outbox_id, state, error or f"HTTP {attempt.code}")
-            await self.store.run(lambda db, now_ms: db.record_attempt(outbox_id, attempt, state, due, error, took, now_ms))
+            await self.store.write(lambda db, now_ms: db.record_attempt(outbox_id, attempt, state, due, error, took, now_ms))
         except Exception:
             log.exception("forward %d: unexpected error; it stays pending", outbox_id)
             await asyncio.sleep(FORWARD_POLL_SECONDS)  # holding its slot: no tight loop if this repeats
@@ -2698,7 +2737,7 @@ def parse_day(text: str, field: str) -> int:
             raise ValueError(text)
         return (dt.date.fromisoformat(text) - dt.date(1970, 1, 1)).days
     except ValueError:
-        raise FieldError(field, f"must be a date as YYYY-MM-DD, got {shown(text)}") from None
+        raise FieldError(field, f"must be a date as YYYY-MM-DD, got {quoted(text)}") from None
 
 
 def stats_query(params: Mapping[str, str | None], now: float) -> StatsQuery:
@@ -2712,10 +2751,10 @@ def stats_query(params: Mapping[str, str | None], now: float) -> StatsQuery:
         raise FieldError("from", f"the range is at most {STATS_MAX_DAYS} days")
     by = params.get("by") or "campaign"
     if by not in STATS_GROUPS:
-        raise FieldError("by", f"must be one of {', '.join(STATS_GROUPS)}, got {shown(by)}")
+        raise FieldError("by", f"must be one of {', '.join(STATS_GROUPS)}, got {quoted(by)}")
     bots = params.get("bots") or "0"
     if bots not in ("0", "1"):
-        raise FieldError("bots", f"must be 0 or 1, got {shown(bots)}")
+        raise FieldError("bots", f"must be 0 or 1, got {quoted(bots)}")
     if params.get("tz") not in (None, "", "UTC", "utc", "Z", "+00:00"):
         raise FieldError("tz", "totals are kept per UTC day, so only UTC is offered")
     return StatsQuery(first, last, by, params.get("campaign") or None, bots == "1")
@@ -2833,6 +2872,13 @@ async def send_no_store(send: Callable, message: dict) -> None:
     await send(message)
 
 
+async def send_refusal(send: Callable, exc: HTTPError, *, text: bool = False) -> None:
+    """The one way the hot path refuses: JSON for senders, plain text for visitors."""
+    if text:
+        return await send_answer(send, exc.status, exc.message.encode() + b"\n", [(b"content-type", b"text/plain"), NO_STORE, *exc.headers])
+    await send_json(send, exc.status, {"error": exc.message}, exc.headers)
+
+
 async def send_json(send: Callable, status: int, payload: dict, extra: Iterable[tuple[bytes, bytes]] = ()) -> None:
     await send_answer(send, status, orjson.dumps(payload), [JSON_TYPE, NO_STORE, *extra])
 
@@ -2857,13 +2903,13 @@ async def read_body(receive: Callable, limit: int, timeout: float = 10) -> bytes
             async with asyncio.timeout_at(deadline):
                 message = await receive()
         except TimeoutError:
-            raise HTTPError(408, f"body: not received within {timeout:g} s") from None
+            raise HTTPError(Refusal.TIMEOUT, f"body: not received within {timeout:g} s", [(b"connection", b"close")]) from None
         if message["type"] == "http.disconnect":
-            raise HTTPError(400, "body: client went away")
+            raise HTTPError(Refusal.BAD_REQUEST, "body: client went away")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise HTTPError(413, f"body: more than {limit} bytes")
+            raise HTTPError(Refusal.TOO_LARGE, f"body: more than {limit} bytes")
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
@@ -2881,8 +2927,8 @@ def header_values(scope: dict, *names: bytes) -> list[str | None]:
 
 
 class TinyTrack:
-    """The ASGI app: clicks and postbacks on a raw ASGI hot path, everything
-    else on a Starlette router (which also runs the lifespan)."""
+    """The ASGI app: clicks and postbacks on a raw ASGI hot path (HOT_ROUTES), the
+    rest on a Starlette router (Admin), which also runs the lifespan."""
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time, tune_gc: bool = False) -> None:
         self.config = config
@@ -2893,23 +2939,9 @@ class TinyTrack:
         self.forwarder = Forwarder(self.store, config, clock=clock)
         self.purger = Purger(self.store, config)
         self.clicks = Counter()  # stored since start: human, bot
-        self.postbacks = Counter()  # answers since start: a Result's value, or http_<status>
+        self.postbacks = Counter()  # answers since start: a PostbackResult's value, or a Refusal's code
         self.latency = {"click": Histogram(LATENCY_BOUNDS), "postback": Histogram(LATENCY_BOUNDS)}
-        self.router = Starlette(
-            routes=[
-                Route("/healthz", self.healthz),
-                Route("/demo", self.demo),
-                Route("/", self.index),
-                Route("/api/conversions", self.api_conversions),
-                Route("/api/orphans", self.api_orphans),
-                Route("/api/outbox", self.api_outbox),
-                Route("/api/stats", self.api_stats),
-                Route("/metrics", self.metrics),
-                Route("/admin", self.admin),
-            ],
-            exception_handlers={404: self.not_found, 405: self.not_allowed},
-            lifespan=self.lifespan,
-        )
+        self.router = Admin(self).router(lifespan=self.lifespan)
 
     def apply_config(self, config: Config) -> None:
         """Every component takes the new config, each at a point it chooses."""
@@ -2929,8 +2961,9 @@ class TinyTrack:
             log.error("reload refused, keeping the running config: %s", exc)
             return False
         # Where to listen and which database are fixed for the life of the process.
-        new = dataclasses.replace(new, server=dataclasses.replace(new.server, host=self.config.server.host,
-                                  port=self.config.server.port, uds=self.config.server.uds), storage=self.config.storage)  # fmt: skip
+        server = dataclasses.replace(new.server, host=self.config.server.host, port=self.config.server.port,
+                                     uds=self.config.server.uds)  # fmt: skip
+        new = dataclasses.replace(new, server=server, storage=self.config.storage)
         self.apply_config(new)
         log.info("reloaded %s: %d campaigns, %d postback tokens", path, len(new.campaigns), len(new.postback.tokens))
         return True
@@ -2984,22 +3017,22 @@ class TinyTrack:
         client = scope.get("client")
         return client_address(client[0] if client else None, forwarded_for, self.config.server.trusted_proxies)
 
-    # Clicks: GET /c/<campaign>
+    # -- HTTP: clicks, GET /c/<campaign> --
 
     async def click(self, scope: dict, send: Callable) -> None:
         method = scope["method"]
         if method != "GET" and method != "HEAD":
-            return await send_answer(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD"), NO_STORE])
+            return await send_refusal(send, HTTPError(Refusal.METHOD_NOT_ALLOWED, headers=[(b"allow", b"GET, HEAD")]), text=True)
         campaign = self.config.campaigns.get(scope["path"][3:])
         if campaign is None:
-            return await send_answer(send, 404, b"unknown campaign\n", [(b"content-type", b"text/plain"), NO_STORE])
+            return await send_refusal(send, HTTPError(Refusal.NOT_FOUND, "unknown campaign"), text=True)
         values, rest = parse_click_query(scope["query_string"])
         user_agent, forwarded_for = header_values(scope, b"user-agent", b"x-forwarded-for")
-        user_agent = clean(user_agent, MAX_UA_CHARS) if user_agent else ""
-        click_id = self.ids.new()
+        user_agent = strip_controls(user_agent, MAX_UA_CHARS) if user_agent else ""
+        click_id, ms = self.ids.new()
         if method == "GET":  # HEAD (link previews) gets the same answer and stores nothing
             row = ClickRow(
-                click_id, self.ids.last_ms, campaign.name,  # ts: the millisecond inside the id
+                click_id, ms, campaign.name,  # ts: the millisecond inside the id
                 values.get("sub1"), values.get("sub2"), values.get("sub3"), values.get("sub4"), values.get("sub5"),
                 values.get("ext_id"), self.peer_address(scope, forwarded_for), user_agent, is_bot(user_agent),
             )  # fmt: skip
@@ -3007,99 +3040,138 @@ class TinyTrack:
                 await self.store.record_click(row)
             except StorageError:
                 # Never redirect a click we could not store: the conversion would be lost.
-                return await send_answer(send, 503, b"try again\n", [(b"retry-after", b"1"), NO_STORE])
+                return await send_refusal(send, HTTPError(Refusal.UNAVAILABLE, "try again"), text=True)
             self.clicks["bot" if row.bot else "human"] += 1
         values["click_id"] = format_uuid(click_id)
         values["campaign"] = campaign.name
         location = campaign.url.fill(values, rest if campaign.pass_query else ())
         await send_answer(send, 302, b"", [(b"location", location.encode()), NO_STORE])
 
-    # Postbacks: GET/POST /postback
+    # -- HTTP: postbacks, GET/POST /postback --
 
     async def postback(self, scope: dict, receive: Callable, send: Callable) -> None:
+        """Read a postback, store it, answer it, and log one line for it."""
         try:
-            outcome, postback = await self.handle_postback(scope, receive)
+            postback = await self.read_postback(scope, receive)
+            try:
+                outcome = await self.store.record_postback(postback)
+            except StorageError:
+                raise HTTPError(Refusal.UNAVAILABLE, headers=[(b"retry-after", b"5")]) from None
+            if outcome.result is PostbackResult.INVALID:  # refused by what its click says (a ts before it, a total's limit)
+                raise FieldError.from_message(outcome.reason)
         except HTTPError as exc:
             log.info("postback %d %s", exc.status, exc.message)
-            self.postbacks[f"http_{exc.status}"] += 1
-            extra = [(b"allow", b"GET, POST")] if exc.status == 405 else []
-            extra += [(b"www-authenticate", b"Bearer")] if exc.status == 401 else []
-            extra += [(b"connection", b"close")] if exc.status == 408 else []
-            return await send_json(send, exc.status, {"error": exc.message}, extra)
-        except StorageError:
-            self.postbacks["http_503"] += 1
-            return await send_json(send, 503, {"error": "storage unavailable, retry"}, [(b"retry-after", b"5")])
+            self.postbacks[exc.refusal.code] += 1
+            return await send_refusal(send, exc)
         result = outcome.result
-        if result is Result.INVALID:  # refused by what the click says (a ts before it, a total's limit)
-            log.info("postback 400 %s campaign=%s click=%s", outcome.reason, outcome.campaign, format_uuid(postback.click_id))
-            self.postbacks["http_400"] += 1
-            return await send_json(send, 400, {"error": outcome.reason})
         self.postbacks[result.value] += 1
         # One line per postback (no token): what came, for which campaign, what it became.
-        counted = result is not Result.ORPHAN and result is not Result.REJECTED
+        counted = result is not PostbackResult.ORPHAN and result is not PostbackResult.REJECTED
         level = logging.INFO if self.config.server.log_postbacks or not counted else logging.DEBUG
         if log.isEnabledFor(level):
             log.log(level, "postback %s id=%s campaign=%s click=%s event=%s status=%s ip=%s", result.value, outcome.id,
                     outcome.campaign, format_uuid(postback.click_id), postback.event, postback.status,
                     mask_ip(postback.ip))  # fmt: skip
-        if result is Result.ORPHAN:
+        if result is PostbackResult.ORPHAN:
             return await send_json(send, 404, {"error": "unknown click_id"})
-        if result is Result.REJECTED:
+        if result is PostbackResult.REJECTED:
             return await send_json(send, 200, {"status": "rejected", "reason": outcome.reason})
         await send_json(send, 200, {"status": result.value, "id": outcome.id})
 
-    async def handle_postback(self, scope: dict, receive: Callable) -> tuple[Outcome, Postback]:
+    async def read_postback(self, scope: dict, receive: Callable) -> Postback:
+        """A postback's fields, authenticated and validated; HTTPError says why not."""
         conf = self.config.postback
         method = scope["method"]
         if method != "GET" and method != "POST":
-            raise HTTPError(405, "method not allowed")
+            raise HTTPError(Refusal.METHOD_NOT_ALLOWED, headers=[(b"allow", b"GET, POST")])
         forwarded_for, authorization, content_type, length, signature = header_values(
             scope, b"x-forwarded-for", b"authorization", b"content-type", b"content-length", b"x-tinytrack-signature"
         )
         ip = self.peer_address(scope, forwarded_for)
         if conf.allow_ips and not match_networks(parse_address(ip), conf.allow_ips):
-            raise HTTPError(403, "forbidden")
+            raise HTTPError(Refusal.FORBIDDEN)
         query = scope["query_string"]
         pairs: list[tuple[str, Any]] = parse_pairs(query, "query")
         body = b""
         if method == "POST":
             if length and (not DIGITS_RE.fullmatch(length) or int(length) > MAX_BODY_BYTES):
-                raise HTTPError(413, f"body: more than {MAX_BODY_BYTES} bytes")
+                raise HTTPError(Refusal.TOO_LARGE)
             body = await read_body(receive, MAX_BODY_BYTES, self.config.server.read_timeout_seconds)
             if body:
                 pairs += parse_body(body, content_type)
         fields = collect_fields(pairs)
-        bearer = authorization[7:].strip() if authorization and authorization[:7].lower() == "bearer " else None
-        token = fields.get("token") or bearer
-        if not token_matches(token, conf.tokens):
-            raise HTTPError(401, "unauthorized")
+        if not token_matches(fields.get("token") or bearer_token(authorization), conf.tokens):
+            raise HTTPError(Refusal.UNAUTHORIZED, headers=[(b"www-authenticate", b"Bearer")])
         now = self.clock()
         if conf.hmac_secrets:
             if not verify_signature(signature, body if method == "POST" else query, conf.hmac_secrets, now):
-                raise HTTPError(401, "unauthorized")
+                raise HTTPError(Refusal.UNAUTHORIZED, headers=[(b"www-authenticate", b"Bearer")])
             if method == "POST" and query:
                 refuse_unsigned_fields(parse_pairs(query, "query"))
-        postback = build_postback(fields, conf, now, ip)
-        return await self.store.record_postback(postback), postback
+        return build_postback(fields, conf, now, ip)
 
-    # Everything else, through Starlette.
+
+def create_app(config: Config, *, clock: Callable[[], float] = time.time, tune_gc: bool = False) -> TinyTrack:
+    """Build the ASGI app for a config; nothing starts until the lifespan runs."""
+    return TinyTrack(config, clock=clock, tune_gc=tune_gc)
+
+
+# --- HTTP: admin, API and metrics ----------------------------------------------
+
+
+class Admin:
+    """Everything but clicks and postbacks: /healthz, the demo page, and behind the
+    admin token the JSON/CSV API, /metrics and /admin. Reads only, beside the writer."""
+
+    def __init__(self, app: TinyTrack) -> None:
+        self.app = app
+
+    def router(self, lifespan: Callable) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/healthz", self.healthz),
+                Route("/demo", self.demo),
+                Route("/", self.index),
+                Route("/api/conversions", self.api_conversions),
+                Route("/api/orphans", self.api_orphans),
+                Route("/api/outbox", self.api_outbox),
+                Route("/api/stats", self.api_stats),
+                Route("/metrics", self.metrics),
+                Route("/admin", self.admin_page),
+            ],
+            exception_handlers={HTTPError: self.refused, 404: self.refused, 405: self.refused},
+            lifespan=lifespan,
+        )
+
+    async def refused(self, request: Request, exc: Exception) -> Response:
+        """The one way a refusal is answered here: Starlette's own 404/405 included."""
+        if not isinstance(exc, HTTPError):
+            refusal = Refusal.METHOD_NOT_ALLOWED if getattr(exc, "status_code", 404) == 405 else Refusal.NOT_FOUND
+            exc = HTTPError(refusal)
+        headers = {name.decode(): value.decode() for name, value in exc.headers}
+        return JSONResponse({"error": exc.message}, exc.status, headers={"cache-control": "no-store", **headers})
+
+    def require_admin(self, request: Request) -> None:
+        """admin.token as a Bearer token or the HTTP Basic password, or a 401."""
+        if not admin_authorized(request.headers.get("authorization"), self.app.config.admin.token):
+            raise HTTPError(Refusal.UNAUTHORIZED, headers=[(b"www-authenticate", b'Basic realm="tinytrack"')])
 
     async def healthz(self, request: Request) -> Response:
         """200 while reads answer and writes commit; 503 (with why) when either fails."""
-        health = self.store.health
+        store, health = self.app.store, self.app.store.health
         answer = {
             "ok": True,
             "version": __version__,
-            "campaigns": len(self.config.campaigns),
-            "pending_writes": self.store.pending,
-            "writes": "failing" if self.store.failing else "ok",
+            "campaigns": len(self.app.config.campaigns),
+            "pending_writes": store.pending,
+            "writes": "failing" if store.failing else "ok",
             "last_commit": health.last_commit and iso_ms(int(health.last_commit * 1000)),
         }
-        if self.store.failing:
+        if store.failing:
             answer.update(ok=False, failing_since=iso_ms(int(health.failing_since * 1000)), failed_batches=health.failures,
                           error=health.last_error)  # fmt: skip
         try:
-            await self.store.read(Database.ping)
+            await store.read(Database.ping)
         except Exception as exc:  # any failure to read is "not healthy", never a 500
             answer.update(ok=False, error=str(exc))
         return JSONResponse(answer, 200 if answer["ok"] else 503, headers={"cache-control": "no-store"})
@@ -3108,8 +3180,9 @@ class TinyTrack:
         return JSONResponse({"name": "tinytrack", "version": __version__})
 
     async def demo(self, request: Request) -> Response:
-        if not self.config.demo:
-            return await self.not_found(request, None)
+        config = self.app.config
+        if not config.demo:
+            raise HTTPError(Refusal.NOT_FOUND)
         click_id = request.query_params.get("click_id", "")
         if not UUID_RE.fullmatch(click_id):
             return HTMLResponse("<p>No click id here. Start at <a href='/c/demo'>/c/demo</a>.</p>", 400)
@@ -3118,9 +3191,9 @@ class TinyTrack:
         # must name loopback too, or a page on any site could read it by DNS rebinding.
         peer = request.client.host if request.client else ""
         host = request.headers.get("host", "")
-        local = (match_networks(parse_address(peer), self.config.server.trusted_proxies)
+        local = (match_networks(parse_address(peer), config.server.trusted_proxies)
                  and "x-forwarded-for" not in request.headers and is_loopback_host(host))  # fmt: skip
-        token = self.config.postback.tokens[0] if local else "YOUR_POSTBACK_TOKEN"
+        token = config.postback.tokens[0] if local else "YOUR_POSTBACK_TOKEN"
         base = f"{request.url.scheme}://{host if HOST_RE.fullmatch(host) else 'YOUR_TRACKER'}"
         body = orjson.dumps({"click_id": click_id, "payout": "1.50"}).decode()
         curl_get = f"curl {shlex.quote(f'{base}/postback?click_id={click_id}&payout=1.50&token={token}')}"
@@ -3129,64 +3202,42 @@ class TinyTrack:
         page = DEMO_PAGE.format(click_id=html.escape(click_id), curl_get=html.escape(curl_get), curl_post=html.escape(curl_post))
         return HTMLResponse(page, headers={"cache-control": "no-store"})
 
-    # The admin API: admin.token as a Bearer token or the HTTP Basic password.
-
-    def admin_refusal(self, request: Request) -> Response | None:
-        if admin_authorized(request.headers.get("authorization"), self.config.admin.token):
-            return None
-        return JSONResponse({"error": "unauthorized"}, 401, headers={"www-authenticate": 'Basic realm="tinytrack"'})
-
     async def api_conversions(self, request: Request) -> Response:
         """Conversions for reconciliation: ?since=&campaign=&status=&after=&limit=&format=json|csv"""
-        if refused := self.admin_refusal(request):
-            return refused
+        self.require_admin(request)
         params = request.query_params
         status = params.get("status")
-        try:
-            if status is not None and status not in STATUSES:
-                raise FieldError("status", f"must be one of {', '.join(STATUSES)}, got {shown(status)}")
-            since, after, limit, fmt = listing_params(params)
-        except FieldError as exc:
-            return JSONResponse({"error": exc.message}, 400)
-        rows = await self.store.read(Database.conversions, since, after, limit, params.get("campaign"), status)
+        if status is not None and status not in STATUSES:
+            raise FieldError("status", f"must be one of {', '.join(STATUSES)}, got {quoted(status)}")
+        since, after, limit, fmt = listing_params(params)
+        rows = await self.app.store.read(Database.conversions, since, after, limit, params.get("campaign"), status)
         return listing_answer(rows, CONVERSION_COLUMNS, limit, fmt)
 
     async def api_orphans(self, request: Request) -> Response:
         """Postbacks for unknown click ids: ?since=&after=&limit=&format=json|csv"""
-        if refused := self.admin_refusal(request):
-            return refused
-        try:
-            since, after, limit, fmt = listing_params(request.query_params)
-        except FieldError as exc:
-            return JSONResponse({"error": exc.message}, 400)
-        return listing_answer(await self.store.read(Database.orphans, since, after, limit), ORPHAN_COLUMNS, limit, fmt)
+        self.require_admin(request)
+        since, after, limit, fmt = listing_params(request.query_params)
+        return listing_answer(await self.app.store.read(Database.orphans, since, after, limit), ORPHAN_COLUMNS, limit, fmt)
 
     async def api_outbox(self, request: Request) -> Response:
         """Forwards to traffic sources: ?state=&since=&after=&limit=&format=json|csv"""
-        if refused := self.admin_refusal(request):
-            return refused
+        self.require_admin(request)
         state = request.query_params.get("state")
-        try:
-            if state is not None and state not in OUTBOX_STATES:
-                raise FieldError("state", f"must be one of {', '.join(OUTBOX_STATES)}, got {shown(state)}")
-            since, after, limit, fmt = listing_params(request.query_params)
-        except FieldError as exc:
-            return JSONResponse({"error": exc.message}, 400)
-        return listing_answer(await self.store.read(Database.deliveries, since, after, limit, state), OUTBOX_COLUMNS, limit, fmt)
+        if state is not None and state not in OUTBOX_STATES:
+            raise FieldError("state", f"must be one of {', '.join(OUTBOX_STATES)}, got {quoted(state)}")
+        since, after, limit, fmt = listing_params(request.query_params)
+        rows = await self.app.store.read(Database.deliveries, since, after, limit, state)
+        return listing_answer(rows, OUTBOX_COLUMNS, limit, fmt)
 
     async def api_stats(self, request: Request) -> Response:
         """Totals per day, campaign, sub id or status: ?from=&to=&by=&campaign=&bots=&format=json|csv"""
-        if refused := self.admin_refusal(request):
-            return refused
+        self.require_admin(request)
         params = request.query_params
         fmt = params.get("format", "json")
-        try:
-            if fmt not in ("json", "csv"):
-                raise FieldError("format", f"must be json or csv, got {shown(fmt)}")
-            q = stats_query(params, self.clock())
-        except FieldError as exc:
-            return JSONResponse({"error": exc.message}, 400)
-        rows = await self.store.read(Database.stats, q)
+        if fmt not in ("json", "csv"):
+            raise FieldError("format", f"must be json or csv, got {quoted(fmt)}")
+        q = stats_query(params, self.app.clock())
+        rows = await self.app.store.read(Database.stats, q)
         headers = {"cache-control": "no-store"}
         if fmt == "json":
             return Response(orjson.dumps({"rows": rows}), headers=headers, media_type="application/json")
@@ -3194,44 +3245,41 @@ class TinyTrack:
 
     async def metrics(self, request: Request) -> Response:
         """Prometheus text format."""
-        if refused := self.admin_refusal(request):
-            return refused
-        lines = []
+        self.require_admin(request)
+        app, lines = self.app, []
 
         def metric(name: str, kind: str, help_: str, samples: Iterable[tuple[str, float]]) -> None:
             lines.extend((f"# HELP {name} {help_}", f"# TYPE {name} {kind}"))
             lines.extend(f"{name}{labels} {value}" for labels, value in samples)
 
         metric("tinytrack_clicks_total", "counter", "Clicks stored since start.",
-               [(f'{{bot="{int(kind == "bot")}"}}', self.clicks[kind]) for kind in ("human", "bot")])
+               [(f'{{bot="{int(kind == "bot")}"}}', app.clicks[kind]) for kind in ("human", "bot")])
         metric("tinytrack_postbacks_total", "counter", "Postbacks answered since start, by result.",
-               [(f'{{result="{r}"}}', n) for r, n in sorted(self.postbacks.items())])
+               [(f'{{result="{r}"}}', n) for r, n in sorted(app.postbacks.items())])
         metric("tinytrack_forwards_total", "counter", "Forward attempts since start, by the state they led to.",
-               [(f'{{outcome="{o}"}}', self.forwarder.counts[o]) for o in ("done", "pending", "failed", "dead")])
-        outbox = await self.store.read(Database.outbox_states)
+               [(f'{{outcome="{o}"}}', app.forwarder.counts[o]) for o in ("done", "pending", "failed", "dead")])
+        outbox = await app.store.read(Database.outbox_states)
         metric("tinytrack_outbox", "gauge", "Deliveries in the outbox, by state.",
                [(f'{{state="{state}"}}', n) for state, n in outbox.items()])
-        metric("tinytrack_write_queue", "gauge", "Writes waiting for the next commit.", [("", self.store.pending)])
-        path = self.config.storage.path
+        metric("tinytrack_write_queue", "gauge", "Writes waiting for the next commit.", [("", app.store.pending)])
+        path = app.config.storage.path
         size = sum(os.stat(f).st_size for f in (path, f"{path}-wal") if os.path.exists(f))
         metric("tinytrack_database_bytes", "gauge", "Size of the database file and its WAL.", [("", size)])
         metric("tinytrack_purged_rows", "gauge", "Rows the last purge touched, by rule.",
-               [(f'{{rule="{log_safe(rule)}"}}', n) for rule, n in self.purger.last.items()])
+               [(f'{{rule="{log_safe(rule)}"}}', n) for rule, n in app.purger.last.items()])
         lines.extend(("# HELP tinytrack_commit_batch_size Writes per commit.", "# TYPE tinytrack_commit_batch_size histogram"))
-        lines.extend(self.store.batch_sizes.lines("tinytrack_commit_batch_size"))
+        lines.extend(app.store.batch_sizes.lines("tinytrack_commit_batch_size"))
         lines.extend(("# HELP tinytrack_request_seconds Time to answer, by route.", "# TYPE tinytrack_request_seconds histogram"))
-        for route, histogram in self.latency.items():
+        for route, histogram in app.latency.items():
             lines.extend(histogram.lines("tinytrack_request_seconds", f'route="{route}"'))
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8",
                         headers={"cache-control": "no-store"})  # fmt: skip
 
-    async def admin(self, request: Request) -> Response:
+    async def admin_page(self, request: Request) -> Response:
         """One page for a person: the last 30 days, campaigns, conversions, orphans, forwards."""
-        if refused := self.admin_refusal(request):
-            return refused
-        now = self.clock()
-        last = int(now // 86400)
-        read = self.store.read
+        self.require_admin(request)
+        last = int(self.app.clock() // 86400)
+        read = self.app.store.read
         page = render_admin(last, await read(Database.stats, StatsQuery(last - 29, last, "day")),
                             await read(Database.stats, StatsQuery(last - 29, last, "campaign")),
                             await read(Database.recent_conversions, 20), await read(Database.recent_orphans, 10),
@@ -3242,12 +3290,6 @@ class TinyTrack:
             "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
             "x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "x-frame-options": "DENY",
         })  # fmt: skip
-
-    async def not_found(self, request: Request, exc: Exception | None) -> Response:
-        return JSONResponse({"error": "not found"}, 404)
-
-    async def not_allowed(self, request: Request, exc: Exception) -> Response:
-        return JSONResponse({"error": "method not allowed"}, 405)
 
 
 def is_loopback_host(host: str) -> bool:
@@ -3269,12 +3311,12 @@ def listing_params(params: Mapping[str, str]) -> tuple[int, int, int, str]:
     since = parse_since(params["since"]) if params.get("since") else 0
     after, limit = params.get("after", "0"), params.get("limit", "100")
     if not DIGITS_RE.fullmatch(after):
-        raise FieldError("after", f"must be the cursor from a previous page, got {shown(after)}")
+        raise FieldError("after", f"must be the cursor from a previous page, got {quoted(after)}")
     if not DIGITS_RE.fullmatch(limit) or not 1 <= int(limit) <= 1000:
-        raise FieldError("limit", f"must be 1-1000, got {shown(limit)}")
+        raise FieldError("limit", f"must be 1-1000, got {quoted(limit)}")
     fmt = params.get("format", "json")
     if fmt not in ("json", "csv"):
-        raise FieldError("format", f"must be json or csv, got {shown(fmt)}")
+        raise FieldError("format", f"must be json or csv, got {quoted(fmt)}")
     return since, int(after), int(limit), fmt
 
 
@@ -3337,7 +3379,7 @@ def parse_body(body: bytes, content_type: str | None) -> list[tuple[str, Any]]:
         return data
     if media in FORM_TYPES:
         return parse_pairs(body, "body")
-    raise HTTPError(415, "content-type: must be application/json or application/x-www-form-urlencoded")
+    raise HTTPError(Refusal.UNSUPPORTED_MEDIA_TYPE)
 
 
 DEMO_PAGE = """<!doctype html>
@@ -3476,11 +3518,6 @@ class AccessLog:
             path = log_safe(scope.get("raw_path", b"").decode("ascii", "backslashreplace") or scope["path"])
             access_log.info('%s "%s %s%s" %d %.1fms', mask_ip(self.app.peer_address(scope, forwarded_for)),
                             scope["method"], path, query, status, (time.perf_counter() - started) * 1000)  # fmt: skip
-
-
-def create_app(config: Config, *, clock: Callable[[], float] = time.time, tune_gc: bool = False) -> TinyTrack:
-    """Build the ASGI app for a config; nothing starts until the lifespan runs."""
-    return TinyTrack(config, clock=clock, tune_gc=tune_gc)
 
 
 # --- CLI ----------------------------------------------------------------------
@@ -3822,7 +3859,7 @@ def outbox_list(args: argparse.Namespace, config: Config, db: Database) -> int:
         print(f"no {args.state or ''} deliveries".replace("  ", " "))
         return 0
     for row in rows:
-        row["last_error"] = row["last_error"] and shown(row["last_error"], 60).strip("'\"")
+        row["last_error"] = row["last_error"] and quoted(row["last_error"], 60).strip("'\"")
         row["when"] = row["next_at"] if row["state"] == "pending" else row["last_at"]
     print_table(rows, ("id", "state", "campaign", "status", "attempts", "when", "last_code", "last_error"))
     return 0
@@ -3861,7 +3898,7 @@ def outbox_replay(args: argparse.Namespace, config: Config, db: Database) -> int
     forwarding = {name: c for name, c in config.campaigns.items() if c.postback_url is not None}
     if args.campaign:
         if args.campaign not in config.campaigns:
-            raise TinytrackError(f"--campaign: no campaign {shown(args.campaign)} in the config")
+            raise TinytrackError(f"--campaign: no campaign {quoted(args.campaign)} in the config")
         forwarding = {args.campaign: forwarding[args.campaign]} if args.campaign in forwarding else {}
     if not forwarding:
         raise TinytrackError("outbox replay: no campaign (of those asked for) has a postback_url")

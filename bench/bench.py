@@ -372,7 +372,7 @@ def seed(db: Path, clicks: int, sample: int, span_days: float = 30.0) -> tuple[l
     report_at = 1_000_000
     for i in range(clicks):
         now[0] = start + i * step
-        cid = ids.new()
+        cid, _ = ids.new()
         bot = 1 if i % 50 == 0 else 0
         batch.append((cid, int(now[0] * 1000), CAMPAIGN, "abc", "xyz", None, None, None, None, "203.0.113.7", UA, bot))
         if i % every == 0 and len(picked) < sample:

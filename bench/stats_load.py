@@ -108,8 +108,7 @@ def seed(db: Path, clicks: int, days: int) -> float:
 
     for i in range(clicks):
         now[0] = start + i * step
-        cid = ids.new()
-        ms = ids.last_ms
+        cid, ms = ids.new()
         sub1, sub2 = f"zone{rng.randrange(20)}", f"ad{rng.randrange(50)}"
         bot = rng.random() < 0.02
         batch.append((cid, ms, CAMPAIGN, sub1, sub2, None, None, None, None, "203.0.113.7", UA, bot))

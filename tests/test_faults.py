@@ -329,36 +329,36 @@ async def test_a_clock_step_back_keeps_ids_in_order_and_conversions_after_their_
 
 def test_click_ids_resume_from_the_newest_stored():
     ids = tinytrack.ClickIds(clock=lambda: 1_800_000_000.0)
-    later = tinytrack.ClickIds(clock=lambda: 1_800_001_800.0).new()  # half an hour ahead: a small step back since
+    later, _ = tinytrack.ClickIds(clock=lambda: 1_800_001_800.0).new()  # half an hour ahead: a small step back since
     ids.resume(later)
-    following = [ids.new() for _ in range(100)]
+    following = [ids.new()[0] for _ in range(100)]
     assert following == sorted(following) and following[0] > later
     assert all(int.from_bytes(i[:6]) == 1_800_001_800_000 for i in following)
     # A stored id older than the clock changes nothing.
     fresh = tinytrack.ClickIds(clock=lambda: 1_900_000_000.0)
     fresh.resume(later)
-    assert int.from_bytes(fresh.new()[:6]) == 1_900_000_000_000
+    assert int.from_bytes(fresh.new()[0][:6]) == 1_900_000_000_000
 
 
 def test_a_clock_that_was_ahead_is_not_followed_after_it_is_fixed():
     """One click stored while the clock read a year ahead (a VM before NTP) must not
     date every later click in the future, nor make correct postbacks 'before their click'."""
     now = 1_800_000_000.0
-    ahead = tinytrack.ClickIds(clock=lambda: now + 365 * 86400).new()
+    ahead, _ = tinytrack.ClickIds(clock=lambda: now + 365 * 86400).new()
     ids = tinytrack.ClickIds(clock=lambda: now)
     ids.resume(ahead)  # a restart after the clock was fixed
-    assert int.from_bytes(ids.new()[:6]) == int(now * 1000)
+    assert int.from_bytes(ids.new()[0][:6]) == int(now * 1000)
     # In one process: the clock jumps back two hours (it was wrong): ids follow it.
     clock = [now]
     moving = tinytrack.ClickIds(clock=lambda: clock[0])
     moving.new()
     clock[0] -= 7200
-    assert int.from_bytes(moving.new()[:6]) == int(clock[0] * 1000)
+    assert int.from_bytes(moving.new()[0][:6]) == int(clock[0] * 1000)
     # A small step back is waited out: ids keep growing, at the last millisecond.
     clock[0] += 7200
-    last = moving.new()
+    last, _ = moving.new()
     clock[0] -= 60
-    assert moving.new() > last and int.from_bytes(moving.new()[:6]) == int.from_bytes(last[:6])
+    assert moving.new()[0] > last and int.from_bytes(moving.new()[0][:6]) == int.from_bytes(last[:6])
 
 
 @pytest.mark.anyio

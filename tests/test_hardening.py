@@ -56,7 +56,7 @@ async def test_a_reload_to_clicks_days_0_during_a_purge_deletes_nothing_more(app
     for _ in range(10):
         await new_click(client)  # fresh
     clock.now += 1  # the purge runs a second later
-    real_run, batches = app.store.run, []
+    real_run, batches = app.store.write, []
 
     async def run_then_reload(func, rows: int = 1):
         result = await real_run(func, rows)
@@ -65,12 +65,12 @@ async def test_a_reload_to_clicks_days_0_during_a_purge_deletes_nothing_more(app
             with_retention(app, clicks_days=0)
         return result
 
-    app.store.run = run_then_reload
+    app.store.write = run_then_reload
     done = await app.purger.run_once()
     assert count(app, "clicks") == 10, "the reload turned the cutoff into now"
     assert done["clicks"] == 3000  # the run finished on the config it started with
     # And the next run takes the new config: clicks_days = 0 keeps everything.
-    app.store.run = real_run
+    app.store.write = real_run
     assert (await app.purger.run_once()).get("clicks") is None
     assert count(app, "clicks") == 10
 

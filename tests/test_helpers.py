@@ -17,7 +17,7 @@ CLICK = "0190a6b2-7c1d-7abc-8def-0123456789ab"
 def test_click_ids_are_uuid7_time_ordered_and_unique():
     clock_values = iter([NOW] * 500 + [NOW + 0.001] * 500)
     ids = tinytrack.ClickIds(lambda: next(clock_values))
-    made = [ids.new() for _ in range(1000)]
+    made = [ids.new()[0] for _ in range(1000)]
     assert made == sorted(made)
     assert len(set(made)) == 1000
     for raw in made:
@@ -32,7 +32,7 @@ def test_click_ids_are_uuid7_time_ordered_and_unique():
 def test_click_ids_stay_ordered_when_the_clock_steps_back():
     times = iter([NOW, NOW - 5, NOW - 5])
     ids = tinytrack.ClickIds(lambda: next(times))
-    a, b, c = ids.new(), ids.new(), ids.new()
+    a, b, c = ids.new()[0], ids.new()[0], ids.new()[0]
     assert a < b < c
 
 
