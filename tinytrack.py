@@ -442,28 +442,52 @@ def build_config(data: Mapping[str, Any]) -> Config:
     for name in root.data:  # a misspelt section is the first thing to say, before what it left out
         if name not in CONFIG_SECTIONS:
             raise ConfigError(name, f"unknown section; known: {', '.join(CONFIG_SECTIONS)}")
-    # A key left out takes the dataclass's default: the defaults are written once, there.
-    ds, dst, dp, dr, df = ServerConfig(), StorageConfig(), PostbackConfig(), RetentionConfig(), ForwardConfig()
+    server, storage = read_server(root.table("server")), read_storage(root.table("storage"))
+    postback = read_postback(root.table("postback"))
+    campaigns = root.table("campaigns")
+    config = Config(
+        server=server,
+        storage=storage,
+        postback=postback,
+        admin=read_admin(root.table("admin"), postback.tokens),
+        retention=read_retention(root.table("retention")),
+        forward=read_forward(root.table("forward")),
+        campaigns={name: read_campaign(name, campaigns) for name in campaigns.data},
+    )
+    campaigns.done()
+    root.done()
+    return config
 
-    s = root.table("server")
+
+# Each section's reader: a key left out takes the dataclass's default, written once, there.
+
+
+def read_server(s: _Table) -> ServerConfig:
+    d = ServerConfig()
     server = ServerConfig(
-        host=s.get("host", str, ds.host),
-        port=s.number("port", ds.port, low=1, high=65535),
-        uds=s.get("uds", str, ds.uds),
-        trusted_proxies=frozenset(_networks(s, "trusted_proxies", ds.trusted_proxies)),
-        access_log=s.get("access_log", bool, ds.access_log),
-        log_postbacks=s.get("log_postbacks", bool, ds.log_postbacks),
-        read_timeout_seconds=s.number("read_timeout_seconds", ds.read_timeout_seconds, low=1, high=300),
+        host=s.get("host", str, d.host),
+        port=s.number("port", d.port, low=1, high=65535),
+        uds=s.get("uds", str, d.uds),
+        trusted_proxies=frozenset(_networks(s, "trusted_proxies", d.trusted_proxies)),
+        access_log=s.get("access_log", bool, d.access_log),
+        log_postbacks=s.get("log_postbacks", bool, d.log_postbacks),
+        read_timeout_seconds=s.number("read_timeout_seconds", d.read_timeout_seconds, low=1, high=300),
     )
     s.done()
+    return server
 
-    st = root.table("storage")
-    storage = StorageConfig(path=st.get("path", str, dst.path), reserve_mb=st.number("reserve_mb", dst.reserve_mb, low=0, high=1024))
+
+def read_storage(s: _Table) -> StorageConfig:
+    d = StorageConfig()
+    storage = StorageConfig(path=s.get("path", str, d.path), reserve_mb=s.number("reserve_mb", d.reserve_mb, low=0, high=1024))
     if not storage.path:
         raise ConfigError("storage.path", "must not be empty")
-    st.done()
+    s.done()
+    return storage
 
-    p = root.table("postback")
+
+def read_postback(p: _Table) -> PostbackConfig:
+    d = PostbackConfig()
     tokens = _tokens(p, "tokens")
     if not tokens:
         raise ConfigError("postback.tokens", "must list at least one token (run `tinytrack init`)")
@@ -471,7 +495,7 @@ def build_config(data: Mapping[str, Any]) -> Config:
     for i, event in enumerate(events or ()):
         if not EVENT_RE.fullmatch(event):
             raise ConfigError(f"postback.events[{i}]", f"must match [a-z0-9_]{{1,32}}, got {quoted(event)}")
-    currency = p.get("currency", str, dp.currency)
+    currency = p.get("currency", str, d.currency)
     if not CURRENCY_RE.fullmatch(currency):
         raise ConfigError("postback.currency", f"must be a three-letter ISO 4217 code, got {quoted(currency)}")
     status_map = {}
@@ -485,83 +509,89 @@ def build_config(data: Mapping[str, Any]) -> Config:
             raise ConfigError(f"postback.hmac_secrets[{i}]", "must be at least 16 characters")
     postback = PostbackConfig(
         tokens=tokens,
-        allow_ips=_networks(p, "allow_ips", dp.allow_ips),
+        allow_ips=_networks(p, "allow_ips", d.allow_ips),
         events=events,
         currency=currency.upper(),
         status_map=status_map,
         hmac_secrets=secrets_,
     )
     p.done()
+    return postback
 
-    a = root.table("admin")
-    admin_token = a.get("token", str, None)
-    if admin_token is not None:
-        if not TOKEN_RE.fullmatch(admin_token):
+
+def read_admin(a: _Table, postback_tokens: Collection[str]) -> AdminConfig:
+    token = a.get("token", str, None)
+    if token is not None:
+        if not TOKEN_RE.fullmatch(token):
             raise ConfigError("admin.token", "must be 8-128 characters of A-Z a-z 0-9 . _ ~ -")
-        if admin_token in tokens:
+        if token in postback_tokens:
             raise ConfigError("admin.token", "must differ from every postback token")
-    admin = AdminConfig(token=admin_token)
     a.done()
+    return AdminConfig(token=token)
 
-    r = root.table("retention")
+
+def read_retention(r: _Table) -> RetentionConfig:
+    d = RetentionConfig()
     retention = RetentionConfig(
-        clicks_days=r.number("clicks_days", dr.clicks_days, low=0),
-        conversions_days=r.number("conversions_days", dr.conversions_days, low=0),
-        pii_days=r.number("pii_days", dr.pii_days, low=0),
-        orphans_days=r.number("orphans_days", dr.orphans_days, low=0),
-        outbox_days=r.number("outbox_days", dr.outbox_days, low=0),
-        interval_minutes=r.number("interval_minutes", dr.interval_minutes, low=1),
-        sub1_per_day=r.number("sub1_per_day", dr.sub1_per_day, low=1),
+        clicks_days=r.number("clicks_days", d.clicks_days, low=0),
+        conversions_days=r.number("conversions_days", d.conversions_days, low=0),
+        pii_days=r.number("pii_days", d.pii_days, low=0),
+        orphans_days=r.number("orphans_days", d.orphans_days, low=0),
+        outbox_days=r.number("outbox_days", d.outbox_days, low=0),
+        interval_minutes=r.number("interval_minutes", d.interval_minutes, low=1),
+        sub1_per_day=r.number("sub1_per_day", d.sub1_per_day, low=1),
     )
     r.done()
+    return retention
 
-    f = root.table("forward")
+
+def read_forward(f: _Table) -> ForwardConfig:
+    d = ForwardConfig()
     forward = ForwardConfig(
-        allow_private=f.get("allow_private", bool, df.allow_private),
-        first_retry_seconds=f.number("first_retry_seconds", df.first_retry_seconds, low=1),
-        max_age_hours=f.number("max_age_hours", df.max_age_hours, low=1),
-        timeout_seconds=f.number("timeout_seconds", df.timeout_seconds, low=1, high=300),
-        delay_seconds=f.number("delay_seconds", df.delay_seconds, low=0),
+        allow_private=f.get("allow_private", bool, d.allow_private),
+        first_retry_seconds=f.number("first_retry_seconds", d.first_retry_seconds, low=1),
+        max_age_hours=f.number("max_age_hours", d.max_age_hours, low=1),
+        timeout_seconds=f.number("timeout_seconds", d.timeout_seconds, low=1, high=300),
+        delay_seconds=f.number("delay_seconds", d.delay_seconds, low=0),
     )
     f.done()
+    return forward
 
-    campaigns = {}
-    table = root.table("campaigns")
-    for name in table.data:
-        key = f"campaigns.{name}"
-        if not CAMPAIGN_RE.fullmatch(name):
-            raise ConfigError(key, "campaign names are 1-64 characters of A-Z a-z 0-9 _ -")
-        c = table.table(name)
-        url = c.get("url", str, None)
-        if url is None:
-            raise ConfigError(f"{key}.url", "is required")
-        postback_url = c.get("postback_url", str, None)
-        if postback_url is not None and not postback_url.isascii():
-            # It goes on a request line as it is: other characters must be percent-encoded.
-            raise ConfigError(f"{key}.postback_url", f"must be ASCII (percent-encode other characters), got {quoted(postback_url)}")
-        statuses = c.strings("forward_statuses", ("approved",))
-        for i, status in enumerate(statuses):
-            if status not in STATUSES:
-                raise ConfigError(f"{key}.forward_statuses[{i}]", f"must be one of {', '.join(STATUSES)}, got {quoted(status)}")
-        forward_events = c.strings("forward_events", None)
-        for i, event in enumerate(forward_events or ()):
-            if not EVENT_RE.fullmatch(event):
-                raise ConfigError(f"{key}.forward_events[{i}]", f"must match [a-z0-9_]{{1,32}}, got {quoted(event)}")
-        window = c.get("window_days", int, None)
-        if window is not None and window < 1:
-            raise ConfigError(f"{key}.window_days", f"must be at least 1, got {window}")
-        campaigns[name] = Campaign(
-            name=name,
-            url=compile_template(url, f"{key}.url", MACROS_CLICK),
-            pass_query=c.get("pass_query", bool, False),
-            postback_url=postback_url and compile_template(postback_url, f"{key}.postback_url", MACROS_FORWARD),
-            window_days=window,
-            forward_events=forward_events,
-            forward_statuses=statuses,
-        )
-        c.done()
-    root.done()
-    return Config(server, storage, postback, admin, retention, forward, campaigns)
+
+def read_campaign(name: str, campaigns: _Table) -> Campaign:
+    key = f"campaigns.{name}"
+    if not CAMPAIGN_RE.fullmatch(name):
+        raise ConfigError(key, "campaign names are 1-64 characters of A-Z a-z 0-9 _ -")
+    c = campaigns.table(name)
+    url = c.get("url", str, None)
+    if url is None:
+        raise ConfigError(f"{key}.url", "is required")
+    postback_url = c.get("postback_url", str, None)
+    if postback_url is not None and not postback_url.isascii():
+        # It goes on a request line as it is: other characters must be percent-encoded.
+        raise ConfigError(f"{key}.postback_url", f"must be ASCII (percent-encode other characters), got {quoted(postback_url)}")
+    statuses = c.strings("forward_statuses", ("approved",))
+    for i, status in enumerate(statuses):
+        if status not in STATUSES:
+            raise ConfigError(f"{key}.forward_statuses[{i}]", f"must be one of {', '.join(STATUSES)}, got {quoted(status)}")
+    forward_events = c.strings("forward_events", None)
+    for i, event in enumerate(forward_events or ()):
+        if not EVENT_RE.fullmatch(event):
+            raise ConfigError(f"{key}.forward_events[{i}]", f"must match [a-z0-9_]{{1,32}}, got {quoted(event)}")
+    window = c.get("window_days", int, None)
+    if window is not None and window < 1:
+        raise ConfigError(f"{key}.window_days", f"must be at least 1, got {window}")
+    campaign = Campaign(
+        name=name,
+        url=compile_template(url, f"{key}.url", MACROS_CLICK),
+        pass_query=c.get("pass_query", bool, False),
+        postback_url=postback_url and compile_template(postback_url, f"{key}.postback_url", MACROS_FORWARD),
+        window_days=window,
+        forward_events=forward_events,
+        forward_statuses=statuses,
+    )
+    c.done()
+    return campaign
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
