@@ -10,19 +10,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import bisect
 import binascii
+import bisect
 import csv
-import io
 import dataclasses
-import email.utils
 import datetime as dt
+import email.utils
 import enum
 import errno
 import gc
 import hashlib
 import hmac
 import html
+import io
 import ipaddress
 import json
 import logging
@@ -34,8 +34,8 @@ import secrets
 import shlex
 import signal
 import socket
-import ssl
 import sqlite3
+import ssl
 import sys
 import threading
 import time
@@ -43,8 +43,8 @@ import tomllib
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from decimal import ROUND_HALF_EVEN, Decimal
 from contextlib import asynccontextmanager, closing, contextmanager, suppress
+from decimal import ROUND_HALF_EVEN, Decimal
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -63,7 +63,7 @@ __version__ = "0.1.0"
 log = logging.getLogger("tinytrack")
 
 
-# --- Constants and defaults ---------------------------------------------------
+# --- Constants and defaults -----------------------------------------------------------
 
 MAX_VALUE_CHARS = 256  # click query values longer than this are cut, not refused
 MAX_UA_CHARS = 512
@@ -87,26 +87,37 @@ CLOCK_STEP_MS = 3_600_000  # click ids wait out a clock stepped back this far; f
 # in one day, campaign and sub1 to near a 64-bit sum, and the writer refuses that one.
 MAX_PAYOUT = 10**9 * 1_000_000
 MAX_SUM = 2**63 - 1
-
 STATUSES = ("approved", "pending", "rejected")
 MACROS_CLICK = ("click_id", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "ext_id")
 MACROS_FORWARD = MACROS_CLICK + ("event", "payout", "currency", "txid", "status", "id")
 SUB_FIELDS = ("sub1", "sub2", "sub3", "sub4", "sub5")
 EXT_ID_ALIASES = {"ext_id": "ext_id", "externalid": "ext_id", "external_id": "ext_id"}
-
 # Every name a network may use for a postback field, mapped to the field.
 POSTBACK_ALIASES = {
-    "click_id": "click_id", "clickid": "click_id", "cid": "click_id",
-    "subid": "click_id", "sub_id": "click_id", "cnv_id": "click_id",
-    "event": "event", "et": "event", "type": "event",
-    "payout": "payout", "amount": "payout", "revenue": "payout", "sum": "payout",
+    "click_id": "click_id",
+    "clickid": "click_id",
+    "cid": "click_id",
+    "subid": "click_id",
+    "sub_id": "click_id",
+    "cnv_id": "click_id",
+    "event": "event",
+    "et": "event",
+    "type": "event",
+    "payout": "payout",
+    "amount": "payout",
+    "revenue": "payout",
+    "sum": "payout",
     "currency": "currency",
-    "txid": "txid", "tid": "txid", "transaction_id": "txid", "order_id": "txid",
+    "txid": "txid",
+    "tid": "txid",
+    "transaction_id": "txid",
+    "order_id": "txid",
     "status": "status",
-    "ts": "ts", "timestamp": "ts",
-    "token": "token", "key": "token",
-}  # fmt: skip
-
+    "ts": "ts",
+    "timestamp": "ts",
+    "token": "token",
+    "key": "token",
+}
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 EVENT_RE = re.compile(r"[a-z0-9_]{1,32}")
 TXID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -122,7 +133,6 @@ URL_HEAD_RE = re.compile(r"https?://([^/?#]*)")
 HOST_RE = re.compile(r"([A-Za-z0-9-]+\.)*[A-Za-z0-9-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 # C0, DEL, C1 and the Unicode line breaks: deleted from free text (str.translate table).
 CONTROL_CHARS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029])
-
 # Link previewers, crawlers and HTTP libraries: redirected, stored, flagged as bots.
 BOT_RE = re.compile(
     r"bot\b|bot/|crawl|spider|slurp|preview|facebookexternalhit|facebookcatalog|"
@@ -131,7 +141,7 @@ BOT_RE = re.compile(
 )  # matched against the lower-cased User-Agent: re.I makes every click ~5x slower here
 
 
-# --- Errors -------------------------------------------------------------------
+# --- Errors ---------------------------------------------------------------------------
 
 
 class TinytrackError(Exception):
@@ -177,7 +187,9 @@ class Refusal(enum.Enum):
 class HTTPError(TinytrackError):
     """A refused request: the answer's status, its message, and any headers it needs."""
 
-    def __init__(self, refusal: Refusal, message: str | None = None, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    def __init__(
+        self, refusal: Refusal, message: str | None = None, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
         self.refusal, self.status = refusal, refusal.status
         self.message = message or refusal.value[1]
         self.headers = list(headers)
@@ -198,17 +210,16 @@ class FieldError(HTTPError):
         return cls(field, problem)
 
 
-SECRET_KEYS = frozenset({"tokens", "token", "hmac_secrets"})  # config keys whose values no message shows
-
-
 def quoted(value: object, limit: int = 40) -> str:
     """A user's value quoted for an error message: escaped, never too long."""
     text = value if isinstance(value, str) else str(value)
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-# --- Config -------------------------------------------------------------------
+# --- Config ---------------------------------------------------------------------------
 
+
+SECRET_KEYS = frozenset({"tokens", "token", "hmac_secrets"})  # config keys whose values no message shows
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -248,8 +259,11 @@ class Campaign:
 
     def forwards(self, event: str, status: str) -> bool:
         """Whether a conversion with this event and status goes to the traffic source."""
-        return (self.postback_url is not None and status in self.forward_statuses
-                and (self.forward_events is None or event in self.forward_events))  # fmt: skip
+        return (
+            self.postback_url is not None
+            and status in self.forward_statuses
+            and (self.forward_events is None or event in self.forward_events)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,8 +349,9 @@ class _Table:
         value = self.data[name]
         ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is int)
         if not ok:
-            want = {str: "a string", int: "an integer", bool: "true or false",
-                    list: "a list", dict: "a table"}.get(kind, "another type")  # fmt: skip
+            want = {str: "a string", int: "an integer", bool: "true or false", list: "a list", dict: "a table"}.get(
+                kind, "another type"
+            )
             raise ConfigError(self.key(name), f"must be {want}, got {self.quoted_value(name, value)}")
         return value
 
@@ -344,8 +359,14 @@ class _Table:
         """A bad value for a message; a secret's only by its type (the message reaches logs)."""
         if name not in SECRET_KEYS:
             return quoted(value)
-        return {str: "a string", int: "an integer", bool: "a boolean", float: "a number", list: "a list",
-                dict: "a table"}.get(type(value), "another type")  # fmt: skip
+        return {
+            str: "a string",
+            int: "an integer",
+            bool: "a boolean",
+            float: "a number",
+            list: "a list",
+            dict: "a table",
+        }.get(type(value), "another type")
 
     def number(self, name: str, default: int, *, low: int, high: int = 10**9) -> int:
         value = self.get(name, int, default)
@@ -479,7 +500,9 @@ def read_server(s: _Table) -> ServerConfig:
 
 def read_storage(s: _Table) -> StorageConfig:
     d = StorageConfig()
-    storage = StorageConfig(path=s.get("path", str, d.path), reserve_mb=s.number("reserve_mb", d.reserve_mb, low=0, high=1024))
+    storage = StorageConfig(
+        path=s.get("path", str, d.path), reserve_mb=s.number("reserve_mb", d.reserve_mb, low=0, high=1024)
+    )
     if not storage.path:
         raise ConfigError("storage.path", "must not be empty")
     s.done()
@@ -501,7 +524,9 @@ def read_postback(p: _Table) -> PostbackConfig:
     status_map = {}
     for word, status in p.get("status_map", dict, {}).items():
         if status not in STATUSES:
-            raise ConfigError(f"postback.status_map.{word}", f"must be one of {', '.join(STATUSES)}, got {quoted(status)}")
+            raise ConfigError(
+                f"postback.status_map.{word}", f"must be one of {', '.join(STATUSES)}, got {quoted(status)}"
+            )
         status_map[word.lower()] = status
     secrets_ = p.strings("hmac_secrets")
     for i, secret in enumerate(secrets_):
@@ -569,11 +594,15 @@ def read_campaign(name: str, campaigns: _Table) -> Campaign:
     postback_url = c.get("postback_url", str, None)
     if postback_url is not None and not postback_url.isascii():
         # It goes on a request line as it is: other characters must be percent-encoded.
-        raise ConfigError(f"{key}.postback_url", f"must be ASCII (percent-encode other characters), got {quoted(postback_url)}")
+        raise ConfigError(
+            f"{key}.postback_url", f"must be ASCII (percent-encode other characters), got {quoted(postback_url)}"
+        )
     statuses = c.strings("forward_statuses", ("approved",))
     for i, status in enumerate(statuses):
         if status not in STATUSES:
-            raise ConfigError(f"{key}.forward_statuses[{i}]", f"must be one of {', '.join(STATUSES)}, got {quoted(status)}")
+            raise ConfigError(
+                f"{key}.forward_statuses[{i}]", f"must be one of {', '.join(STATUSES)}, got {quoted(status)}"
+            )
     forward_events = c.strings("forward_events", None)
     for i, event in enumerate(forward_events or ()):
         if not EVENT_RE.fullmatch(event):
@@ -620,69 +649,10 @@ def embedded_config(host: str, port: int, postback_token: str, admin_token: str)
     )
 
 
-CONFIG_TEMPLATE = """\
-# tinytrack config. Check it with `tinytrack check -c {path}`.
-# Every key is optional unless it says otherwise.
-
-[server]
-host = "127.0.0.1"                        # behind nginx keep it on loopback
-port = 8080
-# uds = "/run/tinytrack/tinytrack.sock"   # a unix socket instead of host/port
-trusted_proxies = ["127.0.0.1", "::1"]    # peers whose X-Forwarded-For is believed
-# log_postbacks = true                    # a line per postback; false: only those not counted
-# read_timeout_seconds = 10               # for a request's headers and body
-
-[storage]
-path = "tinytrack.db"                     # relative to the working directory
-# reserve_mb = 8                          # kept aside so a full disk can recover; 0: none
-
-[postback]
-# Required. Give a network one of these; list two while you rotate.
-tokens = ["{postback_token}"]
-allow_ips = []                            # e.g. ["203.0.113.7", "198.51.100.0/24"]; empty = any
-# events = ["signup", "purchase", "deposit", "ftd"]
-currency = "USD"
-# status_map = {{ sale = "approved", declined = "rejected", reversed = "rejected" }}
-# hmac_secrets = []                       # when set, postbacks must be signed too
-
-[admin]
-token = "{admin_token}"
-
-[retention]                               # 0 turns a rule off (keep for good)
-clicks_days = 90                          # raw clicks; daily totals are kept for good
-pii_days = 30                             # then a click's IP is cut to /24 or /48, its User-Agent dropped
-conversions_days = 0
-orphans_days = 30
-outbox_days = 30                          # finished forwards and their tries
-# interval_minutes = 60
-# sub1_per_day = 1000                     # distinct sub1 per campaign and day in the totals; more: "(other)"
-
-[forward]                                 # conversions sent on to campaigns' postback_url
-# allow_private = false                   # true: allow loopback/private targets
-# first_retry_seconds = 30                # then doubling, with jitter, capped at 6 h
-# max_age_hours = 72                      # then a failing delivery is dead
-# timeout_seconds = 10
-# delay_seconds = 0                       # hold forwards so a quick reversal cancels them
-
-# One table per campaign; the link for a traffic source is /c/<name>.
-[campaigns.example]
-url = "https://offer.example.com/lp?cid={{click_id}}&s1={{sub1}}"
-# pass_query = false                      # true: append other query parameters
-# window_days = 30                        # postbacks later than this are rejected
-# postback_url = "https://source.example/pb?clickid={{ext_id}}&payout={{payout}}"
-# forward_events = ["purchase"]           # default: every event
-# forward_statuses = ["approved"]         # the default
-"""
+# --- Pure helpers ---------------------------------------------------------------------
 
 
-def render_config(path: str) -> str:
-    """A commented config with fresh random tokens."""
-    return CONFIG_TEMPLATE.format(
-        path=path, postback_token=secrets.token_urlsafe(24), admin_token=secrets.token_urlsafe(24)
-    )
-
-
-# --- Pure helpers: ids, parsing, macros, signatures, addresses ------------------
+# -- ids, text, time and addresses --
 
 
 class ClickIds:
@@ -789,183 +759,8 @@ def is_bot(user_agent: str) -> bool:
     return not user_agent or BOT_RE.search(user_agent.lower()) is not None
 
 
-@dataclasses.dataclass(frozen=True)
-class Postback:
-    """A validated postback, ready for the writer."""
-
-    click_id: bytes
-    event: str = "conversion"
-    payout: int = 0  # micro-units: 12.5 is 12_500_000
-    payout_given: bool = False
-    currency: str = "USD"
-    txid: str | None = None
-    status: str = "approved"
-    ts_ms: int = 0
-    ts_given: bool = False  # the sender said when; otherwise ts_ms is when it arrived
-    ip: str = ""
-
-    @property
-    def dedupe_key(self) -> str:
-        # SPEC: with a txid the key is (click_id, txid), without it (click_id, event).
-        return f"t:{self.txid}" if self.txid else f"e:{self.event}"
-
-
-def collect_fields(pairs: Iterable[tuple[str, Any]]) -> dict[str, str]:
-    """Map aliases onto field names; a field given twice with two values is a 400."""
-    fields: dict[str, str] = {}
-    given_as: dict[str, str] = {}
-    for name, raw in pairs:
-        field = POSTBACK_ALIASES.get(name)
-        if field is None:
-            continue
-        value = field_text(name, raw)
-        if value is None:
-            continue
-        if field in fields and fields[field] != value:
-            raise FieldError(field, f"given twice ({given_as[field]} and {name}) with different values")
-        fields[field], given_as[field] = value, name
-    return fields
-
-
-def field_text(name: str, raw: Any) -> str | None:
-    """A JSON or form value as text; empty and null mean absent."""
-    if raw is None:
-        return None
-    if isinstance(raw, bool):
-        raise FieldError(name, "must be a string or a number, got a boolean")
-    if isinstance(raw, int):
-        return str(raw)
-    if isinstance(raw, float):
-        if raw != raw or raw in (float("inf"), float("-inf")):
-            raise FieldError(name, "must be a finite number")
-        # repr is the shortest text that round-trips: 0.1 stays "0.1", never 0.1000000000000000055.
-        text = repr(raw)
-        return text[:-2] if text.endswith(".0") else text
-    if isinstance(raw, str):
-        if not raw.isascii():
-            try:
-                raw.encode()
-            except UnicodeEncodeError:  # JSON's "\ud800": no UTF-8 can carry it
-                raise FieldError(name, "is not valid Unicode (a lone surrogate)") from None
-        return raw.strip() or None
-    kind = "an object" if isinstance(raw, (dict, JSONObject)) else "an array" if isinstance(raw, list) else type(raw).__name__
-    raise FieldError(name, f"must be a string or a number, got {kind}")
-
-
-def parse_payout(text: str) -> int:
-    match = PAYOUT_RE.fullmatch(text)
-    if not match:
-        raise FieldError("payout", f"must be a decimal >= 0 with at most 6 decimals, got {quoted(text)}")
-    whole, frac = match.group(1), match.group(2) or ""
-    units = int(whole) * 1_000_000 + int(frac.ljust(6, "0"))
-    if units > MAX_PAYOUT:
-        raise FieldError("payout", f"must be at most {format_money(MAX_PAYOUT)}, got {quoted(text)}")
-    return units
-
-
-def format_money(units: int | float) -> str:
-    """Micro-units as an exact decimal string with at least two decimals."""
-    if not isinstance(units, int):  # a total SQLite turned into a REAL on overflow (before the payout cap)
-        units = int(units)
-    whole, frac = divmod(units, 1_000_000)
-    frac_text = f"{frac:06d}".rstrip("0").ljust(2, "0")
-    return f"{whole}.{frac_text}"
-
-
-def parse_ts(text: str, now: float) -> int:
-    """ISO 8601 with an offset, or unix seconds, as unix milliseconds."""
-    if len(text) > 40 or not text.isascii() or not text.isprintable():
-        raise FieldError("ts", f"must be ISO 8601 with an offset or unix seconds, got {quoted(text)}")
-    if UNIX_TS_RE.fullmatch(text):
-        seconds = float(text)
-    else:
-        try:
-            moment = dt.datetime.fromisoformat(text)
-        except ValueError:
-            raise FieldError("ts", f"must be ISO 8601 with an offset or unix seconds, got {quoted(text)}") from None
-        if moment.tzinfo is None:
-            raise FieldError("ts", f"needs a UTC offset (like 2026-01-06T14:03:22Z), got {quoted(text)}")
-        seconds = moment.timestamp()
-    if seconds > now + FUTURE_TS_TOLERANCE:
-        raise FieldError("ts", f"is more than a day in the future, got {quoted(text)}")
-    if seconds < 946684800:  # 2000-01-01: anything earlier is a unit mix-up
-        raise FieldError("ts", f"is before the year 2000, got {quoted(text)}")
-    return int(seconds * 1000)
-
-
-def parse_status(text: str, status_map: Mapping[str, str]) -> str:
-    word = text.lower()
-    status = status_map.get(word, word)
-    if status not in STATUSES:
-        raise FieldError("status", f"must be one of {', '.join(STATUSES)} or a postback.status_map word, got {quoted(text)}")
-    return status
-
-
-def build_postback(fields: Mapping[str, str], conf: PostbackConfig, now: float, ip: str = "") -> Postback:
-    """Validate collected fields into a Postback; raises FieldError naming the field."""
-    click_text = fields.get("click_id")
-    if click_text is None:
-        raise FieldError("click_id", "is required")
-    if not UUID_RE.fullmatch(click_text):
-        raise FieldError("click_id", f"must be a click id issued by this server (a UUID), got {quoted(click_text)}")
-    event = fields.get("event", "conversion").lower()
-    if not EVENT_RE.fullmatch(event):
-        raise FieldError("event", f"must match [a-z0-9_]{{1,32}}, got {quoted(event)}")
-    if conf.events is not None and event not in conf.events:
-        raise FieldError("event", f"must be one of {', '.join(conf.events)}, got {quoted(event)}")
-    payout_text = fields.get("payout")
-    currency = fields.get("currency", conf.currency)
-    if not CURRENCY_RE.fullmatch(currency):
-        raise FieldError("currency", f"must be a three-letter ISO 4217 code, got {quoted(currency)}")
-    txid = fields.get("txid")
-    if txid is not None and not TXID_RE.fullmatch(txid):
-        raise FieldError("txid", f"must be 1-64 characters of A-Z a-z 0-9 . _ : -, got {quoted(txid)}")
-    payout = parse_payout(payout_text) if payout_text is not None else 0
-    return Postback(
-        click_id=bytes.fromhex(click_text.replace("-", "")),
-        event=event,
-        payout=payout,
-        payout_given=payout_text is not None,
-        currency=currency.upper(),
-        txid=txid,
-        status=parse_status(fields["status"], conf.status_map) if "status" in fields else "approved",
-        ts_ms=parse_ts(fields["ts"], now) if "ts" in fields else int(now * 1000),
-        ts_given="ts" in fields,
-        ip=ip,
-    )
-
-
-def token_matches(candidate: str | None, tokens: Iterable[str]) -> bool:
-    """Constant-time check against every token (no early exit leaks which matched)."""
-    if not candidate:
-        return False
-    given = candidate.encode()
-    found = False
-    for token in tokens:
-        found |= hmac.compare_digest(given, token.encode())
-    return found
-
-
-def bearer_token(authorization: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header (RFC 6750), else None."""
-    scheme, _, value = (authorization or "").strip().partition(" ")
-    return value.strip() if scheme.lower() == "bearer" else None
-
-
-def admin_authorized(authorization: str | None, token: str | None) -> bool:
-    """``Bearer <admin token>``, or HTTP Basic with the admin token as the password."""
-    if not token or not authorization:
-        return False
-    if (bearer := bearer_token(authorization)) is not None:
-        return token_matches(bearer, (token,))
-    scheme, _, value = authorization.strip().partition(" ")
-    if scheme.lower() == "basic":
-        try:
-            decoded = base64.b64decode(value.strip(), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        return token_matches(decoded.partition(":")[2], (token,))
-    return False
+def iso_ms(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_since(text: str, field: str = "since") -> int:
@@ -977,37 +772,24 @@ def parse_since(text: str, field: str = "since") -> int:
     if moment.tzinfo is None:
         if len(text) != 10:
             raise FieldError(field, f"needs a UTC offset, got {quoted(text)}")
-        moment = moment.replace(tzinfo=dt.timezone.utc)
+        moment = moment.replace(tzinfo=dt.UTC)
     return int(moment.timestamp() * 1000)
 
 
-def iso_ms(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def day_text(day: int) -> str:
+    return (dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()
 
 
-def sign(secret: str, timestamp: int, payload: bytes) -> str:
-    return hmac.new(secret.encode(), b"%d." % timestamp + payload, hashlib.sha256).hexdigest()
+DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # fromisoformat also takes week dates (2026-W09-7)
 
 
-def verify_signature(header: str | None, payload: bytes, secrets_: Iterable[str], now: float) -> bool:
-    """Check ``t=<unix>,v1=<hex>[,v1=...]`` over ``"<t>.<payload>"`` for any secret."""
-    if not header:
-        return False
-    timestamp, candidates = None, []
-    for item in header.split(","):
-        name, _, value = item.strip().partition("=")
-        if name == "t" and DIGITS_RE.fullmatch(value):
-            timestamp = int(value)
-        elif name == "v1" and value:
-            candidates.append(value.lower().encode())
-    if timestamp is None or not candidates or abs(now - timestamp) > SIGNATURE_TOLERANCE:
-        return False
-    found = False
-    for secret in secrets_:
-        expected = sign(secret, timestamp, payload).encode()
-        for candidate in candidates:
-            found |= hmac.compare_digest(expected, candidate)
-    return found
+def parse_day(text: str, field: str) -> int:
+    try:
+        if not DATE_RE.fullmatch(text):
+            raise ValueError(text)
+        return (dt.date.fromisoformat(text) - dt.date(1970, 1, 1)).days
+    except ValueError:
+        raise FieldError(field, f"must be a date as YYYY-MM-DD, got {quoted(text)}") from None
 
 
 def parse_address(text: str) -> Address | None:
@@ -1075,7 +857,671 @@ def redact_query(raw: bytes) -> str:
     return log_safe(b"&".join(parts).decode("ascii", "backslashreplace"))
 
 
-# --- Storage ------------------------------------------------------------------
+def is_loopback_host(host: str) -> bool:
+    """Whether a Host header names this machine's loopback: localhost, 127.x or ::1."""
+    if host.startswith("["):
+        name = host[1 : host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        name = host.partition(":")[0]
+    else:
+        name = host
+    if name.lower() == "localhost":
+        return True
+    address = parse_address(name) if name else None
+    return address is not None and address.is_loopback
+
+
+# -- postbacks --
+
+
+class JSONObject(list):
+    """A JSON object as its (key, value) pairs, repeats and all."""
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_body(body: bytes, content_type: str | None) -> list[tuple[str, Any]]:
+    """Pairs from a JSON object or a form body; 415 for anything else."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media == "application/json":
+        try:
+            # The standard library here, not orjson: orjson keeps the last of repeated
+            # keys, which would let {"payout":"1","payout":"1000"} slip past the
+            # "given twice" check; and numbers arrive as their exact text, not floats.
+            # UTF-8 only, as RFC 8259 asks of JSON between systems.
+            data = json.loads(
+                body.decode(), object_pairs_hook=JSONObject, parse_float=str, parse_int=str, parse_constant=_no_constant
+            )
+        except (ValueError, RecursionError):
+            raise FieldError("body", "invalid JSON") from None
+        if not isinstance(data, JSONObject):
+            raise FieldError("body", "must be a JSON object")
+        return data
+    if media in FORM_TYPES:
+        return parse_pairs(body, "body")
+    raise HTTPError(Refusal.UNSUPPORTED_MEDIA_TYPE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Postback:
+    """A validated postback, ready for the writer."""
+
+    click_id: bytes
+    event: str = "conversion"
+    payout: int = 0  # micro-units: 12.5 is 12_500_000
+    payout_given: bool = False
+    currency: str = "USD"
+    txid: str | None = None
+    status: str = "approved"
+    ts_ms: int = 0
+    ts_given: bool = False  # the sender said when; otherwise ts_ms is when it arrived
+    ip: str = ""
+
+    @property
+    def dedupe_key(self) -> str:
+        # SPEC: with a txid the key is (click_id, txid), without it (click_id, event).
+        return f"t:{self.txid}" if self.txid else f"e:{self.event}"
+
+
+def collect_fields(pairs: Iterable[tuple[str, Any]]) -> dict[str, str]:
+    """Map aliases onto field names; a field given twice with two values is a 400."""
+    fields: dict[str, str] = {}
+    given_as: dict[str, str] = {}
+    for name, raw in pairs:
+        field = POSTBACK_ALIASES.get(name)
+        if field is None:
+            continue
+        value = field_text(name, raw)
+        if value is None:
+            continue
+        if field in fields and fields[field] != value:
+            raise FieldError(field, f"given twice ({given_as[field]} and {name}) with different values")
+        fields[field], given_as[field] = value, name
+    return fields
+
+
+def field_text(name: str, raw: Any) -> str | None:
+    """A JSON or form value as text; empty and null mean absent."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool):
+        raise FieldError(name, "must be a string or a number, got a boolean")
+    if isinstance(raw, int):
+        return str(raw)
+    if isinstance(raw, float):
+        if raw != raw or raw in (float("inf"), float("-inf")):
+            raise FieldError(name, "must be a finite number")
+        # repr is the shortest text that round-trips: 0.1 stays "0.1", never 0.1000000000000000055.
+        text = repr(raw)
+        return text[:-2] if text.endswith(".0") else text
+    if isinstance(raw, str):
+        if not raw.isascii():
+            try:
+                raw.encode()
+            except UnicodeEncodeError:  # JSON's "\ud800": no UTF-8 can carry it
+                raise FieldError(name, "is not valid Unicode (a lone surrogate)") from None
+        return raw.strip() or None
+    kind = (
+        "an object"
+        if isinstance(raw, (dict, JSONObject))
+        else "an array"
+        if isinstance(raw, list)
+        else type(raw).__name__
+    )
+    raise FieldError(name, f"must be a string or a number, got {kind}")
+
+
+def parse_payout(text: str) -> int:
+    match = PAYOUT_RE.fullmatch(text)
+    if not match:
+        raise FieldError("payout", f"must be a decimal >= 0 with at most 6 decimals, got {quoted(text)}")
+    whole, frac = match.group(1), match.group(2) or ""
+    units = int(whole) * 1_000_000 + int(frac.ljust(6, "0"))
+    if units > MAX_PAYOUT:
+        raise FieldError("payout", f"must be at most {format_money(MAX_PAYOUT)}, got {quoted(text)}")
+    return units
+
+
+def format_money(units: int | float) -> str:
+    """Micro-units as an exact decimal string with at least two decimals."""
+    if not isinstance(units, int):  # a total SQLite turned into a REAL on overflow (before the payout cap)
+        units = int(units)
+    whole, frac = divmod(units, 1_000_000)
+    frac_text = f"{frac:06d}".rstrip("0").ljust(2, "0")
+    return f"{whole}.{frac_text}"
+
+
+def overflow_problem(campaign: str, day: int) -> str:
+    return f"payout: would take the {day_text(day)} total of campaign {campaign} past {format_money(MAX_SUM)}"
+
+
+def parse_ts(text: str, now: float) -> int:
+    """ISO 8601 with an offset, or unix seconds, as unix milliseconds."""
+    if len(text) > 40 or not text.isascii() or not text.isprintable():
+        raise FieldError("ts", f"must be ISO 8601 with an offset or unix seconds, got {quoted(text)}")
+    if UNIX_TS_RE.fullmatch(text):
+        seconds = float(text)
+    else:
+        try:
+            moment = dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise FieldError("ts", f"must be ISO 8601 with an offset or unix seconds, got {quoted(text)}") from None
+        if moment.tzinfo is None:
+            raise FieldError("ts", f"needs a UTC offset (like 2026-01-06T14:03:22Z), got {quoted(text)}")
+        seconds = moment.timestamp()
+    if seconds > now + FUTURE_TS_TOLERANCE:
+        raise FieldError("ts", f"is more than a day in the future, got {quoted(text)}")
+    if seconds < 946684800:  # 2000-01-01: anything earlier is a unit mix-up
+        raise FieldError("ts", f"is before the year 2000, got {quoted(text)}")
+    return int(seconds * 1000)
+
+
+def parse_status(text: str, status_map: Mapping[str, str]) -> str:
+    word = text.lower()
+    status = status_map.get(word, word)
+    if status not in STATUSES:
+        raise FieldError(
+            "status", f"must be one of {', '.join(STATUSES)} or a postback.status_map word, got {quoted(text)}"
+        )
+    return status
+
+
+def build_postback(fields: Mapping[str, str], conf: PostbackConfig, now: float, ip: str = "") -> Postback:
+    """Validate collected fields into a Postback; raises FieldError naming the field."""
+    click_text = fields.get("click_id")
+    if click_text is None:
+        raise FieldError("click_id", "is required")
+    if not UUID_RE.fullmatch(click_text):
+        raise FieldError("click_id", f"must be a click id issued by this server (a UUID), got {quoted(click_text)}")
+    event = fields.get("event", "conversion").lower()
+    if not EVENT_RE.fullmatch(event):
+        raise FieldError("event", f"must match [a-z0-9_]{{1,32}}, got {quoted(event)}")
+    if conf.events is not None and event not in conf.events:
+        raise FieldError("event", f"must be one of {', '.join(conf.events)}, got {quoted(event)}")
+    payout_text = fields.get("payout")
+    currency = fields.get("currency", conf.currency)
+    if not CURRENCY_RE.fullmatch(currency):
+        raise FieldError("currency", f"must be a three-letter ISO 4217 code, got {quoted(currency)}")
+    txid = fields.get("txid")
+    if txid is not None and not TXID_RE.fullmatch(txid):
+        raise FieldError("txid", f"must be 1-64 characters of A-Z a-z 0-9 . _ : -, got {quoted(txid)}")
+    payout = parse_payout(payout_text) if payout_text is not None else 0
+    return Postback(
+        click_id=bytes.fromhex(click_text.replace("-", "")),
+        event=event,
+        payout=payout,
+        payout_given=payout_text is not None,
+        currency=currency.upper(),
+        txid=txid,
+        status=parse_status(fields["status"], conf.status_map) if "status" in fields else "approved",
+        ts_ms=parse_ts(fields["ts"], now) if "ts" in fields else int(now * 1000),
+        ts_given="ts" in fields,
+        ip=ip,
+    )
+
+
+def refuse_unsigned_fields(pairs: Iterable[tuple[str, Any]]) -> None:
+    """A signed POST's signature covers its body only: a postback field in its query
+    string would let a captured body be replayed with new fields (token/key aside)."""
+    for name, _ in pairs:
+        field = POSTBACK_ALIASES.get(name)
+        if field is not None and field != "token":
+            raise FieldError(field, "must be in the signed body, not the query string (the signature covers the body)")
+
+
+# -- tokens and signatures --
+
+
+def token_matches(candidate: str | None, tokens: Iterable[str]) -> bool:
+    """Constant-time check against every token (no early exit leaks which matched)."""
+    if not candidate:
+        return False
+    given = candidate.encode()
+    found = False
+    for token in tokens:
+        found |= hmac.compare_digest(given, token.encode())
+    return found
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (RFC 6750), else None."""
+    scheme, _, value = (authorization or "").strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
+def admin_authorized(authorization: str | None, token: str | None) -> bool:
+    """``Bearer <admin token>``, or HTTP Basic with the admin token as the password."""
+    if not token or not authorization:
+        return False
+    if (bearer := bearer_token(authorization)) is not None:
+        return token_matches(bearer, (token,))
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return token_matches(decoded.partition(":")[2], (token,))
+    return False
+
+
+def sign(secret: str, timestamp: int, payload: bytes) -> str:
+    return hmac.new(secret.encode(), b"%d." % timestamp + payload, hashlib.sha256).hexdigest()
+
+
+def verify_signature(header: str | None, payload: bytes, secrets_: Iterable[str], now: float) -> bool:
+    """Check ``t=<unix>,v1=<hex>[,v1=...]`` over ``"<t>.<payload>"`` for any secret."""
+    if not header:
+        return False
+    timestamp, candidates = None, []
+    for item in header.split(","):
+        name, _, value = item.strip().partition("=")
+        if name == "t" and DIGITS_RE.fullmatch(value):
+            timestamp = int(value)
+        elif name == "v1" and value:
+            candidates.append(value.lower().encode())
+    if timestamp is None or not candidates or abs(now - timestamp) > SIGNATURE_TOLERANCE:
+        return False
+    found = False
+    for secret in secrets_:
+        expected = sign(secret, timestamp, payload).encode()
+        for candidate in candidates:
+            found |= hmac.compare_digest(expected, candidate)
+    return found
+
+
+# -- forwarding rules --
+
+
+FORWARD_CONCURRENCY = 8  # deliveries in flight at once; a 1 vCPU box has other work
+FORWARD_PER_HOST = 4  # of those, to one host: a source that hangs can't hold every slot
+FORWARD_PAGES = 10  # due deliveries read per round, in pages, while slots are free and hosts full
+FORWARD_POLL_SECONDS = 1.0  # how often the outbox is looked at when nothing woke the worker
+FORWARD_BATCH = 100  # due deliveries read at a time
+FORWARD_SHUTDOWN_SECONDS = 10  # SIGTERM waits at most this for deliveries in flight
+MAX_BACKOFF_SECONDS = 6 * 3600
+
+
+class ForwardFacts(NamedTuple):
+    """A conversion's facts its forward URL is filled from, as conversions stores them."""
+
+    click_id: bytes
+    campaign: str
+    sub1: str | None
+    sub2: str | None
+    sub3: str | None
+    sub4: str | None
+    sub5: str | None
+    ext_id: str | None
+    event: str
+    txid: str | None
+
+
+class Delivery(NamedTuple):
+    """One forward of a conversion, as the outbox stores it when queued."""
+
+    conversion_id: int
+    campaign: str
+    status: str  # the conversion status it tells the source
+    url: str
+    idempotency_key: str
+    created_at: int
+    next_at: int
+    deadline: int
+
+
+class ForwardPlan(NamedTuple):
+    reversal: bool  # a rejection of a forwarded event: cancel what is pending, tell a source that heard
+    forward: bool  # the campaign forwards this event and status
+
+
+def plan_forward(campaign: Campaign | None, event: str, status: str) -> ForwardPlan:
+    """What a conversion's new status means for its traffic source."""
+    if campaign is None or campaign.postback_url is None:
+        return ForwardPlan(False, False)
+    reversal = status == "rejected" and (campaign.forward_events is None or event in campaign.forward_events)
+    return ForwardPlan(reversal, campaign.forwards(event, status))
+
+
+def build_delivery(
+    campaign: Campaign,
+    conversion_id: int,
+    facts: ForwardFacts,
+    status: str,
+    payout: int,
+    currency: str,
+    now_ms: int,
+    conf: ForwardConfig,
+) -> Delivery:
+    """A delivery of a conversion to the campaign's postback_url, its macros filled."""
+    values = {name: value for name, value in facts._asdict().items() if value is not None}
+    values.update(
+        click_id=format_uuid(facts.click_id),
+        status=status,
+        payout=format_money(payout),
+        currency=currency,
+        id=str(conversion_id),
+    )
+    first_try = now_ms + conf.delay_seconds * 1000
+    # The key the source can dedupe on: random, so it is unique across installations,
+    # and stored, so every retry of this delivery sends the same one.
+    return Delivery(
+        conversion_id,
+        campaign.name,
+        status,
+        campaign.postback_url.fill(values),
+        secrets.token_hex(16),
+        now_ms,
+        first_try,
+        first_try + conf.max_age_hours * 3_600_000,
+    )
+
+
+def forward_host(url: str) -> str:
+    """The host:port a delivery goes to, as the per-host limit counts it."""
+    head = URL_HEAD_RE.match(url)
+    return head.group(1).lower() if head else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """What one try of a delivery came to."""
+
+    code: int | None = None  # the HTTP status, if an answer came
+    error: str | None = None
+    retry_after: float | None = None  # seconds, from a 429/503's Retry-After
+    final: bool = False  # an error no retry can fix (a refused address)
+
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+NOT_PUBLIC_V6 = (
+    ipaddress.ip_network("64:ff9b:1::/48"),  # RFC 8215 local-use NAT64; Python < 3.12.4 calls it global
+    ipaddress.ip_network("fec0::/10"),  # deprecated site-local (RFC 3879), still routed inside some networks
+)
+IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 2765 SIIT: ::ffff:0:a.b.c.d
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # the deprecated ::a.b.c.d form
+
+
+def is_public(address: Address) -> bool:
+    """False for loopback, private, link-local, multicast, unspecified and reserved
+    addresses, including IPv4 inside IPv6 (mapped, NAT64, 6to4, Teredo)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo and address.teredo[1])
+        if address in NAT64 or address in IPV4_COMPATIBLE or address in IPV4_TRANSLATED:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if (embedded is not None and not is_public(embedded)) or any(address in net for net in NOT_PUBLIC_V6):
+            return False
+    return address.is_global and not address.is_multicast
+
+
+def parse_retry_after(text: str | None, now: float) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date."""
+    if not text:
+        return None
+    text = text.strip()
+    if DIGITS_RE.fullmatch(text):
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - now)
+
+    # h11.InformationalResponse (1xx): keep reading
+
+
+def next_step(
+    attempt: Attempt,
+    attempts: int,
+    deadline_ms: int,
+    now_ms: int,
+    conf: ForwardConfig,
+    rng: Callable[[], float] = random.random,
+) -> tuple[str, int, str | None]:
+    """After a delivery's ``attempts``-th try: its new state, when it is next due and
+    why it failed (None when done)."""
+    code = attempt.code
+    if code is not None and 200 <= code < 300:
+        return "done", now_ms, None
+    error = attempt.error or f"HTTP {code}"
+    if code == 410:
+        return "failed", now_ms, "HTTP 410: the source says this URL is gone; not retried"
+    if attempt.final or (code is not None and 300 <= code < 500 and code != 429):
+        return "failed", now_ms, error
+    # Retried: 5xx, 429, timeouts, refused connections. Exponential with jitter, so
+    # deliveries that failed together (the source was down) don't retry together.
+    if attempt.retry_after is not None and code in (429, 503):
+        delay = min(attempt.retry_after, MAX_BACKOFF_SECONDS)
+    else:
+        delay = min(conf.first_retry_seconds * 2 ** (attempts - 1), MAX_BACKOFF_SECONDS) * (0.8 + 0.4 * rng())
+    due = now_ms + int(delay * 1000)
+    if due > deadline_ms:
+        return "dead", now_ms, f"{error}; gave up after {attempts} tries (forward.max_age_hours)"
+    return "pending", due, error
+
+
+# -- retention rules --
+
+
+PURGE_BATCH = 1000  # rows per transaction: short enough that clicks queued behind it barely wait
+PURGE_PAUSE = 0.005  # seconds between batches, so clicks' own batches go in between
+VACUUM_PAGES = 256  # pages handed back to the file system per transaction
+DAY_MS = 86_400_000
+
+
+def uuid_floor(ms: int) -> bytes:
+    """The smallest UUIDv7 of a millisecond: click ids below it are older."""
+    return max(ms, 0).to_bytes(6, "big") + bytes(10)
+
+
+@dataclasses.dataclass(frozen=True)
+class PurgeRule:
+    """One retention rule: what it does to which rows, a batch at a time."""
+
+    name: str  # how /metrics and the log call it
+    table: str
+    action: str
+    days: Callable[[RetentionConfig], int]  # 0 turns the rule off; its SQL is Database.PURGE_SQL[name]
+
+
+PURGE_RULES = (
+    PurgeRule("clicks", "clicks", "deleted", lambda r: r.clicks_days),
+    PurgeRule("pii", "clicks", "ip cut to /24 or /48, user agent dropped", lambda r: r.pii_days),
+    PurgeRule("conversions", "conversions", "deleted, with their history", lambda r: r.conversions_days),
+    PurgeRule("orphans", "orphans", "deleted", lambda r: r.orphans_days),
+    PurgeRule("outbox", "outbox", "finished deliveries deleted, with their attempts", lambda r: r.outbox_days),
+)
+
+
+def rule_cutoff(rule: PurgeRule, conf: RetentionConfig, now_ms: int) -> int | bytes:
+    cutoff = now_ms - rule.days(conf) * DAY_MS
+    return uuid_floor(cutoff) if rule.table == "clicks" else cutoff
+
+
+# -- reports --
+
+
+STATS_GROUPS = ("day", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "status")
+STATS_COLUMNS = ("clicks", "bot_clicks", "conversions", "approved", "pending", "rejected", "payout", "cr", "epc")
+STATS_DEFAULT_DAYS = 30
+STATS_MAX_DAYS = 3660
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsQuery:
+    first_day: int  # UTC days since 1970, inclusive
+    last_day: int
+    by: str = "campaign"
+    campaign: str | None = None
+    bots: bool = False
+
+
+def stats_query(params: Mapping[str, str | None], now: float) -> StatsQuery:
+    """A StatsQuery from ?from=&to=&by=&campaign=&bots= (or the CLI's flags); FieldError names what is wrong."""
+    today = int(now // 86400)
+    last = parse_day(params["to"], "to") if params.get("to") else today
+    first = parse_day(params["from"], "from") if params.get("from") else last - STATS_DEFAULT_DAYS + 1
+    if first > last:
+        raise FieldError("from", f"must not be after to ({day_text(last)}), got {day_text(first)}")
+    if last - first >= STATS_MAX_DAYS:
+        raise FieldError("from", f"the range is at most {STATS_MAX_DAYS} days")
+    by = params.get("by") or "campaign"
+    if by not in STATS_GROUPS:
+        raise FieldError("by", f"must be one of {', '.join(STATS_GROUPS)}, got {quoted(by)}")
+    bots = params.get("bots") or "0"
+    if bots not in ("0", "1"):
+        raise FieldError("bots", f"must be 0 or 1, got {quoted(bots)}")
+    if params.get("tz") not in (None, "", "UTC", "utc", "Z", "+00:00"):
+        raise FieldError("tz", "totals are kept per UTC day, so only UTC is offered")
+    return StatsQuery(first, last, by, params.get("campaign") or None, bots == "1")
+
+
+def stats_rows(q: StatsQuery, clicks: Iterable[tuple], conversions: Iterable[tuple]) -> list[dict]:
+    """Rows of a report from its two reads (Database.stats). Money stays integer micro-units
+    until it is printed, so sums are exact."""
+    groups: dict[Any, dict] = {}
+
+    def group(key: Any) -> dict:
+        if key not in groups:
+            groups[key] = {
+                q.by: key,
+                "clicks": 0,
+                "bot_clicks": 0,
+                "approved": 0,
+                "pending": 0,
+                "rejected": 0,
+                "payout": Counter(),
+            }
+        return groups[key]
+
+    total_humans = total_bots = 0
+    for key, humans, bots in clicks:
+        row = group(key)
+        row["clicks"] += humans
+        row["bot_clicks"] += bots
+        total_humans, total_bots = total_humans + humans, total_bots + bots
+    for key, status, currency, count, whole, micros in conversions:
+        payout = (whole * 1_000_000 if isinstance(whole, int) else int(whole * 1_000_000)) + int(micros)
+        row = group(key)
+        row[status] += count
+        if status == "approved" or q.by == "status":
+            row["payout"][currency] += payout
+    if q.by == "status":  # every status row is set against all the clicks of the range
+        groups.pop("", None)
+        for row in groups.values():
+            row["clicks"], row["bot_clicks"] = total_humans, total_bots
+    rows = []
+    for key in sorted(groups, key=lambda k: (k is None, k)):
+        row = groups[key]
+        if q.by == "day":
+            row["day"] = day_text(key)
+        clicks_counted = row["clicks"] + (row["bot_clicks"] if q.bots else 0)
+        row["clicks"] = clicks_counted
+        row["conversions"] = row["approved"] + row["pending"]
+        micros = row.pop("payout")
+        row["payout"] = {cur: format_money(units) for cur, units in sorted(micros.items())}
+        row["cr"] = ratio(row["conversions"] * 100, clicks_counted, 2)
+        row["epc"] = (
+            {cur: ratio(units, clicks_counted * 1_000_000, 4) for cur, units in sorted(micros.items())}
+            if clicks_counted
+            else {}
+        )
+        rows.append({q.by: row[q.by], **{c: row[c] for c in STATS_COLUMNS}})
+    return rows
+
+
+def ratio(numerator: int, denominator: int, places: int) -> str | None:
+    """numerator / denominator as an exact decimal string, rounded half-even."""
+    if not denominator:
+        return None
+    return str((Decimal(numerator) / Decimal(denominator)).quantize(Decimal(1).scaleb(-places), ROUND_HALF_EVEN))
+
+
+def stats_table(q: StatsQuery, rows: list[dict]) -> tuple[list[str], list[list[object]]]:
+    """Header and cells for CSV: one payout and one epc column per currency."""
+    currencies = sorted({cur for row in rows for cur in row["payout"]})
+    header = [q.by, *STATS_COLUMNS[:6], *(f"payout_{c}" for c in currencies), "cr", *(f"epc_{c}" for c in currencies)]
+    cells = [
+        [
+            row[q.by],
+            *(row[c] for c in STATS_COLUMNS[:6]),
+            *(row["payout"].get(c, "0.00") for c in currencies),
+            row["cr"],
+            *(row["epc"].get(c, "0.0000" if row["clicks"] else None) for c in currencies),
+        ]
+        for row in rows
+    ]
+    return header, cells
+
+
+FORMULA_RE = re.compile(r"(?:^|[,;\t|\r\n])\s*[=+\-@\t\r]")
+
+
+def csv_cell(value: object) -> object:
+    """A spreadsheet reads a cell starting with = + - @ as a formula, and one set to
+    split on ; (or tab, or |) finds a cell start after each of them; sub ids come from
+    the internet, so such text is prefixed with ' (OWASP: CSV injection). Every text
+    cell is also quoted (csv_text), so no separator inside one starts a new cell."""
+    if isinstance(value, str) and FORMULA_RE.search(value):
+        return "'" + value
+    return value
+
+
+def csv_text(header: Iterable[str], lines: Iterable[Iterable[object]]) -> str:
+    """A header row and rows as CSV, every text cell quoted and defused (csv_cell)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
+    writer.writerow(header)
+    writer.writerows([csv_cell(cell) for cell in line] for line in lines)
+    return out.getvalue()
+
+
+def listing_params(params: Mapping[str, str]) -> tuple[int, int, int, str]:
+    """``since``, the ``after`` cursor, ``limit`` and ``format`` of a listing."""
+    since = parse_since(params["since"]) if params.get("since") else 0
+    after, limit = params.get("after", "0"), params.get("limit", "100")
+    if not DIGITS_RE.fullmatch(after):
+        raise FieldError("after", f"must be the cursor from a previous page, got {quoted(after)}")
+    if not DIGITS_RE.fullmatch(limit) or not 1 <= int(limit) <= 1000:
+        raise FieldError("limit", f"must be 1-1000, got {quoted(limit)}")
+    fmt = params.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise FieldError("format", f"must be json or csv, got {quoted(fmt)}")
+    return since, int(after), int(limit), fmt
+
+
+class Histogram:
+    """A Prometheus histogram: counts per upper bound, their sum and count."""
+
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def lines(self, name: str, labels: str = "") -> Iterator[str]:
+        cumulative = 0
+        sep = "," if labels else ""
+        for bound, count in zip((*self.bounds, "+Inf"), self.counts):
+            cumulative += count
+            yield f'{name}_bucket{{{labels}{sep}le="{bound}"}} {cumulative}'
+        braces = f"{{{labels}}}" if labels else ""
+        yield f"{name}_sum{braces} {self.sum:.6f}"
+        yield f"{name}_count{braces} {cumulative}"
+
+
+LATENCY_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BOUNDS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+# --- Storage: the schema --------------------------------------------------------------
 
 SCHEMA = [
     # version 1
@@ -1246,109 +1692,7 @@ SCHEMA = [
     END;
     """,
 ]
-
 OTHER_SUB1 = "(other)"  # the totals' sub1 for a campaign-day's sub1 beyond retention.sub1_per_day
-
-
-CONVERSION_COLUMNS = ("id", "click_id", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "ext_id", "event", "txid",
-                      "status", "reason", "payout", "currency", "ts", "created_at", "updated_at")  # fmt: skip
-OUTBOX_COLUMNS = ("id", "conversion_id", "campaign", "status", "state", "attempts", "created_at", "next_at", "last_at",
-                  "last_code", "last_error", "url")  # fmt: skip
-OUTBOX_STATES = ("pending", "done", "failed", "dead", "canceled")
-ORPHAN_COLUMNS = ("id", "click_id", "event", "txid", "status", "payout", "currency", "ts", "first_seen", "last_seen", "hits")
-
-
-class PostbackResult(enum.Enum):
-    """What a postback did; the value is what the answer and the log say."""
-
-    CREATED = "created"
-    DUPLICATE = "duplicate"
-    UPDATED = "updated"
-    REJECTED = "rejected"
-    ORPHAN = "orphan"
-    INVALID = "invalid"  # refused once matched to its click (a 400): nothing stored
-
-
-class RejectReason(enum.Enum):
-    """Why a valid postback was stored but not counted."""
-
-    OUTSIDE_WINDOW = "outside_window"
-
-
-@dataclasses.dataclass(frozen=True)
-class PostbackOutcome:
-    result: PostbackResult
-    id: int | None = None
-    reason: str | None = None  # REJECTED: why; INVALID: the 400's "<field>: <problem>"
-    campaign: str | None = None
-    queued_forward: bool = False  # a delivery to the traffic source was queued with it
-
-
-class ForwardFacts(NamedTuple):
-    """A conversion's facts its forward URL is filled from, as conversions stores them."""
-
-    click_id: bytes
-    campaign: str
-    sub1: str | None
-    sub2: str | None
-    sub3: str | None
-    sub4: str | None
-    sub5: str | None
-    ext_id: str | None
-    event: str
-    txid: str | None
-
-
-class Delivery(NamedTuple):
-    """One forward of a conversion, as the outbox stores it when queued."""
-
-    conversion_id: int
-    campaign: str
-    status: str  # the conversion status it tells the source
-    url: str
-    idempotency_key: str
-    created_at: int
-    next_at: int
-    deadline: int
-
-
-class ForwardPlan(NamedTuple):
-    reversal: bool  # a rejection of a forwarded event: cancel what is pending, tell a source that heard
-    forward: bool  # the campaign forwards this event and status
-
-
-def plan_forward(campaign: Campaign | None, event: str, status: str) -> ForwardPlan:
-    """What a conversion's new status means for its traffic source."""
-    if campaign is None or campaign.postback_url is None:
-        return ForwardPlan(False, False)
-    reversal = status == "rejected" and (campaign.forward_events is None or event in campaign.forward_events)
-    return ForwardPlan(reversal, campaign.forwards(event, status))
-
-
-def build_delivery(campaign: Campaign, conversion_id: int, facts: ForwardFacts, status: str, payout: int, currency: str,
-                   now_ms: int, conf: ForwardConfig) -> Delivery:  # fmt: skip
-    """A delivery of a conversion to the campaign's postback_url, its macros filled."""
-    values = {name: value for name, value in facts._asdict().items() if value is not None}
-    values.update(click_id=format_uuid(facts.click_id), status=status, payout=format_money(payout), currency=currency,
-                  id=str(conversion_id))  # fmt: skip
-    first_try = now_ms + conf.delay_seconds * 1000
-    # The key the source can dedupe on: random, so it is unique across installations,
-    # and stored, so every retry of this delivery sends the same one.
-    return Delivery(conversion_id, campaign.name, status, campaign.postback_url.fill(values), secrets.token_hex(16), now_ms,
-                    first_try, first_try + conf.max_age_hours * 3_600_000)  # fmt: skip
-
-
-OUTBOX_SELECT = """SELECT id, conversion_id, campaign, status, state, attempts, created_at, next_at, last_at,
-                         last_code, last_error, url FROM outbox"""
-
-
-def outbox_dict(row: tuple) -> dict:
-    """An OUTBOX_SELECT row for people: times as ISO 8601, next_at only while pending."""
-    fields = dict(zip(OUTBOX_COLUMNS, row))
-    fields["created_at"] = iso_ms(fields["created_at"])
-    fields["next_at"] = iso_ms(fields["next_at"]) if fields["state"] == "pending" else None
-    fields["last_at"] = fields["last_at"] and iso_ms(fields["last_at"])
-    return fields
 
 
 def open_database(path: str) -> sqlite3.Connection:
@@ -1390,14 +1734,94 @@ def migrate(con: sqlite3.Connection, path: str) -> None:
         con.execute("VACUUM")
 
 
-READER_NICE = 10  # CFS weight 110 against the event loop's 1024: about a tenth of a busy core
+# --- Storage: the database ------------------------------------------------------------
 
 
-def lower_thread_priority() -> int:
-    """Lower the calling thread's CPU priority (Linux: nice applies per thread)."""
-    with suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICE)
-    return 0
+CONVERSION_COLUMNS = (
+    "id",
+    "click_id",
+    "campaign",
+    "sub1",
+    "sub2",
+    "sub3",
+    "sub4",
+    "sub5",
+    "ext_id",
+    "event",
+    "txid",
+    "status",
+    "reason",
+    "payout",
+    "currency",
+    "ts",
+    "created_at",
+    "updated_at",
+)
+OUTBOX_COLUMNS = (
+    "id",
+    "conversion_id",
+    "campaign",
+    "status",
+    "state",
+    "attempts",
+    "created_at",
+    "next_at",
+    "last_at",
+    "last_code",
+    "last_error",
+    "url",
+)
+OUTBOX_STATES = ("pending", "done", "failed", "dead", "canceled")
+ORPHAN_COLUMNS = (
+    "id",
+    "click_id",
+    "event",
+    "txid",
+    "status",
+    "payout",
+    "currency",
+    "ts",
+    "first_seen",
+    "last_seen",
+    "hits",
+)
+OUTBOX_SELECT = """SELECT id, conversion_id, campaign, status, state, attempts, created_at, next_at, last_at,
+                         last_code, last_error, url FROM outbox"""
+
+
+def outbox_dict(row: tuple) -> dict:
+    """An OUTBOX_SELECT row for people: times as ISO 8601, next_at only while pending."""
+    fields = dict(zip(OUTBOX_COLUMNS, row))
+    fields["created_at"] = iso_ms(fields["created_at"])
+    fields["next_at"] = iso_ms(fields["next_at"]) if fields["state"] == "pending" else None
+    fields["last_at"] = fields["last_at"] and iso_ms(fields["last_at"])
+    return fields
+
+
+class PostbackResult(enum.Enum):
+    """What a postback did; the value is what the answer and the log say."""
+
+    CREATED = "created"
+    DUPLICATE = "duplicate"
+    UPDATED = "updated"
+    REJECTED = "rejected"
+    ORPHAN = "orphan"
+    INVALID = "invalid"  # refused once matched to its click (a 400): nothing stored
+
+
+class RejectReason(enum.Enum):
+    """Why a valid postback was stored but not counted."""
+
+    OUTSIDE_WINDOW = "outside_window"
+
+
+@dataclasses.dataclass(frozen=True)
+class PostbackOutcome:
+    result: PostbackResult
+    id: int | None = None
+    reason: str | None = None  # REJECTED: why; INVALID: the 400's "<field>: <problem>"
+    campaign: str | None = None
+    queued_forward: bool = False  # a delivery to the traffic source was queued with it
 
 
 INSERT_CLICK = """INSERT INTO clicks (id, ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, ip, ua, bot)
@@ -1406,27 +1830,10 @@ INSERT_CLICK_OTHER = """INSERT INTO clicks (id, ts, campaign, sub1, sub2, sub3, 
                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 ADD_DAILY_CLICKS = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks) VALUES (?, ?, ?, ?, ?)
                       ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks"""
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """Work for the writer thread, in a transaction of its own (outbox results, purges)."""
-
-    func: Callable[[Database, int], Any]
-    rows: int = 1  # about how many rows it writes, for WAL checkpoint pacing
-
-
-def batch_size(queue: list[tuple[object, Any]]) -> int:
-    """How many queued writes go in the next transaction: a Job goes alone."""
-    if isinstance(queue[0][0], Job):
-        return 1
-    for i in range(1, min(len(queue), MAX_BATCH)):
-        if isinstance(queue[i][0], Job):
-            return i
-    return min(len(queue), MAX_BATCH)
-
-
-# --- Storage: the database ----------------------------------------------------
+# Whole units and micro-units summed apart: a plain sum(payout) of daily totals near the
+# 64-bit limit raises "integer overflow", and a total stored as a REAL (an overflow before
+# the payout cap) still adds up. Python puts the two back together, exactly.
+PAYOUT_SUM = "sum(payout / 1000000), sum(payout - payout / 1000000 * 1000000)"
 
 
 class ClickRow(NamedTuple):
@@ -1491,22 +1898,32 @@ class WritePolicy(NamedTuple):
 PURGE_SQL = {
     # rule name: (how many rows are due, for --dry-run; one batch). The count takes
     # :cutoff and :clicks_cutoff; the batch (cutoff, limit).
-    "clicks": ("SELECT count(*) FROM clicks WHERE id < :cutoff",
-               "DELETE FROM clicks WHERE id IN (SELECT id FROM clicks WHERE id < ? ORDER BY id LIMIT ?)"),
+    "clicks": (
+        "SELECT count(*) FROM clicks WHERE id < :cutoff",
+        "DELETE FROM clicks WHERE id IN (SELECT id FROM clicks WHERE id < ? ORDER BY id LIMIT ?)",
+    ),
     # pii_done marks how far it got, so each batch starts where the last stopped.
-    "pii": ("""SELECT count(*) FROM clicks WHERE id > coalesce((SELECT value FROM meta WHERE key = 'pii_done'), x'')
+    "pii": (
+        """SELECT count(*) FROM clicks WHERE id > coalesce((SELECT value FROM meta WHERE key = 'pii_done'), x'')
                    AND id < :cutoff AND id >= :clicks_cutoff""",  # what the clicks rule deletes first is not cut
-            """UPDATE clicks SET ip = truncate_ip(ip), ua = NULL WHERE id IN (
+        """UPDATE clicks SET ip = truncate_ip(ip), ua = NULL WHERE id IN (
                    SELECT id FROM clicks WHERE id > coalesce((SELECT value FROM meta WHERE key = 'pii_done'), x'')
-                   AND id < ?1 ORDER BY id LIMIT ?2) RETURNING id"""),
-    "conversions": ("SELECT count(*) FROM conversions WHERE created_at < :cutoff",
-                    "DELETE FROM conversions WHERE id IN (SELECT id FROM conversions WHERE created_at < ? ORDER BY created_at LIMIT ?)"),
-    "orphans": ("SELECT count(*) FROM orphans WHERE last_seen < :cutoff",
-                "DELETE FROM orphans WHERE id IN (SELECT id FROM orphans WHERE last_seen < ? LIMIT ?)"),
-    "outbox": ("SELECT count(*) FROM outbox WHERE state != 'pending' AND coalesce(last_at, created_at) < :cutoff",
-               """DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state != 'pending'
-                      AND coalesce(last_at, created_at) < ? LIMIT ?)"""),
-}  # fmt: skip
+                   AND id < ?1 ORDER BY id LIMIT ?2) RETURNING id""",
+    ),
+    "conversions": (
+        "SELECT count(*) FROM conversions WHERE created_at < :cutoff",
+        "DELETE FROM conversions WHERE id IN (SELECT id FROM conversions WHERE created_at < ? ORDER BY created_at LIMIT ?)",
+    ),
+    "orphans": (
+        "SELECT count(*) FROM orphans WHERE last_seen < :cutoff",
+        "DELETE FROM orphans WHERE id IN (SELECT id FROM orphans WHERE last_seen < ? LIMIT ?)",
+    ),
+    "outbox": (
+        "SELECT count(*) FROM outbox WHERE state != 'pending' AND coalesce(last_at, created_at) < :cutoff",
+        """DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state != 'pending'
+                      AND coalesce(last_at, created_at) < ? LIMIT ?)""",
+    ),
+}
 
 
 class Database:
@@ -1627,7 +2044,9 @@ class Database:
         return row and row[0]
 
     def campaigns_with_clicks(self, other_than: str, limit: int) -> list[str]:
-        rows = self.con.execute("SELECT DISTINCT campaign FROM daily_clicks WHERE campaign != ? LIMIT ?", (other_than, limit))
+        rows = self.con.execute(
+            "SELECT DISTINCT campaign FROM daily_clicks WHERE campaign != ? LIMIT ?", (other_than, limit)
+        )
         return [row[0] for row in rows]
 
     def table_counts(self, *tables: str) -> dict[str, int]:
@@ -1686,7 +2105,8 @@ class Database:
         """Match, dedupe and store a postback, in the caller's transaction: an orphan,
         a new conversion, a duplicate, or a status change; forwards queued with it."""
         row = self.con.execute(
-            "SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other FROM clicks WHERE id = ?", (pb.click_id,)
+            "SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other FROM clicks WHERE id = ?",
+            (pb.click_id,),
         ).fetchone()
         if row is None:
             return self._record_orphan(pb, now_ms)
@@ -1713,9 +2133,20 @@ class Database:
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (click_id, dedupe_key) DO UPDATE SET hits = hits + 1, last_seen = excluded.last_seen,
                    status = excluded.status, payout = excluded.payout, currency = excluded.currency, ip = excluded.ip""",
-            (format_uuid(pb.click_id), pb.dedupe_key, pb.event, pb.txid, pb.status, pb.payout, pb.currency, pb.ts_ms, pb.ip,
-             now_ms, now_ms),
-        )  # fmt: skip
+            (
+                format_uuid(pb.click_id),
+                pb.dedupe_key,
+                pb.event,
+                pb.txid,
+                pb.status,
+                pb.payout,
+                pb.currency,
+                pb.ts_ms,
+                pb.ip,
+                now_ms,
+                now_ms,
+            ),
+        )
         return PostbackOutcome(PostbackResult.ORPHAN)
 
     def _find_conversion(self, pb: Postback) -> StoredConversion | None:
@@ -1727,41 +2158,66 @@ class Database:
         ).fetchone()
         return row and StoredConversion(*row[:7], ForwardFacts(*row[7:]))
 
-    def _new_conversion(self, pb: Postback, click: ClickFacts, sub1_total: str | None, ts: int, now_ms: int,
-                        policy: WritePolicy) -> PostbackOutcome | None:  # fmt: skip
+    def _new_conversion(
+        self, pb: Postback, click: ClickFacts, sub1_total: str | None, ts: int, now_ms: int, policy: WritePolicy
+    ) -> PostbackOutcome | None:
         """A new conversion (None if its key exists): one INSERT .. RETURNING, the usual case."""
         campaign = policy.campaigns.get(click.campaign)
-        late = campaign is not None and campaign.window_days is not None and ts - click.ts > campaign.window_days * DAY_MS
+        late = (
+            campaign is not None and campaign.window_days is not None and ts - click.ts > campaign.window_days * DAY_MS
+        )
         reason = RejectReason.OUTSIDE_WINDOW.value if late else None
         status = "rejected" if late else pb.status
         day, sub1 = ts // DAY_MS, sub1_total or click.sub1 or ""
         if pb.payout and not self._total_has_room(day, click.campaign, sub1, status, pb.currency, pb.payout):
             if self._find_conversion(pb) is not None:
                 return None  # not new: the status-change path decides
-            return PostbackOutcome(PostbackResult.INVALID, reason=overflow_problem(click.campaign, day), campaign=click.campaign)
+            return PostbackOutcome(
+                PostbackResult.INVALID, reason=overflow_problem(click.campaign, day), campaign=click.campaign
+            )
         row = self.con.execute(
             """INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id,
                    event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip, sub1_total)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id""",
-            (pb.click_id, pb.dedupe_key, *click, pb.event, pb.txid, status, reason,
-             pb.payout, pb.currency, ts, now_ms, now_ms, pb.ip, sub1_total),
-        ).fetchone()  # fmt: skip
+            (
+                pb.click_id,
+                pb.dedupe_key,
+                *click,
+                pb.event,
+                pb.txid,
+                status,
+                reason,
+                pb.payout,
+                pb.currency,
+                ts,
+                now_ms,
+                now_ms,
+                pb.ip,
+                sub1_total,
+            ),
+        ).fetchone()
         if row is None:
             return None
         conversion_id = row[0]
         if late:
             return PostbackOutcome(PostbackResult.REJECTED, conversion_id, reason, click.campaign)
         facts = ForwardFacts(pb.click_id, *click[1:], pb.event, pb.txid)
-        queued = self._forward(campaign, conversion_id, facts, pb.status, pb.payout, pb.currency, now_ms, policy.forward)
+        queued = self._forward(
+            campaign, conversion_id, facts, pb.status, pb.payout, pb.currency, now_ms, policy.forward
+        )
         return PostbackOutcome(PostbackResult.CREATED, conversion_id, campaign=click.campaign, queued_forward=queued)
 
-    def _change_status(self, pb: Postback, click: ClickFacts, old: StoredConversion, now_ms: int, policy: WritePolicy) -> PostbackOutcome:
+    def _change_status(
+        self, pb: Postback, click: ClickFacts, old: StoredConversion, now_ms: int, policy: WritePolicy
+    ) -> PostbackOutcome:
         # Without a payout it keeps the amount it was credited with.
         payout, currency = (pb.payout, pb.currency) if pb.payout_given else (old.payout, old.currency)
         sub1 = old.sub1_total or click.sub1 or ""
         if payout and not self._total_has_room(old.day, click.campaign, sub1, pb.status, currency, payout):
-            return PostbackOutcome(PostbackResult.INVALID, reason=overflow_problem(click.campaign, old.day), campaign=click.campaign)
+            return PostbackOutcome(
+                PostbackResult.INVALID, reason=overflow_problem(click.campaign, old.day), campaign=click.campaign
+            )
         self.con.execute(
             "UPDATE conversions SET status = ?, updated_at = ?, ip = ?, payout = ?, currency = ? WHERE id = ?",
             (pb.status, now_ms, pb.ip, payout, currency, old.id),
@@ -1779,8 +2235,17 @@ class Database:
         ).fetchone()
         return row is None or not isinstance(row[0], int) or row[0] <= MAX_SUM - payout
 
-    def _forward(self, campaign: Campaign | None, conversion_id: int, facts: ForwardFacts, status: str, payout: int,
-                 currency: str, now_ms: int, conf: ForwardConfig) -> bool:  # fmt: skip
+    def _forward(
+        self,
+        campaign: Campaign | None,
+        conversion_id: int,
+        facts: ForwardFacts,
+        status: str,
+        payout: int,
+        currency: str,
+        now_ms: int,
+        conf: ForwardConfig,
+    ) -> bool:
         """Queue the conversion's forward in the same transaction, as plan_forward says;
         True if a delivery was queued."""
         plan = plan_forward(campaign, facts.event, status)
@@ -1793,7 +2258,9 @@ class Database:
                    WHERE conversion_id = ? AND state = 'pending'""",
                 (conversion_id,),
             )
-            told = self.con.execute("SELECT 1 FROM outbox WHERE conversion_id = ? AND attempts > 0 LIMIT 1", (conversion_id,)).fetchone()
+            told = self.con.execute(
+                "SELECT 1 FROM outbox WHERE conversion_id = ? AND attempts > 0 LIMIT 1", (conversion_id,)
+            ).fetchone()
         if not (plan.forward or told):
             return False
         self.queue_delivery(build_delivery(campaign, conversion_id, facts, status, payout, currency, now_ms, conf))
@@ -1817,8 +2284,9 @@ class Database:
         )
         return [DueDelivery(*row) for row in rows]
 
-    def record_attempt(self, outbox_id: int, attempt: Attempt, state: str, due: int, error: str | None, took_ms: int,
-                       now_ms: int) -> None:  # fmt: skip
+    def record_attempt(
+        self, outbox_id: int, attempt: Attempt, state: str, due: int, error: str | None, took_ms: int, now_ms: int
+    ) -> None:
         """One try's result. A delivery canceled meanwhile stays canceled."""
         self.con.execute(
             """UPDATE outbox SET attempts = attempts + 1, last_at = ?, last_code = ?, last_error = ?,
@@ -1831,7 +2299,9 @@ class Database:
             (outbox_id, now_ms, attempt.code, attempt.error, took_ms),
         )
 
-    def retry_deliveries(self, ids: Sequence[int], states: Sequence[str], now_ms: int, deadline: int) -> tuple[int, list[int]]:
+    def retry_deliveries(
+        self, ids: Sequence[int], states: Sequence[str], now_ms: int, deadline: int
+    ) -> tuple[int, list[int]]:
         """Dead, failed or canceled deliveries pending again (these ids, or every one in
         these states); how many, and which of the ids were not."""
         cursor = self.con.execute(
@@ -1840,11 +2310,17 @@ class Database:
                       OR state IN ({",".join("?" * len(states))}))""",
             (now_ms, deadline, *ids, *states),
         )
-        pending = {row[0] for row in self.con.execute(
-            f"SELECT id FROM outbox WHERE id IN ({','.join('?' * len(ids))}) AND state = 'pending'", ids)}  # fmt: skip
+        pending = {
+            row[0]
+            for row in self.con.execute(
+                f"SELECT id FROM outbox WHERE id IN ({','.join('?' * len(ids))}) AND state = 'pending'", ids
+            )
+        }
         return cursor.rowcount, sorted(set(ids) - pending)
 
-    def conversions_to_replay(self, since_ms: int, campaigns: Collection[str]) -> Iterator[tuple[int, ForwardFacts, str, int, str]]:
+    def conversions_to_replay(
+        self, since_ms: int, campaigns: Collection[str]
+    ) -> Iterator[tuple[int, ForwardFacts, str, int, str]]:
         """Counted conversions created since a time in these campaigns: id, facts, status, payout, currency."""
         rows = self.con.execute(
             f"""SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, status, payout, currency
@@ -1875,7 +2351,9 @@ class Database:
         return row and outbox_dict(row)
 
     def attempts(self, outbox_id: int) -> list[dict]:
-        rows = self.con.execute("SELECT at, code, error, ms FROM outbox_attempts WHERE outbox_id = ? ORDER BY at", (outbox_id,))
+        rows = self.con.execute(
+            "SELECT at, code, error, ms FROM outbox_attempts WHERE outbox_id = ? ORDER BY at", (outbox_id,)
+        )
         return [{"at": iso_ms(at), "code": code, "error": error, "ms": ms} for at, code, error, ms in rows]
 
     def outbox_states(self) -> dict[str, int]:
@@ -1908,9 +2386,16 @@ class Database:
     def purge_due(self, conf: RetentionConfig, now_ms: int) -> list[tuple[PurgeRule, int]]:
         """How many rows each rule that is on would touch now."""
         clicks_cutoff = uuid_floor(now_ms - conf.clicks_days * DAY_MS) if conf.clicks_days else b""
-        return [(rule, self.con.execute(PURGE_SQL[rule.name][0], {"cutoff": rule_cutoff(rule, conf, now_ms),
-                                                                   "clicks_cutoff": clicks_cutoff}).fetchone()[0])
-                for rule in PURGE_RULES if rule.days(conf)]  # fmt: skip
+        return [
+            (
+                rule,
+                self.con.execute(
+                    PURGE_SQL[rule.name][0], {"cutoff": rule_cutoff(rule, conf, now_ms), "clicks_cutoff": clicks_cutoff}
+                ).fetchone()[0],
+            )
+            for rule in PURGE_RULES
+            if rule.days(conf)
+        ]
 
     # -- Reports and listings --
 
@@ -1928,7 +2413,8 @@ class Database:
             key = "''" if q.by == "status" else q.by
             span = (q.first_day, q.last_day, *args)
             clicks = self.con.execute(
-                f"SELECT {key}, sum(clicks), sum(bot_clicks) FROM daily_clicks WHERE day BETWEEN ? AND ?{where} GROUP BY 1", span
+                f"SELECT {key}, sum(clicks), sum(bot_clicks) FROM daily_clicks WHERE day BETWEEN ? AND ?{where} GROUP BY 1",
+                span,
             )
             conversions = self.con.execute(
                 f"""SELECT {"status" if q.by == "status" else key}, status, currency, sum(conversions), {PAYOUT_SUM}
@@ -1949,7 +2435,9 @@ class Database:
         )
         return stats_rows(q, clicks.fetchall(), conversions.fetchall())
 
-    def conversions(self, since_ms: int, after_id: int, limit: int, campaign: str | None, status: str | None) -> list[dict]:
+    def conversions(
+        self, since_ms: int, after_id: int, limit: int, campaign: str | None, status: str | None
+    ) -> list[dict]:
         """Conversions created since a time, oldest first, for reconciliation."""
         sql = """SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, status, reason,
                         payout, currency, ts, created_at, updated_at
@@ -1961,7 +2449,12 @@ class Database:
             sql, args = sql + " AND status = ?", [*args, status]
         rows = self.con.execute(sql + " ORDER BY id LIMIT ?", (*args, limit))
         return [
-            dict(zip(CONVERSION_COLUMNS, (*r[:1], format_uuid(r[1]), *r[2:13], format_money(r[13]), r[14], *map(iso_ms, r[15:]))))
+            dict(
+                zip(
+                    CONVERSION_COLUMNS,
+                    (*r[:1], format_uuid(r[1]), *r[2:13], format_money(r[13]), r[14], *map(iso_ms, r[15:])),
+                )
+            )
             for r in rows
         ]
 
@@ -1972,7 +2465,9 @@ class Database:
                FROM orphans WHERE id > ? AND last_seen >= ? ORDER BY id LIMIT ?""",
             (after_id, since_ms, limit),
         )
-        return [dict(zip(ORPHAN_COLUMNS, (*r[:5], format_money(r[5]), r[6], *map(iso_ms, r[7:10]), r[10]))) for r in rows]
+        return [
+            dict(zip(ORPHAN_COLUMNS, (*r[:5], format_money(r[5]), r[6], *map(iso_ms, r[7:10]), r[10]))) for r in rows
+        ]
 
     def recent_conversions(self, limit: int) -> list[tuple]:
         """The newest conversions: created_at, campaign, sub1, event, status, payout, currency, reason."""
@@ -1984,8 +2479,40 @@ class Database:
     def recent_orphans(self, limit: int) -> list[tuple]:
         """The orphans seen last: last_seen, click_id, event, payout, currency, hits."""
         return self.con.execute(
-            "SELECT last_seen, click_id, event, payout, currency, hits FROM orphans ORDER BY last_seen DESC LIMIT ?", (limit,)
+            "SELECT last_seen, click_id, event, payout, currency, hits FROM orphans ORDER BY last_seen DESC LIMIT ?",
+            (limit,),
         ).fetchall()
+
+
+# --- Storage: the async store ---------------------------------------------------------
+
+
+READER_NICE = 10  # CFS weight 110 against the event loop's 1024: about a tenth of a busy core
+
+
+def lower_thread_priority() -> int:
+    """Lower the calling thread's CPU priority (Linux: nice applies per thread)."""
+    with suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICE)
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """Work for the writer thread, in a transaction of its own (outbox results, purges)."""
+
+    func: Callable[[Database, int], Any]
+    rows: int = 1  # about how many rows it writes, for WAL checkpoint pacing
+
+
+def batch_size(queue: list[tuple[object, Any]]) -> int:
+    """How many queued writes go in the next transaction: a Job goes alone."""
+    if isinstance(queue[0][0], Job):
+        return 1
+    for i in range(1, min(len(queue), MAX_BATCH)):
+        if isinstance(queue[i][0], Job):
+            return i
+    return min(len(queue), MAX_BATCH)
 
 
 WRITE_QUIET_SECONDS = 10  # failures this far apart are one episode in the log (a nearly full disk flaps)
@@ -2041,10 +2568,6 @@ class DiskReserve:
         return True
 
 
-def overflow_problem(campaign: str, day: int) -> str:
-    return f"payout: would take the {day_text(day)} total of campaign {campaign} past {format_money(MAX_SUM)}"
-
-
 def is_disk_full(exc: BaseException) -> bool:
     return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or getattr(exc, "errno", None) == errno.ENOSPC
 
@@ -2064,8 +2587,9 @@ class Store:
     is what it takes), then a write. Nothing is acknowledged that was not committed.
     """
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
-                 on_forward: Callable[[], object] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, config: Config, *, clock: Callable[[], float] = time.time, on_forward: Callable[[], object] | None = None
+    ) -> None:
         self.path = config.storage.path
         self.clock = clock
         self.on_forward = on_forward  # told when a batch queued forwards
@@ -2111,8 +2635,9 @@ class Store:
             await loop.run_in_executor(self._executor, self.reserve.make)
         # Reports run on the reader's thread. On one core a long one would take half the
         # CPU from clicks; at a lower priority (Linux nice, per thread) it yields to them.
-        self._read_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinytrack-reader",
-                                                 initializer=lower_thread_priority)  # fmt: skip
+        self._read_executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="tinytrack-reader", initializer=lower_thread_priority
+        )
         self._reader = await loop.run_in_executor(self._read_executor, Database.open_readonly, self.path)
         self._closing = False
         self._checkpointed_at = loop.time()
@@ -2243,7 +2768,9 @@ class Store:
 
     # One batch, one transaction: on the writer thread, or for clicks alone on the loop.
 
-    def _write_batch(self, items: list[object], postbacks: bool, busy_timeout: int = BUSY_TIMEOUT_MS) -> list[PostbackOutcome | None]:
+    def _write_batch(
+        self, items: list[object], postbacks: bool, busy_timeout: int = BUSY_TIMEOUT_MS
+    ) -> list[PostbackOutcome | None]:
         db, policy = self._db, self._policy
         now_ms = int(self.clock() * 1000)
         with db.transaction(fsync=postbacks, busy_timeout_ms=busy_timeout):
@@ -2327,8 +2854,11 @@ class Store:
     def _release_reserve(self) -> bool:
         if not self.reserve.release():
             return False
-        log.warning("disk full: gave back the %d MB disk reserve (%s); made again once the disk has room",
-                    self.reserve.size >> 20, self.reserve.path)  # fmt: skip
+        log.warning(
+            "disk full: gave back the %d MB disk reserve (%s); made again once the disk has room",
+            self.reserve.size >> 20,
+            self.reserve.path,
+        )
         return True
 
     def _probe_write(self) -> None:
@@ -2352,178 +2882,28 @@ class Store:
             log.error("writes are failing, answering 503 until one commits again: %s", exc)
         elif now - health.last_logged >= 60:
             health.last_logged = now
-            log.error("writes still failing: %d batches in %.0f s, last: %s", health.episode_failures,
-                      now - health.episode_since, exc)  # fmt: skip
+            log.error(
+                "writes still failing: %d batches in %.0f s, last: %s",
+                health.episode_failures,
+                now - health.episode_since,
+                exc,
+            )
 
     def _committed(self) -> None:
         health, now = self.health, time.time()
         health.last_commit = now
         health.failing_since, health.last_error = None, None
         if health.episode_since is not None and now - health.last_failure >= WRITE_QUIET_SECONDS:
-            log.warning("writes recovered: %d batches failed in %.1f s, none since %.0f s", health.episode_failures,
-                        health.last_failure - health.episode_since, now - health.last_failure)  # fmt: skip
+            log.warning(
+                "writes recovered: %d batches failed in %.1f s, none since %.0f s",
+                health.episode_failures,
+                health.last_failure - health.episode_since,
+                now - health.last_failure,
+            )
             health.episode_since, health.episode_failures = None, 0
 
 
-# --- Retention -----------------------------------------------------------------
-
-PURGE_BATCH = 1000  # rows per transaction: short enough that clicks queued behind it barely wait
-PURGE_PAUSE = 0.005  # seconds between batches, so clicks' own batches go in between
-VACUUM_PAGES = 256  # pages handed back to the file system per transaction
-DAY_MS = 86_400_000
-
-
-def uuid_floor(ms: int) -> bytes:
-    """The smallest UUIDv7 of a millisecond: click ids below it are older."""
-    return max(ms, 0).to_bytes(6, "big") + bytes(10)
-
-
-@dataclasses.dataclass(frozen=True)
-class PurgeRule:
-    """One retention rule: what it does to which rows, a batch at a time."""
-
-    name: str  # how /metrics and the log call it
-    table: str
-    action: str
-    days: Callable[[RetentionConfig], int]  # 0 turns the rule off; its SQL is Database.PURGE_SQL[name]
-
-
-PURGE_RULES = (
-    PurgeRule("clicks", "clicks", "deleted", lambda r: r.clicks_days),
-    PurgeRule("pii", "clicks", "ip cut to /24 or /48, user agent dropped", lambda r: r.pii_days),
-    PurgeRule("conversions", "conversions", "deleted, with their history", lambda r: r.conversions_days),
-    PurgeRule("orphans", "orphans", "deleted", lambda r: r.orphans_days),
-    PurgeRule("outbox", "outbox", "finished deliveries deleted, with their attempts", lambda r: r.outbox_days),
-)
-
-
-def rule_cutoff(rule: PurgeRule, conf: RetentionConfig, now_ms: int) -> int | bytes:
-    cutoff = now_ms - rule.days(conf) * DAY_MS
-    return uuid_floor(cutoff) if rule.table == "clicks" else cutoff
-
-
-def purge_step(db: Database, now_ms: int, *, rule: PurgeRule, conf: RetentionConfig) -> int:
-    return db.purge_batch(rule, conf, PURGE_BATCH, now_ms)
-
-
-class Purger:
-    """Retention in the background: every ``interval_minutes``, each rule in small
-    batches through the store's writer, pausing between them."""
-
-    def __init__(self, store: Store, config: Config) -> None:
-        self.store = store
-        self.config = config.retention
-        self.last: dict[str, int] = {}  # what the last run did, for /metrics
-        self._task: asyncio.Task | None = None
-
-    def reconfigure(self, config: Config) -> None:
-        """The rules for the next run; a run under way keeps the ones it started with."""
-        self.config = config.retention
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="tinytrack-purge")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except StorageError as exc:  # a failing disk: the store has said so already
-                log.warning("purge stopped, will try again next interval: %s", exc)
-            except Exception as exc:  # a busy database: the next run tries again
-                log.error("purge failed, will try again: %s", exc)
-            await asyncio.sleep(self.config.interval_minutes * 60)
-
-    async def run_once(self) -> dict[str, int]:
-        """Apply every rule until nothing is due; rows touched per rule."""
-        done: dict[str, int] = {}
-        started = time.perf_counter()
-        # One config for the whole run: a reload meanwhile (say clicks_days = 0, to stop a
-        # purge) must not turn the next batch's cutoff into "now". It applies next run.
-        conf = self.config
-        for rule in PURGE_RULES:
-            if not rule.days(conf):
-                continue
-            total = 0
-            while True:
-                n = await self.store.write(partial(purge_step, rule=rule, conf=conf), rows=PURGE_BATCH)
-                total += n
-                if n < PURGE_BATCH:
-                    break
-                await asyncio.sleep(PURGE_PAUSE)
-            done[rule.name] = total
-        before = math.inf  # until nothing is left, or a step frees nothing (not an incremental auto-vacuum file)
-        while 0 < (left := await self.store.write(lambda db, now_ms: db.vacuum_step(), rows=VACUUM_PAGES)) < before:
-            before = left
-            await asyncio.sleep(PURGE_PAUSE)
-        self.last = done
-        if any(done.values()):
-            log.info("purge: %s in %.1f s", ", ".join(f"{what}: {n}" for what, n in done.items() if n),
-                     time.perf_counter() - started)  # fmt: skip
-        return done
-
-
-# --- Forwarding ---------------------------------------------------------------
-
-FORWARD_CONCURRENCY = 8  # deliveries in flight at once; a 1 vCPU box has other work
-FORWARD_PER_HOST = 4  # of those, to one host: a source that hangs can't hold every slot
-FORWARD_PAGES = 10  # due deliveries read per round, in pages, while slots are free and hosts full
-FORWARD_POLL_SECONDS = 1.0  # how often the outbox is looked at when nothing woke the worker
-FORWARD_BATCH = 100  # due deliveries read at a time
-FORWARD_SHUTDOWN_SECONDS = 10  # SIGTERM waits at most this for deliveries in flight
-MAX_BACKOFF_SECONDS = 6 * 3600
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
-NOT_PUBLIC_V6 = (
-    ipaddress.ip_network("64:ff9b:1::/48"),  # RFC 8215 local-use NAT64; Python < 3.12.4 calls it global
-    ipaddress.ip_network("fec0::/10"),  # deprecated site-local (RFC 3879), still routed inside some networks
-)
-IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 2765 SIIT: ::ffff:0:a.b.c.d
-IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # the deprecated ::a.b.c.d form
-
-
-@dataclasses.dataclass(frozen=True)
-class Attempt:
-    """What one try of a delivery came to."""
-
-    code: int | None = None  # the HTTP status, if an answer came
-    error: str | None = None
-    retry_after: float | None = None  # seconds, from a 429/503's Retry-After
-    final: bool = False  # an error no retry can fix (a refused address)
-
-
-def is_public(address: Address) -> bool:
-    """False for loopback, private, link-local, multicast, unspecified and reserved
-    addresses, including IPv4 inside IPv6 (mapped, NAT64, 6to4, Teredo)."""
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo and address.teredo[1])
-        if address in NAT64 or address in IPV4_COMPATIBLE or address in IPV4_TRANSLATED:
-            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-        if (embedded is not None and not is_public(embedded)) or any(address in net for net in NOT_PUBLIC_V6):
-            return False
-    return address.is_global and not address.is_multicast
-
-
-def parse_retry_after(text: str | None, now: float) -> float | None:
-    """Retry-After as seconds from now: delta-seconds or an HTTP date."""
-    if not text:
-        return None
-    text = text.strip()
-    if DIGITS_RE.fullmatch(text):
-        return float(text)
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - now)
+# --- Background work: forwarding ------------------------------------------------------
 
 
 async def send_forward(url: str, key: str, timeout: float, allow_private: bool) -> Attempt:
@@ -2546,8 +2926,11 @@ async def send_forward(url: str, key: str, timeout: float, allow_private: bool) 
             if not allow_private:
                 refused = [a for a in addresses if not is_public(ipaddress.ip_address(a.split("%")[0]))]
                 if refused:
-                    return Attempt(error=f"refused: {host} resolves to {refused[0]}, not a public address "
-                                         "(forward.allow_private = true allows it)", final=True)  # fmt: skip
+                    return Attempt(
+                        error=f"refused: {host} resolves to {refused[0]}, not a public address "
+                        "(forward.allow_private = true allows it)",
+                        final=True,
+                    )
             context = ssl.create_default_context() if https else None
             errors = []
             for address in addresses:
@@ -2570,12 +2953,23 @@ async def send_forward(url: str, key: str, timeout: float, allow_private: bool) 
         return Attempt(error=f"connection failed: {exc}")
 
 
-async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, target: str,
-                   key: str, now: Callable[[], float]) -> Attempt:  # fmt: skip
+async def exchange(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    host: str,
+    target: str,
+    key: str,
+    now: Callable[[], float],
+) -> Attempt:
     """One request and the status line and headers of its answer, parsed by h11."""
     conn = h11.Connection(h11.CLIENT)
-    headers = [("Host", host), ("User-Agent", f"tinytrack/{__version__}"), ("Accept", "*/*"),
-               ("Idempotency-Key", key), ("Connection", "close")]  # fmt: skip
+    headers = [
+        ("Host", host),
+        ("User-Agent", f"tinytrack/{__version__}"),
+        ("Accept", "*/*"),
+        ("Idempotency-Key", key),
+        ("Connection", "close"),
+    ]
     writer.write(conn.send(h11.Request(method="GET", target=target, headers=headers)))
     writer.write(conn.send(h11.EndOfMessage()))
     await writer.drain()
@@ -2594,42 +2988,25 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, h
             if 300 <= event.status_code < 400:
                 location = headers.get(b"location", b"").decode("latin-1")
                 return Attempt(event.status_code, f"redirect to {quoted(location, 80)} not followed")
-            return Attempt(event.status_code, None, parse_retry_after(retry_after and retry_after.decode("latin-1"), time.time()))
+            return Attempt(
+                event.status_code, None, parse_retry_after(retry_after and retry_after.decode("latin-1"), time.time())
+            )
         if isinstance(event, h11.ConnectionClosed):
             return Attempt(error="connection closed before an answer")
-        # h11.InformationalResponse (1xx): keep reading
-
-
-def next_step(attempt: Attempt, attempts: int, deadline_ms: int, now_ms: int, conf: ForwardConfig,
-              rng: Callable[[], float] = random.random) -> tuple[str, int, str | None]:  # fmt: skip
-    """After a delivery's ``attempts``-th try: its new state, when it is next due and
-    why it failed (None when done)."""
-    code = attempt.code
-    if code is not None and 200 <= code < 300:
-        return "done", now_ms, None
-    error = attempt.error or f"HTTP {code}"
-    if code == 410:
-        return "failed", now_ms, "HTTP 410: the source says this URL is gone; not retried"
-    if attempt.final or (code is not None and 300 <= code < 500 and code != 429):
-        return "failed", now_ms, error
-    # Retried: 5xx, 429, timeouts, refused connections. Exponential with jitter, so
-    # deliveries that failed together (the source was down) don't retry together.
-    if attempt.retry_after is not None and code in (429, 503):
-        delay = min(attempt.retry_after, MAX_BACKOFF_SECONDS)
-    else:
-        delay = min(conf.first_retry_seconds * 2 ** (attempts - 1), MAX_BACKOFF_SECONDS) * (0.8 + 0.4 * rng())
-    due = now_ms + int(delay * 1000)
-    if due > deadline_ms:
-        return "dead", now_ms, f"{error}; gave up after {attempts} tries (forward.max_age_hours)"
-    return "pending", due, error
 
 
 class Forwarder:
     """Sends the outbox: due deliveries, a few at a time, each result written back
     by the store's writer. Runs in the app's lifespan."""
 
-    def __init__(self, store: Store, config: Config, *, clock: Callable[[], float] = time.time,
-                 send: Callable[..., Any] = send_forward) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.time,
+        send: Callable[..., Any] = send_forward,
+    ) -> None:
         self.store = store
         self.config = config.forward
         self.clock = clock
@@ -2720,7 +3097,9 @@ class Forwarder:
             self.counts[state] += 1
             level = logging.DEBUG if state == "done" else logging.INFO if state == "pending" else logging.WARNING
             log.log(level, "forward %d: %s (%s)", outbox_id, state, error or f"HTTP {attempt.code}")
-            await self.store.write(lambda db, now_ms: db.record_attempt(outbox_id, attempt, state, due, error, took, now_ms))
+            await self.store.write(
+                lambda db, now_ms: db.record_attempt(outbox_id, attempt, state, due, error, took, now_ms)
+            )
         except Exception:
             log.exception("forward %d: unexpected error; it stays pending", outbox_id)
             await asyncio.sleep(FORWARD_POLL_SECONDS)  # holding its slot: no tight loop if this repeats
@@ -2731,157 +3110,82 @@ class Forwarder:
             self._wakeup.set()  # a slot is free
 
 
-def forward_host(url: str) -> str:
-    """The host:port a delivery goes to, as the per-host limit counts it."""
-    head = URL_HEAD_RE.match(url)
-    return head.group(1).lower() if head else ""
+# --- Background work: purge -----------------------------------------------------------
 
 
-# --- Reports ---------------------------------------------------------------------
-
-STATS_GROUPS = ("day", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "status")
-STATS_COLUMNS = ("clicks", "bot_clicks", "conversions", "approved", "pending", "rejected", "payout", "cr", "epc")
-STATS_DEFAULT_DAYS = 30
-STATS_MAX_DAYS = 3660
+def purge_step(db: Database, now_ms: int, *, rule: PurgeRule, conf: RetentionConfig) -> int:
+    return db.purge_batch(rule, conf, PURGE_BATCH, now_ms)
 
 
-@dataclasses.dataclass(frozen=True)
-class StatsQuery:
-    first_day: int  # UTC days since 1970, inclusive
-    last_day: int
-    by: str = "campaign"
-    campaign: str | None = None
-    bots: bool = False
+class Purger:
+    """Retention in the background: every ``interval_minutes``, each rule in small
+    batches through the store's writer, pausing between them."""
+
+    def __init__(self, store: Store, config: Config) -> None:
+        self.store = store
+        self.config = config.retention
+        self.last: dict[str, int] = {}  # what the last run did, for /metrics
+        self._task: asyncio.Task | None = None
+
+    def reconfigure(self, config: Config) -> None:
+        """The rules for the next run; a run under way keeps the ones it started with."""
+        self.config = config.retention
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="tinytrack-purge")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except StorageError as exc:  # a failing disk: the store has said so already
+                log.warning("purge stopped, will try again next interval: %s", exc)
+            except Exception as exc:  # a busy database: the next run tries again
+                log.error("purge failed, will try again: %s", exc)
+            await asyncio.sleep(self.config.interval_minutes * 60)
+
+    async def run_once(self) -> dict[str, int]:
+        """Apply every rule until nothing is due; rows touched per rule."""
+        done: dict[str, int] = {}
+        started = time.perf_counter()
+        # One config for the whole run: a reload meanwhile (say clicks_days = 0, to stop a
+        # purge) must not turn the next batch's cutoff into "now". It applies next run.
+        conf = self.config
+        for rule in PURGE_RULES:
+            if not rule.days(conf):
+                continue
+            total = 0
+            while True:
+                n = await self.store.write(partial(purge_step, rule=rule, conf=conf), rows=PURGE_BATCH)
+                total += n
+                if n < PURGE_BATCH:
+                    break
+                await asyncio.sleep(PURGE_PAUSE)
+            done[rule.name] = total
+        before = math.inf  # until nothing is left, or a step frees nothing (not an incremental auto-vacuum file)
+        while 0 < (left := await self.store.write(lambda db, now_ms: db.vacuum_step(), rows=VACUUM_PAGES)) < before:
+            before = left
+            await asyncio.sleep(PURGE_PAUSE)
+        self.last = done
+        if any(done.values()):
+            log.info(
+                "purge: %s in %.1f s",
+                ", ".join(f"{what}: {n}" for what, n in done.items() if n),
+                time.perf_counter() - started,
+            )
+        return done
 
 
-def day_text(day: int) -> str:
-    return (dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()
+# --- HTTP: the hot path ---------------------------------------------------------------
 
-
-DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # fromisoformat also takes week dates (2026-W09-7)
-
-
-def parse_day(text: str, field: str) -> int:
-    try:
-        if not DATE_RE.fullmatch(text):
-            raise ValueError(text)
-        return (dt.date.fromisoformat(text) - dt.date(1970, 1, 1)).days
-    except ValueError:
-        raise FieldError(field, f"must be a date as YYYY-MM-DD, got {quoted(text)}") from None
-
-
-def stats_query(params: Mapping[str, str | None], now: float) -> StatsQuery:
-    """A StatsQuery from ?from=&to=&by=&campaign=&bots= (or the CLI's flags); FieldError names what is wrong."""
-    today = int(now // 86400)
-    last = parse_day(params["to"], "to") if params.get("to") else today
-    first = parse_day(params["from"], "from") if params.get("from") else last - STATS_DEFAULT_DAYS + 1
-    if first > last:
-        raise FieldError("from", f"must not be after to ({day_text(last)}), got {day_text(first)}")
-    if last - first >= STATS_MAX_DAYS:
-        raise FieldError("from", f"the range is at most {STATS_MAX_DAYS} days")
-    by = params.get("by") or "campaign"
-    if by not in STATS_GROUPS:
-        raise FieldError("by", f"must be one of {', '.join(STATS_GROUPS)}, got {quoted(by)}")
-    bots = params.get("bots") or "0"
-    if bots not in ("0", "1"):
-        raise FieldError("bots", f"must be 0 or 1, got {quoted(bots)}")
-    if params.get("tz") not in (None, "", "UTC", "utc", "Z", "+00:00"):
-        raise FieldError("tz", "totals are kept per UTC day, so only UTC is offered")
-    return StatsQuery(first, last, by, params.get("campaign") or None, bots == "1")
-
-
-# Whole units and micro-units summed apart: a plain sum(payout) of daily totals near the
-# 64-bit limit raises "integer overflow", and a total stored as a REAL (an overflow before
-# the payout cap) still adds up. Python puts the two back together, exactly.
-PAYOUT_SUM = "sum(payout / 1000000), sum(payout - payout / 1000000 * 1000000)"
-
-
-def stats_rows(q: StatsQuery, clicks: Iterable[tuple], conversions: Iterable[tuple]) -> list[dict]:
-    """Rows of a report from its two reads (Database.stats). Money stays integer micro-units
-    until it is printed, so sums are exact."""
-    groups: dict[Any, dict] = {}
-
-    def group(key: Any) -> dict:
-        if key not in groups:
-            groups[key] = {q.by: key, "clicks": 0, "bot_clicks": 0, "approved": 0, "pending": 0, "rejected": 0, "payout": Counter()}
-        return groups[key]
-
-    total_humans = total_bots = 0
-    for key, humans, bots in clicks:
-        row = group(key)
-        row["clicks"] += humans
-        row["bot_clicks"] += bots
-        total_humans, total_bots = total_humans + humans, total_bots + bots
-    for key, status, currency, count, whole, micros in conversions:
-        payout = (whole * 1_000_000 if isinstance(whole, int) else int(whole * 1_000_000)) + int(micros)
-        row = group(key)
-        row[status] += count
-        if status == "approved" or q.by == "status":
-            row["payout"][currency] += payout
-    if q.by == "status":  # every status row is set against all the clicks of the range
-        groups.pop("", None)
-        for row in groups.values():
-            row["clicks"], row["bot_clicks"] = total_humans, total_bots
-    rows = []
-    for key in sorted(groups, key=lambda k: (k is None, k)):
-        row = groups[key]
-        if q.by == "day":
-            row["day"] = day_text(key)
-        clicks_counted = row["clicks"] + (row["bot_clicks"] if q.bots else 0)
-        row["clicks"] = clicks_counted
-        row["conversions"] = row["approved"] + row["pending"]
-        micros = row.pop("payout")
-        row["payout"] = {cur: format_money(units) for cur, units in sorted(micros.items())}
-        row["cr"] = ratio(row["conversions"] * 100, clicks_counted, 2)
-        row["epc"] = {cur: ratio(units, clicks_counted * 1_000_000, 4) for cur, units in sorted(micros.items())} if clicks_counted else {}
-        rows.append({q.by: row[q.by], **{c: row[c] for c in STATS_COLUMNS}})
-    return rows
-
-
-def ratio(numerator: int, denominator: int, places: int) -> str | None:
-    """numerator / denominator as an exact decimal string, rounded half-even."""
-    if not denominator:
-        return None
-    return str((Decimal(numerator) / Decimal(denominator)).quantize(Decimal(1).scaleb(-places), ROUND_HALF_EVEN))
-
-
-def stats_table(q: StatsQuery, rows: list[dict]) -> tuple[list[str], list[list[object]]]:
-    """Header and cells for CSV: one payout and one epc column per currency."""
-    currencies = sorted({cur for row in rows for cur in row["payout"]})
-    header = [q.by, *STATS_COLUMNS[:6], *(f"payout_{c}" for c in currencies), "cr", *(f"epc_{c}" for c in currencies)]
-    cells = [[row[q.by], *(row[c] for c in STATS_COLUMNS[:6]), *(row["payout"].get(c, "0.00") for c in currencies),
-              row["cr"], *(row["epc"].get(c, "0.0000" if row["clicks"] else None) for c in currencies)] for row in rows]  # fmt: skip
-    return header, cells
-
-
-class Histogram:
-    """A Prometheus histogram: counts per upper bound, their sum and count."""
-
-    def __init__(self, bounds: Iterable[float]) -> None:
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    def lines(self, name: str, labels: str = "") -> Iterator[str]:
-        cumulative = 0
-        sep = "," if labels else ""
-        for bound, count in zip((*self.bounds, "+Inf"), self.counts):
-            cumulative += count
-            yield f'{name}_bucket{{{labels}{sep}le="{bound}"}} {cumulative}'
-        braces = f"{{{labels}}}" if labels else ""
-        yield f"{name}_sum{braces} {self.sum:.6f}"
-        yield f"{name}_count{braces} {cumulative}"
-
-
-LATENCY_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-BATCH_BOUNDS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-
-
-# --- HTTP handlers ------------------------------------------------------------
 
 NO_STORE = (b"cache-control", b"no-store")
 JSON_TYPE = (b"content-type", b"application/json")
@@ -2905,21 +3209,14 @@ async def send_no_store(send: Callable, message: dict) -> None:
 async def send_refusal(send: Callable, exc: HTTPError, *, text: bool = False) -> None:
     """The one way the hot path refuses: JSON for senders, plain text for visitors."""
     if text:
-        return await send_answer(send, exc.status, exc.message.encode() + b"\n", [(b"content-type", b"text/plain"), NO_STORE, *exc.headers])
+        return await send_answer(
+            send, exc.status, exc.message.encode() + b"\n", [(b"content-type", b"text/plain"), NO_STORE, *exc.headers]
+        )
     await send_json(send, exc.status, {"error": exc.message}, exc.headers)
 
 
 async def send_json(send: Callable, status: int, payload: dict, extra: Iterable[tuple[bytes, bytes]] = ()) -> None:
     await send_answer(send, status, orjson.dumps(payload), [JSON_TYPE, NO_STORE, *extra])
-
-
-def refuse_unsigned_fields(pairs: Iterable[tuple[str, Any]]) -> None:
-    """A signed POST's signature covers its body only: a postback field in its query
-    string would let a captured body be replayed with new fields (token/key aside)."""
-    for name, _ in pairs:
-        field = POSTBACK_ALIASES.get(name)
-        if field is not None and field != "token":
-            raise FieldError(field, "must be in the signed body, not the query string (the signature covers the body)")
 
 
 async def read_body(receive: Callable, limit: int, timeout: float = 10) -> bytes:
@@ -2933,7 +3230,9 @@ async def read_body(receive: Callable, limit: int, timeout: float = 10) -> bytes
             async with asyncio.timeout_at(deadline):
                 message = await receive()
         except TimeoutError:
-            raise HTTPError(Refusal.TIMEOUT, f"body: not received within {timeout:g} s", [(b"connection", b"close")]) from None
+            raise HTTPError(
+                Refusal.TIMEOUT, f"body: not received within {timeout:g} s", [(b"connection", b"close")]
+            ) from None
         if message["type"] == "http.disconnect":
             raise HTTPError(Refusal.BAD_REQUEST, "body: client went away")
         chunk = message.get("body", b"")
@@ -2991,8 +3290,9 @@ class TinyTrack:
             log.error("reload refused, keeping the running config: %s", exc)
             return False
         # Where to listen and which database are fixed for the life of the process.
-        server = dataclasses.replace(new.server, host=self.config.server.host, port=self.config.server.port,
-                                     uds=self.config.server.uds)  # fmt: skip
+        server = dataclasses.replace(
+            new.server, host=self.config.server.host, port=self.config.server.port, uds=self.config.server.uds
+        )
         new = dataclasses.replace(new, server=server, storage=self.config.storage)
         self.apply_config(new)
         log.info("reloaded %s: %d campaigns, %d postback tokens", path, len(new.campaigns), len(new.postback.tokens))
@@ -3033,8 +3333,13 @@ class TinyTrack:
             gc.set_threshold(50_000, 50, 100)
         server = self.config.server
         where = f"unix:{server.uds}" if server.uds else f"http://{server.host}:{server.port}"
-        log.info("tinytrack %s ready on %s: %d campaigns, database %s", __version__, where, len(self.config.campaigns),
-                 self.config.storage.path)  # fmt: skip
+        log.info(
+            "tinytrack %s ready on %s: %d campaigns, database %s",
+            __version__,
+            where,
+            len(self.config.campaigns),
+            self.config.storage.path,
+        )
 
     async def shutdown(self) -> None:
         await self.purger.stop()
@@ -3052,7 +3357,9 @@ class TinyTrack:
     async def click(self, scope: dict, send: Callable) -> None:
         method = scope["method"]
         if method != "GET" and method != "HEAD":
-            return await send_refusal(send, HTTPError(Refusal.METHOD_NOT_ALLOWED, headers=[(b"allow", b"GET, HEAD")]), text=True)
+            return await send_refusal(
+                send, HTTPError(Refusal.METHOD_NOT_ALLOWED, headers=[(b"allow", b"GET, HEAD")]), text=True
+            )
         campaign = self.config.campaigns.get(scope["path"][3:])
         if campaign is None:
             return await send_refusal(send, HTTPError(Refusal.NOT_FOUND, "unknown campaign"), text=True)
@@ -3062,10 +3369,19 @@ class TinyTrack:
         click_id, ms = self.ids.new()
         if method == "GET":  # HEAD (link previews) gets the same answer and stores nothing
             row = ClickRow(
-                click_id, ms, campaign.name,  # ts: the millisecond inside the id
-                values.get("sub1"), values.get("sub2"), values.get("sub3"), values.get("sub4"), values.get("sub5"),
-                values.get("ext_id"), self.peer_address(scope, forwarded_for), user_agent, is_bot(user_agent),
-            )  # fmt: skip
+                click_id,
+                ms,
+                campaign.name,  # ts: the millisecond inside the id
+                values.get("sub1"),
+                values.get("sub2"),
+                values.get("sub3"),
+                values.get("sub4"),
+                values.get("sub5"),
+                values.get("ext_id"),
+                self.peer_address(scope, forwarded_for),
+                user_agent,
+                is_bot(user_agent),
+            )
             try:
                 await self.store.record_click(row)
             except StorageError:
@@ -3087,7 +3403,9 @@ class TinyTrack:
                 outcome = await self.store.record_postback(postback)
             except StorageError:
                 raise HTTPError(Refusal.UNAVAILABLE, headers=[(b"retry-after", b"5")]) from None
-            if outcome.result is PostbackResult.INVALID:  # refused by what its click says (a ts before it, a total's limit)
+            if (
+                outcome.result is PostbackResult.INVALID
+            ):  # refused by what its click says (a ts before it, a total's limit)
                 raise FieldError.from_message(outcome.reason)
         except HTTPError as exc:
             log.info("postback %d %s", exc.status, exc.message)
@@ -3099,9 +3417,17 @@ class TinyTrack:
         counted = result is not PostbackResult.ORPHAN and result is not PostbackResult.REJECTED
         level = logging.INFO if self.config.server.log_postbacks or not counted else logging.DEBUG
         if log.isEnabledFor(level):
-            log.log(level, "postback %s id=%s campaign=%s click=%s event=%s status=%s ip=%s", result.value, outcome.id,
-                    outcome.campaign, format_uuid(postback.click_id), postback.event, postback.status,
-                    mask_ip(postback.ip))  # fmt: skip
+            log.log(
+                level,
+                "postback %s id=%s campaign=%s click=%s event=%s status=%s ip=%s",
+                result.value,
+                outcome.id,
+                outcome.campaign,
+                format_uuid(postback.click_id),
+                postback.event,
+                postback.status,
+                mask_ip(postback.ip),
+            )
         if result is PostbackResult.ORPHAN:
             return await send_json(send, 404, {"error": "unknown click_id"})
         if result is PostbackResult.REJECTED:
@@ -3146,7 +3472,19 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time, tune_g
     return TinyTrack(config, clock=clock, tune_gc=tune_gc)
 
 
-# --- HTTP: admin, API and metrics ----------------------------------------------
+# --- HTTP: admin, API and metrics -----------------------------------------------------
+
+
+def listing_answer(rows: list[dict], columns: tuple[str, ...], limit: int, fmt: str) -> Response:
+    """A page of rows; the cursor for the next page is ``next`` (JSON) or X-Next-After (CSV)."""
+    after = str(rows[-1]["id"]) if len(rows) == limit else None
+    headers = {"cache-control": "no-store"}
+    if fmt == "json":
+        return Response(orjson.dumps({"rows": rows, "next": after}), headers=headers, media_type="application/json")
+    if after:
+        headers["x-next-after"] = after
+    text = csv_text(columns, ([row[column] for column in columns] for row in rows))
+    return Response(text, headers=headers, media_type="text/csv; charset=utf-8")
 
 
 class Admin:
@@ -3198,8 +3536,12 @@ class Admin:
             "last_commit": health.last_commit and iso_ms(int(health.last_commit * 1000)),
         }
         if store.failing:
-            answer.update(ok=False, failing_since=iso_ms(int(health.failing_since * 1000)), failed_batches=health.failures,
-                          error=health.last_error)  # fmt: skip
+            answer.update(
+                ok=False,
+                failing_since=iso_ms(int(health.failing_since * 1000)),
+                failed_batches=health.failures,
+                error=health.last_error,
+            )
         try:
             await store.read(Database.ping)
         except Exception as exc:  # any failure to read is "not healthy", never a 500
@@ -3221,15 +3563,22 @@ class Admin:
         # must name loopback too, or a page on any site could read it by DNS rebinding.
         peer = request.client.host if request.client else ""
         host = request.headers.get("host", "")
-        local = (match_networks(parse_address(peer), config.server.trusted_proxies)
-                 and "x-forwarded-for" not in request.headers and is_loopback_host(host))  # fmt: skip
+        local = (
+            match_networks(parse_address(peer), config.server.trusted_proxies)
+            and "x-forwarded-for" not in request.headers
+            and is_loopback_host(host)
+        )
         token = config.postback.tokens[0] if local else "YOUR_POSTBACK_TOKEN"
         base = f"{request.url.scheme}://{host if HOST_RE.fullmatch(host) else 'YOUR_TRACKER'}"
         body = orjson.dumps({"click_id": click_id, "payout": "1.50"}).decode()
         curl_get = f"curl {shlex.quote(f'{base}/postback?click_id={click_id}&payout=1.50&token={token}')}"
-        curl_post = (f"curl -X POST {shlex.quote(base + '/postback')} -H {shlex.quote('Authorization: Bearer ' + token)} "
-                     f"-H 'Content-Type: application/json' -d {shlex.quote(body)}")  # fmt: skip
-        page = DEMO_PAGE.format(click_id=html.escape(click_id), curl_get=html.escape(curl_get), curl_post=html.escape(curl_post))
+        curl_post = (
+            f"curl -X POST {shlex.quote(base + '/postback')} -H {shlex.quote('Authorization: Bearer ' + token)} "
+            f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
+        )
+        page = DEMO_PAGE.format(
+            click_id=html.escape(click_id), curl_get=html.escape(curl_get), curl_post=html.escape(curl_post)
+        )
         return HTMLResponse(page, headers={"cache-control": "no-store"})
 
     async def api_conversions(self, request: Request) -> Response:
@@ -3247,7 +3596,9 @@ class Admin:
         """Postbacks for unknown click ids: ?since=&after=&limit=&format=json|csv"""
         self.require_admin(request)
         since, after, limit, fmt = listing_params(request.query_params)
-        return listing_answer(await self.app.store.read(Database.orphans, since, after, limit), ORPHAN_COLUMNS, limit, fmt)
+        return listing_answer(
+            await self.app.store.read(Database.orphans, since, after, limit), ORPHAN_COLUMNS, limit, fmt
+        )
 
     async def api_outbox(self, request: Request) -> Response:
         """Forwards to traffic sources: ?state=&since=&after=&limit=&format=json|csv"""
@@ -3282,241 +3633,81 @@ class Admin:
             lines.extend((f"# HELP {name} {help_}", f"# TYPE {name} {kind}"))
             lines.extend(f"{name}{labels} {value}" for labels, value in samples)
 
-        metric("tinytrack_clicks_total", "counter", "Clicks stored since start.",
-               [(f'{{bot="{int(kind == "bot")}"}}', app.clicks[kind]) for kind in ("human", "bot")])
-        metric("tinytrack_postbacks_total", "counter", "Postbacks answered since start, by result.",
-               [(f'{{result="{r}"}}', n) for r, n in sorted(app.postbacks.items())])
-        metric("tinytrack_forwards_total", "counter", "Forward attempts since start, by the state they led to.",
-               [(f'{{outcome="{o}"}}', app.forwarder.counts[o]) for o in ("done", "pending", "failed", "dead")])
+        metric(
+            "tinytrack_clicks_total",
+            "counter",
+            "Clicks stored since start.",
+            [(f'{{bot="{int(kind == "bot")}"}}', app.clicks[kind]) for kind in ("human", "bot")],
+        )
+        metric(
+            "tinytrack_postbacks_total",
+            "counter",
+            "Postbacks answered since start, by result.",
+            [(f'{{result="{r}"}}', n) for r, n in sorted(app.postbacks.items())],
+        )
+        metric(
+            "tinytrack_forwards_total",
+            "counter",
+            "Forward attempts since start, by the state they led to.",
+            [(f'{{outcome="{o}"}}', app.forwarder.counts[o]) for o in ("done", "pending", "failed", "dead")],
+        )
         outbox = await app.store.read(Database.outbox_states)
-        metric("tinytrack_outbox", "gauge", "Deliveries in the outbox, by state.",
-               [(f'{{state="{state}"}}', n) for state, n in outbox.items()])
+        metric(
+            "tinytrack_outbox",
+            "gauge",
+            "Deliveries in the outbox, by state.",
+            [(f'{{state="{state}"}}', n) for state, n in outbox.items()],
+        )
         metric("tinytrack_write_queue", "gauge", "Writes waiting for the next commit.", [("", app.store.pending)])
         path = app.config.storage.path
         size = sum(os.stat(f).st_size for f in (path, f"{path}-wal") if os.path.exists(f))
         metric("tinytrack_database_bytes", "gauge", "Size of the database file and its WAL.", [("", size)])
-        metric("tinytrack_purged_rows", "gauge", "Rows the last purge touched, by rule.",
-               [(f'{{rule="{log_safe(rule)}"}}', n) for rule, n in app.purger.last.items()])
-        lines.extend(("# HELP tinytrack_commit_batch_size Writes per commit.", "# TYPE tinytrack_commit_batch_size histogram"))
+        metric(
+            "tinytrack_purged_rows",
+            "gauge",
+            "Rows the last purge touched, by rule.",
+            [(f'{{rule="{log_safe(rule)}"}}', n) for rule, n in app.purger.last.items()],
+        )
+        lines.extend(
+            ("# HELP tinytrack_commit_batch_size Writes per commit.", "# TYPE tinytrack_commit_batch_size histogram")
+        )
         lines.extend(app.store.batch_sizes.lines("tinytrack_commit_batch_size"))
-        lines.extend(("# HELP tinytrack_request_seconds Time to answer, by route.", "# TYPE tinytrack_request_seconds histogram"))
+        lines.extend(
+            ("# HELP tinytrack_request_seconds Time to answer, by route.", "# TYPE tinytrack_request_seconds histogram")
+        )
         for route, histogram in app.latency.items():
             lines.extend(histogram.lines("tinytrack_request_seconds", f'route="{route}"'))
-        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8",
-                        headers={"cache-control": "no-store"})  # fmt: skip
+        return Response(
+            "\n".join(lines) + "\n",
+            media_type="text/plain; version=0.0.4; charset=utf-8",
+            headers={"cache-control": "no-store"},
+        )
 
     async def admin_page(self, request: Request) -> Response:
         """One page for a person: the last 30 days, campaigns, conversions, orphans, forwards."""
         self.require_admin(request)
         last = int(self.app.clock() // 86400)
         read = self.app.store.read
-        page = render_admin(last, await read(Database.stats, StatsQuery(last - 29, last, "day")),
-                            await read(Database.stats, StatsQuery(last - 29, last, "campaign")),
-                            await read(Database.recent_conversions, 20), await read(Database.recent_orphans, 10),
-                            await read(Database.outbox_states), await read(Database.troubled_deliveries, 10))  # fmt: skip
-        return HTMLResponse(page, headers={
-            "cache-control": "no-store",
-            # Sub ids and events come from the internet: no script may run here, whatever slips through.
-            "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
-            "x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "x-frame-options": "DENY",
-        })  # fmt: skip
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether a Host header names this machine's loopback: localhost, 127.x or ::1."""
-    if host.startswith("["):
-        name = host[1 : host.find("]")] if "]" in host else ""
-    elif host.count(":") == 1:
-        name = host.partition(":")[0]
-    else:
-        name = host
-    if name.lower() == "localhost":
-        return True
-    address = parse_address(name) if name else None
-    return address is not None and address.is_loopback
-
-
-def listing_params(params: Mapping[str, str]) -> tuple[int, int, int, str]:
-    """``since``, the ``after`` cursor, ``limit`` and ``format`` of a listing."""
-    since = parse_since(params["since"]) if params.get("since") else 0
-    after, limit = params.get("after", "0"), params.get("limit", "100")
-    if not DIGITS_RE.fullmatch(after):
-        raise FieldError("after", f"must be the cursor from a previous page, got {quoted(after)}")
-    if not DIGITS_RE.fullmatch(limit) or not 1 <= int(limit) <= 1000:
-        raise FieldError("limit", f"must be 1-1000, got {quoted(limit)}")
-    fmt = params.get("format", "json")
-    if fmt not in ("json", "csv"):
-        raise FieldError("format", f"must be json or csv, got {quoted(fmt)}")
-    return since, int(after), int(limit), fmt
-
-
-FORMULA_RE = re.compile(r"(?:^|[,;\t|\r\n])\s*[=+\-@\t\r]")
-
-
-def csv_cell(value: object) -> object:
-    """A spreadsheet reads a cell starting with = + - @ as a formula, and one set to
-    split on ; (or tab, or |) finds a cell start after each of them; sub ids come from
-    the internet, so such text is prefixed with ' (OWASP: CSV injection). Every text
-    cell is also quoted (csv_text), so no separator inside one starts a new cell."""
-    if isinstance(value, str) and FORMULA_RE.search(value):
-        return "'" + value
-    return value
-
-
-def csv_text(header: Iterable[str], lines: Iterable[Iterable[object]]) -> str:
-    """A header row and rows as CSV, every text cell quoted and defused (csv_cell)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
-    writer.writerow(header)
-    writer.writerows([csv_cell(cell) for cell in line] for line in lines)
-    return out.getvalue()
-
-
-def listing_answer(rows: list[dict], columns: tuple[str, ...], limit: int, fmt: str) -> Response:
-    """A page of rows; the cursor for the next page is ``next`` (JSON) or X-Next-After (CSV)."""
-    after = str(rows[-1]["id"]) if len(rows) == limit else None
-    headers = {"cache-control": "no-store"}
-    if fmt == "json":
-        return Response(orjson.dumps({"rows": rows, "next": after}), headers=headers, media_type="application/json")
-    if after:
-        headers["x-next-after"] = after
-    text = csv_text(columns, ([row[column] for column in columns] for row in rows))
-    return Response(text, headers=headers, media_type="text/csv; charset=utf-8")
-
-
-class JSONObject(list):
-    """A JSON object as its (key, value) pairs, repeats and all."""
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-def parse_body(body: bytes, content_type: str | None) -> list[tuple[str, Any]]:
-    """Pairs from a JSON object or a form body; 415 for anything else."""
-    media = (content_type or "").split(";")[0].strip().lower()
-    if media == "application/json":
-        try:
-            # The standard library here, not orjson: orjson keeps the last of repeated
-            # keys, which would let {"payout":"1","payout":"1000"} slip past the
-            # "given twice" check; and numbers arrive as their exact text, not floats.
-            # UTF-8 only, as RFC 8259 asks of JSON between systems.
-            data = json.loads(body.decode(), object_pairs_hook=JSONObject, parse_float=str, parse_int=str, parse_constant=_no_constant)
-        except (ValueError, RecursionError):
-            raise FieldError("body", "invalid JSON") from None
-        if not isinstance(data, JSONObject):
-            raise FieldError("body", "must be a JSON object")
-        return data
-    if media in FORM_TYPES:
-        return parse_pairs(body, "body")
-    raise HTTPError(Refusal.UNSUPPORTED_MEDIA_TYPE)
-
-
-DEMO_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>tinytrack demo landing page</title>
-<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:46rem;margin:2rem auto;padding:0 1rem}}
-pre{{background:#f4f4f4;padding:.8rem;overflow-x:auto;white-space:pre-wrap;word-break:break-all}}</style></head>
-<body><h1>The offer's landing page</h1>
-<p>tinytrack stored your click and sent you here with its id, as it would to a real offer:</p>
-<pre>{click_id}</pre>
-<p>When this visitor converts, the offer's server calls tinytrack back. Paste this to play the network:</p>
-<pre>{curl_get}</pre>
-<p>or, as a JSON POST:</p>
-<pre>{curl_post}</pre>
-<p>Send it twice: the second answer says <code>duplicate</code>.</p>
-</body></html>
-"""
-
-
-def render_admin(last_day: int, days: list[dict], campaigns: list[dict], conversions: list[tuple], orphans: list[tuple],
-                 outbox: Mapping[str, int], problems: list[tuple]) -> str:  # fmt: skip
-    """The /admin page: plain HTML and an inline SVG chart, no script, no CDN."""
-    e = html.escape
-    by_day = {row["day"]: row for row in days}
-    series = [(day_text(d), by_day.get(day_text(d), {})) for d in range(last_day - 29, last_day + 1)]
-    chart = svg_chart([(day, row.get("clicks", 0), row.get("conversions", 0)) for day, row in series])
-
-    def money(payout: Mapping[str, str]) -> str:
-        return " ".join(f"{amount} {cur}" for cur, amount in payout.items()) or "0.00"
-
-    def table(header: Iterable[str], rows: Iterable[Iterable[object]], empty: str) -> str:
-        head = "".join(f"<th>{e(h)}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{e('' if v is None else str(v))}</td>" for v in row) + "</tr>" for row in rows)
-        return f"<div class=scroll><table><tr>{head}</tr>{body}</table></div>" if body else f"<p class=muted>{e(empty)}</p>"
-
-    totals = {k: sum(row[k] for row in campaigns) for k in ("clicks", "conversions", "approved", "rejected")}
-    revenue: Counter[str] = Counter()
-    for row in campaigns:
-        for cur, amount in row["payout"].items():
-            revenue[cur] += parse_payout_total(amount)
-    health = " · ".join(f"{state} <b>{outbox.get(state, 0)}</b>" for state in ("pending", "failed", "dead", "done"))
-    sections = [
-        f"<h1>tinytrack</h1><p class=muted>last 30 days to {day_text(last_day)} (UTC) · clicks {totals['clicks']} · "
-        f"conversions {totals['conversions']} · rejected {totals['rejected']} · "
-        f"revenue <b>{e(money({cur: format_money(units) for cur, units in sorted(revenue.items())}))}</b> (approved)</p>",
-        f"<h2>Clicks and conversions per day</h2>{chart}",
-        "<h2>Campaigns</h2>" + table(
-            ("campaign", "clicks", "bots", "conv.", "approved", "pending", "rejected", "payout", "CR %", "EPC"),
-            ((r["campaign"], r["clicks"], r["bot_clicks"], r["conversions"], r["approved"], r["pending"], r["rejected"],
-              money(r["payout"]), r["cr"], money(r["epc"])) for r in campaigns), "No clicks in the last 30 days."),
-        f"<h2>Forwards</h2><p>{health}</p>" + table(
-            ("id", "campaign", "state", "tries", "last try", "code", "error"),
-            ((i, c, "retrying" if st == "pending" else st, n, at and iso_ms(at), code, err)
-             for i, c, st, n, at, code, err in problems), "Nothing failed or retrying."),
-        "<h2>Latest conversions</h2>" + table(
-            ("when", "campaign", "sub1", "event", "status", "payout", "why"),
-            ((iso_ms(at), c, s1, ev, st, f"{format_money(p)} {cur}", why) for at, c, s1, ev, st, p, cur, why in conversions),
-            "No conversions yet."),
-        "<h2>Orphans</h2><p class=muted>Postbacks for click ids this server never issued (or has purged).</p>" + table(
-            ("last seen", "click_id", "event", "payout", "hits"),
-            ((iso_ms(at), cid, ev, f"{format_money(p)} {cur}", hits) for at, cid, ev, p, cur, hits in orphans), "None."),
-    ]  # fmt: skip
-    return ADMIN_PAGE.format(body="\n".join(sections))
-
-
-def parse_payout_total(text: str) -> int:
-    """A format_money string back to micro-units (totals may pass a single payout's cap)."""
-    whole, _, frac = text.partition(".")
-    return int(whole) * 1_000_000 + int(frac.ljust(6, "0"))
-
-
-def svg_chart(points: list[tuple[str, int, int]], width: int = 720, height: int = 220) -> str:
-    """Bars for clicks and a line for conversions (each on its own scale), per day."""
-    pad, n = 8, len(points)
-    top_clicks = max([c for _, c, _ in points] + [1])
-    top_conv = max([v for _, _, v in points] + [1])
-    step = (width - 2 * pad) / n
-    inner = height - 2 * pad
-    bars, dots = [], []
-    for i, (day, clicks, conv) in enumerate(points):
-        x = pad + i * step
-        h = inner * clicks / top_clicks
-        bars.append(f'<rect class=c x="{x + 1:.1f}" y="{pad + inner - h:.1f}" width="{step - 2:.1f}" height="{h:.1f}">'
-                    f"<title>{day}: {clicks} clicks, {conv} conversions</title></rect>")  # fmt: skip
-        dots.append(f"{x + step / 2:.1f},{pad + inner - inner * conv / top_conv:.1f}")
-    # Labels are HTML around the chart, not SVG text, so they keep their size on a phone.
-    return (f'<p class=legend><span class=c>&#9632; clicks (max {top_clicks})</span>'
-            f'<span class=v>&#9473; conversions (max {top_conv})</span></p>'
-            f'<svg id=chart viewBox="0 0 {width} {height}" role=img aria-label="clicks and conversions per day">'
-            f'{"".join(bars)}<polyline class=v points="{" ".join(dots)}"/></svg>'
-            f"<p class=axis><span>{points[0][0]}</span><span>{points[-1][0]}</span></p>")  # fmt: skip
-
-
-ADMIN_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
-<title>tinytrack</title>
-<style>body{{font:15px/1.45 system-ui,sans-serif;max-width:60rem;margin:1rem auto;padding:0 .8rem;color:#222}}
-h1{{margin:.2rem 0}}h2{{font-size:1.1rem;margin:1.6rem 0 .4rem}}.muted{{color:#666}}
-.scroll{{overflow-x:auto}}table{{border-collapse:collapse;width:100%;font-size:.9rem}}
-th,td{{text-align:left;padding:.25rem .5rem;border-bottom:1px solid #ddd;white-space:nowrap}}
-svg{{width:100%;height:auto;background:#fafafa;display:block}}rect.c{{fill:#9bb7d4}}
-polyline.v{{fill:none;stroke:#d2691e;stroke-width:2}}.legend,.axis{{display:flex;justify-content:space-between;
-margin:.2rem 0;font-size:.85rem;color:#555}}span.c{{color:#6d8fb3}}span.v{{color:#d2691e}}</style>
-</head><body>
-{body}
-</body></html>
-"""
+        page = render_admin(
+            last,
+            await read(Database.stats, StatsQuery(last - 29, last, "day")),
+            await read(Database.stats, StatsQuery(last - 29, last, "campaign")),
+            await read(Database.recent_conversions, 20),
+            await read(Database.recent_orphans, 10),
+            await read(Database.outbox_states),
+            await read(Database.troubled_deliveries, 10),
+        )
+        return HTMLResponse(
+            page,
+            headers={
+                "cache-control": "no-store",
+                # Sub ids and events come from the internet: no script may run here, whatever slips through.
+                "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
+                "x-content-type-options": "nosniff",
+                "referrer-policy": "no-referrer",
+                "x-frame-options": "DENY",
+            },
+        )
 
 
 access_log = logging.getLogger("tinytrack.access")
@@ -3546,11 +3737,19 @@ class AccessLog:
             forwarded_for = header_values(scope, b"x-forwarded-for")[0]
             query = "?" + redact_query(scope["query_string"]) if scope["query_string"] else ""
             path = log_safe(scope.get("raw_path", b"").decode("ascii", "backslashreplace") or scope["path"])
-            access_log.info('%s "%s %s%s" %d %.1fms', mask_ip(self.app.peer_address(scope, forwarded_for)),
-                            scope["method"], path, query, status, (time.perf_counter() - started) * 1000)  # fmt: skip
+            access_log.info(
+                '%s "%s %s%s" %d %.1fms',
+                mask_ip(self.app.peer_address(scope, forwarded_for)),
+                scope["method"],
+                path,
+                query,
+                status,
+                (time.perf_counter() - started) * 1000,
+            )
 
 
-# --- CLI ----------------------------------------------------------------------
+# --- CLI ------------------------------------------------------------------------------
+
 
 class QuietUpgrades(logging.Filter):
     """uvicorn warns twice about each WebSocket upgrade it won't serve (tinytrack serves
@@ -3566,8 +3765,14 @@ LOG_CONFIG = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "filters": {"quiet_upgrades": {"()": QuietUpgrades}},
-    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr",
-                            "filters": ["quiet_upgrades"]}},
+    "handlers": {
+        "stderr": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "stream": "ext://sys.stderr",
+            "filters": ["quiet_upgrades"],
+        }
+    },
     "loggers": {
         "tinytrack": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
         "uvicorn": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
@@ -3627,7 +3832,9 @@ def bind_tcp_sockets(host: str, port: int) -> list[socket.socket]:
         sock = socket.socket(family, kind, proto)
         sockets.append(sock)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart while old connections linger
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+            )  # as uvicorn: restart while old connections linger
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # its IPv4 twin has its own socket
             sock.bind(address)
@@ -3637,6 +3844,36 @@ def bind_tcp_sockets(host: str, port: int) -> list[socket.socket]:
                 opened.close()
             raise TinytrackError(f"{host}:{port}: {exc.strerror}") from None
     return sockets
+
+
+def bind_unix_socket(path: str) -> socket.socket:
+    """A listening unix socket, mode 0660: the owner and its group (nginx joins it)
+    may connect. uvicorn's own --uds makes it 0666, open to every local user."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except FileNotFoundError:
+        pass
+    except ConnectionRefusedError:
+        os.unlink(path)  # left by a process that died: nobody listens on it
+    except OSError as exc:
+        raise TinytrackError(f"{path}: {exc.strerror}") from None
+    else:
+        raise TinytrackError(f"{path}: another server is listening on it")
+    finally:
+        probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o117)  # no window in which the socket is wider than 0660
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise TinytrackError(f"{path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o660)
+    sock.listen(2048)
+    return sock
 
 
 def check_database(path: str) -> None:
@@ -3671,7 +3908,9 @@ def guarded_http_protocol() -> type | str:
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self.running_cycle = None
-            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
         def _unset_keepalive_if_required(self) -> None:
             pass  # bytes arriving don't stop the clock; complete headers do (below)
@@ -3742,36 +3981,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0 if runner.started else 1
 
 
-def bind_unix_socket(path: str) -> socket.socket:
-    """A listening unix socket, mode 0660: the owner and its group (nginx joins it)
-    may connect. uvicorn's own --uds makes it 0666, open to every local user."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except FileNotFoundError:
-        pass
-    except ConnectionRefusedError:
-        os.unlink(path)  # left by a process that died: nobody listens on it
-    except OSError as exc:
-        raise TinytrackError(f"{path}: {exc.strerror}") from None
-    else:
-        raise TinytrackError(f"{path}: another server is listening on it")
-    finally:
-        probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o117)  # no window in which the socket is wider than 0660
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        raise TinytrackError(f"{path}: {exc.strerror}") from None
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o660)
-    sock.listen(2048)
-    return sock
-
-
 def embedded_default(args: argparse.Namespace) -> Config:
     """The no-config set-up: tokens made once, kept in the database, shown once."""
     host, port = args.host or "127.0.0.1", args.port or 8080
@@ -3783,8 +3992,10 @@ def embedded_default(args: argparse.Namespace) -> Config:
     with closing(db):
         others = db.campaigns_with_clicks(other_than="demo", limit=4)
         if others:  # a real set-up's database, run without its config: the demo would 404 its campaigns
-            raise TinytrackError(f"./{path} holds clicks of campaigns other than the demo ({', '.join(others[:3])}"
-                                 f"{', ...' if len(others) > 3 else ''}): give its config with -c FILE")  # fmt: skip
+            raise TinytrackError(
+                f"./{path} holds clicks of campaigns other than the demo ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}): give its config with -c FILE"
+            )
         with db.transaction():
             postback_token, made = db.meta_token("postback_token")
             admin_token, _ = db.meta_token("admin_token")
@@ -3823,6 +4034,13 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     print(f"postback token:  {tokens.get('postback_token', '-')}")
     print(f"admin token:     {tokens.get('admin_token', '-')}")
     return 0
+
+
+def render_config(path: str) -> str:
+    """A commented config with fresh random tokens."""
+    return CONFIG_TEMPLATE.format(
+        path=path, postback_token=secrets.token_urlsafe(24), admin_token=secrets.token_urlsafe(24)
+    )
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -3912,11 +4130,15 @@ def outbox_retry(args: argparse.Namespace, config: Config, db: Database) -> int:
     now_ms = int(time.time() * 1000)
     states = [state for state, wanted in (("dead", args.all_dead), ("failed", args.all_failed)) if wanted]
     with db.transaction():  # one transaction; the server's forwarder picks them up within a second
-        count, missing = db.retry_deliveries(args.ids, states, now_ms, now_ms + config.forward.max_age_hours * 3_600_000)
+        count, missing = db.retry_deliveries(
+            args.ids, states, now_ms, now_ms + config.forward.max_age_hours * 3_600_000
+        )
     print(f"{count} deliveries pending again")
     if missing:
-        raise TinytrackError(f"outbox retry: not retried (no such delivery, or not dead, failed or canceled): "
-                             f"{', '.join(map(str, missing))}")  # fmt: skip
+        raise TinytrackError(
+            f"outbox retry: not retried (no such delivery, or not dead, failed or canceled): "
+            f"{', '.join(map(str, missing))}"
+        )
     return 0
 
 
@@ -3940,7 +4162,9 @@ def outbox_replay(args: argparse.Namespace, config: Config, db: Database) -> int
             if not campaign.forwards(facts.event, status):
                 continue
             if not args.dry_run:
-                db.queue_delivery(build_delivery(campaign, conversion_id, facts, status, payout, currency, now_ms, config.forward))
+                db.queue_delivery(
+                    build_delivery(campaign, conversion_id, facts, status, payout, currency, now_ms, config.forward)
+                )
             queued[campaign.name] += 1
     verb = "would queue" if args.dry_run else "queued"
     print(f"{verb} {sum(queued.values())} deliveries" + "".join(f"\n  {n}: {k}" for n, k in sorted(queued.items())))
@@ -3951,8 +4175,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     """Totals per day, campaign, sub id or status, read beside the running server."""
     config, db = open_for_command(args)
     try:
-        q = stats_query({"from": args.date_from, "to": args.date_to, "by": args.by, "campaign": args.campaign,
-                         "bots": "1" if args.bots else "0"}, time.time())  # fmt: skip
+        q = stats_query(
+            {
+                "from": args.date_from,
+                "to": args.date_to,
+                "by": args.by,
+                "campaign": args.campaign,
+                "bots": "1" if args.bots else "0",
+            },
+            time.time(),
+        )
     except FieldError as exc:
         raise TinytrackError(f"--{exc.message}") from None
     with closing(db):
@@ -3964,7 +4196,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.csv:
         sys.stdout.write(csv_text(header, cells))
         return 0
-    print(f"{day_text(q.first_day)} to {day_text(q.last_day)} (UTC), by {q.by}" + (f", campaign {q.campaign}" if q.campaign else ""))
+    print(
+        f"{day_text(q.first_day)} to {day_text(q.last_day)} (UTC), by {q.by}"
+        + (f", campaign {q.campaign}" if q.campaign else "")
+    )
     if not rows:
         print("nothing in that range")
         return 0
@@ -3994,7 +4229,11 @@ def cmd_purge(args: argparse.Namespace) -> int:
             before = math.inf  # as Purger.run_once
             while 0 < (left := db.vacuum_step()) < before:
                 before = left
-    off = [name for name in ("clicks_days", "pii_days", "conversions_days", "orphans_days", "outbox_days") if not getattr(conf, name)]
+    off = [
+        name
+        for name in ("clicks_days", "pii_days", "conversions_days", "orphans_days", "outbox_days")
+        if not getattr(conf, name)
+    ]
     print_table(rows, list(rows[0]) if rows else ["table", "rows"])
     if off:
         print(f"kept for good (0 in [retention]): {', '.join(off)}")
@@ -4055,14 +4294,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tinytrack {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(func: Callable[[argparse.Namespace], int], *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def command(
+        func: Callable[[argparse.Namespace], int], *parents: argparse.ArgumentParser
+    ) -> argparse.ArgumentParser:
         name = func.__name__.removeprefix("cmd_")
         sub = commands.add_parser(name, help=func.__doc__, description=func.__doc__, parents=parents)
         sub.set_defaults(func=func)
         return sub
 
     serve = command(cmd_serve)
-    serve.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./config.toml if there, else the embedded default)")
+    serve.add_argument(
+        "-c",
+        "--config",
+        help="config file (default: $TINYTRACK_CONFIG, else ./config.toml if there, else the embedded default)",
+    )
     serve.add_argument("--host", help="address to listen on")
     serve.add_argument("--port", type=int, help="port to listen on")
     serve.add_argument("--uds", help="listen on this unix socket instead")
@@ -4074,7 +4319,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./config.toml)")
     # The commands that work on the database beside a running server.
     config_flag = argparse.ArgumentParser(add_help=False)
-    config_flag.add_argument("-c", "--config", help="config file (default: $TINYTRACK_CONFIG, else ./config.toml if there, else ./tinytrack.db)")
+    config_flag.add_argument(
+        "-c",
+        "--config",
+        help="config file (default: $TINYTRACK_CONFIG, else ./config.toml if there, else ./tinytrack.db)",
+    )
 
     stats = command(cmd_stats, config_flag)
     stats.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD", help="first day (default: 30 days ago)")
@@ -4103,7 +4352,9 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("ids", type=int, nargs="*", metavar="ID")
     retry.add_argument("--all-dead", action="store_true", help="every dead delivery")
     retry.add_argument("--all-failed", action="store_true", help="every failed delivery")
-    replay = actions.add_parser("replay", parents=[config_flag], help="queue conversions again, with the current postback_url")
+    replay = actions.add_parser(
+        "replay", parents=[config_flag], help="queue conversions again, with the current postback_url"
+    )
     replay.add_argument("--since", required=True, help="conversions created since YYYY-MM-DD (UTC) or an ISO 8601 time")
     replay.add_argument("--campaign", help="only this campaign")
     replay.add_argument("--dry-run", action="store_true", help="count, queue nothing")
@@ -4127,5 +4378,212 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+# --- Templates ------------------------------------------------------------------------
+
+
+CONFIG_TEMPLATE = """\
+# tinytrack config. Check it with `tinytrack check -c {path}`.
+# Every key is optional unless it says otherwise.
+
+[server]
+host = "127.0.0.1"                        # behind nginx keep it on loopback
+port = 8080
+# uds = "/run/tinytrack/tinytrack.sock"   # a unix socket instead of host/port
+trusted_proxies = ["127.0.0.1", "::1"]    # peers whose X-Forwarded-For is believed
+# log_postbacks = true                    # a line per postback; false: only those not counted
+# read_timeout_seconds = 10               # for a request's headers and body
+
+[storage]
+path = "tinytrack.db"                     # relative to the working directory
+# reserve_mb = 8                          # kept aside so a full disk can recover; 0: none
+
+[postback]
+# Required. Give a network one of these; list two while you rotate.
+tokens = ["{postback_token}"]
+allow_ips = []                            # e.g. ["203.0.113.7", "198.51.100.0/24"]; empty = any
+# events = ["signup", "purchase", "deposit", "ftd"]
+currency = "USD"
+# status_map = {{ sale = "approved", declined = "rejected", reversed = "rejected" }}
+# hmac_secrets = []                       # when set, postbacks must be signed too
+
+[admin]
+token = "{admin_token}"
+
+[retention]                               # 0 turns a rule off (keep for good)
+clicks_days = 90                          # raw clicks; daily totals are kept for good
+pii_days = 30                             # then a click's IP is cut to /24 or /48, its User-Agent dropped
+conversions_days = 0
+orphans_days = 30
+outbox_days = 30                          # finished forwards and their tries
+# interval_minutes = 60
+# sub1_per_day = 1000                     # distinct sub1 per campaign and day in the totals; more: "(other)"
+
+[forward]                                 # conversions sent on to campaigns' postback_url
+# allow_private = false                   # true: allow loopback/private targets
+# first_retry_seconds = 30                # then doubling, with jitter, capped at 6 h
+# max_age_hours = 72                      # then a failing delivery is dead
+# timeout_seconds = 10
+# delay_seconds = 0                       # hold forwards so a quick reversal cancels them
+
+# One table per campaign; the link for a traffic source is /c/<name>.
+[campaigns.example]
+url = "https://offer.example.com/lp?cid={{click_id}}&s1={{sub1}}"
+# pass_query = false                      # true: append other query parameters
+# window_days = 30                        # postbacks later than this are rejected
+# postback_url = "https://source.example/pb?clickid={{ext_id}}&payout={{payout}}"
+# forward_events = ["purchase"]           # default: every event
+# forward_statuses = ["approved"]         # the default
+"""
+DEMO_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>tinytrack demo landing page</title>
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:46rem;margin:2rem auto;padding:0 1rem}}
+pre{{background:#f4f4f4;padding:.8rem;overflow-x:auto;white-space:pre-wrap;word-break:break-all}}</style></head>
+<body><h1>The offer's landing page</h1>
+<p>tinytrack stored your click and sent you here with its id, as it would to a real offer:</p>
+<pre>{click_id}</pre>
+<p>When this visitor converts, the offer's server calls tinytrack back. Paste this to play the network:</p>
+<pre>{curl_get}</pre>
+<p>or, as a JSON POST:</p>
+<pre>{curl_post}</pre>
+<p>Send it twice: the second answer says <code>duplicate</code>.</p>
+</body></html>
+"""
+
+
+def render_admin(
+    last_day: int,
+    days: list[dict],
+    campaigns: list[dict],
+    conversions: list[tuple],
+    orphans: list[tuple],
+    outbox: Mapping[str, int],
+    problems: list[tuple],
+) -> str:
+    """The /admin page: plain HTML and an inline SVG chart, no script, no CDN."""
+    e = html.escape
+    by_day = {row["day"]: row for row in days}
+    series = [(day_text(d), by_day.get(day_text(d), {})) for d in range(last_day - 29, last_day + 1)]
+    chart = svg_chart([(day, row.get("clicks", 0), row.get("conversions", 0)) for day, row in series])
+
+    def money(payout: Mapping[str, str]) -> str:
+        return " ".join(f"{amount} {cur}" for cur, amount in payout.items()) or "0.00"
+
+    def table(header: Iterable[str], rows: Iterable[Iterable[object]], empty: str) -> str:
+        head = "".join(f"<th>{e(h)}</th>" for h in header)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{e('' if v is None else str(v))}</td>" for v in row) + "</tr>" for row in rows
+        )
+        return (
+            f"<div class=scroll><table><tr>{head}</tr>{body}</table></div>"
+            if body
+            else f"<p class=muted>{e(empty)}</p>"
+        )
+
+    totals = {k: sum(row[k] for row in campaigns) for k in ("clicks", "conversions", "approved", "rejected")}
+    revenue: Counter[str] = Counter()
+    for row in campaigns:
+        for cur, amount in row["payout"].items():
+            revenue[cur] += parse_payout_total(amount)
+    health = " · ".join(f"{state} <b>{outbox.get(state, 0)}</b>" for state in ("pending", "failed", "dead", "done"))
+    sections = [
+        f"<h1>tinytrack</h1><p class=muted>last 30 days to {day_text(last_day)} (UTC) · clicks {totals['clicks']} · "
+        f"conversions {totals['conversions']} · rejected {totals['rejected']} · "
+        f"revenue <b>{e(money({cur: format_money(units) for cur, units in sorted(revenue.items())}))}</b> (approved)</p>",
+        f"<h2>Clicks and conversions per day</h2>{chart}",
+        "<h2>Campaigns</h2>"
+        + table(
+            ("campaign", "clicks", "bots", "conv.", "approved", "pending", "rejected", "payout", "CR %", "EPC"),
+            (
+                (
+                    r["campaign"],
+                    r["clicks"],
+                    r["bot_clicks"],
+                    r["conversions"],
+                    r["approved"],
+                    r["pending"],
+                    r["rejected"],
+                    money(r["payout"]),
+                    r["cr"],
+                    money(r["epc"]),
+                )
+                for r in campaigns
+            ),
+            "No clicks in the last 30 days.",
+        ),
+        f"<h2>Forwards</h2><p>{health}</p>"
+        + table(
+            ("id", "campaign", "state", "tries", "last try", "code", "error"),
+            (
+                (i, c, "retrying" if st == "pending" else st, n, at and iso_ms(at), code, err)
+                for i, c, st, n, at, code, err in problems
+            ),
+            "Nothing failed or retrying.",
+        ),
+        "<h2>Latest conversions</h2>"
+        + table(
+            ("when", "campaign", "sub1", "event", "status", "payout", "why"),
+            (
+                (iso_ms(at), c, s1, ev, st, f"{format_money(p)} {cur}", why)
+                for at, c, s1, ev, st, p, cur, why in conversions
+            ),
+            "No conversions yet.",
+        ),
+        "<h2>Orphans</h2><p class=muted>Postbacks for click ids this server never issued (or has purged).</p>"
+        + table(
+            ("last seen", "click_id", "event", "payout", "hits"),
+            ((iso_ms(at), cid, ev, f"{format_money(p)} {cur}", hits) for at, cid, ev, p, cur, hits in orphans),
+            "None.",
+        ),
+    ]
+    return ADMIN_PAGE.format(body="\n".join(sections))
+
+
+def parse_payout_total(text: str) -> int:
+    """A format_money string back to micro-units (totals may pass a single payout's cap)."""
+    whole, _, frac = text.partition(".")
+    return int(whole) * 1_000_000 + int(frac.ljust(6, "0"))
+
+
+def svg_chart(points: list[tuple[str, int, int]], width: int = 720, height: int = 220) -> str:
+    """Bars for clicks and a line for conversions (each on its own scale), per day."""
+    pad, n = 8, len(points)
+    top_clicks = max([c for _, c, _ in points] + [1])
+    top_conv = max([v for _, _, v in points] + [1])
+    step = (width - 2 * pad) / n
+    inner = height - 2 * pad
+    bars, dots = [], []
+    for i, (day, clicks, conv) in enumerate(points):
+        x = pad + i * step
+        h = inner * clicks / top_clicks
+        bars.append(
+            f'<rect class=c x="{x + 1:.1f}" y="{pad + inner - h:.1f}" width="{step - 2:.1f}" height="{h:.1f}">'
+            f"<title>{day}: {clicks} clicks, {conv} conversions</title></rect>"
+        )
+        dots.append(f"{x + step / 2:.1f},{pad + inner - inner * conv / top_conv:.1f}")
+    # Labels are HTML around the chart, not SVG text, so they keep their size on a phone.
+    return (
+        f"<p class=legend><span class=c>&#9632; clicks (max {top_clicks})</span>"
+        f"<span class=v>&#9473; conversions (max {top_conv})</span></p>"
+        f'<svg id=chart viewBox="0 0 {width} {height}" role=img aria-label="clicks and conversions per day">'
+        f'{"".join(bars)}<polyline class=v points="{" ".join(dots)}"/></svg>'
+        f"<p class=axis><span>{points[0][0]}</span><span>{points[-1][0]}</span></p>"
+    )
+
+
+ADMIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>tinytrack</title>
+<style>body{{font:15px/1.45 system-ui,sans-serif;max-width:60rem;margin:1rem auto;padding:0 .8rem;color:#222}}
+h1{{margin:.2rem 0}}h2{{font-size:1.1rem;margin:1.6rem 0 .4rem}}.muted{{color:#666}}
+.scroll{{overflow-x:auto}}table{{border-collapse:collapse;width:100%;font-size:.9rem}}
+th,td{{text-align:left;padding:.25rem .5rem;border-bottom:1px solid #ddd;white-space:nowrap}}
+svg{{width:100%;height:auto;background:#fafafa;display:block}}rect.c{{fill:#9bb7d4}}
+polyline.v{{fill:none;stroke:#d2691e;stroke-width:2}}.legend,.axis{{display:flex;justify-content:space-between;
+margin:.2rem 0;font-size:.85rem;color:#555}}span.c{{color:#6d8fb3}}span.v{{color:#d2691e}}</style>
+</head><body>
+{body}
+</body></html>
+"""
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,11 +27,11 @@ import json
 import os
 import platform
 import random
-import resource
 import re
+import resource
 import secrets
-import shutil
 import shlex
+import shutil
 import signal
 import socket
 import sqlite3
@@ -319,15 +319,21 @@ def machine_facts(py: str) -> dict:
     for line in sh(["lscpu"]).splitlines():
         if line.startswith("Model name:"):
             cpu = line.split(":", 1)[1].strip()
-    versions = sh([py, "-c", (
-        "import sys, sqlite3, importlib.metadata as m\n"
-        "v = lambda n: (m.version(n) if n else '')\n"
-        "out = [sys.version.split()[0], sqlite3.sqlite_version]\n"
-        "for n in ('starlette', 'uvicorn', 'uvloop', 'httptools', 'orjson'):\n"
-        "    try: out.append(m.version(n))\n"
-        "    except Exception: out.append('missing')\n"
-        "print(' '.join(out))"
-    )]).split()
+    versions = sh(
+        [
+            py,
+            "-c",
+            (
+                "import sys, sqlite3, importlib.metadata as m\n"
+                "v = lambda n: (m.version(n) if n else '')\n"
+                "out = [sys.version.split()[0], sqlite3.sqlite_version]\n"
+                "for n in ('starlette', 'uvicorn', 'uvloop', 'httptools', 'orjson'):\n"
+                "    try: out.append(m.version(n))\n"
+                "    except Exception: out.append('missing')\n"
+                "print(' '.join(out))"
+            ),
+        ]
+    ).split()
     names = ["python", "sqlite", "starlette", "uvicorn", "uvloop", "httptools", "orjson"]
     source = (REPO / "tinytrack.py").read_bytes()
     commit = sh(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
@@ -416,13 +422,17 @@ def report_loop(db: str, seconds: float) -> None:
         times.append(time.perf_counter() - t0)
     con.close()
     times.sort()
-    print(json.dumps({
-        "queries": len(times),
-        "errors": errors,
-        "avg_ms": 1000 * sum(times) / len(times) if times else None,
-        "max_ms": 1000 * times[-1] if times else None,
-        "rows": rows,
-    }))
+    print(
+        json.dumps(
+            {
+                "queries": len(times),
+                "errors": errors,
+                "avg_ms": 1000 * sum(times) / len(times) if times else None,
+                "max_ms": 1000 * times[-1] if times else None,
+                "rows": rows,
+            }
+        )
+    )
 
 
 def db_stats(db: Path) -> dict:
@@ -486,8 +496,12 @@ end
 
 def postback_script(workdir: Path, ids_path: Path, token: str, label: str) -> Path:
     script = workdir / f"postbacks-{label}.lua"
-    text = (POSTBACK_LUA.replace("IDS_PATH", str(ids_path)).replace("PREFIX", f"{label}{secrets.token_hex(3)}")
-            .replace("TOKEN", token).replace("DUP_EVERY", str(DUPLICATE_SHARE)))
+    text = (
+        POSTBACK_LUA.replace("IDS_PATH", str(ids_path))
+        .replace("PREFIX", f"{label}{secrets.token_hex(3)}")
+        .replace("TOKEN", token)
+        .replace("DUP_EVERY", str(DUPLICATE_SHARE))
+    )
     script.write_text(text)
     return script
 
@@ -505,8 +519,9 @@ class Bench:
             atexit.register(shutil.rmtree, self.workdir, True)
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 
-    def measure(self, name: str, pid: int, url: str, script: Path | None = None, warmup: bool = True,
-                during=None, after=None) -> dict:
+    def measure(
+        self, name: str, pid: int, url: str, script: Path | None = None, warmup: bool = True, during=None, after=None
+    ) -> dict:
         """One scenario; rerun (up to --retries times) if other processes took
         more than NOISY % of the server's core, keeping the cleanest attempt."""
         a = self.args
@@ -522,9 +537,11 @@ class Bench:
                 print(f"  (other processes took {result['noise']:.0f}% of a benchmark CPU: running it again)")
         best["attempts"] = attempt + 1
         if best["noise"] > NOISY:
-            self.notes.append(f"{name}: NOISY, other processes took {best['other_cpu']:.0f}% of the server's CPU and "
-                              f"{best['other_load_cpu']:.0f}% of wrk's (best of {attempt + 1} attempts); "
-                              "rerun on a quiet machine")
+            self.notes.append(
+                f"{name}: NOISY, other processes took {best['other_cpu']:.0f}% of the server's CPU and "
+                f"{best['other_load_cpu']:.0f}% of wrk's (best of {attempt + 1} attempts); "
+                "rerun on a quiet machine"
+            )
         self.rows.append(best)
         return best
 
@@ -553,8 +570,13 @@ class Bench:
         result["us_threads"] = 1e6 * (threads1[1] - threads0[1]) / CLK_TCK / requests
         result["switches"] = (switches1 - switches0) / requests
         result.update(
-            name=name, rss_mb=rss.max_kb / 1024, hwm_mb=proc_status(pid, "VmHWM") / 1024, wal_mb=rss.max_wal / 2**20 if self.wal else None,
-            server_cpu=server_cpu, busy_before=busy_before, wrk_cpu=wrk_cpu,
+            name=name,
+            rss_mb=rss.max_kb / 1024,
+            hwm_mb=proc_status(pid, "VmHWM") / 1024,
+            wal_mb=rss.max_wal / 2**20 if self.wal else None,
+            server_cpu=server_cpu,
+            busy_before=busy_before,
+            wrk_cpu=wrk_cpu,
             # Busy time on the server's core not charged to the server: other processes, interrupts.
             other_cpu=max(0.0, core_busy[server_core] - server_cpu) if server_core else 0.0,
             # The same on wrk's core (includes the report loop when it runs there).
@@ -563,10 +585,13 @@ class Bench:
         if after:
             after(result)
         bad = result["non2xx3xx"] + result["socket_errors"]
-        print(f"  {name:<44} {result['rps']:>8,.0f} req/s  p50 {result['p50']:6.2f} ms  p99 {result['p99']:6.2f} ms  "
-              f"RSS {result['rss_mb']:5.1f} MB  {result['us_main']:4.0f}+{result['us_threads']:3.0f} us/req {result['switches']:4.2f} cs/req  WAL {result['wal_mb'] or 0:5.1f} MB  CPU: server {result['server_cpu']:3.0f}% + others {result['other_cpu']:3.0f}%, "
-              f"wrk {result['wrk_cpu']:3.0f}% + others {result['other_load_cpu']:3.0f}%"
-              + (f"  ({bad} errors)" if bad else ""), flush=True)
+        print(
+            f"  {name:<44} {result['rps']:>8,.0f} req/s  p50 {result['p50']:6.2f} ms  p99 {result['p99']:6.2f} ms  "
+            f"RSS {result['rss_mb']:5.1f} MB  {result['us_main']:4.0f}+{result['us_threads']:3.0f} us/req {result['switches']:4.2f} cs/req  WAL {result['wal_mb'] or 0:5.1f} MB  CPU: server {result['server_cpu']:3.0f}% + others {result['other_cpu']:3.0f}%, "
+            f"wrk {result['wrk_cpu']:3.0f}% + others {result['other_load_cpu']:3.0f}%"
+            + (f"  ({bad} errors)" if bad else ""),
+            flush=True,
+        )
         return result
 
     def yardstick(self, when: str) -> dict:
@@ -575,13 +600,20 @@ class Bench:
         port = free_port()
         log = self.workdir / "yardstick.log"
         with open(log, "w") as out:
-            proc = spawn(pinned(a.server_cpu, [a.python, str(HERE / "yardstick.py"), "--port", str(port)]),
-                         stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir)
+            proc = spawn(
+                pinned(a.server_cpu, [a.python, str(HERE / "yardstick.py"), "--port", str(port)]),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.workdir,
+            )
         try:
             wait_ready(port, proc, log)
             status, headers, _ = http_get(port, CLICK_PATH)
             assert status == 302 and headers.get("location"), (status, headers)
-            return self.measure(f"yardstick: bare Starlette 302 ({when})", proc.pid, f"http://127.0.0.1:{port}{CLICK_PATH}")
+            return self.measure(
+                f"yardstick: bare Starlette 302 ({when})", proc.pid, f"http://127.0.0.1:{port}{CLICK_PATH}"
+            )
         finally:
             stop(proc)
 
@@ -593,11 +625,16 @@ class Bench:
         sample = min(POSTBACK_IDS, max(seed_clicks, 1))
         print(f"  seeding {seed_clicks:,} clicks into {db.name} ...", flush=True)
         ids, took = seed(db, seed_clicks, sample)
-        print(f"  seeded {seed_clicks:,} clicks in {took:.1f} s ({seed_clicks / took / 1000:.0f}k rows/s), "
-              f"{db.stat().st_size / 2**20:.0f} MB", flush=True)
+        print(
+            f"  seeded {seed_clicks:,} clicks in {took:.1f} s ({seed_clicks / took / 1000:.0f}k rows/s), "
+            f"{db.stat().st_size / 2**20:.0f} MB",
+            flush=True,
+        )
         if seed_clicks >= 1_000_000:
-            self.notes.append(f"seeding {seed_clicks / 1e6:g}M clicks took {took:.0f} s "
-                              f"({seed_clicks / took / 1000:.0f}k rows/s); database {db.stat().st_size / 2**20:.0f} MB")
+            self.notes.append(
+                f"seeding {seed_clicks / 1e6:g}M clicks took {took:.0f} s "
+                f"({seed_clicks / took / 1000:.0f}k rows/s); database {db.stat().st_size / 2**20:.0f} MB"
+            )
         ids_path = self.workdir / f"{label}-ids.txt"
         ids_path.write_text("\n".join(ids) + "\n")
         token = "bench-" + secrets.token_urlsafe(18)
@@ -608,10 +645,16 @@ class Bench:
             f'[postback]\ntokens = ["{token}"]\n\n[campaigns.{CAMPAIGN}]\nurl = "{CAMPAIGN_URL}"\n'
         )
         log = self.workdir / f"{label}-server.log"
-        code = "import sys, tinytrack\n" + (a.server_prelude + "\n" if a.server_prelude else "") + "sys.exit(tinytrack.main())"
+        code = (
+            "import sys, tinytrack\n"
+            + (a.server_prelude + "\n" if a.server_prelude else "")
+            + "sys.exit(tinytrack.main())"
+        )
         cmd = [a.python, "-c", code, "serve", "-c", str(conf)]
         with open(log, "w") as out:
-            proc = spawn(pinned(a.server_cpu, cmd), stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir)
+            proc = spawn(
+                pinned(a.server_cpu, cmd), stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir
+            )
         results = {}
         try:
             wait_ready(port, proc, log)
@@ -624,8 +667,9 @@ class Bench:
             what = "empty db" if label == "empty" else f"{seed_clicks / 1e6:g}M clicks"
             results["clicks"] = self.measure(f"tinytrack clicks ({what})", proc.pid, base + CLICK_PATH)
             if a.with_report:
-                results["clicks_report"] = self.with_report(f"tinytrack clicks + report loop ({what})", proc.pid,
-                                                            base + CLICK_PATH, db)
+                results["clicks_report"] = self.with_report(
+                    f"tinytrack clicks + report loop ({what})", proc.pid, base + CLICK_PATH, db
+                )
             script = postback_script(self.workdir, ids_path, token, label)
             results["postbacks"] = self.measure(f"tinytrack postbacks ({what})", proc.pid, base + "/postback", script)
             if a.profile:
@@ -642,7 +686,9 @@ class Bench:
             f"{stats['orphans']} orphans; file {stats['db_mb']:.0f} MB, WAL {stats['wal_mb']:.1f} MB "
             f"({sent:,} postbacks in the measured run; ~1 in {DUPLICATE_SHARE} a duplicate)"
         )
-        errors = [line for line in log.read_text(errors="replace").splitlines() if " ERROR " in line or "Traceback" in line]
+        errors = [
+            line for line in log.read_text(errors="replace").splitlines() if " ERROR " in line or "Traceback" in line
+        ]
         if errors:
             self.notes.append(f"{label}: {len(errors)} error lines in the server log, first: {errors[0][:200]}")
         return results
@@ -654,8 +700,12 @@ class Bench:
         def start_report() -> None:
             cmd = [a.python, str(HERE / "bench.py"), "--report-loop", str(db), str(a.duration + 2)]
             # nice 19: the query gets what wrk leaves of its core, so it slows the server, not the load generator
-            holder["proc"] = spawn(pinned(a.report_cpu, ["nice", "-n", "19", *cmd], priority=False),
-                                   stdout=subprocess.PIPE, text=True, env=self.env)
+            holder["proc"] = spawn(
+                pinned(a.report_cpu, ["nice", "-n", "19", *cmd], priority=False),
+                stdout=subprocess.PIPE,
+                text=True,
+                env=self.env,
+            )
             time.sleep(0.5)  # let the first query start
 
         def stop_report(result: dict) -> None:
@@ -690,8 +740,22 @@ class Bench:
         for kind, url, lua in (("clicks", base + CLICK_PATH, None), ("postbacks", base + "/postback", script)):
             for fmt, ext in (("raw", "txt"), ("flamegraph", "svg")):
                 out = RESULTS / f"profile-{label}-{kind}.{ext}"
-                cmd = [spy, "record", "--pid", str(pid), "--rate", "250", "--duration", str(int(a.duration)),
-                       "--format", fmt, "--threads", *a.profile_args.split(), "--output", str(out)]
+                cmd = [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--rate",
+                    "250",
+                    "--duration",
+                    str(int(a.duration)),
+                    "--format",
+                    fmt,
+                    "--threads",
+                    *a.profile_args.split(),
+                    "--output",
+                    str(out),
+                ]
                 if "--native" not in cmd:
                     cmd.insert(-2, "--nonblocking")  # py-spy cannot read native stacks without pausing
                 spy_proc = spawn(pinned(a.load_cpu, cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -707,15 +771,16 @@ class Bench:
 
     def table(self, facts: dict) -> str:
         a = self.args
-        by = {r["name"]: r for r in self.rows}
         yards = [r for r in self.rows if r["name"].startswith("yardstick")]
         yard = None
         if yards:  # the mean of the first and last yardstick runs
             yard = {"rps": sum(r["rps"] for r in yards) / len(yards)}
             spread = max(r["rps"] for r in yards) / min(r["rps"] for r in yards) - 1
             if spread > 0.15:
-                self.notes.append(f"UNSTABLE: the yardstick's first and last runs differ by {100 * spread:.0f}%: "
-                                  "the machine's speed changed during the bench; rerun")
+                self.notes.append(
+                    f"UNSTABLE: the yardstick's first and last runs differ by {100 * spread:.0f}%: "
+                    "the machine's speed changed during the bench; rerun"
+                )
         lines = [
             "| scenario | req/s | p50 ms | p99 ms | max ms | max RSS MB | errors | server CPU µs/req (loop + threads) "
             "| context switches/req | max WAL MB | CPU % server / others | CPU % wrk / others | vs yardstick (mean) |",
@@ -725,19 +790,27 @@ class Bench:
             ratio = f"{r['rps'] / yard['rps']:.2f}x" if yard else "-"  # vs the mean of the two yardstick runs
             noisy = " (NOISY)" if r["noise"] > NOISY else ""
             errors = r["non2xx3xx"] + r["socket_errors"]
-            lines.append(f"| {r['name']}{noisy} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['max']:.1f} | "
-                         f"{r['rss_mb']:.1f} | {errors} | {r['us_main'] + r['us_threads']:.0f} ({r['us_main']:.0f} + {r['us_threads']:.0f}) | {r['switches']:.2f} | "
-                         f"{'-' if r['wal_mb'] is None else format(r['wal_mb'], '.1f')} | "
-                         f"{r['server_cpu']:.0f} / {r['other_cpu']:.0f} | "
-                         f"{r['wrk_cpu']:.0f} / {r['other_load_cpu']:.0f} | {ratio} |")
-        lines += ["", "server CPU µs/req: the server's CPU time over the run divided by the requests served, on "
-                  "the event loop's thread + on its other threads (the SQLite writer); clock ticks, so about ±1 µs. "
-                  "Context switches/req: voluntary + involuntary, all the server's threads (GIL and executor "
-                  "hand-offs show here).",
-                  "", "CPU %: time used over the measured run by the server (on its own core) and by wrk (on the "
-                  "other), and busy time on each core charged to neither (other processes, interrupts; on wrk's core "
-                  f"also the report loop when it runs); a run is NOISY above {NOISY:g}%.",
-                  "", "| ratio | value | target | met |", "|---|---:|---|---|"]
+            lines.append(
+                f"| {r['name']}{noisy} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['max']:.1f} | "
+                f"{r['rss_mb']:.1f} | {errors} | {r['us_main'] + r['us_threads']:.0f} ({r['us_main']:.0f} + {r['us_threads']:.0f}) | {r['switches']:.2f} | "
+                f"{'-' if r['wal_mb'] is None else format(r['wal_mb'], '.1f')} | "
+                f"{r['server_cpu']:.0f} / {r['other_cpu']:.0f} | "
+                f"{r['wrk_cpu']:.0f} / {r['other_load_cpu']:.0f} | {ratio} |"
+            )
+        lines += [
+            "",
+            "server CPU µs/req: the server's CPU time over the run divided by the requests served, on "
+            "the event loop's thread + on its other threads (the SQLite writer); clock ticks, so about ±1 µs. "
+            "Context switches/req: voluntary + involuntary, all the server's threads (GIL and executor "
+            "hand-offs show here).",
+            "",
+            "CPU %: time used over the measured run by the server (on its own core) and by wrk (on the "
+            "other), and busy time on each core charged to neither (other processes, interrupts; on wrk's core "
+            f"also the report loop when it runs); a run is NOISY above {NOISY:g}%.",
+            "",
+            "| ratio | value | target | met |",
+            "|---|---:|---|---|",
+        ]
 
         def add(label: str, value: float | None, target: str, ok: bool | None, fmt: str = "{:.2f}x") -> None:
             if value is None:
@@ -760,17 +833,34 @@ class Bench:
             add(f"clicks with {n} clicks / empty", c, ">= 0.9x (at 10M)", c >= 0.9)
             add(f"postbacks with {n} clicks / empty", p, ">= 0.9x (at 10M)", p >= 0.9)
             if yard:
-                add(f"clicks with {n} clicks / yardstick", seeded["clicks"]["rps"] / yard["rps"], ">= 1.0x",
-                    seeded["clicks"]["rps"] >= yard["rps"])
-                add(f"postbacks with {n} clicks / yardstick", seeded["postbacks"]["rps"] / yard["rps"], ">= 0.8x",
-                    seeded["postbacks"]["rps"] >= 0.8 * yard["rps"])
+                add(
+                    f"clicks with {n} clicks / yardstick",
+                    seeded["clicks"]["rps"] / yard["rps"],
+                    ">= 1.0x",
+                    seeded["clicks"]["rps"] >= yard["rps"],
+                )
+                add(
+                    f"postbacks with {n} clicks / yardstick",
+                    seeded["postbacks"]["rps"] / yard["rps"],
+                    ">= 0.8x",
+                    seeded["postbacks"]["rps"] >= 0.8 * yard["rps"],
+                )
         for label, res in (("empty db", empty), (f"{a.seed_millions:g}M clicks", seeded)):
             if res and "clicks_report" in res:
                 change = res["clicks_report"]["p99"] / res["clicks"]["p99"] - 1
-                add(f"click p99 with report loop vs without ({label})", 100 * change, "<= +20%", change <= 0.20,
-                    "{:+.0f}%")
-                add(f"click req/s with report loop / without ({label})",
-                    res["clicks_report"]["rps"] / res["clicks"]["rps"], "-", True)
+                add(
+                    f"click p99 with report loop vs without ({label})",
+                    100 * change,
+                    "<= +20%",
+                    change <= 0.20,
+                    "{:+.0f}%",
+                )
+                add(
+                    f"click req/s with report loop / without ({label})",
+                    res["clicks_report"]["rps"] / res["clicks"]["rps"],
+                    "-",
+                    True,
+                )
         v = facts["versions"]
         if a.server_prelude:
             self.notes.insert(0, f"EXPERIMENT: tinytrack ran with the prelude {a.server_prelude!r}")
@@ -797,8 +887,10 @@ class Bench:
         facts = machine_facts(a.python)
         missing = [n for n in ("starlette", "uvicorn", "orjson") if facts["versions"].get(n, "missing") == "missing"]
         if missing:
-            raise SystemExit(f"bench: {a.python} lacks {', '.join(missing)}: install tinytrack's dependencies there "
-                             "(pip install -e .) or pass --python PATH")
+            raise SystemExit(
+                f"bench: {a.python} lacks {', '.join(missing)}: install tinytrack's dependencies there "
+                "(pip install -e .) or pass --python PATH"
+            )
         if facts["versions"].get("uvloop") == "missing" or facts["versions"].get("httptools") == "missing":
             print("bench: warning: uvloop or httptools missing in", a.python, "- numbers will be low", file=sys.stderr)
         print(f"bench: {facts['nproc']} CPU ({facts['cpu']}); work dir {self.workdir}", flush=True)
@@ -852,9 +944,13 @@ def summarize_profile(path: Path, top: int = 15) -> str:
         return "  (no samples)"
     out = [f"  {total} samples (non-idle)"]
     out += ["  by thread:"] + [f"    {100 * n / total:5.1f}%  {t}" for t, n in threads.most_common(5)]
-    out += ["  top self time by function:"] + [f"    {100 * n / total:5.1f}%  {f}" for f, n in self_time.most_common(top)]
+    out += ["  top self time by function:"] + [
+        f"    {100 * n / total:5.1f}%  {f}" for f, n in self_time.most_common(top)
+    ]
     out += ["  top self time by line:"] + [f"    {100 * n / total:5.1f}%  {f}" for f, n in self_line.most_common(top)]
-    out += ["  top cumulative time by function:"] + [f"    {100 * n / total:5.1f}%  {f}" for f, n in cumulative.most_common(top)]
+    out += ["  top cumulative time by function:"] + [
+        f"    {100 * n / total:5.1f}%  {f}" for f, n in cumulative.most_common(top)
+    ]
     return "\n".join(out)
 
 
@@ -875,19 +971,36 @@ def main() -> int:
     parser.add_argument("--with-report", action="store_true", help="also run clicks beside a looping aggregate query")
     parser.add_argument("--profile", action="store_true", help="py-spy tinytrack under click and postback load")
     parser.add_argument("--profile-args", default="", help='more py-spy record options, e.g. "--native --idle"')
-    parser.add_argument("--user-agent", default=UA, help="User-Agent wrk sends (default: a desktop Chrome; '' for none)")
-    parser.add_argument("--server-prelude", default="",
-                        help="Python run in the tinytrack server before main(), for experiments "
-                             "(e.g. 'sys.setswitchinterval(0.001)'); shown in the results")
-    parser.add_argument("--nice", type=int, default=-10,
-                        help="nice value for servers and wrk when root (default -10: other work yields; 0: off)")
+    parser.add_argument(
+        "--user-agent", default=UA, help="User-Agent wrk sends (default: a desktop Chrome; '' for none)"
+    )
+    parser.add_argument(
+        "--server-prelude",
+        default="",
+        help="Python run in the tinytrack server before main(), for experiments "
+        "(e.g. 'sys.setswitchinterval(0.001)'); shown in the results",
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=-10,
+        help="nice value for servers and wrk when root (default -10: other work yields; 0: off)",
+    )
     parser.add_argument("--server-cpu", default="0")
     parser.add_argument("--load-cpu", default="1")
     parser.add_argument("--report-cpu", default="1", help="CPU for the report loop (default 1, beside wrk)")
-    parser.add_argument("--retries", type=int, default=1,
-                        help=f"rerun a scenario this many times if other processes took > {NOISY:g}%% of the server's CPU")
-    parser.add_argument("--wait-quiet", type=float, default=30,
-                        help="before each run wait up to this many seconds for idle CPUs (0: don't)")
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help=f"rerun a scenario this many times if other processes took > {NOISY:g}%% of the server's CPU",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=30,
+        help="before each run wait up to this many seconds for idle CPUs (0: don't)",
+    )
     parser.add_argument("--workdir", default=None, help="parent of the temporary directory (default $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (databases, logs)")
     args = parser.parse_args()

@@ -44,8 +44,22 @@ def seed(db: Path, clicks: int, newest_days: float, oldest_days: float) -> None:
     batch = []
     for i in range(clicks):
         clock[0] = start + i * step
-        batch.append((ids.new(), int(clock[0] * 1000), bench.CAMPAIGN, f"zone{i % 50}", "xyz", None, None, None, None,
-                      "203.0.113.7", bench.UA, 0))
+        batch.append(
+            (
+                ids.new(),
+                int(clock[0] * 1000),
+                bench.CAMPAIGN,
+                f"zone{i % 50}",
+                "xyz",
+                None,
+                None,
+                None,
+                None,
+                "203.0.113.7",
+                bench.UA,
+                0,
+            )
+        )
         if len(batch) == 100_000 or i == clicks - 1:
             con.execute("BEGIN")
             tt.Database(con).insert_clicks(batch)
@@ -60,16 +74,26 @@ def run(args: argparse.Namespace, workdir: Path, label: str, newest: float, olde
     t0 = time.monotonic()
     seed(db, args.clicks, newest, oldest)
     size_before = db.stat().st_size
-    print(f"{label}: seeded {args.clicks:,} clicks {newest:g}-{oldest:g} days old in {time.monotonic() - t0:.0f} s, "
-          f"{size_before / 2**20:.0f} MB", flush=True)
+    print(
+        f"{label}: seeded {args.clicks:,} clicks {newest:g}-{oldest:g} days old in {time.monotonic() - t0:.0f} s, "
+        f"{size_before / 2**20:.0f} MB",
+        flush=True,
+    )
     port = bench.free_port()
     conf = workdir / f"{label}.toml"
-    conf.write_text(f'[server]\nport = {port}\n[storage]\npath = "{db}"\n[postback]\ntokens = ["bench-token-0123"]\n'
-                    f'[retention]\nclicks_days = 90\n[campaigns.{bench.CAMPAIGN}]\nurl = "{bench.CAMPAIGN_URL}"\n')
+    conf.write_text(
+        f'[server]\nport = {port}\n[storage]\npath = "{db}"\n[postback]\ntokens = ["bench-token-0123"]\n'
+        f'[retention]\nclicks_days = 90\n[campaigns.{bench.CAMPAIGN}]\nurl = "{bench.CAMPAIGN_URL}"\n'
+    )
     log = workdir / f"{label}.log"
     with open(log, "w") as out:
-        proc = bench.spawn(bench.pinned(args.server_cpu, [args.python, "-m", "tinytrack", "serve", "-c", str(conf)]),
-                           stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=dict(os.environ, PYTHONPATH=str(bench.REPO)))
+        proc = bench.spawn(
+            bench.pinned(args.server_cpu, [args.python, "-m", "tinytrack", "serve", "-c", str(conf)]),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=dict(os.environ, PYTHONPATH=str(bench.REPO)),
+        )
     try:
         bench.wait_ready(port, proc, log)
         result = bench.run_wrk(args, f"http://127.0.0.1:{port}{bench.CLICK_PATH}", args.duration)
@@ -81,10 +105,18 @@ def run(args: argparse.Namespace, workdir: Path, label: str, newest: float, olde
     finally:
         bench.stop(proc)
     con = sqlite3.connect(db)
-    left = con.execute("SELECT count(*) FROM clicks WHERE ts < ?", (int((time.time() - 90 * DAY) * 1000),)).fetchone()[0]
+    left = con.execute("SELECT count(*) FROM clicks WHERE ts < ?", (int((time.time() - 90 * DAY) * 1000),)).fetchone()[
+        0
+    ]
     con.close()
-    result.update(label=label, size_before=size_before, size_after=db.stat().st_size, left=left,
-                  purged=int(purged.group(1)) if purged else 0, purge_s=float(purged.group(2)) if purged else None)
+    result.update(
+        label=label,
+        size_before=size_before,
+        size_after=db.stat().st_size,
+        left=left,
+        purged=int(purged.group(1)) if purged else 0,
+        purge_s=float(purged.group(2)) if purged else None,
+    )
     return result
 
 
@@ -107,12 +139,14 @@ def main() -> int:
     finally:
         bench.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\n| run | req/s | p50 ms | p99 ms | max ms | purged | purge took | file before -> after |")
+    print("\n| run | req/s | p50 ms | p99 ms | max ms | purged | purge took | file before -> after |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         took = f"{r['purge_s']:.1f} s" if r["purge_s"] is not None else "-"
-        print(f"| {r['label']} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['max']:.1f} | {r['purged']:,} | "
-              f"{took} | {r['size_before'] / 2**20:.0f} -> {r['size_after'] / 2**20:.0f} MB |")
+        print(
+            f"| {r['label']} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['max']:.1f} | {r['purged']:,} | "
+            f"{took} | {r['size_before'] / 2**20:.0f} -> {r['size_after'] / 2**20:.0f} MB |"
+        )
     if rows[1]["left"]:
         print(f"NOTE: {rows[1]['left']:,} expired clicks were still there at the end")
     return 0

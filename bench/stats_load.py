@@ -133,7 +133,18 @@ def to_ms(text: str) -> float:
 
 
 def run_wrk(url: str, seconds: float, threads: int, connections: int, cpus: str | None) -> dict:
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s", "-H", f"User-Agent: {UA}", url]
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "--timeout",
+        "5s",
+        "-H",
+        f"User-Agent: {UA}",
+        url,
+    ]
     if cpus:
         cmd = ["taskset", "-c", cpus, *cmd]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
@@ -209,8 +220,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
     parser.add_argument("--readers", type=int, default=1, help="threads looping on /api/stats (default 1)")
-    parser.add_argument("--by", action="append", choices=tinytrack.STATS_GROUPS,
-                        help="the reports the loop asks for, in turn (default: --by day --by sub2)")
+    parser.add_argument(
+        "--by",
+        action="append",
+        choices=tinytrack.STATS_GROUPS,
+        help="the reports the loop asks for, in turn (default: --by day --by sub2)",
+    )
     parser.add_argument("--python", default=sys.executable, help="Python that runs the server")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (database, server log)")
     args = parser.parse_args()
@@ -225,7 +240,9 @@ def main() -> int:
     db, port = workdir / "tinytrack.db", free_port()
     admin = secrets.token_urlsafe(24)
     config = workdir / "config.toml"
-    config.write_text(CONFIG.format(port=port, db=db, postback=secrets.token_urlsafe(24), admin=admin, campaign=CAMPAIGN))
+    config.write_text(
+        CONFIG.format(port=port, db=db, postback=secrets.token_urlsafe(24), admin=admin, campaign=CAMPAIGN)
+    )
 
     print(f"seeding {args.clicks:,} clicks over {args.days} days ...", flush=True)
     took = seed(db, args.clicks, args.days)
@@ -280,10 +297,15 @@ def main() -> int:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
         stored = con.execute("SELECT count(*) FROM clicks").fetchone()[0]
     print()
-    print(f"tinytrack {tinytrack.__version__}, {cpus} CPUs" + (f", server on CPU {server_cpu}, wrk + reports on {load_cpus}" if pin else ""))
-    print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s on /c/{CAMPAIGN}; "
-          f"{args.clicks:,} seeded clicks over {args.days} days, {stored:,} stored at the end")  # fmt: skip
-    print(f"reports alone (median of 5): " + ", ".join(f"{q.split('?')[1]} {ms:.1f} ms" for q, ms in alone.items()))
+    print(
+        f"tinytrack {tinytrack.__version__}, {cpus} CPUs"
+        + (f", server on CPU {server_cpu}, wrk + reports on {load_cpus}" if pin else "")
+    )
+    print(
+        f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s on /c/{CAMPAIGN}; "
+        f"{args.clicks:,} seeded clicks over {args.days} days, {stored:,} stored at the end"
+    )
+    print("reports alone (median of 5): " + ", ".join(f"{q.split('?')[1]} {ms:.1f} ms" for q, ms in alone.items()))
     print()
     print(f"{'run':22} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}")
     for name, r in results.items():
@@ -295,8 +317,10 @@ def main() -> int:
     for query, times in loop.times.items():
         if times:
             times = sorted(times)
-            print(f"  {query}: {len(times)} answered, median {statistics.median(times) * 1000:.1f} ms, "
-                  f"max {times[-1] * 1000:.1f} ms")  # fmt: skip
+            print(
+                f"  {query}: {len(times)} answered, median {statistics.median(times) * 1000:.1f} ms, "
+                f"max {times[-1] * 1000:.1f} ms"
+            )
     if loop.errors:
         print(f"  report errors: {loop.errors}")
     if args.keep:

@@ -26,5 +26,13 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     args = parser.parse_args()
-    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
-                access_log=False, log_level="warning", lifespan="off")
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        lifespan="off",
+    )

@@ -77,9 +77,7 @@ def render(
     if CHROMIUM is None:
         raise BrowserError("chromium not found on PATH (apt-get install chromium)")
     # ignore_cleanup_errors: a dying child may still be writing to the profile.
-    with tempfile.TemporaryDirectory(
-        prefix="tinytrack-chromium-", ignore_cleanup_errors=True
-    ) as tmp:
+    with tempfile.TemporaryDirectory(prefix="tinytrack-chromium-", ignore_cleanup_errors=True) as tmp:
         cmd = [
             CHROMIUM,
             "--headless",
@@ -108,8 +106,13 @@ def render(
         # Own process group, so a timeout kills the renderer/zygote children as well
         # (otherwise they keep the pipes open and communicate() never returns).
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-            stdin=subprocess.DEVNULL, start_new_session=True, text=True,
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
         )
         try:
             out, err = proc.communicate(timeout=timeout)

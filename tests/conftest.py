@@ -118,7 +118,9 @@ async def new_click(client: httpx.AsyncClient, campaign: str = "spring", **param
 class Server:
     """A real `tinytrack serve` process."""
 
-    def __init__(self, directory: Path, config_path: Path | None, port: int, env: dict | None = None, uds: Path | None = None) -> None:
+    def __init__(
+        self, directory: Path, config_path: Path | None, port: int, env: dict | None = None, uds: Path | None = None
+    ) -> None:
         self.directory, self.config_path, self.port, self.uds = directory, config_path, port, uds
         self.url = "http://tracker" if uds else f"http://127.0.0.1:{port}"
         self.log_path = directory / f"server-{port}.log"
@@ -131,7 +133,9 @@ class Server:
         if self.config_path:
             args += ["-c", str(self.config_path)]
         self.log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(args, cwd=self.directory, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        self.process = subprocess.Popen(
+            args, cwd=self.directory, stdout=self.log, stderr=subprocess.STDOUT, env=self.env
+        )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

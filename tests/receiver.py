@@ -75,7 +75,9 @@ class Receiver:
         """Replace the script (and restart counting its steps from the first)."""
         scripts = script if isinstance(script, Mapping) else {"*": script}
         with self._lock:
-            self._scripts = {path: [s if isinstance(s, Step) else Step(s) for s in steps] for path, steps in scripts.items()}
+            self._scripts = {
+                path: [s if isinstance(s, Step) else Step(s) for s in steps] for path, steps in scripts.items()
+            }
             self._used = {path: 0 for path in self._scripts}
             assert all(self._scripts.values()), "every script needs at least one step"
 
@@ -148,8 +150,15 @@ class Receiver:
         parts = urlsplit(request.path)
         with self._lock:
             step = self._next_step(parts.path)
-            hit = Hit(request.command, parts.path, parts.query, {k.lower(): v for k, v in request.headers.items()},
-                      time.monotonic(), time.time(), step.status)  # fmt: skip
+            hit = Hit(
+                request.command,
+                parts.path,
+                parts.query,
+                {k.lower(): v for k, v in request.headers.items()},
+                time.monotonic(),
+                time.time(),
+                step.status,
+            )
             self.hits.append(hit)
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -185,8 +194,10 @@ class Receiver:
 
         with self._lock:
             if not self._lock.wait_for(lambda: len(matching()) >= count, timeout):
-                raise AssertionError(f"{len(matching())} hits{f' to {path}' if path else ''} within {timeout} s, "
-                                     f"wanted {count}: {self.hits}")  # fmt: skip
+                raise AssertionError(
+                    f"{len(matching())} hits{f' to {path}' if path else ''} within {timeout} s, "
+                    f"wanted {count}: {self.hits}"
+                )
             return matching()
 
     async def wait_for_async(self, count: int, timeout: float = 10.0, path: str | None = None) -> list[Hit]:
@@ -198,5 +209,7 @@ class Receiver:
             if len(hits) >= count:
                 return hits
             if time.monotonic() > deadline:
-                raise AssertionError(f"{len(hits)} hits{f' to {path}' if path else ''} within {timeout} s, wanted {count}: {self.hits}")
+                raise AssertionError(
+                    f"{len(hits)} hits{f' to {path}' if path else ''} within {timeout} s, wanted {count}: {self.hits}"
+                )
             await asyncio.sleep(0.01)

@@ -7,9 +7,9 @@ import csv
 import io
 
 import pytest
+from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, new_click
 
 import tinytrack
-from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, new_click
 
 pytestmark = pytest.mark.anyio
 
@@ -50,7 +50,9 @@ async def test_admin_token_in_the_query_is_not_accepted(client):
 async def test_conversions_listing_pages_with_a_cursor(client):
     cid = await new_click(client, sub1="=HYPERLINK(1)", sub2="z")
     for n in range(5):
-        await client.get("/postback", params={"click_id": cid, "txid": f"T{n}", "payout": "0.1", "token": POSTBACK_TOKEN})
+        await client.get(
+            "/postback", params={"click_id": cid, "txid": f"T{n}", "payout": "0.1", "token": POSTBACK_TOKEN}
+        )
     first = (await client.get("/api/conversions?limit=2", headers=BEARER)).json()
     assert [row["txid"] for row in first["rows"]] == ["T0", "T1"]
     assert first["next"] == str(first["rows"][-1]["id"])
@@ -60,7 +62,13 @@ async def test_conversions_listing_pages_with_a_cursor(client):
     assert ([row["txid"] for row in last["rows"]], last["next"]) == (["T4"], None)
     row = first["rows"][0]
     assert (row["click_id"], row["campaign"], row["sub1"], row["payout"], row["currency"], row["status"]) == (
-        cid, "spring", "=HYPERLINK(1)", "0.10", "USD", "approved")  # fmt: skip
+        cid,
+        "spring",
+        "=HYPERLINK(1)",
+        "0.10",
+        "USD",
+        "approved",
+    )
 
 
 async def test_conversions_csv_and_filters(client):

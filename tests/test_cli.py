@@ -11,15 +11,19 @@ import sys
 from pathlib import Path
 
 import httpx
-import pytest
+from conftest import POSTBACK_TOKEN, Server, free_port, write_config
 
 import tinytrack
-from conftest import POSTBACK_TOKEN, Server, free_port, write_config
 
 
 def run(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tinytrack", *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=30
+        [sys.executable, "-m", "tinytrack", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=30,
     )
 
 
@@ -63,7 +67,10 @@ def test_serve_with_a_bad_config_exits_1_with_one_line(tmp_path: Path):
     bad.write_text('[postback]\ntokens = ["token-123456"]\n[campaigns.x]\nurl = "https://{sub1}.evil.com/"\n')
     failed = run("serve", "-c", str(bad), cwd=tmp_path)
     assert failed.returncode == 1
-    assert failed.stderr == "tinytrack: campaigns.x.url: macros are only allowed after the host, got 'https://{sub1}.evil.com/'\n"
+    assert (
+        failed.stderr
+        == "tinytrack: campaigns.x.url: macros are only allowed after the host, got 'https://{sub1}.evil.com/'\n"
+    )
 
 
 def test_real_server_click_then_postback_then_sigterm_exits_0(server: Server):
@@ -73,7 +80,9 @@ def test_real_server_click_then_postback_then_sigterm_exits_0(server: Server):
         cid = re.search(r"cid=([0-9a-f-]{36})", click.headers["location"]).group(1)
         answer = http.get("/postback", params={"click_id": cid, "payout": "2.5", "token": POSTBACK_TOKEN})
         assert answer.json() == {"status": "created", "id": 1}
-        posted = http.post("/postback", json={"clickid": cid, "amount": "2.5"}, headers={"authorization": f"Bearer {POSTBACK_TOKEN}"})
+        posted = http.post(
+            "/postback", json={"clickid": cid, "amount": "2.5"}, headers={"authorization": f"Bearer {POSTBACK_TOKEN}"}
+        )
         assert posted.json() == {"status": "duplicate", "id": 1}
     assert server.stop(signal.SIGTERM) == 0
     assert "Traceback" not in server.output()
@@ -108,7 +117,11 @@ def test_embedded_default_serves_the_demo_and_prints_tokens_once(tmp_path: Path)
 def test_access_log_redacts_tokens_and_masks_addresses(tmp_path: Path):
     port = free_port()
     config = write_config(tmp_path, port)
-    config.write_text(config.read_text().replace('trusted_proxies = ["127.0.0.1", "::1"]', 'trusted_proxies = ["127.0.0.1", "::1"]\naccess_log = true'))
+    config.write_text(
+        config.read_text().replace(
+            'trusted_proxies = ["127.0.0.1", "::1"]', 'trusted_proxies = ["127.0.0.1", "::1"]\naccess_log = true'
+        )
+    )
     server = Server(tmp_path, config, port).start()
     with httpx.Client(base_url=server.url) as http:
         click = http.get("/c/spring?sub1=fb", headers={"user-agent": "Mozilla/5.0", "x-forwarded-for": "203.0.113.77"})

@@ -6,7 +6,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-
 from conftest import new_click
 
 pytestmark = pytest.mark.anyio
@@ -14,7 +13,9 @@ pytestmark = pytest.mark.anyio
 
 def stored_clicks(app) -> list[tuple]:
     with sqlite3.connect(app.config.storage.path) as con:
-        return con.execute("SELECT id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, ip, ua, bot FROM clicks ORDER BY id").fetchall()
+        return con.execute(
+            "SELECT id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, ip, ua, bot FROM clicks ORDER BY id"
+        ).fetchall()
 
 
 async def test_click_is_stored_then_redirected(app, client: httpx.AsyncClient):
@@ -34,7 +35,19 @@ async def test_click_is_stored_then_redirected(app, client: httpx.AsyncClient):
     assert query["x"] == ["X9"]
     assert "sub1=a%20b%26c" not in answer.headers["location"] and "s1=a%20b%26c" in answer.headers["location"]
     [row] = stored_clicks(app)
-    assert row == (uuid.UUID(click_id).bytes, "spring", "a b&c", "2", "3", "4", "5", "X9", "198.51.100.7", "Mozilla/5.0 (iPhone)", 0)
+    assert row == (
+        uuid.UUID(click_id).bytes,
+        "spring",
+        "a b&c",
+        "2",
+        "3",
+        "4",
+        "5",
+        "X9",
+        "198.51.100.7",
+        "Mozilla/5.0 (iPhone)",
+        0,
+    )
 
 
 async def test_values_are_cut_at_256_characters(app, client):
@@ -67,7 +80,12 @@ async def test_other_methods_are_refused(app, client, method):
 
 @pytest.mark.parametrize(
     "user_agent, bot",
-    [(None, 1), ("facebookexternalhit/1.1", 1), ("Mozilla/5.0 (compatible; bingbot/2.0)", 1), ("Mozilla/5.0 (Windows NT 10.0) Chrome/120", 0)],
+    [
+        (None, 1),
+        ("facebookexternalhit/1.1", 1),
+        ("Mozilla/5.0 (compatible; bingbot/2.0)", 1),
+        ("Mozilla/5.0 (Windows NT 10.0) Chrome/120", 0),
+    ],
 )
 async def test_bots_are_redirected_and_flagged(app, client, user_agent, bot):
     headers = {"user-agent": user_agent} if user_agent else {}
@@ -118,7 +136,9 @@ async def test_client_address_behind_a_trusted_proxy(config, clock):
     try:
         transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as proxied:
-            await proxied.get("/c/spring", headers={"x-forwarded-for": "6.6.6.6, 203.0.113.50", "user-agent": "Mozilla/5.0"})
+            await proxied.get(
+                "/c/spring", headers={"x-forwarded-for": "6.6.6.6, 203.0.113.50", "user-agent": "Mozilla/5.0"}
+            )
     finally:
         await app.shutdown()
     [row] = stored_clicks(app)

@@ -49,37 +49,91 @@ def test_config_is_frozen():
 @pytest.mark.parametrize(
     "data, message",
     [
-        (config_with(campaigns={"x": {"url": "ftp://nope"}}), "campaigns.x.url: must be an http(s) URL, got 'ftp://nope'"),
+        (
+            config_with(campaigns={"x": {"url": "ftp://nope"}}),
+            "campaigns.x.url: must be an http(s) URL, got 'ftp://nope'",
+        ),
         (config_with(campaigns={"x": {}}), "campaigns.x.url: is required"),
-        (config_with(campaigns={"x": {"url": "https://{sub1}.evil.com/"}}), "campaigns.x.url: macros are only allowed after the host, got 'https://{sub1}.evil.com/'"),
-        (config_with(campaigns={"x": {"url": "https://a.com/?q={nope}"}}), "campaigns.x.url: unknown macro {nope}; known: click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id"),
-        (config_with(campaigns={"x": {"url": "https://a.com/\r\nX: y"}}), "campaigns.x.url: must not contain spaces or control characters, got 'https://a.com/\\r\\nX: y'"),
-        (config_with(campaigns={"x": {"url": "https://a.com/{click_id"}}), "campaigns.x.url: unbalanced or misplaced brace in 'https://a.com/{click_id'"),
-        (config_with(campaigns={"bad name": {"url": "https://a.com/"}}), "campaigns.bad name: campaign names are 1-64 characters of A-Z a-z 0-9 _ -"),
-        (config_with(campaigns={"x": {"url": "https://a.com/", "window_days": 0}}), "campaigns.x.window_days: must be at least 1, got 0"),
-        (config_with(campaigns={"x": {"url": "https://a.com/", "pass_query": "yes"}}), "campaigns.x.pass_query: must be true or false, got 'yes'"),
+        (
+            config_with(campaigns={"x": {"url": "https://{sub1}.evil.com/"}}),
+            "campaigns.x.url: macros are only allowed after the host, got 'https://{sub1}.evil.com/'",
+        ),
+        (
+            config_with(campaigns={"x": {"url": "https://a.com/?q={nope}"}}),
+            "campaigns.x.url: unknown macro {nope}; known: click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id",
+        ),
+        (
+            config_with(campaigns={"x": {"url": "https://a.com/\r\nX: y"}}),
+            "campaigns.x.url: must not contain spaces or control characters, got 'https://a.com/\\r\\nX: y'",
+        ),
+        (
+            config_with(campaigns={"x": {"url": "https://a.com/{click_id"}}),
+            "campaigns.x.url: unbalanced or misplaced brace in 'https://a.com/{click_id'",
+        ),
+        (
+            config_with(campaigns={"bad name": {"url": "https://a.com/"}}),
+            "campaigns.bad name: campaign names are 1-64 characters of A-Z a-z 0-9 _ -",
+        ),
+        (
+            config_with(campaigns={"x": {"url": "https://a.com/", "window_days": 0}}),
+            "campaigns.x.window_days: must be at least 1, got 0",
+        ),
+        (
+            config_with(campaigns={"x": {"url": "https://a.com/", "pass_query": "yes"}}),
+            "campaigns.x.pass_query: must be true or false, got 'yes'",
+        ),
         (config_with(campaigns={"x": {"url": "https://a.com/", "colour": 1}}), "campaigns.x.colour: unknown key"),
-        (config_with(campaigns={"x": {"url": "https://a.com/", "forward_statuses": ["paid"]}}), "campaigns.x.forward_statuses[0]: must be one of approved, pending, rejected, got 'paid'"),
+        (
+            config_with(campaigns={"x": {"url": "https://a.com/", "forward_statuses": ["paid"]}}),
+            "campaigns.x.forward_statuses[0]: must be one of approved, pending, rejected, got 'paid'",
+        ),
         (config_with(server={"port": 70000}), "server.port: must be between 1 and 65535, got 70000"),
         (config_with(server={"port": "80"}), "server.port: must be an integer, got '80'"),
         (config_with(server={"port": True}), "server.port: must be an integer, got 'True'"),
-        (config_with(server={"trusted_proxies": ["10.0.0.1/8"]}), "server.trusted_proxies[0]: not an IP address or CIDR: '10.0.0.1/8' (10.0.0.1/8 has host bits set)"),
+        (
+            config_with(server={"trusted_proxies": ["10.0.0.1/8"]}),
+            "server.trusted_proxies[0]: not an IP address or CIDR: '10.0.0.1/8' (10.0.0.1/8 has host bits set)",
+        ),
         (config_with(postback={"tokens": []}), "postback.tokens: must list at least one token (run `tinytrack init`)"),
         ({"postback": {}}, "postback.tokens: must list at least one token (run `tinytrack init`)"),
-        (config_with(postback={"tokens": ["short"]}), "postback.tokens[0]: must be 8-128 characters of A-Z a-z 0-9 . _ ~ -"),
-        (config_with(postback={"tokens": ["has space in it"]}), "postback.tokens[0]: must be 8-128 characters of A-Z a-z 0-9 . _ ~ -"),
+        (
+            config_with(postback={"tokens": ["short"]}),
+            "postback.tokens[0]: must be 8-128 characters of A-Z a-z 0-9 . _ ~ -",
+        ),
+        (
+            config_with(postback={"tokens": ["has space in it"]}),
+            "postback.tokens[0]: must be 8-128 characters of A-Z a-z 0-9 . _ ~ -",
+        ),
         (config_with(postback={"tokens": [7]}), "postback.tokens[0]: must be a string, got an integer"),
-        (config_with(postback={"allow_ips": ["203.0.113.5/24"]}), "postback.allow_ips[0]: not an IP address or CIDR: '203.0.113.5/24' (203.0.113.5/24 has host bits set)"),
-        (config_with(postback={"allow_ips": ["garbage"]}), "postback.allow_ips[0]: not an IP address or CIDR: 'garbage' ('garbage' does not appear to be an IPv4 or IPv6 network)"),
-        (config_with(postback={"currency": "dollars"}), "postback.currency: must be a three-letter ISO 4217 code, got 'dollars'"),
-        (config_with(postback={"events": ["Sign Up"]}), "postback.events[0]: must match [a-z0-9_]{1,32}, got 'Sign Up'"),
-        (config_with(postback={"status_map": {"sale": "paid"}}), "postback.status_map.sale: must be one of approved, pending, rejected, got 'paid'"),
+        (
+            config_with(postback={"allow_ips": ["203.0.113.5/24"]}),
+            "postback.allow_ips[0]: not an IP address or CIDR: '203.0.113.5/24' (203.0.113.5/24 has host bits set)",
+        ),
+        (
+            config_with(postback={"allow_ips": ["garbage"]}),
+            "postback.allow_ips[0]: not an IP address or CIDR: 'garbage' ('garbage' does not appear to be an IPv4 or IPv6 network)",
+        ),
+        (
+            config_with(postback={"currency": "dollars"}),
+            "postback.currency: must be a three-letter ISO 4217 code, got 'dollars'",
+        ),
+        (
+            config_with(postback={"events": ["Sign Up"]}),
+            "postback.events[0]: must match [a-z0-9_]{1,32}, got 'Sign Up'",
+        ),
+        (
+            config_with(postback={"status_map": {"sale": "paid"}}),
+            "postback.status_map.sale: must be one of approved, pending, rejected, got 'paid'",
+        ),
         (config_with(postback={"hmac_secrets": ["short"]}), "postback.hmac_secrets[0]: must be at least 16 characters"),
         (config_with(admin={"token": "token-123456"}), "admin.token: must differ from every postback token"),
         (config_with(retention={"clicks_days": -1}), "retention.clicks_days: must be between 0 and 1000000000, got -1"),
         (config_with(forward={"allow_private": 1}), "forward.allow_private: must be true or false, got '1'"),
         (config_with(storage={"path": ""}), "storage.path: must not be empty"),
-        ({**BASE, "sever": {}}, "sever: unknown section; known: server, storage, postback, admin, retention, forward, campaigns"),
+        (
+            {**BASE, "sever": {}},
+            "sever: unknown section; known: server, storage, postback, admin, retention, forward, campaigns",
+        ),
         ({**BASE, "campaigns": {"x": "https://a.com/"}}, "campaigns.x: must be a table, got 'https://a.com/'"),
     ],
 )

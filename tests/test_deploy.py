@@ -22,7 +22,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import POSTBACK_TOKEN, Server, free_port, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +45,11 @@ def find_nginx() -> str:
     if not IS_ROOT or not shutil.which("apt-get"):
         pytest.skip("nginx is not installed (CI installs it with `apt-get install -y nginx`; needs root here)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for attempt in (["apt-get", "install", "-y", "nginx"], ["apt-get", "update"], ["apt-get", "install", "-y", "nginx"]):
+    for attempt in (
+        ["apt-get", "install", "-y", "nginx"],
+        ["apt-get", "update"],
+        ["apt-get", "install", "-y", "nginx"],
+    ):
         done = subprocess.run(attempt, env=env, capture_output=True, text=True, timeout=600)
         if attempt[1] == "install" and done.returncode == 0:
             break
@@ -178,8 +181,27 @@ def site() -> Iterator[Site]:
         state.mkdir(mode=0o755)
         webroot.mkdir(mode=0o755)
         cert, key = directory / "cert.pem", directory / "key.pem"
-        made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                               "-keyout", str(key), "-out", str(cert)], capture_output=True, text=True, timeout=60)  # fmt: skip
+        made = subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=localhost",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert made.returncode == 0, made.stderr
         cert.chmod(0o644)
         key.chmod(0o600)
@@ -189,8 +211,18 @@ def site() -> Iterator[Site]:
         http_port, https_port = free_port(), free_port()
         sock = directory / "tt.sock"
         rendered = directory / "tinytrack.conf"
-        rendered.write_text(render_site(SITE.read_text(), http_port=http_port, https_port=https_port, sock=sock,
-                                        cert=cert, key=key, logs=state, webroot=webroot))  # fmt: skip
+        rendered.write_text(
+            render_site(
+                SITE.read_text(),
+                http_port=http_port,
+                https_port=https_port,
+                sock=sock,
+                cert=cert,
+                key=key,
+                logs=state,
+                webroot=webroot,
+            )
+        )
         main_conf = directory / "nginx.conf"
         main_conf.write_text(MAIN_CONF.format(state=state, site=rendered))
         yield Site(directory, state, main_conf, http_port, https_port, sock, nginx)
@@ -240,7 +272,9 @@ def nginx(site: Site, tracker: Server) -> Iterator[subprocess.Popen]:
     checked = nginx_check(site)
     assert checked.returncode == 0, checked.stderr
     output = open(site.directory / "nginx.out", "wb")
-    process = subprocess.Popen(site.command("-g", "daemon off;"), stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        site.command("-g", "daemon off;"), stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 20
         while not listening(site.https_port):
@@ -325,26 +359,33 @@ def test_through_real_nginx(site: Site, tracker: Server, nginx: subprocess.Popen
         # tinytrack's trusted proxies, so if nginx appended to the client's header
         # ("127.0.0.2, 127.0.0.1") tinytrack would believe 127.0.0.2: the spoof test
         # fails unless nginx overwrites X-Forwarded-For.
-        spoofed = visitor.get("/postback", params={"click_id": second, "token": POSTBACK_TOKEN},
-                              headers={"x-forwarded-for": "127.0.0.2"})  # fmt: skip
+        spoofed = visitor.get(
+            "/postback", params={"click_id": second, "token": POSTBACK_TOKEN}, headers={"x-forwarded-for": "127.0.0.2"}
+        )
         assert spoofed.status_code == 403, spoofed.text
         allowed = network.get("/postback", params={"click_id": first, "token": POSTBACK_TOKEN, "payout": "2.50"})
         assert allowed.status_code == 200, allowed.text
         assert allowed.json() == {"status": "created", "id": 1}
-        bearer = network.post("/postback", json={"click_id": second, "payout": "1.50"},
-                              headers={"authorization": f"Bearer {POSTBACK_TOKEN}"})  # fmt: skip
+        bearer = network.post(
+            "/postback",
+            json={"click_id": second, "payout": "1.50"},
+            headers={"authorization": f"Bearer {POSTBACK_TOKEN}"},
+        )
         assert bearer.status_code == 200, bearer.text
         assert bearer.json() == {"status": "created", "id": 2}
 
         # A big body: refused (nginx's 1k limit on /postback, or tinytrack's 1024 bytes).
         # The token rides in the query, as most networks send it.
         big = json.dumps({"click_id": first, "note": "x" * 5000}).encode()
-        too_big = network.post("/postback", params={"token": POSTBACK_TOKEN}, content=big,
-                               headers={"content-type": "application/json"})  # fmt: skip
+        too_big = network.post(
+            "/postback", params={"token": POSTBACK_TOKEN}, content=big, headers={"content-type": "application/json"}
+        )
         assert too_big.status_code == 413
 
         # Postbacks have their own, larger limit (burst=100 nodelay: at least 101 pass).
-        answers = until_429(lambda: network.get("/postback", params={"click_id": first, "token": POSTBACK_TOKEN}).status_code)
+        answers = until_429(
+            lambda: network.get("/postback", params={"click_id": first, "token": POSTBACK_TOKEN}).status_code
+        )
         assert answers[:100] == [200] * 100, answers
 
     # Clicks from one fresh address: burst=40 nodelay lets at least 41 through.

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import POSTBACK_TOKEN, Server, free_port, write_config
 
 ROUNDS = int(os.environ.get("TINYTRACK_DURABILITY_ROUNDS", "6"))
@@ -110,7 +109,9 @@ async def click_worker(http: httpx.AsyncClient, load: Load, worker: int) -> None
         # A whole answer that reached us is acknowledged, even one read after the kill.
         match = CID_RE.search(answer.headers.get("location", ""))
         if answer.status_code != 302 or not match:
-            load.problems.append(f"click answered {answer.status_code} {answer.headers.get('location')!r} {answer.text!r}")
+            load.problems.append(
+                f"click answered {answer.status_code} {answer.headers.get('location')!r} {answer.text!r}"
+            )
             continue
         load.clicks.append(match.group(1))
         if load.armed == "click":
@@ -237,7 +238,9 @@ def test_acknowledged_writes_survive_kill_9(tmp_path: Path, round_no: int) -> No
             f"{time.monotonic() - began:.2f}s of load: {len(load.clicks)} clicks and {len(conversions)} conversions "
             f"acknowledged, {load.postbacks_sent} postbacks sent, {sum(map(len, load.acks.values()))} acknowledged"
         )
-        assert code == -signal.SIGKILL, f"{where}: the server was not alive until the kill (exit {code}):\n{tail(first)}"
+        assert code == -signal.SIGKILL, (
+            f"{where}: the server was not alive until the kill (exit {code}):\n{tail(first)}"
+        )
         assert not load.problems, f"{where}: unexpected answers under load: {load.problems[:5]}\n{tail(first)}"
         assert load.clicks, f"{where}: no click was acknowledged before the kill\n{tail(first)}"
         assert conversions, f"{where}: no conversion was acknowledged before the kill\n{tail(first)}"

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import POSTBACK_TOKEN, Server, free_port, new_click, write_config
 
 import tinytrack
-from conftest import POSTBACK_TOKEN, Server, free_port, new_click, write_config
 
 UA = {"user-agent": "Mozilla/5.0"}
 
@@ -61,7 +61,9 @@ async def test_health_says_503_while_writes_fail_and_recovers_on_its_own(app, cl
     with caplog.at_level(logging.INFO, logger="tinytrack"):
         answers = [(await client.get("/c/spring", headers=UA)).status_code for _ in range(50)]
         assert answers == [503] * 50  # never a redirect for a click not stored
-        cid_answer = await client.get("/postback", params={"click_id": "00000000-0000-7000-8000-000000000000", "token": POSTBACK_TOKEN})
+        cid_answer = await client.get(
+            "/postback", params={"click_id": "00000000-0000-7000-8000-000000000000", "token": POSTBACK_TOKEN}
+        )
         assert cid_answer.status_code == 503
         health = await client.get("/healthz")
         assert health.status_code == 503
@@ -81,19 +83,25 @@ async def test_health_says_503_while_writes_fail_and_recovers_on_its_own(app, cl
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == ["writes are failing, answering 503 until one commits again: database or disk is full"]
     recovered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("writes recovered")]
-    assert len(recovered) == 1 and re.fullmatch(r"writes recovered: 5[1-9] batches failed in [0-9.]+ s, none since 0 s", recovered[0])
+    assert len(recovered) == 1 and re.fullmatch(
+        r"writes recovered: 5[1-9] batches failed in [0-9.]+ s, none since 0 s", recovered[0]
+    )
 
 
 # --- A read-only or missing database at start-up ------------------------------------------
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tinytrack", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "tinytrack", *args], cwd=cwd, capture_output=True, text=True, timeout=30
+    )
 
 
 def test_a_database_that_cannot_be_opened_is_one_line_and_exit_1(tmp_path: Path):
     config = write_config(tmp_path, free_port())
-    config.write_text(config.read_text().replace(str(tmp_path / "tinytrack.db"), str(tmp_path / "no-such-folder" / "t.db")))
+    config.write_text(
+        config.read_text().replace(str(tmp_path / "tinytrack.db"), str(tmp_path / "no-such-folder" / "t.db"))
+    )
     done = run("serve", "-c", str(config), cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr == f"tinytrack: {tmp_path / 'no-such-folder' / 't.db'}: unable to open database file\n"
@@ -104,9 +112,13 @@ def tmpfs(tmp_path: Path):
     """A real small filesystem: a 24 MB tmpfs, unmounted afterwards."""
     where = tmp_path / "disk"
     where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(where)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(where)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN; CI runs as root): {mounted.stderr.strip()}")
+        pytest.skip(
+            f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN; CI runs as root): {mounted.stderr.strip()}"
+        )
     yield where
     subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
@@ -143,7 +155,9 @@ class ClickLoad:
             while not self._stop.is_set():
                 n += 1
                 try:
-                    answer = http.get("/c/spring", params={"sub1": f"{n:08d}" + "s" * 240, "sub2": "t" * 250}, headers=UA)
+                    answer = http.get(
+                        "/c/spring", params={"sub1": f"{n:08d}" + "s" * 240, "sub2": "t" * 250}, headers=UA
+                    )
                 except httpx.TransportError:
                     self.answers.append((time.monotonic(), 0))
                     time.sleep(0.05)
@@ -207,8 +221,9 @@ def test_a_full_disk_recovers_by_itself_under_load_and_after_a_restart(tmp_path:
     port = free_port()
     config = write_config(tmp_path, port)
     db = tmpfs / "tinytrack.db"
-    config.write_text(config.read_text().replace(str(tmp_path / "tinytrack.db"), str(db))
-                      .replace("reserve_mb = 0", "reserve_mb = 2"))  # fmt: skip
+    config.write_text(
+        config.read_text().replace(str(tmp_path / "tinytrack.db"), str(db)).replace("reserve_mb = 0", "reserve_mb = 2")
+    )
     server = Server(tmp_path, config, port).start()
     acknowledged: list[str] = []
     wal_sizes: list[int] = []

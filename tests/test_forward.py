@@ -31,19 +31,21 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-import tinytrack
 from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, Server, free_port, new_click, write_config
 from receiver import Receiver, Step
+
+import tinytrack
 
 pytestmark = pytest.mark.anyio
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 UA = {"user-agent": "Mozilla/5.0"}
 # Every macro, in the query; the path is {sub2}, so each conversion can pick its own script.
-EVERY_MACRO = ("click_id={click_id}&ext_id={ext_id}&campaign={campaign}&sub1={sub1}&sub2={sub2}&sub3={sub3}"
-               "&sub4={sub4}&sub5={sub5}&event={event}&payout={payout}&currency={currency}&txid={txid}"
-               "&status={status}&id={id}")  # fmt: skip
+EVERY_MACRO = (
+    "click_id={click_id}&ext_id={ext_id}&campaign={campaign}&sub1={sub1}&sub2={sub2}&sub3={sub3}"
+    "&sub4={sub4}&sub5={sub5}&event={event}&payout={payout}&currency={currency}&txid={txid}"
+    "&status={status}&id={id}"
+)
 
 
 # --- set-up -------------------------------------------------------------------
@@ -74,8 +76,11 @@ def forward_toml(port: int, *, campaigns: dict[str, dict] | None = None, **forwa
     settings = {"allow_private": True, "first_retry_seconds": 1, "timeout_seconds": 1, **forward}
     lines = ["", "[forward]", *(f"{key} = {toml(value)}" for key, value in settings.items())]
     for name, extra in (campaigns or {"fwd": {}}).items():
-        entry = {"url": "https://offer.example.com/lp?cid={click_id}",
-                 "postback_url": f"http://127.0.0.1:{port}/{{sub2}}?{EVERY_MACRO}", **extra}  # fmt: skip
+        entry = {
+            "url": "https://offer.example.com/lp?cid={click_id}",
+            "postback_url": f"http://127.0.0.1:{port}/{{sub2}}?{EVERY_MACRO}",
+            **extra,
+        }
         lines += ["", f"[campaigns.{name}]", *(f"{key} = {toml(value)}" for key, value in entry.items())]
     return "\n".join(lines) + "\n"
 
@@ -116,7 +121,9 @@ def outbox(db: str | os.PathLike) -> list[dict]:
 
 def attempts(db: str | os.PathLike, outbox_id: int) -> list[tuple]:
     with closing(sqlite3.connect(db)) as con:
-        return con.execute("SELECT code, error FROM outbox_attempts WHERE outbox_id = ? ORDER BY rowid", (outbox_id,)).fetchall()
+        return con.execute(
+            "SELECT code, error FROM outbox_attempts WHERE outbox_id = ? ORDER BY rowid", (outbox_id,)
+        ).fetchall()
 
 
 def settled(db: str | os.PathLike, count: int) -> list[dict] | None:
@@ -144,7 +151,9 @@ def wait_until(check, timeout: float = 15, what: str = "the condition"):
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tinytrack", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "tinytrack", *args], cwd=cwd, capture_output=True, text=True, timeout=30
+    )
 
 
 # --- delivery -------------------------------------------------------------------
@@ -188,8 +197,13 @@ async def test_500_503_200_is_three_hits_with_one_key_and_growing_backoff(tmp_pa
 
 
 async def test_410_404_400_and_302_are_final_and_a_redirect_is_not_followed(tmp_path):
-    script = {"/gone": [410, 200], "/missing": [404, 200], "/bad": [400, 200], "/followed": [200],
-              "/moved": [Step(302, {"Location": "/followed"}), 200]}  # fmt: skip
+    script = {
+        "/gone": [410, 200],
+        "/missing": [404, 200],
+        "/bad": [400, 200],
+        "/followed": [200],
+        "/moved": [Step(302, {"Location": "/followed"}), 200],
+    }
     with Receiver(script) as receiver:
         async with tracker(tmp_path, forward_toml(receiver.port)) as (app, http):
             for route in ("gone", "missing", "bad", "moved"):
@@ -210,8 +224,11 @@ async def test_410_404_400_and_302_are_final_and_a_redirect_is_not_followed(tmp_
 async def test_429_and_503_honour_retry_after(tmp_path):
     # first_retry_seconds = 5: a backoff retry would come after 4-6 s, Retry-After says ~1-2 s
     date = email.utils.formatdate(time.time() + 2, usegmt=True)
-    script = {"/busy": [Step(429, {"Retry-After": "1"}), 200], "/down": [Step(503, {"Retry-After": "1"}), 200],
-              "/dated": [Step(503, {"Retry-After": date}), 200]}  # fmt: skip
+    script = {
+        "/busy": [Step(429, {"Retry-After": "1"}), 200],
+        "/down": [Step(503, {"Retry-After": "1"}), 200],
+        "/dated": [Step(503, {"Retry-After": date}), 200],
+    }
     with Receiver(script) as receiver:
         async with tracker(tmp_path, forward_toml(receiver.port, first_retry_seconds=5)) as (app, http):
             for route in ("busy", "down", "dated"):
@@ -348,8 +365,12 @@ async def test_statuses_pending_waits_for_approval_and_duplicates_never_forward_
         await asyncio.sleep(0.3)
         assert len(outbox(db)) == 4
     sent = sorted((hit.path, hit.params["txid"], hit.params["status"], hit.params["payout"]) for hit in receiver.hits)
-    assert sent == [("/all", "C", "approved", "0.00"), ("/all", "C", "pending", "0.00"),
-                    ("/default", "A", "approved", "3.00"), ("/default", "B", "approved", "0.00")]  # fmt: skip
+    assert sent == [
+        ("/all", "C", "approved", "0.00"),
+        ("/all", "C", "pending", "0.00"),
+        ("/default", "A", "approved", "3.00"),
+        ("/default", "B", "approved", "0.00"),
+    ]
     assert all(row["state"] == "done" for row in rows)
     assert len({row["idempotency_key"] for row in rows}) == 4
 
@@ -364,8 +385,15 @@ async def test_a_reversal_after_delivery_is_forwarded_as_rejected(tmp_path, rece
         approved, rejected = await until(lambda: settled(db, 2), what="the rejected delivery")
         await asyncio.sleep(0.3)
     assert [(hit.params["status"], hit.params["payout"], hit.params["txid"]) for hit in receiver.hits] == [
-        ("approved", "9.99", "R1"), ("rejected", "9.99", "R1")]  # fmt: skip
-    assert (approved["status"], approved["state"], rejected["status"], rejected["state"]) == ("approved", "done", "rejected", "done")
+        ("approved", "9.99", "R1"),
+        ("rejected", "9.99", "R1"),
+    ]
+    assert (approved["status"], approved["state"], rejected["status"], rejected["state"]) == (
+        "approved",
+        "done",
+        "rejected",
+        "done",
+    )
     assert receiver.hits[0].key != receiver.hits[1].key
 
 
@@ -527,11 +555,19 @@ async def test_outbox_list_show_and_retry(tmp_path):
             assert re.search(r"^ +state  dead$", show.stdout, re.M), show.stdout
             assert re.search(r"^ +url  " + re.escape(dead["url"]) + "$", show.stdout, re.M)
             assert re.search(r"^ +last_code  503$", show.stdout, re.M)
-            assert re.search(r"^\d{4}-\d\d-\d\dT\S+Z +503 +\d+", show.stdout, re.M), show.stdout  # the attempt: at, code, ms
+            assert re.search(r"^\d{4}-\d\d-\d\dT\S+Z +503 +\d+", show.stdout, re.M), (
+                show.stdout
+            )  # the attempt: at, code, ms
             missing = await asyncio.to_thread(run, "show", "99")
-            assert (missing.returncode, missing.stdout, missing.stderr) == (1, "", "tinytrack: outbox: no delivery 99\n")
+            assert (missing.returncode, missing.stdout, missing.stderr) == (
+                1,
+                "",
+                "tinytrack: outbox: no delivery 99\n",
+            )
             nothing = await asyncio.to_thread(run, "retry")
-            assert nothing.returncode == 1 and nothing.stderr.count("\n") == 1 and nothing.stderr.startswith("tinytrack: ")
+            assert (
+                nothing.returncode == 1 and nothing.stderr.count("\n") == 1 and nothing.stderr.startswith("tinytrack: ")
+            )
             no_config = await asyncio.to_thread(cli, "outbox", "list", "-c", str(tmp_path / "nope.toml"), cwd=tmp_path)
             assert (no_config.returncode, no_config.stderr.count("\n")) == (1, 1) and "nope.toml" in no_config.stderr
             unknown = await asyncio.to_thread(run, "retry", "99")
@@ -544,7 +580,11 @@ async def test_outbox_list_show_and_retry(tmp_path):
             assert (by_id.returncode, by_id.stdout) == (0, "1 deliveries pending again\n"), by_id.stderr
             await receiver.wait_for_async(2, path="/gone")
             rows = await until(lambda: settled(db, 3), what="the retried deliveries")
-    assert [(row["state"], row["attempts"], row["last_code"]) for row in rows] == [("done", 2, 200), ("done", 2, 200), ("done", 1, 200)]
+    assert [(row["state"], row["attempts"], row["last_code"]) for row in rows] == [
+        ("done", 2, 200),
+        ("done", 2, 200),
+        ("done", 1, 200),
+    ]
     for route, row in zip(("dead", "gone"), rows):
         assert {hit.key for hit in receiver.hits_to(f"/{route}")} == {row["idempotency_key"]}
     assert len(receiver.hits_to("/ok")) == 1
@@ -579,7 +619,11 @@ async def test_outbox_replay_queues_again_with_the_current_postback_url(tmp_path
         rows = await until(lambda: settled(db, 3), what="the replayed delivery")
         await asyncio.sleep(0.3)
     first, other, replayed = rows
-    assert (replayed["campaign"], replayed["conversion_id"], replayed["state"]) == ("fwd", first["conversion_id"], "done")
+    assert (replayed["campaign"], replayed["conversion_id"], replayed["state"]) == (
+        "fwd",
+        first["conversion_id"],
+        "done",
+    )
     assert replayed["url"] == first["url"].replace("/pb?", "/v2/pb?")
     assert replayed["idempotency_key"] not in (first["idempotency_key"], other["idempotency_key"])
     [hit] = receiver.hits_to("/v2/pb")
@@ -624,8 +668,14 @@ async def test_api_outbox(tmp_path):
 
 
 async def test_send_forward_one_try_at_a_time(receiver):
-    receiver.set_script({"/ok": [204], "/moved": [Step(301, {"Location": "http://example.com/"})],
-                         "/busy": [Step(503, {"Retry-After": "2"})], "/slow": [Step(200, delay=2)]})  # fmt: skip
+    receiver.set_script(
+        {
+            "/ok": [204],
+            "/moved": [Step(301, {"Location": "http://example.com/"})],
+            "/busy": [Step(503, {"Retry-After": "2"})],
+            "/slow": [Step(200, delay=2)],
+        }
+    )
     send = tinytrack.send_forward
     ok = await send(receiver.url("/ok?a=1"), "key-1", 1, True)
     assert (ok.code, ok.error, ok.final) == (204, None, False)
@@ -667,14 +717,26 @@ A = tinytrack.Attempt
 @pytest.mark.parametrize(
     "attempt, state",
     [
-        (A(200), "done"), (A(204), "done"), (A(299), "done"),
-        (A(410), "failed"), (A(404), "failed"), (A(400), "failed"), (A(401), "failed"), (A(422), "failed"),
-        (A(301, "redirect to 'x' not followed"), "failed"), (A(302, "redirect"), "failed"), (A(304), "failed"),
+        (A(200), "done"),
+        (A(204), "done"),
+        (A(299), "done"),
+        (A(410), "failed"),
+        (A(404), "failed"),
+        (A(400), "failed"),
+        (A(401), "failed"),
+        (A(422), "failed"),
+        (A(301, "redirect to 'x' not followed"), "failed"),
+        (A(302, "redirect"), "failed"),
+        (A(304), "failed"),
         (A(None, "refused: private", final=True), "failed"),
-        (A(500), "pending"), (A(502), "pending"), (A(503), "pending"), (A(429), "pending"),
-        (A(None, "no answer within 1 s"), "pending"), (A(None, "cannot connect: refused"), "pending"),
+        (A(500), "pending"),
+        (A(502), "pending"),
+        (A(503), "pending"),
+        (A(429), "pending"),
+        (A(None, "no answer within 1 s"), "pending"),
+        (A(None, "cannot connect: refused"), "pending"),
     ],
-)  # fmt: skip
+)
 def test_next_step_states(attempt, state):
     got, due, error = tinytrack.next_step(attempt, 1, FAR, NOW, CONF, rng=lambda: 0.5)
     assert got == state
@@ -707,8 +769,15 @@ def test_next_step_jitter_stays_within_20_percent():
 
 
 def test_next_step_retry_after_for_429_and_503_only():
-    assert tinytrack.next_step(A(429, retry_after=3), 1, FAR, NOW, CONF, rng=lambda: 0.9) == ("pending", NOW + 3000, "HTTP 429")
-    assert tinytrack.next_step(A(503, retry_after=120), 5, FAR, NOW, CONF, rng=lambda: 0.9)[:2] == ("pending", NOW + 120_000)
+    assert tinytrack.next_step(A(429, retry_after=3), 1, FAR, NOW, CONF, rng=lambda: 0.9) == (
+        "pending",
+        NOW + 3000,
+        "HTTP 429",
+    )
+    assert tinytrack.next_step(A(503, retry_after=120), 5, FAR, NOW, CONF, rng=lambda: 0.9)[:2] == (
+        "pending",
+        NOW + 120_000,
+    )
     assert tinytrack.next_step(A(503, retry_after=0), 1, FAR, NOW, CONF)[:2] == ("pending", NOW)
     huge = tinytrack.next_step(A(429, retry_after=10**9), 1, 10**15, NOW, CONF)
     assert huge[:2] == ("pending", NOW + tinytrack.MAX_BACKOFF_SECONDS * 1000)
@@ -728,16 +797,37 @@ def test_next_step_dead_past_the_deadline():
 @pytest.mark.parametrize(
     "address, public",
     [
-        ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False), ("127.0.0.1", False), ("127.9.9.9", False),
-        ("169.254.169.254", False), ("224.0.0.1", False), ("239.255.255.250", False), ("0.0.0.0", False),
-        ("255.255.255.255", False), ("100.64.0.1", False),
-        ("::1", False), ("::", False), ("fe80::1", False), ("fc00::1", False), ("fd12:3456::1", False), ("ff02::1", False),
-        ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("::ffff:169.254.169.254", False),
-        ("64:ff9b::7f00:1", False), ("64:ff9b::a00:1", False), ("2002:7f00:1::", False), ("2002:a00:1::1", False),
-        ("8.8.8.8", True), ("1.1.1.1", True), ("2606:4700::1111", True), ("2001:4860:4860::8888", True),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("127.0.0.1", False),
+        ("127.9.9.9", False),
+        ("169.254.169.254", False),
+        ("224.0.0.1", False),
+        ("239.255.255.250", False),
+        ("0.0.0.0", False),
+        ("255.255.255.255", False),
+        ("100.64.0.1", False),
+        ("::1", False),
+        ("::", False),
+        ("fe80::1", False),
+        ("fc00::1", False),
+        ("fd12:3456::1", False),
+        ("ff02::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("::ffff:10.0.0.1", False),
+        ("::ffff:169.254.169.254", False),
+        ("64:ff9b::7f00:1", False),
+        ("64:ff9b::a00:1", False),
+        ("2002:7f00:1::", False),
+        ("2002:a00:1::1", False),
+        ("8.8.8.8", True),
+        ("1.1.1.1", True),
+        ("2606:4700::1111", True),
+        ("2001:4860:4860::8888", True),
         ("64:ff9b::808:808", True),
     ],
-)  # fmt: skip
+)
 def test_is_public(address, public):
     assert tinytrack.is_public(ipaddress.ip_address(address)) is public
 
@@ -752,13 +842,23 @@ def test_is_public_refuses_the_local_use_nat64_prefix():
 @pytest.mark.parametrize(
     "text, seconds",
     [
-        ("1", 1.0), (" 120 ", 120.0), ("0", 0.0),
+        ("1", 1.0),
+        (" 120 ", 120.0),
+        ("0", 0.0),
         (email.utils.formatdate(NOW / 1000 + 30, usegmt=True), 30.0),
         (email.utils.formatdate(NOW / 1000 - 30, usegmt=True), 0.0),  # a date past: now
-        (email.utils.format_datetime(dt.datetime.fromtimestamp(NOW / 1000 + 90, dt.timezone(dt.timedelta(hours=2)))), 90.0),
-        ("garbage", None), ("", None), (None, None), ("1.5", None), ("-1", None), ("Wed, 21 Oct 2015 07:28:00", None),
+        (
+            email.utils.format_datetime(dt.datetime.fromtimestamp(NOW / 1000 + 90, dt.timezone(dt.timedelta(hours=2)))),
+            90.0,
+        ),
+        ("garbage", None),
+        ("", None),
+        (None, None),
+        ("1.5", None),
+        ("-1", None),
+        ("Wed, 21 Oct 2015 07:28:00", None),
     ],
-)  # fmt: skip
+)
 def test_parse_retry_after(text, seconds):
     assert tinytrack.parse_retry_after(text, NOW / 1000) == seconds
 
@@ -797,7 +897,9 @@ async def test_an_unsendable_url_is_refused_by_the_config_or_fails_once(tmp_path
         await click_and_convert(http, "pb")
         await asyncio.sleep(1.0)
         rows = outbox(app.config.storage.path)
-    assert calls <= 3 and receiver.connections <= 3, f"{calls} tries in 1 s, {receiver.connections} connections to the source"
+    assert calls <= 3 and receiver.connections <= 3, (
+        f"{calls} tries in 1 s, {receiver.connections} connections to the source"
+    )
     [row] = rows
     assert row["attempts"] == calls and row["last_error"], row  # each try recorded, with why
     assert row["state"] == "failed", row  # it can never succeed

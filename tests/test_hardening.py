@@ -26,10 +26,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-import tinytrack
 from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, Server, free_port, new_click, write_config
 from test_retention import DAY, count, rows, seed_clicks, set_ms, start_ms, with_retention
+
+import tinytrack
 
 BEARER = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 UA = {"user-agent": "Mozilla/5.0"}
@@ -37,8 +37,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str, cwd: Path, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tinytrack", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=30, **kw)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "tinytrack", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=30,
+        **kw,
+    )
 
 
 async def postback(client: httpx.AsyncClient, **params: str) -> httpx.Response:
@@ -95,7 +102,9 @@ def test_a_rule_whose_days_are_0_deletes_nothing_whoever_calls_it(tmp_path: Path
 async def test_a_lone_surrogate_token_is_a_400_not_a_500(client):
     cid = await new_click(client)
     for body in (b'{"click_id":"%s","token":"\\ud800"}', b'{"click_id":"%s","token":"x\\udfffy","txid":"a"}'):
-        answer = await client.post("/postback", content=body % cid.encode(), headers={"content-type": "application/json"})
+        answer = await client.post(
+            "/postback", content=body % cid.encode(), headers={"content-type": "application/json"}
+        )
         assert (answer.status_code, answer.json()) == (400, {"error": "token: is not valid Unicode (a lone surrogate)"})
 
 
@@ -106,7 +115,10 @@ async def test_a_lone_surrogate_token_is_a_400_not_a_500(client):
 async def test_a_payout_above_the_cap_is_a_400(app, client):
     cid = await new_click(client)
     answer = await postback(client, click_id=cid, payout="999999999999.999999")
-    assert (answer.status_code, answer.json()) == (400, {"error": "payout: must be at most 1000000000.00, got '999999999999.999999'"})
+    assert (answer.status_code, answer.json()) == (
+        400,
+        {"error": "payout: must be at most 1000000000.00, got '999999999999.999999'"},
+    )
     ok = await postback(client, click_id=cid, payout="1000000000")
     assert ok.json()["status"] == "created"
     assert rows(app, "SELECT payout FROM conversions") == [(10**15,)]
@@ -130,12 +142,15 @@ async def test_a_daily_total_that_would_pass_64_bits_refuses_the_postback_that_w
     # As if 9,223 max-payout conversions had come today: the total is 1e15 short of the limit.
     with closing(sqlite3.connect(app.config.storage.path)) as con, con:
         con.execute("UPDATE daily_conversions SET payout = 0")
-        con.execute("INSERT INTO daily_conversions VALUES (?, 'spring', 'z', 'approved', 'USD', 9223, ?)",
-                    (day, 2**63 - 1 - 10**15 + 1))  # fmt: skip
+        con.execute(
+            "INSERT INTO daily_conversions VALUES (?, 'spring', 'z', 'approved', 'USD', 9223, ?)",
+            (day, 2**63 - 1 - 10**15 + 1),
+        )
     answer = await postback(client, click_id=cid, txid="over", payout="1000000000")
     assert answer.status_code == 400
-    assert answer.json() == {"error": f"payout: would take the {tinytrack.day_text(day)} total of campaign spring past "
-                                      "9223372036854.775807"}  # fmt: skip
+    assert answer.json() == {
+        "error": f"payout: would take the {tinytrack.day_text(day)} total of campaign spring past 9223372036854.775807"
+    }
     assert rows(app, "SELECT count(*) FROM conversions") == [(0,)]  # nothing stored
     assert (await postback(client, click_id=cid, txid="fits", payout="999999999.999999")).json()["status"] == "created"
     assert rows(app, "SELECT typeof(payout) FROM daily_conversions WHERE sub1 = 'z'") == [("integer",)]
@@ -148,14 +163,21 @@ async def test_reports_survive_totals_that_overflowed_before_the_cap(app, client
     with closing(sqlite3.connect(app.config.storage.path)) as con, con:
         # What ten 999999999999.999999 payouts left: sums past 2**63 (a REAL), and two
         # integer rows whose plain sum() raises "integer overflow".
-        con.executemany("INSERT INTO daily_conversions VALUES (?, 'spring', ?, 'approved', ?, 10, ?)", [
-            (day, "z", "USD", 9.999999999999999e18), (day, "y", "EUR", 9_000_000_000_000_000_000),
-            (day - 1, "y", "EUR", 9_000_000_000_000_000_000)])  # fmt: skip
+        con.executemany(
+            "INSERT INTO daily_conversions VALUES (?, 'spring', ?, 'approved', ?, 10, ?)",
+            [
+                (day, "z", "USD", 9.999999999999999e18),
+                (day, "y", "EUR", 9_000_000_000_000_000_000),
+                (day - 1, "y", "EUR", 9_000_000_000_000_000_000),
+            ],
+        )
     stats = await client.get("/api/stats?by=campaign", headers=BEARER)
     assert stats.status_code == 200, stats.text
     [row] = stats.json()["rows"]
     assert row["payout"]["EUR"] == "18000000000000.00"  # exact: past 64 bits, summed in Python
-    assert abs(Decimal(row["payout"]["USD"]) - Decimal("9999999999999.999999")) < Decimal("0.01")  # a REAL: as near as it holds
+    assert abs(Decimal(row["payout"]["USD"]) - Decimal("9999999999999.999999")) < Decimal(
+        "0.01"
+    )  # a REAL: as near as it holds
     assert (await client.get("/api/stats?by=sub1&format=csv", headers=BEARER)).status_code == 200
     assert (await client.get("/admin", headers=BEARER)).status_code == 200
     done = run("stats", "-c", str(config_file), "--by", "day", cwd=tmp_path)
@@ -183,25 +205,41 @@ async def test_sub1_beyond_sub1_per_day_are_totalled_as_other(capped_config, clo
             ids = {}
             for sub1 in ("a", "b", "a", "c", "d", "e", "d", "b"):
                 ids[sub1] = await new_click(client, sub1=sub1)
-            assert (await client.get("/c/passing", params={"sub1": "x"}, headers=UA)).status_code == 302  # counted apart
+            assert (
+                await client.get("/c/passing", params={"sub1": "x"}, headers=UA)
+            ).status_code == 302  # counted apart
             day = t // DAY
             assert rows(app, "SELECT campaign, sub1, clicks FROM daily_clicks WHERE day = ? ORDER BY 1, 2", (day,)) == [
-                ("passing", "x", 1), ("spring", "(other)", 3), ("spring", "a", 2), ("spring", "b", 2), ("spring", "c", 1)]
+                ("passing", "x", 1),
+                ("spring", "(other)", 3),
+                ("spring", "a", 2),
+                ("spring", "b", 2),
+                ("spring", "c", 1),
+            ]
             assert count(app, "clicks") == 9  # the raw clicks keep their own sub1
             # A conversion on a folded click is totalled under (other) too, on any day.
             set_ms(clock, t + DAY)
             assert (await postback(client, click_id=ids["d"], payout="2")).json()["status"] == "created"
             assert (await postback(client, click_id=ids["a"], payout="1")).json()["status"] == "created"
-            assert (await postback(client, click_id=ids["e"], payout="3", status="pending")).json()["status"] == "created"
+            assert (await postback(client, click_id=ids["e"], payout="3", status="pending")).json()[
+                "status"
+            ] == "created"
             assert (await postback(client, click_id=ids["e"], status="approved")).json()["status"] == "updated"
             report = await client.get(f"/api/stats?by=sub1&from={tinytrack.day_text(day)}", headers=BEARER)
             by_sub1 = {r["sub1"]: (r["clicks"], r["approved"], r["payout"]) for r in report.json()["rows"]}
-            assert by_sub1 == {"(other)": (3, 2, {"USD": "5.00"}), "a": (2, 1, {"USD": "1.00"}), "b": (2, 0, {}),
-                               "c": (1, 0, {}), "x": (1, 0, {})}  # fmt: skip
+            assert by_sub1 == {
+                "(other)": (3, 2, {"USD": "5.00"}),
+                "a": (2, 1, {"USD": "1.00"}),
+                "b": (2, 0, {}),
+                "c": (1, 0, {}),
+                "x": (1, 0, {}),
+            }
             # A new day starts a new count; a restart reads the day's rows again.
             set_ms(clock, t + DAY + 1000)
             await new_click(client, sub1="e")
-            assert rows(app, "SELECT sub1 FROM daily_clicks WHERE day = ? AND campaign = 'spring'", (day + 1,)) == [("e",)]
+            assert rows(app, "SELECT sub1 FROM daily_clicks WHERE day = ? AND campaign = 'spring'", (day + 1,)) == [
+                ("e",)
+            ]
     finally:
         await app.shutdown()
     app = tinytrack.create_app(capped_config, clock=clock)
@@ -212,8 +250,9 @@ async def test_sub1_beyond_sub1_per_day_are_totalled_as_other(capped_config, clo
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             for sub1 in ("f", "g", "h", "e", "a"):
                 await new_click(client, sub1=sub1)
-        assert rows(app, "SELECT sub1, clicks FROM daily_clicks WHERE day = ? AND campaign = 'spring' ORDER BY 1", (day + 1,)) == [
-            ("(other)", 2), ("e", 2), ("f", 1), ("g", 1)]
+        assert rows(
+            app, "SELECT sub1, clicks FROM daily_clicks WHERE day = ? AND campaign = 'spring' ORDER BY 1", (day + 1,)
+        ) == [("(other)", 2), ("e", 2), ("f", 1), ("g", 1)]
     finally:
         await app.shutdown()
 
@@ -233,7 +272,12 @@ async def test_a_conversion_follows_its_clicks_other_after_the_cap_is_raised(cap
             await new_click(client, sub1="s3")  # now s3 has a row of its own
             assert (await postback(client, click_id=folded, payout="5")).json()["status"] == "created"
         assert rows(app, "SELECT sub1, clicks FROM daily_clicks ORDER BY 1") == [
-            ("(other)", 1), ("s0", 1), ("s1", 1), ("s2", 1), ("s3", 1)]
+            ("(other)", 1),
+            ("s0", 1),
+            ("s1", 1),
+            ("s2", 1),
+            ("s3", 1),
+        ]
         assert rows(app, "SELECT sub1, payout FROM daily_conversions") == [("(other)", 5_000_000)]
     finally:
         await app.shutdown()
@@ -256,10 +300,22 @@ SECRET = "SECRET-value-123456"
     "data, message",
     [
         ({"postback": {"tokens": SECRET}}, "postback.tokens: must be a list, got a string"),
-        ({"postback": {"tokens": [POSTBACK_TOKEN], "hmac_secrets": SECRET}}, "postback.hmac_secrets: must be a list, got a string"),
-        ({"postback": {"tokens": [POSTBACK_TOKEN], "hmac_secrets": [7, SECRET]}}, "postback.hmac_secrets[0]: must be a string, got an integer"),
-        ({"postback": {"tokens": [POSTBACK_TOKEN]}, "admin": {"token": [SECRET]}}, "admin.token: must be a string, got a list"),
-        ({"postback": {"tokens": [SECRET + " x"]}}, "postback.tokens[0]: must be 8-128 characters of A-Z a-z 0-9 . _ ~ -"),
+        (
+            {"postback": {"tokens": [POSTBACK_TOKEN], "hmac_secrets": SECRET}},
+            "postback.hmac_secrets: must be a list, got a string",
+        ),
+        (
+            {"postback": {"tokens": [POSTBACK_TOKEN], "hmac_secrets": [7, SECRET]}},
+            "postback.hmac_secrets[0]: must be a string, got an integer",
+        ),
+        (
+            {"postback": {"tokens": [POSTBACK_TOKEN]}, "admin": {"token": [SECRET]}},
+            "admin.token: must be a string, got a list",
+        ),
+        (
+            {"postback": {"tokens": [SECRET + " x"]}},
+            "postback.tokens[0]: must be 8-128 characters of A-Z a-z 0-9 . _ ~ -",
+        ),
     ],
 )
 def test_a_config_error_about_a_secret_never_shows_it(data, message):
@@ -283,7 +339,9 @@ def test_check_and_a_refused_reload_never_print_a_secret(tmp_path: Path):
         assert app.reload(str(path)) is False
     finally:
         tinytrack.log.removeHandler(handler)
-    assert [r.getMessage() for r in records] == ["reload refused, keeping the running config: postback.tokens: must be a list, got a string"]
+    assert [r.getMessage() for r in records] == [
+        "reload refused, keeping the running config: postback.tokens: must be a list, got a string"
+    ]
 
 
 # --- 7. The demo page and DNS rebinding --------------------------------------------------
@@ -302,9 +360,16 @@ async def demo_app(tmp_path: Path):
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     "host, shown",
-    [("127.0.0.1:8080", True), ("localhost:8080", True), ("[::1]:8080", True), ("LOCALHOST", True),
-     ("rebind.evil.example:8080", False), ("127.0.0.1.evil.example", False), ("10.0.0.7:8080", False)],
-)  # fmt: skip
+    [
+        ("127.0.0.1:8080", True),
+        ("localhost:8080", True),
+        ("[::1]:8080", True),
+        ("LOCALHOST", True),
+        ("rebind.evil.example:8080", False),
+        ("127.0.0.1.evil.example", False),
+        ("10.0.0.7:8080", False),
+    ],
+)
 async def test_the_demo_shows_the_token_only_to_a_loopback_host(demo_app, host, shown):
     transport = httpx.ASGITransport(app=demo_app, client=("127.0.0.1", 40000))  # a loopback peer, whatever the name
     async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
@@ -334,9 +399,18 @@ async def test_the_demo_quotes_the_host_for_the_shell(demo_app):
 
 @pytest.mark.parametrize(
     "cell, written",
-    [("zone7;=1+2", "'zone7;=1+2"), ("a|@SUM(1)", "'a|@SUM(1)"), ("x\t+1", "'x\t+1"), ("=1", "'=1"), ("-2", "'-2"),
-     ("zone7", "zone7"), ("a=b", "a=b"), ("5-3", "5-3"), ("me@example.com", "me@example.com")],
-)  # fmt: skip
+    [
+        ("zone7;=1+2", "'zone7;=1+2"),
+        ("a|@SUM(1)", "'a|@SUM(1)"),
+        ("x\t+1", "'x\t+1"),
+        ("=1", "'=1"),
+        ("-2", "'-2"),
+        ("zone7", "zone7"),
+        ("a=b", "a=b"),
+        ("5-3", "5-3"),
+        ("me@example.com", "me@example.com"),
+    ],
+)
 def test_csv_defuses_formulas_after_any_separator_and_quotes_text(cell, written):
     text = tinytrack.csv_text(["sub1", "n"], [[cell, 3]])
     assert list(csv.reader(io.StringIO(text))) == [["sub1", "n"], [written, "3"]]
@@ -406,7 +480,9 @@ def test_slow_headers_are_cut_off_without_nginx(slow_server: Server):
 
 def test_a_slow_body_is_a_408(slow_server: Server):
     with socket.create_connection(("127.0.0.1", slow_server.port), timeout=5) as sock:
-        sock.sendall(b"POST /postback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 60\r\n\r\n{\"click")
+        sock.sendall(
+            b'POST /postback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 60\r\n\r\n{"click'
+        )
         started = time.monotonic()
         answer = b""
         while not answer.endswith(b"}") and time.monotonic() - started < 5:
@@ -424,8 +500,10 @@ def test_websocket_attempts_and_pipelined_closes_log_no_secret_and_no_traceback(
     server = Server(tmp_path, write_config(tmp_path, port), port).start()
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(b"GET /postback?key=WS-SECRET-0123456789 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                         b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")  # fmt: skip
+            sock.sendall(
+                b"GET /postback?key=WS-SECRET-0123456789 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
             assert sock.recv(1000).startswith(b"HTTP/1.1 401 ")  # an HTTP postback with a wrong key, not a WebSocket
         for _ in range(5):  # twenty pipelined clicks, and the client goes away at once
             with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -473,7 +551,9 @@ postback_url = "http://healthy.example/pb?c={click_id}"
             for _ in range(40):
                 assert (await postback(client, click_id=await new_click(client, "hangs"))).json()["status"] == "created"
             for _ in range(5):
-                assert (await postback(client, click_id=await new_click(client, "healthy"))).json()["status"] == "created"
+                assert (await postback(client, click_id=await new_click(client, "healthy"))).json()[
+                    "status"
+                ] == "created"
             for _ in range(200):
                 if len(delivered) == 5:
                     break
@@ -510,11 +590,15 @@ def test_serve_and_the_commands_use_config_toml_in_the_folder(tmp_path: Path):
 
 def test_the_demo_refuses_a_database_that_holds_other_campaigns(tmp_path: Path):
     with closing(tinytrack.open_database(str(tmp_path / "tinytrack.db"))) as con, con:
-        tinytrack.Database(con).insert_clicks([(bytes(16), 1_790_000_000_000, "spring", None, None, None, None, None, None, "", "", 0)])
+        tinytrack.Database(con).insert_clicks(
+            [(bytes(16), 1_790_000_000_000, "spring", None, None, None, None, None, None, "", "", 0)]
+        )
     done = run("serve", "--port", str(free_port()), cwd=tmp_path)
     assert done.returncode == 1
-    assert done.stderr == ("tinytrack: ./tinytrack.db holds clicks of campaigns other than the demo (spring): "
-                           "give its config with -c FILE\n")  # fmt: skip
+    assert done.stderr == (
+        "tinytrack: ./tinytrack.db holds clicks of campaigns other than the demo (spring): "
+        "give its config with -c FILE\n"
+    )
     assert "token" not in done.stdout
 
 
@@ -531,7 +615,10 @@ def test_tokens_shows_the_embedded_defaults_tokens_again(tmp_path: Path):
     empty = tmp_path / "empty"
     empty.mkdir()
     missing = run("tokens", cwd=empty)
-    assert (missing.returncode, missing.stderr) == (1, "tinytrack: ./tinytrack.db: no database here yet (`tinytrack serve` makes it and its tokens)\n")
+    assert (missing.returncode, missing.stderr) == (
+        1,
+        "tinytrack: ./tinytrack.db: no database here yet (`tinytrack serve` makes it and its tokens)\n",
+    )
 
 
 def test_every_address_the_host_names_is_listened_on():
@@ -563,11 +650,17 @@ def test_outbox_list_into_a_closed_pipe_is_quiet(tmp_path: Path):
     path = write_config(tmp_path)
     db = str(tmp_path / "tinytrack.db")
     with closing(tinytrack.open_database(db)) as con, con:
-        con.executemany("INSERT INTO outbox (conversion_id, campaign, status, url, idempotency_key, state, created_at, next_at, deadline)"
-                        " VALUES (?, 'spring', 'approved', 'https://x.example/', ?, 'done', 0, 0, 0)",
-                        [(i, f"k{i}") for i in range(3000)])  # fmt: skip
-    listing = subprocess.Popen([sys.executable, "-m", "tinytrack", "outbox", "list", "--limit", "3000", "-c", str(path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)  # fmt: skip
+        con.executemany(
+            "INSERT INTO outbox (conversion_id, campaign, status, url, idempotency_key, state, created_at, next_at, deadline)"
+            " VALUES (?, 'spring', 'approved', 'https://x.example/', ?, 'done', 0, 0, 0)",
+            [(i, f"k{i}") for i in range(3000)],
+        )
+    listing = subprocess.Popen(
+        [sys.executable, "-m", "tinytrack", "outbox", "list", "--limit", "3000", "-c", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
     head = subprocess.run(["head", "-3"], stdin=listing.stdout, capture_output=True, timeout=30)
     listing.stdout.close()
     stderr = listing.stderr.read().decode()
@@ -579,7 +672,10 @@ def test_outbox_list_into_a_closed_pipe_is_quiet(tmp_path: Path):
 def test_a_misspelt_section_is_reported_before_what_it_left_out():
     with pytest.raises(tinytrack.ConfigError) as caught:
         tinytrack.build_config({"postbacks": {"tokens": [POSTBACK_TOKEN]}})
-    assert str(caught.value) == "postbacks: unknown section; known: server, storage, postback, admin, retention, forward, campaigns"
+    assert (
+        str(caught.value)
+        == "postbacks: unknown section; known: server, storage, postback, admin, retention, forward, campaigns"
+    )
 
 
 # --- 15. A log line per postback -----------------------------------------------------------
@@ -594,19 +690,25 @@ async def test_every_postback_is_logged_once_without_its_token(app, client, capl
         await postback(client, click_id=cid, txid="A", status="rejected")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("postback ")]
     assert [line.split(" click=")[0] for line in lines] == [
-        "postback created id=1 campaign=spring", "postback duplicate id=1 campaign=spring", "postback updated id=1 campaign=spring"]
+        "postback created id=1 campaign=spring",
+        "postback duplicate id=1 campaign=spring",
+        "postback updated id=1 campaign=spring",
+    ]
     assert all(POSTBACK_TOKEN not in line and "198.51.100.7" not in line for line in lines)
 
 
 @pytest.mark.anyio
 async def test_log_postbacks_false_keeps_only_what_was_not_counted(app, client, caplog):
-    app.apply_config(dataclasses.replace(app.config, server=dataclasses.replace(app.config.server, log_postbacks=False)))
+    app.apply_config(
+        dataclasses.replace(app.config, server=dataclasses.replace(app.config.server, log_postbacks=False))
+    )
     cid = await new_click(client)
     with caplog.at_level(logging.INFO, logger="tinytrack"):
         await postback(client, click_id=cid, txid="A")
         await postback(client, click_id="0" * 8 + cid[8:], txid="A")
     assert [r.getMessage().split(" click=")[0] for r in caplog.records if r.getMessage().startswith("postback ")] == [
-        "postback orphan id=None campaign=None"]
+        "postback orphan id=None campaign=None"
+    ]
 
 
 # --- 16. /admin: retrying deliveries and revenue ----------------------------------------------
@@ -637,7 +739,9 @@ async def test_a_postback_dated_before_its_click(app, client, clock):
     long_before = (click_ms - 3 * DAY) // 1000
     answer = await postback(client, click_id=cid, txid="old", ts=str(long_before))
     assert answer.status_code == 400
-    assert answer.json() == {"error": f"ts: is before its click ({tinytrack.iso_ms(click_ms)}), got {tinytrack.iso_ms(long_before * 1000)}"}
+    assert answer.json() == {
+        "error": f"ts: is before its click ({tinytrack.iso_ms(click_ms)}), got {tinytrack.iso_ms(long_before * 1000)}"
+    }
     assert count(app, "conversions") == 0
     # Minutes before is clock skew: dated at the click, never before it.
     skewed = await postback(client, click_id=cid, txid="skew", ts=str(click_ms // 1000 - 120))
@@ -649,9 +753,21 @@ async def test_a_postback_dated_before_its_click(app, client, clock):
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("method, path", [("GET", "/api/stats"), ("GET", "/api/conversions"), ("GET", "/metrics"), ("GET", "/admin"),
-                                          ("GET", "/nope"), ("POST", "/healthz"), ("GET", "/"), ("GET", "/healthz"),
-                                          ("GET", "/c/nope"), ("GET", "/postback")])  # fmt: skip
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/api/stats"),
+        ("GET", "/api/conversions"),
+        ("GET", "/metrics"),
+        ("GET", "/admin"),
+        ("GET", "/nope"),
+        ("POST", "/healthz"),
+        ("GET", "/"),
+        ("GET", "/healthz"),
+        ("GET", "/c/nope"),
+        ("GET", "/postback"),
+    ],
+)
 async def test_every_answer_says_no_store(client, method, path):
     answer = await client.request(method, path)
     assert answer.headers.get("cache-control") == "no-store", (answer.status_code, dict(answer.headers))

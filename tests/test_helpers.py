@@ -58,7 +58,12 @@ def test_parse_click_query(query: bytes, values: dict, rest: list):
 @pytest.mark.parametrize(
     "source, values, extra, expected",
     [
-        ("https://o.com/lp?cid={click_id}&s={sub1}", {"click_id": "abc", "sub1": "a b&c=d"}, [], "https://o.com/lp?cid=abc&s=a%20b%26c%3Dd"),
+        (
+            "https://o.com/lp?cid={click_id}&s={sub1}",
+            {"click_id": "abc", "sub1": "a b&c=d"},
+            [],
+            "https://o.com/lp?cid=abc&s=a%20b%26c%3Dd",
+        ),
         ("https://o.com/lp?s={sub1}", {}, [], "https://o.com/lp?s="),
         ("https://o.com/{sub1}/x", {"sub1": "../../evil.com/\r\n"}, [], "https://o.com/..%2F..%2Fevil.com%2F%0D%0A/x"),
         ("https://o.com/lp?a=1#frag", {}, [("u", "v w")], "https://o.com/lp?a=1&u=v%20w#frag"),
@@ -87,7 +92,9 @@ def test_payout_is_exact(text: str, units: int, shown: str):
     assert tinytrack.format_money(units) == shown
 
 
-@pytest.mark.parametrize("text", ["-1", "1e3", "1.2345678", ".5", "5.", "1,50", "abc", "{payout}", "1000000000000", "NaN"])
+@pytest.mark.parametrize(
+    "text", ["-1", "1e3", "1.2345678", ".5", "5.", "1,50", "abc", "{payout}", "1000000000000", "NaN"]
+)
 def test_bad_payout(text: str):
     with pytest.raises(FieldError) as caught:
         tinytrack.parse_payout(text)
@@ -156,9 +163,15 @@ CONF = PostbackConfig(tokens=("t" * 10,), status_map={"sale": "approved", "decli
 @pytest.mark.parametrize(
     "pairs, expected",
     [
-        ([("click_id", CLICK)], {"event": "conversion", "payout": 0, "currency": "USD", "txid": None, "status": "approved"}),
+        (
+            [("click_id", CLICK)],
+            {"event": "conversion", "payout": 0, "currency": "USD", "txid": None, "status": "approved"},
+        ),
         ([("cid", CLICK.upper()), ("et", "Purchase"), ("amount", "9.99")], {"event": "purchase", "payout": 9_990_000}),
-        ([("subid", CLICK), ("type", "ftd"), ("revenue", 12.5), ("currency", "eur")], {"event": "ftd", "payout": 12_500_000, "currency": "EUR"}),
+        (
+            [("subid", CLICK), ("type", "ftd"), ("revenue", 12.5), ("currency", "eur")],
+            {"event": "ftd", "payout": 12_500_000, "currency": "EUR"},
+        ),
         ([("sub_id", CLICK), ("sum", "1"), ("tid", "ord-1:2.3_4")], {"payout": 1_000_000, "txid": "ord-1:2.3_4"}),
         ([("cnv_id", CLICK), ("transaction_id", "T1")], {"txid": "T1"}),
         ([("clickid", CLICK), ("order_id", "O1"), ("status", "SALE")], {"txid": "O1", "status": "approved"}),
@@ -185,14 +198,26 @@ def test_postback_fields_and_aliases(pairs: list, expected: dict):
         ([], "click_id: is required"),
         ([("click_id", "")], "click_id: is required"),
         ([("click_id", "{clickid}")], "click_id: must be a click id issued by this server (a UUID), got '{clickid}'"),
-        ([("click_id", CLICK), ("cid", "0190a6b2-7c1d-7abc-8def-0123456789ac")], "click_id: given twice (click_id and cid) with different values"),
+        (
+            [("click_id", CLICK), ("cid", "0190a6b2-7c1d-7abc-8def-0123456789ac")],
+            "click_id: given twice (click_id and cid) with different values",
+        ),
         ([("click_id", CLICK), ("event", "sign up")], "event: must match [a-z0-9_]{1,32}, got 'sign up'"),
-        ([("click_id", CLICK), ("event", "x" * 33)], "event: must match [a-z0-9_]{1,32}, got 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'"),
+        (
+            [("click_id", CLICK), ("event", "x" * 33)],
+            "event: must match [a-z0-9_]{1,32}, got 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'",
+        ),
         ([("click_id", CLICK), ("payout", "-5")], "payout: must be a decimal >= 0 with at most 6 decimals, got '-5'"),
         ([("click_id", CLICK), ("currency", "US")], "currency: must be a three-letter ISO 4217 code, got 'US'"),
         ([("click_id", CLICK), ("txid", "a b")], "txid: must be 1-64 characters of A-Z a-z 0-9 . _ : -, got 'a b'"),
-        ([("click_id", CLICK), ("txid", "x\r\ny")], "txid: must be 1-64 characters of A-Z a-z 0-9 . _ : -, got 'x\\r\\ny'"),
-        ([("click_id", CLICK), ("status", "paid")], "status: must be one of approved, pending, rejected or a postback.status_map word, got 'paid'"),
+        (
+            [("click_id", CLICK), ("txid", "x\r\ny")],
+            "txid: must be 1-64 characters of A-Z a-z 0-9 . _ : -, got 'x\\r\\ny'",
+        ),
+        (
+            [("click_id", CLICK), ("status", "paid")],
+            "status: must be one of approved, pending, rejected or a postback.status_map word, got 'paid'",
+        ),
         ([("click_id", CLICK), ("ts", "soon")], "ts: must be ISO 8601 with an offset or unix seconds, got 'soon'"),
     ],
 )
@@ -247,7 +272,14 @@ def test_parse_pairs_refuses(raw, message):
 
 @pytest.mark.parametrize(
     "candidate, ok",
-    [("alpha-token-1", True), ("beta-token-22", True), ("alpha-token-", False), ("", False), (None, False), ("ALPHA-TOKEN-1", False)],
+    [
+        ("alpha-token-1", True),
+        ("beta-token-22", True),
+        ("alpha-token-", False),
+        ("", False),
+        (None, False),
+        ("ALPHA-TOKEN-1", False),
+    ],
 )
 def test_token_matches_any_of_several(candidate, ok):
     assert tinytrack.token_matches(candidate, ("alpha-token-1", "beta-token-22")) is ok
@@ -302,7 +334,13 @@ def test_client_address(peer, xff, client):
 
 @pytest.mark.parametrize(
     "text, masked",
-    [("203.0.113.77", "203.0.113.0"), ("2001:db8:1:2::5", "2001:db8:1::"), ("::ffff:198.51.100.9", "198.51.100.0"), ("", "-"), ("x", "invalid")],
+    [
+        ("203.0.113.77", "203.0.113.0"),
+        ("2001:db8:1:2::5", "2001:db8:1::"),
+        ("::ffff:198.51.100.9", "198.51.100.0"),
+        ("", "-"),
+        ("x", "invalid"),
+    ],
 )
 def test_mask_ip(text, masked):
     assert tinytrack.mask_ip(text) == masked

@@ -8,9 +8,9 @@ import sqlite3
 import httpx
 import orjson
 import pytest
+from conftest import POSTBACK_TOKEN, new_click
 
 import tinytrack
-from conftest import POSTBACK_TOKEN, new_click
 
 pytestmark = pytest.mark.anyio
 
@@ -62,8 +62,13 @@ async def test_dedupe_by_txid_then_by_event(app, client):
 
 async def test_pending_approved_rejected_is_kept_with_history(app, client):
     cid = await new_click(client)
-    steps = [("pending", "5.00", "created"), ("pending", None, "duplicate"), ("sale", None, "updated"),
-             ("approved", None, "duplicate"), ("reversed", None, "updated")]  # fmt: skip
+    steps = [
+        ("pending", "5.00", "created"),
+        ("pending", None, "duplicate"),
+        ("sale", None, "updated"),
+        ("approved", None, "duplicate"),
+        ("reversed", None, "updated"),
+    ]
     for status, payout, expected in steps:
         params = {"click_id": cid, "txid": "ORDER-7", "status": status}
         if payout:
@@ -107,7 +112,10 @@ async def test_post_json_and_form_with_aliases(app, client):
         headers={"authorization": f"Bearer {POSTBACK_TOKEN}"},
     )
     assert as_form.json() == {"status": "created", "id": 2}
-    assert rows(app, "SELECT event, txid, payout FROM conversions ORDER BY id") == [("purchase", "J1", 49_000_000), ("purchase", "F1", 1_500_000)]
+    assert rows(app, "SELECT event, txid, payout FROM conversions ORDER BY id") == [
+        ("purchase", "J1", 49_000_000),
+        ("purchase", "F1", 1_500_000),
+    ]
 
 
 async def test_get_postback_fits_in_200_bytes(app, client):
@@ -134,7 +142,10 @@ async def test_outside_the_attribution_window_is_rejected_and_stored(app, client
     clock.now += 8 * 86400
     late = await postback(client, click_id=cid, txid="L1")
     assert (late.status_code, late.json()) == (200, {"status": "rejected", "reason": "outside_window"})
-    assert (await postback(client, click_id=cid, txid="L1")).json() == {"status": "rejected", "reason": "outside_window"}
+    assert (await postback(client, click_id=cid, txid="L1")).json() == {
+        "status": "rejected",
+        "reason": "outside_window",
+    }
     assert rows(app, "SELECT status, reason FROM conversions") == [("rejected", "outside_window")]
     in_time = await postback(client, click_id=cid, txid="L2", ts=str(int(clock.now - 7 * 86400)))
     assert in_time.json()["status"] == "created"
@@ -146,11 +157,17 @@ async def test_outside_the_attribution_window_is_rejected_and_stored(app, client
         ({}, "click_id: is required"),
         ({"click_id": "{clickid}"}, "click_id: must be a click id issued by this server (a UUID), got '{clickid}'"),
         ({"payout": "1,5"}, "payout: must be a decimal >= 0 with at most 6 decimals, got '1,5'"),
-        ({"status": "paid"}, "status: must be one of approved, pending, rejected or a postback.status_map word, got 'paid'"),
+        (
+            {"status": "paid"},
+            "status: must be one of approved, pending, rejected or a postback.status_map word, got 'paid'",
+        ),
         ({"currency": "EURO"}, "currency: must be a three-letter ISO 4217 code, got 'EURO'"),
         ({"event": "Sign Up!"}, "event: must match [a-z0-9_]{1,32}, got 'sign up!'"),
         ({"txid": "has space"}, "txid: must be 1-64 characters of A-Z a-z 0-9 . _ : -, got 'has space'"),
-        ({"ts": "2026-01-01T00:00:00"}, "ts: needs a UTC offset (like 2026-01-06T14:03:22Z), got '2026-01-01T00:00:00'"),
+        (
+            {"ts": "2026-01-01T00:00:00"},
+            "ts: needs a UTC offset (like 2026-01-06T14:03:22Z), got '2026-01-01T00:00:00'",
+        ),
     ],
 )
 async def test_bad_fields_are_400_naming_the_field_and_store_nothing(app, client, params, message):
@@ -202,7 +219,9 @@ async def test_missing_or_wrong_token_is_401(app, client, auth):
 async def test_token_as_key_or_bearer(app, client):
     cid = await new_click(client)
     by_key = await client.get("/postback", params={"click_id": cid, "key": POSTBACK_TOKEN, "txid": "k"})
-    by_bearer = await client.get("/postback", params={"click_id": cid, "txid": "b"}, headers={"authorization": f"bearer {POSTBACK_TOKEN}"})
+    by_bearer = await client.get(
+        "/postback", params={"click_id": cid, "txid": "b"}, headers={"authorization": f"bearer {POSTBACK_TOKEN}"}
+    )
     assert by_key.json()["status"] == by_bearer.json()["status"] == "created"
 
 
@@ -218,13 +237,18 @@ async def test_allowlist_403(config, clock):
     app = tinytrack.create_app(dataclasses.replace(config, postback=allowed), clock=clock)
     await app.startup()
     try:
+
         async def client_from(address: str) -> httpx.AsyncClient:
             return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(address, 1)), base_url="http://t")
 
         async with await client_from("198.51.100.7") as outsider, await client_from("203.0.113.9") as network:
             cid = await new_click(outsider)
             refused = await postback(outsider, click_id=cid, txid="1")
-            spoofed = await outsider.get("/postback", params={"click_id": cid, "token": POSTBACK_TOKEN}, headers={"x-forwarded-for": "203.0.113.9"})
+            spoofed = await outsider.get(
+                "/postback",
+                params={"click_id": cid, "token": POSTBACK_TOKEN},
+                headers={"x-forwarded-for": "203.0.113.9"},
+            )
             accepted = await postback(network, click_id=cid, txid="2")
     finally:
         await app.shutdown()

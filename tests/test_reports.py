@@ -23,15 +23,15 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import anyio
+import browser
 import httpx
 import pytest
-
-import browser
-import tinytrack
 from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, Server, free_port, write_config
 
+import tinytrack
+
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-UTC = dt.timezone.utc
+UTC = dt.UTC
 BEARER = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 HUMAN = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
@@ -131,10 +131,31 @@ async def seed(client: httpx.AsyncClient, clock: FakeClock) -> None:
     await postback(client, "0190a6b2-7c1d-7abc-8def-0123456789ab", expect="orphan", payout="9")
 
 
-def row(by: str, key: str, clicks: int, bots: int, conversions: int, approved: int, pending: int, rejected: int,
-        payout: dict, cr: str | None, epc: dict) -> dict:  # fmt: skip
-    return {by: key, "clicks": clicks, "bot_clicks": bots, "conversions": conversions, "approved": approved,
-            "pending": pending, "rejected": rejected, "payout": payout, "cr": cr, "epc": epc}  # fmt: skip
+def row(
+    by: str,
+    key: str,
+    clicks: int,
+    bots: int,
+    conversions: int,
+    approved: int,
+    pending: int,
+    rejected: int,
+    payout: dict,
+    cr: str | None,
+    epc: dict,
+) -> dict:
+    return {
+        by: key,
+        "clicks": clicks,
+        "bot_clicks": bots,
+        "conversions": conversions,
+        "approved": approved,
+        "pending": pending,
+        "rejected": rejected,
+        "payout": payout,
+        "cr": cr,
+        "epc": epc,
+    }
 
 
 BY_DAY = [
@@ -151,9 +172,33 @@ BY_DAY = [
 BY_CAMPAIGN = [
     # spring: 6 + 4 + 2 humans; approved a1..a3, b1, c1, T2, e1, f; pending a4; rejected b2.
     # USD 0.3 + 0.2 + 1.25 + 0.33 + 0.67 = 2.75; cr 9/12; epc 2.75/12 = 0.22916.. and 2/12.
-    row("campaign", "spring", 12, 2, 9, 8, 1, 1, {"EUR": "2.00", "USD": "2.75"}, "75.00", {"EUR": "0.1667", "USD": "0.2292"}),
+    row(
+        "campaign",
+        "spring",
+        12,
+        2,
+        9,
+        8,
+        1,
+        1,
+        {"EUR": "2.00", "USD": "2.75"},
+        "75.00",
+        {"EUR": "0.1667", "USD": "0.2292"},
+    ),
     # summer: s1, s2, d humans + 1 bot; s1 (EUR) and d (USD) approved. cr 2/3.
-    row("campaign", "summer", 3, 1, 2, 2, 0, 0, {"EUR": "3.00", "USD": "4.00"}, "66.67", {"EUR": "1.0000", "USD": "1.3333"}),
+    row(
+        "campaign",
+        "summer",
+        3,
+        1,
+        2,
+        2,
+        0,
+        0,
+        {"EUR": "3.00", "USD": "4.00"},
+        "66.67",
+        {"EUR": "1.0000", "USD": "1.3333"},
+    ),
 ]
 
 BY_SUB1 = [
@@ -174,7 +219,19 @@ BY_SUB2 = [  # read from the raw rows
 ]
 
 BY_STATUS = [  # every status row against all 15 human (3 bot) clicks of the range; each its own payout
-    row("status", "approved", 15, 3, 10, 10, 0, 0, {"EUR": "5.00", "USD": "6.75"}, "66.67", {"EUR": "0.3333", "USD": "0.4500"}),
+    row(
+        "status",
+        "approved",
+        15,
+        3,
+        10,
+        10,
+        0,
+        0,
+        {"EUR": "5.00", "USD": "6.75"},
+        "66.67",
+        {"EUR": "0.3333", "USD": "0.4500"},
+    ),
     row("status", "pending", 15, 3, 1, 0, 1, 0, {"USD": "7.00"}, "6.67", {"USD": "0.4667"}),
     row("status", "rejected", 15, 3, 0, 0, 0, 1, {"USD": "5.00"}, "0.00", {"USD": "0.3333"}),
 ]
@@ -208,7 +265,9 @@ async def test_stats_exact_per_group(client, clock):
     # sub3 was only set on a1..a4 (raw rows too): a1's T2 (EUR, 03-02) counts for it.
     assert await stats(client, f"{span}&by=sub3") == [
         row("sub3", "", 11, 3, 6, 6, 0, 1, {"EUR": "3.00", "USD": "6.45"}, "54.55", {"EUR": "0.2727", "USD": "0.5864"}),
-        row("sub3", "p", 4, 0, 5, 4, 1, 0, {"EUR": "2.00", "USD": "0.30"}, "125.00", {"EUR": "0.5000", "USD": "0.0750"}),
+        row(
+            "sub3", "p", 4, 0, 5, 4, 1, 0, {"EUR": "2.00", "USD": "0.30"}, "125.00", {"EUR": "0.5000", "USD": "0.0750"}
+        ),
     ]
 
 
@@ -223,7 +282,8 @@ async def test_stats_campaign_filter_bots_and_tz(client, clock):
     assert await stats(client, f"{span}&campaign=summer") == [BY_CAMPAIGN[1]]
     # sub2 (raw rows) with the filter too: f, e1, e2 and the empty-UA bot have no sub2.
     assert (await stats(client, f"{span}&by=sub2&campaign=spring"))[0] == row(
-        "sub2", "", 3, 1, 2, 2, 0, 0, {"USD": "1.00"}, "66.67", {"USD": "0.3333"})  # fmt: skip
+        "sub2", "", 3, 1, 2, 2, 0, 0, {"USD": "1.00"}, "66.67", {"USD": "0.3333"}
+    )
     assert await stats(client, f"{span}&campaign=nope") == []
     # bots=1: bot clicks are in clicks, cr and epc; bot_clicks is unchanged.
     assert await stats(client, f"{span}&by=day&bots=1") == [
@@ -295,8 +355,17 @@ async def test_after_a_status_change_totals_and_raw_rows_agree(client, clock):
     """The daily totals (by=sub1) say what the raw rows (by=sub2) say about the same
     conversions: no zero payout for a currency nothing is approved in."""
     await change_statuses(client, clock)
-    want = {"clicks": 2, "bot_clicks": 0, "conversions": 1, "approved": 1, "pending": 0, "rejected": 1,
-            "payout": {"USD": "4.00"}, "cr": "50.00", "epc": {"USD": "2.0000"}}  # fmt: skip
+    want = {
+        "clicks": 2,
+        "bot_clicks": 0,
+        "conversions": 1,
+        "approved": 1,
+        "pending": 0,
+        "rejected": 1,
+        "payout": {"USD": "4.00"},
+        "cr": "50.00",
+        "epc": {"USD": "2.0000"},
+    }
     assert await stats(client, f"from={A}&to={A}&by=sub2") == [{"sub2": "", **want}]  # raw rows
     assert await stats(client, f"from={A}&to={A}&by=sub1") == [{"sub1": "", **want}]  # daily totals
 
@@ -348,8 +417,18 @@ def assert_csv_matches(by: str, text: str, rows: list[dict]) -> None:
     cell a spreadsheet would run as a formula prefixed with '."""
     currencies = sorted({cur for r in rows for cur in r["payout"]})
     header, parsed = csv_rows(text)
-    assert header == [by, "clicks", "bot_clicks", "conversions", "approved", "pending", "rejected",
-                      *(f"payout_{c}" for c in currencies), "cr", *(f"epc_{c}" for c in currencies)]  # fmt: skip
+    assert header == [
+        by,
+        "clicks",
+        "bot_clicks",
+        "conversions",
+        "approved",
+        "pending",
+        "rejected",
+        *(f"payout_{c}" for c in currencies),
+        "cr",
+        *(f"epc_{c}" for c in currencies),
+    ]
     assert len(parsed) == len(rows)
     for got, want in zip(parsed, rows):
         key = want[by]
@@ -366,10 +445,15 @@ def assert_csv_matches(by: str, text: str, rows: list[dict]) -> None:
 async def test_stats_csv_is_the_json(client, clock):
     await seed(client, clock)
     clock.now = at(C, 16)
-    formula = await click(client, "spring", sub1="=HYPERLINK(\"http://evil.example\")")
+    formula = await click(client, "spring", sub1='=HYPERLINK("http://evil.example")')
     await postback(client, formula, payout="1.5", currency="GBP")
-    for query in (f"from={OLD}&to={C}&by=day", f"from={A}&to={C}&by=sub1", f"from={A}&to={C}&by=status",
-                  f"from={A}&to={C}&by=sub2&campaign=spring", "from=2026-03-03&to=2026-03-03"):  # fmt: skip
+    for query in (
+        f"from={OLD}&to={C}&by=day",
+        f"from={A}&to={C}&by=sub1",
+        f"from={A}&to={C}&by=status",
+        f"from={A}&to={C}&by=sub2&campaign=spring",
+        "from=2026-03-03&to=2026-03-03",
+    ):
         rows = await stats(client, query)
         answer = await client.get(f"/api/stats?{query}&format=csv", headers=BEARER)
         assert answer.status_code == 200
@@ -419,8 +503,12 @@ async def test_reports_need_the_admin_token(client, path, headers, status):
     elif status == 400:
         assert answer.json()["error"].startswith("by: ")
     else:  # the real thing, not an empty 200
-        start = {"/api/stats": '{"rows":[]}', "/metrics": "# HELP tinytrack_clicks_total ",
-                 "/admin": "<!doctype html>", "/api/outbox": '{"rows":[],"next":null}'}[path]  # fmt: skip
+        start = {
+            "/api/stats": '{"rows":[]}',
+            "/metrics": "# HELP tinytrack_clicks_total ",
+            "/admin": "<!doctype html>",
+            "/api/outbox": '{"rows":[],"next":null}',
+        }[path]
         assert answer.text.startswith(start)
 
 
@@ -436,7 +524,9 @@ async def test_the_admin_token_in_the_query_is_not_accepted(client, path):
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tinytrack", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "tinytrack", *args], cwd=cwd, capture_output=True, text=True, timeout=30
+    )
 
 
 @pytest.mark.anyio
@@ -461,11 +551,24 @@ async def test_cli_stats_table_csv_json_beside_the_running_app(client, clock, co
     # ends where its header does, and the text column starts where its header does.
     header, cells = lines[1], lines[2:]
     assert [line.split() for line in [header, *cells[1:]]] == [
-        ["sub1", "clicks", "bot_clicks", "conversions", "approved", "pending", "rejected", "payout_EUR", "payout_USD", "cr", "epc_EUR", "epc_USD"],
+        [
+            "sub1",
+            "clicks",
+            "bot_clicks",
+            "conversions",
+            "approved",
+            "pending",
+            "rejected",
+            "payout_EUR",
+            "payout_USD",
+            "cr",
+            "epc_EUR",
+            "epc_USD",
+        ],
         ["a", "10", "1", "7", "6", "1", "0", "5.00", "1.55", "70.00", "0.5000", "0.1550"],
         ["b", "3", "1", "1", "1", "0", "1", "0.00", "0.20", "33.33", "0.0000", "0.0667"],
         ["c", "2", "1", "1", "1", "0", "0", "0.00", "4.00", "50.00", "0.0000", "2.0000"],
-    ]  # fmt: skip
+    ]
     assert cells[0].split() == ["3", "0", "2", "2", "0", "0", "0.00", "1.00", "66.67", "0.0000", "0.3333"]  # sub1 ""
     assert {len(line) for line in [header, *cells]} == {len(header)}
     for name in header.split()[1:]:
@@ -476,10 +579,15 @@ async def test_cli_stats_table_csv_json_beside_the_running_app(client, clock, co
     assert json.loads(as_json.stdout) == {"rows": BY_DAY}
     api = await client.get(f"/api/stats?from={A}&to={C}&by=day", headers=BEARER)
     assert json.loads(as_json.stdout) == api.json()
-    for args, query in [((), "by=campaign"), (("--by", "status", "--bots"), "by=status&bots=1"),
-                        (("--by", "sub2", "--campaign", "summer"), "by=sub2&campaign=summer")]:  # fmt: skip
+    for args, query in [
+        ((), "by=campaign"),
+        (("--by", "status", "--bots"), "by=status&bots=1"),
+        (("--by", "sub2", "--campaign", "summer"), "by=sub2&campaign=summer"),
+    ]:
         got = await cli("--from", A, "--to", C, *args, "--json")
-        assert json.loads(got.stdout) == (await client.get(f"/api/stats?from={A}&to={C}&{query}", headers=BEARER)).json()
+        assert (
+            json.loads(got.stdout) == (await client.get(f"/api/stats?from={A}&to={C}&{query}", headers=BEARER)).json()
+        )
         as_csv = await cli("--from", A, "--to", C, *args, "--csv")
         api_csv = await client.get(f"/api/stats?from={A}&to={C}&{query}&format=csv", headers=BEARER)
         assert as_csv.stdout == api_csv.text
@@ -492,7 +600,10 @@ async def test_cli_stats_table_csv_json_beside_the_running_app(client, clock, co
     assert bad.stdout == ""
     assert bad.stderr == "tinytrack: --from: must be a date as YYYY-MM-DD, got '2026-13-01'\n"
     backwards = await cli("--from", C, "--to", A)
-    assert (backwards.returncode, backwards.stderr) == (1, "tinytrack: --from: must not be after to (2026-03-01), got 2026-03-04\n")
+    assert (backwards.returncode, backwards.stderr) == (
+        1,
+        "tinytrack: --from: must not be after to (2026-03-01), got 2026-03-04\n",
+    )
 
 
 # --- /admin ---------------------------------------------------------------------------
@@ -570,7 +681,10 @@ async def test_admin_page_in_process(client, clock):
     assert page.scripts == 0 and page.svg_ids == ["chart"]
     assert len(page.bars) == 30  # 02-03 .. 03-04
     assert [bar["title"] for bar in page.bars][::10] == [
-        "2026-02-03: 0 clicks, 0 conversions", "2026-02-13: 0 clicks, 0 conversions", "2026-02-23: 0 clicks, 0 conversions"]
+        "2026-02-03: 0 clicks, 0 conversions",
+        "2026-02-13: 0 clicks, 0 conversions",
+        "2026-02-23: 0 clicks, 0 conversions",
+    ]
     heights = bar_heights(page)
     top = 220 - 2 * 8  # the tallest bar: 03-01 with 8 clicks (the chart pads 8 units)
     assert {day: h for day, h in heights.items() if h} == {OLD: top * 5 / 8, A: top, B: top * 5 / 8, C: top * 3 / 8}
@@ -586,7 +700,13 @@ async def test_admin_page_in_process(client, clock):
     assert latest[1] == ["2026-03-04T17:00:00.000Z", "spring", XSS, "conversion", "approved", "2.00 USD", ""]
     assert latest[2] == ["2026-03-04T15:00:00.000Z", "spring", "", "conversion", "approved", "0.67 USD", ""]
     assert len(latest) == 1 + 14  # every conversion, newest first (fewer than 20)
-    assert ["2026-03-04T15:00:00.000Z", "0190a6b2-7c1d-7abc-8def-0123456789ab", "conversion", "9.00 USD", "1"] in page.tables["Orphans"]
+    assert [
+        "2026-03-04T15:00:00.000Z",
+        "0190a6b2-7c1d-7abc-8def-0123456789ab",
+        "conversion",
+        "9.00 USD",
+        "1",
+    ] in page.tables["Orphans"]
     assert "pending <b>0</b> · failed <b>0</b> · dead <b>0</b> · done <b>0</b>" in text
 
 
@@ -606,7 +726,9 @@ def png_facts(path: Path) -> tuple[int, int, int]:
 
 
 @pytest.mark.anyio
-@pytest.mark.skipif(browser.CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); CI installs it")
+@pytest.mark.skipif(
+    browser.CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); CI installs it"
+)
 async def test_admin_page_in_headless_chromium(tmp_path):
     """A real `tinytrack serve`, the data written beforehand by the app on the same
     file at three earlier moments, the page rendered by Chromium."""
@@ -644,9 +766,14 @@ async def test_admin_page_in_headless_chromium(tmp_path):
         with server.client() as http:
             refused = http.get("/admin")
             assert refused.status_code == 401
-            assert refused.headers["www-authenticate"] == 'Basic realm="tinytrack"'  # what makes Chromium send the URL's credentials
+            assert (
+                refused.headers["www-authenticate"] == 'Basic realm="tinytrack"'
+            )  # what makes Chromium send the URL's credentials
             served = http.get("/admin", auth=("admin", ADMIN_TOKEN))
-            assert served.headers["content-security-policy"] == "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+            assert (
+                served.headers["content-security-policy"]
+                == "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+            )
         ARTIFACTS.mkdir(exist_ok=True)
         url = browser.basic_auth_url(f"{server.url}/admin", "admin", ADMIN_TOKEN)
         desktop = await anyio.to_thread.run_sync(lambda: browser.render(url, ARTIFACTS / "admin.png", 1280, 1000))
@@ -664,8 +791,11 @@ async def test_admin_page_in_headless_chromium(tmp_path):
         top = 220 - 2 * 8  # the tallest bar: 8 human clicks, 2 days ago (the chart pads 8 units)
         assert {d: h for d, h in heights.items() if h} == {day(5): top * 3 / 8, day(2): top, day(0): top / 8}
         titles = {bar["title"] for bar in page.bars}
-        assert {f"{day(5)}: 3 clicks, 1 conversions", f"{day(2)}: 8 clicks, 1 conversions",
-                f"{day(0)}: 1 clicks, 2 conversions"} <= titles  # fmt: skip
+        assert {
+            f"{day(5)}: 3 clicks, 1 conversions",
+            f"{day(2)}: 8 clicks, 1 conversions",
+            f"{day(0)}: 1 clicks, 2 conversions",
+        } <= titles
         assert page.tables["Campaigns"] == [
             ["campaign", "clicks", "bots", "conv.", "approved", "pending", "rejected", "payout", "CR %", "EPC"],
             ["spring", "10", "1", "3", "2", "1", "0", "3.75 USD", "30.00", "0.3750 USD"],
@@ -707,7 +837,7 @@ def parse_metrics(text: str) -> tuple[list[tuple[str, dict, float]], dict[str, s
 
 
 def value(samples: list, name: str, **labels: str) -> float:
-    found = [v for n, l, v in samples if n == name and l == labels]
+    found = [v for n, got, v in samples if n == name and got == labels]
     assert len(found) <= 1
     return found[0] if found else 0.0
 
@@ -745,10 +875,16 @@ async def test_metrics_counters_and_histograms(client, config):
 
     before, types = scrape_text(await client.get("/metrics", headers=BEARER))
     assert types == {
-        "tinytrack_clicks_total": "counter", "tinytrack_postbacks_total": "counter", "tinytrack_forwards_total": "counter",
-        "tinytrack_outbox": "gauge", "tinytrack_write_queue": "gauge", "tinytrack_database_bytes": "gauge",
-        "tinytrack_purged_rows": "gauge", "tinytrack_commit_batch_size": "histogram", "tinytrack_request_seconds": "histogram",
-    }  # fmt: skip
+        "tinytrack_clicks_total": "counter",
+        "tinytrack_postbacks_total": "counter",
+        "tinytrack_forwards_total": "counter",
+        "tinytrack_outbox": "gauge",
+        "tinytrack_write_queue": "gauge",
+        "tinytrack_database_bytes": "gauge",
+        "tinytrack_purged_rows": "gauge",
+        "tinytrack_commit_batch_size": "histogram",
+        "tinytrack_request_seconds": "histogram",
+    }
     humans = [await click(client, "spring", sub1="m") for _ in range(2)]
     await click(client, "spring", ua="")
     await click(client, "spring", ua="Googlebot")
@@ -757,28 +893,45 @@ async def test_metrics_counters_and_histograms(client, config):
     await postback(client, humans[1], status="pending")
     await postback(client, humans[1], expect="updated", status="approved")
     await postback(client, "0190a6b2-7c1d-7abc-8def-0123456789ab", expect="orphan")
-    assert (await client.get("/postback", params={"click_id": humans[1], "token": "wrong-token-123"})).status_code == 401
-    assert (await client.get("/postback", params={"click_id": humans[1], "token": POSTBACK_TOKEN, "payout": "-1"})).status_code == 400
+    assert (
+        await client.get("/postback", params={"click_id": humans[1], "token": "wrong-token-123"})
+    ).status_code == 401
+    assert (
+        await client.get("/postback", params={"click_id": humans[1], "token": POSTBACK_TOKEN, "payout": "-1"})
+    ).status_code == 400
     after, _ = scrape_text(await client.get("/metrics", headers=basic("prometheus", ADMIN_TOKEN)))
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert (delta("tinytrack_clicks_total", bot="0"), delta("tinytrack_clicks_total", bot="1")) == (2, 2)
-    assert {r: delta("tinytrack_postbacks_total", result=r) for r in ("created", "duplicate", "updated", "orphan", "http_401", "http_400")} == {
-        "created": 2, "duplicate": 1, "updated": 1, "orphan": 1, "http_401": 1, "http_400": 1}  # fmt: skip
+    assert {
+        r: delta("tinytrack_postbacks_total", result=r)
+        for r in ("created", "duplicate", "updated", "orphan", "http_401", "http_400")
+    } == {"created": 2, "duplicate": 1, "updated": 1, "orphan": 1, "http_401": 1, "http_400": 1}
     for state in tinytrack.OUTBOX_STATES:  # no campaign forwards here
         assert value(after, "tinytrack_outbox", state=state) == 0
-    assert {l["outcome"] for n, l, _ in after if n == "tinytrack_forwards_total"} == {"done", "pending", "failed", "dead"}
+    assert {labels["outcome"] for n, labels, _ in after if n == "tinytrack_forwards_total"} == {
+        "done",
+        "pending",
+        "failed",
+        "dead",
+    }
     db = Path(config.storage.path)
     assert value(after, "tinytrack_database_bytes") >= db.stat().st_size > 0
 
-    latency_before, latency = histograms(before, "tinytrack_request_seconds"), histograms(after, "tinytrack_request_seconds")
+    latency_before, latency = (
+        histograms(before, "tinytrack_request_seconds"),
+        histograms(after, "tinytrack_request_seconds"),
+    )
     assert set(latency) == {(("route", "click"),), (("route", "postback"),)}
     assert latency[(("route", "click"),)]["count"] - latency_before[(("route", "click"),)]["count"] == 4
     assert latency[(("route", "postback"),)]["count"] - latency_before[(("route", "postback"),)]["count"] == 7
     assert latency[(("route", "click"),)]["sum"] > 0
-    batches_before, batches = histograms(before, "tinytrack_commit_batch_size")[()], histograms(after, "tinytrack_commit_batch_size")[()]
+    batches_before, batches = (
+        histograms(before, "tinytrack_commit_batch_size")[()],
+        histograms(after, "tinytrack_commit_batch_size")[()],
+    )
     # One request at a time: every commit since held one write (4 clicks, 5 stored postbacks, maybe a purge job).
     written = batches["count"] - batches_before["count"]
     assert written >= 9

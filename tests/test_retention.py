@@ -25,9 +25,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, Server, free_port, new_click, write_config
 
 import tinytrack
-from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, Server, free_port, new_click, write_config
 
 pytestmark = pytest.mark.anyio
 
@@ -67,14 +67,20 @@ def daily(where) -> tuple[list[tuple], list[tuple]]:
     """Both daily tables, every row (zero rows included), in key order."""
     return (
         rows(where, "SELECT day, campaign, sub1, clicks, bot_clicks FROM daily_clicks ORDER BY 1, 2, 3"),
-        rows(where, "SELECT day, campaign, sub1, status, currency, conversions, payout FROM daily_conversions ORDER BY 1, 2, 3, 4, 5"),
+        rows(
+            where,
+            "SELECT day, campaign, sub1, status, currency, conversions, payout FROM daily_conversions ORDER BY 1, 2, 3, 4, 5",
+        ),
     )
 
 
 def live_conversions(where) -> list[tuple]:
     """The daily_conversions rows that count anything (a status change can leave a 0 row)."""
-    return rows(where, """SELECT day, campaign, sub1, status, currency, conversions, payout FROM daily_conversions
-                          WHERE conversions != 0 OR payout != 0 ORDER BY 1, 2, 3, 4, 5""")
+    return rows(
+        where,
+        """SELECT day, campaign, sub1, status, currency, conversions, payout FROM daily_conversions
+                          WHERE conversions != 0 OR payout != 0 ORDER BY 1, 2, 3, 4, 5""",
+    )
 
 
 def raw(cid: str) -> bytes:
@@ -118,10 +124,27 @@ def with_retention(app, **changes: int) -> None:
     app.apply_config(dataclasses.replace(app.config, retention=dataclasses.replace(app.config.retention, **changes)))
 
 
-def seed_clicks(path: str, first_ms: int, n: int, *, step_ms: int = 1, ua: str = "Mozilla/5.0 (X11; Linux x86_64)") -> None:
+def seed_clicks(
+    path: str, first_ms: int, n: int, *, step_ms: int = 1, ua: str = "Mozilla/5.0 (X11; Linux x86_64)"
+) -> None:
     """n raw clicks straight into the file (no daily totals), one every step_ms from first_ms."""
-    data = ((v7(first_ms + i * step_ms, i), first_ms + i * step_ms, "spring", f"s{i % 7}", None, None, None, None, None,
-             f"198.51.{i % 250}.{i % 200}", ua, 0) for i in range(n))  # fmt: skip
+    data = (
+        (
+            v7(first_ms + i * step_ms, i),
+            first_ms + i * step_ms,
+            "spring",
+            f"s{i % 7}",
+            None,
+            None,
+            None,
+            None,
+            None,
+            f"198.51.{i % 250}.{i % 200}",
+            ua,
+            0,
+        )
+        for i in range(n)
+    )
     with closing(sqlite3.connect(path)) as con, con:
         con.executemany(tinytrack.INSERT_CLICK, data)
 
@@ -196,10 +219,19 @@ async def test_daily_totals_are_kept_as_clicks_and_postbacks_arrive(app, client,
     await step([("spring", "x", "approved", "USD", 1, 5_000_000)], txid="A", status="approved")
     await step([("spring", "x", "rejected", "USD", 1, 5_000_000)], txid="A", status="rejected")
     # A status change with a new payout (and currency) moves the new amount.
-    await step([("spring", "x", "pending", "USD", 1, 1_000_000), ("spring", "x", "rejected", "USD", 1, 5_000_000)],
-               txid="B", status="pending", payout="1")  # fmt: skip
-    await step([("spring", "x", "approved", "EUR", 1, 2_250_000), ("spring", "x", "rejected", "USD", 1, 5_000_000)],
-               txid="B", status="approved", payout="2.25", currency="eur")  # fmt: skip
+    await step(
+        [("spring", "x", "pending", "USD", 1, 1_000_000), ("spring", "x", "rejected", "USD", 1, 5_000_000)],
+        txid="B",
+        status="pending",
+        payout="1",
+    )
+    await step(
+        [("spring", "x", "approved", "EUR", 1, 2_250_000), ("spring", "x", "rejected", "USD", 1, 5_000_000)],
+        txid="B",
+        status="approved",
+        payout="2.25",
+        currency="eur",
+    )
     # Sums are exact: micro-units, never floats.
     for txid, payout in (("C1", "0.1"), ("C2", "0.1"), ("C3", "0.1"), ("C4", "0.2")):
         answer = await postback(client, click_id=cid, txid=txid, payout=payout, currency="GBP")
@@ -217,14 +249,19 @@ async def test_daily_totals_are_kept_as_clicks_and_postbacks_arrive(app, client,
     assert answer.json()["status"] == "created"
     assert (d + 2, "spring", "x", "approved", "USD", 1, 7_000_000) in live_conversions(app)
     # And the totals agree with the raw rows.
-    assert live_conversions(app) == rows(app, """SELECT ts / 86400000, campaign, coalesce(sub1, ''), status, currency,
-        count(*), sum(payout) FROM conversions GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5""")
+    assert live_conversions(app) == rows(
+        app,
+        """SELECT ts / 86400000, campaign, coalesce(sub1, ''), status, currency,
+        count(*), sum(payout) FROM conversions GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5""",
+    )
 
 
 async def test_stats_for_purged_days_stay_exactly_what_they_were(app, client, clock):
     t = start_ms(clock)
     old_ids = []
-    for i, (sub1, ua) in enumerate([("a", UA), ("a", UA), ("b", UA), ("a", {"user-agent": "Googlebot/2.1"}), (None, UA)]):
+    for i, (sub1, ua) in enumerate(
+        [("a", UA), ("a", UA), ("b", UA), ("a", {"user-agent": "Googlebot/2.1"}), (None, UA)]
+    ):
         set_ms(clock, t + i * 3_600_000)  # over several hours of day t // DAY
         answer = await client.get("/c/spring", params={"sub1": sub1} if sub1 else {}, headers=ua)
         assert answer.status_code == 302
@@ -234,7 +271,9 @@ async def test_stats_for_purged_days_stay_exactly_what_they_were(app, client, cl
         (old_ids[1], "T2", "pending", "3", "USD"),
         (old_ids[2], "T3", "approved", "0.000001", "EUR"),
     ]:
-        assert (await postback(client, click_id=cid, txid=txid, status=status, payout=payout, currency=currency)).status_code == 200
+        assert (
+            await postback(client, click_id=cid, txid=txid, status=status, payout=payout, currency=currency)
+        ).status_code == 200
     assert (await postback(client, click_id=old_ids[1], txid="T2", status="rejected")).json()["status"] == "updated"
     young = await click_at(client, clock, t + 80 * DAY, sub1="a")
     assert (await postback(client, click_id=young, txid="Y", payout="1")).json()["status"] == "created"
@@ -261,7 +300,9 @@ async def stats_reports(client: httpx.AsyncClient, first_day: int, last_day: int
     span = {"from": day_text(first_day), "to": day_text(last_day), "bots": "1"}
     reports = {}
     for by in ("day", "sub1", "status"):
-        answer = await client.get("/api/stats", params={**span, "by": by}, headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        answer = await client.get(
+            "/api/stats", params={**span, "by": by}, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
         assert answer.status_code == 200, answer.text
         reports[by] = answer.json()["rows"]
     assert reports["day"]
@@ -279,12 +320,33 @@ async def test_conversions_survive_their_clicks_purge_and_a_later_postback_is_an
     t = start_ms(clock)
     subs = {"sub1": "fb", "sub2": "ad7", "sub3": "s3", "sub4": "s4", "sub5": "s5", "ext_id": "EXT-1"}
     cid = await click_at(client, clock, t, **subs)
-    assert (await postback(client, click_id=cid, txid="ORD-1", payout="12.5", status="pending")).json()["status"] == "created"
+    assert (await postback(client, click_id=cid, txid="ORD-1", payout="12.5", status="pending")).json()[
+        "status"
+    ] == "created"
     assert (await postback(client, click_id=cid, txid="ORD-1", status="approved")).json()["status"] == "updated"
-    columns = "id, click_id, click_ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, status, payout, currency"
+    columns = (
+        "id, click_id, click_ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, status, payout, currency"
+    )
     conversion = rows(app, f"SELECT {columns} FROM conversions")
-    assert conversion == [(1, raw(cid), t, "spring", "fb", "ad7", "s3", "s4", "s5", "EXT-1", "conversion", "ORD-1", "approved",
-                           12_500_000, "USD")]  # fmt: skip
+    assert conversion == [
+        (
+            1,
+            raw(cid),
+            t,
+            "spring",
+            "fb",
+            "ad7",
+            "s3",
+            "s4",
+            "s5",
+            "EXT-1",
+            "conversion",
+            "ORD-1",
+            "approved",
+            12_500_000,
+            "USD",
+        )
+    ]
     history = rows(app, "SELECT * FROM conversion_history")
 
     set_ms(clock, t + 91 * DAY)
@@ -293,7 +355,9 @@ async def test_conversions_survive_their_clicks_purge_and_a_later_postback_is_an
     assert rows(app, f"SELECT {columns} FROM conversions") == conversion
     assert rows(app, "SELECT * FROM conversion_history") == history
     # The reconciliation API still has it, with everything it was for.
-    api = await client.get("/api/conversions", params={"since": "2000-01-01"}, headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    api = await client.get(
+        "/api/conversions", params={"since": "2000-01-01"}, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
     assert api.status_code == 200, api.text
     [listed] = api.json()["rows"]
     assert (listed["click_id"], listed["sub1"], listed["ext_id"], listed["status"]) == (cid, "fb", "EXT-1", "approved")
@@ -304,7 +368,9 @@ async def test_conversions_survive_their_clicks_purge_and_a_later_postback_is_an
     reversal = await postback(client, click_id=cid, txid="ORD-1", status="rejected")
     assert reversal.status_code == 404
     assert rows(app, "SELECT click_id, txid, status, payout FROM orphans ORDER BY id") == [
-        (cid, "ORD-2", "approved", 4_000_000), (cid, "ORD-1", "rejected", 0)]  # fmt: skip
+        (cid, "ORD-2", "approved", 4_000_000),
+        (cid, "ORD-1", "rejected", 0),
+    ]
     assert rows(app, f"SELECT {columns} FROM conversions") == conversion
 
 
@@ -320,12 +386,22 @@ async def test_pii_is_cut_after_pii_days_once_and_nothing_else_changes(app, clie
     async with client_from(app, "::ffff:192.0.2.33") as mapped:
         made.append(await new_click(mapped, sub1="mapped"))
     async with client_from(app, "127.0.0.1") as proxy:  # behind the trusted proxy: the X-Forwarded-For address
-        answer = await proxy.get("/c/spring", params={"sub2": "xff"}, headers={"user-agent": "Googlebot/2.1", "x-forwarded-for": "203.0.113.77"})
+        answer = await proxy.get(
+            "/c/spring",
+            params={"sub2": "xff"},
+            headers={"user-agent": "Googlebot/2.1", "x-forwarded-for": "203.0.113.77"},
+        )
         made.append(answer.headers["location"].split("cid=")[1].split("&")[0])
     young = await click_at(client, clock, t + 20 * DAY, sub1="young")
     everything = "SELECT id, ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, ip, ua, bot FROM clicks ORDER BY id"
     before = rows(app, everything)
-    assert [r[9] for r in before] == ["198.51.100.7", "2001:db8:1234:5678::9", "::ffff:192.0.2.33", "203.0.113.77", "198.51.100.7"]
+    assert [r[9] for r in before] == [
+        "198.51.100.7",
+        "2001:db8:1234:5678::9",
+        "::ffff:192.0.2.33",
+        "203.0.113.77",
+        "198.51.100.7",
+    ]
     assert all(r[10] for r in before)
     totals = daily(app)
 
@@ -363,8 +439,10 @@ def insert_outbox(path: str, rows_: list[tuple[str, int, int | None]], far: int,
                        created_at, next_at, last_at, deadline) VALUES (?, 'spring', 'approved', ?, ?, ?, 2, ?, ?, ?, ?) RETURNING id""",
                 (1000 + i, f"https://source.example/pb?i={i}", f"key-{tag}-{i}", state, created, far, last, far),
             ).fetchone()  # next_at far ahead: the forwarder never picks these up
-            con.executemany("INSERT INTO outbox_attempts (outbox_id, at, code, error, ms) VALUES (?, ?, 500, NULL, 12)",
-                            [(outbox_id, created), (outbox_id, created + 1)])  # fmt: skip
+            con.executemany(
+                "INSERT INTO outbox_attempts (outbox_id, at, code, error, ms) VALUES (?, ?, 500, NULL, 12)",
+                [(outbox_id, created), (outbox_id, created + 1)],
+            )
             ids.append(outbox_id)
     return ids
 
@@ -373,7 +451,9 @@ async def test_conversions_orphans_and_finished_deliveries_go_after_their_days(a
     t = start_ms(clock)
     cid = await click_at(client, clock, t)
     for txid in ("OLD-1", "OLD-2"):
-        assert (await postback(client, click_id=cid, txid=txid, status="pending", payout="2")).json()["status"] == "created"
+        assert (await postback(client, click_id=cid, txid=txid, status="pending", payout="2")).json()[
+            "status"
+        ] == "created"
     await postback(client, click_id=cid, txid="OLD-1", status="approved")
     await postback(client, click_id=cid, txid="OLD-1", status="rejected")
     unknown_old, unknown_again = "0190a6b2-7c1d-7abc-8def-0123456789ab", "0190a6b2-7c1d-7abc-8def-0123456789ac"
@@ -386,13 +466,22 @@ async def test_conversions_orphans_and_finished_deliveries_go_after_their_days(a
     await postback(client, click_id=young, txid="NEW", status="pending", payout="1")
     await postback(client, click_id=young, txid="NEW", status="approved")
     assert count(app, "conversion_history") == 3 + 1 + 2
-    gone_ids = insert_outbox(app.config.storage.path, [
-        ("done", t, t + 1), ("failed", t, t + 1), ("dead", t, t + 1), ("canceled", t, None)], far=t + 9999 * DAY, tag="gone")  # fmt: skip
-    kept_ids = insert_outbox(app.config.storage.path, [
-        ("pending", t, t + 1),  # pending is never purged, however old
-        ("done", t, t + 40 * DAY),  # finished recently: by last_at, not created_at
-        ("canceled", t + 40 * DAY, None),
-    ], far=t + 9999 * DAY, tag="kept")  # fmt: skip
+    gone_ids = insert_outbox(
+        app.config.storage.path,
+        [("done", t, t + 1), ("failed", t, t + 1), ("dead", t, t + 1), ("canceled", t, None)],
+        far=t + 9999 * DAY,
+        tag="gone",
+    )
+    kept_ids = insert_outbox(
+        app.config.storage.path,
+        [
+            ("pending", t, t + 1),  # pending is never purged, however old
+            ("done", t, t + 40 * DAY),  # finished recently: by last_at, not created_at
+            ("canceled", t + 40 * DAY, None),
+        ],
+        far=t + 9999 * DAY,
+        tag="kept",
+    )
     totals = daily(app)
 
     with_retention(app, conversions_days=60, orphans_days=30, outbox_days=30)
@@ -400,8 +489,10 @@ async def test_conversions_orphans_and_finished_deliveries_go_after_their_days(a
     done = await app.purger.run_once()
     assert (done[CLICKS], done[CONVERSIONS], done[ORPHANS], done[OUTBOX]) == (0, 2, 1, 4)
     assert rows(app, "SELECT txid, status FROM conversions") == [("NEW", "approved")]
-    assert rows(app, "SELECT c.txid, h.status FROM conversion_history h JOIN conversions c ON c.id = h.conversion_id ORDER BY h.rowid") == [
-        ("NEW", "pending"), ("NEW", "approved")]  # fmt: skip
+    assert rows(
+        app,
+        "SELECT c.txid, h.status FROM conversion_history h JOIN conversions c ON c.id = h.conversion_id ORDER BY h.rowid",
+    ) == [("NEW", "pending"), ("NEW", "approved")]
     assert count(app, "conversion_history") == 2  # the old conversions' history went with them
     assert rows(app, "SELECT click_id FROM orphans") == [(unknown_again,)]
     assert rows(app, "SELECT id FROM outbox ORDER BY id") == [(i,) for i in kept_ids]
@@ -457,8 +548,10 @@ async def test_purging_100k_rows_while_the_app_answers_clicks(app, client, clock
     assert stored == {raw(c) for c in made}  # every click answered is stored; every old one is gone
     assert rows(app, "SELECT clicks FROM daily_clicks WHERE sub1 = 'live'") == [(len(made),)]
     assert rows(app, "PRAGMA freelist_count") == [(0,)]
-    print(f"\n100k purge: {len(made)} clicks during it, max click latency {max(latencies) * 1000:.1f} ms, "
-          f"median {sorted(latencies)[len(latencies) // 2] * 1000:.2f} ms")  # fmt: skip
+    print(
+        f"\n100k purge: {len(made)} clicks during it, max click latency {max(latencies) * 1000:.1f} ms, "
+        f"median {sorted(latencies)[len(latencies) // 2] * 1000:.2f} ms"
+    )
 
 
 # --- 7. the file shrinks -----------------------------------------------------------
@@ -493,8 +586,25 @@ def test_a_vacuum_step_hands_back_up_to_vacuum_pages_pages(tmp_path: Path):
     con = tinytrack.open_database(str(tmp_path / "t.db"))
     try:
         con.execute("BEGIN IMMEDIATE")
-        tinytrack.Database(con).insert_clicks([(v7(1_700_000_000_000 + i, i), 1_700_000_000_000 + i, "spring", None, None, None, None,
-                                              None, None, "198.51.100.7", "x" * 1000, False) for i in range(3000)])  # fmt: skip
+        tinytrack.Database(con).insert_clicks(
+            [
+                (
+                    v7(1_700_000_000_000 + i, i),
+                    1_700_000_000_000 + i,
+                    "spring",
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    "198.51.100.7",
+                    "x" * 1000,
+                    False,
+                )
+                for i in range(3000)
+            ]
+        )
         con.execute("COMMIT")
         con.execute("DELETE FROM clicks")
         free = con.execute("PRAGMA freelist_count").fetchone()[0]
@@ -512,13 +622,23 @@ def test_a_vacuum_step_hands_back_up_to_vacuum_pages_pages(tmp_path: Path):
 
 
 V1_CLICKS = [  # ms offset from the start, campaign, sub1, bot
-    (0, "spring", "a", 0), (1, "spring", "a", 0), (2, "spring", "a", 1), (3, "spring", None, 0),
-    (4, "passing", "a", 0), (DAY, "spring", "a", 0), (DAY + 1, "spring", "a", 1), (2 * DAY, "windowed", "z", 1),
-]  # fmt: skip
+    (0, "spring", "a", 0),
+    (1, "spring", "a", 0),
+    (2, "spring", "a", 1),
+    (3, "spring", None, 0),
+    (4, "passing", "a", 0),
+    (DAY, "spring", "a", 0),
+    (DAY + 1, "spring", "a", 1),
+    (2 * DAY, "windowed", "z", 1),
+]
 V1_CONVERSIONS = [  # click index, txid, status, payout, currency, ts offset
-    (0, "A", "approved", 100_000, "USD", 10), (0, "B", "approved", 100_000, "USD", 11), (1, "C", "approved", 200_000, "USD", 12),
-    (1, "D", "pending", 5_000_000, "USD", DAY), (3, "E", "rejected", 1, "EUR", 13), (5, "F", "approved", 7, "EUR", DAY + 5),
-]  # fmt: skip
+    (0, "A", "approved", 100_000, "USD", 10),
+    (0, "B", "approved", 100_000, "USD", 11),
+    (1, "C", "approved", 200_000, "USD", 12),
+    (1, "D", "pending", 5_000_000, "USD", DAY),
+    (3, "E", "rejected", 1, "EUR", 13),
+    (5, "F", "approved", 7, "EUR", DAY + 5),
+]
 
 
 @pytest.mark.parametrize("journal", ["wal", "delete"])
@@ -530,38 +650,70 @@ def test_a_v1_database_is_migrated_with_backfilled_daily_totals(tmp_path: Path, 
         con.execute(f"PRAGMA journal_mode = {journal}")  # v1 files were WAL; a copied one may not be
         con.executescript(tinytrack.SCHEMA[0])
         con.execute("PRAGMA user_version = 1")
-        clicks = [(v7(t + off, i), t + off, c, s, "198.51.100.7", "Mozilla/5.0", bot) for i, (off, c, s, bot) in enumerate(V1_CLICKS)]
+        clicks = [
+            (v7(t + off, i), t + off, c, s, "198.51.100.7", "Mozilla/5.0", bot)
+            for i, (off, c, s, bot) in enumerate(V1_CLICKS)
+        ]
         con.executemany("INSERT INTO clicks (id, ts, campaign, sub1, ip, ua, bot) VALUES (?, ?, ?, ?, ?, ?, ?)", clicks)
         for i, txid, status, payout, currency, off in V1_CONVERSIONS:
             click = clicks[i]
             con.execute(
                 """INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, event, txid, status, payout, currency,
                        ts, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'conversion', ?, ?, ?, ?, ?, ?, ?)""",
-                (click[0], f"t:{txid}", click[1], click[2], click[3], txid, status, payout, currency, t + off, t + off, t + off),
+                (
+                    click[0],
+                    f"t:{txid}",
+                    click[1],
+                    click[2],
+                    click[3],
+                    txid,
+                    status,
+                    payout,
+                    currency,
+                    t + off,
+                    t + off,
+                    t + off,
+                ),
             )
         assert con.execute("PRAGMA auto_vacuum").fetchone() == (0,)
     v1_columns = "id, click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip"
     v1_clicks = "id, ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, ip, ua, bot"
-    raw_before = rows(path, f"SELECT {v1_clicks} FROM clicks ORDER BY id"), rows(path, f"SELECT {v1_columns} FROM conversions ORDER BY id")
+    raw_before = (
+        rows(path, f"SELECT {v1_clicks} FROM clicks ORDER BY id"),
+        rows(path, f"SELECT {v1_columns} FROM conversions ORDER BY id"),
+    )
 
     con = tinytrack.open_database(path)
     try:
         assert con.execute("PRAGMA user_version").fetchone() == (len(tinytrack.SCHEMA),)
         assert con.execute("PRAGMA auto_vacuum").fetchone() == (2,)
         assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert (rows(path, f"SELECT {v1_clicks} FROM clicks ORDER BY id"),
-                rows(path, f"SELECT {v1_columns} FROM conversions ORDER BY id")) == raw_before  # fmt: skip
+        assert (
+            rows(path, f"SELECT {v1_clicks} FROM clicks ORDER BY id"),
+            rows(path, f"SELECT {v1_columns} FROM conversions ORDER BY id"),
+        ) == raw_before
         d = t // DAY
         assert daily(path) == (
-            [(d, "passing", "a", 1, 0), (d, "spring", "", 1, 0), (d, "spring", "a", 2, 1),
-             (d + 1, "spring", "a", 1, 1), (d + 2, "windowed", "z", 0, 1)],
-            [(d, "spring", "", "rejected", "EUR", 1, 1), (d, "spring", "a", "approved", "USD", 3, 400_000),
-             (d + 1, "spring", "a", "approved", "EUR", 1, 7), (d + 1, "spring", "a", "pending", "USD", 1, 5_000_000)],
-        )  # fmt: skip
+            [
+                (d, "passing", "a", 1, 0),
+                (d, "spring", "", 1, 0),
+                (d, "spring", "a", 2, 1),
+                (d + 1, "spring", "a", 1, 1),
+                (d + 2, "windowed", "z", 0, 1),
+            ],
+            [
+                (d, "spring", "", "rejected", "EUR", 1, 1),
+                (d, "spring", "a", "approved", "USD", 3, 400_000),
+                (d + 1, "spring", "a", "approved", "EUR", 1, 7),
+                (d + 1, "spring", "a", "pending", "USD", 1, 5_000_000),
+            ],
+        )
         # The new triggers work on the old rows.
         con.execute("UPDATE conversions SET status = 'approved' WHERE txid = 'D'")
         assert (d + 1, "spring", "a", "approved", "USD", 1, 5_000_000) in live_conversions(path)
-        assert tinytrack.open_database(path).execute("PRAGMA user_version").fetchone() == (len(tinytrack.SCHEMA),)  # opening again: nothing to do
+        assert tinytrack.open_database(path).execute("PRAGMA user_version").fetchone() == (
+            len(tinytrack.SCHEMA),
+        )  # opening again: nothing to do
         # And the converted file hands freed pages back.
         con.execute("DELETE FROM clicks")
         con.execute("DELETE FROM conversions")
@@ -577,12 +729,18 @@ def test_a_v1_database_is_migrated_with_backfilled_daily_totals(tmp_path: Path, 
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tinytrack", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "tinytrack", *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
 
 
 def table(output: str) -> list[list[str]]:
     """print_table's output as cells (columns split on two or more spaces)."""
-    return [re.split(r"\s{2,}", line.strip()) for line in output.splitlines() if line.strip() and not line.startswith("kept")]
+    return [
+        re.split(r"\s{2,}", line.strip())
+        for line in output.splitlines()
+        if line.strip() and not line.startswith("kept")
+    ]
 
 
 def seed_for_cli(path: str, now: int) -> dict[str, bytes]:
@@ -591,20 +749,44 @@ def seed_for_cli(path: str, now: int) -> dict[str, bytes]:
     ids = {"ancient": v7(now - 100 * DAY, 1), "month_old": v7(now - 40 * DAY, 2), "fresh": v7(now - DAY, 3)}
     try:
         con.execute("BEGIN IMMEDIATE")
-        tinytrack.Database(con).insert_clicks([
-            (ids[name], int.from_bytes(ids[name][:6]), "spring", "fb", None, None, None, None, "E", "203.0.113.77", "Mozilla/5.0", False)
-            for name in ("ancient", "month_old", "fresh")])  # fmt: skip
-        for i, (click, created) in enumerate([("ancient", now - 99 * DAY), ("month_old", now - 39 * DAY), ("fresh", now - DAY)]):
+        tinytrack.Database(con).insert_clicks(
+            [
+                (
+                    ids[name],
+                    int.from_bytes(ids[name][:6]),
+                    "spring",
+                    "fb",
+                    None,
+                    None,
+                    None,
+                    None,
+                    "E",
+                    "203.0.113.77",
+                    "Mozilla/5.0",
+                    False,
+                )
+                for name in ("ancient", "month_old", "fresh")
+            ]
+        )
+        for i, (click, created) in enumerate(
+            [("ancient", now - 99 * DAY), ("month_old", now - 39 * DAY), ("fresh", now - DAY)]
+        ):
             con.execute(
                 """INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, event, txid, status, payout, currency,
                        ts, created_at, updated_at) VALUES (?, ?, 0, 'spring', 'fb', 'conversion', ?, 'approved', 1500000, 'USD', ?, ?, ?)""",
                 (ids[click], f"t:T{i}", f"T{i}", created, created, created),
             )
         for i, seen in enumerate([now - 31 * DAY, now - 29 * DAY]):
-            con.execute("""INSERT INTO orphans (click_id, dedupe_key, event, txid, status, payout, currency, ts, first_seen, last_seen)
-                           VALUES (?, 't:O', 'conversion', 'O', 'approved', 0, 'USD', ?, ?, ?)""", (f"orphan-{i}", seen, seen, seen))  # fmt: skip
-        con.execute("""INSERT INTO outbox (conversion_id, campaign, status, url, idempotency_key, state, created_at, next_at, deadline)
-                       VALUES (1, 'spring', 'approved', 'https://s.example/', 'k', 'done', ?, 0, 0)""", (now - 99 * DAY,))  # fmt: skip
+            con.execute(
+                """INSERT INTO orphans (click_id, dedupe_key, event, txid, status, payout, currency, ts, first_seen, last_seen)
+                           VALUES (?, 't:O', 'conversion', 'O', 'approved', 0, 'USD', ?, ?, ?)""",
+                (f"orphan-{i}", seen, seen, seen),
+            )
+        con.execute(
+            """INSERT INTO outbox (conversion_id, campaign, status, url, idempotency_key, state, created_at, next_at, deadline)
+                       VALUES (1, 'spring', 'approved', 'https://s.example/', 'k', 'done', ?, 0, 0)""",
+            (now - 99 * DAY,),
+        )
         con.execute("COMMIT")
     finally:
         con.close()
@@ -629,8 +811,11 @@ def test_purge_command_dry_run_changes_nothing_then_purge_removes(tmp_path: Path
     would = table(dry.stdout)
     assert would[0] == ["table", "would be", "rows"]
     assert [line[:2] for line in would[1:]] == [
-        ["clicks", "deleted"], ["clicks", "ip cut to /24 or /48, user agent dropped"],
-        ["conversions", "deleted, with their history"], ["orphans", "deleted"]]  # fmt: skip
+        ["clicks", "deleted"],
+        ["clicks", "ip cut to /24 or /48, user agent dropped"],
+        ["conversions", "deleted, with their history"],
+        ["orphans", "deleted"],
+    ]
     assert (would[1][2], would[3][2], would[4][2]) == ("1", "1", "1"), dry.stdout
 
     done = run("purge", "-c", str(config), cwd=tmp_path)
@@ -644,7 +829,9 @@ def test_purge_command_dry_run_changes_nothing_then_purge_removes(tmp_path: Path
         ["orphans", "deleted", "1"],
     ], done.stdout
     assert rows(db, "SELECT id, ip, ua FROM clicks ORDER BY id") == [
-        (ids["month_old"], "203.0.113.0", None), (ids["fresh"], "203.0.113.77", "Mozilla/5.0")]  # fmt: skip
+        (ids["month_old"], "203.0.113.0", None),
+        (ids["fresh"], "203.0.113.77", "Mozilla/5.0"),
+    ]
     assert rows(db, "SELECT txid FROM conversions ORDER BY id") == [("T1",), ("T2",)]
     assert rows(db, "SELECT click_id FROM orphans") == [("orphan-1",)]
     assert count(db, "outbox") == 1  # outbox_days = 0: kept
@@ -686,7 +873,9 @@ def test_backup_of_a_running_server_is_a_consistent_snapshot_that_restores(serve
     with server.client() as http:
         first = [make_click(http) for _ in range(20)]
         for i, cid in enumerate(first[:5]):
-            answer = http.get("/postback", params={"click_id": cid, "txid": f"T{i}", "payout": "1.5", "token": POSTBACK_TOKEN})
+            answer = http.get(
+                "/postback", params={"click_id": cid, "txid": f"T{i}", "payout": "1.5", "token": POSTBACK_TOKEN}
+            )
             assert answer.json() == {"status": "created", "id": i + 1}
 
     made, failures, stop = list(first), [], threading.Event()
@@ -722,10 +911,16 @@ def test_backup_of_a_running_server_is_a_consistent_snapshot_that_restores(serve
     copied = {r[0] for r in rows(dest, "SELECT id FROM clicks")}
     source = {r[0] for r in rows(db, "SELECT id FROM clicks")}
     # One click is in flight at a time: at most one committed (so maybe copied) and not yet counted.
-    assert acknowledged_before <= len(copied) <= acknowledged_after + 1, (acknowledged_before, len(copied), acknowledged_after)
+    assert acknowledged_before <= len(copied) <= acknowledged_after + 1, (
+        acknowledged_before,
+        len(copied),
+        acknowledged_after,
+    )
     assert {raw(c) for c in made[:acknowledged_before]} <= copied <= source
     assert len(copied) < len(source)
-    assert rows(dest, "SELECT id, txid, payout FROM conversions ORDER BY id") == [(i + 1, f"T{i}", 1_500_000) for i in range(5)]
+    assert rows(dest, "SELECT id, txid, payout FROM conversions ORDER BY id") == [
+        (i + 1, f"T{i}", 1_500_000) for i in range(5)
+    ]
     assert rows(dest, "SELECT sum(clicks) FROM daily_clicks") == [(len(copied),)]  # totals from the same instant
     assert f"integrity ok, {len(copied)} clicks, 5 conversions, 0 outbox" in backup.stdout
     assert not list(tmp_path.glob(".*partial*"))
@@ -786,7 +981,10 @@ def test_backup_into_a_folder_keeps_the_newest_n(tmp_path: Path):
     assert "removed 2 older backups (--keep 2)" in done.stdout
 
     to_a_file = run("backup", "-c", str(config), str(tmp_path / "one.db"), "--keep", "2", cwd=tmp_path)
-    assert (to_a_file.returncode, to_a_file.stderr) == (1, "tinytrack: --keep: needs a folder as DEST and a count of at least 1\n")
+    assert (to_a_file.returncode, to_a_file.stderr) == (
+        1,
+        "tinytrack: --keep: needs a folder as DEST and a count of at least 1\n",
+    )
     assert not (tmp_path / "one.db").exists()
 
 
@@ -812,14 +1010,31 @@ def test_retention_config_errors_name_the_key(retention: dict, message: str):
 
 
 def test_retention_config_values_and_a_bad_one_on_the_command_line(tmp_path: Path):
-    good = tinytrack.build_config({"postback": {"tokens": ["token-123456"]}, "retention": {
-        "clicks_days": 0, "conversions_days": 365, "pii_days": 7, "orphans_days": 0, "outbox_days": 14, "interval_minutes": 5}})  # fmt: skip
-    assert good.retention == tinytrack.RetentionConfig(clicks_days=0, conversions_days=365, pii_days=7, orphans_days=0,
-                                                       outbox_days=14, interval_minutes=5)  # fmt: skip
-    assert tinytrack.build_config({"postback": {"tokens": ["token-123456"]}}).retention == tinytrack.RetentionConfig(90, 0, 30, 30, 30, 60)
+    good = tinytrack.build_config(
+        {
+            "postback": {"tokens": ["token-123456"]},
+            "retention": {
+                "clicks_days": 0,
+                "conversions_days": 365,
+                "pii_days": 7,
+                "orphans_days": 0,
+                "outbox_days": 14,
+                "interval_minutes": 5,
+            },
+        }
+    )
+    assert good.retention == tinytrack.RetentionConfig(
+        clicks_days=0, conversions_days=365, pii_days=7, orphans_days=0, outbox_days=14, interval_minutes=5
+    )
+    assert tinytrack.build_config({"postback": {"tokens": ["token-123456"]}}).retention == tinytrack.RetentionConfig(
+        90, 0, 30, 30, 30, 60
+    )
     bad = write_config(tmp_path, extra='\n[retention]\noutbox_days = "never"\n')
     failed = run("check", "-c", str(bad), cwd=tmp_path)
-    assert (failed.returncode, failed.stderr) == (1, "tinytrack: retention.outbox_days: must be an integer, got 'never'\n")
+    assert (failed.returncode, failed.stderr) == (
+        1,
+        "tinytrack: retention.outbox_days: must be an integer, got 'never'\n",
+    )
 
 
 async def test_a_reload_changes_the_purge_rules_and_a_bad_one_is_refused(app, client, clock, tmp_path: Path):

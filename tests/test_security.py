@@ -28,11 +28,11 @@ from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urlspli
 import httpx
 import orjson
 import pytest
+from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, Server, free_port, new_click, write_config
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import tinytrack
-from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, Server, free_port, new_click, write_config
 from tinytrack import FieldError, PostbackConfig
 
 pytestmark = pytest.mark.anyio
@@ -190,19 +190,64 @@ async def click_id_for(app) -> str:
 
 # === 1. Property tests over the pure parts =======================================
 
-CONF = PostbackConfig(tokens=("t" * 10,), status_map={"sale": "approved", "declined": "rejected", "reversed": "rejected"})
+CONF = PostbackConfig(
+    tokens=("t" * 10,), status_map={"sale": "approved", "declined": "rejected", "reversed": "rejected"}
+)
 
 # Strings a network (or an attacker) would plausibly put in a field, and then anything.
 INTERESTING = [
-    CLICK, CLICK.upper(), CLICK + "\x00", CLICK[:-1], "{clickid}", "", " ", "0", "12.5", "0.000001", "1.2345678",
-    "-1", "1e3", "999999999999.999999", "1000000000000", "NaN", "inf", "\u0661\u0662", "\uff11", "purchase", "Sign Up",
-    "x" * 33, "usd", "EUR", "\u00e9ur", "approved", "SALE", "declined", "paid", "pending", "1789999000", "1790000000000",
-    "2026-09-21T14:13:20Z", "2026-09-21T14:13:20", "12", "ord-1:2.3_4", "a b", "x\r\ny", "\x00", "t" * 10, "\u2028",
-    "\ud800", "\udfff", "t" * 9 + "\udc80",  # lone surrogates: JSON's "\ud800" decodes to these, no UTF-8 holds them
-]  # fmt: skip
+    CLICK,
+    CLICK.upper(),
+    CLICK + "\x00",
+    CLICK[:-1],
+    "{clickid}",
+    "",
+    " ",
+    "0",
+    "12.5",
+    "0.000001",
+    "1.2345678",
+    "-1",
+    "1e3",
+    "999999999999.999999",
+    "1000000000000",
+    "NaN",
+    "inf",
+    "\u0661\u0662",
+    "\uff11",
+    "purchase",
+    "Sign Up",
+    "x" * 33,
+    "usd",
+    "EUR",
+    "\u00e9ur",
+    "approved",
+    "SALE",
+    "declined",
+    "paid",
+    "pending",
+    "1789999000",
+    "1790000000000",
+    "2026-09-21T14:13:20Z",
+    "2026-09-21T14:13:20",
+    "12",
+    "ord-1:2.3_4",
+    "a b",
+    "x\r\ny",
+    "\x00",
+    "t" * 10,
+    "\u2028",
+    "\ud800",
+    "\udfff",
+    "t" * 9 + "\udc80",  # lone surrogates: JSON's "\ud800" decodes to these, no UTF-8 holds them
+]
 any_characters = st.characters(exclude_categories=())  # surrogates (Cs) too, which st.text leaves out by default
-texts = (st.sampled_from(INTERESTING) | st.text(max_size=12) | st.text(any_characters, max_size=6)
-         | st.text(alphabet="0123456789.-:TZ+e", max_size=24))  # fmt: skip
+texts = (
+    st.sampled_from(INTERESTING)
+    | st.text(max_size=12)
+    | st.text(any_characters, max_size=6)
+    | st.text(alphabet="0123456789.-:TZ+e", max_size=24)
+)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | texts,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
@@ -286,7 +331,24 @@ def test_postback_fields_give_a_postback_or_a_named_400(pairs):
 
 
 raw_query_pieces = st.sampled_from(
-    [b"&", b"=", b"+", b"%", b"%ff", b"%c3%a9", b"%C3", b"%00", b"%0d%0a", b"%zz", b"%2", b"click_id", b"token", b"\xff", b"\x00", b"\xc3\xa9"]
+    [
+        b"&",
+        b"=",
+        b"+",
+        b"%",
+        b"%ff",
+        b"%c3%a9",
+        b"%C3",
+        b"%00",
+        b"%0d%0a",
+        b"%zz",
+        b"%2",
+        b"click_id",
+        b"token",
+        b"\xff",
+        b"\x00",
+        b"\xc3\xa9",
+    ]
 ) | st.binary(max_size=6)
 
 
@@ -319,10 +381,38 @@ def test_parse_pairs_round_trips_what_a_client_encodes(pairs):
 
 
 hostile_text = st.text(max_size=30) | st.lists(
-    st.sampled_from(["\r", "\n", "\r\n", "\x00", "/", "@", "#", "?", "&", "=", "+", "%", "%0d%0a", "..", "../", "//evil.com",
-                     "https://evil.com", " ", "\u00e9", "\u2028", "\U0001f600", "\\", ":", ";", "{sub1}", "a"]),
+    st.sampled_from(
+        [
+            "\r",
+            "\n",
+            "\r\n",
+            "\x00",
+            "/",
+            "@",
+            "#",
+            "?",
+            "&",
+            "=",
+            "+",
+            "%",
+            "%0d%0a",
+            "..",
+            "../",
+            "//evil.com",
+            "https://evil.com",
+            " ",
+            "\u00e9",
+            "\u2028",
+            "\U0001f600",
+            "\\",
+            ":",
+            ";",
+            "{sub1}",
+            "a",
+        ]
+    ),
     max_size=8,
-).map("".join)  # fmt: skip
+).map("".join)
 
 
 def assert_safe_url(url: str, path: str = "/lp") -> Any:
@@ -335,7 +425,9 @@ def assert_safe_url(url: str, path: str = "/lp") -> Any:
 @SETTINGS
 @given(click_id=hostile_text, sub1=hostile_text, extra=st.lists(st.tuples(hostile_text, hostile_text), max_size=4))
 def test_macro_expansion_never_changes_scheme_host_or_path(click_id, sub1, extra):
-    template = tinytrack.compile_template("https://offer.example.com/lp?cid={click_id}&s={sub1}", "k", tinytrack.MACROS_CLICK)
+    template = tinytrack.compile_template(
+        "https://offer.example.com/lp?cid={click_id}&s={sub1}", "k", tinytrack.MACROS_CLICK
+    )
     url = template.fill({"click_id": click_id, "sub1": sub1})
     parts = assert_safe_url(url)
     assert parts.fragment == ""
@@ -347,7 +439,9 @@ def test_macro_expansion_never_changes_scheme_host_or_path(click_id, sub1, extra
     assert parse_qsl(parts.query, keep_blank_values=True) == [("cid", click_id), ("s", sub1), *extra]
 
     # a macro in the path stays one path segment: no '/', '..' or '?' of the value acts as syntax
-    in_path = tinytrack.compile_template("https://offer.example.com/p/{sub1}/x?c={click_id}", "k", tinytrack.MACROS_CLICK)
+    in_path = tinytrack.compile_template(
+        "https://offer.example.com/p/{sub1}/x?c={click_id}", "k", tinytrack.MACROS_CLICK
+    )
     filled = in_path.fill({"click_id": click_id, "sub1": sub1})
     assert all(0x21 <= ord(c) < 0x7F for c in filled), filled
     parts = urlsplit(filled)
@@ -364,7 +458,12 @@ def test_macro_expansion_never_changes_scheme_host_or_path(click_id, sub1, extra
 
 
 @SETTINGS
-@given(raw=st.binary(max_size=600) | st.lists(raw_query_pieces | st.sampled_from([b"sub1=", b"ext_id=", b"externalid=", b"x" * 300]), max_size=20).map(b"".join))
+@given(
+    raw=st.binary(max_size=600)
+    | st.lists(raw_query_pieces | st.sampled_from([b"sub1=", b"ext_id=", b"externalid=", b"x" * 300]), max_size=20).map(
+        b"".join
+    )
+)
 @example(raw=b"sub1=%0d%0aSet-Cookie:%00x&ext_id=" + b"%e2%80%a8" * 300)
 @example(raw=b"&".join([b"u%0a=%0d"] * 100))
 def test_parse_click_query_never_raises_and_cleans(raw: bytes):
@@ -421,8 +520,21 @@ def test_ipv4_mapped_addresses_and_networks_match_as_ipv4(case):
 
 
 TRUSTED = tuple(ipaddress.ip_network(n) for n in ("127.0.0.1/32", "::1/128", "10.0.0.0/8"))
-HOP_POOL = ["127.0.0.1", "10.1.2.3", "::1", "::ffff:10.0.0.5", "::ffff:127.0.0.1", "203.0.113.9", "198.51.100.7",
-            "2001:db8::1", "::ffff:203.0.113.9", "garbage", "", "203.0.113.9:443", "[::1]"]  # fmt: skip
+HOP_POOL = [
+    "127.0.0.1",
+    "10.1.2.3",
+    "::1",
+    "::ffff:10.0.0.5",
+    "::ffff:127.0.0.1",
+    "203.0.113.9",
+    "198.51.100.7",
+    "2001:db8::1",
+    "::ffff:203.0.113.9",
+    "garbage",
+    "",
+    "203.0.113.9:443",
+    "[::1]",
+]
 hops = st.sampled_from(HOP_POOL) | st.ip_addresses().map(str)
 
 
@@ -501,12 +613,20 @@ def test_signature_verification_refuses_any_change(secret, other, payload, index
     stale = f"t={t + skew},v1={tinytrack.sign(secret, t + skew, payload)}"
     assert tinytrack.verify_signature(stale, payload, [secret], NOW) is False
     # the signature binds the timestamp: the same v1 with another t fails
-    assert tinytrack.verify_signature(f"t={t + 1},v1={tinytrack.sign(secret, t, payload)}", payload, [secret], NOW) is False
+    assert (
+        tinytrack.verify_signature(f"t={t + 1},v1={tinytrack.sign(secret, t, payload)}", payload, [secret], NOW)
+        is False
+    )
 
 
 @SETTINGS
-@given(header=st.text(alphabet=st.characters(max_codepoint=0x7F), max_size=80) | st.lists(
-    st.sampled_from(["t=", "v1=", ",", "=", " ", "1790000000", "-1", "abc", "00" * 32, "v0=", "t=1790000000"]), max_size=8).map("".join))  # fmt: skip
+@given(
+    header=st.text(alphabet=st.characters(max_codepoint=0x7F), max_size=80)
+    | st.lists(
+        st.sampled_from(["t=", "v1=", ",", "=", " ", "1790000000", "-1", "abc", "00" * 32, "v0=", "t=1790000000"]),
+        max_size=8,
+    ).map("".join)
+)
 def test_signature_garbage_header_is_false_never_an_exception(header):
     assert tinytrack.verify_signature(header, b"body", ["s" * 16], NOW) is False
 
@@ -532,31 +652,79 @@ def bad_txid(text: str) -> dict:
     return err(f"txid: must be 1-64 characters of A-Z a-z 0-9 . _ : -, got {text!r}")
 
 
-def case(id_: str, method: str, target: str, status: int, answer: dict | None, *, headers=(), body: bytes = b"", chunks=None):
+def case(
+    id_: str, method: str, target: str, status: int, answer: dict | None, *, headers=(), body: bytes = b"", chunks=None
+):
     return pytest.param(method, target, list(headers), body, chunks, status, answer, id=id_)
 
 
 POSTBACK_CASES = [
     # non-UTF-8 in every postback field name (every alias), query and form: a 400 naming it
-    *(case(f"query-%ff-{name}", "GET", Q + f"{name}=%ff", 400, err(f"{name}: not valid UTF-8")) for name in tinytrack.POSTBACK_ALIASES),
-    *(case(f"form-%ff-{name}", "POST", "/postback", 400, err(f"{name}: not valid UTF-8"), headers=[FORM, BEARER],
-           body=f"click_id={{cid}}&{name}=%ff".encode()) for name in tinytrack.POSTBACK_ALIASES),
+    *(
+        case(f"query-%ff-{name}", "GET", Q + f"{name}=%ff", 400, err(f"{name}: not valid UTF-8"))
+        for name in tinytrack.POSTBACK_ALIASES
+    ),
+    *(
+        case(
+            f"form-%ff-{name}",
+            "POST",
+            "/postback",
+            400,
+            err(f"{name}: not valid UTF-8"),
+            headers=[FORM, BEARER],
+            body=f"click_id={{cid}}&{name}=%ff".encode(),
+        )
+        for name in tinytrack.POSTBACK_ALIASES
+    ),
     case("query-%ff-unknown-field", "GET", Q + "utm=%ff", 400, err("utm: not valid UTF-8")),
     case("query-%ff-field-name", "GET", Q + "%ff=1", 400, err("query: a field name is not valid UTF-8")),
-    case("form-%ff-field-name", "POST", "/postback", 400, err("body: a field name is not valid UTF-8"), headers=[FORM, BEARER], body=b"%ff=1"),
+    case(
+        "form-%ff-field-name",
+        "POST",
+        "/postback",
+        400,
+        err("body: a field name is not valid UTF-8"),
+        headers=[FORM, BEARER],
+        body=b"%ff=1",
+    ),
     case("query-crlf-in-name-with-%ff", "GET", Q + "a%0d%0ab=%ff", 400, err("ab: not valid UTF-8")),
     case("query-raw-byte-ff", "GET", Q.replace("{tok}&", "{tok}&payout=\xff"), 400, err("payout: not valid UTF-8")),
     case("query-65-fields", "GET", Q + "&".join(["a=1"] * 63), 400, err("query: more than 64 fields")),
-    case("form-65-fields", "POST", "/postback", 400, err("body: more than 64 fields"), headers=[FORM, BEARER], body=b"&".join([b"a=1"] * 65)),
+    case(
+        "form-65-fields",
+        "POST",
+        "/postback",
+        400,
+        err("body: more than 64 fields"),
+        headers=[FORM, BEARER],
+        body=b"&".join([b"a=1"] * 65),
+    ),
     # NUL and CR/LF: refused with the value escaped, never stored
     case("nul-click_id", "GET", "/postback?click_id={cid}%00&token={tok}", 400, None),
     case("nul-payout", "GET", Q + "payout=1%00", 400, bad_payout("1\x00")),
     case("nul-txid", "GET", Q + "txid=a%00b", 400, bad_txid("a\x00b")),
     case("nul-event", "GET", Q + "event=sale%00", 400, err("event: must match [a-z0-9_]{1,32}, got 'sale\\x00'")),
-    case("nul-currency", "GET", Q + "currency=US%00", 400, err("currency: must be a three-letter ISO 4217 code, got 'US\\x00'")),
-    case("nul-status", "GET", Q + "status=approved%00", 400,
-         err("status: must be one of approved, pending, rejected or a postback.status_map word, got 'approved\\x00'")),
-    case("nul-ts", "GET", Q + "ts=1790000000%00", 400, err("ts: must be ISO 8601 with an offset or unix seconds, got '1790000000\\x00'")),
+    case(
+        "nul-currency",
+        "GET",
+        Q + "currency=US%00",
+        400,
+        err("currency: must be a three-letter ISO 4217 code, got 'US\\x00'"),
+    ),
+    case(
+        "nul-status",
+        "GET",
+        Q + "status=approved%00",
+        400,
+        err("status: must be one of approved, pending, rejected or a postback.status_map word, got 'approved\\x00'"),
+    ),
+    case(
+        "nul-ts",
+        "GET",
+        Q + "ts=1790000000%00",
+        400,
+        err("ts: must be ISO 8601 with an offset or unix seconds, got '1790000000\\x00'"),
+    ),
     case("nul-token", "GET", "/postback?click_id={cid}&token={tok}%00", 401, err("unauthorized")),
     case("crlf-txid", "GET", Q + "txid=a%0d%0aSet-Cookie:%20x=1", 400, bad_txid("a\r\nSet-Cookie: x=1")),
     case("crlf-event", "GET", Q + "et=a%0d%0ab", 400, err("event: must match [a-z0-9_]{1,32}, got 'a\\r\\nb'")),
@@ -564,75 +732,265 @@ POSTBACK_CASES = [
     case("sql-ish-txid", "GET", Q + "txid=1'%3B%20DROP%20TABLE%20clicks--", 400, bad_txid("1'; DROP TABLE clicks--")),
     # overlong values
     case("txid-65", "GET", Q + "txid=" + "a" * 65, 400, bad_txid("a" * 40 + "...")),
-    case("event-33", "GET", Q + "event=" + "e" * 33, 400, err(f"event: must match [a-z0-9_]{{1,32}}, got {'e' * 33!r}")),
+    case(
+        "event-33", "GET", Q + "event=" + "e" * 33, 400, err(f"event: must match [a-z0-9_]{{1,32}}, got {'e' * 33!r}")
+    ),
     case("payout-13-digits", "GET", Q + "payout=" + "9" * 13, 400, bad_payout("9" * 13)),
     case("payout-7-decimals", "GET", Q + "payout=1.0000001", 400, bad_payout("1.0000001")),
     case("payout-10k-chars", "GET", Q + "payout=" + "1" * 10_000, 400, bad_payout("1" * 40 + "...")),
     case("click_id-too-long", "GET", "/postback?click_id={cid}0&token={tok}", 400, None),
     case("token-10k-chars", "GET", "/postback?click_id={cid}&token=" + "t" * 10_000, 401, err("unauthorized")),
-    case("currency-4", "GET", Q + "currency=USDX", 400, err("currency: must be a three-letter ISO 4217 code, got 'USDX'")),
-    case("ts-milliseconds", "GET", Q + "ts=1790000000000", 400, err("ts: is more than a day in the future, got '1790000000000'")),
+    case(
+        "currency-4", "GET", Q + "currency=USDX", 400, err("currency: must be a three-letter ISO 4217 code, got 'USDX'")
+    ),
+    case(
+        "ts-milliseconds",
+        "GET",
+        Q + "ts=1790000000000",
+        400,
+        err("ts: is more than a day in the future, got '1790000000000'"),
+    ),
     # duplicates with different values: a 400, whichever aliases carry them
-    case("dup-payout", "GET", Q + "payout=1&payout=2", 400, err("payout: given twice (payout and payout) with different values")),
-    case("dup-payout-alias", "GET", Q + "amount=1&sum=2", 400, err("payout: given twice (amount and sum) with different values")),
-    case("dup-click_id-alias", "GET", Q + f"cid={OTHER_CLICK}", 400, err("click_id: given twice (click_id and cid) with different values")),
-    case("dup-token-key", "GET", Q + "key=wrong-token-0000", 400, err("token: given twice (token and key) with different values")),
-    case("dup-query-and-body", "POST", "/postback?click_id={cid}", 400, err("click_id: given twice (click_id and click_id) with different values"),
-         headers=[JSON, BEARER], body=orjson.dumps({"click_id": OTHER_CLICK})),
+    case(
+        "dup-payout",
+        "GET",
+        Q + "payout=1&payout=2",
+        400,
+        err("payout: given twice (payout and payout) with different values"),
+    ),
+    case(
+        "dup-payout-alias",
+        "GET",
+        Q + "amount=1&sum=2",
+        400,
+        err("payout: given twice (amount and sum) with different values"),
+    ),
+    case(
+        "dup-click_id-alias",
+        "GET",
+        Q + f"cid={OTHER_CLICK}",
+        400,
+        err("click_id: given twice (click_id and cid) with different values"),
+    ),
+    case(
+        "dup-token-key",
+        "GET",
+        Q + "key=wrong-token-0000",
+        400,
+        err("token: given twice (token and key) with different values"),
+    ),
+    case(
+        "dup-query-and-body",
+        "POST",
+        "/postback?click_id={cid}",
+        400,
+        err("click_id: given twice (click_id and click_id) with different values"),
+        headers=[JSON, BEARER],
+        body=orjson.dumps({"click_id": OTHER_CLICK}),
+    ),
     # JSON: nested values, booleans, huge numbers -> 400 naming the field
-    *(case(f"json-{label}", "POST", "/postback", 400, answer, headers=[JSON, BEARER], body=body) for label, body, answer in [
-        ("payout-dict", b'{"click_id":"{cid}","payout":{"a":1}}', err("payout: must be a string or a number, got an object")),
-        ("payout-list", b'{"click_id":"{cid}","payout":[1]}', err("payout: must be a string or a number, got an array")),
-        ("amount-bool", b'{"click_id":"{cid}","amount":true}', err("amount: must be a string or a number, got a boolean")),
-        ("event-false", b'{"click_id":"{cid}","et":false}', err("et: must be a string or a number, got a boolean")),
-        ("txid-operator", b'{"click_id":"{cid}","txid":{"$ne":null}}', err("txid: must be a string or a number, got an object")),
-        ("click_id-list", b'{"click_id":["{cid}"]}', err("click_id: must be a string or a number, got an array")),
-        ("token-dict", b'{"click_id":"{cid}","token":{"a":"b"}}', err("token: must be a string or a number, got an object")),
-        ("payout-1e400", b'{"click_id":"{cid}","payout":1e400}', bad_payout("1e400")),
-        ("payout-10e30", b'{"click_id":"{cid}","payout":1000000000000000000000000000000}', bad_payout("1000000000000000000000000000000")),
-        ("payout-u64", b'{"click_id":"{cid}","payout":18446744073709551615}', bad_payout("18446744073709551615")),
-        ("payout-negative", b'{"click_id":"{cid}","payout":-1}', bad_payout("-1")),
-        ("payout-tiny", b'{"click_id":"{cid}","payout":1e-7}', bad_payout("1e-7")),
-        ("ts-1e300", b'{"click_id":"{cid}","ts":1e300}', err("ts: must be ISO 8601 with an offset or unix seconds, got '1e300'")),
-        ("nul-escape-txid", b'{"click_id":"{cid}","txid":"a\\u0000"}', bad_txid("a\x00")),
-        ("lone-surrogate", b'{"click_id":"{cid}","txid":"\\ud800"}', err("txid: is not valid Unicode (a lone surrogate)")),
-        ("lone-surrogate-token", b'{"click_id":"{cid}","token":"\\ud800"}', err("token: is not valid Unicode (a lone surrogate)")),
-        ("non-utf8", b'{"click_id":"{cid}","txid":"\xff"}', err("body: invalid JSON")),
-        ("bom", b'\xef\xbb\xbf{"click_id":"{cid}"}', err("body: invalid JSON")),
-        ("truncated", b'{"click_id":"{cid}"', err("body: invalid JSON")),
-        ("array", b'["{cid}"]', err("body: must be a JSON object")),
-        ("null", b"null", err("body: must be a JSON object")),
-        ("string", b'"{cid}"', err("body: must be a JSON object")),
-        ("deep-array", b"[" * 500 + b"]" * 500, err("body: must be a JSON object")),
-        ("too-deep", b"[" * 1020, err("body: invalid JSON")),
-        ("null-click_id", b'{"click_id":null}', err("click_id: is required")),
-    ]),
-    case("json-wrong-token-in-body-beats-bearer", "POST", "/postback", 401, err("unauthorized"), headers=[JSON, BEARER],
-         body=b'{"click_id":"{cid}","token":12345678}'),
+    *(
+        case(f"json-{label}", "POST", "/postback", 400, answer, headers=[JSON, BEARER], body=body)
+        for label, body, answer in [
+            (
+                "payout-dict",
+                b'{"click_id":"{cid}","payout":{"a":1}}',
+                err("payout: must be a string or a number, got an object"),
+            ),
+            (
+                "payout-list",
+                b'{"click_id":"{cid}","payout":[1]}',
+                err("payout: must be a string or a number, got an array"),
+            ),
+            (
+                "amount-bool",
+                b'{"click_id":"{cid}","amount":true}',
+                err("amount: must be a string or a number, got a boolean"),
+            ),
+            ("event-false", b'{"click_id":"{cid}","et":false}', err("et: must be a string or a number, got a boolean")),
+            (
+                "txid-operator",
+                b'{"click_id":"{cid}","txid":{"$ne":null}}',
+                err("txid: must be a string or a number, got an object"),
+            ),
+            ("click_id-list", b'{"click_id":["{cid}"]}', err("click_id: must be a string or a number, got an array")),
+            (
+                "token-dict",
+                b'{"click_id":"{cid}","token":{"a":"b"}}',
+                err("token: must be a string or a number, got an object"),
+            ),
+            ("payout-1e400", b'{"click_id":"{cid}","payout":1e400}', bad_payout("1e400")),
+            (
+                "payout-10e30",
+                b'{"click_id":"{cid}","payout":1000000000000000000000000000000}',
+                bad_payout("1000000000000000000000000000000"),
+            ),
+            ("payout-u64", b'{"click_id":"{cid}","payout":18446744073709551615}', bad_payout("18446744073709551615")),
+            ("payout-negative", b'{"click_id":"{cid}","payout":-1}', bad_payout("-1")),
+            ("payout-tiny", b'{"click_id":"{cid}","payout":1e-7}', bad_payout("1e-7")),
+            (
+                "ts-1e300",
+                b'{"click_id":"{cid}","ts":1e300}',
+                err("ts: must be ISO 8601 with an offset or unix seconds, got '1e300'"),
+            ),
+            ("nul-escape-txid", b'{"click_id":"{cid}","txid":"a\\u0000"}', bad_txid("a\x00")),
+            (
+                "lone-surrogate",
+                b'{"click_id":"{cid}","txid":"\\ud800"}',
+                err("txid: is not valid Unicode (a lone surrogate)"),
+            ),
+            (
+                "lone-surrogate-token",
+                b'{"click_id":"{cid}","token":"\\ud800"}',
+                err("token: is not valid Unicode (a lone surrogate)"),
+            ),
+            ("non-utf8", b'{"click_id":"{cid}","txid":"\xff"}', err("body: invalid JSON")),
+            ("bom", b'\xef\xbb\xbf{"click_id":"{cid}"}', err("body: invalid JSON")),
+            ("truncated", b'{"click_id":"{cid}"', err("body: invalid JSON")),
+            ("array", b'["{cid}"]', err("body: must be a JSON object")),
+            ("null", b"null", err("body: must be a JSON object")),
+            ("string", b'"{cid}"', err("body: must be a JSON object")),
+            ("deep-array", b"[" * 500 + b"]" * 500, err("body: must be a JSON object")),
+            ("too-deep", b"[" * 1020, err("body: invalid JSON")),
+            ("null-click_id", b'{"click_id":null}', err("click_id: is required")),
+        ]
+    ),
+    case(
+        "json-wrong-token-in-body-beats-bearer",
+        "POST",
+        "/postback",
+        401,
+        err("unauthorized"),
+        headers=[JSON, BEARER],
+        body=b'{"click_id":"{cid}","token":12345678}',
+    ),
     # sizes and lying lengths
-    case("body-1025", "POST", "/postback", 413, err("body: more than 1024 bytes"), headers=[JSON, BEARER], body=b" " * 1025),
-    case("chunked-2000", "POST", "/postback", 413, err("body: more than 1024 bytes"), headers=[JSON, BEARER], chunks=[b" " * 100] * 20),
-    case("chunked-one-big", "POST", "/postback", 413, err("body: more than 1024 bytes"), headers=[JSON, BEARER], chunks=[b" " * 5000]),
-    case("length-abc", "POST", "/postback", 413, err("body: more than 1024 bytes"), headers=[JSON, BEARER, (b"content-length", b"abc")], body=b"{}"),
-    case("length-huge", "POST", "/postback", 413, err("body: more than 1024 bytes"),
-         headers=[JSON, BEARER, (b"content-length", b"99999999999999999999999")], body=b"{}"),
-    case("length-negative", "POST", "/postback", 413, err("body: more than 1024 bytes"), headers=[JSON, BEARER, (b"content-length", b"-1")], body=b"{}"),
-    case("length-1025-small-body", "POST", "/postback", 413, err("body: more than 1024 bytes"),
-         headers=[JSON, BEARER, (b"content-length", b"1025")], body=b"{}"),
-    case("length-lies-small", "POST", "/postback", 413, err("body: more than 1024 bytes"),
-         headers=[JSON, BEARER, (b"content-length", b"10")], chunks=[b" " * 600] * 4),
-    case("length-twice", "POST", "/postback", 413, err("body: more than 1024 bytes"),
-         headers=[JSON, BEARER, (b"content-length", b"2"), (b"content-length", b"2")], body=b"{}"),
+    case(
+        "body-1025",
+        "POST",
+        "/postback",
+        413,
+        err("body: more than 1024 bytes"),
+        headers=[JSON, BEARER],
+        body=b" " * 1025,
+    ),
+    case(
+        "chunked-2000",
+        "POST",
+        "/postback",
+        413,
+        err("body: more than 1024 bytes"),
+        headers=[JSON, BEARER],
+        chunks=[b" " * 100] * 20,
+    ),
+    case(
+        "chunked-one-big",
+        "POST",
+        "/postback",
+        413,
+        err("body: more than 1024 bytes"),
+        headers=[JSON, BEARER],
+        chunks=[b" " * 5000],
+    ),
+    case(
+        "length-abc",
+        "POST",
+        "/postback",
+        413,
+        err("body: more than 1024 bytes"),
+        headers=[JSON, BEARER, (b"content-length", b"abc")],
+        body=b"{}",
+    ),
+    case(
+        "length-huge",
+        "POST",
+        "/postback",
+        413,
+        err("body: more than 1024 bytes"),
+        headers=[JSON, BEARER, (b"content-length", b"99999999999999999999999")],
+        body=b"{}",
+    ),
+    case(
+        "length-negative",
+        "POST",
+        "/postback",
+        413,
+        err("body: more than 1024 bytes"),
+        headers=[JSON, BEARER, (b"content-length", b"-1")],
+        body=b"{}",
+    ),
+    case(
+        "length-1025-small-body",
+        "POST",
+        "/postback",
+        413,
+        err("body: more than 1024 bytes"),
+        headers=[JSON, BEARER, (b"content-length", b"1025")],
+        body=b"{}",
+    ),
+    case(
+        "length-lies-small",
+        "POST",
+        "/postback",
+        413,
+        err("body: more than 1024 bytes"),
+        headers=[JSON, BEARER, (b"content-length", b"10")],
+        chunks=[b" " * 600] * 4,
+    ),
+    case(
+        "length-twice",
+        "POST",
+        "/postback",
+        413,
+        err("body: more than 1024 bytes"),
+        headers=[JSON, BEARER, (b"content-length", b"2"), (b"content-length", b"2")],
+        body=b"{}",
+    ),
     # content types
-    *(case(f"type-{ctype or 'none'}", "POST", "/postback", 415,
-           err("content-type: must be application/json or application/x-www-form-urlencoded"),
-           headers=[BEARER, *([(b"content-type", ctype.encode())] if ctype else [])], body=b'{"click_id":"{cid}"}')
-      for ctype in ["", "text/plain", "text/xml", "multipart/form-data; boundary=x", "application/jsonp", "application/json-patch+json",
-                    "application/x-www-form-urlencodedx", "json", "*/*"]),
-    case("json-sent-as-form", "POST", "/postback", 400, err("click_id: is required"), headers=[FORM, BEARER], body=b'{"click_id":"{cid}"}'),
+    *(
+        case(
+            f"type-{ctype or 'none'}",
+            "POST",
+            "/postback",
+            415,
+            err("content-type: must be application/json or application/x-www-form-urlencoded"),
+            headers=[BEARER, *([(b"content-type", ctype.encode())] if ctype else [])],
+            body=b'{"click_id":"{cid}"}',
+        )
+        for ctype in [
+            "",
+            "text/plain",
+            "text/xml",
+            "multipart/form-data; boundary=x",
+            "application/jsonp",
+            "application/json-patch+json",
+            "application/x-www-form-urlencodedx",
+            "json",
+            "*/*",
+        ]
+    ),
+    case(
+        "json-sent-as-form",
+        "POST",
+        "/postback",
+        400,
+        err("click_id: is required"),
+        headers=[FORM, BEARER],
+        body=b'{"click_id":"{cid}"}',
+    ),
     # methods
-    *(case(f"method-{m}", m, Q + "txid=m", 405, err("method not allowed"), headers=[JSON, BEARER], body=b'{"click_id":"{cid}"}')
-      for m in ["PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "get"]),
+    *(
+        case(
+            f"method-{m}",
+            m,
+            Q + "txid=m",
+            405,
+            err("method not allowed"),
+            headers=[JSON, BEARER],
+            body=b'{"click_id":"{cid}"}',
+        )
+        for m in ["PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "get"]
+    ),
     case("method-HEAD", "HEAD", Q + "txid=h", 405, None),
     # paths near /postback go nowhere
     case("path-trailing-slash", "GET", "/postback/?click_id={cid}&token={tok}", 404, err("not found")),
@@ -725,15 +1083,30 @@ async def test_content_length_that_isdigit_but_not_int_is_413(app, length):
 ARABIC_DIGITS = str.maketrans("0123456789", "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669")
 
 
-@pytest.mark.parametrize("field, value", [("payout", "\u0661\u0662"), ("payout", "\uff11"), ("ts", "1789999000".translate(ARABIC_DIGITS))])
+@pytest.mark.parametrize(
+    "field, value", [("payout", "\u0661\u0662"), ("payout", "\uff11"), ("ts", "1789999000".translate(ARABIC_DIGITS))]
+)
 def test_numbers_are_ascii_digits_only(field, value):
     with pytest.raises(FieldError) as caught:
         tinytrack.build_postback({"click_id": CLICK, field: value}, CONF, NOW)
     assert caught.value.field == field
 
 
-CLICK_404_PATHS = ["/c/..%2f..", "/c/..%2F..%2Fpostback", "/c/../spring", "/c/%2e%2e", "/c/", "/c/spring/", "/c/spring%00",
-                   "/c/spring%0d%0aX:%20y", "/c/SPRING", "/c/spring;x", "/c//offer.example.com", "/c/spring%2f", "/c/%ff"]  # fmt: skip
+CLICK_404_PATHS = [
+    "/c/..%2f..",
+    "/c/..%2F..%2Fpostback",
+    "/c/../spring",
+    "/c/%2e%2e",
+    "/c/",
+    "/c/spring/",
+    "/c/spring%00",
+    "/c/spring%0d%0aX:%20y",
+    "/c/SPRING",
+    "/c/spring;x",
+    "/c//offer.example.com",
+    "/c/spring%2f",
+    "/c/%ff",
+]
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
@@ -800,31 +1173,69 @@ async def test_other_routes_never_500(app, path, method):
 # and whatever gets stored is validated.
 
 fuzz_pieces = st.sampled_from(
-    [b"&", b"=", b"click_id=", b"cid=", b"payout=", b"amount=", b"txid=", b"event=", b"status=", b"currency=", b"ts=",
-     b"token=", b"key=", b"{cid}", b"{tok}", b"%ff", b"%00", b"%0d%0a", b"1", b"1.5", b"-1", b"sale", b"pending",
-     b"EUR", b"1789999999", b"x", b"%20", b"+"]
+    [
+        b"&",
+        b"=",
+        b"click_id=",
+        b"cid=",
+        b"payout=",
+        b"amount=",
+        b"txid=",
+        b"event=",
+        b"status=",
+        b"currency=",
+        b"ts=",
+        b"token=",
+        b"key=",
+        b"{cid}",
+        b"{tok}",
+        b"%ff",
+        b"%00",
+        b"%0d%0a",
+        b"1",
+        b"1.5",
+        b"-1",
+        b"sale",
+        b"pending",
+        b"EUR",
+        b"1789999999",
+        b"x",
+        b"%20",
+        b"+",
+    ]
 ) | st.binary(max_size=4)
-fuzz_json = st.dictionaries(names, json_values, max_size=6).map(lambda d: {k: ("{cid}" if v == CLICK else v) for k, v in d.items()})
+fuzz_json = st.dictionaries(names, json_values, max_size=6).map(
+    lambda d: {k: ("{cid}" if v == CLICK else v) for k, v in d.items()}
+)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     method=st.sampled_from(["GET", "POST"]),
-    query=st.tuples(st.sampled_from([b"", b"click_id={cid}&", b"click_id={cid}&token={tok}&"]), st.lists(fuzz_pieces, max_size=14).map(b"".join)).map(b"".join),
+    query=st.tuples(
+        st.sampled_from([b"", b"click_id={cid}&", b"click_id={cid}&token={tok}&"]),
+        st.lists(fuzz_pieces, max_size=14).map(b"".join),
+    ).map(b"".join),
     body_kind=st.sampled_from(["none", "json", "form", "raw"]),
     json_body=fuzz_json,
     form_body=st.lists(fuzz_pieces, max_size=14).map(b"".join),
     ctype=st.sampled_from([b"application/json", b"application/x-www-form-urlencoded", b"text/plain", None]),
     bearer=st.booleans(),
 )
-def test_fuzzed_postbacks_answer_known_codes_and_store_only_valid_rows(tmp_path_factory, method, query, body_kind, json_body, form_body, ctype, bearer):
+def test_fuzzed_postbacks_answer_known_codes_and_store_only_valid_rows(
+    tmp_path_factory, method, query, body_kind, json_body, form_body, ctype, bearer
+):
     loop, app, cid = FUZZ.setup(tmp_path_factory)
-    body = {"none": b"", "json": json.dumps(json_body).encode(), "form": form_body, "raw": b"\xff\x00{" + form_body}[body_kind]
+    body = {"none": b"", "json": json.dumps(json_body).encode(), "form": form_body, "raw": b"\xff\x00{" + form_body}[
+        body_kind
+    ]
     fill = {b"{cid}": cid.encode(), b"{tok}": POSTBACK_TOKEN.encode()}
     for hole, value in fill.items():
         query, body = query.replace(hole, value), body.replace(hole, value)
     headers = ([(b"content-type", ctype)] if ctype else []) + ([BEARER] if bearer else [])
-    got = loop.run_until_complete(asgi(app, method, b"/postback?" + query, headers=headers, body=body if method == "POST" else b""))
+    got = loop.run_until_complete(
+        asgi(app, method, b"/postback?" + query, headers=headers, body=body if method == "POST" else b"")
+    )
     payload = got.json()
     assert got.status in (200, 400, 401, 404, 413, 415), (got.status, payload)
     if got.status == 200:
@@ -835,8 +1246,14 @@ def test_fuzzed_postbacks_answer_known_codes_and_store_only_valid_rows(tmp_path_
         if got.status == 400:
             field, sep, problem = message.partition(": ")
             assert sep and field and problem
-    for event, txid, status, currency, payout, ip in rows(app, "SELECT event, txid, status, currency, payout, ip FROM conversions"):
-        assert re.fullmatch(r"[a-z0-9_]{1,32}", event) and status in tinytrack.STATUSES and re.fullmatch(r"[A-Z]{3}", currency)
+    for event, txid, status, currency, payout, ip in rows(
+        app, "SELECT event, txid, status, currency, payout, ip FROM conversions"
+    ):
+        assert (
+            re.fullmatch(r"[a-z0-9_]{1,32}", event)
+            and status in tinytrack.STATUSES
+            and re.fullmatch(r"[A-Z]{3}", currency)
+        )
         assert txid is None or re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", txid)
         assert isinstance(payout, int) and payout >= 0 and ip == PEER[0]
     for click_id, event, txid in rows(app, "SELECT click_id, event, txid FROM orphans"):
@@ -845,10 +1262,15 @@ def test_fuzzed_postbacks_answer_known_codes_and_store_only_valid_rows(tmp_path_
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(query=st.binary(max_size=200) | st.lists(raw_query_pieces | fuzz_pieces, max_size=20).map(b"".join), campaign=st.sampled_from(["spring", "passing"]))
+@given(
+    query=st.binary(max_size=200) | st.lists(raw_query_pieces | fuzz_pieces, max_size=20).map(b"".join),
+    campaign=st.sampled_from(["spring", "passing"]),
+)
 def test_fuzzed_clicks_redirect_only_to_the_configured_host(tmp_path_factory, query, campaign):
     loop, app, _ = FUZZ.setup(tmp_path_factory)
-    got = loop.run_until_complete(asgi(app, "GET", b"/c/" + campaign.encode() + b"?" + query, headers=[(b"user-agent", b"Mozilla/5.0")]))
+    got = loop.run_until_complete(
+        asgi(app, "GET", b"/c/" + campaign.encode() + b"?" + query, headers=[(b"user-agent", b"Mozilla/5.0")])
+    )
     assert got.status == 302
     assert_safe_url(got.header(b"location").decode("ascii"), "/lp" if campaign == "spring" else "/go")
 
@@ -900,7 +1322,9 @@ ALLOW = {"allow_ips": ["203.0.113.0/24", "2001:db8:5::/48"]}
         pytest.param("198.51.100.7", "203.0.113.9", False, None, id="outsider-spoofs-xff-directly"),
         pytest.param("198.51.100.7", "203.0.113.9, 203.0.113.10", False, None, id="outsider-spoofs-two"),
         pytest.param("127.0.0.1", "203.0.113.9, 198.51.100.7", False, None, id="outsider-spoofs-through-proxy"),
-        pytest.param("127.0.0.1", "203.0.113.9,198.51.100.7, 127.0.0.1", False, None, id="outsider-through-two-proxies"),
+        pytest.param(
+            "127.0.0.1", "203.0.113.9,198.51.100.7, 127.0.0.1", False, None, id="outsider-through-two-proxies"
+        ),
         pytest.param("127.0.0.1", "203.0.113.9, garbage", False, None, id="garbage-right-most"),
         pytest.param("127.0.0.1", "203.0.113.9:443", False, None, id="address-with-port"),
         pytest.param("127.0.0.1", None, False, None, id="the-proxy-itself"),
@@ -911,7 +1335,9 @@ ALLOW = {"allow_ips": ["203.0.113.0/24", "2001:db8:5::/48"]}
         pytest.param("127.0.0.1", "203.0.113.9", True, "203.0.113.9", id="allowed-through-proxy"),
         pytest.param("127.0.0.1", "203.0.113.9, 127.0.0.1", True, "203.0.113.9", id="allowed-through-two-proxies"),
         pytest.param("::1", "203.0.113.9", True, "203.0.113.9", id="allowed-through-v6-proxy"),
-        pytest.param("::ffff:127.0.0.1", "198.51.100.7, 203.0.113.9", True, "203.0.113.9", id="allowed-through-mapped-proxy"),
+        pytest.param(
+            "::ffff:127.0.0.1", "198.51.100.7, 203.0.113.9", True, "203.0.113.9", id="allowed-through-mapped-proxy"
+        ),
         pytest.param("203.0.113.9", None, True, "203.0.113.9", id="allowed-direct"),
         pytest.param("203.0.113.9", "198.51.100.7", True, "203.0.113.9", id="allowed-direct-xff-ignored"),
         pytest.param("::ffff:203.0.113.9", None, True, None, id="allowed-mapped-peer"),
@@ -928,13 +1354,24 @@ async def test_allowlist_uses_the_right_most_untrusted_address(tmp_path, clock, 
         client = (peer, 50000) if peer is not None else None
         headers = {"x-forwarded-for": xff} if xff is not None else {}
         async with http(app, client) as sender:
-            got = await sender.get("/postback", params={"click_id": cid, "token": POSTBACK_TOKEN, "txid": "A1"}, headers=headers)
-            as_post = await sender.post("/postback", json={"click_id": cid, "txid": "A1"}, headers={**headers, "authorization": f"Bearer {POSTBACK_TOKEN}"})
-            wrong_token = await sender.get("/postback", params={"click_id": cid, "token": "wrong-token-000"}, headers=headers)
+            got = await sender.get(
+                "/postback", params={"click_id": cid, "token": POSTBACK_TOKEN, "txid": "A1"}, headers=headers
+            )
+            as_post = await sender.post(
+                "/postback",
+                json={"click_id": cid, "txid": "A1"},
+                headers={**headers, "authorization": f"Bearer {POSTBACK_TOKEN}"},
+            )
+            wrong_token = await sender.get(
+                "/postback", params={"click_id": cid, "token": "wrong-token-000"}, headers=headers
+            )
         if allowed:
             assert (got.status_code, got.json()) == (200, {"status": "created", "id": 1})
             assert (as_post.status_code, as_post.json()) == (200, {"status": "duplicate", "id": 1})
-            assert (wrong_token.status_code, wrong_token.json()) == (401, err("unauthorized"))  # the allowlist is not a token
+            assert (wrong_token.status_code, wrong_token.json()) == (
+                401,
+                err("unauthorized"),
+            )  # the allowlist is not a token
             [(ip,)] = rows(app, "SELECT ip FROM conversions")
             assert ip == (stored_ip or peer)
         else:
@@ -949,17 +1386,35 @@ async def test_allowlist_entry_written_as_ipv4_mapped_matches_ipv4_peers(tmp_pat
         answers = {}
         for peer in ("203.0.113.9", "::ffff:203.0.113.10", "203.0.114.1"):
             async with http(app, (peer, 1)) as sender:
-                answers[peer] = (await sender.get("/postback", params={"click_id": cid, "txid": peer, "token": POSTBACK_TOKEN})).status_code
+                answers[peer] = (
+                    await sender.get("/postback", params={"click_id": cid, "txid": peer, "token": POSTBACK_TOKEN})
+                ).status_code
     assert answers == {"203.0.113.9": 200, "::ffff:203.0.113.10": 200, "203.0.114.1": 403}
 
 
 @pytest.mark.parametrize(
     "table, entry, message",
     [
-        ("postback", "2001:db8::1/32", "postback.allow_ips[0]: not an IP address or CIDR: '2001:db8::1/32' (2001:db8::1/32 has host bits set)"),
-        ("postback", "203.0.113.0/33", "postback.allow_ips[0]: not an IP address or CIDR: '203.0.113.0/33' ('203.0.113.0/33' does not appear to be an IPv4 or IPv6 network)"),
-        ("postback", "", "postback.allow_ips[0]: not an IP address or CIDR: '' ('' does not appear to be an IPv4 or IPv6 network)"),
-        ("server", "10.0.0.0/8\n", "server.trusted_proxies[0]: not an IP address or CIDR: '10.0.0.0/8\\n' ('10.0.0.0/8\\n' does not appear to be an IPv4 or IPv6 network)"),
+        (
+            "postback",
+            "2001:db8::1/32",
+            "postback.allow_ips[0]: not an IP address or CIDR: '2001:db8::1/32' (2001:db8::1/32 has host bits set)",
+        ),
+        (
+            "postback",
+            "203.0.113.0/33",
+            "postback.allow_ips[0]: not an IP address or CIDR: '203.0.113.0/33' ('203.0.113.0/33' does not appear to be an IPv4 or IPv6 network)",
+        ),
+        (
+            "postback",
+            "",
+            "postback.allow_ips[0]: not an IP address or CIDR: '' ('' does not appear to be an IPv4 or IPv6 network)",
+        ),
+        (
+            "server",
+            "10.0.0.0/8\n",
+            "server.trusted_proxies[0]: not an IP address or CIDR: '10.0.0.0/8\\n' ('10.0.0.0/8\\n' does not appear to be an IPv4 or IPv6 network)",
+        ),
     ],
 )
 def test_bad_allowlist_and_proxy_entries_stop_start_up(tmp_path, table, entry, message):
@@ -983,7 +1438,11 @@ async def test_several_tokens_are_valid_at_once(tmp_path, clock):
                 accepted += [
                     await sender.get("/postback", params={"click_id": cid, "txid": f"q{i}", "token": token}),
                     await sender.get("/postback", params={"click_id": cid, "txid": f"k{i}", "key": token}),
-                    await sender.get("/postback", params={"click_id": cid, "txid": f"b{i}"}, headers={"authorization": f"Bearer {token}"}),
+                    await sender.get(
+                        "/postback",
+                        params={"click_id": cid, "txid": f"b{i}"},
+                        headers={"authorization": f"Bearer {token}"},
+                    ),
                     await sender.post("/postback", json={"click_id": cid, "txid": f"j{i}", "token": token}),
                     await sender.post("/postback", data={"click_id": cid, "txid": f"f{i}", "key": token}),
                 ]
@@ -1027,24 +1486,54 @@ async def test_signed_postbacks(tmp_path, clock):
         form = f"click_id={cid}&txid=F1".encode()
         accepted = [
             await asgi(app, "GET", b"/postback?" + query, headers=[header(SECRET_NEW, query)]),
-            await asgi(app, "GET", b"/postback?" + query, headers=[header(SECRET_OLD, query)]),  # rotation: either secret
+            await asgi(
+                app, "GET", b"/postback?" + query, headers=[header(SECRET_OLD, query)]
+            ),  # rotation: either secret
             await asgi(app, "POST", "/postback", headers=[JSON, header(SECRET_OLD, body, t - 299)], body=body),
             await asgi(app, "POST", "/postback", headers=[FORM, BEARER, header(SECRET_NEW, form, t + 299)], body=form),
-            await asgi(app, "POST", "/postback?key=" + POSTBACK_TOKEN, headers=[FORM, header(SECRET_NEW, form)], body=form),
-            await asgi(app, "GET", b"/postback?" + query, headers=[
-                (b"x-tinytrack-signature", f"t={t},v1=00ff,v1={tinytrack.sign(SECRET_NEW, t, query)},v1=zz".encode())]),
+            await asgi(
+                app, "POST", "/postback?key=" + POSTBACK_TOKEN, headers=[FORM, header(SECRET_NEW, form)], body=form
+            ),
+            await asgi(
+                app,
+                "GET",
+                b"/postback?" + query,
+                headers=[
+                    (
+                        b"x-tinytrack-signature",
+                        f"t={t},v1=00ff,v1={tinytrack.sign(SECRET_NEW, t, query)},v1=zz".encode(),
+                    )
+                ],
+            ),
         ]
-        assert [(a.status, a.json()["status"]) for a in accepted] == [(200, "created"), (200, "duplicate"), (200, "created"),
-                                                                   (200, "created"), (200, "duplicate"), (200, "duplicate")]  # fmt: skip
+        assert [(a.status, a.json()["status"]) for a in accepted] == [
+            (200, "created"),
+            (200, "duplicate"),
+            (200, "created"),
+            (200, "created"),
+            (200, "duplicate"),
+            (200, "duplicate"),
+        ]
         # A signature covers a POST's body only: a captured body replayed with postback
         # fields in the query string would make new conversions, or rewrite one (SPEC).
         signed = b"click_id=%s" % cid.encode()
-        for query_fields, field in ((b"txid=R1", "txid"), (b"status=approved&payout=99999", "status"), (b"tid=R2", "txid"),
-                                    (b"cid=" + cid.encode(), "click_id")):  # fmt: skip
-            replay = await asgi(app, "POST", b"/postback?" + query_fields, headers=[FORM, BEARER, header(SECRET_NEW, signed)],
-                                body=signed)  # fmt: skip
-            assert (replay.status, replay.json()) == (400, {"error": f"{field}: must be in the signed body, not the query "
-                                                                     "string (the signature covers the body)"})  # fmt: skip
+        for query_fields, field in (
+            (b"txid=R1", "txid"),
+            (b"status=approved&payout=99999", "status"),
+            (b"tid=R2", "txid"),
+            (b"cid=" + cid.encode(), "click_id"),
+        ):
+            replay = await asgi(
+                app,
+                "POST",
+                b"/postback?" + query_fields,
+                headers=[FORM, BEARER, header(SECRET_NEW, signed)],
+                body=signed,
+            )
+            assert (replay.status, replay.json()) == (
+                400,
+                {"error": f"{field}: must be in the signed body, not the query string (the signature covers the body)"},
+            )
         before = counts(app)
         other = f"click_id={cid}&txid=G2&token={POSTBACK_TOKEN}".encode()
         refused = [
@@ -1055,11 +1544,39 @@ async def test_signed_postbacks(tmp_path, clock):
             await asgi(app, "GET", b"/postback?" + other, headers=[header(SECRET_NEW, other, t - 301)]),  # stale
             await asgi(app, "GET", b"/postback?" + other, headers=[header(SECRET_NEW, other, t + 301)]),  # future
             await asgi(app, "GET", b"/postback?" + other, headers=[(b"x-tinytrack-signature", b"t=%d,v1=" % t)]),
-            await asgi(app, "GET", b"/postback?" + other, headers=[(b"x-tinytrack-signature", b"v1=" + tinytrack.sign(SECRET_NEW, t, other).encode())]),
-            await asgi(app, "GET", b"/postback?" + other, headers=[(b"x-tinytrack-signature", f"t={t * 1000},v1={tinytrack.sign(SECRET_NEW, t * 1000, other)}".encode())]),
-            await asgi(app, "GET", f"/postback?click_id={cid}&txid=G2".encode(), headers=[header(SECRET_NEW, f"click_id={cid}&txid=G2".encode())]),  # no token
-            await asgi(app, "POST", "/postback", headers=[JSON, BEARER, header(SECRET_NEW, other)], body=b'{"click_id":"%s","txid":"G2"}' % cid.encode()),
-            await asgi(app, "POST", b"/postback?" + other, headers=[JSON, header(SECRET_NEW, other)], body=b"{}"),  # POST signs the body
+            await asgi(
+                app,
+                "GET",
+                b"/postback?" + other,
+                headers=[(b"x-tinytrack-signature", b"v1=" + tinytrack.sign(SECRET_NEW, t, other).encode())],
+            ),
+            await asgi(
+                app,
+                "GET",
+                b"/postback?" + other,
+                headers=[
+                    (
+                        b"x-tinytrack-signature",
+                        f"t={t * 1000},v1={tinytrack.sign(SECRET_NEW, t * 1000, other)}".encode(),
+                    )
+                ],
+            ),
+            await asgi(
+                app,
+                "GET",
+                f"/postback?click_id={cid}&txid=G2".encode(),
+                headers=[header(SECRET_NEW, f"click_id={cid}&txid=G2".encode())],
+            ),  # no token
+            await asgi(
+                app,
+                "POST",
+                "/postback",
+                headers=[JSON, BEARER, header(SECRET_NEW, other)],
+                body=b'{"click_id":"%s","txid":"G2"}' % cid.encode(),
+            ),
+            await asgi(
+                app, "POST", b"/postback?" + other, headers=[JSON, header(SECRET_NEW, other)], body=b"{}"
+            ),  # POST signs the body
         ]
         assert [(a.status, a.json()) for a in refused] == [(401, err("unauthorized"))] * len(refused)
         assert counts(app) == before
@@ -1113,7 +1630,9 @@ async def test_admin_endpoints_take_only_the_admin_token(app, path, authorizatio
     assert query_token.status == 401  # admin credentials only in a header, never in a URL that lands in logs
 
 
-@pytest.mark.parametrize("query", ["after=%C2%B2", "limit=%C2%B2", "after=99999999999999999999999", "after=" + "9" * 5000])
+@pytest.mark.parametrize(
+    "query", ["after=%C2%B2", "limit=%C2%B2", "after=99999999999999999999999", "after=" + "9" * 5000]
+)
 @pytest.mark.parametrize("path", ADMIN_PATHS)
 async def test_admin_listing_cursor_garbage_is_400(app, path, query):
     got = await asgi(app, "GET", f"{path}?{query}", headers=[(b"authorization", f"Bearer {ADMIN_TOKEN}".encode())])
@@ -1123,7 +1642,13 @@ async def test_admin_listing_cursor_garbage_is_400(app, path, query):
 
 # === 5. Logs: no token, no signature, no full client address =====================
 
-WRONG_TOKENS = ["wrong-token-Q7x9Zk2m", "wrong-key-Hh3Lp0Vv", "wrong-bearer-Tn5Rw8Yc", "wrong-json-Jd2Kc6Fs", "wrong-form-Pm4Bx1Ge"]
+WRONG_TOKENS = [
+    "wrong-token-Q7x9Zk2m",
+    "wrong-key-Hh3Lp0Vv",
+    "wrong-bearer-Tn5Rw8Yc",
+    "wrong-json-Jd2Kc6Fs",
+    "wrong-form-Pm4Bx1Ge",
+]
 SIGNATURE_HEX = "5e1f" * 16
 BASIC_PASSWORD = "basic-password-Zu8Wq3"
 
@@ -1151,7 +1676,11 @@ def test_server_output_has_no_secret_and_no_full_client_ip(tmp_path, access_log)
     statuses = []
     try:
         with httpx.Client(base_url=server.url, timeout=10) as http_:
-            click = http_.get("/c/spring", params={"sub1": "s", "token": POSTBACK_TOKEN}, headers={"user-agent": "Mozilla/5.0", **outsider})
+            click = http_.get(
+                "/c/spring",
+                params={"sub1": "s", "token": POSTBACK_TOKEN},
+                headers={"user-agent": "Mozilla/5.0", **outsider},
+            )
             cid = click.headers["location"].split("cid=")[1].split("&")[0]
             signature = {"x-tinytrack-signature": f"t={int(time.time())},v1={SIGNATURE_HEX}"}
 
@@ -1160,10 +1689,17 @@ def test_server_output_has_no_secret_and_no_full_client_ip(tmp_path, access_log)
 
             send("GET", f"/postback?click_id={cid}&txid=Q&token={POSTBACK_TOKEN}", headers=outsider)
             send("GET", f"/postback?click_id={cid}&txid=K&key={POSTBACK_TOKEN}", headers={**v6, **signature})
-            send("GET", f"/postback?click_id={cid}&txid=B", headers={"authorization": f"Bearer {POSTBACK_TOKEN}", **outsider})
+            send(
+                "GET",
+                f"/postback?click_id={cid}&txid=B",
+                headers={"authorization": f"Bearer {POSTBACK_TOKEN}", **outsider},
+            )
             send("POST", "/postback", json={"click_id": cid, "txid": "J", "token": POSTBACK_TOKEN}, headers=outsider)
             send("POST", "/postback", data={"click_id": cid, "txid": "F", "key": POSTBACK_TOKEN})
-            send("GET", f"/postback?click_id={cid}&Token={POSTBACK_TOKEN}&%74oken={POSTBACK_TOKEN}&TOKEN={POSTBACK_TOKEN}")
+            send(
+                "GET",
+                f"/postback?click_id={cid}&Token={POSTBACK_TOKEN}&%74oken={POSTBACK_TOKEN}&TOKEN={POSTBACK_TOKEN}",
+            )
             send("GET", f"/postback?click_id={cid}&token={WRONG_TOKENS[0]}", headers=outsider)
             send("GET", f"/postback?click_id={cid}&key={WRONG_TOKENS[1]}")
             send("GET", f"/postback?click_id={cid}", headers={"authorization": f"Bearer {WRONG_TOKENS[2]}", **v6})
@@ -1174,8 +1710,15 @@ def test_server_output_has_no_secret_and_no_full_client_ip(tmp_path, access_log)
             send("GET", f"/postback?click_id={cid}&token=%ff{POSTBACK_TOKEN}")  # 400 on the token field itself
             send("GET", f"/postback?click_id={OTHER_CLICK}&token={POSTBACK_TOKEN}", headers=outsider)  # 404 orphan
             send("PUT", f"/postback?token={POSTBACK_TOKEN}")  # 405
-            send("POST", f"/postback?token={POSTBACK_TOKEN}", content=b"x" * 2000, headers={"content-type": "application/json"})  # 413
-            send("POST", f"/postback?key={POSTBACK_TOKEN}", content=b"<a/>", headers={"content-type": "text/xml"})  # 415
+            send(
+                "POST",
+                f"/postback?token={POSTBACK_TOKEN}",
+                content=b"x" * 2000,
+                headers={"content-type": "application/json"},
+            )  # 413
+            send(
+                "POST", f"/postback?key={POSTBACK_TOKEN}", content=b"<a/>", headers={"content-type": "text/xml"}
+            )  # 415
             send("GET", "/api/conversions", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
             send("GET", "/api/orphans?format=csv", auth=("admin", ADMIN_TOKEN))
             send("GET", "/api/conversions", auth=("admin", BASIC_PASSWORD))
