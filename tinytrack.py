@@ -2662,6 +2662,10 @@ class Store:
         return len(self._queue)
 
     @property
+    def closed(self) -> bool:
+        return self._closing and (self._writer_task is None or self._writer_task.done())
+
+    @property
     def failing(self) -> bool:
         return self.health.failing_since is not None
 
@@ -2710,45 +2714,52 @@ class Store:
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                if self._closing:
-                    return
-                # Idle: still wake for a checkpoint that is due, or to try to recover.
-                timeout = WRITE_RETRY_SECONDS if self.failing else CHECKPOINT_SECONDS if self._unchecked_rows else None
-                self._wakeup = loop.create_future()
-                done, _ = await asyncio.wait((self._wakeup,), timeout=timeout)
-                if not done and self.failing:
-                    await self._recover(loop, probe=True)
-                elif not done:
-                    await self._checkpoint(loop)
-                continue
-            if self.failing and loop.time() - self._recovered_at >= WRITE_RETRY_SECONDS:
-                await self._recover(loop, probe=False)
-            size = batch_size(self._queue)
-            batch, self._queue = self._queue[:size], self._queue[size:]
-            items = [item for item, _ in batch]
+        while self._queue or not self._closing:
             try:
-                results = await self._write(items)
-            except Exception as exc:
-                self._failed(exc)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(StorageError(f"database write failed: {exc}"))
-                continue
-            self._committed()
-            self.batches += 1
-            self.batch_sizes.observe(len(items))
-            queued_forward = False
-            for (_, future), result in zip(batch, results):
-                queued_forward = queued_forward or (isinstance(result, PostbackOutcome) and result.queued_forward)
-                if not future.done():
-                    future.set_result(result)
-            if queued_forward and self.on_forward:
-                self.on_forward()
-            self._unchecked_rows += items[0].rows if isinstance(items[0], Job) else len(items)
-            if self._checkpoint_due(loop):
+                await self._write_next(loop)
+            except Exception:  # a bug here must not stop every write after it
+                log.exception("writer: unexpected error, going on")
+                await asyncio.sleep(0.01)
+
+    async def _write_next(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Commit the next batch; idle, wait for one (or a checkpoint or recovery due)."""
+        if not self._queue:
+            # Idle: still wake for a checkpoint that is due, or to try to recover.
+            timeout = WRITE_RETRY_SECONDS if self.failing else CHECKPOINT_SECONDS if self._unchecked_rows else None
+            self._wakeup = loop.create_future()
+            done, _ = await asyncio.wait((self._wakeup,), timeout=timeout)
+            if not done and self.failing:
+                await self._recover(loop, probe=True)
+            elif not done:
                 await self._checkpoint(loop)
+            return
+        if self.failing and loop.time() - self._recovered_at >= WRITE_RETRY_SECONDS:
+            await self._recover(loop, probe=False)
+            return  # the queue may have changed meanwhile (a stopped job leaves it)
+        size = batch_size(self._queue)
+        batch, self._queue = self._queue[:size], self._queue[size:]
+        items = [item for item, _ in batch]
+        try:
+            results = await self._write(items)
+        except Exception as exc:
+            self._failed(exc)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StorageError(f"database write failed: {exc}"))
+            return
+        self._committed()
+        self.batches += 1
+        self.batch_sizes.observe(len(items))
+        queued_forward = False
+        for (_, future), result in zip(batch, results):
+            queued_forward = queued_forward or (isinstance(result, PostbackOutcome) and result.queued_forward)
+            if not future.done():
+                future.set_result(result)
+        if queued_forward and self.on_forward:
+            self.on_forward()
+        self._unchecked_rows += items[0].rows if isinstance(items[0], Job) else len(items)
+        if self._checkpoint_due(loop):
+            await self._checkpoint(loop)
 
     async def _write(self, items: list[object]) -> list[Any]:
         loop = asyncio.get_running_loop()
@@ -3053,9 +3064,10 @@ class Forwarder:
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), FORWARD_POLL_SECONDS)
 
-    async def start_due(self, loop: asyncio.AbstractEventLoop) -> int:
-        """Start the due deliveries that fit in the free slots; how many were started."""
-        started = 0
+    async def start_due(self, loop: asyncio.AbstractEventLoop) -> list[asyncio.Task]:
+        """Start the due deliveries that fit in the free slots (FORWARD_PER_HOST to a
+        host); the tasks started."""
+        started: list[asyncio.Task] = []
         per_host = Counter(self._hosts.values())
         for page in range(FORWARD_PAGES):
             read_at = loop.time()
@@ -3070,16 +3082,23 @@ class Forwarder:
             for row in due:
                 if len(self._inflight) >= FORWARD_CONCURRENCY:
                     return started
-                host = forward_host(row[1])
-                if row[0] in self._inflight or row[0] in unsure or per_host[host] >= FORWARD_PER_HOST:
+                host = forward_host(row.url)
+                if row.id in self._inflight or row.id in unsure or per_host[host] >= FORWARD_PER_HOST:
                     continue
                 per_host[host] += 1
-                self._hosts[row[0]] = host
-                self._inflight[row[0]] = asyncio.create_task(self._deliver(*row))
-                started += 1
+                self._hosts[row.id] = host
+                self._inflight[row.id] = task = asyncio.create_task(self._deliver(*row))
+                started.append(task)
             if len(due) < FORWARD_BATCH:
                 return started
         return started
+
+    async def deliver_due(self) -> int:
+        """One pass, for tests and tools: start what is due now and wait until those tries
+        are written; how many there were. The background loop is this, every poll."""
+        started = await self.start_due(asyncio.get_running_loop())
+        await asyncio.gather(*started)
+        return len(started)
 
     async def read_due(self, now_ms: int, limit: int, offset: int) -> list[DueDelivery]:
         return await self.store.read(Database.due_deliveries, now_ms, limit, offset)
@@ -3342,6 +3361,9 @@ class TinyTrack:
         )
 
     async def shutdown(self) -> None:
+        """Stop the background work, finish every queued write, close (once)."""
+        if self.store.closed:
+            return
         await self.purger.stop()
         # Deliveries in flight get a bounded time; their results go through the writer.
         await self.forwarder.stop(grace=min(self.config.forward.timeout_seconds, FORWARD_SHUTDOWN_SECONDS))

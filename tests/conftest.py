@@ -3,6 +3,7 @@ httpx, and the real `tinytrack serve` process on a free port."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -93,12 +94,42 @@ def clock() -> FakeClock:
     return FakeClock(time.time())
 
 
+def changed(config: tinytrack.Config, **changes: dict) -> tinytrack.Config:
+    """The config with some sections' keys changed: changed(config, retention={"sub1_per_day": 3})."""
+    for section, values in changes.items():
+        config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **values)})
+    return config
+
+
 @pytest.fixture
-async def app(config: tinytrack.Config, clock: FakeClock):
-    application = tinytrack.create_app(config, clock=clock)
-    await application.startup()
-    yield application
-    await application.shutdown()
+async def make_app(tmp_path: Path, clock: FakeClock):
+    """Started apps on tmp_path's config (plus `extra` TOML, or section changes), all
+    shut down after the test: ``app = await make_app(retention={"sub1_per_day": 3})``.
+    ``config=`` gives a whole config instead; ``clock=None`` the real clock."""
+    apps: list[tinytrack.TinyTrack] = []
+
+    async def make(extra: str = "", *, config: tinytrack.Config | None = None, clock_=clock, **changes: dict):
+        base = config or tinytrack.load_config(write_config(tmp_path, extra=extra))
+        app = tinytrack.create_app(changed(base, **changes), clock=clock_ or time.time)
+        await app.startup()
+        apps.append(app)
+        return app
+
+    yield make
+    for app in reversed(apps):
+        await app.shutdown()
+
+
+def client_for(app: tinytrack.TinyTrack, address: str = "198.51.100.7") -> httpx.AsyncClient:
+    """An in-process client of `app`, from `address`: ``async with client_for(app) as client``."""
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, client=(address, 40000)), base_url="http://tracker.test"
+    )
+
+
+@pytest.fixture
+async def app(make_app, config: tinytrack.Config):
+    return await make_app(config=config)
 
 
 @pytest.fixture

@@ -20,31 +20,7 @@ def basic(user: str, password: str) -> dict:
     return {"authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
-@pytest.mark.parametrize("path", ["/api/conversions", "/api/orphans"])
-@pytest.mark.parametrize(
-    "headers, status",
-    [
-        ({}, 401),
-        ({"authorization": f"Bearer {POSTBACK_TOKEN}"}, 401),  # a postback token is not an admin token
-        (basic("admin", POSTBACK_TOKEN), 401),
-        ({"authorization": "Bearer "}, 401),
-        ({"authorization": "Basic !!notbase64"}, 401),
-        ({"authorization": f"Token {ADMIN_TOKEN}"}, 401),
-        (BEARER, 200),
-        (basic("anyone", ADMIN_TOKEN), 200),
-    ],
-)
-async def test_admin_auth(client, path, headers, status):
-    answer = await client.get(path, headers=headers)
-    assert answer.status_code == status
-    if status == 401:
-        assert answer.json() == {"error": "unauthorized"}
-        assert answer.headers["www-authenticate"] == 'Basic realm="tinytrack"'
-
-
-async def test_admin_token_in_the_query_is_not_accepted(client):
-    answer = await client.get(f"/api/conversions?token={ADMIN_TOKEN}")
-    assert answer.status_code == 401
+# Who may read these: test_reports.py, test_every_protected_route_against_every_credential_form.
 
 
 async def test_conversions_listing_pages_with_a_cursor(client):

@@ -8,7 +8,6 @@ not allowed it skips and says why."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import POSTBACK_TOKEN, Server, free_port, new_click, write_config
+from conftest import POSTBACK_TOKEN, Server, client_for, free_port, new_click, write_config
 
 import tinytrack
 
@@ -291,22 +290,16 @@ def test_a_full_disk_recovers_by_itself_under_load_and_after_a_restart(tmp_path:
 
 
 @pytest.mark.anyio
-async def test_the_wal_stays_small_after_5000_large_clicks(tmp_path: Path):
-    app = tinytrack.create_app(tinytrack.load_config(write_config(tmp_path)))
-    await app.startup()
-    wal = f"{app.config.storage.path}-wal"
-    largest = 0
-    try:
-        transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            big = {f"sub{i}": "x" * 256 for i in range(1, 6)} | {"ext_id": "e" * 256}
-            for n in range(5000):  # one at a time: light load, a commit (and whole pages) per click
-                answer = await client.get("/c/spring", params=big, headers={"user-agent": "M" * 512})
-                assert answer.status_code == 302
-                if n % 50 == 0:
-                    largest = max(largest, os.stat(wal).st_size)
-    finally:
-        await app.shutdown()
+async def test_the_wal_stays_small_after_5000_large_clicks(make_app):
+    app = await make_app(clock_=None)
+    wal, largest = f"{app.config.storage.path}-wal", 0
+    big = {f"sub{i}": "x" * 256 for i in range(1, 6)} | {"ext_id": "e" * 256}
+    async with client_for(app) as client:
+        for n in range(5000):  # one at a time: light load, a commit (and whole pages) per click
+            answer = await client.get("/c/spring", params=big, headers={"user-agent": "M" * 512})
+            assert answer.status_code == 302
+            if n % 50 == 0:
+                largest = max(largest, os.stat(wal).st_size)
     assert largest <= tinytrack.WAL_LIMIT_BYTES + (1 << 20), f"the WAL reached {largest / 1e6:.1f} MB"
 
 
@@ -314,29 +307,20 @@ async def test_the_wal_stays_small_after_5000_large_clicks(tmp_path: Path):
 
 
 @pytest.mark.anyio
-async def test_a_clock_step_back_keeps_ids_in_order_and_conversions_after_their_click(config, clock):
-    app = tinytrack.create_app(config, clock=clock)
-    await app.startup()
-    try:
-        transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            first = await new_click(client)
-    finally:
-        await app.shutdown()
-    clock.now -= 3600  # NTP steps the clock back an hour; the server restarts meanwhile
-    app = tinytrack.create_app(config, clock=clock)
-    await app.startup()
-    try:
-        transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            second = await new_click(client)
-            answer = await client.get("/postback", params={"click_id": second, "token": POSTBACK_TOKEN})
-            assert answer.json()["status"] == "created"
-        with closing(sqlite3.connect(config.storage.path)) as con:
-            (first_ts,), (second_ts,) = con.execute("SELECT ts FROM clicks ORDER BY id").fetchall()
-            [(conversion_ts, click_ts)] = con.execute("SELECT ts, click_ts FROM conversions").fetchall()
-    finally:
-        await app.shutdown()
+async def test_a_clock_step_back_keeps_ids_in_order_and_conversions_after_their_click(make_app, clock):
+    app = await make_app()
+    async with client_for(app) as client:
+        first = await new_click(client)
+    await app.shutdown()
+    clock.now -= 1800  # NTP steps the clock back half an hour; the server restarts meanwhile
+    app = await make_app()
+    async with client_for(app) as client:
+        second = await new_click(client)
+        answer = await client.get("/postback", params={"click_id": second, "token": POSTBACK_TOKEN})
+        assert answer.json()["status"] == "created"
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        (first_ts,), (second_ts,) = con.execute("SELECT ts FROM clicks ORDER BY id").fetchall()
+        [(conversion_ts, click_ts)] = con.execute("SELECT ts, click_ts FROM conversions").fetchall()
     assert second > first  # ids still sort in the order clicks came
     assert second_ts == first_ts  # the click's time holds at the last one seen until the clock catches up
     assert conversion_ts >= click_ts  # never dated before its click
@@ -377,15 +361,13 @@ def test_a_clock_that_was_ahead_is_not_followed_after_it_is_fixed():
 
 
 @pytest.mark.anyio
-async def test_a_reader_holding_the_wal_at_start_up_is_not_a_full_disk(config, clock, caplog):
-    path = config.storage.path
-    app = tinytrack.create_app(config, clock=clock)
-    await app.startup()
-    transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+async def test_a_reader_holding_the_wal_at_start_up_is_not_a_full_disk(make_app, caplog):
+    app = await make_app()
+    async with client_for(app) as client:
         for _ in range(20):
             await new_click(client)
     await app.shutdown()
+    path = app.config.storage.path
     with closing(sqlite3.connect(path)) as writer, closing(sqlite3.connect(path)) as reader:
         writer.execute("PRAGMA wal_autocheckpoint = 0")
         writer.execute("INSERT INTO meta VALUES ('x', 'y')")
@@ -394,44 +376,30 @@ async def test_a_reader_holding_the_wal_at_start_up_is_not_a_full_disk(config, c
         reader.execute("SELECT count(*) FROM clicks").fetchone()  # a backup or a report, mid-read
         writer.execute("INSERT INTO meta VALUES ('z', 'y')")  # WAL frames the reader pins
         writer.commit()
-        app = tinytrack.create_app(config, clock=clock)
         with caplog.at_level(logging.INFO, logger="tinytrack"):
-            await app.startup()
-        try:
-            transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-                health = await client.get("/healthz")
-                assert (health.status_code, health.json()["writes"]) == (200, "ok")
-        finally:
-            reader.rollback()
-            await app.shutdown()
+            app = await make_app()
+        async with client_for(app) as client:
+            health = await client.get("/healthz")
+            assert (health.status_code, health.json()["writes"]) == (200, "ok")
+        reader.rollback()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 @pytest.mark.anyio
-async def test_the_reserve_is_given_back_whatever_filled_the_disk(tmp_path: Path, monkeypatch):
+async def test_the_reserve_is_given_back_whatever_filled_the_disk(make_app, monkeypatch):
     """The WAL is checkpointed every second, so at a full disk the checkpoint itself
     usually succeeds: the failing write is what gives the reserve back."""
-    config = tinytrack.load_config(write_config(tmp_path))
-    config = dataclasses.replace(config, storage=dataclasses.replace(config.storage, reserve_mb=1))
-    app = tinytrack.create_app(config)
-    await app.startup()
-    reserve = Path(f"{config.storage.path}-reserve")
-    try:
-        assert reserve.stat().st_size == 1 << 20
-        real_begin = app.store._db.begin
+    app = await make_app(storage={"reserve_mb": 1})
+    reserve = Path(f"{app.config.storage.path}-reserve")
+    assert reserve.stat().st_size == 1 << 20
 
-        def full(*args, **kw):
-            real_begin(*args, **kw)
-            error = sqlite3.OperationalError("database or disk is full")
-            error.sqlite_errorcode = sqlite3.SQLITE_FULL
-            raise error
+    def full(*args, **kw):
+        error = sqlite3.OperationalError("database or disk is full")
+        error.sqlite_errorcode = sqlite3.SQLITE_FULL
+        raise error
 
-        monkeypatch.setattr(app.store._db, "begin", full)
-        transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            assert (await client.get("/c/spring", headers=UA)).status_code == 503
-        assert not reserve.exists()
-    finally:
-        monkeypatch.undo()
-        await app.shutdown()
+    monkeypatch.setattr(app.store._db, "begin", full)
+    async with client_for(app) as client:
+        assert (await client.get("/c/spring", headers=UA)).status_code == 503
+    assert not reserve.exists()
+    monkeypatch.undo()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, Server, free_port, new_click, write_config
+from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, Server, changed, client_for, free_port, new_click, write_config
 from test_retention import DAY, count, rows, seed_clicks, set_ms, start_ms, with_retention
 
 import tinytrack
@@ -187,100 +187,79 @@ async def test_reports_survive_totals_that_overflowed_before_the_cap(app, client
 # --- 5. Unbounded totals from unauthenticated clicks ------------------------------------
 
 
-@pytest.fixture
-def capped_config(tmp_path: Path) -> tinytrack.Config:
-    config = tinytrack.load_config(write_config(tmp_path))
-    return dataclasses.replace(config, retention=dataclasses.replace(config.retention, sub1_per_day=3))
+CAPPED = {"retention": {"sub1_per_day": 3}}
 
 
 @pytest.mark.anyio
-async def test_sub1_beyond_sub1_per_day_are_totalled_as_other(capped_config, clock):
-    app = tinytrack.create_app(capped_config, clock=clock)
-    await app.startup()
-    try:
-        transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            t = start_ms(clock, days_ago=2)
-            set_ms(clock, t)
-            ids = {}
-            for sub1 in ("a", "b", "a", "c", "d", "e", "d", "b"):
-                ids[sub1] = await new_click(client, sub1=sub1)
-            assert (
-                await client.get("/c/passing", params={"sub1": "x"}, headers=UA)
-            ).status_code == 302  # counted apart
-            day = t // DAY
-            assert rows(app, "SELECT campaign, sub1, clicks FROM daily_clicks WHERE day = ? ORDER BY 1, 2", (day,)) == [
-                ("passing", "x", 1),
-                ("spring", "(other)", 3),
-                ("spring", "a", 2),
-                ("spring", "b", 2),
-                ("spring", "c", 1),
-            ]
-            assert count(app, "clicks") == 9  # the raw clicks keep their own sub1
-            # A conversion on a folded click is totalled under (other) too, on any day.
-            set_ms(clock, t + DAY)
-            assert (await postback(client, click_id=ids["d"], payout="2")).json()["status"] == "created"
-            assert (await postback(client, click_id=ids["a"], payout="1")).json()["status"] == "created"
-            assert (await postback(client, click_id=ids["e"], payout="3", status="pending")).json()[
-                "status"
-            ] == "created"
-            assert (await postback(client, click_id=ids["e"], status="approved")).json()["status"] == "updated"
-            report = await client.get(f"/api/stats?by=sub1&from={tinytrack.day_text(day)}", headers=BEARER)
-            by_sub1 = {r["sub1"]: (r["clicks"], r["approved"], r["payout"]) for r in report.json()["rows"]}
-            assert by_sub1 == {
-                "(other)": (3, 2, {"USD": "5.00"}),
-                "a": (2, 1, {"USD": "1.00"}),
-                "b": (2, 0, {}),
-                "c": (1, 0, {}),
-                "x": (1, 0, {}),
-            }
-            # A new day starts a new count; a restart reads the day's rows again.
-            set_ms(clock, t + DAY + 1000)
-            await new_click(client, sub1="e")
-            assert rows(app, "SELECT sub1 FROM daily_clicks WHERE day = ? AND campaign = 'spring'", (day + 1,)) == [
-                ("e",)
-            ]
-    finally:
-        await app.shutdown()
-    app = tinytrack.create_app(capped_config, clock=clock)
-    await app.startup()
-    try:
-        set_ms(clock, t + DAY + 2000)
-        transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            for sub1 in ("f", "g", "h", "e", "a"):
-                await new_click(client, sub1=sub1)
-        assert rows(
-            app, "SELECT sub1, clicks FROM daily_clicks WHERE day = ? AND campaign = 'spring' ORDER BY 1", (day + 1,)
-        ) == [("(other)", 2), ("e", 2), ("f", 1), ("g", 1)]
-    finally:
-        await app.shutdown()
-
-
-@pytest.mark.anyio
-async def test_a_conversion_follows_its_clicks_other_after_the_cap_is_raised(capped_config, clock):
-    app = tinytrack.create_app(capped_config, clock=clock)
-    await app.startup()
-    try:
-        transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            for sub1 in ("s0", "s1", "s2"):
-                await new_click(client, sub1=sub1)
-            folded = await new_click(client, sub1="s3")  # past the cap of 3: (other)
-            raised = dataclasses.replace(capped_config.retention, sub1_per_day=10)
-            app.apply_config(dataclasses.replace(capped_config, retention=raised))
-            await new_click(client, sub1="s3")  # now s3 has a row of its own
-            assert (await postback(client, click_id=folded, payout="5")).json()["status"] == "created"
-        assert rows(app, "SELECT sub1, clicks FROM daily_clicks ORDER BY 1") == [
-            ("(other)", 1),
-            ("s0", 1),
-            ("s1", 1),
-            ("s2", 1),
-            ("s3", 1),
+async def test_sub1_beyond_sub1_per_day_are_totalled_as_other(make_app, clock):
+    app = await make_app(**CAPPED)
+    t = start_ms(clock, days_ago=2)
+    set_ms(clock, t)
+    ids = {}
+    async with client_for(app) as client:
+        for sub1 in ("a", "b", "a", "c", "d", "e", "d", "b"):
+            ids[sub1] = await new_click(client, sub1=sub1)
+        other_campaign = await client.get("/c/passing", params={"sub1": "x"}, headers=UA)
+        assert other_campaign.status_code == 302  # counted apart
+        day = t // DAY
+        assert rows(app, "SELECT campaign, sub1, clicks FROM daily_clicks WHERE day = ? ORDER BY 1, 2", (day,)) == [
+            ("passing", "x", 1),
+            ("spring", "(other)", 3),
+            ("spring", "a", 2),
+            ("spring", "b", 2),
+            ("spring", "c", 1),
         ]
-        assert rows(app, "SELECT sub1, payout FROM daily_conversions") == [("(other)", 5_000_000)]
-    finally:
-        await app.shutdown()
+        assert count(app, "clicks") == 9  # the raw clicks keep their own sub1
+        # A conversion on a folded click is totalled under (other) too, on any day.
+        set_ms(clock, t + DAY)
+        for click, params, status in [
+            ("d", {"payout": "2"}, "created"),
+            ("a", {"payout": "1"}, "created"),
+            ("e", {"payout": "3", "status": "pending"}, "created"),
+            ("e", {"status": "approved"}, "updated"),
+        ]:
+            assert (await postback(client, click_id=ids[click], **params)).json()["status"] == status
+        report = await client.get(f"/api/stats?by=sub1&from={tinytrack.day_text(day)}", headers=BEARER)
+        by_sub1 = {r["sub1"]: (r["clicks"], r["approved"], r["payout"]) for r in report.json()["rows"]}
+        assert by_sub1 == {
+            "(other)": (3, 2, {"USD": "5.00"}),
+            "a": (2, 1, {"USD": "1.00"}),
+            "b": (2, 0, {}),
+            "c": (1, 0, {}),
+            "x": (1, 0, {}),
+        }
+        # A new day starts a new count; a restart reads the day's rows again.
+        set_ms(clock, t + DAY + 1000)
+        await new_click(client, sub1="e")
+    spring_day2 = "SELECT sub1, clicks FROM daily_clicks WHERE day = ? AND campaign = 'spring' ORDER BY 1"
+    assert rows(app, spring_day2, (day + 1,)) == [("e", 1)]
+    await app.shutdown()
+    app = await make_app(**CAPPED)
+    set_ms(clock, t + DAY + 2000)
+    async with client_for(app) as client:
+        for sub1 in ("f", "g", "h", "e", "a"):
+            await new_click(client, sub1=sub1)
+    assert rows(app, spring_day2, (day + 1,)) == [("(other)", 2), ("e", 2), ("f", 1), ("g", 1)]
+
+
+@pytest.mark.anyio
+async def test_a_conversion_follows_its_clicks_other_after_the_cap_is_raised(make_app):
+    app = await make_app(**CAPPED)
+    async with client_for(app) as client:
+        for sub1 in ("s0", "s1", "s2"):
+            await new_click(client, sub1=sub1)
+        folded = await new_click(client, sub1="s3")  # past the cap of 3: (other)
+        app.apply_config(changed(app.config, retention={"sub1_per_day": 10}))
+        await new_click(client, sub1="s3")  # now s3 has a row of its own
+        assert (await postback(client, click_id=folded, payout="5")).json()["status"] == "created"
+    assert rows(app, "SELECT sub1, clicks FROM daily_clicks ORDER BY 1") == [
+        ("(other)", 1),
+        ("s0", 1),
+        ("s1", 1),
+        ("s2", 1),
+        ("s3", 1),
+    ]
+    assert rows(app, "SELECT sub1, payout FROM daily_conversions") == [("(other)", 5_000_000)]
 
 
 def test_sub1_per_day_is_a_retention_key():
@@ -348,13 +327,11 @@ def test_check_and_a_refused_reload_never_print_a_secret(tmp_path: Path):
 
 
 @pytest.fixture
-async def demo_app(tmp_path: Path):
+async def demo_app(make_app, tmp_path: Path):
     config = tinytrack.embedded_config("127.0.0.1", 8080, POSTBACK_TOKEN, ADMIN_TOKEN)
-    config = dataclasses.replace(config, storage=tinytrack.StorageConfig(path=str(tmp_path / "demo.db")))
-    app = tinytrack.create_app(config)
-    await app.startup()
-    yield app
-    await app.shutdown()
+    return await make_app(
+        config=dataclasses.replace(config, storage=tinytrack.StorageConfig(path=str(tmp_path / "demo.db")))
+    )
 
 
 @pytest.mark.anyio
@@ -523,7 +500,7 @@ def test_websocket_attempts_and_pipelined_closes_log_no_secret_and_no_traceback(
 
 
 @pytest.mark.anyio
-async def test_a_hanging_target_cannot_hold_every_delivery_slot(tmp_path: Path):
+async def test_a_hanging_target_cannot_hold_every_delivery_slot(make_app):
     extra = """
 [forward]
 allow_private = true
@@ -534,7 +511,7 @@ postback_url = "http://hangs.example/pb?c={click_id}"
 url = "https://offer.example.com/k?cid={click_id}"
 postback_url = "http://healthy.example/pb?c={click_id}"
 """
-    app = tinytrack.create_app(tinytrack.load_config(write_config(tmp_path, extra=extra)))
+    app = await make_app(extra, clock_=None)
     hanging, delivered = asyncio.Event(), []
 
     async def send(url: str, key: str, timeout: float, allow_private: bool) -> tinytrack.Attempt:
@@ -544,25 +521,19 @@ postback_url = "http://healthy.example/pb?c={click_id}"
         return tinytrack.Attempt(200)
 
     app.forwarder.send = send
-    await app.startup()
-    try:
-        transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            for _ in range(40):
-                assert (await postback(client, click_id=await new_click(client, "hangs"))).json()["status"] == "created"
-            for _ in range(5):
-                assert (await postback(client, click_id=await new_click(client, "healthy"))).json()[
+    async with client_for(app) as client:
+        for campaign, n in (("hangs", 40), ("healthy", 5)):
+            for _ in range(n):
+                assert (await postback(client, click_id=await new_click(client, campaign))).json()[
                     "status"
                 ] == "created"
-            for _ in range(200):
-                if len(delivered) == 5:
-                    break
-                await asyncio.sleep(0.02)
-            assert len(delivered) == 5, "healthy deliveries waited behind a hanging target"
-            assert len(app.forwarder._inflight) == tinytrack.FORWARD_PER_HOST  # the hanging host holds only its share
-    finally:
-        hanging.set()
-        await app.shutdown()
+    for _ in range(200):
+        if len(delivered) == 5:
+            break
+        await asyncio.sleep(0.02)
+    assert len(delivered) == 5, "healthy deliveries waited behind a hanging target"
+    assert len(app.forwarder._inflight) == tinytrack.FORWARD_PER_HOST  # the hanging host holds only its share
+    hanging.set()
 
 
 # --- 14, 17, 18. A new user's traps: the config file found, one-line errors, tokens --------

@@ -477,47 +477,53 @@ async def test_stats_csv_is_the_json(client, clock):
 # --- Auth ----------------------------------------------------------------------------
 
 
+# Every route behind the admin token, and what a good answer starts with.
+PROTECTED = {
+    "/api/stats": '{"rows":[]}',
+    "/api/stats?by=nonsense": '{"error":"by: ',  # authorized first, then validated
+    "/api/conversions": '{"rows":[],"next":null}',
+    "/api/orphans": '{"rows":[],"next":null}',
+    "/api/outbox": '{"rows":[],"next":null}',
+    "/metrics": "# HELP tinytrack_clicks_total ",
+    "/admin": "<!doctype html>",
+}
+# Every form a credential may take, and whether it is the admin's.
+CREDENTIALS = {
+    "none": ({}, False),
+    "bearer": (BEARER, True),
+    "basic": (basic("admin", ADMIN_TOKEN), True),
+    "basic-no-user": (basic("", ADMIN_TOKEN), True),
+    "bearer-postback-token": ({"authorization": f"Bearer {POSTBACK_TOKEN}"}, False),  # not an admin token
+    "basic-postback-token": (basic("admin", POSTBACK_TOKEN), False),
+    "basic-token-as-user": (basic(ADMIN_TOKEN, ""), False),  # the token as the user name is not the password
+    "bearer-longer": ({"authorization": f"Bearer {ADMIN_TOKEN}x"}, False),
+    "bearer-empty": ({"authorization": "Bearer "}, False),
+    "basic-not-base64": ({"authorization": "Basic !!notbase64"}, False),
+    "other-scheme": ({"authorization": f"Token {ADMIN_TOKEN}"}, False),
+    "bare-token": ({"authorization": ADMIN_TOKEN}, False),
+    "query-token": ({"query": f"token={ADMIN_TOKEN}"}, False),
+    "query-key": ({"query": f"key={ADMIN_TOKEN}"}, False),
+}
+
+
 @pytest.mark.anyio
-@pytest.mark.parametrize("path", ["/api/stats", "/api/stats?by=nonsense", "/metrics", "/admin", "/api/outbox"])
-@pytest.mark.parametrize(
-    "headers, status",
-    [
-        ({}, 401),
-        ({"authorization": f"Bearer {POSTBACK_TOKEN}"}, 401),
-        (basic("admin", POSTBACK_TOKEN), 401),
-        (basic(ADMIN_TOKEN, ""), 401),  # the token as the user name is not the password
-        ({"authorization": f"Bearer {ADMIN_TOKEN}x"}, 401),
-        (BEARER, 200),
-        (basic("admin", ADMIN_TOKEN), 200),
-        (basic("", ADMIN_TOKEN), 200),
-    ],
-)
-async def test_reports_need_the_admin_token(client, path, headers, status):
+@pytest.mark.parametrize("path", list(PROTECTED))
+@pytest.mark.parametrize("credential", list(CREDENTIALS))
+async def test_every_protected_route_against_every_credential_form(client, path, credential):
+    headers, admitted = CREDENTIALS[credential]
+    headers = dict(headers)
+    if query := headers.pop("query", None):
+        path += ("&" if "?" in path else "?") + query
     answer = await client.get(path, headers=headers)
-    if "nonsense" in path and status == 200:
-        status = 400  # authorized, then validated
-    assert answer.status_code == status, answer.text
-    if status == 401:
+    assert answer.headers["cache-control"] == "no-store"
+    if not admitted:
+        assert answer.status_code == 401, answer.text
         assert answer.json() == {"error": "unauthorized"}  # no data, no hint
         assert answer.headers["www-authenticate"] == 'Basic realm="tinytrack"'
-    elif status == 400:
-        assert answer.json()["error"].startswith("by: ")
-    else:  # the real thing, not an empty 200
-        start = {
-            "/api/stats": '{"rows":[]}',
-            "/metrics": "# HELP tinytrack_clicks_total ",
-            "/admin": "<!doctype html>",
-            "/api/outbox": '{"rows":[],"next":null}',
-        }[path]
-        assert answer.text.startswith(start)
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize("path", ["/api/stats", "/metrics", "/admin"])
-async def test_the_admin_token_in_the_query_is_not_accepted(client, path):
-    for name in ("token", "key", "admin_token"):
-        answer = await client.get(f"{path}?{name}={ADMIN_TOKEN}")
-        assert answer.status_code == 401
+        return
+    start = PROTECTED[path.split("&")[0]] if "&" in path else PROTECTED[path]
+    assert answer.status_code == (400 if "nonsense" in path else 200), answer.text
+    assert answer.text.startswith(start)  # the real thing, not an empty 200
 
 
 # --- tinytrack stats -----------------------------------------------------------------

@@ -1653,18 +1653,8 @@ SIGNATURE_HEX = "5e1f" * 16
 BASIC_PASSWORD = "basic-password-Zu8Wq3"
 
 
-def access_log_supported(tmp_path: Path) -> bool:
-    try:
-        tinytrack.build_config(config_data(tmp_path, server={"access_log": True}))
-    except tinytrack.ConfigError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("access_log", [False, True], ids=["default", "access-log"])
 def test_server_output_has_no_secret_and_no_full_client_ip(tmp_path, access_log):
-    if access_log and not access_log_supported(tmp_path):
-        pytest.skip("no server.access_log key in this version")
     port = free_port()
     config_path = write_config(tmp_path, port)
     if access_log:
