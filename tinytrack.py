@@ -88,6 +88,7 @@ CLOCK_STEP_MS = 3_600_000  # click ids wait out a clock stepped back this far; f
 MAX_PAYOUT = 10**9 * 1_000_000
 MAX_SUM = 2**63 - 1
 STATUSES = ("approved", "pending", "rejected")
+FORM_TYPES = ("application/x-www-form-urlencoded",)
 MACROS_CLICK = ("click_id", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "ext_id")
 MACROS_FORWARD = MACROS_CLICK + ("event", "payout", "currency", "txid", "status", "id")
 SUB_FIELDS = ("sub1", "sub2", "sub3", "sub4", "sub5")
@@ -465,14 +466,16 @@ def build_config(data: Mapping[str, Any]) -> Config:
             raise ConfigError(name, f"unknown section; known: {', '.join(CONFIG_SECTIONS)}")
     server, storage = read_server(root.table("server")), read_storage(root.table("storage"))
     postback = read_postback(root.table("postback"))
+    admin = read_admin(root.table("admin"), postback.tokens)
+    retention, forward = read_retention(root.table("retention")), read_forward(root.table("forward"))
     campaigns = root.table("campaigns")
     config = Config(
         server=server,
         storage=storage,
         postback=postback,
-        admin=read_admin(root.table("admin"), postback.tokens),
-        retention=read_retention(root.table("retention")),
-        forward=read_forward(root.table("forward")),
+        admin=admin,
+        retention=retention,
+        forward=forward,
         campaigns={name: read_campaign(name, campaigns) for name in campaigns.data},
     )
     campaigns.done()
@@ -1270,8 +1273,6 @@ def parse_retry_after(text: str | None, now: float) -> float | None:
     if when.tzinfo is None:
         return None
     return max(0.0, when.timestamp() - now)
-
-    # h11.InformationalResponse (1xx): keep reading
 
 
 def next_step(
@@ -2677,18 +2678,19 @@ class Store:
         """Match, dedupe and store a postback; returns once it is committed and fsynced."""
         return await self._submit(postback)
 
-    async def write(self, func: Callable[[Database, int], Any], rows: int = 1) -> Any:
-        """Run ``func(database, now_ms)`` on the writer, in a transaction of its own. If
-        the caller is cancelled (a purge stopped), a job not yet begun is dropped and one
-        being written is waited for: nothing of the caller's runs after it stops."""
+    async def write(self, func: Callable[[Database, int], Any], rows: int = 1, *, droppable: bool = False) -> Any:
+        """Run ``func(database, now_ms)`` on the writer, in a transaction of its own. A
+        cancelled caller's job is still written (a forward's result must be), unless it
+        is ``droppable`` (a purge batch): then, if not begun, it is dropped, and if being
+        written, waited for, so nothing of a stopped purge runs after it stops."""
         future = self._enqueue(Job(func, rows))
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             queued = [entry for entry in self._queue if entry[1] is future]
-            if queued:
+            if droppable and queued:
                 self._queue.remove(queued[0])
-            else:
+            elif droppable:
                 with suppress(Exception):
                     await future
             raise
@@ -3004,6 +3006,7 @@ async def exchange(
             )
         if isinstance(event, h11.ConnectionClosed):
             return Attempt(error="connection closed before an answer")
+        # else h11.InformationalResponse (1xx): keep reading
 
 
 class Forwarder:
@@ -3183,14 +3186,15 @@ class Purger:
                 continue
             total = 0
             while True:
-                n = await self.store.write(partial(purge_step, rule=rule, conf=conf), rows=PURGE_BATCH)
+                n = await self.store.write(partial(purge_step, rule=rule, conf=conf), rows=PURGE_BATCH, droppable=True)
                 total += n
                 if n < PURGE_BATCH:
                     break
                 await asyncio.sleep(PURGE_PAUSE)
             done[rule.name] = total
         before = math.inf  # until nothing is left, or a step frees nothing (not an incremental auto-vacuum file)
-        while 0 < (left := await self.store.write(lambda db, now_ms: db.vacuum_step(), rows=VACUUM_PAGES)) < before:
+        vacuum = partial(self.store.write, lambda db, now_ms: db.vacuum_step(), rows=VACUUM_PAGES, droppable=True)
+        while 0 < (left := await vacuum()) < before:
             before = left
             await asyncio.sleep(PURGE_PAUSE)
         self.last = done
@@ -3208,7 +3212,6 @@ class Purger:
 
 NO_STORE = (b"cache-control", b"no-store")
 JSON_TYPE = (b"content-type", b"application/json")
-FORM_TYPES = ("application/x-www-form-urlencoded",)
 
 
 async def send_answer(send: Callable, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -3392,8 +3395,8 @@ class TinyTrack:
         if method == "GET":  # HEAD (link previews) gets the same answer and stores nothing
             row = ClickRow(
                 click_id,
-                ms,
-                campaign.name,  # ts: the millisecond inside the id
+                ms,  # ts: the millisecond inside the id
+                campaign.name,
                 values.get("sub1"),
                 values.get("sub2"),
                 values.get("sub3"),
@@ -3408,7 +3411,9 @@ class TinyTrack:
                 await self.store.record_click(row)
             except StorageError:
                 # Never redirect a click we could not store: the conversion would be lost.
-                return await send_refusal(send, HTTPError(Refusal.UNAVAILABLE, "try again"), text=True)
+                return await send_refusal(
+                    send, HTTPError(Refusal.UNAVAILABLE, "try again", [(b"retry-after", b"1")]), text=True
+                )
             self.clicks["bot" if row.bot else "human"] += 1
         values["click_id"] = format_uuid(click_id)
         values["campaign"] = campaign.name
@@ -3425,12 +3430,20 @@ class TinyTrack:
                 outcome = await self.store.record_postback(postback)
             except StorageError:
                 raise HTTPError(Refusal.UNAVAILABLE, headers=[(b"retry-after", b"5")]) from None
-            if (
-                outcome.result is PostbackResult.INVALID
-            ):  # refused by what its click says (a ts before it, a total's limit)
-                raise FieldError.from_message(outcome.reason)
+            # Refused by what its click says (a ts before it, a total's limit).
+            if outcome.result is PostbackResult.INVALID:
+                click = format_uuid(postback.click_id)
+                log.info("postback 400 %s campaign=%s click=%s", outcome.reason, outcome.campaign, click)
+                self.postbacks[Refusal.BAD_REQUEST.code] += 1
+                return await send_refusal(send, FieldError.from_message(outcome.reason))
         except HTTPError as exc:
-            log.info("postback %d %s", exc.status, exc.message)
+            # A full disk is told once by the store, not once per postback a network retries.
+            log.log(
+                logging.DEBUG if exc.refusal is Refusal.UNAVAILABLE else logging.INFO,
+                "postback %d %s",
+                exc.status,
+                exc.message,
+            )
             self.postbacks[exc.refusal.code] += 1
             return await send_refusal(send, exc)
         result = outcome.result
@@ -3854,9 +3867,8 @@ def bind_tcp_sockets(host: str, port: int) -> list[socket.socket]:
         sock = socket.socket(family, kind, proto)
         sockets.append(sock)
         try:
-            sock.setsockopt(
-                socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
-            )  # as uvicorn: restart while old connections linger
+            # As uvicorn: a restart may bind while the old process's connections linger.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # its IPv4 twin has its own socket
             sock.bind(address)

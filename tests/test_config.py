@@ -135,6 +135,11 @@ def test_config_is_frozen():
             "sever: unknown section; known: server, storage, postback, admin, retention, forward, campaigns",
         ),
         ({**BASE, "campaigns": {"x": "https://a.com/"}}, "campaigns.x: must be a table, got 'https://a.com/'"),
+        # Sections are checked in the file's usual order: campaigns last.
+        (
+            {**BASE, "campaigns": "x", "retention": {"clicks_days": -1}},
+            "retention.clicks_days: must be between 0 and 1000000000, got -1",
+        ),
     ],
 )
 def test_bad_config_names_key_and_value(data: dict, message: str):

@@ -58,8 +58,9 @@ async def test_health_says_503_while_writes_fail_and_recovers_on_its_own(app, cl
     healthy = await client.get("/healthz")
     assert healthy.status_code == 200 and healthy.json()["writes"] == "ok"
     with caplog.at_level(logging.INFO, logger="tinytrack"):
-        answers = [(await client.get("/c/spring", headers=UA)).status_code for _ in range(50)]
-        assert answers == [503] * 50  # never a redirect for a click not stored
+        answers = [await client.get("/c/spring", headers=UA) for _ in range(50)]
+        assert [a.status_code for a in answers] == [503] * 50  # never a redirect for a click not stored
+        assert answers[0].headers["retry-after"] == "1" and answers[0].text == "try again\n"
         cid_answer = await client.get(
             "/postback", params={"click_id": "00000000-0000-7000-8000-000000000000", "token": POSTBACK_TOKEN}
         )
@@ -79,6 +80,7 @@ async def test_health_says_503_while_writes_fail_and_recovers_on_its_own(app, cl
         assert (await client.get("/c/spring", headers=UA)).status_code == 302
         await asyncio.sleep(0.25)  # quiet for WRITE_QUIET_SECONDS: the next commit ends the episode in the log
         assert (await client.get("/c/spring", headers=UA)).status_code == 302
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and r.getMessage().startswith("postback 503")]
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == ["writes are failing, answering 503 until one commits again: database or disk is full"]
     recovered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("writes recovered")]
@@ -403,3 +405,27 @@ async def test_the_reserve_is_given_back_whatever_filled_the_disk(make_app, monk
         assert (await client.get("/c/spring", headers=UA)).status_code == 503
     assert not reserve.exists()
     monkeypatch.undo()
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_callers_write_still_happens_unless_it_may_be_dropped(make_app):
+    """A forward's result must be written even if its task is cut off at shutdown (the
+    source has it); a stopped purge's batch not yet begun must not run."""
+    app = await make_app()
+    await app.purger.stop()
+    release = threading.Event()
+    ran: list[str] = []
+    blocker = asyncio.ensure_future(app.store.write(lambda db, now_ms: release.wait(5)))  # the writer is busy
+    await asyncio.sleep(0.05)
+    kept = asyncio.ensure_future(app.store.write(lambda db, now_ms: ran.append("result")))
+    dropped = asyncio.ensure_future(app.store.write(lambda db, now_ms: ran.append("purge"), droppable=True))
+    await asyncio.sleep(0.05)
+    kept.cancel()
+    dropped.cancel()
+    release.set()
+    await blocker
+    await app.store.write(lambda db, now_ms: None)  # everything queued before this is done
+    assert ran == ["result"]
+    for task in (kept, dropped):
+        with pytest.raises(asyncio.CancelledError):
+            await task

@@ -65,8 +65,8 @@ async def test_a_reload_to_clicks_days_0_during_a_purge_deletes_nothing_more(app
     clock.now += 1  # the purge runs a second later
     real_run, batches = app.store.write, []
 
-    async def run_then_reload(func, rows: int = 1):
-        result = await real_run(func, rows)
+    async def run_then_reload(func, rows: int = 1, **kw):
+        result = await real_run(func, rows, **kw)
         batches.append(result)
         if len(batches) == 1:  # SIGHUP after the first batch: the operator sets 0 to stop the purge
             with_retention(app, clicks_days=0)
