@@ -987,10 +987,8 @@ def parse_payout(text: str) -> int:
     return units
 
 
-def format_money(units: int | float) -> str:
+def format_money(units: int) -> str:
     """Micro-units as an exact decimal string with at least two decimals."""
-    if not isinstance(units, int):  # a total SQLite turned into a REAL on overflow (before the payout cap)
-        units = int(units)
     whole, frac = divmod(units, 1_000_000)
     frac_text = f"{frac:06d}".rstrip("0").ljust(2, "0")
     return f"{whole}.{frac_text}"
@@ -3482,14 +3480,14 @@ class TinyTrack:
         if conf.allow_ips and not match_networks(parse_address(ip), conf.allow_ips):
             raise HTTPError(Refusal.FORBIDDEN)
         query = scope["query_string"]
-        pairs: list[tuple[str, Any]] = parse_pairs(query, "query")
-        body = b""
+        query_pairs: list[tuple[str, Any]] = parse_pairs(query, "query")
+        pairs, body = query_pairs, b""
         if method == "POST":
             if length and (not DIGITS_RE.fullmatch(length) or int(length) > MAX_BODY_BYTES):
                 raise HTTPError(Refusal.TOO_LARGE)
             body = await read_body(receive, MAX_BODY_BYTES, self.config.server.read_timeout_seconds)
             if body:
-                pairs += parse_body(body, content_type)
+                pairs = query_pairs + parse_body(body, content_type)
         fields = collect_fields(pairs)
         if not token_matches(fields.get("token") or bearer_token(authorization), conf.tokens):
             raise HTTPError(Refusal.UNAUTHORIZED, headers=[(b"www-authenticate", b"Bearer")])
@@ -3497,8 +3495,8 @@ class TinyTrack:
         if conf.hmac_secrets:
             if not verify_signature(signature, body if method == "POST" else query, conf.hmac_secrets, now):
                 raise HTTPError(Refusal.UNAUTHORIZED, headers=[(b"www-authenticate", b"Bearer")])
-            if method == "POST" and query:
-                refuse_unsigned_fields(parse_pairs(query, "query"))
+            if method == "POST":
+                refuse_unsigned_fields(query_pairs)
         return build_postback(fields, conf, now, ip)
 
 
@@ -4518,7 +4516,7 @@ def render_admin(
     revenue: Counter[str] = Counter()
     for row in campaigns:
         for cur, amount in row["payout"].items():
-            revenue[cur] += parse_payout_total(amount)
+            revenue[cur] += int(Decimal(amount) * 1_000_000)  # exact: amounts have at most 6 decimals
     health = " · ".join(f"{state} <b>{outbox.get(state, 0)}</b>" for state in ("pending", "failed", "dead", "done"))
     sections = [
         f"<h1>tinytrack</h1><p class=muted>last 30 days to {day_text(last_day)} (UTC) · clicks {totals['clicks']} · "
@@ -4571,12 +4569,6 @@ def render_admin(
         ),
     ]
     return ADMIN_PAGE.format(body="\n".join(sections))
-
-
-def parse_payout_total(text: str) -> int:
-    """A format_money string back to micro-units (totals may pass a single payout's cap)."""
-    whole, _, frac = text.partition(".")
-    return int(whole) * 1_000_000 + int(frac.ljust(6, "0"))
 
 
 def svg_chart(points: list[tuple[str, int, int]], width: int = 720, height: int = 220) -> str:

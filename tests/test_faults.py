@@ -14,7 +14,6 @@ import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from contextlib import closing, suppress
@@ -23,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import POSTBACK_TOKEN, Server, client_for, free_port, new_click, write_config
+from test_cli import run  # the `tinytrack` command in a folder
 
 import tinytrack
 
@@ -90,12 +90,6 @@ async def test_health_says_503_while_writes_fail_and_recovers_on_its_own(app, cl
 
 
 # --- A read-only or missing database at start-up ------------------------------------------
-
-
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tinytrack", *args], cwd=cwd, capture_output=True, text=True, timeout=30
-    )
 
 
 def test_a_database_that_cannot_be_opened_is_one_line_and_exit_1(tmp_path: Path):

@@ -13,7 +13,6 @@ import dataclasses
 import io
 import ipaddress
 import logging
-import os
 import re
 import socket
 import sqlite3
@@ -27,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, Server, changed, client_for, free_port, new_click, write_config
+from test_cli import run  # the `tinytrack` command in a folder
 from test_retention import DAY, count, rows, seed_clicks, set_ms, start_ms, with_retention
 
 import tinytrack
@@ -34,18 +34,6 @@ import tinytrack
 BEARER = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 UA = {"user-agent": "Mozilla/5.0"}
 REPO = Path(__file__).resolve().parent.parent
-
-
-def run(*args: str, cwd: Path, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tinytrack", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=30,
-        **kw,
-    )
 
 
 async def postback(client: httpx.AsyncClient, **params: str) -> httpx.Response:
