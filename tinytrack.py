@@ -3974,33 +3974,32 @@ def guarded_http_protocol() -> type | str:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the tracker (one uvicorn worker)."""
     path = config_path(args)
-    config = load_config(path) if path else embedded_default(args)
+    from_file = load_config(path) if path else None
+    base = from_file.server if from_file else ServerConfig()
     server = dataclasses.replace(
-        config.server,
-        host=args.host or config.server.host,
-        port=args.port or config.server.port,
-        uds=args.uds or config.server.uds,
+        base, host=args.host or base.host, port=args.port or base.port, uds=args.uds or base.uds
     )
-    config = dataclasses.replace(config, server=server)
-    check_database(config.storage.path)
-    app = create_app(config, tune_gc=True)
+    # Listen first: an address in use is one line, before anything is made or printed.
     sockets = [bind_unix_socket(server.uds)] if server.uds else bind_tcp_sockets(server.host, server.port)
-    uvicorn_config = uvicorn.Config(
-        AccessLog(app) if server.access_log else app,
-        lifespan="on",
-        http=guarded_http_protocol(),
-        ws="none",  # no WebSockets here; uvicorn's handshake log line carried the raw query (tokens)
-        timeout_keep_alive=server.read_timeout_seconds,
-        proxy_headers=False,  # tinytrack reads X-Forwarded-For itself, right to left
-        server_header=False,
-        access_log=False,
-        log_config=LOG_CONFIG,
-        timeout_graceful_shutdown=30,
-    )
-    hangup = (lambda: app.reload(path)) if path else (lambda: log.info("SIGHUP: no config file to reload"))
-    runner = UvicornServer(uvicorn_config, on_hangup=hangup)
     try:
-        # As a socket object, not fd=: uvicorn takes an fd for a unix socket, and a TCP
+        config = dataclasses.replace(from_file or embedded_default(args), server=server)
+        check_database(config.storage.path)
+        app = create_app(config, tune_gc=True)
+        uvicorn_config = uvicorn.Config(
+            AccessLog(app) if server.access_log else app,
+            lifespan="on",
+            http=guarded_http_protocol(),
+            ws="none",  # no WebSockets here; uvicorn's handshake log line carried the raw query (tokens)
+            timeout_keep_alive=server.read_timeout_seconds,
+            proxy_headers=False,  # tinytrack reads X-Forwarded-For itself, right to left
+            server_header=False,
+            access_log=False,
+            log_config=LOG_CONFIG,
+            timeout_graceful_shutdown=30,
+        )
+        hangup = (lambda: app.reload(path)) if path else (lambda: log.info("SIGHUP: no config file to reload"))
+        runner = UvicornServer(uvicorn_config, on_hangup=hangup)
+        # As socket objects, not fd=: uvicorn takes an fd for a unix socket, and a TCP
         # connection served as one loses TCP_NODELAY (a JSON answer then waited 40 ms
         # for the client's delayed ACK: postbacks fell from 12k to 1.4k a second).
         runner.run(sockets=sockets)

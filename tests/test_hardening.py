@@ -730,3 +730,14 @@ async def test_a_postback_dated_before_its_click(app, client, clock):
 async def test_every_answer_says_no_store(client, method, path):
     answer = await client.request(method, path)
     assert answer.headers.get("cache-control") == "no-store", (answer.status_code, dict(answer.headers))
+
+
+def test_the_embedded_default_with_its_port_taken_makes_and_prints_nothing(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run("serve", "--port", str(port), cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == f"tinytrack: 127.0.0.1:{port}: Address already in use\n"
+    assert not (tmp_path / "tinytrack.db").exists()
