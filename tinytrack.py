@@ -49,6 +49,7 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import quote, unquote_to_bytes, urlencode, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import h11
 import orjson
@@ -90,9 +91,13 @@ MAX_SUM = 2**63 - 1
 STATUSES = ("approved", "pending", "rejected")
 FORM_TYPES = ("application/x-www-form-urlencoded",)
 MACROS_CLICK = ("click_id", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "ext_id")
-MACROS_FORWARD = MACROS_CLICK + ("event", "payout", "currency", "txid", "status", "id")
+MACROS_FORWARD = MACROS_CLICK + ("event", "payout", "currency", "txid", "status", "id", "cost")
 SUB_FIELDS = ("sub1", "sub2", "sub3", "sub4", "sub5")
 EXT_ID_ALIASES = {"ext_id": "ext_id", "externalid": "ext_id", "external_id": "ext_id"}
+COST_ALIASES = frozenset({"cost", "cpc", "bid"})  # what a traffic source's {cost} macro is sent as
+# A click's own cost above this (in any currency) is a typo or a forgery: stored without it.
+MAX_CLICK_COST = 10**6 * 1_000_000
+COST_MODELS = ("cpc", "cpm", "cpa", "revshare")
 # Every name a network may use for a postback field, mapped to the field.
 POSTBACK_ALIASES = {
     "click_id": "click_id",
@@ -124,6 +129,7 @@ EVENT_RE = re.compile(r"[a-z0-9_]{1,32}")
 TXID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 CURRENCY_RE = re.compile(r"[A-Za-z]{3}")
 PAYOUT_RE = re.compile(r"([0-9]{1,12})(?:\.([0-9]{1,6}))?")  # [0-9], not \d: "١٢" is no payout
+RATE_RE = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,12})?")
 UNIX_TS_RE = re.compile(r"[0-9]{1,13}(?:\.[0-9]{1,9})?")  # 13 digits: milliseconds, refused as future
 SAFE_RE = re.compile(r"[A-Za-z0-9_.~-]*")  # RFC 3986 unreserved: needs no percent-encoding
 DIGITS_RE = re.compile(r"[0-9]{1,12}")  # ASCII only: "²".isdigit() is True, int("²") fails
@@ -257,6 +263,14 @@ class Campaign:
     window_days: int | None = None
     forward_events: tuple[str, ...] | None = None
     forward_statuses: tuple[str, ...] = ("approved",)
+    # What its traffic costs: a click's own `cost`, else cost_model's. cost_value is in
+    # micro-units of cost_currency (per click, per 1,000 clicks, per approved conversion),
+    # or for revshare micro-percent of the approved payout (40% is 40_000_000).
+    cost_model: str | None = None
+    cost_value: int = 0
+    cost_currency: str = "USD"
+    bot_cost: bool = False  # bot clicks cost nothing unless this is set
+    max_click_cost: int = MAX_CLICK_COST  # a click's own cost above this is stored without it
 
     def forwards(self, event: str, status: str) -> bool:
         """Whether a conversion with this event and status goes to the traffic source."""
@@ -265,6 +279,26 @@ class Campaign:
             and status in self.forward_statuses
             and (self.forward_events is None or event in self.forward_events)
         )
+
+    def click_cost(self, own: int | None, bot: bool) -> int | None:
+        """A click's cost in micro-units of cost_currency: its own, else cpc's or cpm's."""
+        if bot and not self.bot_cost:
+            return None
+        if own is not None:
+            return own
+        if self.cost_model == "cpc":
+            return self.cost_value
+        if self.cost_model == "cpm":
+            return self.cost_value // 1000  # exact: a cpm cost_value has at most 3 decimals
+        return None
+
+    def conversion_cost(self, payout: int, currency: str) -> tuple[int, str] | None:
+        """What an approved conversion costs under cpa or revshare, and in which currency."""
+        if self.cost_model == "cpa":
+            return self.cost_value, self.cost_currency
+        if self.cost_model == "revshare":  # a share of the payout, in the payout's currency
+            return share(payout, self.cost_value, 100_000_000), currency
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,6 +355,14 @@ class ForwardConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoneyConfig:
+    # How much one unit of a currency is worth in report_currency: reports convert
+    # with these (exact to the micro-unit); a currency without a rate stays apart.
+    rates: Mapping[str, Decimal] = dataclasses.field(default_factory=dict)
+    report_currency: str | None = None  # None: every currency is reported apart
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
@@ -328,6 +370,7 @@ class Config:
     admin: AdminConfig = AdminConfig()
     retention: RetentionConfig = RetentionConfig()
     forward: ForwardConfig = ForwardConfig()
+    money: MoneyConfig = MoneyConfig()
     campaigns: Mapping[str, Campaign] = dataclasses.field(default_factory=dict)
     demo: bool = False  # the embedded default: serves /demo and shows its token there
 
@@ -455,7 +498,7 @@ def _tokens(table: _Table, name: str) -> tuple[str, ...]:
     return tokens
 
 
-CONFIG_SECTIONS = ("server", "storage", "postback", "admin", "retention", "forward", "campaigns")
+CONFIG_SECTIONS = ("server", "storage", "postback", "admin", "retention", "forward", "money", "campaigns")
 
 
 def build_config(data: Mapping[str, Any]) -> Config:
@@ -468,6 +511,7 @@ def build_config(data: Mapping[str, Any]) -> Config:
     postback = read_postback(root.table("postback"))
     admin = read_admin(root.table("admin"), postback.tokens)
     retention, forward = read_retention(root.table("retention")), read_forward(root.table("forward"))
+    money = read_money(root.table("money"), postback.currency)
     campaigns = root.table("campaigns")
     config = Config(
         server=server,
@@ -476,7 +520,8 @@ def build_config(data: Mapping[str, Any]) -> Config:
         admin=admin,
         retention=retention,
         forward=forward,
-        campaigns={name: read_campaign(name, campaigns) for name in campaigns.data},
+        money=money,
+        campaigns={name: read_campaign(name, campaigns, postback.currency) for name in campaigns.data},
     )
     campaigns.done()
     root.done()
@@ -586,7 +631,80 @@ def read_forward(f: _Table) -> ForwardConfig:
     return forward
 
 
-def read_campaign(name: str, campaigns: _Table) -> Campaign:
+def read_money(m: _Table, default_currency: str) -> MoneyConfig:
+    rates = {}
+    for code, value in m.get("rates", dict, {}).items():
+        key = f"money.rates.{code}"
+        if not CURRENCY_RE.fullmatch(code):
+            raise ConfigError(key, "must be named by a three-letter ISO 4217 code")
+        text = config_decimal(value, key)
+        if not RATE_RE.fullmatch(text) or not Decimal(text):
+            raise ConfigError(key, f'must be a decimal > 0 with at most 12 decimals, like "1.08", got {quoted(value)}')
+        rates[code.upper()] = Decimal(text)
+    report = m.get("report_currency", str, None)
+    if report is not None and not CURRENCY_RE.fullmatch(report):
+        raise ConfigError("money.report_currency", f"must be a three-letter ISO 4217 code, got {quoted(report)}")
+    report = report.upper() if report else (default_currency if rates else None)
+    if report in rates and rates[report] != 1:
+        raise ConfigError(f"money.rates.{report}", f"is the report currency: its rate is 1, got {rates[report]}")
+    m.done()
+    return MoneyConfig(rates=rates, report_currency=report)
+
+
+def config_decimal(value: object, key: str) -> str:
+    """A decimal from TOML: a string, an integer or a float (its shortest exact text)."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        text = repr(value)
+        return text[:-2] if text.endswith(".0") else text
+    raise ConfigError(key, f'must be a decimal, like "0.05", got {quoted(value)}')
+
+
+def config_money(c: _Table, name: str, key: str, *, places: int = 6, high: int = MAX_PAYOUT) -> int | None:
+    """A config decimal as micro-units, with at most `places` decimals; None when absent."""
+    value = c.get(name, (str, int, float), None)
+    if value is None:
+        return None
+    try:
+        units = parse_money(config_decimal(value, key), name, high)
+    except FieldError:
+        units = None
+    if units is None or units % 10 ** (6 - places):
+        raise ConfigError(key, f"must be a decimal >= 0 with at most {places} decimals, got {quoted(value)}")
+    return units
+
+
+def read_cost(c: _Table, key: str, default_currency: str) -> dict[str, Any]:
+    """A campaign's cost keys (see Campaign)."""
+    model = c.get("cost_model", str, None)
+    if model is not None and model not in COST_MODELS:
+        raise ConfigError(f"{key}.cost_model", f"must be one of {', '.join(COST_MODELS)}, got {quoted(model)}")
+    # cpm: at most 3 decimals, so each click's share is a whole micro-unit and adds up exactly.
+    places = 3 if model == "cpm" else 6
+    value = config_money(c, "cost_value", f"{key}.cost_value", places=places)
+    if model is not None and value is None:
+        raise ConfigError(f"{key}.cost_value", f"is required with cost_model = {quoted(model)}")
+    if model is None and value is not None:
+        raise ConfigError(f"{key}.cost_value", "needs a cost_model (cpc, cpm, cpa or revshare)")
+    if model == "revshare" and value > 100 * 1_000_000:
+        raise ConfigError(f"{key}.cost_value", "is a percent of the payout: at most 100")
+    currency = c.get("cost_currency", str, default_currency)
+    if not CURRENCY_RE.fullmatch(currency):
+        raise ConfigError(f"{key}.cost_currency", f"must be a three-letter ISO 4217 code, got {quoted(currency)}")
+    most = config_money(c, "max_click_cost", f"{key}.max_click_cost", high=MAX_CLICK_COST)
+    return {
+        "cost_model": model,
+        "cost_value": value or 0,
+        "cost_currency": currency.upper(),
+        "bot_cost": c.get("bot_cost", bool, False),
+        "max_click_cost": MAX_CLICK_COST if most is None else most,
+    }
+
+
+def read_campaign(name: str, campaigns: _Table, default_currency: str = "USD") -> Campaign:
     key = f"campaigns.{name}"
     if not CAMPAIGN_RE.fullmatch(name):
         raise ConfigError(key, "campaign names are 1-64 characters of A-Z a-z 0-9 _ -")
@@ -621,6 +739,7 @@ def read_campaign(name: str, campaigns: _Table) -> Campaign:
         window_days=window,
         forward_events=forward_events,
         forward_statuses=statuses,
+        **read_cost(c, key, default_currency),
     )
     c.done()
     return campaign
@@ -734,7 +853,7 @@ def parse_pairs(raw: bytes, where: str) -> list[tuple[str, str]]:
 
 
 def parse_click_query(raw: bytes) -> tuple[dict[str, str], list[tuple[str, str]]]:
-    """Sub ids and ext_id from a click's query, and the rest for pass_query."""
+    """Sub ids, ext_id and cost from a click's query, and the rest for pass_query."""
     values: dict[str, str] = {}
     rest: list[tuple[str, str]] = []
     text = raw.decode("utf-8", "replace") if raw else ""
@@ -743,7 +862,7 @@ def parse_click_query(raw: bytes) -> tuple[dict[str, str], list[tuple[str, str]]
             continue
         name, _, value = part.partition("=")
         name, value = _unquote(name), strip_controls(_unquote(value), MAX_VALUE_CHARS)
-        field = EXT_ID_ALIASES.get(name) or (name if name in SUB_FIELDS else None)
+        field = EXT_ID_ALIASES.get(name) or (name if name in SUB_FIELDS else "cost" if name in COST_ALIASES else None)
         if field is None:
             rest.append((strip_controls(name, MAX_VALUE_CHARS), value))
         elif field not in values:  # the first of repeated parameters wins
@@ -760,6 +879,12 @@ def _unquote(text: str) -> str:
 @lru_cache(maxsize=4096)  # a few browsers' User-Agents make up most clicks
 def is_bot(user_agent: str) -> bool:
     return not user_agent or BOT_RE.search(user_agent.lower()) is not None
+
+
+def click_key(campaign: str, ip: str | None, user_agent: str | None) -> bytes:
+    """What makes a click unique in its day, hashed small: campaign, IP and User-Agent."""
+    text = f"{campaign}\0{ip or ''}\0{user_agent or ''}"
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
 
 
 def iso_ms(ms: int) -> str:
@@ -977,21 +1102,55 @@ def field_text(name: str, raw: Any) -> str | None:
 
 
 def parse_payout(text: str) -> int:
+    return parse_money(text, "payout")
+
+
+def parse_money(text: str, field: str, high: int = MAX_PAYOUT) -> int:
+    """A decimal >= 0 with at most 6 decimals as micro-units; FieldError names `field`."""
     match = PAYOUT_RE.fullmatch(text)
     if not match:
-        raise FieldError("payout", f"must be a decimal >= 0 with at most 6 decimals, got {quoted(text)}")
+        raise FieldError(field, f"must be a decimal >= 0 with at most 6 decimals, got {quoted(text)}")
     whole, frac = match.group(1), match.group(2) or ""
     units = int(whole) * 1_000_000 + int(frac.ljust(6, "0"))
-    if units > MAX_PAYOUT:
-        raise FieldError("payout", f"must be at most {format_money(MAX_PAYOUT)}, got {quoted(text)}")
+    if units > high:
+        raise FieldError(field, f"must be at most {format_money(high)}, got {quoted(text)}")
     return units
 
 
+def click_cost_units(text: str, high: int) -> int | None:
+    """A click's `cost` as micro-units, or None when it is no such amount (never a 400)."""
+    match = PAYOUT_RE.fullmatch(text)
+    if not match:
+        return None
+    units = int(match.group(1)) * 1_000_000 + int((match.group(2) or "").ljust(6, "0"))
+    return units if units <= high else None
+
+
+def share(amount: int, numerator: int, denominator: int) -> int:
+    """amount * numerator / denominator rounded half to even, in integers."""
+    whole, rest = divmod(amount * numerator, denominator)
+    return whole + (2 * rest > denominator or (2 * rest == denominator and whole % 2 == 1))
+
+
+def spread(amount: int, weights: Sequence[int]) -> list[int]:
+    """amount split by weights, exactly: each share rounded down, then what is left
+    goes one unit each to the largest remainders (the earlier on a tie)."""
+    total = sum(weights)
+    if not total:
+        raise ValueError("nothing to spread over")
+    shares = [amount * w // total for w in weights]
+    left = amount - sum(shares)
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(amount * weights[i] % total), i))
+    for i in by_remainder[:left]:
+        shares[i] += 1
+    return shares
+
+
 def format_money(units: int) -> str:
-    """Micro-units as an exact decimal string with at least two decimals."""
-    whole, frac = divmod(units, 1_000_000)
+    """Micro-units as an exact decimal string with at least two decimals (a loss signed)."""
+    whole, frac = divmod(abs(units), 1_000_000)
     frac_text = f"{frac:06d}".rstrip("0").ljust(2, "0")
-    return f"{whole}.{frac_text}"
+    return f"{'-' if units < 0 else ''}{whole}.{frac_text}"
 
 
 def overflow_problem(campaign: str, day: int) -> str:
@@ -1158,6 +1317,7 @@ class ForwardFacts(NamedTuple):
     ext_id: str | None
     event: str
     txid: str | None
+    cost: int | None  # what {cost} says: the conversion's cpa/revshare cost, else its click's
 
 
 class Delivery(NamedTuple):
@@ -1200,6 +1360,7 @@ def build_delivery(
     values = {name: value for name, value in facts._asdict().items() if value is not None}
     values.update(
         click_id=format_uuid(facts.click_id),
+        cost="" if facts.cost is None else format_money(facts.cost),
         status=status,
         payout=format_money(payout),
         currency=currency,
@@ -1303,6 +1464,134 @@ def next_step(
     return "pending", due, error
 
 
+# -- costs: a source's spend report --
+
+
+MAX_COST_ROWS = 100_000  # rows in one upload
+MAX_COST_BODY = 16 * 1024 * 1024  # bytes of a PUT /api/costs body
+COST_FIELDS = ("day", "campaign", "sub1", "cost", "currency")
+
+
+class CostUpload(NamedTuple):
+    """One uploaded cost: a day in the upload's zone, a campaign, a sub1 ('' for the
+    whole campaign-day, spread over its sub1 by clicks), micro-units and a currency."""
+
+    day: int
+    campaign: str
+    sub1: str
+    cost: int
+    currency: str
+
+
+@lru_cache(maxsize=64)
+def zone(name: str, field: str = "tz") -> ZoneInfo:
+    """An IANA time zone (Europe/Berlin, America/New_York, UTC); FieldError if unknown."""
+    try:
+        if not name or len(name) > 64 or name.startswith(("/", ".")) or ".." in name:
+            raise ValueError(name)
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise FieldError(field, f"must be an IANA time zone like Europe/Berlin or UTC, got {quoted(name)}") from None
+
+
+def utc_parts(day: int, tz: str, amount: int) -> list[tuple[int, int]]:
+    """A day in zone `tz` over the UTC days it covers: (UTC day, its share of amount by
+    the seconds it holds of the day), the shares adding up to amount exactly."""
+    local = zone(tz)
+    date = dt.date(1970, 1, 1) + dt.timedelta(days=day)
+    start = int(dt.datetime.combine(date, dt.time(), local).timestamp())
+    end = int(dt.datetime.combine(date + dt.timedelta(days=1), dt.time(), local).timestamp())
+    days = range(start // 86400, (end - 1) // 86400 + 1)
+    seconds = [min(end, (d + 1) * 86400) - max(start, d * 86400) for d in days]
+    return list(zip(days, spread(amount, seconds)))
+
+
+def cost_rows(
+    items: Iterable[Mapping[str, Any]],
+    campaigns: Mapping[str, Campaign],
+    last_day: int,
+    name: Callable[[int, str], str],
+) -> list[CostUpload]:
+    """Validate uploaded rows (name(i, field) says where a problem is) into one
+    CostUpload per key: rows with the same day, campaign and sub1 add up."""
+    merged: dict[tuple[int, str, str], CostUpload] = {}
+    whole_days: dict[tuple[int, str], bool] = {}  # (day, campaign) -> uploaded whole (no sub1)
+    for i, item in enumerate(items):
+        if i >= MAX_COST_ROWS:
+            raise FieldError("rows", f"at most {MAX_COST_ROWS} rows in one upload")
+        if not isinstance(item, Mapping):
+            raise FieldError(name(i, ""), "must be an object with day, campaign, cost (sub1, currency optional)")
+        for key in item:
+            if key not in COST_FIELDS:
+                raise FieldError(name(i, str(key)), f"unknown field; known: {', '.join(COST_FIELDS)}")
+        text = {field: field_text(name(i, field), item.get(field)) for field in COST_FIELDS}
+        for field in ("day", "campaign", "cost"):
+            if text[field] is None:
+                raise FieldError(name(i, field), "is required")
+        day = parse_day(text["day"], name(i, "day"))
+        if not 10957 <= day <= last_day:  # 2000-01-01 to tomorrow
+            raise FieldError(name(i, "day"), f"must be from 2000-01-01 to {day_text(last_day)}, got {text['day']}")
+        campaign = campaigns.get(text["campaign"])
+        if campaign is None:
+            raise FieldError(name(i, "campaign"), f"no campaign {quoted(text['campaign'])} in the config")
+        sub1 = text["sub1"] or ""
+        if len(sub1) > MAX_VALUE_CHARS or not sub1.isprintable():
+            raise FieldError(name(i, "sub1"), f"must be at most {MAX_VALUE_CHARS} printable characters")
+        cost = parse_money(text["cost"], name(i, "cost"))
+        currency = text["currency"] or campaign.cost_currency
+        if not CURRENCY_RE.fullmatch(currency):
+            raise FieldError(name(i, "currency"), f"must be a three-letter ISO 4217 code, got {quoted(currency)}")
+        currency = currency.upper()
+        whole = whole_days.setdefault((day, campaign.name), not sub1)
+        if whole != (not sub1):
+            raise FieldError(
+                name(i, "sub1"),
+                f"campaign {campaign.name} on {day_text(day)} has rows with and without sub1: a row without "
+                "sub1 is the whole day's cost, so send either that or one row per sub1",
+            )
+        key = (day, campaign.name, sub1)
+        earlier = merged.get(key)
+        if earlier is not None and earlier.currency != currency:
+            raise FieldError(
+                name(i, "currency"), f"{currency}, but an earlier row of the same key said {earlier.currency}"
+            )
+        if earlier is not None:
+            cost += earlier.cost
+            if cost > MAX_PAYOUT:
+                raise FieldError(name(i, "cost"), f"the rows of one key add up past {format_money(MAX_PAYOUT)}")
+        merged[key] = CostUpload(day, campaign.name, sub1, cost, currency)
+    return list(merged.values())
+
+
+def json_row_name(i: int, field: str) -> str:
+    return f"rows[{i}].{field}" if field else f"rows[{i}]"
+
+
+def csv_row_name(lines: Sequence[tuple[int, Mapping[str, str]]]) -> Callable[[int, str], str]:
+    return lambda i, field: f"line {lines[i][0]}, {field}" if field else f"line {lines[i][0]}"
+
+
+def parse_cost_csv(text: str) -> list[tuple[int, dict[str, str]]]:
+    """A spend report as CSV (header day,campaign,sub1,cost,currency; sub1 and currency
+    optional) into (line number, row) for cost_rows; FieldError names the line."""
+    reader = csv.reader(io.StringIO(text.removeprefix("\ufeff")))
+    header = [cell.strip().lower() for cell in next(reader, [])]
+    for column in header:
+        if column not in COST_FIELDS:
+            raise FieldError(f"line 1, column {quoted(column)}", f"unknown; the header is {','.join(COST_FIELDS)}")
+    for column in ("day", "campaign", "cost"):
+        if column not in header:
+            raise FieldError("line 1", f"the header needs a {column} column")
+    rows = []
+    for line in reader:
+        if not any(cell.strip() for cell in line):
+            continue
+        if len(line) != len(header):
+            raise FieldError(f"line {reader.line_num}", f"has {len(line)} cells, the header {len(header)}")
+        rows.append((reader.line_num, dict(zip(header, (cell.strip() for cell in line)))))
+    return rows
+
+
 # -- retention rules --
 
 
@@ -1310,6 +1599,7 @@ PURGE_BATCH = 1000  # rows per transaction: short enough that clicks queued behi
 PURGE_PAUSE = 0.005  # seconds between batches, so clicks' own batches go in between
 VACUUM_PAGES = 256  # pages handed back to the file system per transaction
 DAY_MS = 86_400_000
+UNIQUE_DAYS = 2  # click_uniques keeps the keys of today and the day before (a clock near midnight)
 
 
 def uuid_floor(ms: int) -> bytes:
@@ -1333,6 +1623,8 @@ PURGE_RULES = (
     PurgeRule("conversions", "conversions", "deleted, with their history", lambda r: r.conversions_days),
     PurgeRule("orphans", "orphans", "deleted", lambda r: r.orphans_days),
     PurgeRule("outbox", "outbox", "finished deliveries deleted, with their attempts", lambda r: r.outbox_days),
+    # Not a setting: unique clicks need only the days a new click can fall on.
+    PurgeRule("uniques", "click_uniques", "older days' unique-click keys deleted", lambda r: UNIQUE_DAYS),
 )
 
 
@@ -1345,7 +1637,9 @@ def rule_cutoff(rule: PurgeRule, conf: RetentionConfig, now_ms: int) -> int | by
 
 
 STATS_GROUPS = ("day", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "status")
-STATS_COLUMNS = ("clicks", "bot_clicks", "conversions", "approved", "pending", "rejected", "payout", "cr", "epc")
+COUNT_COLUMNS = ("clicks", "unique_clicks", "bot_clicks", "conversions", "approved", "pending", "rejected")
+MONEY_COLUMNS = ("payout", "cost", "profit", "roi")  # each {currency: amount}, as are epc and cpa
+STATS_COLUMNS = (*COUNT_COLUMNS, *MONEY_COLUMNS, "cr", "epc", "cpa")
 STATS_DEFAULT_DAYS = 30
 STATS_MAX_DAYS = 3660
 
@@ -1357,10 +1651,11 @@ class StatsQuery:
     by: str = "campaign"
     campaign: str | None = None
     bots: bool = False
+    money: MoneyConfig = MoneyConfig()  # rates to report in one currency; none: each apart
 
 
-def stats_query(params: Mapping[str, str | None], now: float) -> StatsQuery:
-    """A StatsQuery from ?from=&to=&by=&campaign=&bots= (or the CLI's flags); FieldError names what is wrong."""
+def stats_query(params: Mapping[str, str | None], now: float, money: MoneyConfig = MoneyConfig()) -> StatsQuery:
+    """A StatsQuery from ?from=&to=&by=&campaign=&bots=&convert= (or the CLI's flags); FieldError names what is wrong."""
     today = int(now // 86400)
     last = parse_day(params["to"], "to") if params.get("to") else today
     first = parse_day(params["from"], "from") if params.get("from") else last - STATS_DEFAULT_DAYS + 1
@@ -1376,12 +1671,20 @@ def stats_query(params: Mapping[str, str | None], now: float) -> StatsQuery:
         raise FieldError("bots", f"must be 0 or 1, got {quoted(bots)}")
     if params.get("tz") not in (None, "", "UTC", "utc", "Z", "+00:00"):
         raise FieldError("tz", "totals are kept per UTC day, so only UTC is offered")
-    return StatsQuery(first, last, by, params.get("campaign") or None, bots == "1")
+    convert = params.get("convert") or "1"
+    if convert not in ("0", "1"):
+        raise FieldError("convert", f"must be 0 or 1, got {quoted(convert)}")
+    return StatsQuery(
+        first, last, by, params.get("campaign") or None, bots == "1", money if convert == "1" else MoneyConfig()
+    )
 
 
-def stats_rows(q: StatsQuery, clicks: Iterable[tuple], conversions: Iterable[tuple]) -> list[dict]:
-    """Rows of a report from its two reads (Database.stats). Money stays integer micro-units
-    until it is printed, so sums are exact."""
+def stats_rows(
+    q: StatsQuery, clicks: Iterable[tuple], conversions: Iterable[tuple], costs: Iterable[tuple] = ()
+) -> list[dict]:
+    """Rows of a report from its reads (Database.stats): clicks (key, humans, bots,
+    unique), conversions (key, status, currency, count, whole, micros) and costs (key,
+    currency, whole, micros). Money stays integer micro-units until it is printed."""
     groups: dict[Any, dict] = {}
 
     def group(key: Any) -> dict:
@@ -1389,30 +1692,39 @@ def stats_rows(q: StatsQuery, clicks: Iterable[tuple], conversions: Iterable[tup
             groups[key] = {
                 q.by: key,
                 "clicks": 0,
+                "unique_clicks": 0,
                 "bot_clicks": 0,
                 "approved": 0,
                 "pending": 0,
                 "rejected": 0,
                 "payout": Counter(),
+                "cost": Counter(),
             }
         return groups[key]
 
-    total_humans = total_bots = 0
-    for key, humans, bots in clicks:
+    total_humans = total_bots = total_unique = 0
+    total_cost: Counter[str] = Counter()
+    for key, humans, bots, unique in clicks:
         row = group(key)
         row["clicks"] += humans
         row["bot_clicks"] += bots
-        total_humans, total_bots = total_humans + humans, total_bots + bots
+        row["unique_clicks"] += unique
+        total_humans, total_bots, total_unique = total_humans + humans, total_bots + bots, total_unique + unique
     for key, status, currency, count, whole, micros in conversions:
-        payout = (whole * 1_000_000 if isinstance(whole, int) else int(whole * 1_000_000)) + int(micros)
         row = group(key)
         row[status] += count
         if status == "approved" or q.by == "status":
-            row["payout"][currency] += payout
-    if q.by == "status":  # every status row is set against all the clicks of the range
+            row["payout"][currency] += money_units(whole, micros)
+    for key, currency, whole, micros in costs:
+        units = money_units(whole, micros)
+        total_cost[currency] += units
+        if q.by != "status":
+            group(key)["cost"][currency] += units
+    if q.by == "status":  # every status row is set against all the clicks (and costs) of the range
         groups.pop("", None)
         for row in groups.values():
-            row["clicks"], row["bot_clicks"] = total_humans, total_bots
+            row["clicks"], row["bot_clicks"], row["unique_clicks"] = total_humans, total_bots, total_unique
+            row["cost"] = total_cost.copy()
     rows = []
     for key in sorted(groups, key=lambda k: (k is None, k)):
         row = groups[key]
@@ -1421,16 +1733,55 @@ def stats_rows(q: StatsQuery, clicks: Iterable[tuple], conversions: Iterable[tup
         clicks_counted = row["clicks"] + (row["bot_clicks"] if q.bots else 0)
         row["clicks"] = clicks_counted
         row["conversions"] = row["approved"] + row["pending"]
-        micros = row.pop("payout")
-        row["payout"] = {cur: format_money(units) for cur, units in sorted(micros.items())}
-        row["cr"] = ratio(row["conversions"] * 100, clicks_counted, 2)
-        row["epc"] = (
-            {cur: ratio(units, clicks_counted * 1_000_000, 4) for cur, units in sorted(micros.items())}
-            if clicks_counted
-            else {}
-        )
-        rows.append({q.by: row[q.by], **{c: row[c] for c in STATS_COLUMNS}})
+        payout, cost = convert_money(row["payout"], q.money), convert_money(row["cost"], q.money)
+        rows.append({q.by: row[q.by], **{c: row[c] for c in COUNT_COLUMNS}, **money_figures(payout, cost, row)})
     return rows
+
+
+def money_figures(payout: Counter[str], cost: Counter[str], row: Mapping[str, int]) -> dict[str, Any]:
+    """A report row's money, per currency: payout, cost, profit (payout - cost), roi
+    (profit / cost x 100), cr, epc and cpa (cost / conversions)."""
+    clicks, conversions = row["clicks"], row["conversions"]
+    currencies = sorted(payout.keys() | cost.keys())
+    profit = {cur: payout[cur] - cost[cur] for cur in currencies}
+    return {
+        "payout": {cur: format_money(units) for cur, units in sorted(payout.items())},
+        "cost": {cur: format_money(units) for cur, units in sorted(cost.items())},
+        "profit": {cur: format_money(units) for cur, units in profit.items()},
+        "roi": {cur: ratio(profit[cur] * 100, cost[cur], 2) for cur in currencies},
+        "cr": ratio(conversions * 100, clicks, 2),
+        "epc": {cur: ratio(units, clicks * 1_000_000, 4) for cur, units in sorted(payout.items())} if clicks else {},
+        "cpa": {cur: ratio(units, conversions * 1_000_000, 4) for cur, units in sorted(cost.items())},
+    }
+
+
+def convert_money(amounts: Counter[str], money: MoneyConfig) -> Counter[str]:
+    """Amounts in report_currency where a rate says how (each currency's sum converted,
+    rounded half-even to the micro-unit); a currency without a rate stays apart."""
+    report = money.report_currency
+    if report is None or not amounts.keys() - {report}:
+        return amounts
+    out: Counter[str] = Counter()
+    for cur, units in amounts.items():
+        rate = Decimal(1) if cur == report else money.rates.get(cur)
+        if rate is None:
+            out[cur] += units
+        else:
+            out[report] += int((units * rate).to_integral_value(ROUND_HALF_EVEN))
+    return out
+
+
+def stats_answer(q: StatsQuery, rows: list[dict]) -> dict[str, Any]:
+    """/api/stats' (and `stats --json`'s) answer: the rows, and with report_currency
+    the rates used and any currency that had none (kept apart, never dropped)."""
+    answer: dict[str, Any] = {"rows": rows}
+    report = q.money.report_currency
+    if report is not None:
+        seen = {cur for row in rows for column in ("payout", "cost") for cur in row[column]}
+        answer["currency"] = report
+        answer["rates"] = {cur: str(rate) for cur, rate in sorted(q.money.rates.items())}
+        answer["unconverted"] = sorted(seen - {report})
+    return answer
 
 
 def ratio(numerator: int, denominator: int, places: int) -> str | None:
@@ -1441,19 +1792,18 @@ def ratio(numerator: int, denominator: int, places: int) -> str | None:
 
 
 def stats_table(q: StatsQuery, rows: list[dict]) -> tuple[list[str], list[list[object]]]:
-    """Header and cells for CSV: one payout and one epc column per currency."""
-    currencies = sorted({cur for row in rows for cur in row["payout"]})
-    header = [q.by, *STATS_COLUMNS[:6], *(f"payout_{c}" for c in currencies), "cr", *(f"epc_{c}" for c in currencies)]
-    cells = [
-        [
-            row[q.by],
-            *(row[c] for c in STATS_COLUMNS[:6]),
-            *(row["payout"].get(c, "0.00") for c in currencies),
-            row["cr"],
-            *(row["epc"].get(c, "0.0000" if row["clicks"] else None) for c in currencies),
+    """Header and cells for CSV: the counts, then a column per money figure and currency."""
+    currencies = sorted({cur for row in rows for column in ("payout", "cost") for cur in row[column]})
+    money = [f"{column}_{cur}" for column in MONEY_COLUMNS for cur in currencies]
+    header = [q.by, *COUNT_COLUMNS, *money, "cr", *(f"epc_{c}" for c in currencies), *(f"cpa_{c}" for c in currencies)]
+    cells = []
+    for row in rows:
+        figures = [
+            row[column].get(cur, None if column == "roi" else "0.00") for column in MONEY_COLUMNS for cur in currencies
         ]
-        for row in rows
-    ]
+        epc = [row["epc"].get(cur, "0.0000" if row["clicks"] else None) for cur in currencies]
+        cpa = [row["cpa"].get(cur) if row["conversions"] else None for cur in currencies]
+        cells.append([row[q.by], *(row[c] for c in COUNT_COLUMNS), *figures, row["cr"], *epc, *cpa])
     return header, cells
 
 
@@ -1690,6 +2040,73 @@ SCHEMA = [
         ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout;
     END;
     """,
+    # version 4: money (costs, uploaded spend, unique clicks)
+    """
+    -- What the click cost, in micro-units of cost_currency (its own cost, else the model's).
+    ALTER TABLE clicks ADD COLUMN cost INTEGER;
+    ALTER TABLE clicks ADD COLUMN cost_currency TEXT;
+    -- What {cost} tells a source: a cpa/revshare cost (cost_counted = 1: in the totals
+    -- while approved), else its click's cost (already counted with the click).
+    ALTER TABLE conversions ADD COLUMN cost INTEGER;
+    ALTER TABLE conversions ADD COLUMN cost_currency TEXT;
+    ALTER TABLE conversions ADD COLUMN cost_counted INTEGER NOT NULL DEFAULT 0;
+    -- Human clicks whose (campaign, UTC day, IP, User-Agent) was new that day.
+    ALTER TABLE daily_clicks ADD COLUMN unique_clicks INTEGER NOT NULL DEFAULT 0;
+    -- Costs per UTC day, campaign and sub1, by where they came from: 'clicks' and
+    -- 'conversions' as they are written, 'upload' from cost_uploads. A day-campaign-sub1
+    -- with an 'upload' row reports that, and nothing else, as its cost.
+    CREATE TABLE daily_costs (
+        day INTEGER NOT NULL,
+        campaign TEXT NOT NULL,
+        sub1 TEXT NOT NULL,
+        source TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        cost INTEGER NOT NULL,             -- micro-units
+        PRIMARY KEY (day, campaign, sub1, source, currency)
+    ) WITHOUT ROWID;
+    -- A source's spend report as it was uploaded: one row per (its day, campaign, sub1);
+    -- sub1 '' is the whole campaign-day. Its days are in its own zone (tz).
+    CREATE TABLE cost_uploads (
+        day INTEGER NOT NULL,
+        campaign TEXT NOT NULL,
+        sub1 TEXT NOT NULL,
+        tz TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        cost INTEGER NOT NULL,
+        uploaded_at INTEGER NOT NULL,
+        PRIMARY KEY (campaign, day, sub1)
+    ) WITHOUT ROWID;
+    -- The (campaign, IP, User-Agent) keys seen today and yesterday, hashed: a click is
+    -- unique when its key goes in. Older days are dropped by the purge.
+    CREATE TABLE click_uniques (day INTEGER NOT NULL, key BLOB NOT NULL, PRIMARY KEY (day, key)) WITHOUT ROWID;
+    CREATE TRIGGER conversions_cost_insert AFTER INSERT ON conversions
+    WHEN NEW.cost_counted AND NEW.status = 'approved' BEGIN
+        INSERT INTO daily_costs VALUES (NEW.ts / 86400000, NEW.campaign, coalesce(NEW.sub1_total, NEW.sub1, ''),
+            'conversions', NEW.cost_currency, NEW.cost)
+        ON CONFLICT DO UPDATE SET cost = cost + excluded.cost;
+    END;
+    CREATE TRIGGER conversions_cost_update AFTER UPDATE OF status, cost, cost_currency ON conversions
+    WHEN (OLD.cost_counted AND OLD.status = 'approved') OR (NEW.cost_counted AND NEW.status = 'approved') BEGIN
+        UPDATE daily_costs SET cost = cost - OLD.cost
+        WHERE OLD.cost_counted AND OLD.status = 'approved' AND day = OLD.ts / 86400000 AND campaign = OLD.campaign
+            AND sub1 = coalesce(OLD.sub1_total, OLD.sub1, '') AND source = 'conversions' AND currency = OLD.cost_currency;
+        INSERT INTO daily_costs SELECT NEW.ts / 86400000, NEW.campaign, coalesce(NEW.sub1_total, NEW.sub1, ''),
+            'conversions', NEW.cost_currency, NEW.cost WHERE NEW.cost_counted AND NEW.status = 'approved'
+        ON CONFLICT DO UPDATE SET cost = cost + excluded.cost;
+    END;
+    -- Unique clicks of the days whose clicks are still kept; purged days stay at 0.
+    WITH firsts AS (SELECT min(id) AS id FROM clicks WHERE bot = 0 GROUP BY ts / 86400000, campaign, ip, ua),
+    counts AS (
+        SELECT ts / 86400000 AS day, campaign, CASE WHEN sub1_other THEN '(other)' ELSE coalesce(sub1, '') END AS sub1,
+            count(*) AS n
+        FROM clicks WHERE id IN (SELECT id FROM firsts) GROUP BY 1, 2, 3)
+    UPDATE daily_clicks SET unique_clicks = counts.n FROM counts
+    WHERE daily_clicks.day = counts.day AND daily_clicks.campaign = counts.campaign AND daily_clicks.sub1 = counts.sub1;
+    INSERT OR IGNORE INTO click_uniques
+        SELECT ts / 86400000, click_key(campaign, ip, ua) FROM clicks
+        WHERE bot = 0 AND id >= uuid_floor(coalesce((SELECT ts FROM clicks ORDER BY id DESC LIMIT 1) / 86400000 - 1, 0)
+            * 86400000);
+    """,
 ]
 OTHER_SUB1 = "(other)"  # the totals' sub1 for a campaign-day's sub1 beyond retention.sub1_per_day
 
@@ -1710,6 +2127,8 @@ def open_database(path: str) -> sqlite3.Connection:
     con.execute("PRAGMA synchronous = NORMAL")
     con.execute("PRAGMA foreign_keys = ON")
     con.create_function("truncate_ip", 1, truncate_ip, deterministic=True)
+    con.create_function("click_key", 3, click_key, deterministic=True)
+    con.create_function("uuid_floor", 1, uuid_floor, deterministic=True)
     migrate(con, path)
     return con
 
@@ -1823,16 +2242,31 @@ class PostbackOutcome:
     queued_forward: bool = False  # a delivery to the traffic source was queued with it
 
 
-INSERT_CLICK = """INSERT INTO clicks (id, ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, ip, ua, bot)
-                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
-INSERT_CLICK_OTHER = """INSERT INTO clicks (id, ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, ip, ua, bot, sub1_other)
-                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
-ADD_DAILY_CLICKS = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks) VALUES (?, ?, ?, ?, ?)
-                      ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks"""
-# Whole units and micro-units summed apart: a plain sum(payout) of daily totals near the
-# 64-bit limit raises "integer overflow", and a total stored as a REAL (an overflow before
-# the payout cap) still adds up. Python puts the two back together, exactly.
-PAYOUT_SUM = "sum(payout / 1000000), sum(payout - payout / 1000000 * 1000000)"
+CLICK_COLUMNS = "id, ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, ip, ua, bot, cost, cost_currency"
+INSERT_CLICK = f"INSERT INTO clicks ({CLICK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+INSERT_CLICK_OTHER = (
+    f"INSERT INTO clicks ({CLICK_COLUMNS}, sub1_other) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+ADD_DAILY_CLICKS = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks, unique_clicks) VALUES (?, ?, ?, ?, ?, ?)
+                      ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks,
+                          unique_clicks = unique_clicks + excluded.unique_clicks"""
+ADD_DAILY_COSTS = """INSERT INTO daily_costs (day, campaign, sub1, source, currency, cost) VALUES (?, ?, ?, ?, ?, ?)
+                     ON CONFLICT DO UPDATE SET cost = cost + excluded.cost"""
+INSERT_UNIQUE = "INSERT OR IGNORE INTO click_uniques (day, key) VALUES (?, ?)"
+
+
+def money_sum(column: str) -> str:
+    """Whole units and micro-units summed apart: a plain sum() of daily totals near the
+    64-bit limit raises "integer overflow", and a total stored as a REAL (an overflow
+    before the cap) still adds up. money_units() puts the two back together, exactly."""
+    return f"sum({column} / 1000000), sum({column} - {column} / 1000000 * 1000000)"
+
+
+PAYOUT_SUM = money_sum("payout")
+
+
+def money_units(whole: int | float, micros: int | float) -> int:
+    return (whole * 1_000_000 if isinstance(whole, int) else int(whole * 1_000_000)) + int(micros)
 
 
 class ClickRow(NamedTuple):
@@ -1850,6 +2284,8 @@ class ClickRow(NamedTuple):
     ip: str | None
     ua: str | None
     bot: bool
+    cost: int | None  # micro-units of cost_currency; None: it cost nothing we know of
+    cost_currency: str | None
 
 
 class ClickFacts(NamedTuple):
@@ -1875,6 +2311,8 @@ class StoredConversion(NamedTuple):
     payout: int
     currency: str
     sub1_total: str | None
+    cost_counted: bool  # its cost is a cpa/revshare cost, in the totals while approved
+    cost_currency: str | None
     facts: ForwardFacts
 
 
@@ -1916,6 +2354,11 @@ PURGE_SQL = {
     "orphans": (
         "SELECT count(*) FROM orphans WHERE last_seen < :cutoff",
         "DELETE FROM orphans WHERE id IN (SELECT id FROM orphans WHERE last_seen < ? LIMIT ?)",
+    ),
+    "uniques": (
+        "SELECT count(*) FROM click_uniques WHERE day < :cutoff / 86400000",
+        """DELETE FROM click_uniques WHERE (day, key) IN (SELECT day, key FROM click_uniques
+                      WHERE day < ? / 86400000 LIMIT ?)""",
     ),
     "outbox": (
         "SELECT count(*) FROM outbox WHERE state != 'pending' AND coalesce(last_at, created_at) < :cutoff",
@@ -2075,11 +2518,31 @@ class Database:
             self.con.executemany(INSERT_CLICK_OTHER, rows)
         else:
             self.con.executemany(INSERT_CLICK, rows)
+        # Per totals row: its human clicks' keys, to count the new ones; and its costs.
+        keys: dict[tuple, list[tuple[int, bytes]]] = {}
+        costs: Counter = Counter()
+        for row in rows:
+            day, sub1 = row[1] // DAY_MS, row[3] or ""
+            if other and (day, row[2], sub1) in other:
+                sub1 = OTHER_SUB1
+            if not row[11]:
+                keys.setdefault((day, row[2], sub1), []).append((day, click_key(row[2], row[9], row[10])))
+            if row[12] is not None:
+                costs[day, row[2], sub1, "clicks", row[13]] += row[12]
+        unique = Counter()
+        for total, pairs in keys.items():
+            before = self.con.total_changes
+            self.con.executemany(INSERT_UNIQUE, pairs)
+            unique[total] = self.con.total_changes - before
         self.con.executemany(
-            """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks) VALUES (?, ?, ?, ?, ?)
-               ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks""",
-            [(day, c, s, 0 if bot else n, n if bot else 0) for (day, c, s, bot), n in totals.items()],
+            ADD_DAILY_CLICKS,
+            [
+                (day, c, s, 0 if bot else n, n if bot else 0, 0 if bot else unique[day, c, s])
+                for (day, c, s, bot), n in totals.items()
+            ],
         )
+        if costs:
+            self.con.executemany(ADD_DAILY_COSTS, [(*key, cost) for key, cost in costs.items()])
 
     def _total_sub1(self, day: int, campaign: str, sub1: str, cap: int) -> str:
         seen = self._sub1_in_totals(day, campaign)
@@ -2104,19 +2567,20 @@ class Database:
         """Match, dedupe and store a postback, in the caller's transaction: an orphan,
         a new conversion, a duplicate, or a status change; forwards queued with it."""
         row = self.con.execute(
-            "SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other FROM clicks WHERE id = ?",
+            """SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other, cost, cost_currency
+               FROM clicks WHERE id = ?""",
             (pb.click_id,),
         ).fetchone()
         if row is None:
             return self._record_orphan(pb, now_ms)
-        click, sub1_total = ClickFacts(*row[:8]), OTHER_SUB1 if row[8] else None
+        click, sub1_total, click_cost = ClickFacts(*row[:8]), OTHER_SUB1 if row[8] else None, row[9:]
         ts = pb.ts_ms
         if ts < click.ts:
             if pb.ts_given and click.ts - ts > EARLY_TS_TOLERANCE_MS:
                 problem = f"ts: is before its click ({iso_ms(click.ts)}), got {iso_ms(ts)}"
                 return PostbackOutcome(PostbackResult.INVALID, reason=problem, campaign=click.campaign)
             ts = click.ts  # clock skew (the sender's, or ours stepped back): never dated before its click
-        created = self._new_conversion(pb, click, sub1_total, ts, now_ms, policy)
+        created = self._new_conversion(pb, click, sub1_total, click_cost, ts, now_ms, policy)
         if created is not None:
             return created
         existing = self._find_conversion(pb)
@@ -2150,15 +2614,22 @@ class Database:
 
     def _find_conversion(self, pb: Postback) -> StoredConversion | None:
         row = self.con.execute(
-            """SELECT id, status, reason, ts / 86400000, payout, currency, sub1_total, click_id, campaign, sub1, sub2, sub3,
-                      sub4, sub5, ext_id, event, txid
+            """SELECT id, status, reason, ts / 86400000, payout, currency, sub1_total, cost_counted, cost_currency,
+                      click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost
                FROM conversions WHERE click_id = ? AND dedupe_key = ?""",
             (pb.click_id, pb.dedupe_key),
         ).fetchone()
-        return row and StoredConversion(*row[:7], ForwardFacts(*row[7:]))
+        return row and StoredConversion(*row[:9], ForwardFacts(*row[9:]))
 
     def _new_conversion(
-        self, pb: Postback, click: ClickFacts, sub1_total: str | None, ts: int, now_ms: int, policy: WritePolicy
+        self,
+        pb: Postback,
+        click: ClickFacts,
+        sub1_total: str | None,
+        click_cost: tuple[int | None, str | None],
+        ts: int,
+        now_ms: int,
+        policy: WritePolicy,
     ) -> PostbackOutcome | None:
         """A new conversion (None if its key exists): one INSERT .. RETURNING, the usual case."""
         campaign = policy.campaigns.get(click.campaign)
@@ -2174,10 +2645,13 @@ class Database:
             return PostbackOutcome(
                 PostbackResult.INVALID, reason=overflow_problem(click.campaign, day), campaign=click.campaign
             )
+        model_cost = campaign and campaign.conversion_cost(pb.payout, pb.currency)
+        (cost, cost_currency), counted = (model_cost, 1) if model_cost else (click_cost, 0)
         row = self.con.execute(
             """INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id,
-                   event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip, sub1_total)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip, sub1_total,
+                   cost, cost_currency, cost_counted)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id""",
             (
                 pb.click_id,
@@ -2194,6 +2668,9 @@ class Database:
                 now_ms,
                 pb.ip,
                 sub1_total,
+                cost,
+                cost_currency,
+                counted,
             ),
         ).fetchone()
         if row is None:
@@ -2201,7 +2678,7 @@ class Database:
         conversion_id = row[0]
         if late:
             return PostbackOutcome(PostbackResult.REJECTED, conversion_id, reason, click.campaign)
-        facts = ForwardFacts(pb.click_id, *click[1:], pb.event, pb.txid)
+        facts = ForwardFacts(pb.click_id, *click[1:], pb.event, pb.txid, cost)
         queued = self._forward(
             campaign, conversion_id, facts, pb.status, pb.payout, pb.currency, now_ms, policy.forward
         )
@@ -2217,12 +2694,17 @@ class Database:
             return PostbackOutcome(
                 PostbackResult.INVALID, reason=overflow_problem(click.campaign, old.day), campaign=click.campaign
             )
-        self.con.execute(
-            "UPDATE conversions SET status = ?, updated_at = ?, ip = ?, payout = ?, currency = ? WHERE id = ?",
-            (pb.status, now_ms, pb.ip, payout, currency, old.id),
-        )
         campaign = policy.campaigns.get(click.campaign)
-        queued = self._forward(campaign, old.id, old.facts, pb.status, payout, currency, now_ms, policy.forward)
+        cost, cost_currency = old.facts.cost, old.cost_currency
+        if old.cost_counted and pb.payout_given and campaign is not None and campaign.cost_model == "revshare":
+            cost, cost_currency = campaign.conversion_cost(payout, currency)  # its share of the new payout
+        self.con.execute(
+            """UPDATE conversions SET status = ?, updated_at = ?, ip = ?, payout = ?, currency = ?, cost = ?, cost_currency = ?
+               WHERE id = ?""",
+            (pb.status, now_ms, pb.ip, payout, currency, cost, cost_currency, old.id),
+        )
+        facts = old.facts._replace(cost=cost)
+        queued = self._forward(campaign, old.id, facts, pb.status, payout, currency, now_ms, policy.forward)
         return PostbackOutcome(PostbackResult.UPDATED, old.id, campaign=click.campaign, queued_forward=queued)
 
     def _total_has_room(self, day: int, campaign: str, sub1: str, status: str, currency: str, payout: int) -> bool:
@@ -2264,6 +2746,80 @@ class Database:
             return False
         self.queue_delivery(build_delivery(campaign, conversion_id, facts, status, payout, currency, now_ms, conf))
         return True
+
+    # -- Uploaded costs --
+
+    def upload_costs(self, rows: Sequence[CostUpload], tz: str, now_ms: int) -> int:
+        """Store a spend report whose days are in zone `tz`, in the caller's transaction:
+        each row replaces what was uploaded for its key before (a whole-day row, every
+        row of its campaign-day), and the UTC days it touches are totalled again. How
+        many rows replaced an earlier upload."""
+        replaced, touched = 0, set()
+        for row in rows:
+            if row.sub1:  # one sub1, and no longer a whole-day row of that day
+                old = self.con.execute(
+                    "DELETE FROM cost_uploads WHERE campaign = ? AND day = ? AND sub1 IN (?, '') RETURNING tz",
+                    (row.campaign, row.day, row.sub1),
+                ).fetchall()
+            else:
+                old = self.con.execute(
+                    "DELETE FROM cost_uploads WHERE campaign = ? AND day = ? RETURNING tz", (row.campaign, row.day)
+                ).fetchall()
+            replaced += bool(old)
+            self.con.execute(
+                "INSERT INTO cost_uploads (day, campaign, sub1, tz, currency, cost, uploaded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (row.day, row.campaign, row.sub1, tz, row.currency, row.cost, now_ms),
+            )
+            for zone_name in {tz, *(old_tz for (old_tz,) in old)}:
+                touched.update((utc_day, row.campaign) for utc_day, _ in utc_parts(row.day, zone_name, 0))
+        for utc_day, campaign in sorted(touched):
+            self._total_uploads(utc_day, campaign)
+        return replaced
+
+    def _total_uploads(self, utc_day: int, campaign: str) -> None:
+        """Rewrite a UTC day's 'upload' costs of a campaign from the uploads that cover
+        it: a whole-day upload's share spread over that day's sub1 by clicks."""
+        parts: Counter[tuple[str, str]] = Counter()
+        uploads = self.con.execute(
+            "SELECT day, sub1, tz, currency, cost FROM cost_uploads WHERE campaign = ? AND day BETWEEN ? AND ?",
+            (campaign, utc_day - 1, utc_day + 1),  # a zone is at most 14 hours from UTC
+        ).fetchall()
+        for day, sub1, tz, currency, cost in uploads:
+            share_here = dict(utc_parts(day, tz, cost)).get(utc_day)
+            if share_here is None:
+                continue
+            if sub1:
+                parts[sub1, currency] += share_here
+                continue
+            names, weights = self._click_weights(utc_day, campaign)
+            for name, amount in zip(names, spread(share_here, weights)):
+                parts[name, currency] += amount
+            # The whole day's cost is this: a sub1 with a cost but no click that day
+            # (a cpa conversion of an earlier click) is replaced too, by nothing.
+            for (name,) in self.con.execute(
+                "SELECT DISTINCT sub1 FROM daily_costs WHERE day = ? AND campaign = ? AND source != 'upload'",
+                (utc_day, campaign),
+            ):
+                parts[name, currency] += 0
+        self.con.execute(
+            "DELETE FROM daily_costs WHERE day = ? AND campaign = ? AND source = 'upload'", (utc_day, campaign)
+        )
+        self.con.executemany(
+            "INSERT INTO daily_costs (day, campaign, sub1, source, currency, cost) VALUES (?, ?, ?, 'upload', ?, ?)",
+            [(utc_day, campaign, sub1, currency, cost) for (sub1, currency), cost in sorted(parts.items())],
+        )
+
+    def _click_weights(self, day: int, campaign: str) -> tuple[list[str], list[int]]:
+        """A campaign-day's sub1 (as totalled) and their clicks, to spread a whole-day cost
+        by: human clicks; with none, bot clicks; with no clicks at all, sub1 ''."""
+        rows = self.con.execute(
+            "SELECT sub1, clicks, bot_clicks FROM daily_clicks WHERE day = ? AND campaign = ? ORDER BY sub1",
+            (day, campaign),
+        ).fetchall()
+        for column in (1, 2):
+            if sum(row[column] for row in rows):
+                return [row[0] for row in rows], [row[column] for row in rows]
+        return [""], [1]
 
     # -- The outbox --
 
@@ -2322,7 +2878,8 @@ class Database:
     ) -> Iterator[tuple[int, ForwardFacts, str, int, str]]:
         """Counted conversions created since a time in these campaigns: id, facts, status, payout, currency."""
         rows = self.con.execute(
-            f"""SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, status, payout, currency
+            f"""SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost, status, payout,
+                       currency
                 FROM conversions WHERE created_at >= ? AND reason IS NULL AND campaign IN ({",".join("?" * len(campaigns))})
                 ORDER BY id""",
             (since_ms, *campaigns),
@@ -2412,7 +2969,8 @@ class Database:
             key = "''" if q.by == "status" else q.by
             span = (q.first_day, q.last_day, *args)
             clicks = self.con.execute(
-                f"SELECT {key}, sum(clicks), sum(bot_clicks) FROM daily_clicks WHERE day BETWEEN ? AND ?{where} GROUP BY 1",
+                f"""SELECT {key}, sum(clicks), sum(bot_clicks), sum(unique_clicks) FROM daily_clicks
+                    WHERE day BETWEEN ? AND ?{where} GROUP BY 1""",
                 span,
             )
             conversions = self.con.execute(
@@ -2421,18 +2979,44 @@ class Database:
                     HAVING sum(conversions) != 0""",  # a status change leaves its old row at zero
                 span,
             )
-            return stats_rows(q, clicks.fetchall(), conversions.fetchall())
+            # An uploaded cost is the whole cost of its day, campaign and sub1.
+            costs = self.con.execute(
+                f"""SELECT {key}, currency, {money_sum("cost")} FROM daily_costs AS d
+                    WHERE day BETWEEN ? AND ?{where} AND (source = 'upload' OR NOT EXISTS (
+                        SELECT 1 FROM daily_costs AS u WHERE u.day = d.day AND u.campaign = d.campaign
+                            AND u.sub1 = d.sub1 AND u.source = 'upload'))
+                    GROUP BY 1, 2""",
+                span,
+            )
+            return stats_rows(q, clicks.fetchall(), conversions.fetchall(), costs.fetchall())
+        # sub2..sub5: the raw rows, so the costs the clicks and conversions carried (uploads are per sub1)
         start, end = q.first_day * DAY_MS, (q.last_day + 1) * DAY_MS
+        ids = (uuid_floor(start), uuid_floor(end), *args)
         clicks = self.con.execute(
-            f"SELECT coalesce({q.by}, ''), sum(bot = 0), sum(bot) FROM clicks WHERE id >= ? AND id < ?{where} GROUP BY 1",
-            (uuid_floor(start), uuid_floor(end), *args),
-        )
+            f"""SELECT coalesce({q.by}, ''), sum(bot = 0), sum(bot), 0 FROM clicks
+                WHERE id >= ? AND id < ?{where} GROUP BY 1""",
+            ids,
+        ).fetchall()
+        unique = self.con.execute(
+            f"""SELECT coalesce({q.by}, ''), 0, 0, count(*) FROM clicks WHERE id IN (
+                    SELECT min(id) FROM clicks WHERE id >= ? AND id < ? AND bot = 0{where}
+                    GROUP BY ts / 86400000, campaign, ip, ua) GROUP BY 1""",
+            ids,
+        ).fetchall()
         conversions = self.con.execute(
             f"""SELECT coalesce({q.by}, ''), status, currency, count(*), {PAYOUT_SUM} FROM conversions
                 WHERE ts >= ? AND ts < ?{where} GROUP BY 1, 2, 3""",
             (start, end, *args),
         )
-        return stats_rows(q, clicks.fetchall(), conversions.fetchall())
+        costs = self.con.execute(
+            f"""SELECT coalesce({q.by}, ''), cost_currency, {money_sum("cost")} FROM clicks
+                WHERE id >= ? AND id < ? AND cost IS NOT NULL{where} GROUP BY 1, 2
+                UNION ALL
+                SELECT coalesce({q.by}, ''), cost_currency, {money_sum("cost")} FROM conversions
+                WHERE ts >= ? AND ts < ? AND cost_counted AND status = 'approved'{where} GROUP BY 1, 2""",
+            (*ids, start, end, *args),
+        )
+        return stats_rows(q, clicks + unique, conversions.fetchall(), costs.fetchall())
 
     def conversions(
         self, since_ms: int, after_id: int, limit: int, campaign: str | None, status: str | None
@@ -3288,6 +3872,7 @@ class TinyTrack:
         self.forwarder = Forwarder(self.store, config, clock=clock)
         self.purger = Purger(self.store, config)
         self.clicks = Counter()  # stored since start: human, bot
+        self.bad_costs = 0  # clicks whose `cost` was no amount (stored without it)
         self.postbacks = Counter()  # answers since start: a PostbackResult's value, or a Refusal's code
         self.latency = {"click": Histogram(LATENCY_BOUNDS), "postback": Histogram(LATENCY_BOUNDS)}
         self.router = Admin(self).router(lifespan=self.lifespan)
@@ -3391,6 +3976,10 @@ class TinyTrack:
         user_agent = strip_controls(user_agent, MAX_UA_CHARS) if user_agent else ""
         click_id, ms = self.ids.new()
         if method == "GET":  # HEAD (link previews) gets the same answer and stores nothing
+            bot = is_bot(user_agent)
+            cost = None
+            if "cost" in values or campaign.cost_model is not None:  # else nothing to do, at no cost
+                cost = self.click_cost(campaign, values.get("cost"), bot)
             row = ClickRow(
                 click_id,
                 ms,  # ts: the millisecond inside the id
@@ -3403,7 +3992,9 @@ class TinyTrack:
                 values.get("ext_id"),
                 self.peer_address(scope, forwarded_for),
                 user_agent,
-                is_bot(user_agent),
+                bot,
+                cost,
+                cost if cost is None else campaign.cost_currency,
             )
             try:
                 await self.store.record_click(row)
@@ -3417,6 +4008,15 @@ class TinyTrack:
         values["campaign"] = campaign.name
         location = campaign.url.fill(values, rest if campaign.pass_query else ())
         await send_answer(send, 302, b"", [(b"location", location.encode()), NO_STORE])
+
+    def click_cost(self, campaign: Campaign, text: str | None, bot: bool) -> int | None:
+        """A click's cost: its own `cost` (a bad one is counted and dropped), else the model's."""
+        own = None
+        if text:  # empty: the source left its macro blank
+            own = click_cost_units(text, campaign.max_click_cost)
+            if own is None:
+                self.bad_costs += 1
+        return campaign.click_cost(own, bot)
 
     # -- HTTP: postbacks, GET/POST /postback --
 
@@ -3537,6 +4137,7 @@ class Admin:
                 Route("/api/orphans", self.api_orphans),
                 Route("/api/outbox", self.api_outbox),
                 Route("/api/stats", self.api_stats),
+                Route("/api/costs", self.api_costs, methods=["PUT"]),
                 Route("/metrics", self.metrics),
                 Route("/admin", self.admin_page),
             ],
@@ -3650,12 +4251,55 @@ class Admin:
         fmt = params.get("format", "json")
         if fmt not in ("json", "csv"):
             raise FieldError("format", f"must be json or csv, got {quoted(fmt)}")
-        q = stats_query(params, self.app.clock())
+        q = stats_query(params, self.app.clock(), self.app.config.money)
         rows = await self.app.store.read(Database.stats, q)
         headers = {"cache-control": "no-store"}
         if fmt == "json":
-            return Response(orjson.dumps({"rows": rows}), headers=headers, media_type="application/json")
+            return Response(orjson.dumps(stats_answer(q, rows)), headers=headers, media_type="application/json")
         return Response(csv_text(*stats_table(q, rows)), headers=headers, media_type="text/csv; charset=utf-8")
+
+    async def api_costs(self, request: Request) -> Response:
+        """A source's spend report: PUT {"rows": [...]} as JSON, or CSV with a header; ?tz= its zone."""
+        self.require_admin(request)
+        tz = request.query_params.get("tz") or "UTC"
+        zone(tz)
+        length = request.headers.get("content-length")
+        too_large = HTTPError(Refusal.TOO_LARGE, f"body: more than {MAX_COST_BODY} bytes")
+        if length and (not DIGITS_RE.fullmatch(length) or int(length) > MAX_COST_BODY):
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_COST_BODY:
+                raise too_large
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media == "application/json":
+            try:
+                data = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                raise FieldError("body", "invalid JSON") from None
+            if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or len(data) != 1:
+                raise FieldError("body", 'must be {"rows": [...]}')
+            items = data["rows"]
+            rows = cost_rows(items, self.app.config.campaigns, self.upload_last_day(), json_row_name)
+        elif media == "text/csv":
+            try:
+                lines = parse_cost_csv(body.decode())
+            except UnicodeDecodeError:
+                raise FieldError("body", "not valid UTF-8") from None
+            items = [row for _, row in lines]
+            rows = cost_rows(items, self.app.config.campaigns, self.upload_last_day(), csv_row_name(lines))
+        else:
+            raise HTTPError(Refusal.UNSUPPORTED_MEDIA_TYPE, "content-type: must be application/json or text/csv")
+        try:
+            replaced = await self.app.store.write(lambda db, now_ms: db.upload_costs(rows, tz, now_ms), len(rows))
+        except StorageError:
+            raise HTTPError(Refusal.UNAVAILABLE, headers=[(b"retry-after", b"5")]) from None
+        log.info("costs uploaded: %d rows (tz %s), %d replaced an earlier upload", len(items), tz, replaced)
+        return JSONResponse({"rows": len(items), "replaced": replaced}, headers={"cache-control": "no-store"})
+
+    def upload_last_day(self) -> int:
+        return int(self.app.clock() // 86400) + 1  # tomorrow: east of UTC it may already be
 
     async def metrics(self, request: Request) -> Response:
         """Prometheus text format."""
@@ -3671,6 +4315,12 @@ class Admin:
             "counter",
             "Clicks stored since start.",
             [(f'{{bot="{int(kind == "bot")}"}}', app.clicks[kind]) for kind in ("human", "bot")],
+        )
+        metric(
+            "tinytrack_click_cost_invalid_total",
+            "counter",
+            "Clicks whose cost was not a decimal >= 0 with at most 6 decimals (or over max_click_cost): stored without it.",
+            [("", app.bad_costs)],
         )
         metric(
             "tinytrack_postbacks_total",
@@ -3723,8 +4373,8 @@ class Admin:
         read = self.app.store.read
         page = render_admin(
             last,
-            await read(Database.stats, StatsQuery(last - 29, last, "day")),
-            await read(Database.stats, StatsQuery(last - 29, last, "campaign")),
+            await read(Database.stats, StatsQuery(last - 29, last, "day", money=self.app.config.money)),
+            await read(Database.stats, StatsQuery(last - 29, last, "campaign", money=self.app.config.money)),
             await read(Database.recent_conversions, 20),
             await read(Database.recent_orphans, 10),
             await read(Database.outbox_states),
@@ -4213,20 +4863,26 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 "by": args.by,
                 "campaign": args.campaign,
                 "bots": "1" if args.bots else "0",
+                "convert": "0" if args.no_convert else "1",
             },
             time.time(),
+            config.money,
         )
     except FieldError as exc:
         raise TinytrackError(f"--{exc.message}") from None
     with closing(db):
         rows = db.stats(q)
+    answer = stats_answer(q, rows)
     if args.json:
-        sys.stdout.write(orjson.dumps({"rows": rows}, option=orjson.OPT_INDENT_2).decode() + "\n")
+        sys.stdout.write(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
     header, cells = stats_table(q, rows)
     if args.csv:
         sys.stdout.write(csv_text(header, cells))
         return 0
+    if not any(row["cost"] for row in rows):  # no costs: the table keeps to what it has
+        keep = [i for i, name in enumerate(header) if not name.startswith(("cost_", "profit_", "roi_", "cpa_"))]
+        header, cells = [header[i] for i in keep], [[line[i] for i in keep] for line in cells]
     print(
         f"{day_text(q.first_day)} to {day_text(q.last_day)} (UTC), by {q.by}"
         + (f", campaign {q.campaign}" if q.campaign else "")
@@ -4235,6 +4891,37 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print("nothing in that range")
         return 0
     print_table([dict(zip(header, line)) for line in cells], header)
+    if "currency" in answer:
+        rates = ", ".join(f"1 {cur} = {rate} {answer['currency']}" for cur, rate in answer["rates"].items())
+        print(f"money in {answer['currency']}" + (f" ({rates})" if rates else ""))
+        if answer["unconverted"]:
+            print(f"not converted, no rate in [money] rates: {', '.join(answer['unconverted'])}")
+    return 0
+
+
+def cmd_costs(args: argparse.Namespace) -> int:
+    """Upload a traffic source's spend report: it replaces the clicks' costs for its days."""
+    config, db = open_for_command(args)
+    with closing(db):
+        try:
+            zone(args.tz)
+            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+            lines = parse_cost_csv(text)
+            rows = cost_rows(
+                [row for _, row in lines], config.campaigns, int(time.time() // 86400) + 1, csv_row_name(lines)
+            )
+        except FieldError as exc:
+            raise TinytrackError(f"{args.file}: {exc.message}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TinytrackError(f"{args.file}: cannot read: {exc}") from None
+        if args.dry_run:
+            print(f"{args.file}: {len(lines)} rows are valid ({len(rows)} keys); nothing written (--dry-run)")
+            return 0
+        with db.transaction():
+            replaced = db.upload_costs(rows, args.tz, int(time.time() * 1000))
+    print(
+        f"{args.file}: {len(lines)} rows stored ({len(rows)} keys, days in {args.tz}); {replaced} replaced an earlier upload"
+    )
     return 0
 
 
@@ -4365,6 +5052,18 @@ def build_parser() -> argparse.ArgumentParser:
     output = stats.add_mutually_exclusive_group()
     output.add_argument("--csv", action="store_true", help="CSV with a header row")
     output.add_argument("--json", action="store_true", help='JSON: {"rows": [...]}, as /api/stats')
+    stats.add_argument("--no-convert", action="store_true", help="each currency apart, whatever [money] says")
+
+    costs = command(cmd_costs)
+    costs_actions = costs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    upload = costs_actions.add_parser(
+        "import", parents=[config_flag], help="store a spend report (CSV: day,campaign,sub1,cost,currency)"
+    )
+    upload.add_argument("file", metavar="FILE.csv", help="the report; - reads standard input")
+    upload.add_argument(
+        "--tz", default="UTC", help="the zone the report's days are in (default UTC), e.g. Europe/Berlin"
+    )
+    upload.add_argument("--dry-run", action="store_true", help="check the file, write nothing")
 
     purge = command(cmd_purge, config_flag)
     purge.add_argument("--dry-run", action="store_true", help="show what would go, change nothing")
@@ -4500,6 +5199,9 @@ def render_admin(
     def money(payout: Mapping[str, str]) -> str:
         return " ".join(f"{amount} {cur}" for cur, amount in payout.items()) or "0.00"
 
+    def figure(values: Mapping[str, str | None]) -> str:  # ROI and CPA: "-" where there is none
+        return " ".join(f"{value} {cur}" for cur, value in values.items() if value is not None) or "-"
+
     def table(header: Iterable[str], rows: Iterable[Iterable[object]], empty: str) -> str:
         head = "".join(f"<th>{e(h)}</th>" for h in header)
         body = "".join(
@@ -4513,30 +5215,57 @@ def render_admin(
 
     totals = {k: sum(row[k] for row in campaigns) for k in ("clicks", "conversions", "approved", "rejected")}
     revenue: Counter[str] = Counter()
-    for row in campaigns:
+    spent: Counter[str] = Counter()
+    for row in campaigns:  # exact: amounts have at most 6 decimals
         for cur, amount in row["payout"].items():
-            revenue[cur] += int(Decimal(amount) * 1_000_000)  # exact: amounts have at most 6 decimals
+            revenue[cur] += int(Decimal(amount) * 1_000_000)
+        for cur, amount in row["cost"].items():
+            spent[cur] += int(Decimal(amount) * 1_000_000)
+    overall = money_figures(revenue, spent, {"clicks": totals["clicks"], "conversions": totals["conversions"]})
+    roi = figure({cur: value and f"{value}%" for cur, value in overall["roi"].items()})
     health = " · ".join(f"{state} <b>{outbox.get(state, 0)}</b>" for state in ("pending", "failed", "dead", "done"))
     sections = [
         f"<h1>tinytrack</h1><p class=muted>last 30 days to {day_text(last_day)} (UTC) · clicks {totals['clicks']} · "
         f"conversions {totals['conversions']} · rejected {totals['rejected']} · "
-        f"revenue <b>{e(money({cur: format_money(units) for cur, units in sorted(revenue.items())}))}</b> (approved)</p>",
+        f"revenue <b>{e(money(overall['payout']))}</b> (approved) · cost <b>{e(money(overall['cost']))}</b> · "
+        f"profit <b>{e(money(overall['profit']))}</b> · ROI <b>{e(roi)}</b></p>",
         f"<h2>Clicks and conversions per day</h2>{chart}",
         "<h2>Campaigns</h2>"
         + table(
-            ("campaign", "clicks", "bots", "conv.", "approved", "pending", "rejected", "payout", "CR %", "EPC"),
+            (
+                "campaign",
+                "clicks",
+                "unique",
+                "bots",
+                "conv.",
+                "approved",
+                "pending",
+                "rejected",
+                "payout",
+                "cost",
+                "profit",
+                "ROI %",
+                "CR %",
+                "EPC",
+                "CPA",
+            ),
             (
                 (
                     r["campaign"],
                     r["clicks"],
+                    r["unique_clicks"],
                     r["bot_clicks"],
                     r["conversions"],
                     r["approved"],
                     r["pending"],
                     r["rejected"],
                     money(r["payout"]),
+                    money(r["cost"]),
+                    money(r["profit"]),
+                    figure(r["roi"]),
                     r["cr"],
                     money(r["epc"]),
+                    figure(r["cpa"]),
                 )
                 for r in campaigns
             ),

@@ -46,7 +46,7 @@ def seed(db: Path, clicks: int, newest_days: float, oldest_days: float) -> None:
         clock[0] = start + i * step
         batch.append(
             (
-                ids.new(),
+                ids.new()[0],
                 int(clock[0] * 1000),
                 bench.CAMPAIGN,
                 f"zone{i % 50}",
@@ -58,6 +58,8 @@ def seed(db: Path, clicks: int, newest_days: float, oldest_days: float) -> None:
                 "203.0.113.7",
                 bench.UA,
                 0,
+                None,
+                None,
             )
         )
         if len(batch) == 100_000 or i == clicks - 1:

@@ -111,7 +111,7 @@ def seed(db: Path, clicks: int, days: int) -> float:
         cid, ms = ids.new()
         sub1, sub2 = f"zone{rng.randrange(20)}", f"ad{rng.randrange(50)}"
         bot = rng.random() < 0.02
-        batch.append((cid, ms, CAMPAIGN, sub1, sub2, None, None, None, None, "203.0.113.7", UA, bot))
+        batch.append((cid, ms, CAMPAIGN, sub1, sub2, None, None, None, None, "203.0.113.7", UA, bot, None, None))
         if not bot and rng.random() < 0.02:
             at = ms + rng.randrange(3_600_000)
             status = "approved" if rng.random() < 0.8 else "pending"

@@ -76,7 +76,9 @@ async def postback(client: httpx.AsyncClient, click_id: str, expect: str = "crea
 
 
 async def seed(client: httpx.AsyncClient, clock: FakeClock) -> None:
-    """Clicks: humans unless a UA says otherwise ("" and Googlebot are bots).
+    """Clicks: humans unless a UA says otherwise ("" and Googlebot are bots). Every
+    click comes from one address with one User-Agent, so a campaign-day has one
+    unique click: its first human click's (its sub1, sub2, sub3 get it).
 
     day    campaign sub1 sub2  clicks                      postbacks (converted that day unless said)
     02-27  spring   a    -     5 humans                    #1 approved 100 USD
@@ -143,30 +145,64 @@ def row(
     payout: dict,
     cr: str | None,
     epc: dict,
+    *,
+    unique: int,
 ) -> dict:
+    """A row without costs: profit is the payout, roi null, cpa empty."""
     return {
         by: key,
         "clicks": clicks,
+        "unique_clicks": unique,
         "bot_clicks": bots,
         "conversions": conversions,
         "approved": approved,
         "pending": pending,
         "rejected": rejected,
         "payout": payout,
+        "cost": {},
+        "profit": payout,
+        "roi": dict.fromkeys(payout),
         "cr": cr,
         "epc": epc,
+        "cpa": {},
     }
 
 
 BY_DAY = [
     # 03-01: 4+2+2 humans, Googlebot + empty UA; a1..a3 + b1 + s1 approved, a4 pending, b2 rejected.
     # USD 0.1 + 0.1 + 0.1 + 0.2 = 0.50 exactly; cr 6/8; epc 0.50/8 and 3/8.
-    row("day", A, 8, 2, 6, 5, 1, 1, {"EUR": "3.00", "USD": "0.50"}, "75.00", {"EUR": "0.3750", "USD": "0.0625"}),
+    row(
+        "day",
+        A,
+        8,
+        2,
+        6,
+        5,
+        1,
+        1,
+        {"EUR": "3.00", "USD": "0.50"},
+        "75.00",
+        {"EUR": "0.3750", "USD": "0.0625"},
+        unique=2,
+    ),
     # 03-02: c1..c3 + d + f humans, 1 bot; c1, a1/T2 (EUR), d (now approved), f (by its ts) approved.
     # USD 1.25 + 4 + 0.67 = 5.92; cr 4/5; epc 5.92/5 and 2/5. d's pending is gone from this day.
-    row("day", B, 5, 1, 4, 4, 0, 0, {"EUR": "2.00", "USD": "5.92"}, "80.00", {"EUR": "0.4000", "USD": "1.1840"}),
+    row(
+        "day",
+        B,
+        5,
+        1,
+        4,
+        4,
+        0,
+        0,
+        {"EUR": "2.00", "USD": "5.92"},
+        "80.00",
+        {"EUR": "0.4000", "USD": "1.1840"},
+        unique=2,
+    ),
     # 03-04: e1, e2; e1 approved. f converted on 03-02, so it is not here.
-    row("day", C, 2, 0, 1, 1, 0, 0, {"USD": "0.33"}, "50.00", {"USD": "0.1650"}),
+    row("day", C, 2, 0, 1, 1, 0, 0, {"USD": "0.33"}, "50.00", {"USD": "0.1650"}, unique=1),
 ]
 
 BY_CAMPAIGN = [
@@ -184,6 +220,7 @@ BY_CAMPAIGN = [
         {"EUR": "2.00", "USD": "2.75"},
         "75.00",
         {"EUR": "0.1667", "USD": "0.2292"},
+        unique=3,  # one a day: a1 on 03-01, c1 on 03-02, e1 on 03-04
     ),
     # summer: s1, s2, d humans + 1 bot; s1 (EUR) and d (USD) approved. cr 2/3.
     row(
@@ -198,24 +235,51 @@ BY_CAMPAIGN = [
         {"EUR": "3.00", "USD": "4.00"},
         "66.67",
         {"EUR": "1.0000", "USD": "1.3333"},
+        unique=2,  # s1 on 03-01, d on 03-02
     ),
 ]
 
 BY_SUB1 = [
-    row("sub1", "", 3, 0, 2, 2, 0, 0, {"USD": "1.00"}, "66.67", {"USD": "0.3333"}),  # f, e1, e2
+    row("sub1", "", 3, 0, 2, 2, 0, 0, {"USD": "1.00"}, "66.67", {"USD": "0.3333"}, unique=1),  # f, e1, e2
     # a1..a4, s1, s2, c1..c3 + Googlebot; USD 0.3 + 1.25, EUR 3 + 2; cr 7/9; epc 1.55/9, 5/9.
-    row("sub1", "a", 9, 1, 7, 6, 1, 0, {"EUR": "5.00", "USD": "1.55"}, "77.78", {"EUR": "0.5556", "USD": "0.1722"}),
-    row("sub1", "b", 2, 1, 1, 1, 0, 1, {"USD": "0.20"}, "50.00", {"USD": "0.1000"}),
-    row("sub1", "c", 1, 1, 1, 1, 0, 0, {"USD": "4.00"}, "100.00", {"USD": "4.0000"}),
+    row(
+        "sub1",
+        "a",
+        9,
+        1,
+        7,
+        6,
+        1,
+        0,
+        {"EUR": "5.00", "USD": "1.55"},
+        "77.78",
+        {"EUR": "0.5556", "USD": "0.1722"},
+        unique=3,
+    ),
+    row("sub1", "b", 2, 1, 1, 1, 0, 1, {"USD": "0.20"}, "50.00", {"USD": "0.1000"}, unique=0),
+    row("sub1", "c", 1, 1, 1, 1, 0, 0, {"USD": "4.00"}, "100.00", {"USD": "4.0000"}, unique=1),
 ]
 
 BY_SUB2 = [  # read from the raw rows
     # d, f, e1, e2 + the empty-UA and summer Googlebot clicks; d, e1, f approved: 4 + 0.33 + 0.67.
-    row("sub2", "", 4, 2, 3, 3, 0, 0, {"USD": "5.00"}, "75.00", {"USD": "1.2500"}),
+    row("sub2", "", 4, 2, 3, 3, 0, 0, {"USD": "5.00"}, "75.00", {"USD": "1.2500"}, unique=2),
     # a1..a4, s1, s2 + spring Googlebot; a1..a3, s1, a1/T2 approved, a4 pending. cr 6/6.
-    row("sub2", "x", 6, 1, 6, 5, 1, 0, {"EUR": "5.00", "USD": "0.30"}, "100.00", {"EUR": "0.8333", "USD": "0.0500"}),
+    row(
+        "sub2",
+        "x",
+        6,
+        1,
+        6,
+        5,
+        1,
+        0,
+        {"EUR": "5.00", "USD": "0.30"},
+        "100.00",
+        {"EUR": "0.8333", "USD": "0.0500"},
+        unique=2,
+    ),
     # b1, b2, c1..c3; b1, c1 approved, b2 rejected. cr 2/5; epc 1.45/5.
-    row("sub2", "y", 5, 0, 2, 2, 0, 1, {"USD": "1.45"}, "40.00", {"USD": "0.2900"}),
+    row("sub2", "y", 5, 0, 2, 2, 0, 1, {"USD": "1.45"}, "40.00", {"USD": "0.2900"}, unique=1),
 ]
 
 BY_STATUS = [  # every status row against all 15 human (3 bot) clicks of the range; each its own payout
@@ -231,12 +295,13 @@ BY_STATUS = [  # every status row against all 15 human (3 bot) clicks of the ran
         {"EUR": "5.00", "USD": "6.75"},
         "66.67",
         {"EUR": "0.3333", "USD": "0.4500"},
+        unique=5,  # the range's, as its clicks: spring 3 days + summer 2
     ),
-    row("status", "pending", 15, 3, 1, 0, 1, 0, {"USD": "7.00"}, "6.67", {"USD": "0.4667"}),
-    row("status", "rejected", 15, 3, 0, 0, 0, 1, {"USD": "5.00"}, "0.00", {"USD": "0.3333"}),
+    row("status", "pending", 15, 3, 1, 0, 1, 0, {"USD": "7.00"}, "6.67", {"USD": "0.4667"}, unique=5),
+    row("status", "rejected", 15, 3, 0, 0, 0, 1, {"USD": "5.00"}, "0.00", {"USD": "0.3333"}, unique=5),
 ]
 
-OLD_DAY = row("day", OLD, 5, 0, 1, 1, 0, 0, {"USD": "100.00"}, "20.00", {"USD": "20.0000"})
+OLD_DAY = row("day", OLD, 5, 0, 1, 1, 0, 0, {"USD": "100.00"}, "20.00", {"USD": "20.0000"}, unique=1)
 
 
 async def stats(client: httpx.AsyncClient, query: str) -> list[dict]:
@@ -264,9 +329,33 @@ async def test_stats_exact_per_group(client, clock):
     assert await stats(client, f"{span}&by=status") == BY_STATUS
     # sub3 was only set on a1..a4 (raw rows too): a1's T2 (EUR, 03-02) counts for it.
     assert await stats(client, f"{span}&by=sub3") == [
-        row("sub3", "", 11, 3, 6, 6, 0, 1, {"EUR": "3.00", "USD": "6.45"}, "54.55", {"EUR": "0.2727", "USD": "0.5864"}),
         row(
-            "sub3", "p", 4, 0, 5, 4, 1, 0, {"EUR": "2.00", "USD": "0.30"}, "125.00", {"EUR": "0.5000", "USD": "0.0750"}
+            "sub3",
+            "",
+            11,
+            3,
+            6,
+            6,
+            0,
+            1,
+            {"EUR": "3.00", "USD": "6.45"},
+            "54.55",
+            {"EUR": "0.2727", "USD": "0.5864"},
+            unique=4,
+        ),
+        row(
+            "sub3",
+            "p",
+            4,
+            0,
+            5,
+            4,
+            1,
+            0,
+            {"EUR": "2.00", "USD": "0.30"},
+            "125.00",
+            {"EUR": "0.5000", "USD": "0.0750"},
+            unique=1,  # a1, spring's first on 03-01
         ),
     ]
 
@@ -276,20 +365,46 @@ async def test_stats_campaign_filter_bots_and_tz(client, clock):
     await seed(client, clock)
     span = f"from={A}&to={C}"
     assert await stats(client, f"{span}&by=day&campaign=summer") == [
-        row("day", A, 2, 0, 1, 1, 0, 0, {"EUR": "3.00"}, "50.00", {"EUR": "1.5000"}),
-        row("day", B, 1, 1, 1, 1, 0, 0, {"USD": "4.00"}, "100.00", {"USD": "4.0000"}),
+        row("day", A, 2, 0, 1, 1, 0, 0, {"EUR": "3.00"}, "50.00", {"EUR": "1.5000"}, unique=1),
+        row("day", B, 1, 1, 1, 1, 0, 0, {"USD": "4.00"}, "100.00", {"USD": "4.0000"}, unique=1),
     ]
     assert await stats(client, f"{span}&campaign=summer") == [BY_CAMPAIGN[1]]
     # sub2 (raw rows) with the filter too: f, e1, e2 and the empty-UA bot have no sub2.
     assert (await stats(client, f"{span}&by=sub2&campaign=spring"))[0] == row(
-        "sub2", "", 3, 1, 2, 2, 0, 0, {"USD": "1.00"}, "66.67", {"USD": "0.3333"}
+        "sub2", "", 3, 1, 2, 2, 0, 0, {"USD": "1.00"}, "66.67", {"USD": "0.3333"}, unique=1
     )
     assert await stats(client, f"{span}&campaign=nope") == []
     # bots=1: bot clicks are in clicks, cr and epc; bot_clicks is unchanged.
     assert await stats(client, f"{span}&by=day&bots=1") == [
-        row("day", A, 10, 2, 6, 5, 1, 1, {"EUR": "3.00", "USD": "0.50"}, "60.00", {"EUR": "0.3000", "USD": "0.0500"}),
-        row("day", B, 6, 1, 4, 4, 0, 0, {"EUR": "2.00", "USD": "5.92"}, "66.67", {"EUR": "0.3333", "USD": "0.9867"}),
-        row("day", C, 2, 0, 1, 1, 0, 0, {"USD": "0.33"}, "50.00", {"USD": "0.1650"}),
+        row(
+            "day",
+            A,
+            10,
+            2,
+            6,
+            5,
+            1,
+            1,
+            {"EUR": "3.00", "USD": "0.50"},
+            "60.00",
+            {"EUR": "0.3000", "USD": "0.0500"},
+            unique=2,
+        ),
+        row(
+            "day",
+            B,
+            6,
+            1,
+            4,
+            4,
+            0,
+            0,
+            {"EUR": "2.00", "USD": "5.92"},
+            "66.67",
+            {"EUR": "0.3333", "USD": "0.9867"},
+            unique=2,
+        ),
+        row("day", C, 2, 0, 1, 1, 0, 0, {"USD": "0.33"}, "50.00", {"USD": "0.1650"}, unique=1),
     ]
     assert await stats(client, f"{span}&by=day&bots=0") == BY_DAY
     assert await stats(client, f"{span}&by=day&tz=UTC") == BY_DAY
@@ -305,9 +420,22 @@ async def test_stats_date_bounds_are_inclusive_and_default_to_30_days(client, cl
     assert await stats(client, "from=2026-03-03&to=2026-03-03&by=day") == []
     # The same bounds on the raw-row path: 03-01 alone.
     assert await stats(client, f"from={A}&to={A}&by=sub2") == [
-        row("sub2", "", 0, 1, 0, 0, 0, 0, {}, None, {}),  # the empty-UA bot alone: no human clicks, cr null
-        row("sub2", "x", 6, 1, 5, 4, 1, 0, {"EUR": "3.00", "USD": "0.30"}, "83.33", {"EUR": "0.5000", "USD": "0.0500"}),
-        row("sub2", "y", 2, 0, 1, 1, 0, 1, {"USD": "0.20"}, "50.00", {"USD": "0.1000"}),
+        row("sub2", "", 0, 1, 0, 0, 0, 0, {}, None, {}, unique=0),  # the empty-UA bot alone: no human clicks, cr null
+        row(
+            "sub2",
+            "x",
+            6,
+            1,
+            5,
+            4,
+            1,
+            0,
+            {"EUR": "3.00", "USD": "0.30"},
+            "83.33",
+            {"EUR": "0.5000", "USD": "0.0500"},
+            unique=2,
+        ),
+        row("sub2", "y", 2, 0, 1, 1, 0, 1, {"USD": "0.20"}, "50.00", {"USD": "0.1000"}, unique=0),
     ]
     # Default: the 30 days to today (UTC) inclusive. Today is 03-04: 02-03..03-04.
     assert await stats(client, "by=day") == [OLD_DAY, *BY_DAY]
@@ -327,12 +455,12 @@ async def test_a_day_with_conversions_and_no_clicks_has_null_cr(client, clock):
     await postback(client, cid, payout="1.005")  # micro-units: 1.005 is kept, not rounded
     await postback(client, cid, payout="0.000001", txid="tiny")
     assert await stats(client, f"from={A}&to={B}&by=day") == [
-        row("day", A, 1, 0, 0, 0, 0, 0, {}, "0.00", {}),
-        row("day", B, 0, 0, 2, 2, 0, 0, {"USD": "1.005001"}, None, {}),
+        row("day", A, 1, 0, 0, 0, 0, 0, {}, "0.00", {}, unique=1),
+        row("day", B, 0, 0, 2, 2, 0, 0, {"USD": "1.005001"}, None, {}, unique=0),
     ]
     # the same conversions against their click's sub1 over both days
     assert await stats(client, f"from={A}&to={B}&by=sub1") == [
-        row("sub1", "late", 1, 0, 2, 2, 0, 0, {"USD": "1.005001"}, "200.00", {"USD": "1.0050"}),
+        row("sub1", "late", 1, 0, 2, 2, 0, 0, {"USD": "1.005001"}, "200.00", {"USD": "1.0050"}, unique=1),
     ]
 
 
@@ -357,14 +485,19 @@ async def test_after_a_status_change_totals_and_raw_rows_agree(client, clock):
     await change_statuses(client, clock)
     want = {
         "clicks": 2,
+        "unique_clicks": 1,  # one address, one User-Agent
         "bot_clicks": 0,
         "conversions": 1,
         "approved": 1,
         "pending": 0,
         "rejected": 1,
         "payout": {"USD": "4.00"},
+        "cost": {},
+        "profit": {"USD": "4.00"},
+        "roi": {"USD": None},
         "cr": "50.00",
         "epc": {"USD": "2.0000"},
+        "cpa": {},
     }
     assert await stats(client, f"from={A}&to={A}&by=sub2") == [{"sub2": "", **want}]  # raw rows
     assert await stats(client, f"from={A}&to={A}&by=sub1") == [{"sub1": "", **want}]  # daily totals
@@ -375,8 +508,8 @@ async def test_after_a_status_change_by_status_has_no_empty_status_row(client, c
     """Nothing is pending any more: by=status has no "pending" row of zeros."""
     await change_statuses(client, clock)
     assert await stats(client, f"from={A}&to={A}&by=status") == [
-        row("status", "approved", 2, 0, 1, 1, 0, 0, {"USD": "4.00"}, "50.00", {"USD": "2.0000"}),
-        row("status", "rejected", 2, 0, 0, 0, 0, 1, {"EUR": "5.00"}, "0.00", {"EUR": "2.5000"}),
+        row("status", "approved", 2, 0, 1, 1, 0, 0, {"USD": "4.00"}, "50.00", {"USD": "2.0000"}, unique=1),
+        row("status", "rejected", 2, 0, 0, 0, 0, 1, {"EUR": "5.00"}, "0.00", {"EUR": "2.5000"}, unique=1),
     ]
 
 
@@ -412,33 +545,39 @@ def csv_rows(text: str) -> tuple[list[str], list[dict]]:
 
 
 def assert_csv_matches(by: str, text: str, rows: list[dict]) -> None:
-    """The CSV, parsed back, says what the JSON says: one payout_/epc_ column per
-    currency (0.00 / 0.0000 where a row has none), null as an empty cell, and a
-    cell a spreadsheet would run as a formula prefixed with '."""
-    currencies = sorted({cur for r in rows for cur in r["payout"]})
+    """The CSV, parsed back, says what the JSON says: one payout_/cost_/profit_/roi_/
+    epc_/cpa_ column per currency (0.00 / 0.0000 where a row has none, roi and cpa
+    empty), null as an empty cell, and a cell a spreadsheet would run as a formula
+    prefixed with '."""
+    currencies = sorted({cur for r in rows for cur in (*r["payout"], *r["cost"])})
     header, parsed = csv_rows(text)
     assert header == [
         by,
         "clicks",
+        "unique_clicks",
         "bot_clicks",
         "conversions",
         "approved",
         "pending",
         "rejected",
-        *(f"payout_{c}" for c in currencies),
+        *(f"{column}_{c}" for column in ("payout", "cost", "profit", "roi") for c in currencies),
         "cr",
         *(f"epc_{c}" for c in currencies),
+        *(f"cpa_{c}" for c in currencies),
     ]
     assert len(parsed) == len(rows)
     for got, want in zip(parsed, rows):
         key = want[by]
         assert got[by] == ("'" + key if key[:1] in ("=", "+", "-", "@") else key)
-        for column in ("clicks", "bot_clicks", "conversions", "approved", "pending", "rejected"):
+        for column in ("clicks", "unique_clicks", "bot_clicks", "conversions", "approved", "pending", "rejected"):
             assert int(got[column]) == want[column], column
         assert got["cr"] == (want["cr"] or "")
         for cur in currencies:
-            assert got[f"payout_{cur}"] == want["payout"].get(cur, "0.00")
+            for column in ("payout", "cost", "profit"):
+                assert got[f"{column}_{cur}"] == want[column].get(cur, "0.00")
+            assert got[f"roi_{cur}"] == (want["roi"].get(cur) or "")
             assert got[f"epc_{cur}"] == want["epc"].get(cur, "0.0000" if want["clicks"] else "")
+            assert got[f"cpa_{cur}"] == ((want["cpa"].get(cur) or "") if want["conversions"] else "")
 
 
 @pytest.mark.anyio
@@ -464,13 +603,19 @@ async def test_stats_csv_is_the_json(client, clock):
     answer = await client.get(f"/api/stats?from={A}&to={C}&by=sub1&format=csv", headers=BEARER)
     # Every text cell is quoted (a spreadsheet splitting on ; keeps it whole), numbers are not.
     assert answer.text.splitlines() == [
-        '"sub1","clicks","bot_clicks","conversions","approved","pending","rejected","payout_EUR","payout_GBP","payout_USD",'
-        '"cr","epc_EUR","epc_GBP","epc_USD"',
-        '"",3,0,2,2,0,0,"0.00","0.00","1.00","66.67","0.0000","0.0000","0.3333"',
-        '"\'=HYPERLINK(""http://evil.example"")",1,0,1,1,0,0,"0.00","1.50","0.00","100.00","0.0000","1.5000","0.0000"',
-        '"a",9,1,7,6,1,0,"5.00","0.00","1.55","77.78","0.5556","0.0000","0.1722"',
-        '"b",2,1,1,1,0,1,"0.00","0.00","0.20","50.00","0.0000","0.0000","0.1000"',
-        '"c",1,1,1,1,0,0,"0.00","0.00","4.00","100.00","0.0000","0.0000","4.0000"',
+        '"sub1","clicks","unique_clicks","bot_clicks","conversions","approved","pending","rejected",'
+        '"payout_EUR","payout_GBP","payout_USD","cost_EUR","cost_GBP","cost_USD","profit_EUR","profit_GBP","profit_USD",'
+        '"roi_EUR","roi_GBP","roi_USD","cr","epc_EUR","epc_GBP","epc_USD","cpa_EUR","cpa_GBP","cpa_USD"',
+        '"",3,1,0,2,2,0,0,"0.00","0.00","1.00","0.00","0.00","0.00","0.00","0.00","1.00","","","",'
+        '"66.67","0.0000","0.0000","0.3333","","",""',
+        '"\'=HYPERLINK(""http://evil.example"")",1,0,0,1,1,0,0,"0.00","1.50","0.00","0.00","0.00","0.00",'
+        '"0.00","1.50","0.00","","","","100.00","0.0000","1.5000","0.0000","","",""',
+        '"a",9,3,1,7,6,1,0,"5.00","0.00","1.55","0.00","0.00","0.00","5.00","0.00","1.55","","","",'
+        '"77.78","0.5556","0.0000","0.1722","","",""',
+        '"b",2,0,1,1,1,0,1,"0.00","0.00","0.20","0.00","0.00","0.00","0.00","0.00","0.20","","","",'
+        '"50.00","0.0000","0.0000","0.1000","","",""',
+        '"c",1,1,1,1,1,0,0,"0.00","0.00","4.00","0.00","0.00","0.00","0.00","0.00","4.00","","","",'
+        '"100.00","0.0000","0.0000","4.0000","","",""',
     ]
 
 
@@ -546,9 +691,12 @@ async def test_cli_stats_table_csv_json_beside_the_running_app(client, clock, co
     assert (table.returncode, table.stderr) == (0, "")
     assert table.stdout.splitlines() == [
         "2026-03-01 to 2026-03-04 (UTC), by campaign",
-        "campaign  clicks  bot_clicks  conversions  approved  pending  rejected  payout_EUR  payout_USD     cr  epc_EUR  epc_USD",
-        "spring        12           2            9         8        1         1        2.00        2.75  75.00   0.1667   0.2292",
-        "summer         3           1            2         2        0         0        3.00        4.00  66.67   1.0000   1.3333",
+        "campaign  clicks  unique_clicks  bot_clicks  conversions  approved  pending  rejected  payout_EUR  payout_USD"
+        "     cr  epc_EUR  epc_USD",  # no costs: no cost, profit, roi or cpa columns
+        "spring        12              3           2            9         8        1         1        2.00        2.75"
+        "  75.00   0.1667   0.2292",
+        "summer         3              2           1            2         2        0         0        3.00        4.00"
+        "  66.67   1.0000   1.3333",
     ]
     by_sub1 = await cli("--from", A, "--to", C, "--by", "sub1", "--bots")
     lines = by_sub1.stdout.splitlines()
@@ -560,6 +708,7 @@ async def test_cli_stats_table_csv_json_beside_the_running_app(client, clock, co
         [
             "sub1",
             "clicks",
+            "unique_clicks",
             "bot_clicks",
             "conversions",
             "approved",
@@ -571,11 +720,24 @@ async def test_cli_stats_table_csv_json_beside_the_running_app(client, clock, co
             "epc_EUR",
             "epc_USD",
         ],
-        ["a", "10", "1", "7", "6", "1", "0", "5.00", "1.55", "70.00", "0.5000", "0.1550"],
-        ["b", "3", "1", "1", "1", "0", "1", "0.00", "0.20", "33.33", "0.0000", "0.0667"],
-        ["c", "2", "1", "1", "1", "0", "0", "0.00", "4.00", "50.00", "0.0000", "2.0000"],
+        ["a", "10", "3", "1", "7", "6", "1", "0", "5.00", "1.55", "70.00", "0.5000", "0.1550"],
+        ["b", "3", "0", "1", "1", "1", "0", "1", "0.00", "0.20", "33.33", "0.0000", "0.0667"],
+        ["c", "2", "1", "1", "1", "1", "0", "0", "0.00", "4.00", "50.00", "0.0000", "2.0000"],
     ]
-    assert cells[0].split() == ["3", "0", "2", "2", "0", "0", "0.00", "1.00", "66.67", "0.0000", "0.3333"]  # sub1 ""
+    assert cells[0].split() == [
+        "3",
+        "1",
+        "0",
+        "2",
+        "2",
+        "0",
+        "0",
+        "0.00",
+        "1.00",
+        "66.67",
+        "0.0000",
+        "0.3333",
+    ]  # sub1 ""
     assert {len(line) for line in [header, *cells]} == {len(header)}
     for name in header.split()[1:]:
         end = header.index(name) + len(name)
@@ -696,10 +858,59 @@ async def test_admin_page_in_process(client, clock):
     assert {day: h for day, h in heights.items() if h} == {OLD: top * 5 / 8, A: top, B: top * 5 / 8, C: top * 3 / 8}
     assert page.bars[-1]["title"] == "2026-03-04: 3 clicks, 2 conversions"
     assert page.tables["Campaigns"] == [
-        ["campaign", "clicks", "bots", "conv.", "approved", "pending", "rejected", "payout", "CR %", "EPC"],
-        # 02-27's 5 clicks and 100 USD are in the 30 days; so is the XSS click's 2 USD.
-        ["spring", "18", "2", "11", "10", "1", "1", "2.00 EUR 104.75 USD", "61.11", "0.1111 EUR 5.8194 USD"],
-        ["summer", "3", "1", "2", "2", "0", "0", "3.00 EUR 4.00 USD", "66.67", "1.0000 EUR 1.3333 USD"],
+        [
+            "campaign",
+            "clicks",
+            "unique",
+            "bots",
+            "conv.",
+            "approved",
+            "pending",
+            "rejected",
+            "payout",
+            "cost",
+            "profit",
+            "ROI %",
+            "CR %",
+            "EPC",
+            "CPA",
+        ],
+        # 02-27's 5 clicks and 100 USD are in the 30 days; so is the XSS click's 2 USD (not unique:
+        # the same address and browser as e1 that day). No costs: profit is the payout, no ROI or CPA.
+        [
+            "spring",
+            "18",
+            "4",
+            "2",
+            "11",
+            "10",
+            "1",
+            "1",
+            "2.00 EUR 104.75 USD",
+            "0.00",
+            "2.00 EUR 104.75 USD",
+            "-",
+            "61.11",
+            "0.1111 EUR 5.8194 USD",
+            "-",
+        ],
+        [
+            "summer",
+            "3",
+            "2",
+            "1",
+            "2",
+            "2",
+            "0",
+            "0",
+            "3.00 EUR 4.00 USD",
+            "0.00",
+            "3.00 EUR 4.00 USD",
+            "-",
+            "66.67",
+            "1.0000 EUR 1.3333 USD",
+            "-",
+        ],
     ]
     latest = page.tables["Latest conversions"]
     assert latest[0] == ["when", "campaign", "sub1", "event", "status", "payout", "why"]
@@ -803,9 +1014,57 @@ async def test_admin_page_in_headless_chromium(tmp_path):
             f"{day(0)}: 1 clicks, 2 conversions",
         } <= titles
         assert page.tables["Campaigns"] == [
-            ["campaign", "clicks", "bots", "conv.", "approved", "pending", "rejected", "payout", "CR %", "EPC"],
-            ["spring", "10", "1", "3", "2", "1", "0", "3.75 USD", "30.00", "0.3750 USD"],
-            ["summer", "2", "0", "1", "1", "0", "0", "1.00 EUR", "50.00", "0.5000 EUR"],
+            [
+                "campaign",
+                "clicks",
+                "unique",
+                "bots",
+                "conv.",
+                "approved",
+                "pending",
+                "rejected",
+                "payout",
+                "cost",
+                "profit",
+                "ROI %",
+                "CR %",
+                "EPC",
+                "CPA",
+            ],
+            [
+                "spring",
+                "10",
+                "3",
+                "1",
+                "3",
+                "2",
+                "1",
+                "0",
+                "3.75 USD",
+                "0.00",
+                "3.75 USD",
+                "-",
+                "30.00",
+                "0.3750 USD",
+                "-",
+            ],
+            [
+                "summer",
+                "2",
+                "1",
+                "0",
+                "1",
+                "1",
+                "0",
+                "0",
+                "1.00 EUR",
+                "0.00",
+                "1.00 EUR",
+                "-",
+                "50.00",
+                "0.5000 EUR",
+                "-",
+            ],
         ]
         latest = [cells[1:] for cells in page.tables["Latest conversions"][1:]]
         assert latest == [
@@ -882,6 +1141,7 @@ async def test_metrics_counters_and_histograms(client, config):
     before, types = scrape_text(await client.get("/metrics", headers=BEARER))
     assert types == {
         "tinytrack_clicks_total": "counter",
+        "tinytrack_click_cost_invalid_total": "counter",
         "tinytrack_postbacks_total": "counter",
         "tinytrack_forwards_total": "counter",
         "tinytrack_outbox": "gauge",
@@ -894,6 +1154,8 @@ async def test_metrics_counters_and_histograms(client, config):
     humans = [await click(client, "spring", sub1="m") for _ in range(2)]
     await click(client, "spring", ua="")
     await click(client, "spring", ua="Googlebot")
+    await click(client, "spring", sub1="m", cost="abc")  # redirected all the same, stored without a cost
+    await click(client, "spring", sub1="m", cost="0.05")
     await postback(client, humans[0], payout="1")
     await postback(client, humans[0], expect="duplicate", payout="1")
     await postback(client, humans[1], status="pending")
@@ -910,7 +1172,8 @@ async def test_metrics_counters_and_histograms(client, config):
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert (delta("tinytrack_clicks_total", bot="0"), delta("tinytrack_clicks_total", bot="1")) == (2, 2)
+    assert (delta("tinytrack_clicks_total", bot="0"), delta("tinytrack_clicks_total", bot="1")) == (4, 2)
+    assert delta("tinytrack_click_cost_invalid_total") == 1
     assert {
         r: delta("tinytrack_postbacks_total", result=r)
         for r in ("created", "duplicate", "updated", "orphan", "http_401", "http_400")
@@ -931,7 +1194,7 @@ async def test_metrics_counters_and_histograms(client, config):
         histograms(after, "tinytrack_request_seconds"),
     )
     assert set(latency) == {(("route", "click"),), (("route", "postback"),)}
-    assert latency[(("route", "click"),)]["count"] - latency_before[(("route", "click"),)]["count"] == 4
+    assert latency[(("route", "click"),)]["count"] - latency_before[(("route", "click"),)]["count"] == 6
     assert latency[(("route", "postback"),)]["count"] - latency_before[(("route", "postback"),)]["count"] == 7
     assert latency[(("route", "click"),)]["sum"] > 0
     batches_before, batches = (

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.anyio
 DAY = 86_400_000
 UA = {"user-agent": "Mozilla/5.0"}
 # What run_once reports, per rule: "clicks", "pii", "conversions", "orphans", "outbox".
-CLICKS, PII, CONVERSIONS, ORPHANS, OUTBOX = (rule.name for rule in tinytrack.PURGE_RULES)
+CLICKS, PII, CONVERSIONS, ORPHANS, OUTBOX, UNIQUES = (rule.name for rule in tinytrack.PURGE_RULES)
 
 
 @pytest.fixture
@@ -142,6 +142,8 @@ def seed_clicks(
             f"198.51.{i % 250}.{i % 200}",
             ua,
             0,
+            None,
+            None,
         )
         for i in range(n)
     )
@@ -596,6 +598,8 @@ def test_a_vacuum_step_hands_back_up_to_vacuum_pages_pages(tmp_path: Path):
                     "198.51.100.7",
                     "x" * 1000,
                     False,
+                    None,
+                    None,
                 )
                 for i in range(3000)
             ]
@@ -759,6 +763,8 @@ def seed_for_cli(path: str, now: int) -> dict[str, bytes]:
                     "203.0.113.77",
                     "Mozilla/5.0",
                     False,
+                    None,
+                    None,
                 )
                 for name in ("ancient", "month_old", "fresh")
             ]
@@ -810,6 +816,7 @@ def test_purge_command_dry_run_changes_nothing_then_purge_removes(tmp_path: Path
         ["clicks", "ip cut to /24 or /48, user agent dropped"],
         ["conversions", "deleted, with their history"],
         ["orphans", "deleted"],
+        ["click_uniques", "older days' unique-click keys deleted"],
     ]
     assert (would[1][2], would[3][2], would[4][2]) == ("1", "1", "1"), dry.stdout
 
@@ -822,6 +829,7 @@ def test_purge_command_dry_run_changes_nothing_then_purge_removes(tmp_path: Path
         ["clicks", "ip cut to /24 or /48, user agent dropped", "1"],  # the 100-day-old click was deleted, not cut
         ["conversions", "deleted, with their history", "1"],
         ["orphans", "deleted", "1"],
+        ["click_uniques", "older days' unique-click keys deleted", "2"],  # the two old human clicks' keys
     ], done.stdout
     assert rows(db, "SELECT id, ip, ua FROM clicks ORDER BY id") == [
         (ids["month_old"], "203.0.113.0", None),
@@ -834,7 +842,7 @@ def test_purge_command_dry_run_changes_nothing_then_purge_removes(tmp_path: Path
     assert rows(db, "PRAGMA freelist_count") == [(0,)]
 
     again = run("purge", "-c", str(config), cwd=tmp_path)
-    assert [line[-1] for line in table(again.stdout)[1:]] == ["0", "0", "0", "0"]
+    assert [line[-1] for line in table(again.stdout)[1:]] == ["0", "0", "0", "0", "0"]
 
 
 def test_purge_dry_run_counts_what_the_purge_then_does(tmp_path: Path):
