@@ -2076,8 +2076,8 @@ SCHEMA = [
         uploaded_at INTEGER NOT NULL,
         PRIMARY KEY (campaign, day, sub1)
     ) WITHOUT ROWID;
-    -- The (campaign, IP, User-Agent) keys seen today and yesterday, hashed: a click is
-    -- unique when its key goes in. Older days are dropped by the purge.
+    -- A day's (campaign, IP, User-Agent) keys, hashed, past the UNIQUE_MEMORY_KEYS the
+    -- writer keeps in memory: a click is unique when its key goes in. Purged after 2 days.
     CREATE TABLE click_uniques (day INTEGER NOT NULL, key BLOB NOT NULL, PRIMARY KEY (day, key)) WITHOUT ROWID;
     CREATE TRIGGER conversions_cost_insert AFTER INSERT ON conversions
     WHEN NEW.cost_counted AND NEW.status = 'approved' BEGIN
@@ -2102,10 +2102,6 @@ SCHEMA = [
         FROM clicks WHERE id IN (SELECT id FROM firsts) GROUP BY 1, 2, 3)
     UPDATE daily_clicks SET unique_clicks = counts.n FROM counts
     WHERE daily_clicks.day = counts.day AND daily_clicks.campaign = counts.campaign AND daily_clicks.sub1 = counts.sub1;
-    INSERT OR IGNORE INTO click_uniques
-        SELECT ts / 86400000, click_key(campaign, ip, ua) FROM clicks
-        WHERE bot = 0 AND id >= uuid_floor(coalesce((SELECT ts FROM clicks ORDER BY id DESC LIMIT 1) / 86400000 - 1, 0)
-            * 86400000);
     """,
 ]
 OTHER_SUB1 = "(other)"  # the totals' sub1 for a campaign-day's sub1 beyond retention.sub1_per_day
@@ -2127,8 +2123,6 @@ def open_database(path: str) -> sqlite3.Connection:
     con.execute("PRAGMA synchronous = NORMAL")
     con.execute("PRAGMA foreign_keys = ON")
     con.create_function("truncate_ip", 1, truncate_ip, deterministic=True)
-    con.create_function("click_key", 3, click_key, deterministic=True)
-    con.create_function("uuid_floor", 1, uuid_floor, deterministic=True)
     migrate(con, path)
     return con
 
@@ -2253,6 +2247,10 @@ ADD_DAILY_CLICKS = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot
 ADD_DAILY_COSTS = """INSERT INTO daily_costs (day, campaign, sub1, source, currency, cost) VALUES (?, ?, ?, ?, ?, ?)
                      ON CONFLICT DO UPDATE SET cost = cost + excluded.cost"""
 INSERT_UNIQUE = "INSERT OR IGNORE INTO click_uniques (day, key) VALUES (?, ?)"
+# Unique clicks: the writer keeps the day's (campaign, IP, User-Agent) keys in a set (about
+# 60 bytes each, rebuilt from the day's clicks after a restart); past this many in a day,
+# click_uniques takes the rest (an insert per click, ~2 us more).
+UNIQUE_MEMORY_KEYS = 250_000
 
 
 def money_sum(column: str) -> str:
@@ -2376,6 +2374,8 @@ class Database:
     def __init__(self, con: sqlite3.Connection) -> None:
         self.con = con
         self._sub1_seen: dict[tuple[int, str], set[str]] = {}  # (day, campaign) -> sub1 in its totals
+        self._unique_keys: dict[int, set[int]] = {}  # UTC day -> its human clicks' keys (see seen_before)
+        self._unique_added: list[tuple[int, int]] = []  # (day, key) added in this transaction
         self._busy_timeout: int | None = None
         self._synchronous_full: bool | None = None
 
@@ -2413,11 +2413,15 @@ class Database:
 
     def commit(self) -> None:
         self.con.execute("COMMIT")
+        self._unique_added.clear()
 
     def rollback(self) -> None:
         if self.con.in_transaction:
             self.con.execute("ROLLBACK")
         self._sub1_seen.clear()  # it may name totals rows the rollback took back
+        for day, key in self._unique_added:  # clicks that were not stored were not seen
+            self._unique_keys.get(day, set()).discard(key)
+        self._unique_added.clear()
 
     @contextmanager
     def transaction(self, *, fsync: bool = False, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Iterator[Database]:
@@ -2513,27 +2517,30 @@ class Database:
                     other.add((day, campaign, sub1))
                 folded[day, campaign, named, bot] += n
             totals = folded
+        # Per totals row: its unique clicks, and its costs (one pass; this runs per click).
+        # Before the insert: a day's keys read from its clicks must not find these.
+        unique: Counter = Counter()
+        costs: Counter = Counter()
+        day, keys = -1, set()
+        for row in rows:
+            if row[1] // DAY_MS != day:
+                day = row[1] // DAY_MS
+                keys = self.unique_keys(day)
+            if not row[11]:
+                key = hash((row[2], row[9], row[10]))  # the set lives in this process: its hash will do
+                if key not in keys and self._first_seen(day, keys, key, row):
+                    sub1 = row[3] or ""
+                    unique[day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1] += 1
+            if row[12] is not None:
+                sub1 = row[3] or ""
+                costs[
+                    day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1, "clicks", row[13]
+                ] += row[12]
         if other:
             rows = [(*row, 1 if (row[1] // DAY_MS, row[2], row[3] or "") in other else None) for row in rows]
             self.con.executemany(INSERT_CLICK_OTHER, rows)
         else:
             self.con.executemany(INSERT_CLICK, rows)
-        # Per totals row: its human clicks' keys, to count the new ones; and its costs.
-        keys: dict[tuple, list[tuple[int, bytes]]] = {}
-        costs: Counter = Counter()
-        for row in rows:
-            day, sub1 = row[1] // DAY_MS, row[3] or ""
-            if other and (day, row[2], sub1) in other:
-                sub1 = OTHER_SUB1
-            if not row[11]:
-                keys.setdefault((day, row[2], sub1), []).append((day, click_key(row[2], row[9], row[10])))
-            if row[12] is not None:
-                costs[day, row[2], sub1, "clicks", row[13]] += row[12]
-        unique = Counter()
-        for total, pairs in keys.items():
-            before = self.con.total_changes
-            self.con.executemany(INSERT_UNIQUE, pairs)
-            unique[total] = self.con.total_changes - before
         self.con.executemany(
             ADD_DAILY_CLICKS,
             [
@@ -2543,6 +2550,40 @@ class Database:
         )
         if costs:
             self.con.executemany(ADD_DAILY_COSTS, [(*key, cost) for key, cost in costs.items()])
+
+    def _first_seen(self, day: int, keys: set[int], key: int, row: Sequence) -> bool:
+        """A human click whose key is not in the day's set: the first of its (campaign,
+        address, User-Agent) that day, unless the set is full and click_uniques knew it."""
+        if len(keys) < UNIQUE_MEMORY_KEYS:
+            keys.add(key)
+            self._unique_added.append((day, key))
+            return True
+        return self.con.execute(INSERT_UNIQUE, (day, click_key(row[2], row[9], row[10]))).rowcount == 1
+
+    def unique_keys(self, day: int) -> set[int]:
+        """The set of a day's human-click keys, hash((campaign, ip, ua)); read from the
+        day's clicks when first asked (in the order they came, so after a restart it
+        holds what it held before). The server asks as it opens; at midnight the new
+        day has no clicks to read yet. No read on the click's path, so."""
+        keys = self._unique_keys.get(day)
+        return keys if keys is not None else self._load_unique_keys(day)
+
+    def _load_unique_keys(self, day: int) -> set[int]:
+        """A day's keys from its stored human clicks, in the order they came (so after a
+        restart the set holds what it held before). The server does this as it opens;
+        at midnight the new day has no clicks to read yet."""
+        while len(self._unique_keys) >= UNIQUE_DAYS:  # the day loaded longest ago goes; read again if asked
+            del self._unique_keys[next(iter(self._unique_keys))]
+        keys = self._unique_keys[day] = set()
+        rows = self.con.execute(
+            "SELECT campaign, ip, ua FROM clicks WHERE id >= ? AND id < ? AND bot = 0 ORDER BY id",
+            (uuid_floor(day * DAY_MS), uuid_floor((day + 1) * DAY_MS)),
+        )
+        for campaign, ip, user_agent in rows:
+            keys.add(hash((campaign, ip, user_agent)))
+            if len(keys) == UNIQUE_MEMORY_KEYS:
+                break
+        return keys
 
     def _total_sub1(self, day: int, campaign: str, sub1: str, cap: int) -> str:
         seen = self._sub1_in_totals(day, campaign)
@@ -3206,6 +3247,8 @@ class Store:
         self._db = await loop.run_in_executor(self._executor, Database.open, self.path)
         self._db.no_autocheckpoint()
         self.last_click_id = self._db.newest_click_id()
+        # Today's visitors, so the first click after a restart need not read them.
+        await loop.run_in_executor(self._executor, self._db.unique_keys, int(self.clock() // 86400))
         # A WAL left by a crash (or a full disk) is copied home before anything else. If a
         # reader (a backup, a report) holds it, that waits; a full disk is a failing write.
         try:

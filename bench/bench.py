@@ -376,11 +376,14 @@ def seed(db: Path, clicks: int, sample: int, span_days: float = 30.0) -> tuple[l
     picked: list[bytes] = []
     batch: list[tuple] = []
     report_at = 1_000_000
+    more = (None,) * (tt.INSERT_CLICK.count("?") - 12)  # columns newer versions added (cost): none here
     for i in range(clicks):
         now[0] = start + i * step
         cid, _ = ids.new()
         bot = 1 if i % 50 == 0 else 0
-        batch.append((cid, int(now[0] * 1000), CAMPAIGN, "abc", "xyz", None, None, None, None, "203.0.113.7", UA, bot))
+        batch.append(
+            (cid, int(now[0] * 1000), CAMPAIGN, "abc", "xyz", None, None, None, None, "203.0.113.7", UA, bot, *more)
+        )
         if i % every == 0 and len(picked) < sample:
             picked.append(cid)
         if len(batch) == 100_000:
