@@ -5206,6 +5206,15 @@ url = "https://offer.example.com/lp?cid={{click_id}}&s1={{sub1}}"
 # postback_url = "https://source.example/pb?clickid={{ext_id}}&payout={{payout}}"
 # forward_events = ["purchase"]           # default: every event
 # forward_statuses = ["approved"]         # the default
+# cost_model = "cpc"                      # cpc | cpm | cpa | revshare; a click's own &cost= wins over cpc/cpm
+# cost_value = "0.05"                     # per click | per 1,000 clicks | per approved conversion | % of payout
+# cost_currency = "USD"                   # default postback.currency
+# bot_cost = false                        # bot clicks cost nothing unless true
+# max_click_cost = "1"                    # a click's own cost above this is stored without it
+
+# [money]                                 # to report every currency in one
+# rates = {{ EUR = "1.08" }}                # 1 EUR = 1.08 report_currency
+# report_currency = "USD"                 # default postback.currency
 """
 DEMO_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
