@@ -2248,9 +2248,9 @@ ADD_DAILY_COSTS = """INSERT INTO daily_costs (day, campaign, sub1, source, curre
                      ON CONFLICT DO UPDATE SET cost = cost + excluded.cost"""
 INSERT_UNIQUE = "INSERT OR IGNORE INTO click_uniques (day, key) VALUES (?, ?)"
 # Unique clicks: the writer keeps the day's (campaign, IP, User-Agent) keys in a set (about
-# 60 bytes each, rebuilt from the day's clicks after a restart); past this many in a day,
-# click_uniques takes the rest (an insert per click, ~2 us more).
-UNIQUE_MEMORY_KEYS = 250_000
+# 80 bytes each, 8 MB in all; rebuilt from the day's clicks after a restart); past this many
+# in a day, click_uniques takes the rest (an insert per click, ~2 us more).
+UNIQUE_MEMORY_KEYS = 100_000
 
 
 def money_sum(column: str) -> str:

@@ -49,6 +49,9 @@ RESULTS = HERE / "results"
 CAMPAIGN = "bench"
 CAMPAIGN_URL = "https://offer.example.com/lp?cid={click_id}&s1={sub1}"
 CLICK_PATH = f"/c/{CAMPAIGN}?sub1=abc&sub2=xyz"
+# --with-cost: clicks that carry the source's cost, on a campaign with a cost model.
+COST_CAMPAIGN = "bench-cost"
+COST_CLICK_PATH = f"/c/{COST_CAMPAIGN}?sub1=abc&sub2=xyz&cost=0.0125"
 UA = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36"
 REPORT_SQL = "SELECT campaign, count(*), sum(bot) FROM clicks WHERE ts >= ? GROUP BY campaign"
 POSTBACK_IDS = 50_000  # click ids the postback load draws from
@@ -646,6 +649,11 @@ class Bench:
         conf.write_text(
             f'[server]\nhost = "127.0.0.1"\nport = {port}\n\n[storage]\npath = "{db}"\n\n'
             f'[postback]\ntokens = ["{token}"]\n\n[campaigns.{CAMPAIGN}]\nurl = "{CAMPAIGN_URL}"\n'
+            + (
+                f'\n[campaigns.{COST_CAMPAIGN}]\nurl = "{CAMPAIGN_URL}"\ncost_model = "cpc"\ncost_value = "0.01"\n'
+                if a.with_cost
+                else ""
+            )
         )
         log = self.workdir / f"{label}-server.log"
         code = (
@@ -669,6 +677,10 @@ class Bench:
             base = f"http://127.0.0.1:{port}"
             what = "empty db" if label == "empty" else f"{seed_clicks / 1e6:g}M clicks"
             results["clicks"] = self.measure(f"tinytrack clicks ({what})", proc.pid, base + CLICK_PATH)
+            if a.with_cost:
+                results["clicks_cost"] = self.measure(
+                    f"tinytrack clicks with &cost= ({what})", proc.pid, base + COST_CLICK_PATH
+                )
             if a.with_report:
                 results["clicks_report"] = self.with_report(
                     f"tinytrack clicks + report loop ({what})", proc.pid, base + CLICK_PATH, db
@@ -849,6 +861,13 @@ class Bench:
                     seeded["postbacks"]["rps"] >= 0.8 * yard["rps"],
                 )
         for label, res in (("empty db", empty), (f"{a.seed_millions:g}M clicks", seeded)):
+            if res and "clicks_cost" in res:
+                add(
+                    f"clicks with &cost= / plain clicks ({label})",
+                    res["clicks_cost"]["rps"] / res["clicks"]["rps"],
+                    ">= 0.95x",
+                    res["clicks_cost"]["rps"] >= 0.95 * res["clicks"]["rps"],
+                )
             if res and "clicks_report" in res:
                 change = res["clicks_report"]["p99"] / res["clicks"]["p99"] - 1
                 add(
@@ -972,6 +991,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
     parser.add_argument("--seed-millions", type=float, default=0, help="also run with N million clicks seeded first")
     parser.add_argument("--with-report", action="store_true", help="also run clicks beside a looping aggregate query")
+    parser.add_argument(
+        "--with-cost",
+        action="store_true",
+        help="also run clicks with &cost= on a campaign with a cost model",
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy tinytrack under click and postback load")
     parser.add_argument("--profile-args", default="", help='more py-spy record options, e.g. "--native --idle"')
     parser.add_argument(
