@@ -15,6 +15,7 @@ import bisect
 import csv
 import dataclasses
 import datetime as dt
+import decimal
 import email.utils
 import enum
 import errno
@@ -281,8 +282,9 @@ class Campaign:
         )
 
     def click_cost(self, own: int | None, bot: bool) -> int | None:
-        """A click's cost in micro-units of cost_currency: its own, else cpc's or cpm's."""
-        if bot and not self.bot_cost:
+        """A click's cost in micro-units of cost_currency: its own, else cpc's or cpm's.
+        Under cpa or revshare the conversions are the cost: a click's own is not counted."""
+        if (bot and not self.bot_cost) or self.cost_model in ("cpa", "revshare"):
             return None
         if own is not None:
             return own
@@ -684,7 +686,7 @@ def read_cost(c: _Table, key: str, default_currency: str) -> dict[str, Any]:
         raise ConfigError(f"{key}.cost_model", f"must be one of {', '.join(COST_MODELS)}, got {quoted(model)}")
     # cpm: at most 3 decimals, so each click's share is a whole micro-unit and adds up exactly.
     places = 3 if model == "cpm" else 6
-    value = config_money(c, "cost_value", f"{key}.cost_value", places=places)
+    value = config_money(c, "cost_value", f"{key}.cost_value", places=places, high=MAX_CLICK_COST)
     if model is not None and value is None:
         raise ConfigError(f"{key}.cost_value", f"is required with cost_model = {quoted(model)}")
     if model is None and value is not None:
@@ -1469,6 +1471,7 @@ def next_step(
 
 MAX_COST_ROWS = 100_000  # rows in one upload
 MAX_COST_BODY = 16 * 1024 * 1024  # bytes of a PUT /api/costs body
+COST_ROWS_PER_WRITE = 500  # an upload is written in transactions of this many rows (~30 ms): clicks go between
 COST_FIELDS = ("day", "campaign", "sub1", "cost", "currency")
 
 
@@ -1494,26 +1497,34 @@ def zone(name: str, field: str = "tz") -> ZoneInfo:
         raise FieldError(field, f"must be an IANA time zone like Europe/Berlin or UTC, got {quoted(name)}") from None
 
 
-def utc_parts(day: int, tz: str, amount: int) -> list[tuple[int, int]]:
-    """A day in zone `tz` over the UTC days it covers: (UTC day, its share of amount by
-    the seconds it holds of the day), the shares adding up to amount exactly."""
+@lru_cache(maxsize=4096)
+def day_seconds(day: int, tz: str) -> tuple[tuple[int, int], ...]:
+    """A day in zone `tz` as the UTC days it covers and how many of its seconds each
+    holds; none for a day the zone skipped (Samoa's 2011-12-30: cost_rows refuses it)."""
     local = zone(tz)
     date = dt.date(1970, 1, 1) + dt.timedelta(days=day)
     start = int(dt.datetime.combine(date, dt.time(), local).timestamp())
     end = int(dt.datetime.combine(date + dt.timedelta(days=1), dt.time(), local).timestamp())
-    days = range(start // 86400, (end - 1) // 86400 + 1)
-    seconds = [min(end, (d + 1) * 86400) - max(start, d * 86400) for d in days]
-    return list(zip(days, spread(amount, seconds)))
+    days = range(start // 86400, (end - 1) // 86400 + 1) if end > start else ()
+    return tuple((d, min(end, (d + 1) * 86400) - max(start, d * 86400)) for d in days)
+
+
+def utc_parts(day: int, tz: str, amount: int) -> list[tuple[int, int]]:
+    """A day in zone `tz` over the UTC days it covers: (UTC day, its share of amount by
+    the seconds it holds of the day), the shares adding up to amount exactly."""
+    parts = day_seconds(day, tz)
+    return list(zip([d for d, _ in parts], spread(amount, [n for _, n in parts]))) if parts else []
 
 
 def cost_rows(
     items: Iterable[Mapping[str, Any]],
     campaigns: Mapping[str, Campaign],
+    tz: str,
     last_day: int,
     name: Callable[[int, str], str],
 ) -> list[CostUpload]:
-    """Validate uploaded rows (name(i, field) says where a problem is) into one
-    CostUpload per key: rows with the same day, campaign and sub1 add up."""
+    """Validate uploaded rows, their days in zone `tz` (name(i, field) says where a
+    problem is), into one CostUpload per key: rows with the same key add up."""
     merged: dict[tuple[int, str, str], CostUpload] = {}
     whole_days: dict[tuple[int, str], bool] = {}  # (day, campaign) -> uploaded whole (no sub1)
     for i, item in enumerate(items):
@@ -1531,6 +1542,8 @@ def cost_rows(
         day = parse_day(text["day"], name(i, "day"))
         if not 10957 <= day <= last_day:  # 2000-01-01 to tomorrow
             raise FieldError(name(i, "day"), f"must be from 2000-01-01 to {day_text(last_day)}, got {text['day']}")
+        if not day_seconds(day, tz):
+            raise FieldError(name(i, "day"), f"{text['day']} did not happen in {tz} (the zone skipped it)")
         campaign = campaigns.get(text["campaign"])
         if campaign is None:
             raise FieldError(name(i, "campaign"), f"no campaign {quoted(text['campaign'])} in the config")
@@ -1563,6 +1576,28 @@ def cost_rows(
     return list(merged.values())
 
 
+def parse_cost_upload(
+    body: bytes, media: str, campaigns: Mapping[str, Campaign], tz: str, last_day: int
+) -> tuple[int, list[CostUpload]]:
+    """PUT /api/costs' body, JSON or CSV, checked whole: how many rows it has, and
+    their CostUploads. (Run off the event loop: 100,000 rows take a second.)"""
+    if media == "application/json":
+        if body.count(b"{") > MAX_COST_ROWS + 1:  # before orjson builds millions of objects
+            raise FieldError("rows", f"at most {MAX_COST_ROWS} rows in one upload")
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise FieldError("body", "invalid JSON") from None
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or len(data) != 1:
+            raise FieldError("body", 'must be {"rows": [...]}')
+        return len(data["rows"]), cost_rows(data["rows"], campaigns, tz, last_day, json_row_name)
+    try:
+        lines = parse_cost_csv(body.decode())
+    except UnicodeDecodeError:
+        raise FieldError("body", "not valid UTF-8") from None
+    return len(lines), cost_rows([row for _, row in lines], campaigns, tz, last_day, csv_row_name(lines))
+
+
 def json_row_name(i: int, field: str) -> str:
     return f"rows[{i}].{field}" if field else f"rows[{i}]"
 
@@ -1573,22 +1608,28 @@ def csv_row_name(lines: Sequence[tuple[int, Mapping[str, str]]]) -> Callable[[in
 
 def parse_cost_csv(text: str) -> list[tuple[int, dict[str, str]]]:
     """A spend report as CSV (header day,campaign,sub1,cost,currency; sub1 and currency
-    optional) into (line number, row) for cost_rows; FieldError names the line."""
-    reader = csv.reader(io.StringIO(text.removeprefix("\ufeff")))
-    header = [cell.strip().lower() for cell in next(reader, [])]
-    for column in header:
-        if column not in COST_FIELDS:
-            raise FieldError(f"line 1, column {quoted(column)}", f"unknown; the header is {','.join(COST_FIELDS)}")
-    for column in ("day", "campaign", "cost"):
-        if column not in header:
-            raise FieldError("line 1", f"the header needs a {column} column")
+    optional) into (line number, row) for cost_rows; FieldError names the line. Any
+    line ending will do (universal newlines: a Mac spreadsheet's bare CR too)."""
+    reader = csv.reader(io.StringIO(text.removeprefix("\ufeff"), newline=None))
     rows = []
-    for line in reader:
-        if not any(cell.strip() for cell in line):
-            continue
-        if len(line) != len(header):
-            raise FieldError(f"line {reader.line_num}", f"has {len(line)} cells, the header {len(header)}")
-        rows.append((reader.line_num, dict(zip(header, (cell.strip() for cell in line)))))
+    try:
+        header = [cell.strip().lower() for cell in next(reader, [])]
+        for column in header:
+            if column not in COST_FIELDS:
+                raise FieldError(f"line 1, column {quoted(column)}", f"unknown; the header is {','.join(COST_FIELDS)}")
+        for column in ("day", "campaign", "cost"):
+            if column not in header:
+                raise FieldError("line 1", f"the header needs a {column} column")
+        for line in reader:
+            if not any(cell.strip() for cell in line):
+                continue
+            if len(line) != len(header):
+                raise FieldError(f"line {reader.line_num}", f"has {len(line)} cells, the header {len(header)}")
+            if len(rows) == MAX_COST_ROWS:
+                raise FieldError("rows", f"at most {MAX_COST_ROWS} rows in one upload")
+            rows.append((reader.line_num, dict(zip(header, (cell.strip() for cell in line)))))
+    except csv.Error as exc:
+        raise FieldError(f"line {reader.line_num}", f"not CSV: {exc}") from None
     return rows
 
 
@@ -1755,6 +1796,9 @@ def money_figures(payout: Counter[str], cost: Counter[str], row: Mapping[str, in
     }
 
 
+EXACT = decimal.Context(prec=80)  # wide enough for any sum times any rate: rounded once, at the end
+
+
 def convert_money(amounts: Counter[str], money: MoneyConfig) -> Counter[str]:
     """Amounts in report_currency where a rate says how (each currency's sum converted,
     rounded half-even to the micro-unit); a currency without a rate stays apart."""
@@ -1767,7 +1811,7 @@ def convert_money(amounts: Counter[str], money: MoneyConfig) -> Counter[str]:
         if rate is None:
             out[cur] += units
         else:
-            out[report] += int((units * rate).to_integral_value(ROUND_HALF_EVEN))
+            out[report] += int(EXACT.multiply(units, rate).to_integral_value(ROUND_HALF_EVEN))
     return out
 
 
@@ -1788,7 +1832,8 @@ def ratio(numerator: int, denominator: int, places: int) -> str | None:
     """numerator / denominator as an exact decimal string, rounded half-even."""
     if not denominator:
         return None
-    return str((Decimal(numerator) / Decimal(denominator)).quantize(Decimal(1).scaleb(-places), ROUND_HALF_EVEN))
+    value = (Decimal(numerator) / Decimal(denominator)).quantize(Decimal(1).scaleb(-places), ROUND_HALF_EVEN)
+    return str(value if value else abs(value))  # a loss too small to show is 0.00, not -0.00
 
 
 def stats_table(q: StatsQuery, rows: list[dict]) -> tuple[list[str], list[list[object]]]:
@@ -2045,16 +2090,18 @@ SCHEMA = [
     -- What the click cost, in micro-units of cost_currency (its own cost, else the model's).
     ALTER TABLE clicks ADD COLUMN cost INTEGER;
     ALTER TABLE clicks ADD COLUMN cost_currency TEXT;
-    -- What {cost} tells a source: a cpa/revshare cost (cost_counted = 1: in the totals
-    -- while approved), else its click's cost (already counted with the click).
+    -- What {cost} tells a source: with cost_model ('cpa' or 'revshare', as it was when
+    -- stored) the conversion's own cost, in the totals while approved; without, its click's
+    -- cost (already counted with the click).
     ALTER TABLE conversions ADD COLUMN cost INTEGER;
     ALTER TABLE conversions ADD COLUMN cost_currency TEXT;
-    ALTER TABLE conversions ADD COLUMN cost_counted INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE conversions ADD COLUMN cost_model TEXT;
     -- Human clicks whose (campaign, UTC day, IP, User-Agent) was new that day.
     ALTER TABLE daily_clicks ADD COLUMN unique_clicks INTEGER NOT NULL DEFAULT 0;
     -- Costs per UTC day, campaign and sub1, by where they came from: 'clicks' and
     -- 'conversions' as they are written, 'upload' from cost_uploads. A day-campaign-sub1
-    -- with an 'upload' row reports that, and nothing else, as its cost.
+    -- with an 'upload' row reports that, and nothing else, as its cost; a day-campaign
+    -- with a 'day' row (sub1 '', cost 0: a whole-day upload) reports only its uploads.
     CREATE TABLE daily_costs (
         day INTEGER NOT NULL,
         campaign TEXT NOT NULL,
@@ -2080,22 +2127,27 @@ SCHEMA = [
     -- writer keeps in memory: a click is unique when its key goes in. Purged after 2 days.
     CREATE TABLE click_uniques (day INTEGER NOT NULL, key BLOB NOT NULL, PRIMARY KEY (day, key)) WITHOUT ROWID;
     CREATE TRIGGER conversions_cost_insert AFTER INSERT ON conversions
-    WHEN NEW.cost_counted AND NEW.status = 'approved' BEGIN
+    WHEN NEW.cost_model IS NOT NULL AND NEW.status = 'approved' BEGIN
         INSERT INTO daily_costs VALUES (NEW.ts / 86400000, NEW.campaign, coalesce(NEW.sub1_total, NEW.sub1, ''),
             'conversions', NEW.cost_currency, NEW.cost)
         ON CONFLICT DO UPDATE SET cost = cost + excluded.cost;
     END;
     CREATE TRIGGER conversions_cost_update AFTER UPDATE OF status, cost, cost_currency ON conversions
-    WHEN (OLD.cost_counted AND OLD.status = 'approved') OR (NEW.cost_counted AND NEW.status = 'approved') BEGIN
+    WHEN (OLD.cost_model IS NOT NULL AND OLD.status = 'approved') OR (NEW.cost_model IS NOT NULL AND NEW.status = 'approved')
+    BEGIN
         UPDATE daily_costs SET cost = cost - OLD.cost
-        WHERE OLD.cost_counted AND OLD.status = 'approved' AND day = OLD.ts / 86400000 AND campaign = OLD.campaign
+        WHERE OLD.cost_model IS NOT NULL AND OLD.status = 'approved' AND day = OLD.ts / 86400000 AND campaign = OLD.campaign
             AND sub1 = coalesce(OLD.sub1_total, OLD.sub1, '') AND source = 'conversions' AND currency = OLD.cost_currency;
         INSERT INTO daily_costs SELECT NEW.ts / 86400000, NEW.campaign, coalesce(NEW.sub1_total, NEW.sub1, ''),
-            'conversions', NEW.cost_currency, NEW.cost WHERE NEW.cost_counted AND NEW.status = 'approved'
+            'conversions', NEW.cost_currency, NEW.cost WHERE NEW.cost_model IS NOT NULL AND NEW.status = 'approved'
         ON CONFLICT DO UPDATE SET cost = cost + excluded.cost;
     END;
-    -- Unique clicks of the days whose clicks are still kept; purged days stay at 0.
-    WITH firsts AS (SELECT min(id) AS id FROM clicks WHERE bot = 0 GROUP BY ts / 86400000, campaign, ip, ua),
+    -- Unique clicks of the days whose clicks are still kept whole: purged days, and days
+    -- whose addresses were cut (pii_days, which drops the User-Agent), stay at 0.
+    WITH firsts AS (
+        SELECT min(id) AS id FROM clicks WHERE bot = 0
+            AND ts / 86400000 NOT IN (SELECT DISTINCT ts / 86400000 FROM clicks WHERE ua IS NULL)
+        GROUP BY ts / 86400000, campaign, ip, ua),
     counts AS (
         SELECT ts / 86400000 AS day, campaign, CASE WHEN sub1_other THEN '(other)' ELSE coalesce(sub1, '') END AS sub1,
             count(*) AS n
@@ -2244,8 +2296,11 @@ INSERT_CLICK_OTHER = (
 ADD_DAILY_CLICKS = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks, unique_clicks) VALUES (?, ?, ?, ?, ?, ?)
                       ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks,
                           unique_clicks = unique_clicks + excluded.unique_clicks"""
-ADD_DAILY_COSTS = """INSERT INTO daily_costs (day, campaign, sub1, source, currency, cost) VALUES (?, ?, ?, ?, ?, ?)
-                     ON CONFLICT DO UPDATE SET cost = cost + excluded.cost"""
+# Clicks' costs can't push a total past 64 bits into a REAL (inexact for good): at that
+# point (9.2 million clicks at max_click_cost in one day and sub1: a flood) the total stays.
+ADD_DAILY_COSTS = f"""INSERT INTO daily_costs (day, campaign, sub1, source, currency, cost) VALUES (?, ?, ?, ?, ?, ?)
+                      ON CONFLICT DO UPDATE SET cost = CASE WHEN cost <= {MAX_SUM} - excluded.cost
+                          THEN cost + excluded.cost ELSE cost END"""
 INSERT_UNIQUE = "INSERT OR IGNORE INTO click_uniques (day, key) VALUES (?, ?)"
 # Unique clicks: the writer keeps the day's (campaign, IP, User-Agent) keys in a set (about
 # 80 bytes each, 8 MB in all; rebuilt from the day's clicks after a restart); past this many
@@ -2309,7 +2364,7 @@ class StoredConversion(NamedTuple):
     payout: int
     currency: str
     sub1_total: str | None
-    cost_counted: bool  # its cost is a cpa/revshare cost, in the totals while approved
+    cost_model: str | None  # 'cpa' or 'revshare': its cost is its own, in the totals while approved
     cost_currency: str | None
     facts: ForwardFacts
 
@@ -2655,7 +2710,7 @@ class Database:
 
     def _find_conversion(self, pb: Postback) -> StoredConversion | None:
         row = self.con.execute(
-            """SELECT id, status, reason, ts / 86400000, payout, currency, sub1_total, cost_counted, cost_currency,
+            """SELECT id, status, reason, ts / 86400000, payout, currency, sub1_total, cost_model, cost_currency,
                       click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost
                FROM conversions WHERE click_id = ? AND dedupe_key = ?""",
             (pb.click_id, pb.dedupe_key),
@@ -2687,11 +2742,11 @@ class Database:
                 PostbackResult.INVALID, reason=overflow_problem(click.campaign, day), campaign=click.campaign
             )
         model_cost = campaign and campaign.conversion_cost(pb.payout, pb.currency)
-        (cost, cost_currency), counted = (model_cost, 1) if model_cost else (click_cost, 0)
+        (cost, cost_currency), model = (model_cost, campaign.cost_model) if model_cost else (click_cost, None)
         row = self.con.execute(
             """INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id,
                    event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip, sub1_total,
-                   cost, cost_currency, cost_counted)
+                   cost, cost_currency, cost_model)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id""",
             (
@@ -2711,7 +2766,7 @@ class Database:
                 sub1_total,
                 cost,
                 cost_currency,
-                counted,
+                model,
             ),
         ).fetchone()
         if row is None:
@@ -2737,8 +2792,15 @@ class Database:
             )
         campaign = policy.campaigns.get(click.campaign)
         cost, cost_currency = old.facts.cost, old.cost_currency
-        if old.cost_counted and pb.payout_given and campaign is not None and campaign.cost_model == "revshare":
-            cost, cost_currency = campaign.conversion_cost(payout, currency)  # its share of the new payout
+        if (
+            old.cost_model == "revshare"
+            and pb.payout_given
+            and campaign is not None
+            and campaign.cost_model == "revshare"
+        ):
+            cost, cost_currency = campaign.conversion_cost(
+                payout, currency
+            )  # the share of its new payout, at today's percent
         self.con.execute(
             """UPDATE conversions SET status = ?, updated_at = ?, ip = ?, payout = ?, currency = ?, cost = ?, cost_currency = ?
                WHERE id = ?""",
@@ -2790,65 +2852,104 @@ class Database:
 
     # -- Uploaded costs --
 
-    def upload_costs(self, rows: Sequence[CostUpload], tz: str, now_ms: int) -> int:
+    def upload_costs(self, now_ms: int, *, rows: Sequence[CostUpload], tz: str) -> int:
         """Store a spend report whose days are in zone `tz`, in the caller's transaction:
         each row replaces what was uploaded for its key before (a whole-day row, every
-        row of its campaign-day), and the UTC days it touches are totalled again. How
+        row of its campaign-day), and what it touches is totalled again: one sub1 of a
+        UTC day, or the whole day where a whole-day row (or '(other)') is involved. How
         many rows replaced an earlier upload."""
-        replaced, touched = 0, set()
+        replaced = 0
+        touched: dict[tuple[int, str], set[str] | None] = {}  # (UTC day, campaign) -> sub1, or None: all
         for row in rows:
             if row.sub1:  # one sub1, and no longer a whole-day row of that day
                 old = self.con.execute(
-                    "DELETE FROM cost_uploads WHERE campaign = ? AND day = ? AND sub1 IN (?, '') RETURNING tz",
+                    "DELETE FROM cost_uploads WHERE campaign = ? AND day = ? AND sub1 IN (?, '') RETURNING tz, sub1",
                     (row.campaign, row.day, row.sub1),
                 ).fetchall()
             else:
                 old = self.con.execute(
-                    "DELETE FROM cost_uploads WHERE campaign = ? AND day = ? RETURNING tz", (row.campaign, row.day)
+                    "DELETE FROM cost_uploads WHERE campaign = ? AND day = ? RETURNING tz, sub1",
+                    (row.campaign, row.day),
                 ).fetchall()
             replaced += bool(old)
             self.con.execute(
                 "INSERT INTO cost_uploads (day, campaign, sub1, tz, currency, cost, uploaded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (row.day, row.campaign, row.sub1, tz, row.currency, row.cost, now_ms),
             )
-            for zone_name in {tz, *(old_tz for (old_tz,) in old)}:
-                touched.update((utc_day, row.campaign) for utc_day, _ in utc_parts(row.day, zone_name, 0))
-        for utc_day, campaign in sorted(touched):
-            self._total_uploads(utc_day, campaign)
+            whole = not row.sub1 or any(not sub1 for _, sub1 in old)
+            for zone_name in {tz, *(old_tz for old_tz, _ in old)}:
+                for utc_day, _ in day_seconds(row.day, zone_name):
+                    key = (utc_day, row.campaign)
+                    if whole or touched.get(key, set()) is None:
+                        touched[key] = None
+                    else:
+                        touched.setdefault(key, set()).add(row.sub1)
+        for (utc_day, campaign), sub1s in sorted(touched.items(), key=lambda item: item[0]):
+            self._total_uploads(utc_day, campaign, sub1s)
         return replaced
 
-    def _total_uploads(self, utc_day: int, campaign: str) -> None:
-        """Rewrite a UTC day's 'upload' costs of a campaign from the uploads that cover
-        it: a whole-day upload's share spread over that day's sub1 by clicks."""
+    def _total_uploads(self, utc_day: int, campaign: str, sub1s: Collection[str] | None = None) -> None:
+        """Rewrite a UTC day's 'upload' costs of a campaign (only these sub1's, when the
+        day has no whole-day upload and none of them counts as '(other)') from the uploads
+        that cover it: a whole-day upload's share spread over that day's sub1 by clicks,
+        and a 'day' row saying the uploads are the whole day's cost. A sub1 the day's
+        totals count as '(other)' (past retention.sub1_per_day) is uploaded under it."""
+        span = (campaign, utc_day - 1, utc_day + 1)  # a zone is at most 14 hours from UTC
+        names, weights = self._click_weights(utc_day, campaign)
+        if sub1s is not None:
+            whole_days = self.con.execute(  # day IN (...): three lookups of the primary key
+                "SELECT 1 FROM cost_uploads WHERE campaign = ? AND day IN (?, ?, ?) AND sub1 = '' LIMIT 1",
+                (campaign, utc_day - 1, utc_day, utc_day + 1),
+            ).fetchone()
+            folded = OTHER_SUB1 in names and not set(names).issuperset(sub1s)
+            if whole_days is None and not folded:
+                return self._total_upload_sub1s(utc_day, campaign, sub1s)
         parts: Counter[tuple[str, str]] = Counter()
+        whole_day = False
         uploads = self.con.execute(
-            "SELECT day, sub1, tz, currency, cost FROM cost_uploads WHERE campaign = ? AND day BETWEEN ? AND ?",
-            (campaign, utc_day - 1, utc_day + 1),  # a zone is at most 14 hours from UTC
+            "SELECT day, sub1, tz, currency, cost FROM cost_uploads WHERE campaign = ? AND day BETWEEN ? AND ?", span
         ).fetchall()
         for day, sub1, tz, currency, cost in uploads:
             share_here = dict(utc_parts(day, tz, cost)).get(utc_day)
             if share_here is None:
                 continue
             if sub1:
-                parts[sub1, currency] += share_here
+                folded = sub1 not in names and OTHER_SUB1 in names
+                parts[OTHER_SUB1 if folded else sub1, currency] += share_here
                 continue
-            names, weights = self._click_weights(utc_day, campaign)
+            whole_day = True
             for name, amount in zip(names, spread(share_here, weights)):
                 parts[name, currency] += amount
-            # The whole day's cost is this: a sub1 with a cost but no click that day
-            # (a cpa conversion of an earlier click) is replaced too, by nothing.
-            for (name,) in self.con.execute(
-                "SELECT DISTINCT sub1 FROM daily_costs WHERE day = ? AND campaign = ? AND source != 'upload'",
-                (utc_day, campaign),
-            ):
-                parts[name, currency] += 0
         self.con.execute(
-            "DELETE FROM daily_costs WHERE day = ? AND campaign = ? AND source = 'upload'", (utc_day, campaign)
+            "DELETE FROM daily_costs WHERE day = ? AND campaign = ? AND source IN ('upload', 'day')",
+            (utc_day, campaign),
         )
+        rows = [(utc_day, campaign, sub1, "upload", currency, cost) for (sub1, currency), cost in sorted(parts.items())]
+        if whole_day:
+            rows.append((utc_day, campaign, "", "day", "", 0))
         self.con.executemany(
-            "INSERT INTO daily_costs (day, campaign, sub1, source, currency, cost) VALUES (?, ?, ?, 'upload', ?, ?)",
-            [(utc_day, campaign, sub1, currency, cost) for (sub1, currency), cost in sorted(parts.items())],
+            "INSERT INTO daily_costs (day, campaign, sub1, source, currency, cost) VALUES (?, ?, ?, ?, ?, ?)", rows
         )
+
+    def _total_upload_sub1s(self, utc_day: int, campaign: str, sub1s: Collection[str]) -> None:
+        """_total_uploads for a few sub1 of a day without whole-day uploads: each from its own uploads."""
+        for sub1 in sub1s:
+            parts: Counter[str] = Counter()
+            for day, tz, currency, cost in self.con.execute(
+                "SELECT day, tz, currency, cost FROM cost_uploads WHERE campaign = ? AND day IN (?, ?, ?) AND sub1 = ?",
+                (campaign, utc_day - 1, utc_day, utc_day + 1, sub1),
+            ):
+                share_here = dict(utc_parts(day, tz, cost)).get(utc_day)
+                if share_here is not None:
+                    parts[currency] += share_here
+            self.con.execute(
+                "DELETE FROM daily_costs WHERE day = ? AND campaign = ? AND sub1 = ? AND source = 'upload'",
+                (utc_day, campaign, sub1),
+            )
+            self.con.executemany(
+                "INSERT INTO daily_costs (day, campaign, sub1, source, currency, cost) VALUES (?, ?, ?, 'upload', ?, ?)",
+                [(utc_day, campaign, sub1, currency, cost) for currency, cost in sorted(parts.items())],
+            )
 
     def _click_weights(self, day: int, campaign: str) -> tuple[list[str], list[int]]:
         """A campaign-day's sub1 (as totalled) and their clicks, to spread a whole-day cost
@@ -3020,12 +3121,13 @@ class Database:
                     HAVING sum(conversions) != 0""",  # a status change leaves its old row at zero
                 span,
             )
-            # An uploaded cost is the whole cost of its day, campaign and sub1.
+            # An uploaded cost is the whole cost of its day, campaign and sub1 (of the day
+            # and campaign, when a whole-day upload left its 'day' row).
             costs = self.con.execute(
                 f"""SELECT {key}, currency, {money_sum("cost")} FROM daily_costs AS d
-                    WHERE day BETWEEN ? AND ?{where} AND (source = 'upload' OR NOT EXISTS (
+                    WHERE day BETWEEN ? AND ?{where} AND (source = 'upload' OR source != 'day' AND NOT EXISTS (
                         SELECT 1 FROM daily_costs AS u WHERE u.day = d.day AND u.campaign = d.campaign
-                            AND u.sub1 = d.sub1 AND u.source = 'upload'))
+                            AND (u.sub1 = d.sub1 AND u.source = 'upload' OR u.sub1 = '' AND u.source = 'day')))
                     GROUP BY 1, 2""",
                 span,
             )
@@ -3054,7 +3156,7 @@ class Database:
                 WHERE id >= ? AND id < ? AND cost IS NOT NULL{where} GROUP BY 1, 2
                 UNION ALL
                 SELECT coalesce({q.by}, ''), cost_currency, {money_sum("cost")} FROM conversions
-                WHERE ts >= ? AND ts < ? AND cost_counted AND status = 'approved'{where} GROUP BY 1, 2""",
+                WHERE ts >= ? AND ts < ? AND cost_model IS NOT NULL AND status = 'approved'{where} GROUP BY 1, 2""",
             (*ids, start, end, *args),
         )
         return stats_rows(q, clicks + unique, conversions.fetchall(), costs.fetchall())
@@ -4316,30 +4418,20 @@ class Admin:
             if len(body) > MAX_COST_BODY:
                 raise too_large
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media == "application/json":
-            try:
-                data = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                raise FieldError("body", "invalid JSON") from None
-            if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or len(data) != 1:
-                raise FieldError("body", 'must be {"rows": [...]}')
-            items = data["rows"]
-            rows = cost_rows(items, self.app.config.campaigns, self.upload_last_day(), json_row_name)
-        elif media == "text/csv":
-            try:
-                lines = parse_cost_csv(body.decode())
-            except UnicodeDecodeError:
-                raise FieldError("body", "not valid UTF-8") from None
-            items = [row for _, row in lines]
-            rows = cost_rows(items, self.app.config.campaigns, self.upload_last_day(), csv_row_name(lines))
-        else:
+        if media not in ("application/json", "text/csv"):
             raise HTTPError(Refusal.UNSUPPORTED_MEDIA_TYPE, "content-type: must be application/json or text/csv")
+        campaigns, last_day = self.app.config.campaigns, self.upload_last_day()
+        loop = asyncio.get_running_loop()
+        count, rows = await loop.run_in_executor(None, parse_cost_upload, bytes(body), media, campaigns, tz, last_day)
+        replaced = 0
         try:
-            replaced = await self.app.store.write(lambda db, now_ms: db.upload_costs(rows, tz, now_ms), len(rows))
+            for start in range(0, len(rows), COST_ROWS_PER_WRITE):
+                part = rows[start : start + COST_ROWS_PER_WRITE]
+                replaced += await self.app.store.write(partial(Database.upload_costs, rows=part, tz=tz), len(part))
         except StorageError:
             raise HTTPError(Refusal.UNAVAILABLE, headers=[(b"retry-after", b"5")]) from None
-        log.info("costs uploaded: %d rows (tz %s), %d replaced an earlier upload", len(items), tz, replaced)
-        return JSONResponse({"rows": len(items), "replaced": replaced}, headers={"cache-control": "no-store"})
+        log.info("costs uploaded: %d rows (tz %s), %d replaced an earlier upload", count, tz, replaced)
+        return JSONResponse({"rows": count, "replaced": replaced}, headers={"cache-control": "no-store"})
 
     def upload_last_day(self) -> int:
         return int(self.app.clock() // 86400) + 1  # tomorrow: east of UTC it may already be
@@ -4950,9 +5042,8 @@ def cmd_costs(args: argparse.Namespace) -> int:
             zone(args.tz)
             text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
             lines = parse_cost_csv(text)
-            rows = cost_rows(
-                [row for _, row in lines], config.campaigns, int(time.time() // 86400) + 1, csv_row_name(lines)
-            )
+            last_day = int(time.time() // 86400) + 1
+            rows = cost_rows([row for _, row in lines], config.campaigns, args.tz, last_day, csv_row_name(lines))
         except FieldError as exc:
             raise TinytrackError(f"{args.file}: {exc.message}") from None
         except (OSError, UnicodeDecodeError) as exc:
@@ -4960,8 +5051,12 @@ def cmd_costs(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(f"{args.file}: {len(lines)} rows are valid ({len(rows)} keys); nothing written (--dry-run)")
             return 0
-        with db.transaction():
-            replaced = db.upload_costs(rows, args.tz, int(time.time() * 1000))
+        replaced = 0
+        for start in range(0, len(rows), COST_ROWS_PER_WRITE):  # short transactions: the server writes between
+            with db.transaction():
+                replaced += db.upload_costs(
+                    int(time.time() * 1000), rows=rows[start : start + COST_ROWS_PER_WRITE], tz=args.tz
+                )
     print(
         f"{args.file}: {len(lines)} rows stored ({len(rows)} keys, days in {args.tz}); {replaced} replaced an earlier upload"
     )

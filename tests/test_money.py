@@ -89,7 +89,7 @@ async def client(app):
 async def click(client: httpx.AsyncClient, campaign: str, ua: str = HUMAN, **params: str) -> str:
     answer = await client.get(f"/c/{campaign}", params=params, headers={"user-agent": ua})
     assert answer.status_code == 302, answer.text
-    return answer.headers["location"].split("cid=")[1]
+    return answer.headers["location"].split("cid=")[1].split("&")[0]
 
 
 async def postback(client: httpx.AsyncClient, click_id: str, expect: str = "created", **fields: str) -> None:
@@ -700,6 +700,11 @@ async def test_the_cost_macro_tells_the_source_what_the_conversion_cost(make_app
             "campaigns.m.max_click_cost: must be a decimal >= 0 with at most 6 decimals, got '2000000'",
         ),
         ('bot_cost = "yes"', "campaigns.m.bot_cost: must be true or false, got 'yes'"),
+        # At most 1,000,000 a click or a conversion: no real traffic takes a day's total past 64 bits.
+        (
+            'cost_model = "cpa"\ncost_value = "1000000.01"',
+            "campaigns.m.cost_value: must be a decimal >= 0 with at most 6 decimals, got '1000000.01'",
+        ),
     ],
 )
 def test_bad_cost_keys_name_the_key(tmp_path: Path, toml: str, message: str):
@@ -773,3 +778,128 @@ def test_share_rounds_half_to_even_and_spread_adds_up_exactly():
     day = (dt.date(2026, 11, 20) - dt.date(1970, 1, 1)).days
     assert tinytrack.utc_parts(day, "Europe/Berlin", 24_000_001) == [(day - 1, 1_000_000), (day, 23_000_001)]
     assert tinytrack.utc_parts(day, "UTC", 5) == [(day, 5)]
+
+
+# --- found in review: each failed before its fix -----------------------------------------
+
+
+async def test_an_upload_for_a_sub1_counted_as_other_replaces_others_costs(make_app):
+    app = await make_app(CAMPAIGNS, retention={"sub1_per_day": 1})
+    async with client_for(app) as http:
+        await click(http, "cpc", sub1="a")  # 0.05
+        await click(http, "cpc", sub1="b")  # past the cap: totalled under (other), 0.05
+        await put_costs(http, [{"day": D, "campaign": "cpc", "sub1": "b", "cost": "1.00"}])
+        # b's upload is (other)'s cost now (not b's beside (other)'s clicks): 0.05 + 1.00
+        assert await sub1_costs(http, D) == {"(other)": {"USD": "1.00"}, "a": {"USD": "0.05"}}
+        assert (await figures(http, "cpc", f"from={D}&to={D}"))["cost"] == {"USD": "1.05"}
+
+
+async def test_a_whole_day_upload_stays_the_whole_days_cost(client, clock):
+    await click(client, "cpc", sub1="z1")
+    clock.now = at("2026-11-19")
+    yesterday = await click(client, "cpa", sub1="z3")
+    clock.now = at(D)
+    await click(client, "cpa", sub1="z1")
+    await put_costs(client, [{"day": D, "campaign": "cpc", "cost": "10"}, {"day": D, "campaign": "cpa", "cost": "10"}])
+    clock.now = at(D, 13)
+    await click(client, "cpc", sub1="z2")  # a new sub1 after the upload: its 0.05 is in the 10
+    await postback(client, yesterday, ts=f"{D}T18:00:00Z")  # a cpa conversion dated that day: its 4 too
+    assert (await figures(client, "cpc", f"from={D}&to={D}"))["cost"] == {"USD": "10.00"}
+    assert (await figures(client, "cpa", f"from={D}&to={D}"))["cost"] == {"USD": "10.00"}
+    assert (await figures(client, "cpa", "from=2026-11-19&to=2026-11-19"))["cost"] == {}  # not uploaded: its own
+
+
+async def test_a_day_the_zone_skipped_is_refused_by_name(make_app, clock):
+    clock.now = at("2012-01-05")
+    app = await make_app(CAMPAIGNS)
+    async with client_for(app) as http:
+        answer = await put_costs(http, [{"day": "2011-12-30", "campaign": "cpc", "cost": "1"}], "?tz=Pacific/Apia")
+        assert (answer.status_code, answer.json()) == (
+            400,
+            {"error": "rows[0].day: 2011-12-30 did not happen in Pacific/Apia (the zone skipped it)"},
+        )
+        assert (await http.get("/healthz")).json()["writes"] == "ok"  # the writer never saw it
+
+
+async def test_any_line_ending_and_a_bad_csv_is_a_400_naming_the_line(client):
+    mac = f"day,campaign,sub1,cost\r{D},cpc,z,1.5\r".encode()  # bare CR: a Mac spreadsheet
+    answer = await client.put("/api/costs", content=mac, headers={**ADMIN, "content-type": "text/csv"})
+    assert answer.json() == {"rows": 1, "replaced": 0}
+    huge = f"day,campaign,sub1,cost\n{D},cpc,{'z' * 200_000},1\n".encode()
+    answer = await client.put("/api/costs", content=huge, headers={**ADMIN, "content-type": "text/csv"})
+    assert (answer.status_code, answer.json()) == (
+        400,
+        {"error": "line 2: not CSV: field larger than field limit (131072)"},
+    )
+
+
+async def test_a_model_change_keeps_what_stored_conversions_cost(make_app, tmp_path: Path):
+    app = await make_app(CAMPAIGNS)
+    async with client_for(app) as http:
+        cid = await click(http, "cpa")
+        await postback(http, cid, payout="10", status="pending")
+        await postback(http, cid, expect="updated", status="approved")  # cpa: 4
+    switched = CAMPAIGNS.replace('cost_model = "cpa"\ncost_value = "4"', 'cost_model = "revshare"\ncost_value = "50"')
+    write_config(tmp_path, extra=switched)
+    assert app.reload(str(tmp_path / "config.toml"))
+    async with client_for(app) as http:
+        await postback(http, cid, expect="updated", status="rejected", payout="12")
+        await postback(http, cid, expect="updated", status="approved", payout="12")
+        assert (await figures(http, "cpa", f"from={D}&to={D}"))["cost"] == {"USD": "4.00"}  # not 50% of 12
+
+
+async def test_under_cpa_a_clicks_own_cost_is_not_counted(app, client):
+    cid = await click(client, "cpa", cost="0.5")
+    await postback(client, cid, payout="9")
+    assert (await figures(client, "cpa"))["cost"] == {"USD": "4.00"}  # the conversion, not also its click
+    assert stored_costs(app) == [("cpa", None, None)]
+
+
+async def test_rates_convert_huge_sums_exactly(make_app, clock):
+    app = await make_app(CAMPAIGNS + '\n[money]\nreport_currency = "IDR"\nrates = { USD = "16234.567891234567" }\n')
+    async with client_for(app) as http:
+        cid = await click(http, "spring")
+        await postback(http, cid, payout="2877495.205485")
+        # 2877495.205485 x 16234.567891234567 = 46714891270.14819349... -> 46714891270.148193
+        assert (await figures(http, "spring", f"from={D}&to={D}"))["payout"] == {"IDR": "46714891270.148193"}
+
+
+def test_the_migration_counts_no_unique_clicks_on_days_whose_addresses_were_cut(tmp_path: Path):
+    path = str(tmp_path / "old.db")
+    with closing(sqlite3.connect(path, isolation_level=None)) as con:
+        for number, script in enumerate(tinytrack.SCHEMA[:3], start=1):
+            con.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+        day_ms = 20_000 * 86_400_000
+        for i, ip in enumerate(("203.0.113.0", "203.0.113.0", "203.0.113.0")):  # three visitors, cut to /24
+            con.execute(
+                "INSERT INTO clicks (id, ts, campaign, sub1, ip, ua, bot) VALUES (?, ?, 'spring', 'a', ?, NULL, 0)",
+                ((day_ms + i).to_bytes(6, "big") + bytes(10), day_ms + i, ip),
+            )
+        con.execute("INSERT INTO daily_clicks VALUES (20000, 'spring', 'a', 3, 0)")
+    with closing(tinytrack.open_database(path)) as con:
+        assert con.execute("SELECT clicks, unique_clicks FROM daily_clicks").fetchall() == [(3, 0)]  # unknown, not 1
+
+
+async def test_an_upload_in_many_writes_is_the_same_upload(client, monkeypatch):
+    monkeypatch.setattr(tinytrack, "COST_ROWS_PER_WRITE", 2)
+    rows = [{"day": D, "campaign": "cpc", "sub1": f"z{i}", "cost": f"0.{i}"} for i in range(1, 6)]
+    assert (await put_costs(client, rows)).json() == {"rows": 5, "replaced": 0}
+    assert (await put_costs(client, rows)).json() == {"rows": 5, "replaced": 5}
+    assert (await figures(client, "cpc", f"from={D}&to={D}"))["cost"] == {"USD": "1.50"}  # 0.1 + .. + 0.5
+
+
+async def test_too_many_rows_are_refused_before_they_are_parsed(client, monkeypatch):
+    monkeypatch.setattr(tinytrack, "MAX_COST_ROWS", 3)
+    rows = [{"day": D, "campaign": "cpc", "sub1": f"z{i}", "cost": "1"} for i in range(4)]
+    assert (await put_costs(client, rows)).json() == {"error": "rows: at most 3 rows in one upload"}
+    csv_body = "day,campaign,sub1,cost\n" + "".join(f"{D},cpc,z{i},1\n" for i in range(4))
+    answer = await client.put("/api/costs", content=csv_body.encode(), headers={**ADMIN, "content-type": "text/csv"})
+    assert answer.json() == {"error": "rows: at most 3 rows in one upload"}
+
+
+async def test_a_loss_too_small_to_show_is_roi_zero(client):
+    await click(client, "spring", cost="0.999999")
+    cid = await click(client, "spring", cost="0")
+    await postback(client, cid, payout="0.999998")
+    # profit -0.000001 over cost 0.999999: -0.0001% -> 0.00, not -0.00
+    assert (await figures(client, "spring"))["roi"] == {"USD": "0.00"}
