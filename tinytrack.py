@@ -2669,7 +2669,7 @@ class Database:
         row = self.con.execute(
             """SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other, cost, cost_currency
                FROM clicks WHERE id = ?""",
-            (pb.click_id,),
+            (bytearray(pb.click_id),),  # binds without the sqlite3 module's adapter lookup (see ClickRow)
         ).fetchone()
         if row is None:
             return self._record_orphan(pb, now_ms)
@@ -2747,30 +2747,36 @@ class Database:
             )
         model_cost = campaign and campaign.conversion_cost(pb.payout, pb.currency)
         (cost, cost_currency), model = (model_cost, campaign.cost_model) if model_cost else (click_cost, None)
+        # '' and -1 for none, stored as NULL: the sqlite3 module binds None ~0.3 us slower
+        # (see ClickRow), and a conversion has up to ten.
         row = self.con.execute(
             """INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id,
                    event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip, sub1_total,
                    cost, cost_currency, cost_model)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               VALUES (?, ?, ?, ?, nullif(?, ''), nullif(?, ''), nullif(?, ''), nullif(?, ''), nullif(?, ''),
+                   nullif(?, ''), ?, nullif(?, ''), ?, nullif(?, ''), ?, ?, ?, ?, ?, ?, nullif(?, ''), nullif(?, -1),
+                   nullif(?, ''), nullif(?, ''))
                ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id""",
             (
-                pb.click_id,
+                bytearray(pb.click_id),
                 pb.dedupe_key,
-                *click,
+                click.ts,
+                click.campaign,
+                *("" if value is None else value for value in click[2:]),
                 pb.event,
-                pb.txid,
+                pb.txid or "",
                 status,
-                reason,
+                reason or "",
                 pb.payout,
                 pb.currency,
                 ts,
                 now_ms,
                 now_ms,
                 pb.ip,
-                sub1_total,
-                cost,
-                cost_currency,
-                model,
+                sub1_total or "",
+                -1 if cost is None else cost,
+                cost_currency or "",
+                model or "",
             ),
         ).fetchone()
         if row is None:
