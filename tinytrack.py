@@ -1582,8 +1582,8 @@ def parse_cost_upload(
     """PUT /api/costs' body, JSON or CSV, checked whole: how many rows it has, and
     their CostUploads. (Run off the event loop: 100,000 rows take a second.)"""
     if media == "application/json":
-        if body.count(b"{") > MAX_COST_ROWS + 1:  # before orjson builds millions of objects
-            raise FieldError("rows", f"at most {MAX_COST_ROWS} rows in one upload")
+        if body.count(b"{") > 3 * MAX_COST_ROWS:  # before orjson builds millions of objects (a
+            raise FieldError("rows", f"at most {MAX_COST_ROWS} rows in one upload")  # sub1 may hold braces)
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -2289,10 +2289,20 @@ class PostbackOutcome:
 
 
 CLICK_COLUMNS = "id, ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, ip, ua, bot, cost, cost_currency"
-# '' and -1 are a ClickRow's "none" (see ClickRow): stored as NULL.
-CLICK_VALUES = "?, ?, ?, " + "nullif(?, ''), " * 6 + "?, ?, ?, nullif(?, -1), nullif(?, '')"
+# A value no click can carry (control characters are stripped), bound for "none" where
+# None would cost an adaptation (see ClickRow); NULL_IF_NONE stores NULL for it. In the
+# SQL as a literal: char(1) would be called for every row.
+NO_TEXT = "\x01"
+NULL_IF_NONE = f"nullif(?, '{NO_TEXT}')"
+CLICK_VALUES = f"?, ?, ?, ?, {', '.join([NULL_IF_NONE] * 5)}, ?, ?, ?, nullif(?, -1), nullif(?, '')"
 INSERT_CLICK = f"INSERT INTO clicks ({CLICK_COLUMNS}) VALUES ({CLICK_VALUES})"
 INSERT_CLICK_OTHER = f"INSERT INTO clicks ({CLICK_COLUMNS}, sub1_other) VALUES ({CLICK_VALUES}, ?)"
+INSERT_CONVERSION = f"""INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5,
+                           ext_id, event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip,
+                           sub1_total, cost, cost_currency, cost_model)
+                        VALUES (?, ?, ?, ?, {", ".join([NULL_IF_NONE] * 6)}, ?, nullif(?, ''), ?, nullif(?, ''), ?, ?,
+                           ?, ?, ?, ?, nullif(?, ''), nullif(?, -1), nullif(?, ''), nullif(?, ''))
+                        ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id"""
 ADD_DAILY_CLICKS = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks, unique_clicks) VALUES (?, ?, ?, ?, ?, ?)
                       ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks,
                           unique_clicks = unique_clicks + excluded.unique_clicks"""
@@ -2326,14 +2336,14 @@ class ClickRow(NamedTuple):
     """A click as it is inserted (and as ``clicks`` stores it). The server builds it in
     the types the sqlite3 module binds fastest: it adapts None, bytes and bool through
     its adapter registry (0.3-0.6 us each, measured; a click has up to eight), so a
-    missing value is '' or -1 (INSERT_CLICK stores NULL), the id a bytearray, the flag
-    an int. None still works (other callers), only slower."""
+    missing sub2..ext_id is NO_TEXT and a missing cost -1 (INSERT_CLICK stores NULL),
+    the id a bytearray, the flag an int. None still works (other callers), only slower."""
 
     id: bytes | bytearray
     ts: int  # unix ms: the millisecond inside the id
     campaign: str
-    sub1: str | None  # '': none
-    sub2: str | None
+    sub1: str | None
+    sub2: str | None  # NO_TEXT: none
     sub3: str | None
     sub4: str | None
     sub5: str | None
@@ -2747,22 +2757,16 @@ class Database:
             )
         model_cost = campaign and campaign.conversion_cost(pb.payout, pb.currency)
         (cost, cost_currency), model = (model_cost, campaign.cost_model) if model_cost else (click_cost, None)
-        # '' and -1 for none, stored as NULL: the sqlite3 module binds None ~0.3 us slower
-        # (see ClickRow), and a conversion has up to ten.
+        # NO_TEXT, '' (where no real value is empty) and -1 for none, stored as NULL: the
+        # sqlite3 module binds None ~0.3 us slower (see ClickRow), and a conversion has up to ten.
         row = self.con.execute(
-            """INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id,
-                   event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip, sub1_total,
-                   cost, cost_currency, cost_model)
-               VALUES (?, ?, ?, ?, nullif(?, ''), nullif(?, ''), nullif(?, ''), nullif(?, ''), nullif(?, ''),
-                   nullif(?, ''), ?, nullif(?, ''), ?, nullif(?, ''), ?, ?, ?, ?, ?, ?, nullif(?, ''), nullif(?, -1),
-                   nullif(?, ''), nullif(?, ''))
-               ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id""",
+            INSERT_CONVERSION,
             (
                 bytearray(pb.click_id),
                 pb.dedupe_key,
                 click.ts,
                 click.campaign,
-                *("" if value is None else value for value in click[2:]),
+                *(NO_TEXT if value is None else value for value in click[2:]),
                 pb.event,
                 pb.txid or "",
                 status,
@@ -2911,7 +2915,8 @@ class Database:
                 "SELECT 1 FROM cost_uploads WHERE campaign = ? AND day IN (?, ?, ?) AND sub1 = '' LIMIT 1",
                 (campaign, utc_day - 1, utc_day, utc_day + 1),
             ).fetchone()
-            folded = OTHER_SUB1 in names and not set(names).issuperset(sub1s)
+            # '(other)' holds folded sub1s' uploads too: it is only ever totalled whole.
+            folded = OTHER_SUB1 in names and (OTHER_SUB1 in sub1s or not set(names).issuperset(sub1s))
             if whole_days is None and not folded:
                 return self._total_upload_sub1s(utc_day, campaign, sub1s)
         parts: Counter[tuple[str, str]] = Counter()
@@ -4139,12 +4144,12 @@ class TinyTrack:
                 bytearray(click_id),
                 ms,  # ts: the millisecond inside the id
                 campaign.name,
-                values.get("sub1", ""),
-                values.get("sub2", ""),
-                values.get("sub3", ""),
-                values.get("sub4", ""),
-                values.get("sub5", ""),
-                values.get("ext_id", ""),
+                values.get("sub1"),  # None: the totals' "or ''" needs a falsy none
+                values.get("sub2", NO_TEXT),
+                values.get("sub3", NO_TEXT),
+                values.get("sub4", NO_TEXT),
+                values.get("sub5", NO_TEXT),
+                values.get("ext_id", NO_TEXT),
                 self.peer_address(scope, forwarded_for),
                 user_agent,
                 1 if bot else 0,

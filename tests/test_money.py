@@ -903,3 +903,41 @@ async def test_a_loss_too_small_to_show_is_roi_zero(client):
     await postback(client, cid, payout="0.999998")
     # profit -0.000001 over cost 0.999999: -0.0001% -> 0.00, not -0.00
     assert (await figures(client, "spring"))["roi"] == {"USD": "0.00"}
+
+
+async def test_an_upload_named_other_keeps_the_sub1s_folded_into_it(make_app, monkeypatch):
+    app = await make_app(CAMPAIGNS, retention={"sub1_per_day": 1})
+    async with client_for(app) as http:
+        await click(http, "cpc", sub1="a")
+        await click(http, "cpc", sub1="b")  # counted as (other)
+        row_b = {"day": D, "campaign": "cpc", "sub1": "b", "cost": "1.00"}
+        await put_costs(http, [row_b])
+        await put_costs(http, [{"day": D, "campaign": "cpc", "sub1": "(other)", "cost": "2.00"}])
+        # (other) holds b's upload and the one named (other): 3.00, and sending b again changes nothing
+        assert (await sub1_costs(http, D))["(other)"] == {"USD": "3.00"}
+        await put_costs(http, [row_b])
+        assert (await sub1_costs(http, D))["(other)"] == {"USD": "3.00"}
+        monkeypatch.setattr(tinytrack, "COST_ROWS_PER_WRITE", 1)  # the same, a row a transaction
+        await put_costs(http, [row_b, {"day": D, "campaign": "cpc", "sub1": "(other)", "cost": "2.00"}])
+        assert (await sub1_costs(http, D))["(other)"] == {"USD": "3.00"}
+
+
+async def test_an_empty_sub_is_kept_empty_and_a_missing_one_null(client):
+    given = await click(client, "spring", sub1="", sub2="", ext_id="")
+    await postback(client, given, txid="E")
+    missing = await click(client, "spring")
+    await postback(client, missing, txid="M")
+    rows = (await client.get("/api/conversions", headers=ADMIN)).json()["rows"]
+    assert [(r["sub1"], r["sub2"], r["sub3"], r["ext_id"]) for r in rows] == [
+        ("", "", None, ""),
+        (None, None, None, None),
+    ]
+
+
+async def test_braces_in_values_dont_count_as_rows(client, monkeypatch):
+    monkeypatch.setattr(tinytrack, "MAX_COST_ROWS", 3)
+    rows = [
+        {"day": D, "campaign": "cpc", "sub1": "{zoneid}{x}", "cost": "1"},
+        {"day": D, "campaign": "cpc", "sub1": "{y}", "cost": "2"},
+    ]
+    assert (await put_costs(client, rows)).json() == {"rows": 2, "replaced": 0}
