@@ -1121,11 +1121,10 @@ def parse_money(text: str, field: str, high: int = MAX_PAYOUT) -> int:
 
 def click_cost_units(text: str, high: int) -> int | None:
     """A click's `cost` as micro-units, or None when it is no such amount (never a 400)."""
-    match = PAYOUT_RE.fullmatch(text)
-    if not match:
+    try:
+        return parse_money(text, "cost", high)
+    except FieldError:
         return None
-    units = int(match.group(1)) * 1_000_000 + int((match.group(2) or "").ljust(6, "0"))
-    return units if units <= high else None
 
 
 def share(amount: int, numerator: int, denominator: int) -> int:
@@ -1487,14 +1486,14 @@ class CostUpload(NamedTuple):
 
 
 @lru_cache(maxsize=64)
-def zone(name: str, field: str = "tz") -> ZoneInfo:
+def zone(name: str) -> ZoneInfo:
     """An IANA time zone (Europe/Berlin, America/New_York, UTC); FieldError if unknown."""
     try:
         if not name or len(name) > 64 or name.startswith(("/", ".")) or ".." in name:
             raise ValueError(name)
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise FieldError(field, f"must be an IANA time zone like Europe/Berlin or UTC, got {quoted(name)}") from None
+        raise FieldError("tz", f"must be an IANA time zone like Europe/Berlin or UTC, got {quoted(name)}") from None
 
 
 @lru_cache(maxsize=4096)
@@ -5056,15 +5055,14 @@ def cmd_costs(args: argparse.Namespace) -> int:
         try:
             zone(args.tz)
             text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
-            lines = parse_cost_csv(text)
             last_day = int(time.time() // 86400) + 1
-            rows = cost_rows([row for _, row in lines], config.campaigns, args.tz, last_day, csv_row_name(lines))
+            count, rows = parse_cost_upload(text.encode(), "text/csv", config.campaigns, args.tz, last_day)
         except FieldError as exc:
             raise TinytrackError(f"{args.file}: {exc.message}") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise TinytrackError(f"{args.file}: cannot read: {exc}") from None
         if args.dry_run:
-            print(f"{args.file}: {len(lines)} rows are valid ({len(rows)} keys); nothing written (--dry-run)")
+            print(f"{args.file}: {count} rows are valid ({len(rows)} keys); nothing written (--dry-run)")
             return 0
         replaced = 0
         for start in range(0, len(rows), COST_ROWS_PER_WRITE):  # short transactions: the server writes between
@@ -5073,7 +5071,7 @@ def cmd_costs(args: argparse.Namespace) -> int:
                     int(time.time() * 1000), rows=rows[start : start + COST_ROWS_PER_WRITE], tz=args.tz
                 )
     print(
-        f"{args.file}: {len(lines)} rows stored ({len(rows)} keys, days in {args.tz}); {replaced} replaced an earlier upload"
+        f"{args.file}: {count} rows stored ({len(rows)} keys, days in {args.tz}); {replaced} replaced an earlier upload"
     )
     return 0
 
