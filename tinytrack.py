@@ -2112,6 +2112,8 @@ SCHEMA = [
     ) WITHOUT ROWID;
     -- A source's spend report as it was uploaded: one row per (its day, campaign, sub1);
     -- sub1 '' is the whole campaign-day. Its days are in its own zone (tz).
+    -- The days and campaigns with uploads, so reports find them without reading the rest.
+    CREATE INDEX daily_costs_uploaded ON daily_costs (source, day, campaign) WHERE source IN ('upload', 'day');
     CREATE TABLE cost_uploads (
         day INTEGER NOT NULL,
         campaign TEXT NOT NULL,
@@ -3138,10 +3140,17 @@ class Database:
             # An uploaded cost is the whole cost of its day, campaign and sub1 (of the day
             # and campaign, when a whole-day upload left its 'day' row).
             costs = self.con.execute(
+                # Days with uploads are few: the rows of the others are summed as they are,
+                # and only those days' rows look up whether an upload replaces them.
                 f"""SELECT {key}, currency, {money_sum("cost")} FROM daily_costs AS d
-                    WHERE day BETWEEN ? AND ?{where} AND (source = 'upload' OR source != 'day' AND NOT EXISTS (
-                        SELECT 1 FROM daily_costs AS u WHERE u.day = d.day AND u.campaign = d.campaign
-                            AND (u.sub1 = d.sub1 AND u.source = 'upload' OR u.sub1 = '' AND u.source = 'day')))
+                    WHERE day BETWEEN ?1 AND ?2{where} AND source != 'day' AND (
+                        (day, campaign) NOT IN (SELECT day, campaign FROM daily_costs
+                            WHERE source IN ('upload', 'day') AND day BETWEEN ?1 AND ?2)
+                        OR source = 'upload'
+                        OR NOT EXISTS (SELECT 1 FROM daily_costs AS u WHERE u.day = d.day
+                            AND u.campaign = d.campaign AND u.sub1 = d.sub1 AND u.source = 'upload')
+                        AND NOT EXISTS (SELECT 1 FROM daily_costs AS w WHERE w.day = d.day
+                            AND w.campaign = d.campaign AND w.sub1 = '' AND w.source = 'day'))
                     GROUP BY 1, 2""",
                 span,
             )
