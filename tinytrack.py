@@ -25,6 +25,7 @@ import hmac
 import html
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -92,7 +93,8 @@ MAX_SUM = 2**63 - 1
 STATUSES = ("approved", "pending", "rejected")
 FORM_TYPES = ("application/x-www-form-urlencoded",)
 MACROS_CLICK = ("click_id", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "ext_id")
-MACROS_FORWARD = MACROS_CLICK + ("event", "payout", "currency", "txid", "status", "id", "cost")
+MACROS_FUNNEL = MACROS_CLICK + ("offer", "lander")  # a lander's or offer's URL
+MACROS_FORWARD = MACROS_FUNNEL + ("event", "payout", "currency", "txid", "status", "id", "cost")
 SUB_FIELDS = ("sub1", "sub2", "sub3", "sub4", "sub5")
 EXT_ID_ALIASES = {"ext_id": "ext_id", "externalid": "ext_id", "external_id": "ext_id"}
 COST_ALIASES = frozenset({"cost", "cpc", "bid"})  # what a traffic source's {cost} macro is sent as
@@ -135,6 +137,9 @@ UNIX_TS_RE = re.compile(r"[0-9]{1,13}(?:\.[0-9]{1,9})?")  # 13 digits: milliseco
 SAFE_RE = re.compile(r"[A-Za-z0-9_.~-]*")  # RFC 3986 unreserved: needs no percent-encoding
 DIGITS_RE = re.compile(r"[0-9]{1,12}")  # ASCII only: "²".isdigit() is True, int("²") fails
 CAMPAIGN_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ARM_NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")  # a lander's or offer's name
+MAX_WEIGHT = 1_000_000
+DEFAULT_OFFER = "default"  # the offer a campaign's plain `url` is, and what clicks without one are reported under
 TOKEN_RE = re.compile(r"[A-Za-z0-9._~-]{8,128}")  # URL-safe: pasted into query strings
 MACRO_RE = re.compile(r"\{([^{}]*)\}")
 URL_HEAD_RE = re.compile(r"https?://([^/?#]*)")
@@ -255,10 +260,58 @@ class Template:
         return "".join(out)
 
 
+class Arm(NamedTuple):
+    """One lander or offer of a campaign: its name, where it sends visitors, its share."""
+
+    name: str
+    url: Template
+    weight: int  # 0: paused
+
+
+@dataclasses.dataclass(frozen=True)
+class Rotation:
+    """A campaign's offers (or landers), picked by weight. Build with Rotation.of."""
+
+    arms: tuple[Arm, ...]
+    live: tuple[Arm, ...]  # weight > 0
+    bounds: tuple[int, ...]  # running totals of the live weights
+    by_name: Mapping[str, Arm]  # live arms only: a paused one is never picked, named or sticky
+
+    @classmethod
+    def of(cls, arms: Iterable[Arm]) -> Rotation:
+        arms = tuple(arms)
+        live = tuple(arm for arm in arms if arm.weight > 0)
+        bounds = tuple(itertools.accumulate(arm.weight for arm in live))
+        return cls(arms, live, bounds, {arm.name: arm for arm in live})
+
+    def pick(self, random: Callable[[], float]) -> Arm:
+        """One live arm, each with its weight's share; no random draw when there is one."""
+        live = self.live
+        if len(live) == 1:
+            return live[0]
+        # min(): random() * total may round up to total itself for some totals.
+        return live[min(bisect.bisect_right(self.bounds, random() * self.bounds[-1]), len(live) - 1)]
+
+    def choose(self, named: str | None, sticky: str | None, pick: Arm) -> Arm:
+        """Where an LP click goes: the offer the lander named, else the one its click was
+        given (sticky), else `pick` (by weight). A paused or removed offer is passed over:
+        it is paused because it no longer pays, and a visitor sent there is a lost sale."""
+        return self.by_name.get(named) or self.by_name.get(sticky) or pick
+
+
+def single_offer(url: Template) -> Rotation:
+    """A campaign's `url`: one offer, named "default"."""
+    return Rotation.of((Arm(DEFAULT_OFFER, url, 1),))
+
+
 @dataclasses.dataclass(frozen=True)
 class Campaign:
     name: str
-    url: Template
+    offers: Rotation
+    landers: Rotation | None = None  # with landers, a click goes to one, and its LP click (/go/) to an offer
+    # True with `offers` or `landers`: clicks store the names they were given and the
+    # funnel totals count them. A plain `url` campaign's clicks store none ("default").
+    funnel: bool = False
     pass_query: bool = False
     postback_url: Template | None = None
     window_days: int | None = None
@@ -706,14 +759,64 @@ def read_cost(c: _Table, key: str, default_currency: str) -> dict[str, Any]:
     }
 
 
+def read_funnel(c: _Table, key: str) -> dict[str, Any]:
+    """A campaign's `url`, or its `offers` (and `landers`): see Campaign."""
+    url = c.get("url", str, None)
+    offers = c.get("offers", list, None)
+    landers = c.get("landers", list, None)
+    if url is not None and offers is not None:
+        raise ConfigError(f"{key}.offers", "use url (one offer) or offers, not both")
+    if url is None and offers is None:
+        raise ConfigError(f"{key}.url", "is required (or offers, a list of them)")
+    if landers is None and offers is None:  # as before funnels: nothing more is stored per click
+        return {"offers": single_offer(compile_template(url, f"{key}.url", MACROS_CLICK))}
+    return {
+        "offers": (
+            read_arms(offers, f"{key}.offers")
+            if offers is not None
+            else single_offer(compile_template(url, f"{key}.url", MACROS_FUNNEL))  # landers in front of one offer
+        ),
+        "landers": None if landers is None else read_arms(landers, f"{key}.landers"),
+        "funnel": True,
+    }
+
+
+def read_arms(items: list, key: str) -> Rotation:
+    """A list of { name, url, weight } (weight defaults to 1), checked in one place."""
+    if not items:
+        raise ConfigError(key, "must list at least one (or leave it out)")
+    arms, names = [], set()
+    for i, item in enumerate(items):
+        t = _Table(item, f"{key}[{i}]") if isinstance(item, dict) else None
+        if t is None:
+            raise ConfigError(
+                f"{key}[{i}]", f'must be a table like {{ name = "a", url = "https://..." }}, got {quoted(item)}'
+            )
+        name = t.get("name", str, None)
+        if name is None:
+            raise ConfigError(t.key("name"), "is required")
+        if not ARM_NAME_RE.fullmatch(name):
+            raise ConfigError(t.key("name"), f"must be 1-32 characters of a-z 0-9 _ -, got {quoted(name)}")
+        if name in names:
+            raise ConfigError(t.key("name"), f"{quoted(name)} is used twice")
+        names.add(name)
+        url = t.get("url", str, None)
+        if url is None:
+            raise ConfigError(t.key("url"), "is required")
+        weight = t.number("weight", 1, low=0, high=MAX_WEIGHT)
+        arms.append(Arm(name, compile_template(url, t.key("url"), MACROS_FUNNEL), weight))
+        t.done()
+    rotation = Rotation.of(arms)
+    if not rotation.live:
+        raise ConfigError(key, "every weight is 0: at least one must be above 0 to send visitors anywhere")
+    return rotation
+
+
 def read_campaign(name: str, campaigns: _Table, default_currency: str = "USD") -> Campaign:
     key = f"campaigns.{name}"
     if not CAMPAIGN_RE.fullmatch(name):
         raise ConfigError(key, "campaign names are 1-64 characters of A-Z a-z 0-9 _ -")
     c = campaigns.table(name)
-    url = c.get("url", str, None)
-    if url is None:
-        raise ConfigError(f"{key}.url", "is required")
     postback_url = c.get("postback_url", str, None)
     if postback_url is not None and not postback_url.isascii():
         # It goes on a request line as it is: other characters must be percent-encoded.
@@ -735,7 +838,7 @@ def read_campaign(name: str, campaigns: _Table, default_currency: str = "USD") -
         raise ConfigError(f"{key}.window_days", f"must be at least 1, got {window}")
     campaign = Campaign(
         name=name,
-        url=compile_template(url, f"{key}.url", MACROS_CLICK),
+        **read_funnel(c, key),
         pass_query=c.get("pass_query", bool, False),
         postback_url=postback_url and compile_template(postback_url, f"{key}.postback_url", MACROS_FORWARD),
         window_days=window,
@@ -763,12 +866,12 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def embedded_config(host: str, port: int, postback_token: str, admin_token: str) -> Config:
     """The no-config default: one `demo` campaign landing on the built-in /demo page."""
     # A relative Location keeps the demo working whatever address the server is reached at.
-    demo_url = split_template("/demo?click_id={click_id}", "campaigns.demo.url", MACROS_CLICK)
+    demo_url = single_offer(split_template("/demo?click_id={click_id}", "campaigns.demo.url", MACROS_CLICK))
     return Config(
         server=ServerConfig(host=host, port=port),
         postback=PostbackConfig(tokens=(postback_token,)),
         admin=AdminConfig(token=admin_token),
-        campaigns={"demo": Campaign(name="demo", url=demo_url)},
+        campaigns={"demo": Campaign(name="demo", offers=demo_url)},
         demo=True,
     )
 
@@ -870,6 +973,30 @@ def parse_click_query(raw: bytes) -> tuple[dict[str, str], list[tuple[str, str]]
         elif field not in values:  # the first of repeated parameters wins
             values[field] = value
     return values, rest
+
+
+LP_CID_NAMES = frozenset({"cid", "click_id", "clickid"})
+
+
+def lp_params(rest: list[tuple[str, str]]) -> tuple[str | None, str | None, list[tuple[str, str]]]:
+    """An LP click's cid and offer (the first of each), and the rest of its query."""
+    cid = named = None
+    others = []
+    for name, value in rest:
+        if name in LP_CID_NAMES:
+            cid = value if cid is None else cid
+        elif name == "offer":
+            named = value if named is None else named
+        else:
+            others.append((name, value))
+    return cid, named, others
+
+
+def parse_click_id(text: str | None) -> bytes | None:
+    """A click id's 16 bytes, or None for anything that is not a UUID."""
+    if text and len(text) == 36 and UUID_RE.fullmatch(text):
+        return bytes.fromhex(text.replace("-", ""))
+    return None
 
 
 def _unquote(text: str) -> str:
@@ -1319,6 +1446,8 @@ class ForwardFacts(NamedTuple):
     event: str
     txid: str | None
     cost: int | None  # what {cost} says: the conversion's cpa/revshare cost, else its click's
+    lander: str | None = None
+    offer: str | None = None  # None: the click had none (a plain `url` campaign): {offer} says "default"
 
 
 class Delivery(NamedTuple):
@@ -1362,6 +1491,7 @@ def build_delivery(
     values.update(
         click_id=format_uuid(facts.click_id),
         cost="" if facts.cost is None else format_money(facts.cost),
+        offer=facts.offer or DEFAULT_OFFER,
         status=status,
         payout=format_money(payout),
         currency=currency,
@@ -2156,6 +2286,62 @@ SCHEMA = [
     UPDATE daily_clicks SET unique_clicks = counts.n FROM counts
     WHERE daily_clicks.day = counts.day AND daily_clicks.campaign = counts.campaign AND daily_clicks.sub1 = counts.sub1;
     """,
+    # version 5: funnels (landers, offers, LP clicks)
+    """
+    -- The lander and offer a click was given (NULL: none, a plain `url` campaign's click:
+    -- the offer "default"); lp_at: its first LP click (/go/), unix ms; flags: why it is
+    -- suspect ('no_click_id': made by an LP click that named no click of its campaign).
+    ALTER TABLE clicks ADD COLUMN lander TEXT;
+    ALTER TABLE clicks ADD COLUMN offer TEXT;
+    ALTER TABLE clicks ADD COLUMN lp_at INTEGER;
+    ALTER TABLE clicks ADD COLUMN flags TEXT;
+    -- A conversion is credited to its click's lander and offer (as they were when it came).
+    ALTER TABLE conversions ADD COLUMN lander TEXT;
+    ALTER TABLE conversions ADD COLUMN offer TEXT;
+    -- Human clicks sent to a lander, and of those the ones with an LP click (once per
+    -- click), by the click's day: lp_ctr's two sides.
+    ALTER TABLE daily_clicks ADD COLUMN lander_clicks INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE daily_clicks ADD COLUMN lp_clicks INTEGER NOT NULL DEFAULT 0;
+    -- Totals per lander and offer of the campaigns that have them (lander '': none).
+    -- Clicks without names (a plain `url`) are what daily_clicks has beyond these:
+    -- reports show them as offer "default".
+    CREATE TABLE daily_funnel (
+        day INTEGER NOT NULL,
+        campaign TEXT NOT NULL,
+        lander TEXT NOT NULL,
+        offer TEXT NOT NULL,
+        clicks INTEGER NOT NULL,           -- humans, under the offer the click was given
+        bot_clicks INTEGER NOT NULL,
+        unique_clicks INTEGER NOT NULL,
+        lp_clicks INTEGER NOT NULL,        -- humans, under the offer the LP click went to
+        PRIMARY KEY (day, campaign, lander, offer)
+    ) WITHOUT ROWID;
+    CREATE TABLE daily_funnel_conversions (
+        day INTEGER NOT NULL,
+        campaign TEXT NOT NULL,
+        lander TEXT NOT NULL,
+        offer TEXT NOT NULL,
+        status TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        conversions INTEGER NOT NULL,
+        payout INTEGER NOT NULL,
+        PRIMARY KEY (day, campaign, lander, offer, status, currency)
+    ) WITHOUT ROWID;
+    CREATE TRIGGER conversions_funnel_insert AFTER INSERT ON conversions WHEN NEW.offer IS NOT NULL BEGIN
+        INSERT INTO daily_funnel_conversions VALUES (NEW.ts / 86400000, NEW.campaign, coalesce(NEW.lander, ''),
+            NEW.offer, NEW.status, NEW.currency, 1, NEW.payout)
+        ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout;
+    END;
+    CREATE TRIGGER conversions_funnel_update AFTER UPDATE OF status, payout, currency ON conversions
+    WHEN NEW.offer IS NOT NULL BEGIN
+        UPDATE daily_funnel_conversions SET conversions = conversions - 1, payout = payout - OLD.payout
+        WHERE day = OLD.ts / 86400000 AND campaign = OLD.campaign AND lander = coalesce(OLD.lander, '')
+            AND offer = OLD.offer AND status = OLD.status AND currency = OLD.currency;
+        INSERT INTO daily_funnel_conversions VALUES (NEW.ts / 86400000, NEW.campaign, coalesce(NEW.lander, ''),
+            NEW.offer, NEW.status, NEW.currency, 1, NEW.payout)
+        ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout;
+    END;
+    """,
 ]
 OTHER_SUB1 = "(other)"  # the totals' sub1 for a campaign-day's sub1 beyond retention.sub1_per_day
 
@@ -2289,29 +2475,41 @@ class PostbackOutcome:
     queued_forward: bool = False  # a delivery to the traffic source was queued with it
 
 
-CLICK_COLUMNS = "id, ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, ip, ua, bot, cost, cost_currency"
+CLICK_COLUMNS = (
+    "id, ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, ip, ua, bot, cost, cost_currency, lander, offer"
+)
 # A value no click can carry (control characters are stripped), bound for "none" where
 # None would cost an adaptation (see ClickRow); NULL_IF_NONE stores NULL for it. In the
 # SQL as a literal: char(1) would be called for every row.
 NO_TEXT = "\x01"
 NULL_IF_NONE = f"nullif(?, '{NO_TEXT}')"
-CLICK_VALUES = f"?, ?, ?, ?, {', '.join([NULL_IF_NONE] * 5)}, ?, ?, ?, nullif(?, -1), nullif(?, '')"
+CLICK_VALUES = f"?, ?, ?, ?, {', '.join([NULL_IF_NONE] * 5)}, ?, ?, ?, nullif(?, -1), nullif(?, ''), {NULL_IF_NONE}, {NULL_IF_NONE}"
 INSERT_CLICK = f"INSERT INTO clicks ({CLICK_COLUMNS}) VALUES ({CLICK_VALUES})"
 INSERT_CLICK_OTHER = f"INSERT INTO clicks ({CLICK_COLUMNS}, sub1_other) VALUES ({CLICK_VALUES}, ?)"
 INSERT_CONVERSION = f"""INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5,
                            ext_id, event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip,
-                           sub1_total, cost, cost_currency, cost_model)
+                           sub1_total, cost, cost_currency, cost_model, lander, offer)
                         VALUES (?, ?, ?, ?, {", ".join([NULL_IF_NONE] * 6)}, ?, nullif(?, ''), ?, nullif(?, ''), ?, ?,
-                           ?, ?, ?, ?, nullif(?, ''), nullif(?, -1), nullif(?, ''), nullif(?, ''))
+                           ?, ?, ?, ?, nullif(?, ''), nullif(?, -1), nullif(?, ''), nullif(?, ''), {NULL_IF_NONE},
+                           {NULL_IF_NONE})
                         ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id"""
-ADD_DAILY_CLICKS = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks, unique_clicks) VALUES (?, ?, ?, ?, ?, ?)
+ADD_DAILY_CLICKS = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks, unique_clicks, lander_clicks)
+                      VALUES (?, ?, ?, ?, ?, ?, ?)
                       ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks,
-                          unique_clicks = unique_clicks + excluded.unique_clicks"""
+                          unique_clicks = unique_clicks + excluded.unique_clicks,
+                          lander_clicks = lander_clicks + excluded.lander_clicks"""
+ADD_FUNNEL_CLICKS = """INSERT INTO daily_funnel (day, campaign, lander, offer, clicks, bot_clicks, unique_clicks, lp_clicks)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks,
+                           unique_clicks = unique_clicks + excluded.unique_clicks, lp_clicks = lp_clicks + excluded.lp_clicks"""
 # Clicks' costs can't push a total past 64 bits into a REAL (inexact for good): at that
 # point (9.2 million clicks at max_click_cost in one day and sub1: a flood) the total stays.
 ADD_DAILY_COSTS = f"""INSERT INTO daily_costs (day, campaign, sub1, source, currency, cost) VALUES (?, ?, ?, ?, ?, ?)
                       ON CONFLICT DO UPDATE SET cost = CASE WHEN cost <= {MAX_SUM} - excluded.cost
                           THEN cost + excluded.cost ELSE cost END"""
+LP_CLICK_SELECT = """SELECT ts, campaign, sub1_other, bot, lp_at, offer, lander, sub1, sub2, sub3, sub4, sub5, ext_id
+                     FROM clicks WHERE id = ?"""
+LP_CLICK_FACTS = ("lander", *SUB_FIELDS, "ext_id")  # what an LP click's offer URL is filled from, as its click has it
 INSERT_UNIQUE = "INSERT OR IGNORE INTO click_uniques (day, key) VALUES (?, ?)"
 # Unique clicks: the writer keeps the day's (campaign, IP, User-Agent) keys in a set (about
 # 80 bytes each, 8 MB in all; rebuilt from the day's clicks after a restart); past this many
@@ -2354,6 +2552,18 @@ class ClickRow(NamedTuple):
     bot: int  # 1: a bot
     cost: int | None  # micro-units of cost_currency; -1 (or None): no cost we know of
     cost_currency: str | None  # '' (or None) without a cost
+    lander: str | None = NO_TEXT  # the names it was given; NO_TEXT: none (a plain `url` campaign's click)
+    offer: str | None = NO_TEXT
+
+
+class LPClick(NamedTuple):
+    """An LP click (GET /go/<campaign>) as the writer takes it."""
+
+    click_id: bytes | None  # None: no cid, or not a click id
+    campaign: Campaign  # as the request read it: a reload meanwhile doesn't change its answer
+    named: str | None  # &offer=
+    pick: Arm  # by weight, for when neither the named offer nor the click's own will do
+    new: ClickRow  # stored (flagged no_click_id) when click_id names no click of the campaign
 
 
 class ClickFacts(NamedTuple):
@@ -2367,6 +2577,8 @@ class ClickFacts(NamedTuple):
     sub4: str | None
     sub5: str | None
     ext_id: str | None
+    lander: str | None
+    offer: str | None
 
 
 class StoredConversion(NamedTuple):
@@ -2590,15 +2802,19 @@ class Database:
         # Per totals row: its unique clicks, and its costs (one pass; this runs per click).
         # Before the insert: a day's keys read from its clicks must not find these.
         unique: Counter = Counter()
+        landed: Counter = Counter()  # human clicks sent to a lander
         costs: Counter = Counter()
+        funnel: dict[tuple, list[int]] = {}  # (day, campaign, lander, offer) -> [humans, bots, unique]
         day, keys = -1, set()
         for row in rows:
             if row[1] // DAY_MS != day:
                 day = row[1] // DAY_MS
                 keys = self.unique_keys(day)
+            first = False
             if not row[11]:
                 key = hash((row[2], row[9], row[10]))  # the set lives in this process: its hash will do
                 if key not in keys and self._first_seen(day, keys, key, row):
+                    first = True
                     sub1 = row[3] or ""
                     unique[day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1] += 1
             if row[13]:  # a cost_currency: the click has a cost
@@ -2606,6 +2822,14 @@ class Database:
                 costs[
                     day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1, "clicks", row[13]
                 ] += row[12]
+            if row[15] != NO_TEXT:  # a click of a campaign with landers or offers
+                lander = "" if row[14] == NO_TEXT else row[14]
+                counts = funnel.setdefault((day, row[2], lander, row[15]), [0, 0, 0])
+                counts[1 if row[11] else 0] += 1
+                counts[2] += first
+                if lander and not row[11]:
+                    sub1 = row[3] or ""
+                    landed[day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1] += 1
         if other:
             rows = [(*row, 1 if (row[1] // DAY_MS, row[2], row[3] or "") in other else None) for row in rows]
             self.con.executemany(INSERT_CLICK_OTHER, rows)
@@ -2614,12 +2838,52 @@ class Database:
         self.con.executemany(
             ADD_DAILY_CLICKS,
             [
-                (day, c, s, 0 if bot else n, n if bot else 0, 0 if bot else unique[day, c, s])
+                (
+                    day,
+                    c,
+                    s,
+                    0 if bot else n,
+                    n if bot else 0,
+                    0 if bot else unique[day, c, s],
+                    0 if bot else landed[day, c, s],
+                )
                 for (day, c, s, bot), n in totals.items()
             ],
         )
+        if funnel:
+            self.con.executemany(ADD_FUNNEL_CLICKS, [(*key, *counts, 0) for key, counts in funnel.items()])
         if costs:
             self.con.executemany(ADD_DAILY_COSTS, [(*key, cost) for key, cost in costs.items()])
+
+    def lp_click(self, lp: LPClick, now_ms: int, sub1_per_day: int | None = None) -> tuple[Arm, bytes, dict]:
+        """Store an LP click, in the caller's transaction: the offer it goes to, the click
+        it is of, and that click's lander, sub ids and ext_id (for the offer's macros). The first of a click's LP clicks is counted (lp_clicks, by the
+        click's day); later ones only follow the offer they were sent to. A cid that
+        names no click of the campaign stores lp.new, flagged no_click_id."""
+        campaign = lp.campaign
+        row = lp.click_id and self.con.execute(LP_CLICK_SELECT, (bytearray(lp.click_id),)).fetchone()
+        click_id = lp.click_id
+        if not row or row[1] != campaign.name:
+            self.insert_clicks([lp.new], sub1_per_day)
+            self.con.execute("UPDATE clicks SET flags = 'no_click_id' WHERE id = ?", (lp.new.id,))
+            click_id, row = bytes(lp.new.id), self.con.execute(LP_CLICK_SELECT, (lp.new.id,)).fetchone()
+        ts, _, other, bot, lp_at, offer, lander, sub1 = row[:8]
+        arm = campaign.offers.choose(lp.named, offer, lp.pick)
+        # A plain `url` campaign's clicks name no offer ("default"): they keep naming none.
+        stored = arm.name if campaign.funnel else offer
+        if lp_at is None:
+            self.con.execute("UPDATE clicks SET lp_at = ?, offer = ? WHERE id = ?", (now_ms, stored, click_id))
+            if not bot:
+                day = ts // DAY_MS
+                self.con.execute(
+                    "UPDATE daily_clicks SET lp_clicks = lp_clicks + 1 WHERE day = ? AND campaign = ? AND sub1 = ?",
+                    (day, campaign.name, OTHER_SUB1 if other else sub1 or ""),
+                )
+                if campaign.funnel:
+                    self.con.execute(ADD_FUNNEL_CLICKS, (day, campaign.name, lander or "", arm.name, 0, 0, 0, 1))
+        elif stored != offer:  # its conversions go to the offer the visitor was sent to last
+            self.con.execute("UPDATE clicks SET offer = ? WHERE id = ?", (stored, click_id))
+        return arm, click_id, {name: value for name, value in zip(LP_CLICK_FACTS, row[6:]) if value is not None}
 
     def _first_seen(self, day: int, keys: set[int], key: int, row: Sequence) -> bool:
         """A human click whose key is not in the day's set: the first of its (campaign,
@@ -2678,13 +2942,13 @@ class Database:
         """Match, dedupe and store a postback, in the caller's transaction: an orphan,
         a new conversion, a duplicate, or a status change; forwards queued with it."""
         row = self.con.execute(
-            """SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other, cost, cost_currency
+            """SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other, cost, cost_currency, lander, offer
                FROM clicks WHERE id = ?""",
             (bytearray(pb.click_id),),  # binds without the sqlite3 module's adapter lookup (see ClickRow)
         ).fetchone()
         if row is None:
             return self._record_orphan(pb, now_ms)
-        click, sub1_total, click_cost = ClickFacts(*row[:8]), OTHER_SUB1 if row[8] else None, row[9:]
+        click, sub1_total, click_cost = ClickFacts(*row[:8], *row[11:]), OTHER_SUB1 if row[8] else None, row[9:11]
         ts = pb.ts_ms
         if ts < click.ts:
             if pb.ts_given and click.ts - ts > EARLY_TS_TOLERANCE_MS:
@@ -2726,7 +2990,7 @@ class Database:
     def _find_conversion(self, pb: Postback) -> StoredConversion | None:
         row = self.con.execute(
             """SELECT id, status, reason, ts / 86400000, payout, currency, sub1_total, cost_model, cost_currency,
-                      click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost
+                      click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost, lander, offer
                FROM conversions WHERE click_id = ? AND dedupe_key = ?""",
             (pb.click_id, pb.dedupe_key),
         ).fetchone()
@@ -2767,7 +3031,7 @@ class Database:
                 pb.dedupe_key,
                 click.ts,
                 click.campaign,
-                *(NO_TEXT if value is None else value for value in click[2:]),
+                *(NO_TEXT if value is None else value for value in click[2:8]),
                 pb.event,
                 pb.txid or "",
                 status,
@@ -2782,6 +3046,8 @@ class Database:
                 -1 if cost is None else cost,
                 cost_currency or "",
                 model or "",
+                NO_TEXT if click.lander is None else click.lander,
+                NO_TEXT if click.offer is None else click.offer,
             ),
         ).fetchone()
         if row is None:
@@ -2789,7 +3055,7 @@ class Database:
         conversion_id = row[0]
         if late:
             return PostbackOutcome(PostbackResult.REJECTED, conversion_id, reason, click.campaign)
-        facts = ForwardFacts(pb.click_id, *click[1:], pb.event, pb.txid, cost)
+        facts = ForwardFacts(pb.click_id, *click[1:8], pb.event, pb.txid, cost, click.lander, click.offer)
         queued = self._forward(
             campaign, conversion_id, facts, pb.status, pb.payout, pb.currency, now_ms, policy.forward
         )
@@ -3036,8 +3302,8 @@ class Database:
     ) -> Iterator[tuple[int, ForwardFacts, str, int, str]]:
         """Counted conversions created since a time in these campaigns: id, facts, status, payout, currency."""
         rows = self.con.execute(
-            f"""SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost, status, payout,
-                       currency
+            f"""SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost, lander, offer,
+                       status, payout, currency
                 FROM conversions WHERE created_at >= ? AND reason IS NULL AND campaign IN ({",".join("?" * len(campaigns))})
                 ORDER BY id""",
             (since_ms, *campaigns),
@@ -3424,6 +3690,10 @@ class Store:
         """Store a click; returns once it is committed."""
         await self._submit(row)
 
+    async def record_lp_click(self, lp: LPClick) -> tuple[Arm, bytes, dict]:
+        """Store an LP click; returns once it is committed (see Database.lp_click)."""
+        return await self._submit(lp)
+
     async def record_postback(self, postback: Postback) -> PostbackOutcome:
         """Match, dedupe and store a postback; returns once it is committed and fsynced."""
         return await self._submit(postback)
@@ -3533,18 +3803,21 @@ class Store:
 
     def _write_batch(
         self, items: list[object], postbacks: bool, busy_timeout: int = BUSY_TIMEOUT_MS
-    ) -> list[PostbackOutcome | None]:
+    ) -> list[PostbackOutcome | tuple[Arm, bytes, dict] | None]:
         db, policy = self._db, self._policy
         now_ms = int(self.clock() * 1000)
         with db.transaction(fsync=postbacks, busy_timeout_ms=busy_timeout):
-            results: list[PostbackOutcome | None] = []
+            results: list[PostbackOutcome | tuple[Arm, bytes, dict] | None] = []
             clicks: list[ClickRow] = []
             for item in items:
-                if isinstance(item, Postback):
-                    if clicks:  # keep arrival order: a batch's clicks land before later postbacks
+                if isinstance(item, (Postback, LPClick)):
+                    if clicks:  # keep arrival order: a batch's clicks land before what comes after them
                         db.insert_clicks(clicks, policy.sub1_per_day)
                         clicks = []
-                    results.append(db.apply_postback(item, now_ms, policy))
+                    if isinstance(item, Postback):
+                        results.append(db.apply_postback(item, now_ms, policy))
+                    else:
+                        results.append(db.lp_click(item, now_ms, policy.sub1_per_day))
                 else:
                     clicks.append(item)
                     results.append(None)
@@ -4031,10 +4304,18 @@ class TinyTrack:
     """The ASGI app: clicks and postbacks on a raw ASGI hot path (HOT_ROUTES), the
     rest on a Starlette router (Admin), which also runs the lifespan."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time, tune_gc: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.time,
+        tune_gc: bool = False,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
         self.config = config
         self.clock = clock
         self.tune_gc = tune_gc
+        self.random = rng  # [0, 1): which lander and offer a click gets
         self.ids = ClickIds(clock)
         self.store = Store(config, clock=clock, on_forward=self.wake_forwarder)
         self.forwarder = Forwarder(self.store, config, clock=clock)
@@ -4042,7 +4323,8 @@ class TinyTrack:
         self.clicks = Counter()  # stored since start: human, bot
         self.bad_costs = 0  # clicks whose `cost` was no amount (stored without it)
         self.postbacks = Counter()  # answers since start: a PostbackResult's value, or a Refusal's code
-        self.latency = {"click": Histogram(LATENCY_BOUNDS), "postback": Histogram(LATENCY_BOUNDS)}
+        self.lp_clicks = Counter()  # LP clicks stored since start: "known" (of a click), "no_click_id"
+        self.latency = {name: Histogram(LATENCY_BOUNDS) for name in ("click", "lp_click", "postback")}
         self.router = Admin(self).router(lifespan=self.lifespan)
 
     def apply_config(self, config: Config) -> None:
@@ -4078,6 +4360,10 @@ class TinyTrack:
                 started = time.perf_counter()
                 await self.click(scope, send)
                 return self.latency["click"].observe(time.perf_counter() - started)
+            if path.startswith("/go/"):
+                started = time.perf_counter()
+                await self.lp_click(scope, send)
+                return self.latency["lp_click"].observe(time.perf_counter() - started)
             if path == "/postback":
                 started = time.perf_counter()
                 await self.postback(scope, receive, send)
@@ -4143,6 +4429,8 @@ class TinyTrack:
         user_agent, forwarded_for = header_values(scope, b"user-agent", b"x-forwarded-for")
         user_agent = strip_controls(user_agent, MAX_UA_CHARS) if user_agent else ""
         click_id, ms = self.ids.new()
+        offer = campaign.offers.pick(self.random)
+        lander = campaign.landers and campaign.landers.pick(self.random)
         if method == "GET":  # HEAD (link previews) gets the same answer and stores nothing
             bot = is_bot(user_agent)
             cost = None
@@ -4163,6 +4451,8 @@ class TinyTrack:
                 1 if bot else 0,
                 -1 if cost is None else cost,
                 "" if cost is None else campaign.cost_currency,
+                lander.name if lander else NO_TEXT,
+                offer.name if campaign.funnel else NO_TEXT,
             )
             try:
                 await self.store.record_click(row)
@@ -4174,7 +4464,71 @@ class TinyTrack:
             self.clicks["bot" if row.bot else "human"] += 1
         values["click_id"] = format_uuid(click_id)
         values["campaign"] = campaign.name
-        location = campaign.url.fill(values, rest if campaign.pass_query else ())
+        values["offer"] = offer.name
+        if lander:
+            values["lander"] = lander.name
+        location = (lander or offer).url.fill(values, rest if campaign.pass_query else ())
+        await send_answer(send, 302, b"", [(b"location", location.encode()), NO_STORE])
+
+    # -- HTTP: LP clicks, GET /go/<campaign>?cid=<click id>[&offer=<name>] --
+
+    async def lp_click(self, scope: dict, send: Callable) -> None:
+        """A lander's call to action: stored (committed) before the 302 to an offer, as
+        a click is. Whatever the cid says, the visitor gets an offer."""
+        method = scope["method"]
+        if method != "GET" and method != "HEAD":
+            return await send_refusal(
+                send, HTTPError(Refusal.METHOD_NOT_ALLOWED, headers=[(b"allow", b"GET, HEAD")]), text=True
+            )
+        campaign = self.config.campaigns.get(scope["path"][4:])
+        if campaign is None:
+            return await send_refusal(send, HTTPError(Refusal.NOT_FOUND, "unknown campaign"), text=True)
+        values, rest = parse_click_query(scope["query_string"])
+        cid = named = None
+        if rest:
+            cid, named, rest = lp_params(rest)
+        click_id = parse_click_id(cid)
+        pick = campaign.offers.pick(self.random)
+        new_id, ms = self.ids.new()  # used when the cid names no click of the campaign
+        if method == "GET":
+            user_agent, forwarded_for = header_values(scope, b"user-agent", b"x-forwarded-for")
+            user_agent = strip_controls(user_agent, MAX_UA_CHARS) if user_agent else ""
+            new = ClickRow(
+                bytearray(new_id),
+                ms,
+                campaign.name,
+                values.get("sub1"),
+                values.get("sub2", NO_TEXT),
+                values.get("sub3", NO_TEXT),
+                values.get("sub4", NO_TEXT),
+                values.get("sub5", NO_TEXT),
+                values.get("ext_id", NO_TEXT),
+                self.peer_address(scope, forwarded_for),
+                user_agent,
+                1 if is_bot(user_agent) else 0,
+                -1,  # no cost: whatever it cost came with its first click, the one we can't find
+                "",
+                NO_TEXT,
+                campaign.offers.choose(named, None, pick).name if campaign.funnel else NO_TEXT,
+            )
+            try:
+                offer, stored_id, facts = await self.store.record_lp_click(
+                    LPClick(click_id, campaign, named, pick, new)
+                )
+            except StorageError:
+                return await send_refusal(
+                    send, HTTPError(Refusal.UNAVAILABLE, "try again", [(b"retry-after", b"1")]), text=True
+                )
+            self.lp_clicks["no_click_id" if stored_id == new_id else "known"] += 1
+            values = facts
+            click_id = stored_id
+        else:  # HEAD: the same kind of answer, nothing stored and nothing read
+            offer = campaign.offers.choose(named, None, pick)
+            click_id = click_id or new_id
+        values["click_id"] = format_uuid(click_id)
+        values["campaign"] = campaign.name
+        values["offer"] = offer.name
+        location = offer.url.fill(values, rest if campaign.pass_query else ())
         await send_answer(send, 302, b"", [(b"location", location.encode()), NO_STORE])
 
     def click_cost(self, campaign: Campaign, text: str | None, bot: bool) -> int | None:
@@ -4268,9 +4622,15 @@ class TinyTrack:
         return build_postback(fields, conf, now, ip)
 
 
-def create_app(config: Config, *, clock: Callable[[], float] = time.time, tune_gc: bool = False) -> TinyTrack:
+def create_app(
+    config: Config,
+    *,
+    clock: Callable[[], float] = time.time,
+    tune_gc: bool = False,
+    rng: Callable[[], float] = random.random,
+) -> TinyTrack:
     """Build the ASGI app for a config; nothing starts until the lifespan runs."""
-    return TinyTrack(config, clock=clock, tune_gc=tune_gc)
+    return TinyTrack(config, clock=clock, tune_gc=tune_gc, rng=rng)
 
 
 # --- HTTP: admin, API and metrics -----------------------------------------------------
@@ -4479,6 +4839,12 @@ class Admin:
             "counter",
             "Clicks whose cost was not a decimal >= 0 with at most 6 decimals (or over max_click_cost): stored without it.",
             [("", app.bad_costs)],
+        )
+        metric(
+            "tinytrack_lp_clicks_total",
+            "counter",
+            "LP clicks (/go/) stored since start: of a known click, or of none (a new click flagged no_click_id).",
+            [(f'{{click="{kind}"}}', app.lp_clicks[kind]) for kind in ("known", "no_click_id")],
         )
         metric(
             "tinytrack_postbacks_total",

@@ -76,9 +76,10 @@ async def main():
 
 
 def click_rows(tt, ids):
-    width = tt.INSERT_CLICK.count("?")
-    return [(cid, int.from_bytes(cid[:6]), "bench", "abc", None, None, None, None, None, "203.0.113.7", "x", 0)
-            + (None,) * (width - 12) for cid in ids]
+    # Whatever this version's ClickRow requires beyond the first 12 fields: none (None).
+    required = len(tt.ClickRow._fields) - len(tt.ClickRow._field_defaults)
+    return [tt.ClickRow(cid, int.from_bytes(cid[:6]), "bench", "abc", None, None, None, None, None, "203.0.113.7",
+                        "x", 0, *(None,) * (required - 12)) for cid in ids]
 
 asyncio.run(main())
 """

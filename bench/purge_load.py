@@ -64,7 +64,7 @@ def seed(db: Path, clicks: int, newest_days: float, oldest_days: float) -> None:
         )
         if len(batch) == 100_000 or i == clicks - 1:
             con.execute("BEGIN")
-            tt.Database(con).insert_clicks(batch)
+            tt.Database(con).insert_clicks([tt.ClickRow(*row) for row in batch])
             con.execute("COMMIT")
             batch = []
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")

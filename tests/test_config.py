@@ -53,7 +53,7 @@ def test_config_is_frozen():
             config_with(campaigns={"x": {"url": "ftp://nope"}}),
             "campaigns.x.url: must be an http(s) URL, got 'ftp://nope'",
         ),
-        (config_with(campaigns={"x": {}}), "campaigns.x.url: is required"),
+        (config_with(campaigns={"x": {}}), "campaigns.x.url: is required (or offers, a list of them)"),
         (
             config_with(campaigns={"x": {"url": "https://{sub1}.evil.com/"}}),
             "campaigns.x.url: macros are only allowed after the host, got 'https://{sub1}.evil.com/'",

@@ -1142,6 +1142,7 @@ async def test_metrics_counters_and_histograms(client, config):
     assert types == {
         "tinytrack_clicks_total": "counter",
         "tinytrack_click_cost_invalid_total": "counter",
+        "tinytrack_lp_clicks_total": "counter",
         "tinytrack_postbacks_total": "counter",
         "tinytrack_forwards_total": "counter",
         "tinytrack_outbox": "gauge",
@@ -1193,7 +1194,7 @@ async def test_metrics_counters_and_histograms(client, config):
         histograms(before, "tinytrack_request_seconds"),
         histograms(after, "tinytrack_request_seconds"),
     )
-    assert set(latency) == {(("route", "click"),), (("route", "postback"),)}
+    assert set(latency) == {(("route", "click"),), (("route", "lp_click"),), (("route", "postback"),)}
     assert latency[(("route", "click"),)]["count"] - latency_before[(("route", "click"),)]["count"] == 6
     assert latency[(("route", "postback"),)]["count"] - latency_before[(("route", "postback"),)]["count"] == 7
     assert latency[(("route", "click"),)]["sum"] > 0

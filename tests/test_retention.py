@@ -144,6 +144,8 @@ def seed_clicks(
             0,
             None,
             None,
+            None,
+            None,
         )
         for i in range(n)
     )
@@ -585,7 +587,7 @@ def test_a_vacuum_step_hands_back_up_to_vacuum_pages_pages(tmp_path: Path):
         con.execute("BEGIN IMMEDIATE")
         tinytrack.Database(con).insert_clicks(
             [
-                (
+                tinytrack.ClickRow(
                     v7(1_700_000_000_000 + i, i),
                     1_700_000_000_000 + i,
                     "spring",
@@ -750,7 +752,7 @@ def seed_for_cli(path: str, now: int) -> dict[str, bytes]:
         con.execute("BEGIN IMMEDIATE")
         tinytrack.Database(con).insert_clicks(
             [
-                (
+                tinytrack.ClickRow(
                     ids[name],
                     int.from_bytes(ids[name][:6]),
                     "spring",
