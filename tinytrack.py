@@ -1806,10 +1806,10 @@ def rule_cutoff(rule: PurgeRule, conf: RetentionConfig, now_ms: int) -> int | by
 # -- reports --
 
 
-STATS_GROUPS = ("day", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "status")
-COUNT_COLUMNS = ("clicks", "unique_clicks", "bot_clicks", "conversions", "approved", "pending", "rejected")
+STATS_GROUPS = ("day", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "status", "offer", "lander")
+COUNT_COLUMNS = ("clicks", "unique_clicks", "bot_clicks", "conversions", "approved", "pending", "rejected", "lp_clicks")
 MONEY_COLUMNS = ("payout", "cost", "profit", "roi")  # each {currency: amount}, as are epc and cpa
-STATS_COLUMNS = (*COUNT_COLUMNS, *MONEY_COLUMNS, "cr", "epc", "cpa")
+STATS_COLUMNS = (*COUNT_COLUMNS, *MONEY_COLUMNS, "cr", "epc", "cpa", "lp_ctr")
 STATS_DEFAULT_DAYS = 30
 STATS_MAX_DAYS = 3660
 
@@ -1853,7 +1853,7 @@ def stats_rows(
     q: StatsQuery, clicks: Iterable[tuple], conversions: Iterable[tuple], costs: Iterable[tuple] = ()
 ) -> list[dict]:
     """Rows of a report from its reads (Database.stats): clicks (key, humans, bots,
-    unique), conversions (key, status, currency, count, whole, micros) and costs (key,
+    unique, LP clicks, human clicks sent to a lander), conversions (key, status, currency, count, whole, micros) and costs (key,
     currency, whole, micros). Money stays integer micro-units until it is printed."""
     groups: dict[Any, dict] = {}
 
@@ -1867,19 +1867,20 @@ def stats_rows(
                 "approved": 0,
                 "pending": 0,
                 "rejected": 0,
+                "lp_clicks": 0,
+                "landed": 0,
                 "payout": Counter(),
                 "cost": Counter(),
             }
         return groups[key]
 
-    total_humans = total_bots = total_unique = 0
+    total = dict.fromkeys(("clicks", "bot_clicks", "unique_clicks", "lp_clicks", "landed"), 0)
     total_cost: Counter[str] = Counter()
-    for key, humans, bots, unique in clicks:
+    for key, *counts in clicks:
         row = group(key)
-        row["clicks"] += humans
-        row["bot_clicks"] += bots
-        row["unique_clicks"] += unique
-        total_humans, total_bots, total_unique = total_humans + humans, total_bots + bots, total_unique + unique
+        for name, n in zip(total, counts):
+            row[name] += n
+            total[name] += n
     for key, status, currency, count, whole, micros in conversions:
         row = group(key)
         row[status] += count
@@ -1893,7 +1894,7 @@ def stats_rows(
     if q.by == "status":  # every status row is set against all the clicks (and costs) of the range
         groups.pop("", None)
         for row in groups.values():
-            row["clicks"], row["bot_clicks"], row["unique_clicks"] = total_humans, total_bots, total_unique
+            row.update(total)
             row["cost"] = total_cost.copy()
     rows = []
     for key in sorted(groups, key=lambda k: (k is None, k)):
@@ -1904,7 +1905,9 @@ def stats_rows(
         row["clicks"] = clicks_counted
         row["conversions"] = row["approved"] + row["pending"]
         payout, cost = convert_money(row["payout"], q.money), convert_money(row["cost"], q.money)
-        rows.append({q.by: row[q.by], **{c: row[c] for c in COUNT_COLUMNS}, **money_figures(payout, cost, row)})
+        figures = money_figures(payout, cost, row)
+        figures["lp_ctr"] = ratio(row["lp_clicks"] * 100, row["landed"], 2)  # LP clicks per 100 lander visits
+        rows.append({q.by: row[q.by], **{c: row[c] for c in COUNT_COLUMNS}, **figures})
     return rows
 
 
@@ -1969,7 +1972,15 @@ def stats_table(q: StatsQuery, rows: list[dict]) -> tuple[list[str], list[list[o
     """Header and cells for CSV: the counts, then a column per money figure and currency."""
     currencies = sorted({cur for row in rows for column in ("payout", "cost") for cur in row[column]})
     money = [f"{column}_{cur}" for column in MONEY_COLUMNS for cur in currencies]
-    header = [q.by, *COUNT_COLUMNS, *money, "cr", *(f"epc_{c}" for c in currencies), *(f"cpa_{c}" for c in currencies)]
+    header = [
+        q.by,
+        *COUNT_COLUMNS,
+        *money,
+        "cr",
+        *(f"epc_{c}" for c in currencies),
+        *(f"cpa_{c}" for c in currencies),
+        "lp_ctr",
+    ]
     cells = []
     for row in rows:
         figures = [
@@ -1977,7 +1988,7 @@ def stats_table(q: StatsQuery, rows: list[dict]) -> tuple[list[str], list[list[o
         ]
         epc = [row["epc"].get(cur, "0.0000" if row["clicks"] else None) for cur in currencies]
         cpa = [row["cpa"].get(cur) if row["conversions"] else None for cur in currencies]
-        cells.append([row[q.by], *(row[c] for c in COUNT_COLUMNS), *figures, row["cr"], *epc, *cpa])
+        cells.append([row[q.by], *(row[c] for c in COUNT_COLUMNS), *figures, row["cr"], *epc, *cpa, row["lp_ctr"]])
     return header, cells
 
 
@@ -2646,6 +2657,24 @@ PURGE_SQL = {
                       AND coalesce(last_at, created_at) < ? LIMIT ?)""",
     ),
 }
+
+
+def costs_sql(key: str, where: str, keys: int = 1) -> str:
+    """A report's costs per `key` (its first `keys` columns) and currency, from daily_costs:
+    an uploaded cost is the whole cost of its day, campaign and sub1 (of the day and
+    campaign, when a whole-day upload left its 'day' row). Days with uploads are few:
+    the rows of the others are summed as they are, and only those days' rows look up
+    whether an upload replaces them. Takes (first day, last day, *where's args)."""
+    return f"""SELECT {key}, currency, {money_sum("cost")} FROM daily_costs AS d
+               WHERE day BETWEEN ?1 AND ?2{where} AND source != 'day' AND (
+                   (day, campaign) NOT IN (SELECT day, campaign FROM daily_costs
+                       WHERE source IN ('upload', 'day') AND day BETWEEN ?1 AND ?2)
+                   OR source = 'upload'
+                   OR NOT EXISTS (SELECT 1 FROM daily_costs AS u WHERE u.day = d.day
+                       AND u.campaign = d.campaign AND u.sub1 = d.sub1 AND u.source = 'upload')
+                   AND NOT EXISTS (SELECT 1 FROM daily_costs AS w WHERE w.day = d.day
+                       AND w.campaign = d.campaign AND w.sub1 = '' AND w.source = 'day'))
+               GROUP BY {", ".join(str(i) for i in range(1, keys + 2))}"""
 
 
 class Database:
@@ -3389,12 +3418,14 @@ class Database:
         where, args = "", ()
         if q.campaign is not None:
             where, args = " AND campaign = ?", (q.campaign,)
+        if q.by in ("offer", "lander"):
+            return self._funnel_stats(q, where, args)
         if q.by in ("day", "campaign", "sub1", "status"):
             key = "''" if q.by == "status" else q.by
             span = (q.first_day, q.last_day, *args)
             clicks = self.con.execute(
-                f"""SELECT {key}, sum(clicks), sum(bot_clicks), sum(unique_clicks) FROM daily_clicks
-                    WHERE day BETWEEN ? AND ?{where} GROUP BY 1""",
+                f"""SELECT {key}, sum(clicks), sum(bot_clicks), sum(unique_clicks), sum(lp_clicks), sum(lander_clicks)
+                    FROM daily_clicks WHERE day BETWEEN ? AND ?{where} GROUP BY 1""",
                 span,
             )
             conversions = self.con.execute(
@@ -3403,34 +3434,19 @@ class Database:
                     HAVING sum(conversions) != 0""",  # a status change leaves its old row at zero
                 span,
             )
-            # An uploaded cost is the whole cost of its day, campaign and sub1 (of the day
-            # and campaign, when a whole-day upload left its 'day' row).
-            costs = self.con.execute(
-                # Days with uploads are few: the rows of the others are summed as they are,
-                # and only those days' rows look up whether an upload replaces them.
-                f"""SELECT {key}, currency, {money_sum("cost")} FROM daily_costs AS d
-                    WHERE day BETWEEN ?1 AND ?2{where} AND source != 'day' AND (
-                        (day, campaign) NOT IN (SELECT day, campaign FROM daily_costs
-                            WHERE source IN ('upload', 'day') AND day BETWEEN ?1 AND ?2)
-                        OR source = 'upload'
-                        OR NOT EXISTS (SELECT 1 FROM daily_costs AS u WHERE u.day = d.day
-                            AND u.campaign = d.campaign AND u.sub1 = d.sub1 AND u.source = 'upload')
-                        AND NOT EXISTS (SELECT 1 FROM daily_costs AS w WHERE w.day = d.day
-                            AND w.campaign = d.campaign AND w.sub1 = '' AND w.source = 'day'))
-                    GROUP BY 1, 2""",
-                span,
-            )
+            costs = self.con.execute(costs_sql(key, where), span)
             return stats_rows(q, clicks.fetchall(), conversions.fetchall(), costs.fetchall())
         # sub2..sub5: the raw rows, so the costs the clicks and conversions carried (uploads are per sub1)
         start, end = q.first_day * DAY_MS, (q.last_day + 1) * DAY_MS
         ids = (uuid_floor(start), uuid_floor(end), *args)
         clicks = self.con.execute(
-            f"""SELECT coalesce({q.by}, ''), sum(bot = 0), sum(bot), 0 FROM clicks
-                WHERE id >= ? AND id < ?{where} GROUP BY 1""",
+            f"""SELECT coalesce({q.by}, ''), sum(bot = 0), sum(bot), 0, sum(bot = 0 AND lp_at IS NOT NULL),
+                       sum(bot = 0 AND lander IS NOT NULL)
+                FROM clicks WHERE id >= ? AND id < ?{where} GROUP BY 1""",
             ids,
         ).fetchall()
         unique = self.con.execute(
-            f"""SELECT coalesce({q.by}, ''), 0, 0, count(*) FROM clicks WHERE id IN (
+            f"""SELECT coalesce({q.by}, ''), 0, 0, count(*), 0, 0 FROM clicks WHERE id IN (
                     SELECT min(id) FROM clicks WHERE id >= ? AND id < ? AND bot = 0{where}
                     GROUP BY ts / 86400000, campaign, ip, ua) GROUP BY 1""",
             ids,
@@ -3449,6 +3465,82 @@ class Database:
             (*ids, start, end, *args),
         )
         return stats_rows(q, clicks + unique, conversions.fetchall(), costs.fetchall())
+
+    def _funnel_stats(self, q: StatsQuery, where: str, args: tuple) -> list[dict]:
+        """by=offer or by=lander, from the totals: daily_funnel's rows, and what the
+        campaign-days hold beyond them (clicks of a plain `url`: offer "default", no
+        lander). Costs are kept per campaign-day and sub1, not per lander or offer: a
+        campaign-day's cost is shared by its human clicks (each visit costs the same,
+        whichever lander or offer it was given), a cpa or revshare cost by its approved
+        conversions, exactly to the micro-unit (spread)."""
+        span = (q.first_day, q.last_day, *args)
+        by_offer = q.by == "offer"
+        none = DEFAULT_OFFER if by_offer else ""
+        rest: dict[tuple, list[int]] = {
+            (day, campaign): counts
+            for day, campaign, *counts in self.con.execute(
+                f"""SELECT day, campaign, sum(clicks), sum(bot_clicks), sum(unique_clicks), sum(lp_clicks),
+                           sum(lander_clicks) FROM daily_clicks WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2""",
+                span,
+            )
+        }
+        clicks, humans = [], {}  # humans: (day, campaign) -> Counter of human clicks per row name
+        rows = self.con.execute(
+            f"""SELECT day, campaign, lander, offer, clicks, bot_clicks, unique_clicks, lp_clicks FROM daily_funnel
+                WHERE day BETWEEN ? AND ?{where}""",
+            span,
+        )
+        for day, campaign, lander, offer, *counts in rows:
+            counts.append(counts[0] if lander else 0)  # human clicks sent to a lander
+            name = offer if by_offer else lander
+            clicks.append((name, *counts))
+            humans.setdefault((day, campaign), Counter())[name] += counts[0]
+            left = rest.get((day, campaign))
+            if left is not None:
+                rest[day, campaign] = [a - b for a, b in zip(left, counts)]
+        for (day, campaign), counts in rest.items():
+            if any(counts):
+                clicks.append((none, *counts))
+                humans.setdefault((day, campaign), Counter())[none] += counts[0]
+        left_conv: dict[tuple, list[int]] = {
+            (day, campaign, status, currency): [n, money_units(whole, micros)]
+            for day, campaign, status, currency, n, whole, micros in self.con.execute(
+                f"""SELECT day, campaign, status, currency, sum(conversions), {PAYOUT_SUM} FROM daily_conversions
+                    WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3, 4""",
+                span,
+            )
+        }
+        conversions, approved = [], {}  # approved: (day, campaign) -> Counter of approved conversions per name
+        rows = self.con.execute(
+            f"""SELECT day, campaign, lander, offer, status, currency, sum(conversions), {PAYOUT_SUM}
+                FROM daily_funnel_conversions WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3, 4, 5, 6""",
+            span,
+        )
+        for day, campaign, lander, offer, status, currency, n, whole, micros in rows:
+            name, units = offer if by_offer else lander, money_units(whole, micros)
+            conversions.append((name, status, currency, n, 0, units))
+            if status == "approved":
+                approved.setdefault((day, campaign), Counter())[name] += n
+            left = left_conv.get((day, campaign, status, currency))
+            if left is not None:
+                left[0] -= n
+                left[1] -= units
+        for (day, campaign, status, currency), (n, units) in left_conv.items():
+            if n or units:
+                conversions.append((none, status, currency, n, 0, units))
+                if status == "approved":
+                    approved.setdefault((day, campaign), Counter())[none] += n
+        costs = []
+        for day, campaign, per_conversion, currency, whole, micros in self.con.execute(
+            costs_sql("day, campaign, source = 'conversions'", where, 3), span
+        ):
+            weights = (approved if per_conversion else humans).get((day, campaign)) or Counter({none: 1})
+            names = sorted(weights)
+            if not any(weights.values()):
+                weights = Counter(dict.fromkeys(names, 1))
+            shares = spread(money_units(whole, micros), [weights[name] for name in names])
+            costs.extend((name, currency, 0, share) for name, share in zip(names, shares) if share)
+        return stats_rows(q, clicks, conversions, costs)
 
     def conversions(
         self, since_ms: int, after_id: int, limit: int, campaign: str | None, status: str | None
@@ -5404,8 +5496,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.csv:
         sys.stdout.write(csv_text(header, cells))
         return 0
-    if not any(row["cost"] for row in rows):  # no costs: the table keeps to what it has
-        keep = [i for i, name in enumerate(header) if not name.startswith(("cost_", "profit_", "roi_", "cpa_"))]
+    # The table keeps to what it has: no costs, no cost columns; no landers, no LP columns.
+    hide = () if any(row["cost"] for row in rows) else ("cost_", "profit_", "roi_", "cpa_")
+    if not any(row["lp_clicks"] or row["lp_ctr"] for row in rows):
+        hide = (*hide, "lp_clicks", "lp_ctr")
+    if hide:
+        keep = [i for i, name in enumerate(header) if not name.startswith(hide)]
         header, cells = [header[i] for i in keep], [[line[i] for i in keep] for line in cells]
     print(
         f"{day_text(q.first_day)} to {day_text(q.last_day)} (UTC), by {q.by}"

@@ -165,6 +165,8 @@ def row(
         "cr": cr,
         "epc": epc,
         "cpa": {},
+        "lp_clicks": 0,  # no landers here: tests/test_funnels.py has them
+        "lp_ctr": None,
     }
 
 
@@ -498,6 +500,8 @@ async def test_after_a_status_change_totals_and_raw_rows_agree(client, clock):
         "cr": "50.00",
         "epc": {"USD": "2.0000"},
         "cpa": {},
+        "lp_clicks": 0,
+        "lp_ctr": None,
     }
     assert await stats(client, f"from={A}&to={A}&by=sub2") == [{"sub2": "", **want}]  # raw rows
     assert await stats(client, f"from={A}&to={A}&by=sub1") == [{"sub1": "", **want}]  # daily totals
@@ -523,8 +527,8 @@ async def test_after_a_status_change_by_status_has_no_empty_status_row(client, c
         ("to=2026-03-04T00:00", "to: must be a date as YYYY-MM-DD, got '2026-03-04T00:00'"),
         ("from=2026-03-05&to=2026-03-01", "from: must not be after to (2026-03-01), got 2026-03-05"),
         ("from=2000-01-01&to=2026-03-01", "from: the range is at most 3660 days"),
-        ("by=sub6", "by: must be one of day, campaign, sub1, sub2, sub3, sub4, sub5, status, got 'sub6'"),
-        ("by=ts", "by: must be one of day, campaign, sub1, sub2, sub3, sub4, sub5, status, got 'ts'"),
+        ("by=sub6", "by: must be one of day, campaign, sub1, sub2, sub3, sub4, sub5, status, offer, lander, got 'sub6'"),
+        ("by=ts", "by: must be one of day, campaign, sub1, sub2, sub3, sub4, sub5, status, offer, lander, got 'ts'"),
         ("bots=yes", "bots: must be 0 or 1, got 'yes'"),
         ("format=xml", "format: must be json or csv, got 'xml'"),
         ("tz=Europe/Paris", "tz: totals are kept per UTC day, so only UTC is offered"),
@@ -560,18 +564,21 @@ def assert_csv_matches(by: str, text: str, rows: list[dict]) -> None:
         "approved",
         "pending",
         "rejected",
+        "lp_clicks",
         *(f"{column}_{c}" for column in ("payout", "cost", "profit", "roi") for c in currencies),
         "cr",
         *(f"epc_{c}" for c in currencies),
         *(f"cpa_{c}" for c in currencies),
+        "lp_ctr",
     ]
     assert len(parsed) == len(rows)
     for got, want in zip(parsed, rows):
         key = want[by]
         assert got[by] == ("'" + key if key[:1] in ("=", "+", "-", "@") else key)
-        for column in ("clicks", "unique_clicks", "bot_clicks", "conversions", "approved", "pending", "rejected"):
+        for column in tinytrack.COUNT_COLUMNS:
             assert int(got[column]) == want[column], column
         assert got["cr"] == (want["cr"] or "")
+        assert got["lp_ctr"] == (want["lp_ctr"] or "")
         for cur in currencies:
             for column in ("payout", "cost", "profit"):
                 assert got[f"{column}_{cur}"] == want[column].get(cur, "0.00")
@@ -603,19 +610,19 @@ async def test_stats_csv_is_the_json(client, clock):
     answer = await client.get(f"/api/stats?from={A}&to={C}&by=sub1&format=csv", headers=BEARER)
     # Every text cell is quoted (a spreadsheet splitting on ; keeps it whole), numbers are not.
     assert answer.text.splitlines() == [
-        '"sub1","clicks","unique_clicks","bot_clicks","conversions","approved","pending","rejected",'
+        '"sub1","clicks","unique_clicks","bot_clicks","conversions","approved","pending","rejected","lp_clicks",'
         '"payout_EUR","payout_GBP","payout_USD","cost_EUR","cost_GBP","cost_USD","profit_EUR","profit_GBP","profit_USD",'
-        '"roi_EUR","roi_GBP","roi_USD","cr","epc_EUR","epc_GBP","epc_USD","cpa_EUR","cpa_GBP","cpa_USD"',
-        '"",3,1,0,2,2,0,0,"0.00","0.00","1.00","0.00","0.00","0.00","0.00","0.00","1.00","","","",'
-        '"66.67","0.0000","0.0000","0.3333","","",""',
-        '"\'=HYPERLINK(""http://evil.example"")",1,0,0,1,1,0,0,"0.00","1.50","0.00","0.00","0.00","0.00",'
-        '"0.00","1.50","0.00","","","","100.00","0.0000","1.5000","0.0000","","",""',
-        '"a",9,3,1,7,6,1,0,"5.00","0.00","1.55","0.00","0.00","0.00","5.00","0.00","1.55","","","",'
-        '"77.78","0.5556","0.0000","0.1722","","",""',
-        '"b",2,0,1,1,1,0,1,"0.00","0.00","0.20","0.00","0.00","0.00","0.00","0.00","0.20","","","",'
-        '"50.00","0.0000","0.0000","0.1000","","",""',
-        '"c",1,1,1,1,1,0,0,"0.00","0.00","4.00","0.00","0.00","0.00","0.00","0.00","4.00","","","",'
-        '"100.00","0.0000","0.0000","4.0000","","",""',
+        '"roi_EUR","roi_GBP","roi_USD","cr","epc_EUR","epc_GBP","epc_USD","cpa_EUR","cpa_GBP","cpa_USD","lp_ctr"',
+        '"",3,1,0,2,2,0,0,0,"0.00","0.00","1.00","0.00","0.00","0.00","0.00","0.00","1.00","","","",'
+        '"66.67","0.0000","0.0000","0.3333","","","",""',
+        '"\'=HYPERLINK(""http://evil.example"")",1,0,0,1,1,0,0,0,"0.00","1.50","0.00","0.00","0.00","0.00",'
+        '"0.00","1.50","0.00","","","","100.00","0.0000","1.5000","0.0000","","","",""',
+        '"a",9,3,1,7,6,1,0,0,"5.00","0.00","1.55","0.00","0.00","0.00","5.00","0.00","1.55","","","",'
+        '"77.78","0.5556","0.0000","0.1722","","","",""',
+        '"b",2,0,1,1,1,0,1,0,"0.00","0.00","0.20","0.00","0.00","0.00","0.00","0.00","0.20","","","",'
+        '"50.00","0.0000","0.0000","0.1000","","","",""',
+        '"c",1,1,1,1,1,0,0,0,"0.00","0.00","4.00","0.00","0.00","0.00","0.00","0.00","4.00","","","",'
+        '"100.00","0.0000","0.0000","4.0000","","","",""',
     ]
 
 
