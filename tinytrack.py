@@ -769,7 +769,7 @@ def read_funnel(c: _Table, key: str) -> dict[str, Any]:
     if url is None and offers is None:
         raise ConfigError(f"{key}.url", "is required (or offers, a list of them)")
     if landers is None and offers is None:  # as before funnels: nothing more is stored per click
-        return {"offers": single_offer(compile_template(url, f"{key}.url", MACROS_CLICK))}
+        return {"offers": single_offer(compile_template(url, f"{key}.url", MACROS_FUNNEL))}
     return {
         "offers": (
             read_arms(offers, f"{key}.offers")
@@ -2418,6 +2418,8 @@ CONVERSION_COLUMNS = (
     "ts",
     "created_at",
     "updated_at",
+    "lander",  # null: none
+    "offer",  # null: the click had none (a plain `url` campaign: "default")
 )
 OUTBOX_COLUMNS = (
     "id",
@@ -3547,7 +3549,7 @@ class Database:
     ) -> list[dict]:
         """Conversions created since a time, oldest first, for reconciliation."""
         sql = """SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, status, reason,
-                        payout, currency, ts, created_at, updated_at
+                        payout, currency, ts, created_at, updated_at, lander, offer
                  FROM conversions WHERE id > ? AND created_at >= ?"""
         args: list[Any] = [after_id, since_ms]
         if campaign is not None:
@@ -3559,7 +3561,7 @@ class Database:
             dict(
                 zip(
                     CONVERSION_COLUMNS,
-                    (*r[:1], format_uuid(r[1]), *r[2:13], format_money(r[13]), r[14], *map(iso_ms, r[15:])),
+                    (*r[:1], format_uuid(r[1]), *r[2:13], format_money(r[13]), r[14], *map(iso_ms, r[15:18]), *r[18:]),
                 )
             )
             for r in rows
@@ -4740,6 +4742,9 @@ def listing_answer(rows: list[dict], columns: tuple[str, ...], limit: int, fmt: 
     return Response(text, headers=headers, media_type="text/csv; charset=utf-8")
 
 
+ADMIN_FUNNELS = 20  # campaigns with landers or offers that /admin shows a table for
+
+
 class Admin:
     """Everything but clicks and postbacks: /healthz, the demo page, and behind the
     admin token the JSON/CSV API, /metrics and /admin. Reads only, beside the writer."""
@@ -4987,14 +4992,23 @@ class Admin:
         self.require_admin(request)
         last = int(self.app.clock() // 86400)
         read = self.app.store.read
+        money = self.app.config.money
+        funnels = {}  # campaign -> its landers' and offers' rows, for the campaigns that have them
+        for name in [name for name, c in self.app.config.campaigns.items() if c.funnel][:ADMIN_FUNNELS]:
+            funnels[name] = [
+                (by, row)
+                for by in ("lander", "offer")
+                for row in await read(Database.stats, StatsQuery(last - 29, last, by, name, money=money))
+            ]
         page = render_admin(
             last,
-            await read(Database.stats, StatsQuery(last - 29, last, "day", money=self.app.config.money)),
-            await read(Database.stats, StatsQuery(last - 29, last, "campaign", money=self.app.config.money)),
+            await read(Database.stats, StatsQuery(last - 29, last, "day", money=money)),
+            await read(Database.stats, StatsQuery(last - 29, last, "campaign", money=money)),
             await read(Database.recent_conversions, 20),
             await read(Database.recent_orphans, 10),
             await read(Database.outbox_states),
             await read(Database.troubled_deliveries, 10),
+            funnels,
         )
         return HTMLResponse(
             page,
@@ -5820,6 +5834,7 @@ def render_admin(
     orphans: list[tuple],
     outbox: Mapping[str, int],
     problems: list[tuple],
+    funnels: Mapping[str, list[tuple[str, dict]]] = {},  # noqa: B006 (read only)
 ) -> str:
     """The /admin page: plain HTML and an inline SVG chart, no script, no CDN."""
     e = html.escape
@@ -5901,6 +5916,44 @@ def render_admin(
                 for r in campaigns
             ),
             "No clicks in the last 30 days.",
+        ),
+        *(
+            f"<h2>Landers and offers: {e(name)}</h2>"
+            + table(
+                (
+                    "",
+                    "name",
+                    "clicks",
+                    "LP clicks",
+                    "LP CTR %",
+                    "conv.",
+                    "CR %",
+                    "payout",
+                    "EPC",
+                    *(("cost", "profit", "ROI %") if any(r["cost"] for _, r in rows) else ()),
+                ),
+                (
+                    (
+                        by,
+                        r[by] or ("(none)" if by == "lander" else ""),
+                        r["clicks"],
+                        r["lp_clicks"],
+                        r["lp_ctr"],
+                        r["conversions"],
+                        r["cr"],
+                        money(r["payout"]),
+                        money(r["epc"]),
+                        *(
+                            (money(r["cost"]), money(r["profit"]), figure(r["roi"]))
+                            if any(r["cost"] for _, r in rows)
+                            else ()
+                        ),
+                    )
+                    for by, r in rows
+                ),
+                "No clicks in the last 30 days.",
+            )
+            for name, rows in funnels.items()
         ),
         f"<h2>Forwards</h2><p>{health}</p>"
         + table(
