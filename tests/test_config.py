@@ -60,7 +60,7 @@ def test_config_is_frozen():
         ),
         (
             config_with(campaigns={"x": {"url": "https://a.com/?q={nope}"}}),
-            "campaigns.x.url: unknown macro {nope}; known: click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id",
+            "campaigns.x.url: unknown macro {nope}; known: click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, offer, lander",
         ),
         (
             config_with(campaigns={"x": {"url": "https://a.com/\r\nX: y"}}),
