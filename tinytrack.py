@@ -5805,6 +5805,18 @@ url = "https://offer.example.com/lp?cid={{click_id}}&s1={{sub1}}"
 # bot_cost = false                        # bot clicks cost nothing unless true
 # max_click_cost = "1"                    # a click's own cost above this is stored without it
 
+# A split test: offers (instead of url) and landers, each picked by weight (0 pauses one).
+# The landers' call to action links to https://your.domain/go/split-test?cid=<the click id>.
+# [campaigns.split-test]
+# offers = [
+#   {{ name = "a", url = "https://offer-a.example/?cid={{click_id}}&lp={{lander}}", weight = 70 }},
+#   {{ name = "b", url = "https://offer-b.example/?cid={{click_id}}&lp={{lander}}", weight = 30 }},
+# ]
+# landers = [
+#   {{ name = "lp1", url = "https://lp.example.com/one?cid={{click_id}}", weight = 50 }},
+#   {{ name = "lp2", url = "https://lp.example.com/two?cid={{click_id}}", weight = 50 }},
+# ]
+
 # [money]                                 # to report every currency in one
 # rates = {{ EUR = "1.08" }}                # 1 EUR = 1.08 report_currency
 # report_currency = "USD"                 # default postback.currency

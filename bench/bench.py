@@ -52,6 +52,22 @@ CLICK_PATH = f"/c/{CAMPAIGN}?sub1=abc&sub2=xyz"
 # --with-cost: clicks that carry the source's cost, on a campaign with a cost model.
 COST_CAMPAIGN = "bench-cost"
 COST_CLICK_PATH = f"/c/{COST_CAMPAIGN}?sub1=abc&sub2=xyz&cost=0.0125"
+# LP clicks (/go/) on a campaign with two landers and two offers: the seeded clicks the
+# postbacks use (POSTBACK_IDS of them) are this campaign's, so each LP click names a real
+# click: the first for a click is stored and counted, a repeat (once the ids go round) only read.
+LP_CAMPAIGN = "bench-lp"
+LP_CAMPAIGN_TOML = f"""
+[campaigns.{LP_CAMPAIGN}]
+offers = [
+  {{ name = "a", url = "{CAMPAIGN_URL}&o={{offer}}", weight = 70 }},
+  {{ name = "b", url = "{CAMPAIGN_URL}&o={{offer}}", weight = 30 }},
+]
+landers = [
+  {{ name = "lp1", url = "https://lp.example.com/1?cid={{click_id}}", weight = 50 }},
+  {{ name = "lp2", url = "https://lp.example.com/2?cid={{click_id}}", weight = 50 }},
+]
+"""
+FUNNEL_CLICK_PATH = f"/c/{LP_CAMPAIGN}?sub1=abc&sub2=xyz"
 UA = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36"
 REPORT_SQL = "SELECT campaign, count(*), sum(bot) FROM clicks WHERE ts >= ? GROUP BY campaign"
 POSTBACK_IDS = 50_000  # click ids the postback load draws from
@@ -384,11 +400,13 @@ def seed(db: Path, clicks: int, sample: int, span_days: float = 30.0) -> tuple[l
         now[0] = start + i * step
         cid, _ = ids.new()
         bot = 1 if i % 50 == 0 else 0
-        batch.append(
-            (cid, int(now[0] * 1000), CAMPAIGN, "abc", "xyz", None, None, None, None, "203.0.113.7", UA, bot, *more)
-        )
+        campaign = CAMPAIGN
         if i % every == 0 and len(picked) < sample:
             picked.append(cid)
+            campaign = LP_CAMPAIGN  # the LP clicks' (and the postbacks') clicks
+        batch.append(
+            (cid, int(now[0] * 1000), campaign, "abc", "xyz", None, None, None, None, "203.0.113.7", UA, bot, *more)
+        )
         if len(batch) == 100_000:
             con.execute("BEGIN")
             con.executemany(tt.INSERT_CLICK, batch)
@@ -498,6 +516,34 @@ function request()
   return wrk.format("GET", path(id, tx))
 end
 """
+
+
+LP_LUA = r"""
+-- LP clicks of stored clicks, each thread from its own place in the ids.
+local ids = {}
+for line in io.lines("IDS_PATH") do ids[#ids + 1] = line end
+local n = #ids
+local pos = 0
+local counter = 0
+function setup(thread)
+  counter = counter + 1
+  thread:set("tid", counter)
+end
+function init(args)
+  math.randomseed(os.time() + (tid or 0) * 7919)
+  pos = math.random(1, n)
+end
+function request()
+  pos = pos % n + 1
+  return wrk.format("GET", "/go/LP_CAMPAIGN?cid=" .. ids[pos])
+end
+"""
+
+
+def lp_script(workdir: Path, ids_path: Path, label: str) -> Path:
+    script = workdir / f"lp-clicks-{label}.lua"
+    script.write_text(LP_LUA.replace("IDS_PATH", str(ids_path)).replace("LP_CAMPAIGN", LP_CAMPAIGN))
+    return script
 
 
 def postback_script(workdir: Path, ids_path: Path, token: str, label: str) -> Path:
@@ -649,6 +695,7 @@ class Bench:
         conf.write_text(
             f'[server]\nhost = "127.0.0.1"\nport = {port}\n\n[storage]\npath = "{db}"\n\n'
             f'[postback]\ntokens = ["{token}"]\n\n[campaigns.{CAMPAIGN}]\nurl = "{CAMPAIGN_URL}"\n'
+            + LP_CAMPAIGN_TOML
             + (
                 f'\n[campaigns.{COST_CAMPAIGN}]\nurl = "{CAMPAIGN_URL}"\ncost_model = "cpc"\ncost_value = "0.01"\n'
                 if a.with_cost
@@ -681,10 +728,26 @@ class Bench:
                 results["clicks_cost"] = self.measure(
                     f"tinytrack clicks with &cost= ({what})", proc.pid, base + COST_CLICK_PATH
                 )
+            results["funnel_clicks"] = self.measure(
+                f"tinytrack clicks, 2 landers x 2 offers ({what})", proc.pid, base + FUNNEL_CLICK_PATH
+            )
+            results["lp_clicks"] = self.measure(
+                f"tinytrack LP clicks /go/ ({what})",
+                proc.pid,
+                base + "/",
+                lp_script(self.workdir, ids_path, label),
+                warmup=False,  # warmed by the runs before; a warm-up would take the first LP click of every id
+            )
             if a.with_report:
                 results["clicks_report"] = self.with_report(
                     f"tinytrack clicks + report loop ({what})", proc.pid, base + CLICK_PATH, db
                 )
+            lp = results["lp_clicks"]
+            self.notes.append(
+                f"{label}: LP clicks over {len(ids):,} stored clicks: the first "
+                f"{min(lp['requests'], len(ids)):,} of {lp['requests']:,} were each click's first (stored and "
+                "counted), the rest repeats (read, redirected)"
+            )
             script = postback_script(self.workdir, ids_path, token, label)
             results["postbacks"] = self.measure(f"tinytrack postbacks ({what})", proc.pid, base + "/postback", script)
             if a.profile:
@@ -838,6 +901,10 @@ class Bench:
             c, p = empty["clicks"]["rps"] / yard["rps"], empty["postbacks"]["rps"] / yard["rps"]
             add("tinytrack clicks / yardstick", c, ">= 1.0x", c >= 1.0)
             add("tinytrack postbacks / yardstick", p, ">= 0.8x", p >= 0.8)
+            lp = empty["lp_clicks"]["rps"] / yard["rps"]
+            add("tinytrack LP clicks / yardstick", lp, ">= 1.0x (as clicks)", lp >= 1.0)
+            f = empty["funnel_clicks"]["rps"] / empty["clicks"]["rps"]
+            add("clicks with landers and offers / plain clicks", f, ">= 0.95x", f >= 0.95)
             add("tinytrack click p99", empty["clicks"]["p99"], "<= 10 ms", empty["clicks"]["p99"] <= 10, "{:.2f} ms")
             rss = max(r["rss_mb"] for r in self.rows if r["name"].startswith("tinytrack"))
             add("tinytrack max RSS under load", rss, "<= 60 MB", rss <= 60, "{:.1f} MB")

@@ -47,7 +47,11 @@ def main() -> int:
                 f"zone{rng.randrange(1000)}",
                 f"10.0.{i // 256 % 256}.{i % 256}",
             )
-            rows.append(tt.ClickRow(bytearray(cid), ms, campaign, sub1, "", *[tt.NO_TEXT] * 4, ip, "Mozilla/5.0", 0, 12500, "USD"))
+            rows.append(
+                tt.ClickRow(
+                    bytearray(cid), ms, campaign, sub1, "", *[tt.NO_TEXT] * 4, ip, "Mozilla/5.0", 0, 12500, "USD"
+                )
+            )
         for start in range(0, len(rows), 1000):
             with db.transaction():
                 db.insert_clicks(rows[start : start + 1000], 1000)

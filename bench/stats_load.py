@@ -95,7 +95,9 @@ def seed(db: Path, clicks: int, days: int) -> float:
 
     def flush() -> None:
         con.execute("BEGIN")
-        tinytrack.Database(con).insert_clicks([tinytrack.ClickRow(*row) for row in batch])  # the clicks and their daily_clicks rows, as the server does
+        tinytrack.Database(con).insert_clicks(
+            [tinytrack.ClickRow(*row) for row in batch]
+        )  # the clicks and their daily_clicks rows, as the server does
         con.executemany(
             """INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, event, txid, status,
                    payout, currency, ts, created_at, updated_at)

@@ -550,7 +550,11 @@ def test_serve_and_the_commands_use_config_toml_in_the_folder(tmp_path: Path):
 def test_the_demo_refuses_a_database_that_holds_other_campaigns(tmp_path: Path):
     with closing(tinytrack.open_database(str(tmp_path / "tinytrack.db"))) as con, con:
         tinytrack.Database(con).insert_clicks(
-            [tinytrack.ClickRow(bytes(16), 1_790_000_000_000, "spring", None, None, None, None, None, None, "", "", 0, None, None)]
+            [
+                tinytrack.ClickRow(
+                    bytes(16), 1_790_000_000_000, "spring", None, None, None, None, None, None, "", "", 0, None, None
+                )
+            ]
         )
     done = run("serve", "--port", str(free_port()), cwd=tmp_path)
     assert done.returncode == 1

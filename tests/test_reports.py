@@ -527,7 +527,10 @@ async def test_after_a_status_change_by_status_has_no_empty_status_row(client, c
         ("to=2026-03-04T00:00", "to: must be a date as YYYY-MM-DD, got '2026-03-04T00:00'"),
         ("from=2026-03-05&to=2026-03-01", "from: must not be after to (2026-03-01), got 2026-03-05"),
         ("from=2000-01-01&to=2026-03-01", "from: the range is at most 3660 days"),
-        ("by=sub6", "by: must be one of day, campaign, sub1, sub2, sub3, sub4, sub5, status, offer, lander, got 'sub6'"),
+        (
+            "by=sub6",
+            "by: must be one of day, campaign, sub1, sub2, sub3, sub4, sub5, status, offer, lander, got 'sub6'",
+        ),
         ("by=ts", "by: must be one of day, campaign, sub1, sub2, sub3, sub4, sub5, status, offer, lander, got 'ts'"),
         ("bots=yes", "bots: must be 0 or 1, got 'yes'"),
         ("format=xml", "format: must be json or csv, got 'xml'"),
