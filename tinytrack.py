@@ -2506,7 +2506,11 @@ INSERT_CONVERSION = f"""INSERT INTO conversions (click_id, dedupe_key, click_ts,
                            ?, ?, ?, ?, nullif(?, ''), nullif(?, -1), nullif(?, ''), nullif(?, ''), {NULL_IF_NONE},
                            {NULL_IF_NONE})
                         ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id"""
-ADD_DAILY_CLICKS = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks, unique_clicks, lander_clicks)
+ADD_DAILY_CLICKS = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks, unique_clicks) VALUES (?, ?, ?, ?, ?, ?)
+                      ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks,
+                          unique_clicks = unique_clicks + excluded.unique_clicks"""
+# A batch with clicks sent to landers: the same, and how many of them did.
+ADD_DAILY_CLICKS_LANDED = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks, unique_clicks, lander_clicks)
                       VALUES (?, ?, ?, ?, ?, ?, ?)
                       ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks,
                           unique_clicks = unique_clicks + excluded.unique_clicks,
@@ -2576,7 +2580,7 @@ class LPClick(NamedTuple):
     campaign: Campaign  # as the request read it: a reload meanwhile doesn't change its answer
     named: str | None  # &offer=
     pick: Arm  # by weight, for when neither the named offer nor the click's own will do
-    new: ClickRow  # stored (flagged no_click_id) when click_id names no click of the campaign
+    new: ClickRow | None  # stored, flagged no_click_id, when click_id names no click of the campaign
 
 
 class ClickFacts(NamedTuple):
@@ -2866,35 +2870,48 @@ class Database:
             self.con.executemany(INSERT_CLICK_OTHER, rows)
         else:
             self.con.executemany(INSERT_CLICK, rows)
-        self.con.executemany(
-            ADD_DAILY_CLICKS,
-            [
-                (
-                    day,
-                    c,
-                    s,
-                    0 if bot else n,
-                    n if bot else 0,
-                    0 if bot else unique[day, c, s],
-                    0 if bot else landed[day, c, s],
-                )
-                for (day, c, s, bot), n in totals.items()
-            ],
-        )
+        if landed:
+            self.con.executemany(
+                ADD_DAILY_CLICKS_LANDED,
+                [
+                    (
+                        day,
+                        c,
+                        s,
+                        0 if bot else n,
+                        n if bot else 0,
+                        0 if bot else unique[day, c, s],
+                        0 if bot else landed[day, c, s],
+                    )
+                    for (day, c, s, bot), n in totals.items()
+                ],
+            )
+        else:
+            self.con.executemany(
+                ADD_DAILY_CLICKS,
+                [
+                    (day, c, s, 0 if bot else n, n if bot else 0, 0 if bot else unique[day, c, s])
+                    for (day, c, s, bot), n in totals.items()
+                ],
+            )
         if funnel:
             self.con.executemany(ADD_FUNNEL_CLICKS, [(*key, *counts, 0) for key, counts in funnel.items()])
         if costs:
             self.con.executemany(ADD_DAILY_COSTS, [(*key, cost) for key, cost in costs.items()])
 
-    def lp_click(self, lp: LPClick, now_ms: int, sub1_per_day: int | None = None) -> tuple[Arm, bytes, dict]:
+    def lp_click(self, lp: LPClick, now_ms: int, sub1_per_day: int | None = None) -> tuple[Arm, bytes, dict] | None:
         """Store an LP click, in the caller's transaction: the offer it goes to, the click
-        it is of, and that click's lander, sub ids and ext_id (for the offer's macros). The first of a click's LP clicks is counted (lp_clicks, by the
+        it is of, and that click's lander, sub ids and ext_id (for the offer's macros);
+        None, and nothing stored, if lp.click_id names no click of the campaign and
+        there is no lp.new. The first of a click's LP clicks is counted (lp_clicks, by the
         click's day); later ones only follow the offer they were sent to. A cid that
         names no click of the campaign stores lp.new, flagged no_click_id."""
         campaign = lp.campaign
         row = lp.click_id and self.con.execute(LP_CLICK_SELECT, (bytearray(lp.click_id),)).fetchone()
         click_id = lp.click_id
         if not row or row[1] != campaign.name:
+            if lp.new is None:
+                return None
             self.insert_clicks([lp.new], sub1_per_day)
             self.con.execute("UPDATE clicks SET flags = 'no_click_id' WHERE id = ?", (lp.new.id,))
             click_id, row = bytes(lp.new.id), self.con.execute(LP_CLICK_SELECT, (lp.new.id,)).fetchone()
@@ -3784,7 +3801,7 @@ class Store:
         """Store a click; returns once it is committed."""
         await self._submit(row)
 
-    async def record_lp_click(self, lp: LPClick) -> tuple[Arm, bytes, dict]:
+    async def record_lp_click(self, lp: LPClick) -> tuple[Arm, bytes, dict] | None:
         """Store an LP click; returns once it is committed (see Database.lp_click)."""
         return await self._submit(lp)
 
@@ -4523,8 +4540,11 @@ class TinyTrack:
         user_agent, forwarded_for = header_values(scope, b"user-agent", b"x-forwarded-for")
         user_agent = strip_controls(user_agent, MAX_UA_CHARS) if user_agent else ""
         click_id, ms = self.ids.new()
-        offer = campaign.offers.pick(self.random)
-        lander = campaign.landers and campaign.landers.pick(self.random)
+        if campaign.funnel:
+            offer = campaign.offers.pick(self.random)
+            lander = campaign.landers and campaign.landers.pick(self.random)
+        else:  # a plain `url`: its one offer
+            offer, lander = campaign.offers.live[0], None
         if method == "GET":  # HEAD (link previews) gets the same answer and stores nothing
             bot = is_bot(user_agent)
             cost = None
@@ -4583,47 +4603,57 @@ class TinyTrack:
             cid, named, rest = lp_params(rest)
         click_id = parse_click_id(cid)
         pick = campaign.offers.pick(self.random)
-        new_id, ms = self.ids.new()  # used when the cid names no click of the campaign
-        if method == "GET":
-            user_agent, forwarded_for = header_values(scope, b"user-agent", b"x-forwarded-for")
-            user_agent = strip_controls(user_agent, MAX_UA_CHARS) if user_agent else ""
-            new = ClickRow(
-                bytearray(new_id),
-                ms,
-                campaign.name,
-                values.get("sub1"),
-                values.get("sub2", NO_TEXT),
-                values.get("sub3", NO_TEXT),
-                values.get("sub4", NO_TEXT),
-                values.get("sub5", NO_TEXT),
-                values.get("ext_id", NO_TEXT),
-                self.peer_address(scope, forwarded_for),
-                user_agent,
-                1 if is_bot(user_agent) else 0,
-                -1,  # no cost: whatever it cost came with its first click, the one we can't find
-                "",
-                NO_TEXT,
-                campaign.offers.choose(named, None, pick).name if campaign.funnel else NO_TEXT,
-            )
+        if method == "HEAD":  # the same kind of answer, nothing stored and nothing read
+            offer = campaign.offers.choose(named, None, pick)
+            values["click_id"] = format_uuid(click_id or self.ids.new()[0])
+        else:
+            # A cid that is no click id at all: a new click, at once. One that names no
+            # click of the campaign: found out by the writer, which then stores nothing.
+            new = None if click_id else self.lp_new_click(scope, campaign, values, named, pick)
             try:
-                offer, stored_id, facts = await self.store.record_lp_click(
-                    LPClick(click_id, campaign, named, pick, new)
-                )
+                stored = await self.store.record_lp_click(LPClick(click_id, campaign, named, pick, new))
+                if stored is None:
+                    new = self.lp_new_click(scope, campaign, values, named, pick)
+                    stored = await self.store.record_lp_click(LPClick(None, campaign, named, pick, new))
             except StorageError:
                 return await send_refusal(
                     send, HTTPError(Refusal.UNAVAILABLE, "try again", [(b"retry-after", b"1")]), text=True
                 )
-            self.lp_clicks["no_click_id" if stored_id == new_id else "known"] += 1
-            values = facts
-            click_id = stored_id
-        else:  # HEAD: the same kind of answer, nothing stored and nothing read
-            offer = campaign.offers.choose(named, None, pick)
-            click_id = click_id or new_id
-        values["click_id"] = format_uuid(click_id)
+            self.lp_clicks["known" if new is None else "no_click_id"] += 1
+            offer, stored_id, values = stored
+            values["click_id"] = format_uuid(stored_id)
         values["campaign"] = campaign.name
         values["offer"] = offer.name
         location = offer.url.fill(values, rest if campaign.pass_query else ())
         await send_answer(send, 302, b"", [(b"location", location.encode()), NO_STORE])
+
+    def lp_new_click(
+        self, scope: dict, campaign: Campaign, values: Mapping[str, str], named: str | None, pick: Arm
+    ) -> ClickRow:
+        """The click an LP click without one of its campaign stores (flagged no_click_id by
+        the writer): sub ids and ext_id from its own query, no lander, no cost (whatever
+        it cost came with the click we can't find)."""
+        user_agent, forwarded_for = header_values(scope, b"user-agent", b"x-forwarded-for")
+        user_agent = strip_controls(user_agent, MAX_UA_CHARS) if user_agent else ""
+        click_id, ms = self.ids.new()
+        return ClickRow(
+            bytearray(click_id),
+            ms,
+            campaign.name,
+            values.get("sub1"),
+            values.get("sub2", NO_TEXT),
+            values.get("sub3", NO_TEXT),
+            values.get("sub4", NO_TEXT),
+            values.get("sub5", NO_TEXT),
+            values.get("ext_id", NO_TEXT),
+            self.peer_address(scope, forwarded_for),
+            user_agent,
+            1 if is_bot(user_agent) else 0,
+            -1,
+            "",
+            NO_TEXT,
+            campaign.offers.choose(named, None, pick).name if campaign.funnel else NO_TEXT,
+        )
 
     def click_cost(self, campaign: Campaign, text: str | None, bot: bool) -> int | None:
         """A click's cost: its own `cost` (a bad one is counted and dropped), else the model's."""

@@ -8,6 +8,7 @@ from clicks whose lander and offer a scripted random source chose.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import random
 import signal
@@ -764,3 +765,27 @@ def test_a_version_4_database_gains_the_funnel_columns_and_keeps_its_clicks(tmp_
         assert con.execute("PRAGMA user_version").fetchone() == (len(tinytrack.SCHEMA),)
         assert con.execute("SELECT lander, offer, lp_at, flags FROM clicks").fetchall() == [(None, None, None, None)]
         assert con.execute("SELECT lp_clicks, lander_clicks FROM daily_clicks").fetchall() == [(0, 0)]
+
+
+async def test_a_batch_of_human_and_bot_clicks_counts_each_lander_visit_once(make_app, tmp_path, clock):
+    """Clicks that arrive together are written in one transaction (group commit): their
+    totals are added up per row there, humans and bots apart."""
+    config = tinytrack.load_config(write_config(tmp_path, extra=FUNNELS))
+    app = tinytrack.create_app(config, clock=clock, rng=random.Random(5).random)
+    await app.startup()
+    try:
+        async with client_for(app) as http:
+            uas = [HUMAN, GOOGLEBOT, HUMAN + " 2", GOOGLEBOT, HUMAN + " 3"] * 4
+            answers = await asyncio.gather(*(http.get("/c/split", headers={"user-agent": ua}) for ua in uas))
+            assert all(answer.status_code == 302 for answer in answers)
+            assert app.store.batches < len(uas)  # they were batched
+            ids = [answer.headers["location"].split("cid=")[1].split("&")[0] for answer in answers]
+            lp = await asyncio.gather(*(http.get(f"/go/split?cid={cid}", headers={"user-agent": HUMAN}) for cid in ids))
+            assert all(answer.status_code == 302 for answer in lp)
+        # 12 humans (all sent to a lander, all with an LP click), 8 bots (neither counted).
+        assert db_rows(
+            app, "SELECT sum(clicks), sum(bot_clicks), sum(lander_clicks), sum(lp_clicks) FROM daily_clicks"
+        ) == [(12, 8, 12, 12)]
+        assert db_rows(app, "SELECT sum(clicks), sum(bot_clicks), sum(lp_clicks) FROM daily_funnel") == [(12, 8, 12)]
+    finally:
+        await app.shutdown()
