@@ -979,14 +979,14 @@ LP_CID_NAMES = frozenset({"cid", "click_id", "clickid"})
 
 
 def lp_params(rest: list[tuple[str, str]]) -> tuple[str | None, str | None, list[tuple[str, str]]]:
-    """An LP click's cid and offer (the first of each), and the rest of its query."""
+    """An LP click's cid and offer (the first non-empty of each), and the rest of its query."""
     cid = named = None
     others = []
     for name, value in rest:
         if name in LP_CID_NAMES:
-            cid = value if cid is None else cid
+            cid = cid or value  # the first that says something: cid=&cid=<id> is <id>
         elif name == "offer":
-            named = value if named is None else named
+            named = named or value.lower()  # names are lowercase: "B" can only mean b
         else:
             others.append((name, value))
     return cid, named, others
@@ -1853,7 +1853,7 @@ def stats_rows(
     q: StatsQuery, clicks: Iterable[tuple], conversions: Iterable[tuple], costs: Iterable[tuple] = ()
 ) -> list[dict]:
     """Rows of a report from its reads (Database.stats): clicks (key, humans, bots,
-    unique, LP clicks, human clicks sent to a lander), conversions (key, status, currency, count, whole, micros) and costs (key,
+    unique, LP clicks, human clicks sent to a lander, LP clicks of those), conversions (key, status, currency, count, whole, micros) and costs (key,
     currency, whole, micros). Money stays integer micro-units until it is printed."""
     groups: dict[Any, dict] = {}
 
@@ -1869,12 +1869,13 @@ def stats_rows(
                 "rejected": 0,
                 "lp_clicks": 0,
                 "landed": 0,
+                "landed_lp": 0,
                 "payout": Counter(),
                 "cost": Counter(),
             }
         return groups[key]
 
-    total = dict.fromkeys(("clicks", "bot_clicks", "unique_clicks", "lp_clicks", "landed"), 0)
+    total = dict.fromkeys(("clicks", "bot_clicks", "unique_clicks", "lp_clicks", "landed", "landed_lp"), 0)
     total_cost: Counter[str] = Counter()
     for key, *counts in clicks:
         row = group(key)
@@ -1906,7 +1907,7 @@ def stats_rows(
         row["conversions"] = row["approved"] + row["pending"]
         payout, cost = convert_money(row["payout"], q.money), convert_money(row["cost"], q.money)
         figures = money_figures(payout, cost, row)
-        figures["lp_ctr"] = ratio(row["lp_clicks"] * 100, row["landed"], 2)  # LP clicks per 100 lander visits
+        figures["lp_ctr"] = ratio(row["landed_lp"] * 100, row["landed"], 2)  # LP clicks per 100 lander visits
         rows.append({q.by: row[q.by], **{c: row[c] for c in COUNT_COLUMNS}, **figures})
     return rows
 
@@ -2309,10 +2310,12 @@ SCHEMA = [
     -- A conversion is credited to its click's lander and offer (as they were when it came).
     ALTER TABLE conversions ADD COLUMN lander TEXT;
     ALTER TABLE conversions ADD COLUMN offer TEXT;
-    -- Human clicks sent to a lander, and of those the ones with an LP click (once per
-    -- click), by the click's day: lp_ctr's two sides.
-    ALTER TABLE daily_clicks ADD COLUMN lander_clicks INTEGER NOT NULL DEFAULT 0;
+    -- By the click's day: human clicks with an LP click (once per click), human clicks
+    -- sent to a lander, and of those the ones with an LP click (lp_ctr's two sides; an
+    -- LP click of no lander's click, a no_click_id one say, is only in lp_clicks).
     ALTER TABLE daily_clicks ADD COLUMN lp_clicks INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE daily_clicks ADD COLUMN lander_clicks INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE daily_clicks ADD COLUMN lander_lp_clicks INTEGER NOT NULL DEFAULT 0;
     -- Totals per lander and offer of the campaigns that have them (lander '': none).
     -- Clicks without names (a plain `url`) are what daily_clicks has beyond these:
     -- reports show them as offer "default".
@@ -2324,9 +2327,48 @@ SCHEMA = [
         clicks INTEGER NOT NULL,           -- humans, under the offer the click was given
         bot_clicks INTEGER NOT NULL,
         unique_clicks INTEGER NOT NULL,
-        lp_clicks INTEGER NOT NULL,        -- humans, under the offer the LP click went to
+        lp_clicks INTEGER NOT NULL,        -- humans, under the offer their conversions are credited to
         PRIMARY KEY (day, campaign, lander, offer)
     ) WITHOUT ROWID;
+    -- What approved conversions cost under cpa or revshare, per lander and offer (the
+    -- campaign-day's are in daily_costs, source 'conversions').
+    CREATE TABLE daily_funnel_costs (
+        day INTEGER NOT NULL,
+        campaign TEXT NOT NULL,
+        lander TEXT NOT NULL,
+        offer TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        cost INTEGER NOT NULL,
+        PRIMARY KEY (day, campaign, lander, offer, currency)
+    ) WITHOUT ROWID;
+    DROP TRIGGER conversions_cost_insert;
+    DROP TRIGGER conversions_cost_update;
+    CREATE TRIGGER conversions_cost_insert AFTER INSERT ON conversions
+    WHEN NEW.cost_model IS NOT NULL AND NEW.status = 'approved' BEGIN
+        INSERT INTO daily_costs VALUES (NEW.ts / 86400000, NEW.campaign, coalesce(NEW.sub1_total, NEW.sub1, ''),
+            'conversions', NEW.cost_currency, NEW.cost)
+        ON CONFLICT DO UPDATE SET cost = cost + excluded.cost;
+        INSERT INTO daily_funnel_costs SELECT NEW.ts / 86400000, NEW.campaign, coalesce(NEW.lander, ''), NEW.offer,
+            NEW.cost_currency, NEW.cost WHERE NEW.offer IS NOT NULL
+        ON CONFLICT DO UPDATE SET cost = cost + excluded.cost;
+    END;
+    CREATE TRIGGER conversions_cost_update AFTER UPDATE OF status, cost, cost_currency ON conversions
+    WHEN (OLD.cost_model IS NOT NULL AND OLD.status = 'approved') OR (NEW.cost_model IS NOT NULL AND NEW.status = 'approved')
+    BEGIN
+        UPDATE daily_costs SET cost = cost - OLD.cost
+        WHERE OLD.cost_model IS NOT NULL AND OLD.status = 'approved' AND day = OLD.ts / 86400000 AND campaign = OLD.campaign
+            AND sub1 = coalesce(OLD.sub1_total, OLD.sub1, '') AND source = 'conversions' AND currency = OLD.cost_currency;
+        INSERT INTO daily_costs SELECT NEW.ts / 86400000, NEW.campaign, coalesce(NEW.sub1_total, NEW.sub1, ''),
+            'conversions', NEW.cost_currency, NEW.cost WHERE NEW.cost_model IS NOT NULL AND NEW.status = 'approved'
+        ON CONFLICT DO UPDATE SET cost = cost + excluded.cost;
+        UPDATE daily_funnel_costs SET cost = cost - OLD.cost
+        WHERE OLD.cost_model IS NOT NULL AND OLD.status = 'approved' AND OLD.offer IS NOT NULL
+            AND day = OLD.ts / 86400000 AND campaign = OLD.campaign AND lander = coalesce(OLD.lander, '')
+            AND offer = OLD.offer AND currency = OLD.cost_currency;
+        INSERT INTO daily_funnel_costs SELECT NEW.ts / 86400000, NEW.campaign, coalesce(NEW.lander, ''), NEW.offer,
+            NEW.cost_currency, NEW.cost WHERE NEW.cost_model IS NOT NULL AND NEW.status = 'approved' AND NEW.offer IS NOT NULL
+        ON CONFLICT DO UPDATE SET cost = cost + excluded.cost;
+    END;
     CREATE TABLE daily_funnel_conversions (
         day INTEGER NOT NULL,
         campaign TEXT NOT NULL,
@@ -2527,6 +2569,13 @@ ADD_DAILY_COSTS = f"""INSERT INTO daily_costs (day, campaign, sub1, source, curr
 LP_CLICK_SELECT = """SELECT ts, campaign, sub1_other, bot, lp_at, offer, lander, sub1, sub2, sub3, sub4, sub5, ext_id
                      FROM clicks WHERE id = ?"""
 LP_CLICK_FACTS = ("lander", *SUB_FIELDS, "ext_id")  # what an LP click's offer URL is filled from, as its click has it
+
+
+def lp_click_facts(row: Sequence) -> dict[str, str]:
+    """An LP_CLICK_SELECT row's LP_CLICK_FACTS that are there."""
+    return {name: value for name, value in zip(LP_CLICK_FACTS, row[6:]) if value is not None}
+
+
 INSERT_UNIQUE = "INSERT OR IGNORE INTO click_uniques (day, key) VALUES (?, ?)"
 # Unique clicks: the writer keeps the day's (campaign, IP, User-Agent) keys in a set (about
 # 80 bytes each, 8 MB in all; rebuilt from the day's clicks after a restart); past this many
@@ -2580,6 +2629,7 @@ class LPClick(NamedTuple):
     campaign: Campaign  # as the request read it: a reload meanwhile doesn't change its answer
     named: str | None  # &offer=
     pick: Arm  # by weight, for when neither the named offer nor the click's own will do
+    bot: bool  # the request's User-Agent is a bot's: it is redirected and changes nothing
     new: ClickRow | None  # stored, flagged no_click_id, when click_id names no click of the campaign
 
 
@@ -2868,8 +2918,8 @@ class Database:
         if other:
             rows = [(*row, 1 if (row[1] // DAY_MS, row[2], row[3] or "") in other else None) for row in rows]
             self.con.executemany(INSERT_CLICK_OTHER, rows)
-        else:
-            self.con.executemany(INSERT_CLICK, rows)
+        else:  # as plain tuples: the sqlite3 module reads a tuple subclass's items the slow way (~6k instructions a click)
+            self.con.executemany(INSERT_CLICK, map(tuple, rows))
         if landed:
             self.con.executemany(
                 ADD_DAILY_CLICKS_LANDED,
@@ -2903,9 +2953,12 @@ class Database:
         """Store an LP click, in the caller's transaction: the offer it goes to, the click
         it is of, and that click's lander, sub ids and ext_id (for the offer's macros);
         None, and nothing stored, if lp.click_id names no click of the campaign and
-        there is no lp.new. The first of a click's LP clicks is counted (lp_clicks, by the
-        click's day); later ones only follow the offer they were sent to. A cid that
-        names no click of the campaign stores lp.new, flagged no_click_id."""
+        there is no lp.new (else lp.new is stored, flagged no_click_id).
+
+        A click's first LP click is counted (lp_clicks, by the click's day). A later one
+        that goes to another offer moves the click's credit, and its LP click in the
+        funnel totals, to that offer: an LP click counts where its conversions do. A
+        bot's LP click (a link scanner on the lander) changes nothing."""
         campaign = lp.campaign
         row = lp.click_id and self.con.execute(LP_CLICK_SELECT, (bytearray(lp.click_id),)).fetchone()
         click_id = lp.click_id
@@ -2915,23 +2968,35 @@ class Database:
             self.insert_clicks([lp.new], sub1_per_day)
             self.con.execute("UPDATE clicks SET flags = 'no_click_id' WHERE id = ?", (lp.new.id,))
             click_id, row = bytes(lp.new.id), self.con.execute(LP_CLICK_SELECT, (lp.new.id,)).fetchone()
+        elif lp.bot:
+            return campaign.offers.choose(lp.named, row[5], lp.pick), click_id, lp_click_facts(row)
         ts, _, other, bot, lp_at, offer, lander, sub1 = row[:8]
         arm = campaign.offers.choose(lp.named, offer, lp.pick)
-        # A plain `url` campaign's clicks name no offer ("default"): they keep naming none.
-        stored = arm.name if campaign.funnel else offer
+        # Clicks stored with names (their campaign had landers or offers) are in the
+        # funnel totals; others (a plain `url`'s, "default") keep naming none.
+        stored = None if offer is None else arm.name
+        day, counted = ts // DAY_MS, not bot
         if lp_at is None:
             self.con.execute("UPDATE clicks SET lp_at = ?, offer = ? WHERE id = ?", (now_ms, stored, click_id))
-            if not bot:
-                day = ts // DAY_MS
+            if counted:
                 self.con.execute(
-                    "UPDATE daily_clicks SET lp_clicks = lp_clicks + 1 WHERE day = ? AND campaign = ? AND sub1 = ?",
-                    (day, campaign.name, OTHER_SUB1 if other else sub1 or ""),
+                    """UPDATE daily_clicks SET lp_clicks = lp_clicks + 1, lander_lp_clicks = lander_lp_clicks + ?
+                       WHERE day = ? AND campaign = ? AND sub1 = ?""",
+                    (1 if lander else 0, day, campaign.name, OTHER_SUB1 if other else sub1 or ""),
                 )
-                if campaign.funnel:
-                    self.con.execute(ADD_FUNNEL_CLICKS, (day, campaign.name, lander or "", arm.name, 0, 0, 0, 1))
-        elif stored != offer:  # its conversions go to the offer the visitor was sent to last
+                if stored is not None:
+                    self.con.execute(ADD_FUNNEL_CLICKS, (day, campaign.name, lander or "", stored, 0, 0, 0, 1))
+        elif stored != offer:
             self.con.execute("UPDATE clicks SET offer = ? WHERE id = ?", (stored, click_id))
-        return arm, click_id, {name: value for name, value in zip(LP_CLICK_FACTS, row[6:]) if value is not None}
+            if counted:
+                self.con.executemany(
+                    ADD_FUNNEL_CLICKS,
+                    [
+                        (day, campaign.name, lander or "", offer, 0, 0, 0, -1),
+                        (day, campaign.name, lander or "", stored, 0, 0, 0, 1),
+                    ],
+                )
+        return arm, click_id, lp_click_facts(row)
 
     def _first_seen(self, day: int, keys: set[int], key: int, row: Sequence) -> bool:
         """A human click whose key is not in the day's set: the first of its (campaign,
@@ -3443,7 +3508,8 @@ class Database:
             key = "''" if q.by == "status" else q.by
             span = (q.first_day, q.last_day, *args)
             clicks = self.con.execute(
-                f"""SELECT {key}, sum(clicks), sum(bot_clicks), sum(unique_clicks), sum(lp_clicks), sum(lander_clicks)
+                f"""SELECT {key}, sum(clicks), sum(bot_clicks), sum(unique_clicks), sum(lp_clicks), sum(lander_clicks),
+                           sum(lander_lp_clicks)
                     FROM daily_clicks WHERE day BETWEEN ? AND ?{where} GROUP BY 1""",
                 span,
             )
@@ -3460,12 +3526,12 @@ class Database:
         ids = (uuid_floor(start), uuid_floor(end), *args)
         clicks = self.con.execute(
             f"""SELECT coalesce({q.by}, ''), sum(bot = 0), sum(bot), 0, sum(bot = 0 AND lp_at IS NOT NULL),
-                       sum(bot = 0 AND lander IS NOT NULL)
+                       sum(bot = 0 AND lander IS NOT NULL), sum(bot = 0 AND lander IS NOT NULL AND lp_at IS NOT NULL)
                 FROM clicks WHERE id >= ? AND id < ?{where} GROUP BY 1""",
             ids,
         ).fetchall()
         unique = self.con.execute(
-            f"""SELECT coalesce({q.by}, ''), 0, 0, count(*), 0, 0 FROM clicks WHERE id IN (
+            f"""SELECT coalesce({q.by}, ''), 0, 0, count(*), 0, 0, 0 FROM clicks WHERE id IN (
                     SELECT min(id) FROM clicks WHERE id >= ? AND id < ? AND bot = 0{where}
                     GROUP BY ts / 86400000, campaign, ip, ua) GROUP BY 1""",
             ids,
@@ -3499,7 +3565,8 @@ class Database:
             (day, campaign): counts
             for day, campaign, *counts in self.con.execute(
                 f"""SELECT day, campaign, sum(clicks), sum(bot_clicks), sum(unique_clicks), sum(lp_clicks),
-                           sum(lander_clicks) FROM daily_clicks WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2""",
+                           sum(lander_clicks), sum(lander_lp_clicks)
+                    FROM daily_clicks WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2""",
                 span,
             )
         }
@@ -3510,7 +3577,9 @@ class Database:
             span,
         )
         for day, campaign, lander, offer, *counts in rows:
-            counts.append(counts[0] if lander else 0)  # human clicks sent to a lander
+            counts.extend((counts[0], counts[3]) if lander else (0, 0))  # sent to a lander, and its LP clicks
+            if not any(counts):  # an LP click moved away with its credit
+                continue
             name = offer if by_offer else lander
             clicks.append((name, *counts))
             humans.setdefault((day, campaign), Counter())[name] += counts[0]
@@ -3549,17 +3618,45 @@ class Database:
                 conversions.append((none, status, currency, n, 0, units))
                 if status == "approved":
                     approved.setdefault((day, campaign), Counter())[none] += n
+        # cpa and revshare costs: each conversion's own, per lander and offer; the campaign-
+        # day's beyond them (conversions of clicks without names) are the `none` row's.
+        owed: dict[tuple, Counter] = {}  # (day, campaign, currency) -> cost per name
+        for day, campaign, lander, offer, currency, whole, micros in self.con.execute(
+            f"""SELECT day, campaign, lander, offer, currency, {money_sum("cost")} FROM daily_funnel_costs
+                WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3, 4, 5""",
+            span,
+        ):
+            owed.setdefault((day, campaign, currency), Counter())[offer if by_offer else lander] += money_units(
+                whole, micros
+            )
         costs = []
         for day, campaign, per_conversion, currency, whole, micros in self.con.execute(
             costs_sql("day, campaign, source = 'conversions'", where, 3), span
         ):
-            weights = (approved if per_conversion else humans).get((day, campaign)) or Counter({none: 1})
+            amount = money_units(whole, micros)
+            if per_conversion:  # shared as they were owed (an upload may have replaced some)
+                weights = owed.get((day, campaign, currency), Counter())
+                beyond = self._conversion_costs(day, campaign, currency) - sum(weights.values())
+                if beyond > 0:
+                    weights[none] += beyond
+            else:
+                weights = humans.get((day, campaign), Counter())
+            weights = weights or approved.get((day, campaign)) or Counter({none: 1})
             names = sorted(weights)
             if not any(weights.values()):
                 weights = Counter(dict.fromkeys(names, 1))
-            shares = spread(money_units(whole, micros), [weights[name] for name in names])
+            shares = spread(amount, [weights[name] for name in names])
             costs.extend((name, currency, 0, share) for name, share in zip(names, shares) if share)
         return stats_rows(q, clicks, conversions, costs)
+
+    def _conversion_costs(self, day: int, campaign: str, currency: str) -> int:
+        """What a campaign-day's approved conversions cost under cpa or revshare, in a currency."""
+        whole, micros = self.con.execute(
+            f"""SELECT {money_sum("cost")} FROM daily_costs
+                WHERE day = ? AND campaign = ? AND source = 'conversions' AND currency = ?""",
+            (day, campaign, currency),
+        ).fetchone()
+        return money_units(whole or 0, micros or 0)
 
     def conversions(
         self, since_ms: int, after_id: int, limit: int, campaign: str | None, status: str | None
@@ -4609,12 +4706,17 @@ class TinyTrack:
         else:
             # A cid that is no click id at all: a new click, at once. One that names no
             # click of the campaign: found out by the writer, which then stores nothing.
-            new = None if click_id else self.lp_new_click(scope, campaign, values, named, pick)
+            user_agent, forwarded_for = header_values(scope, b"user-agent", b"x-forwarded-for")
+            user_agent = strip_controls(user_agent, MAX_UA_CHARS) if user_agent else ""
+            bot = is_bot(user_agent)
+            new = (
+                None if click_id else self.lp_new_click(scope, forwarded_for, user_agent, campaign, values, named, pick)
+            )
             try:
-                stored = await self.store.record_lp_click(LPClick(click_id, campaign, named, pick, new))
+                stored = await self.store.record_lp_click(LPClick(click_id, campaign, named, pick, bot, new))
                 if stored is None:
-                    new = self.lp_new_click(scope, campaign, values, named, pick)
-                    stored = await self.store.record_lp_click(LPClick(None, campaign, named, pick, new))
+                    new = self.lp_new_click(scope, forwarded_for, user_agent, campaign, values, named, pick)
+                    stored = await self.store.record_lp_click(LPClick(None, campaign, named, pick, bot, new))
             except StorageError:
                 return await send_refusal(
                     send, HTTPError(Refusal.UNAVAILABLE, "try again", [(b"retry-after", b"1")]), text=True
@@ -4628,13 +4730,18 @@ class TinyTrack:
         await send_answer(send, 302, b"", [(b"location", location.encode()), NO_STORE])
 
     def lp_new_click(
-        self, scope: dict, campaign: Campaign, values: Mapping[str, str], named: str | None, pick: Arm
+        self,
+        scope: dict,
+        forwarded_for: str | None,
+        user_agent: str,
+        campaign: Campaign,
+        values: Mapping[str, str],
+        named: str | None,
+        pick: Arm,
     ) -> ClickRow:
         """The click an LP click without one of its campaign stores (flagged no_click_id by
         the writer): sub ids and ext_id from its own query, no lander, no cost (whatever
         it cost came with the click we can't find)."""
-        user_agent, forwarded_for = header_values(scope, b"user-agent", b"x-forwarded-for")
-        user_agent = strip_controls(user_agent, MAX_UA_CHARS) if user_agent else ""
         click_id, ms = self.ids.new()
         return ClickRow(
             bytearray(click_id),

@@ -373,15 +373,20 @@ async def test_an_lp_click_naming_an_offer_goes_there_and_takes_the_credit(clien
     location = await lp_click(client, script, cid=click_id, offer="a")  # the visitor came back and chose a
     assert location.startswith("https://offer-a.example/")
     assert clicks_of(app, click_id) == ("lp1", "a", 1, None)  # still one LP click; the credit follows
+    rows = await stats(client, f"from={D}&to={D}&by=offer")
+    # The click is counted under the offer it was given (a); its LP click, once, under the
+    # offer it went to last (b, then a), as its conversion will be.
+    assert [(r["offer"], r["clicks"], r["lp_clicks"]) for r in rows] == [("a", 1, 1)]
+    await lp_click(client, script, cid=click_id, offer="b")
     await postback(client, click_id, payout="5")
     rows = await stats(client, f"from={D}&to={D}&by=offer")
-    # The click is counted under the offer it was given (a); its LP click under the one it
-    # went to first (b); its conversion under the offer it went to last (a).
     assert [(r["offer"], r["clicks"], r["lp_clicks"], r["approved"], r["payout"]) for r in rows] == [
-        ("a", 1, 0, 1, {"USD": "5.00"}),
-        ("b", 0, 1, 0, {}),
+        ("a", 1, 0, 0, {}),
+        ("b", 0, 1, 1, {"USD": "5.00"}),
     ]
-    assert db_rows(app, "SELECT lander, offer FROM conversions") == [("lp1", "a")]
+    assert db_rows(app, "SELECT lander, offer FROM conversions") == [("lp1", "b")]
+    (campaign,) = await stats(client, f"from={D}&to={D}&by=campaign&campaign=split")
+    assert (campaign["lp_clicks"], campaign["lp_ctr"]) == (1, "100.00")
 
 
 @pytest.mark.parametrize(
@@ -789,3 +794,89 @@ async def test_a_batch_of_human_and_bot_clicks_counts_each_lander_visit_once(mak
         assert db_rows(app, "SELECT sum(clicks), sum(bot_clicks), sum(lp_clicks) FROM daily_funnel") == [(12, 8, 12)]
     finally:
         await app.shutdown()
+
+
+async def test_a_bots_lp_click_on_a_humans_click_changes_nothing(client, app, script):
+    """A link scanner fetching every button on a lander: redirected, never counted, and
+    never moves the visitor's credit."""
+    click_id = await click(client, script, A, LP1)
+    script.then(A)
+    answer = await client.get(f"/go/split?cid={click_id}&offer=b", headers={"user-agent": GOOGLEBOT})
+    assert answer.status_code == 302 and answer.headers["location"].startswith(
+        f"https://offer-b.example/?cid={click_id}"
+    )
+    assert clicks_of(app, click_id) == ("lp1", "a", 0, None)
+    (row,) = await stats(client, f"from={D}&to={D}&by=campaign&campaign=split")
+    assert (row["lp_clicks"], row["lp_ctr"]) == (0, "0.00")
+
+
+async def test_lp_ctr_counts_only_lp_clicks_of_clicks_sent_to_a_lander(client, app, script):
+    click_id = await click(client, script, A, LP1)
+    await lp_click(client, script, cid=click_id)
+    for _ in range(3):  # a lander opened directly: three new clicks without a lander
+        await lp_click(client, script)
+    (row,) = await stats(client, f"from={D}&to={D}&by=campaign&campaign=split")
+    # 4 clicks, all with an LP click; 1 sent to a lander, with its LP click: 100.00%.
+    assert (row["clicks"], row["lp_clicks"], row["lp_ctr"]) == (4, 4, "100.00")
+    rows = await stats(client, f"from={D}&to={D}&by=lander&campaign=split")
+    assert [(r["lander"], r["clicks"], r["lp_clicks"], r["lp_ctr"]) for r in rows] == [
+        ("", 3, 3, None),
+        ("lp1", 1, 1, "100.00"),
+    ]
+    (sub2,) = await stats(client, f"from={D}&to={D}&by=sub2&campaign=split")  # the raw rows agree
+    assert (sub2["clicks"], sub2["lp_clicks"], sub2["lp_ctr"]) == (4, 4, "100.00")
+
+
+REVSHARE = """
+[campaigns.rev]
+offers = [
+  { name = "a", url = "https://a.example/?cid={click_id}" },
+  { name = "b", url = "https://b.example/?cid={click_id}" },
+]
+cost_model = "revshare"
+cost_value = "50"
+"""
+
+
+async def test_revshare_and_cpa_costs_are_each_offers_own(make_app, tmp_path, clock, script):
+    config = tinytrack.load_config(write_config(tmp_path, extra=REVSHARE))
+    app = tinytrack.create_app(config, clock=clock, rng=script)
+    await app.startup()
+    try:
+        async with client_for(app) as http:
+            a = await click(http, script, 0.1, campaign="rev")
+            b = await click(http, script, 0.9, campaign="rev")
+            await postback(http, a, payout="100")  # 50% of 100: 50.00
+            await postback(http, b, payout="10")  # 5.00
+            await postback(http, b, payout="6", event="upsell", status="pending")  # pending: no cost
+            rows = {r["offer"]: r for r in await stats(http, f"from={D}&to={D}&by=offer&campaign=rev")}
+            assert {k: (r["cost"], r["profit"], r["roi"]) for k, r in rows.items()} == {
+                "a": ({"USD": "50.00"}, {"USD": "50.00"}, {"USD": "100.00"}),
+                "b": ({"USD": "5.00"}, {"USD": "5.00"}, {"USD": "100.00"}),
+            }
+            await postback(http, a, expect="updated", status="rejected")  # a reversal takes a's cost back
+            rows = {r["offer"]: r for r in await stats(http, f"from={D}&to={D}&by=offer&campaign=rev")}
+            assert {k: r["cost"] for k, r in rows.items()} == {"a": {}, "b": {"USD": "5.00"}}
+    finally:
+        await app.shutdown()
+
+
+async def test_an_lp_click_after_a_reload_to_a_plain_url_keeps_its_lander(client, app, script, tmp_path):
+    click_id = await click(client, script, A, LP1)
+    plain = FUNNELS.replace(
+        FUNNELS[FUNNELS.index("[campaigns.split]") : FUNNELS.index("[campaigns.direct]")],
+        '[campaigns.split]\nurl = "https://offer-x.example/?cid={click_id}"\n\n',
+    )
+    assert app.reload(str(write_config(tmp_path, extra=plain)))
+    location = await lp_click(client, script, cid=click_id)
+    assert location == f"https://offer-x.example/?cid={click_id}"
+    rows = await stats(client, f"from={D}&to={D}&by=lander&campaign=split")
+    assert [(r["lander"], r["clicks"], r["lp_clicks"], r["lp_ctr"]) for r in rows] == [("lp1", 1, 1, "100.00")]
+
+
+async def test_the_first_cid_that_says_something_and_an_uppercase_offer(client, app, script):
+    click_id = await click(client, script, A, LP1)
+    location = await lp_click(client, script, pick=B, cid="", click_id=click_id, offer="B")
+    assert location.startswith(f"https://offer-b.example/?cid={click_id}")
+    assert clicks_of(app, click_id) == ("lp1", "b", 1, None)
+    assert db_rows(app, "SELECT count(*) FROM clicks") == [(1,)]
