@@ -3552,15 +3552,40 @@ class Database:
         return stats_rows(q, clicks + unique, conversions.fetchall(), costs.fetchall())
 
     def _funnel_stats(self, q: StatsQuery, where: str, args: tuple) -> list[dict]:
-        """by=offer or by=lander, from the totals: daily_funnel's rows, and what the
-        campaign-days hold beyond them (clicks of a plain `url`: offer "default", no
-        lander). Costs are kept per campaign-day and sub1, not per lander or offer: a
-        campaign-day's cost is shared by its human clicks (each visit costs the same,
-        whichever lander or offer it was given), a cpa or revshare cost by its approved
-        conversions, exactly to the micro-unit (spread)."""
+        """by=offer or by=lander, from the totals: the funnel tables' rows, and what the
+        campaign-days hold beyond them (clicks without names, a plain `url`'s: offer
+        "default", lander ""). A cpa or revshare cost is each conversion's own; click
+        costs and uploads are kept per campaign-day and sub1, so they are shared by the
+        day's human clicks (a visit costs the same whichever lander or offer it was
+        given), exactly to the micro-unit (spread)."""
         span = (q.first_day, q.last_day, *args)
-        by_offer = q.by == "offer"
-        none = DEFAULT_OFFER if by_offer else ""
+        name_of = (lambda lander, offer: offer) if q.by == "offer" else (lambda lander, offer: lander)
+        none = DEFAULT_OFFER if q.by == "offer" else ""
+        clicks, humans = self._funnel_clicks(span, where, name_of, none)
+        conversions, approved = self._funnel_conversions(span, where, name_of, none)
+        costs = []
+        owed = self._funnel_owed(span, where, name_of)
+        for day, campaign, per_conversion, currency, whole, micros in self.con.execute(
+            costs_sql("day, campaign, source = 'conversions'", where, 3), span
+        ):
+            if per_conversion:  # shared as they were owed (an upload may have replaced some)
+                weights = owed.get((day, campaign, currency), Counter())
+                beyond = self._conversion_costs(day, campaign, currency) - sum(weights.values())
+                if beyond > 0:  # conversions of clicks without names
+                    weights[none] += beyond
+            else:
+                weights = humans.get((day, campaign), Counter())
+            weights = weights or approved.get((day, campaign)) or Counter({none: 1})
+            names = sorted(weights)
+            if not any(weights.values()):
+                weights = Counter(dict.fromkeys(names, 1))
+            shares = spread(money_units(whole, micros), [weights[name] for name in names])
+            costs.extend((name, currency, 0, share) for name, share in zip(names, shares) if share)
+        return stats_rows(q, clicks, conversions, costs)
+
+    def _funnel_clicks(self, span: tuple, where: str, name_of: Callable, none: str) -> tuple[list, dict]:
+        """Click rows (stats_rows' clicks) per lander or offer, and each campaign-day's
+        human clicks per name (to share its click costs by)."""
         rest: dict[tuple, list[int]] = {
             (day, campaign): counts
             for day, campaign, *counts in self.con.execute(
@@ -3570,7 +3595,7 @@ class Database:
                 span,
             )
         }
-        clicks, humans = [], {}  # humans: (day, campaign) -> Counter of human clicks per row name
+        clicks, humans = [], {}
         rows = self.con.execute(
             f"""SELECT day, campaign, lander, offer, clicks, bot_clicks, unique_clicks, lp_clicks FROM daily_funnel
                 WHERE day BETWEEN ? AND ?{where}""",
@@ -3580,7 +3605,7 @@ class Database:
             counts.extend((counts[0], counts[3]) if lander else (0, 0))  # sent to a lander, and its LP clicks
             if not any(counts):  # an LP click moved away with its credit
                 continue
-            name = offer if by_offer else lander
+            name = name_of(lander, offer)
             clicks.append((name, *counts))
             humans.setdefault((day, campaign), Counter())[name] += counts[0]
             left = rest.get((day, campaign))
@@ -3590,7 +3615,12 @@ class Database:
             if any(counts):
                 clicks.append((none, *counts))
                 humans.setdefault((day, campaign), Counter())[none] += counts[0]
-        left_conv: dict[tuple, list[int]] = {
+        return clicks, humans
+
+    def _funnel_conversions(self, span: tuple, where: str, name_of: Callable, none: str) -> tuple[list, dict]:
+        """Conversion rows (stats_rows' conversions) per lander or offer, and each
+        campaign-day's approved conversions per name."""
+        rest: dict[tuple, list[int]] = {
             (day, campaign, status, currency): [n, money_units(whole, micros)]
             for day, campaign, status, currency, n, whole, micros in self.con.execute(
                 f"""SELECT day, campaign, status, currency, sum(conversions), {PAYOUT_SUM} FROM daily_conversions
@@ -3598,56 +3628,39 @@ class Database:
                 span,
             )
         }
-        conversions, approved = [], {}  # approved: (day, campaign) -> Counter of approved conversions per name
+        conversions, approved = [], {}
         rows = self.con.execute(
             f"""SELECT day, campaign, lander, offer, status, currency, sum(conversions), {PAYOUT_SUM}
                 FROM daily_funnel_conversions WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3, 4, 5, 6""",
             span,
         )
         for day, campaign, lander, offer, status, currency, n, whole, micros in rows:
-            name, units = offer if by_offer else lander, money_units(whole, micros)
+            name, units = name_of(lander, offer), money_units(whole, micros)
             conversions.append((name, status, currency, n, 0, units))
             if status == "approved":
                 approved.setdefault((day, campaign), Counter())[name] += n
-            left = left_conv.get((day, campaign, status, currency))
+            left = rest.get((day, campaign, status, currency))
             if left is not None:
                 left[0] -= n
                 left[1] -= units
-        for (day, campaign, status, currency), (n, units) in left_conv.items():
+        for (day, campaign, status, currency), (n, units) in rest.items():
             if n or units:
                 conversions.append((none, status, currency, n, 0, units))
                 if status == "approved":
                     approved.setdefault((day, campaign), Counter())[none] += n
-        # cpa and revshare costs: each conversion's own, per lander and offer; the campaign-
-        # day's beyond them (conversions of clicks without names) are the `none` row's.
-        owed: dict[tuple, Counter] = {}  # (day, campaign, currency) -> cost per name
+        return conversions, approved
+
+    def _funnel_owed(self, span: tuple, where: str, name_of: Callable) -> dict[tuple, Counter]:
+        """What approved conversions cost under cpa or revshare: (day, campaign, currency)
+        -> cost per lander or offer."""
+        owed: dict[tuple, Counter] = {}
         for day, campaign, lander, offer, currency, whole, micros in self.con.execute(
             f"""SELECT day, campaign, lander, offer, currency, {money_sum("cost")} FROM daily_funnel_costs
                 WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3, 4, 5""",
             span,
         ):
-            owed.setdefault((day, campaign, currency), Counter())[offer if by_offer else lander] += money_units(
-                whole, micros
-            )
-        costs = []
-        for day, campaign, per_conversion, currency, whole, micros in self.con.execute(
-            costs_sql("day, campaign, source = 'conversions'", where, 3), span
-        ):
-            amount = money_units(whole, micros)
-            if per_conversion:  # shared as they were owed (an upload may have replaced some)
-                weights = owed.get((day, campaign, currency), Counter())
-                beyond = self._conversion_costs(day, campaign, currency) - sum(weights.values())
-                if beyond > 0:
-                    weights[none] += beyond
-            else:
-                weights = humans.get((day, campaign), Counter())
-            weights = weights or approved.get((day, campaign)) or Counter({none: 1})
-            names = sorted(weights)
-            if not any(weights.values()):
-                weights = Counter(dict.fromkeys(names, 1))
-            shares = spread(amount, [weights[name] for name in names])
-            costs.extend((name, currency, 0, share) for name, share in zip(names, shares) if share)
-        return stats_rows(q, clicks, conversions, costs)
+            owed.setdefault((day, campaign, currency), Counter())[name_of(lander, offer)] += money_units(whole, micros)
+        return owed
 
     def _conversion_costs(self, day: int, campaign: str, currency: str) -> int:
         """What a campaign-day's approved conversions cost under cpa or revshare, in a currency."""
