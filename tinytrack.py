@@ -2633,6 +2633,18 @@ class LPClick(NamedTuple):
     new: ClickRow | None  # stored, flagged no_click_id, when click_id names no click of the campaign
 
 
+@dataclasses.dataclass
+class LPCounts:
+    """A batch's LP clicks, counted as they are stored (see Database.lp_click)."""
+
+    daily: Counter = dataclasses.field(default_factory=Counter)  # (day, campaign, sub1) -> LP clicks
+    landed: Counter = dataclasses.field(default_factory=Counter)  # the same key -> LP clicks of clicks sent to a lander
+    funnel: Counter = dataclasses.field(default_factory=Counter)  # (day, campaign, lander, offer) -> LP clicks
+
+    def __bool__(self) -> bool:
+        return bool(self.daily or self.funnel)
+
+
 class ClickFacts(NamedTuple):
     """What a conversion copies from its click, so it outlives the click."""
 
@@ -2949,16 +2961,19 @@ class Database:
         if costs:
             self.con.executemany(ADD_DAILY_COSTS, [(*key, cost) for key, cost in costs.items()])
 
-    def lp_click(self, lp: LPClick, now_ms: int, sub1_per_day: int | None = None) -> tuple[Arm, bytes, dict] | None:
+    def lp_click(
+        self, lp: LPClick, now_ms: int, counts: LPCounts, sub1_per_day: int | None = None
+    ) -> tuple[Arm, bytes, dict] | None:
         """Store an LP click, in the caller's transaction: the offer it goes to, the click
         it is of, and that click's lander, sub ids and ext_id (for the offer's macros);
         None, and nothing stored, if lp.click_id names no click of the campaign and
         there is no lp.new (else lp.new is stored, flagged no_click_id).
 
-        A click's first LP click is counted (lp_clicks, by the click's day). A later one
-        that goes to another offer moves the click's credit, and its LP click in the
-        funnel totals, to that offer: an LP click counts where its conversions do. A
-        bot's LP click (a link scanner on the lander) changes nothing."""
+        A click's first LP click is counted (lp_clicks, by the click's day; into `counts`,
+        which add_lp_counts adds to the totals once per batch). A later one that goes to
+        another offer moves the click's credit, and its LP click in the funnel totals,
+        to that offer: an LP click counts where its conversions do. A bot's LP click (a
+        link scanner on the lander) changes nothing."""
         campaign = lp.campaign
         row = lp.click_id and self.con.execute(LP_CLICK_SELECT, (bytearray(lp.click_id),)).fetchone()
         click_id = lp.click_id
@@ -2979,24 +2994,27 @@ class Database:
         if lp_at is None:
             self.con.execute("UPDATE clicks SET lp_at = ?, offer = ? WHERE id = ?", (now_ms, stored, click_id))
             if counted:
-                self.con.execute(
-                    """UPDATE daily_clicks SET lp_clicks = lp_clicks + 1, lander_lp_clicks = lander_lp_clicks + ?
-                       WHERE day = ? AND campaign = ? AND sub1 = ?""",
-                    (1 if lander else 0, day, campaign.name, OTHER_SUB1 if other else sub1 or ""),
-                )
+                key = (day, campaign.name, OTHER_SUB1 if other else sub1 or "")
+                counts.daily[key] += 1
+                if lander:
+                    counts.landed[key] += 1
                 if stored is not None:
-                    self.con.execute(ADD_FUNNEL_CLICKS, (day, campaign.name, lander or "", stored, 0, 0, 0, 1))
+                    counts.funnel[day, campaign.name, lander or "", stored] += 1
         elif stored != offer:
             self.con.execute("UPDATE clicks SET offer = ? WHERE id = ?", (stored, click_id))
             if counted:
-                self.con.executemany(
-                    ADD_FUNNEL_CLICKS,
-                    [
-                        (day, campaign.name, lander or "", offer, 0, 0, 0, -1),
-                        (day, campaign.name, lander or "", stored, 0, 0, 0, 1),
-                    ],
-                )
+                counts.funnel[day, campaign.name, lander or "", offer] -= 1
+                counts.funnel[day, campaign.name, lander or "", stored] += 1
         return arm, click_id, lp_click_facts(row)
+
+    def add_lp_counts(self, counts: LPCounts) -> None:
+        """A batch's LP clicks into the totals: a statement per totals row, not per LP click."""
+        self.con.executemany(
+            """UPDATE daily_clicks SET lp_clicks = lp_clicks + ?, lander_lp_clicks = lander_lp_clicks + ?
+               WHERE day = ? AND campaign = ? AND sub1 = ?""",
+            [(n, counts.landed[key], *key) for key, n in counts.daily.items()],
+        )
+        self.con.executemany(ADD_FUNNEL_CLICKS, [(*key, 0, 0, 0, n) for key, n in counts.funnel.items() if n])
 
     def _first_seen(self, day: int, keys: set[int], key: int, row: Sequence) -> bool:
         """A human click whose key is not in the day's set: the first of its (campaign,
@@ -4030,6 +4048,7 @@ class Store:
         with db.transaction(fsync=postbacks, busy_timeout_ms=busy_timeout):
             results: list[PostbackOutcome | tuple[Arm, bytes, dict] | None] = []
             clicks: list[ClickRow] = []
+            lp_counts = LPCounts()
             for item in items:
                 if isinstance(item, (Postback, LPClick)):
                     if clicks:  # keep arrival order: a batch's clicks land before what comes after them
@@ -4038,12 +4057,14 @@ class Store:
                     if isinstance(item, Postback):
                         results.append(db.apply_postback(item, now_ms, policy))
                     else:
-                        results.append(db.lp_click(item, now_ms, policy.sub1_per_day))
+                        results.append(db.lp_click(item, now_ms, lp_counts, policy.sub1_per_day))
                 else:
                     clicks.append(item)
                     results.append(None)
             if clicks:
                 db.insert_clicks(clicks, policy.sub1_per_day)
+            if lp_counts:
+                db.add_lp_counts(lp_counts)
         return results
 
     def _run_job(self, job: Job) -> Any:

@@ -880,3 +880,23 @@ async def test_the_first_cid_that_says_something_and_an_uppercase_offer(client, 
     assert location.startswith(f"https://offer-b.example/?cid={click_id}")
     assert clicks_of(app, click_id) == ("lp1", "b", 1, None)
     assert db_rows(app, "SELECT count(*) FROM clicks") == [(1,)]
+
+
+async def test_lp_clicks_of_one_click_in_one_batch_count_once_where_its_credit_ends(client, app, script):
+    click_id = await click(client, script, A, LP1)
+    script.then(*[A] * 6)
+    answers = await asyncio.gather(
+        *(
+            client.get(f"/go/split?cid={click_id}&offer={offer}", headers={"user-agent": HUMAN})
+            for offer in ("b", "a", "b", "a", "b", "b")
+        )
+    )
+    assert [answer.headers["location"][:21] for answer in answers] == ["https://offer-b.examp"] + [
+        f"https://offer-{o}.examp" for o in "abab"
+    ] + ["https://offer-b.examp"]
+    assert clicks_of(app, click_id) == ("lp1", "b", 1, None)
+    assert db_rows(app, "SELECT offer, clicks, lp_clicks FROM daily_funnel ORDER BY offer") == [
+        ("a", 1, 0),
+        ("b", 0, 1),
+    ]
+    assert db_rows(app, "SELECT lp_clicks, lander_lp_clicks FROM daily_clicks") == [(1, 1)]
