@@ -893,7 +893,8 @@ class Bench:
         def add(label: str, value: float | None, target: str, ok: bool | None, fmt: str = "{:.2f}x") -> None:
             if value is None:
                 return
-            lines.append(f"| {label} | {fmt.format(value)} | {target} | {'yes' if ok else 'no'} |")
+            met = "-" if ok is None else "yes" if ok else "no"
+            lines.append(f"| {label} | {fmt.format(value)} | {target} | {met} |")
 
         empty = self.results.get("empty", {})
         seeded = self.results.get("seeded", {})
@@ -902,7 +903,9 @@ class Bench:
             add("tinytrack clicks / yardstick", c, ">= 1.0x", c >= 1.0)
             add("tinytrack postbacks / yardstick", p, ">= 0.8x", p >= 0.8)
             lp = empty["lp_clicks"]["rps"] / yard["rps"]
-            add("tinytrack LP clicks / yardstick", lp, ">= 1.0x (as clicks)", lp >= 1.0)
+            # No target: an LP click reads its click and (the first time) updates it, where a
+            # click only appends; issue 15 asks for the figure, and bench/instructions.py's.
+            add("tinytrack LP clicks / yardstick", lp, "reported", None)
             f = empty["funnel_clicks"]["rps"] / empty["clicks"]["rps"]
             add("clicks with landers and offers / plain clicks", f, ">= 0.95x", f >= 0.95)
             add("tinytrack click p99", empty["clicks"]["p99"], "<= 10 ms", empty["clicks"]["p99"] <= 10, "{:.2f} ms")
