@@ -18,10 +18,13 @@ from collections.abc import Iterable
 from contextlib import closing
 from pathlib import Path
 
+import anyio
+import browser
 import httpx
 import pytest
 from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, Server, client_for, free_port, write_config
 from test_cli import run
+from test_reports import ARTIFACTS, Page
 
 import tinytrack
 from tinytrack import Arm, ConfigError, Rotation, build_config, split_template
@@ -900,3 +903,58 @@ async def test_lp_clicks_of_one_click_in_one_batch_count_once_where_its_credit_e
         ("b", 0, 1),
     ]
     assert db_rows(app, "SELECT lp_clicks, lander_lp_clicks FROM daily_clicks") == [(1, 1)]
+
+
+@pytest.mark.skipif(
+    browser.CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); CI installs it"
+)
+async def test_the_landers_and_offers_table_in_headless_chromium(tmp_path: Path):
+    """The page a person opens: a real `tinytrack serve` on data the app wrote, read by Chromium."""
+    port = free_port()
+    config_path = write_config(tmp_path, port, extra=FUNNELS)
+    script = Script()
+    app = tinytrack.create_app(tinytrack.load_config(config_path), rng=script)
+    await app.startup()
+    try:
+        async with client_for(app) as http:
+            await seed_split(http, script)
+    finally:
+        await app.shutdown()
+    server = Server(tmp_path, config_path, port).start()
+    try:
+        url = browser.basic_auth_url(f"{server.url}/admin", "admin", ADMIN_TOKEN)
+        ARTIFACTS.mkdir(exist_ok=True)
+        desktop = await anyio.to_thread.run_sync(
+            lambda: browser.render(url, ARTIFACTS / "admin-funnels.png", 1280, 1000)
+        )
+        phone = await anyio.to_thread.run_sync(
+            lambda: browser.render(url, ARTIFACTS / "admin-funnels-phone.png", 390, 844)
+        )
+    finally:
+        assert server.stop() == 0, server.output()
+    for dom in (desktop, phone):
+        page = Page(dom)
+        assert page.scripts == 0
+        table = page.tables["Landers and offers: split"]
+        assert table[0] == [
+            "",
+            "name",
+            "clicks",
+            "LP clicks",
+            "LP CTR %",
+            "conv.",
+            "CR %",
+            "payout",
+            "EPC",
+            "cost",
+            "profit",
+            "ROI %",
+        ]
+        assert [row[:5] + row[-1:] for row in table[1:]] == [
+            ["lander", "lp1", "3", "2", "66.67", "1566.67 USD"],
+            ["lander", "lp2", "2", "1", "50.00", "-100.00 USD"],
+            ["offer", "a", "3", "2", "66.67", "566.67 USD"],
+            ["offer", "b", "2", "1", "50.00", "1400.00 USD"],
+        ]
+        # `direct` had no clicks: its heading and the line that says so, no table.
+        assert "Landers and offers: direct" in dom and "Landers and offers: direct" not in page.tables
