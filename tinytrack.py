@@ -2727,24 +2727,6 @@ PURGE_SQL = {
 }
 
 
-def costs_sql(key: str, where: str, keys: int = 1) -> str:
-    """A report's costs per `key` (its first `keys` columns) and currency, from daily_costs:
-    an uploaded cost is the whole cost of its day, campaign and sub1 (of the day and
-    campaign, when a whole-day upload left its 'day' row). Days with uploads are few:
-    the rows of the others are summed as they are, and only those days' rows look up
-    whether an upload replaces them. Takes (first day, last day, *where's args)."""
-    return f"""SELECT {key}, currency, {money_sum("cost")} FROM daily_costs AS d
-               WHERE day BETWEEN ?1 AND ?2{where} AND source != 'day' AND (
-                   (day, campaign) NOT IN (SELECT day, campaign FROM daily_costs
-                       WHERE source IN ('upload', 'day') AND day BETWEEN ?1 AND ?2)
-                   OR source = 'upload'
-                   OR NOT EXISTS (SELECT 1 FROM daily_costs AS u WHERE u.day = d.day
-                       AND u.campaign = d.campaign AND u.sub1 = d.sub1 AND u.source = 'upload')
-                   AND NOT EXISTS (SELECT 1 FROM daily_costs AS w WHERE w.day = d.day
-                       AND w.campaign = d.campaign AND w.sub1 = '' AND w.source = 'day'))
-               GROUP BY {", ".join(str(i) for i in range(1, keys + 2))}"""
-
-
 class Database:
     """Every SQL statement tinytrack runs but the schema's, as domain verbs, on one
     connection: the writer's (in transactions the Store begins and ends), the
@@ -3514,6 +3496,24 @@ class Database:
         self.con.execute("SELECT count(*) FROM meta").fetchone()
         return True
 
+    @staticmethod
+    def _costs_sql(key: str, where: str, keys: int = 1) -> str:
+        """A report's costs per `key` (its first `keys` columns) and currency, from daily_costs:
+        an uploaded cost is the whole cost of its day, campaign and sub1 (of the day and
+        campaign, when a whole-day upload left its 'day' row). Days with uploads are few:
+        the rows of the others are summed as they are, and only those days' rows look up
+        whether an upload replaces them. Takes (first day, last day, *where's args)."""
+        return f"""SELECT {key}, currency, {money_sum("cost")} FROM daily_costs AS d
+                   WHERE day BETWEEN ?1 AND ?2{where} AND source != 'day' AND (
+                       (day, campaign) NOT IN (SELECT day, campaign FROM daily_costs
+                           WHERE source IN ('upload', 'day') AND day BETWEEN ?1 AND ?2)
+                       OR source = 'upload'
+                       OR NOT EXISTS (SELECT 1 FROM daily_costs AS u WHERE u.day = d.day
+                           AND u.campaign = d.campaign AND u.sub1 = d.sub1 AND u.source = 'upload')
+                       AND NOT EXISTS (SELECT 1 FROM daily_costs AS w WHERE w.day = d.day
+                           AND w.campaign = d.campaign AND w.sub1 = '' AND w.source = 'day'))
+                   GROUP BY {", ".join(str(i) for i in range(1, keys + 2))}"""
+
     def stats(self, q: StatsQuery) -> list[dict]:
         """A report: day, campaign, sub1 and status from the daily totals, which outlive
         purges; sub2..sub5 from the raw rows still kept (clicks_days)."""
@@ -3537,7 +3537,7 @@ class Database:
                     HAVING sum(conversions) != 0""",  # a status change leaves its old row at zero
                 span,
             )
-            costs = self.con.execute(costs_sql(key, where), span)
+            costs = self.con.execute(self._costs_sql(key, where), span)
             return stats_rows(q, clicks.fetchall(), conversions.fetchall(), costs.fetchall())
         # sub2..sub5: the raw rows, so the costs the clicks and conversions carried (uploads are per sub1)
         start, end = q.first_day * DAY_MS, (q.last_day + 1) * DAY_MS
@@ -3584,7 +3584,7 @@ class Database:
         costs = []
         owed = self._funnel_owed(span, where, name_of)
         for day, campaign, per_conversion, currency, whole, micros in self.con.execute(
-            costs_sql("day, campaign, source = 'conversions'", where, 3), span
+            self._costs_sql("day, campaign, source = 'conversions'", where, 3), span
         ):
             if per_conversion:  # shared as they were owed (an upload may have replaced some)
                 weights = owed.get((day, campaign, currency), Counter())

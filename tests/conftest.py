@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -105,12 +106,13 @@ def changed(config: tinytrack.Config, **changes: dict) -> tinytrack.Config:
 async def make_app(tmp_path: Path, clock: FakeClock):
     """Started apps on tmp_path's config (plus `extra` TOML, or section changes), all
     shut down after the test: ``app = await make_app(retention={"sub1_per_day": 3})``.
-    ``config=`` gives a whole config instead; ``clock=None`` the real clock."""
+    ``config=`` gives a whole config instead; ``clock=None`` the real clock; ``rng=``
+    the random source that picks landers and offers."""
     apps: list[tinytrack.TinyTrack] = []
 
-    async def make(extra: str = "", *, config: tinytrack.Config | None = None, clock_=clock, **changes: dict):
+    async def make(extra: str = "", *, config: tinytrack.Config | None = None, clock_=clock, rng=None, **changes: dict):
         base = config or tinytrack.load_config(write_config(tmp_path, extra=extra))
-        app = tinytrack.create_app(changed(base, **changes), clock=clock_ or time.time)
+        app = tinytrack.create_app(changed(base, **changes), clock=clock_ or time.time, rng=rng or random.random)
         await app.startup()
         apps.append(app)
         return app

@@ -95,12 +95,8 @@ def script() -> Script:
 
 
 @pytest.fixture
-async def app(make_app, tmp_path: Path, clock: FakeClock, script: Script):
-    config = tinytrack.load_config(write_config(tmp_path, extra=FUNNELS))
-    app = tinytrack.create_app(config, clock=clock, rng=script)
-    await app.startup()
-    yield app
-    await app.shutdown()
+async def app(make_app, script: Script):
+    return await make_app(FUNNELS, rng=script)
 
 
 @pytest.fixture
@@ -289,29 +285,24 @@ def test_a_pick_uses_the_running_totals_exactly():
     assert rotation(5).pick(lambda: pytest.fail("one arm draws nothing")).name == "arm0"
 
 
-async def test_clicks_follow_a_seeded_generator_and_the_report_counts_them(make_app, tmp_path, clock):
+async def test_clicks_follow_a_seeded_generator_and_the_report_counts_them(make_app):
     """2,000 clicks through HTTP with random.Random(11): each click's offer and lander are
     the generator's draws, in order (offer, then lander), and by=offer / by=lander count them."""
-    config = tinytrack.load_config(write_config(tmp_path, extra=FUNNELS))
-    app = tinytrack.create_app(config, clock=clock, rng=random.Random(11).random)
-    await app.startup()
-    try:
-        replay = random.Random(11)
-        want_offer, want_lander = Counter(), Counter()
-        for _ in range(2000):
-            want_offer["a" if replay.random() * 100 < 70 else "b"] += 1
-            want_lander["lp1" if replay.random() * 100 < 50 else "lp2"] += 1
-        async with client_for(app) as http:
-            for i in range(2000):
-                answer = await http.get("/c/split", headers={"user-agent": f"{HUMAN} {i}"})
-                assert answer.status_code == 302
-            by_offer = {r["offer"]: r["clicks"] for r in await stats(http, f"from={D}&to={D}&by=offer")}
-            by_lander = {r["lander"]: r["clicks"] for r in await stats(http, f"from={D}&to={D}&by=lander")}
-        assert by_offer == want_offer and by_lander == want_lander
-        assert abs(100 * want_offer["a"] / 2000 - 70) <= 3  # and the split is the weights'
-        assert Counter(dict(db_rows(app, "SELECT offer, count(*) FROM clicks GROUP BY 1"))) == want_offer
-    finally:
-        await app.shutdown()
+    app = await make_app(FUNNELS, rng=random.Random(11).random)
+    replay = random.Random(11)
+    want_offer, want_lander = Counter(), Counter()
+    for _ in range(2000):
+        want_offer["a" if replay.random() * 100 < 70 else "b"] += 1
+        want_lander["lp1" if replay.random() * 100 < 50 else "lp2"] += 1
+    async with client_for(app) as http:
+        for i in range(2000):
+            answer = await http.get("/c/split", headers={"user-agent": f"{HUMAN} {i}"})
+            assert answer.status_code == 302
+        by_offer = {r["offer"]: r["clicks"] for r in await stats(http, f"from={D}&to={D}&by=offer")}
+        by_lander = {r["lander"]: r["clicks"] for r in await stats(http, f"from={D}&to={D}&by=lander")}
+    assert by_offer == want_offer and by_lander == want_lander
+    assert abs(100 * want_offer["a"] / 2000 - 70) <= 3  # and the split is the weights'
+    assert Counter(dict(db_rows(app, "SELECT offer, count(*) FROM clicks GROUP BY 1"))) == want_offer
 
 
 # --- the click -------------------------------------------------------------------
@@ -441,21 +432,16 @@ async def test_a_bot_clicks_lp_click_is_redirected_but_not_counted(client, app, 
     assert [(r["lander"], r["clicks"], r["bot_clicks"], r["lp_clicks"]) for r in rows] == [("lp1", 1, 1, 0)]
 
 
-async def test_pass_query_goes_to_the_lander_and_on_to_the_offer(make_app, tmp_path, clock, script):
+async def test_pass_query_goes_to_the_lander_and_on_to_the_offer(make_app, script):
     extra = FUNNELS.replace("[campaigns.direct]", "pass_query = true\n\n[campaigns.direct]", 1)
-    config = tinytrack.load_config(write_config(tmp_path, extra=extra))
-    app = tinytrack.create_app(config, clock=clock, rng=script)
-    await app.startup()
-    try:
-        async with client_for(app) as http:
-            script.then(A, LP1)
-            answer = await http.get("/c/split?utm=x", headers={"user-agent": HUMAN})
-            assert answer.headers["location"].endswith("&o=a&utm=x")
-            click_id = answer.headers["location"].split("cid=")[1].split("&")[0]
-            location = await lp_click(http, script, cid=click_id, offer="a", utm="y")
-            assert location == f"https://offer-a.example/?cid={click_id}&l=lp1&s=&utm=y"  # cid and offer not passed on
-    finally:
-        await app.shutdown()
+    app = await make_app(extra, rng=script)
+    async with client_for(app) as http:
+        script.then(A, LP1)
+        answer = await http.get("/c/split?utm=x", headers={"user-agent": HUMAN})
+        assert answer.headers["location"].endswith("&o=a&utm=x")
+        click_id = answer.headers["location"].split("cid=")[1].split("&")[0]
+        location = await lp_click(http, script, cid=click_id, offer="a", utm="y")
+        assert location == f"https://offer-a.example/?cid={click_id}&l=lp1&s=&utm=y"  # cid and offer not passed on
 
 
 # --- a reload that pauses or removes an offer ---------------------------------------
@@ -644,25 +630,20 @@ async def test_a_plain_url_campaign_reports_as_offer_default(client, app, script
     assert [(r["lander"], r["clicks"]) for r in rows] == [("", 2)]
 
 
-async def test_conversions_keep_their_offer_and_lander_after_the_clicks_purge(make_app, tmp_path, clock, script):
-    config = tinytrack.load_config(write_config(tmp_path, extra=FUNNELS))
-    app = tinytrack.create_app(config, clock=clock, rng=script)
-    await app.startup()
-    try:
-        async with client_for(app) as http:
-            ids = await seed_split(http, script)
-            before = await stats(http, f"from={D}&to={D}&by=offer")
-            listed = (await http.get("/api/conversions?since=2026-01-01", headers=ADMIN)).json()["rows"]
-            assert [(r["click_id"], r["lander"], r["offer"]) for r in listed] == [
-                (ids["c1"], "lp1", "a"),
-                (ids["c3"], "lp1", "b"),
-                (ids["c3"], "lp1", "b"),
-            ]
-            with closing(sqlite3.connect(config.storage.path)) as con, con:
-                con.execute("DELETE FROM clicks")  # as the clicks_days purge does
-            assert await stats(http, f"from={D}&to={D}&by=offer") == before
-    finally:
-        await app.shutdown()
+async def test_conversions_keep_their_offer_and_lander_after_the_clicks_purge(make_app, script):
+    app = await make_app(FUNNELS, rng=script)
+    async with client_for(app) as http:
+        ids = await seed_split(http, script)
+        before = await stats(http, f"from={D}&to={D}&by=offer")
+        listed = (await http.get("/api/conversions?since=2026-01-01", headers=ADMIN)).json()["rows"]
+        assert [(r["click_id"], r["lander"], r["offer"]) for r in listed] == [
+            (ids["c1"], "lp1", "a"),
+            (ids["c3"], "lp1", "b"),
+            (ids["c3"], "lp1", "b"),
+        ]
+        with closing(sqlite3.connect(app.config.storage.path)) as con, con:
+            con.execute("DELETE FROM clicks")  # as the clicks_days purge does
+        assert await stats(http, f"from={D}&to={D}&by=offer") == before
 
 
 async def test_forward_macros_offer_and_lander(client, app, script):
@@ -775,28 +756,23 @@ def test_a_version_4_database_gains_the_funnel_columns_and_keeps_its_clicks(tmp_
         assert con.execute("SELECT lp_clicks, lander_clicks FROM daily_clicks").fetchall() == [(0, 0)]
 
 
-async def test_a_batch_of_human_and_bot_clicks_counts_each_lander_visit_once(make_app, tmp_path, clock):
+async def test_a_batch_of_human_and_bot_clicks_counts_each_lander_visit_once(make_app):
     """Clicks that arrive together are written in one transaction (group commit): their
     totals are added up per row there, humans and bots apart."""
-    config = tinytrack.load_config(write_config(tmp_path, extra=FUNNELS))
-    app = tinytrack.create_app(config, clock=clock, rng=random.Random(5).random)
-    await app.startup()
-    try:
-        async with client_for(app) as http:
-            uas = [HUMAN, GOOGLEBOT, HUMAN + " 2", GOOGLEBOT, HUMAN + " 3"] * 4
-            answers = await asyncio.gather(*(http.get("/c/split", headers={"user-agent": ua}) for ua in uas))
-            assert all(answer.status_code == 302 for answer in answers)
-            assert app.store.batches < len(uas)  # they were batched
-            ids = [answer.headers["location"].split("cid=")[1].split("&")[0] for answer in answers]
-            lp = await asyncio.gather(*(http.get(f"/go/split?cid={cid}", headers={"user-agent": HUMAN}) for cid in ids))
-            assert all(answer.status_code == 302 for answer in lp)
-        # 12 humans (all sent to a lander, all with an LP click), 8 bots (neither counted).
-        assert db_rows(
-            app, "SELECT sum(clicks), sum(bot_clicks), sum(lander_clicks), sum(lp_clicks) FROM daily_clicks"
-        ) == [(12, 8, 12, 12)]
-        assert db_rows(app, "SELECT sum(clicks), sum(bot_clicks), sum(lp_clicks) FROM daily_funnel") == [(12, 8, 12)]
-    finally:
-        await app.shutdown()
+    app = await make_app(FUNNELS, rng=random.Random(5).random)
+    async with client_for(app) as http:
+        uas = [HUMAN, GOOGLEBOT, HUMAN + " 2", GOOGLEBOT, HUMAN + " 3"] * 4
+        answers = await asyncio.gather(*(http.get("/c/split", headers={"user-agent": ua}) for ua in uas))
+        assert all(answer.status_code == 302 for answer in answers)
+        assert app.store.batches < len(uas)  # they were batched
+        ids = [answer.headers["location"].split("cid=")[1].split("&")[0] for answer in answers]
+        lp = await asyncio.gather(*(http.get(f"/go/split?cid={cid}", headers={"user-agent": HUMAN}) for cid in ids))
+        assert all(answer.status_code == 302 for answer in lp)
+    # 12 humans (all sent to a lander, all with an LP click), 8 bots (neither counted).
+    assert db_rows(
+        app, "SELECT sum(clicks), sum(bot_clicks), sum(lander_clicks), sum(lp_clicks) FROM daily_clicks"
+    ) == [(12, 8, 12, 12)]
+    assert db_rows(app, "SELECT sum(clicks), sum(bot_clicks), sum(lp_clicks) FROM daily_funnel") == [(12, 8, 12)]
 
 
 async def test_a_bots_lp_click_on_a_humans_click_changes_nothing(client, app, script):
@@ -841,27 +817,22 @@ cost_value = "50"
 """
 
 
-async def test_revshare_and_cpa_costs_are_each_offers_own(make_app, tmp_path, clock, script):
-    config = tinytrack.load_config(write_config(tmp_path, extra=REVSHARE))
-    app = tinytrack.create_app(config, clock=clock, rng=script)
-    await app.startup()
-    try:
-        async with client_for(app) as http:
-            a = await click(http, script, 0.1, campaign="rev")
-            b = await click(http, script, 0.9, campaign="rev")
-            await postback(http, a, payout="100")  # 50% of 100: 50.00
-            await postback(http, b, payout="10")  # 5.00
-            await postback(http, b, payout="6", event="upsell", status="pending")  # pending: no cost
-            rows = {r["offer"]: r for r in await stats(http, f"from={D}&to={D}&by=offer&campaign=rev")}
-            assert {k: (r["cost"], r["profit"], r["roi"]) for k, r in rows.items()} == {
-                "a": ({"USD": "50.00"}, {"USD": "50.00"}, {"USD": "100.00"}),
-                "b": ({"USD": "5.00"}, {"USD": "5.00"}, {"USD": "100.00"}),
-            }
-            await postback(http, a, expect="updated", status="rejected")  # a reversal takes a's cost back
-            rows = {r["offer"]: r for r in await stats(http, f"from={D}&to={D}&by=offer&campaign=rev")}
-            assert {k: r["cost"] for k, r in rows.items()} == {"a": {}, "b": {"USD": "5.00"}}
-    finally:
-        await app.shutdown()
+async def test_revshare_and_cpa_costs_are_each_offers_own(make_app, script):
+    app = await make_app(REVSHARE, rng=script)
+    async with client_for(app) as http:
+        a = await click(http, script, 0.1, campaign="rev")
+        b = await click(http, script, 0.9, campaign="rev")
+        await postback(http, a, payout="100")  # 50% of 100: 50.00
+        await postback(http, b, payout="10")  # 5.00
+        await postback(http, b, payout="6", event="upsell", status="pending")  # pending: no cost
+        rows = {r["offer"]: r for r in await stats(http, f"from={D}&to={D}&by=offer&campaign=rev")}
+        assert {k: (r["cost"], r["profit"], r["roi"]) for k, r in rows.items()} == {
+            "a": ({"USD": "50.00"}, {"USD": "50.00"}, {"USD": "100.00"}),
+            "b": ({"USD": "5.00"}, {"USD": "5.00"}, {"USD": "100.00"}),
+        }
+        await postback(http, a, expect="updated", status="rejected")  # a reversal takes a's cost back
+        rows = {r["offer"]: r for r in await stats(http, f"from={D}&to={D}&by=offer&campaign=rev")}
+        assert {k: r["cost"] for k, r in rows.items()} == {"a": {}, "b": {"USD": "5.00"}}
 
 
 async def test_an_lp_click_after_a_reload_to_a_plain_url_keeps_its_lander(client, app, script, tmp_path):
