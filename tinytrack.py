@@ -866,12 +866,12 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def embedded_config(host: str, port: int, postback_token: str, admin_token: str) -> Config:
     """The no-config default: one `demo` campaign landing on the built-in /demo page."""
     # A relative Location keeps the demo working whatever address the server is reached at.
-    demo_url = single_offer(split_template("/demo?click_id={click_id}", "campaigns.demo.url", MACROS_CLICK))
+    demo = single_offer(split_template("/demo?click_id={click_id}", "campaigns.demo.url", MACROS_CLICK))
     return Config(
         server=ServerConfig(host=host, port=port),
         postback=PostbackConfig(tokens=(postback_token,)),
         admin=AdminConfig(token=admin_token),
-        campaigns={"demo": Campaign(name="demo", offers=demo_url)},
+        campaigns={"demo": Campaign(name="demo", offers=demo)},
         demo=True,
     )
 
@@ -1853,8 +1853,9 @@ def stats_rows(
     q: StatsQuery, clicks: Iterable[tuple], conversions: Iterable[tuple], costs: Iterable[tuple] = ()
 ) -> list[dict]:
     """Rows of a report from its reads (Database.stats): clicks (key, humans, bots,
-    unique, LP clicks, human clicks sent to a lander, LP clicks of those), conversions (key, status, currency, count, whole, micros) and costs (key,
-    currency, whole, micros). Money stays integer micro-units until it is printed."""
+    unique, LP clicks, human clicks sent to a lander, LP clicks of those), conversions
+    (key, status, currency, count, whole, micros) and costs (key, currency, whole,
+    micros). Money stays integer micro-units until it is printed."""
     groups: dict[Any, dict] = {}
 
     def group(key: Any) -> dict:
@@ -3515,8 +3516,8 @@ class Database:
                    GROUP BY {", ".join(str(i) for i in range(1, keys + 2))}"""
 
     def stats(self, q: StatsQuery) -> list[dict]:
-        """A report: day, campaign, sub1 and status from the daily totals, which outlive
-        purges; sub2..sub5 from the raw rows still kept (clicks_days)."""
+        """A report: day, campaign, sub1, status, offer and lander from the daily totals,
+        which outlive purges; sub2..sub5 from the raw rows still kept (clicks_days)."""
         where, args = "", ()
         if q.campaign is not None:
             where, args = " AND campaign = ?", (q.campaign,)
