@@ -47,7 +47,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, closing, contextmanager, suppress
 from decimal import ROUND_HALF_EVEN, Decimal
-from functools import lru_cache, partial
+from functools import cache, lru_cache, partial
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import quote, unquote_to_bytes, urlencode, urlsplit
@@ -260,6 +260,26 @@ class Template:
         return "".join(out)
 
 
+FRAUD_ACTIONS = ("flag", "hold", "reject")
+
+
+@dataclasses.dataclass(frozen=True)
+class FraudConfig:
+    """[fraud], or a campaign's [campaigns.x.fraud] over it: each rule off while None/empty."""
+
+    min_ctit_seconds: int | None = None  # a conversion sooner after its click: ctit_fast
+    ip_clicks_per_minute: int | None = None  # more clicks from one address in a minute (per campaign): ip_flood
+    ip_conversions_per_hour: int | None = None  # more conversions on one address's clicks in an hour: ip_cluster
+    listed_ips: tuple[Network, ...] = ()  # listed_ips and listed_ips_file's lines: listed_ip
+    listed_ips_file: str | None = None
+    action: str = "flag"  # what a flagged conversion gets: flag | hold | reject
+
+    @property
+    def click_rules(self) -> bool:
+        """Whether a click of the campaign is looked at (else nothing is done for it)."""
+        return self.ip_clicks_per_minute is not None or bool(self.listed_ips)
+
+
 class Arm(NamedTuple):
     """One lander or offer of a campaign: its name, where it sends visitors, its share."""
 
@@ -325,6 +345,7 @@ class Campaign:
     cost_currency: str = "USD"
     bot_cost: bool = False  # bot clicks cost nothing unless this is set
     max_click_cost: int = MAX_CLICK_COST  # a click's own cost above this is stored without it
+    fraud: FraudConfig = FraudConfig()  # [fraud] with the campaign's own [campaigns.x.fraud] over it
 
     def forwards(self, event: str, status: str) -> bool:
         """Whether a conversion with this event and status goes to the traffic source."""
@@ -426,6 +447,7 @@ class Config:
     retention: RetentionConfig = RetentionConfig()
     forward: ForwardConfig = ForwardConfig()
     money: MoneyConfig = MoneyConfig()
+    fraud: FraudConfig = FraudConfig()
     campaigns: Mapping[str, Campaign] = dataclasses.field(default_factory=dict)
     demo: bool = False  # the embedded default: serves /demo and shows its token there
 
@@ -553,7 +575,7 @@ def _tokens(table: _Table, name: str) -> tuple[str, ...]:
     return tokens
 
 
-CONFIG_SECTIONS = ("server", "storage", "postback", "admin", "retention", "forward", "money", "campaigns")
+CONFIG_SECTIONS = ("server", "storage", "postback", "admin", "retention", "forward", "money", "fraud", "campaigns")
 
 
 def build_config(data: Mapping[str, Any]) -> Config:
@@ -567,6 +589,7 @@ def build_config(data: Mapping[str, Any]) -> Config:
     admin = read_admin(root.table("admin"), postback.tokens)
     retention, forward = read_retention(root.table("retention")), read_forward(root.table("forward"))
     money = read_money(root.table("money"), postback.currency)
+    fraud = read_fraud(root.table("fraud"), FraudConfig())
     campaigns = root.table("campaigns")
     config = Config(
         server=server,
@@ -576,7 +599,8 @@ def build_config(data: Mapping[str, Any]) -> Config:
         retention=retention,
         forward=forward,
         money=money,
-        campaigns={name: read_campaign(name, campaigns, postback.currency) for name in campaigns.data},
+        fraud=fraud,
+        campaigns={name: read_campaign(name, campaigns, postback.currency, fraud) for name in campaigns.data},
     )
     campaigns.done()
     root.done()
@@ -684,6 +708,42 @@ def read_forward(f: _Table) -> ForwardConfig:
     )
     f.done()
     return forward
+
+
+def read_fraud(f: _Table, base: FraudConfig) -> FraudConfig:
+    """[fraud], or a campaign's fraud table: each key given replaces base's."""
+    changes: dict[str, Any] = {}
+    for name in ("min_ctit_seconds", "ip_clicks_per_minute", "ip_conversions_per_hour"):
+        if name in f.data:  # 0: off (a campaign turning off a rule [fraud] sets)
+            changes[name] = f.number(name, 0, low=0, high=10**6) or None
+    if "action" in f.data:
+        action = f.get("action", str, "flag")
+        if action not in FRAUD_ACTIONS:
+            raise ConfigError(f.key("action"), f"must be one of {', '.join(FRAUD_ACTIONS)}, got {quoted(action)}")
+        changes["action"] = action
+    if "listed_ips" in f.data or "listed_ips_file" in f.data:
+        listed = list(_networks(f, "listed_ips", ()))
+        path = f.get("listed_ips_file", str, None)
+        if path is not None:
+            listed.extend(read_listed_ips(path, f.key("listed_ips_file")))
+        changes["listed_ips"], changes["listed_ips_file"] = tuple(listed), path
+    f.done()
+    return dataclasses.replace(base, **changes)
+
+
+def read_listed_ips(path: str, key: str) -> list[Network]:
+    """A file of addresses and CIDRs, one a line (# comments, blank lines); read at each
+    load, so a reload (SIGHUP) takes a new list."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc}") from None
+    networks = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            networks.append(parse_network(line, f"{path}:{number}"))
+    return networks
 
 
 def read_money(m: _Table, default_currency: str) -> MoneyConfig:
@@ -812,7 +872,9 @@ def read_arms(items: list, key: str) -> Rotation:
     return rotation
 
 
-def read_campaign(name: str, campaigns: _Table, default_currency: str = "USD") -> Campaign:
+def read_campaign(
+    name: str, campaigns: _Table, default_currency: str = "USD", fraud: FraudConfig = FraudConfig()
+) -> Campaign:
     key = f"campaigns.{name}"
     if not CAMPAIGN_RE.fullmatch(name):
         raise ConfigError(key, "campaign names are 1-64 characters of A-Z a-z 0-9 _ -")
@@ -845,6 +907,7 @@ def read_campaign(name: str, campaigns: _Table, default_currency: str = "USD") -
         forward_events=forward_events,
         forward_statuses=statuses,
         **read_cost(c, key, default_currency),
+        fraud=read_fraud(c.table("fraud"), fraud),
     )
     c.done()
     return campaign
@@ -1593,6 +1656,59 @@ def next_step(
     if due > deadline_ms:
         return "dead", now_ms, f"{error}; gave up after {attempts} tries (forward.max_age_hours)"
     return "pending", due, error
+
+
+# -- fraud rules --
+
+
+ADDRESS_KEYS = 20_000  # (campaign, address) pairs ip_flood counts at once: ~230 bytes each, ~4.6 MB
+
+
+class AddressCounts:
+    """Clicks per (campaign, address) in the current UTC minute, in memory: ip_flood reads
+    no database on the click's path. At most ADDRESS_KEYS pairs: a minute with more new
+    addresses starts its counts over (a flood of addresses is undercounted, never let
+    grow memory), and a new minute starts from nothing."""
+
+    def __init__(self, limit: int = ADDRESS_KEYS) -> None:
+        self.limit, self.minute, self.counts = limit, -1, {}
+
+    def add(self, campaign: str, ip: str, ms: int) -> int:
+        """Count a click; how many this minute so far, this one included."""
+        if ms // 60_000 != self.minute:
+            self.minute, self.counts = ms // 60_000, {}
+        key = (campaign, ip)
+        n = self.counts.get(key, 0) + 1
+        if n == 1 and len(self.counts) >= self.limit:
+            self.counts = {}
+        self.counts[key] = n
+        return n
+
+
+def click_flags(fraud: FraudConfig, ip: str, count: int) -> dict[str, str]:
+    """A click's flags and their evidence: ip_flood (`count` clicks from its address this
+    minute, this one included) and listed_ip."""
+    flags = {}
+    if fraud.ip_clicks_per_minute is not None and count > fraud.ip_clicks_per_minute:
+        flags["ip_flood"] = f"{count} clicks from this address this minute > {fraud.ip_clicks_per_minute}"
+    if fraud.listed_ips:
+        address = parse_address(ip)
+        for network in fraud.listed_ips:
+            if address is not None and address.version == network.version and address in network:
+                flags["listed_ip"] = f"{address} in {network}"
+                break
+    return flags
+
+
+def conversion_flags(fraud: FraudConfig, click_flags_json: str | None, bot: bool, ctit_ms: int) -> dict[str, str]:
+    """A conversion's flags: its click's (bot among them), and ctit_fast: sooner than
+    min_ctit_seconds after its click (ctit_ms: its time minus its click's)."""
+    flags = orjson.loads(click_flags_json) if click_flags_json else {}
+    if bot:
+        flags["bot"] = "its click was a bot's (User-Agent)"
+    if fraud.min_ctit_seconds is not None and ctit_ms < fraud.min_ctit_seconds * 1000:
+        flags["ctit_fast"] = f"{ctit_ms / 1000:.1f} s < {fraud.min_ctit_seconds} s"
+    return flags
 
 
 # -- costs: a source's spend report --
@@ -2396,6 +2512,34 @@ SCHEMA = [
         ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout;
     END;
     """,
+    # version 6: fraud flags
+    """
+    -- flags: JSON {flag: evidence}, e.g. {"ip_flood": "31 clicks from this address this minute > 30"}.
+    UPDATE clicks SET flags = json_object('no_click_id', 'cid: no click of this campaign') WHERE flags = 'no_click_id';
+    -- A conversion's: its click's (bot included) and its own (ctit_fast, ip_cluster).
+    ALTER TABLE conversions ADD COLUMN flags TEXT;
+    -- Human clicks with flags; conversions with flags, in the row of their current status.
+    ALTER TABLE daily_clicks ADD COLUMN flagged_clicks INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE daily_conversions ADD COLUMN flagged INTEGER NOT NULL DEFAULT 0;
+    DROP TRIGGER conversions_daily_insert;
+    DROP TRIGGER conversions_daily_update;
+    CREATE TRIGGER conversions_daily_insert AFTER INSERT ON conversions BEGIN
+        INSERT INTO daily_conversions VALUES (NEW.ts / 86400000, NEW.campaign, coalesce(NEW.sub1_total, NEW.sub1, ''),
+            NEW.status, NEW.currency, 1, NEW.payout, NEW.flags IS NOT NULL)
+        ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout,
+            flagged = flagged + excluded.flagged;
+    END;
+    CREATE TRIGGER conversions_daily_update AFTER UPDATE OF status, payout, currency, flags ON conversions BEGIN
+        UPDATE daily_conversions SET conversions = conversions - 1, payout = payout - OLD.payout,
+            flagged = flagged - (OLD.flags IS NOT NULL)
+        WHERE day = OLD.ts / 86400000 AND campaign = OLD.campaign AND sub1 = coalesce(OLD.sub1_total, OLD.sub1, '')
+            AND status = OLD.status AND currency = OLD.currency;
+        INSERT INTO daily_conversions VALUES (NEW.ts / 86400000, NEW.campaign, coalesce(NEW.sub1_total, NEW.sub1, ''),
+            NEW.status, NEW.currency, 1, NEW.payout, NEW.flags IS NOT NULL)
+        ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout,
+            flagged = flagged + excluded.flagged;
+    END;
+    """,
 ]
 OTHER_SUB1 = "(other)"  # the totals' sub1 for a campaign-day's sub1 beyond retention.sub1_per_day
 
@@ -2540,8 +2684,16 @@ CLICK_COLUMNS = (
 NO_TEXT = "\x01"
 NULL_IF_NONE = f"nullif(?, '{NO_TEXT}')"
 CLICK_VALUES = f"?, ?, ?, ?, {', '.join([NULL_IF_NONE] * 5)}, ?, ?, ?, nullif(?, -1), nullif(?, ''), {NULL_IF_NONE}, {NULL_IF_NONE}"
-INSERT_CLICK = f"INSERT INTO clicks ({CLICK_COLUMNS}) VALUES ({CLICK_VALUES})"
-INSERT_CLICK_OTHER = f"INSERT INTO clicks ({CLICK_COLUMNS}, sub1_other) VALUES ({CLICK_VALUES}, ?)"
+INSERT_CLICK = f"INSERT INTO clicks ({CLICK_COLUMNS}) VALUES ({CLICK_VALUES})"  # a ClickRow's
+
+
+@cache
+def insert_click_sql(flagged: bool, other: bool) -> str:
+    """INSERT_CLICK for FlaggedClickRow (its flags), and with sub1_other bound last."""
+    columns = CLICK_COLUMNS + (", flags" if flagged else "") + (", sub1_other" if other else "")
+    return f"INSERT INTO clicks ({columns}) VALUES ({CLICK_VALUES}{', ?' if flagged else ''}{', ?' if other else ''})"
+
+
 INSERT_CONVERSION = f"""INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5,
                            ext_id, event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip,
                            sub1_total, cost, cost_currency, cost_model, lander, offer)
@@ -2549,15 +2701,19 @@ INSERT_CONVERSION = f"""INSERT INTO conversions (click_id, dedupe_key, click_ts,
                            ?, ?, ?, ?, nullif(?, ''), nullif(?, -1), nullif(?, ''), nullif(?, ''), {NULL_IF_NONE},
                            {NULL_IF_NONE})
                         ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id"""
-ADD_DAILY_CLICKS = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks, unique_clicks) VALUES (?, ?, ?, ?, ?, ?)
-                      ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks,
-                          unique_clicks = unique_clicks + excluded.unique_clicks"""
-# A batch with clicks sent to landers: the same, and how many of them did.
-ADD_DAILY_CLICKS_LANDED = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks, unique_clicks, lander_clicks)
-                      VALUES (?, ?, ?, ?, ?, ?, ?)
-                      ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks,
-                          unique_clicks = unique_clicks + excluded.unique_clicks,
-                          lander_clicks = lander_clicks + excluded.lander_clicks"""
+
+
+@cache
+def add_daily_clicks_sql(extra: tuple[str, ...] = ()) -> str:
+    """The upsert of a batch's daily_clicks rows: clicks, bot_clicks, unique_clicks, and
+    the `extra` counts the batch has (lander_clicks, flagged_clicks): a column a batch
+    has nothing for is not bound (most batches: none)."""
+    columns = ("clicks", "bot_clicks", "unique_clicks", *extra)
+    return f"""INSERT INTO daily_clicks (day, campaign, sub1, {", ".join(columns)})
+               VALUES (?, ?, ?, {", ".join("?" * len(columns))})
+               ON CONFLICT DO UPDATE SET {", ".join(f"{c} = {c} + excluded.{c}" for c in columns)}"""
+
+
 ADD_FUNNEL_CLICKS = """INSERT INTO daily_funnel (day, campaign, lander, offer, clicks, bot_clicks, unique_clicks, lp_clicks)
                        VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                        ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks,
@@ -2623,6 +2779,33 @@ class ClickRow(NamedTuple):
     offer: str | None = NO_TEXT
 
 
+class FlaggedClickRow(NamedTuple):
+    """A ClickRow with its flags: what fraud rules (and the LP click) found, as JSON
+    {flag: evidence}. Most clicks have none: they stay ClickRows, bound as before."""
+
+    id: bytes | bytearray
+    ts: int
+    campaign: str
+    sub1: str | None
+    sub2: str | None
+    sub3: str | None
+    sub4: str | None
+    sub5: str | None
+    ext_id: str | None
+    ip: str | None
+    ua: str | None
+    bot: int
+    cost: int | None
+    cost_currency: str | None
+    lander: str | None
+    offer: str | None
+    flags: str
+
+    @classmethod
+    def of(cls, row: ClickRow, flags: Mapping[str, str]) -> FlaggedClickRow:
+        return cls(*row, orjson.dumps(flags).decode())
+
+
 class LPClick(NamedTuple):
     """An LP click (GET /go/<campaign>) as the writer takes it."""
 
@@ -2631,7 +2814,7 @@ class LPClick(NamedTuple):
     named: str | None  # &offer=
     pick: Arm  # by weight, for when neither the named offer nor the click's own will do
     bot: bool  # the request's User-Agent is a bot's: it is redirected and changes nothing
-    new: ClickRow | None  # stored, flagged no_click_id, when click_id names no click of the campaign
+    new: FlaggedClickRow | None  # stored (flagged no_click_id) when click_id names no click of the campaign
 
 
 @dataclasses.dataclass
@@ -2862,7 +3045,7 @@ class Database:
 
     # -- Clicks --
 
-    def insert_clicks(self, rows: Sequence[ClickRow], sub1_per_day: int | None = None) -> None:
+    def insert_clicks(self, rows: Sequence[ClickRow | FlaggedClickRow], sub1_per_day: int | None = None) -> None:
         """Insert clicks and add them to the daily totals. With ``sub1_per_day``, a
         campaign-day's sub1 beyond that many are totalled as OTHER_SUB1 (clicks are
         unauthenticated: one address could otherwise add a totals row per click, kept
@@ -2883,6 +3066,8 @@ class Database:
         # Before the insert: a day's keys read from its clicks must not find these.
         unique: Counter = Counter()
         landed: Counter = Counter()  # human clicks sent to a lander
+        flagged: Counter = Counter()  # human clicks with flags
+        flagged_rows = []
         costs: Counter = Counter()
         funnel: dict[tuple, list[int]] = {}  # (day, campaign, lander, offer) -> [humans, bots, unique]
         day, keys = -1, set()
@@ -2902,6 +3087,11 @@ class Database:
                 costs[
                     day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1, "clicks", row[13]
                 ] += row[12]
+            if len(row) > 16:  # a FlaggedClickRow
+                flagged_rows.append(row)
+                if not row[11]:
+                    sub1 = row[3] or ""
+                    flagged[day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1] += 1
             if row[15] != NO_TEXT:  # a click of a campaign with landers or offers
                 lander = "" if row[14] == NO_TEXT else row[14]
                 counts = funnel.setdefault((day, row[2], lander, row[15]), [0, 0, 0])
@@ -2910,35 +3100,33 @@ class Database:
                 if lander and not row[11]:
                     sub1 = row[3] or ""
                     landed[day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1] += 1
-        if other:
-            rows = [(*row, 1 if (row[1] // DAY_MS, row[2], row[3] or "") in other else None) for row in rows]
-            self.con.executemany(INSERT_CLICK_OTHER, rows)
-        else:  # as plain tuples: the sqlite3 module reads a tuple subclass's items the slow way (~6k instructions a click)
-            self.con.executemany(INSERT_CLICK, map(tuple, rows))
-        if landed:
-            self.con.executemany(
-                ADD_DAILY_CLICKS_LANDED,
-                [
-                    (
-                        day,
-                        c,
-                        s,
-                        0 if bot else n,
-                        n if bot else 0,
-                        0 if bot else unique[day, c, s],
-                        0 if bot else landed[day, c, s],
-                    )
-                    for (day, c, s, bot), n in totals.items()
-                ],
-            )
-        else:
-            self.con.executemany(
-                ADD_DAILY_CLICKS,
-                [
-                    (day, c, s, 0 if bot else n, n if bot else 0, 0 if bot else unique[day, c, s])
-                    for (day, c, s, bot), n in totals.items()
-                ],
-            )
+        if flagged_rows:
+            rows = [row for row in rows if len(row) == 16]
+        for batch, has_flags in ((rows, False), (flagged_rows, True)):
+            if not batch:
+                continue
+            if other:
+                batch = [(*row, 1 if (row[1] // DAY_MS, row[2], row[3] or "") in other else None) for row in batch]
+                self.con.executemany(insert_click_sql(has_flags, True), batch)
+            else:  # as plain tuples: the sqlite3 module reads a tuple subclass's items the slow way (~6k instructions)
+                self.con.executemany(insert_click_sql(has_flags, False), map(tuple, batch))
+        extra = [(name, n) for name, n in (("lander_clicks", landed), ("flagged_clicks", flagged)) if n]
+        counts = [n for _, n in extra]
+        self.con.executemany(
+            add_daily_clicks_sql(tuple(name for name, _ in extra)),
+            [
+                (
+                    day,
+                    c,
+                    s,
+                    0 if bot else n,
+                    n if bot else 0,
+                    0 if bot else unique[day, c, s],
+                    *(0 if bot else count[day, c, s] for count in counts),
+                )
+                for (day, c, s, bot), n in totals.items()
+            ],
+        )
         if funnel:
             self.con.executemany(ADD_FUNNEL_CLICKS, [(*key, *counts, 0) for key, counts in funnel.items()])
         if costs:
@@ -2964,7 +3152,6 @@ class Database:
             if lp.new is None:
                 return None
             self.insert_clicks([lp.new], sub1_per_day)
-            self.con.execute("UPDATE clicks SET flags = 'no_click_id' WHERE id = ?", (lp.new.id,))
             click_id, row = bytes(lp.new.id), self.con.execute(LP_CLICK_SELECT, (lp.new.id,)).fetchone()
         elif lp.bot:
             return campaign.offers.choose(lp.named, row[5], lp.pick), click_id, lp_click_facts(row)
@@ -4565,6 +4752,7 @@ class TinyTrack:
         self.purger = Purger(self.store, config)
         self.clicks = Counter()  # stored since start: human, bot
         self.bad_costs = 0  # clicks whose `cost` was no amount (stored without it)
+        self.address_counts = AddressCounts()  # ip_flood's clicks per (campaign, address) this minute
         self.postbacks = Counter()  # answers since start: a PostbackResult's value, or a Refusal's code
         self.lp_clicks = Counter()  # LP clicks stored since start: "known" (of a click), "no_click_id"
         self.latency = {name: Histogram(LATENCY_BOUNDS) for name in ("click", "lp_click", "postback")}
@@ -4682,6 +4870,7 @@ class TinyTrack:
             cost = None
             if "cost" in values or campaign.cost_model is not None:  # else nothing to do, at no cost
                 cost = self.click_cost(campaign, values.get("cost"), bot)
+            ip = self.peer_address(scope, forwarded_for)
             row = ClickRow(  # in the types SQLite binds fastest: see ClickRow
                 bytearray(click_id),
                 ms,  # ts: the millisecond inside the id
@@ -4692,7 +4881,7 @@ class TinyTrack:
                 values.get("sub4", NO_TEXT),
                 values.get("sub5", NO_TEXT),
                 values.get("ext_id", NO_TEXT),
-                self.peer_address(scope, forwarded_for),
+                ip,
                 user_agent,
                 1 if bot else 0,
                 -1 if cost is None else cost,
@@ -4700,6 +4889,10 @@ class TinyTrack:
                 lander.name if lander else NO_TEXT,
                 offer.name if campaign.funnel else NO_TEXT,
             )
+            if campaign.fraud.click_rules:  # else nothing is counted or looked up
+                flags = self.click_flags(campaign, ip, ms)
+                if flags:
+                    row = FlaggedClickRow.of(row, flags)
             try:
                 await self.store.record_click(row)
             except StorageError:
@@ -4744,13 +4937,15 @@ class TinyTrack:
             user_agent, forwarded_for = header_values(scope, b"user-agent", b"x-forwarded-for")
             user_agent = strip_controls(user_agent, MAX_UA_CHARS) if user_agent else ""
             bot = is_bot(user_agent)
-            new = (
-                None if click_id else self.lp_new_click(scope, forwarded_for, user_agent, campaign, values, named, pick)
-            )
+            new = None
+            if click_id is None:
+                why = f"cid: not a click id, got {quoted(cid)}" if cid else "cid: missing"
+                new = self.lp_new_click(scope, forwarded_for, user_agent, campaign, values, named, pick, why)
             try:
                 stored = await self.store.record_lp_click(LPClick(click_id, campaign, named, pick, bot, new))
                 if stored is None:
-                    new = self.lp_new_click(scope, forwarded_for, user_agent, campaign, values, named, pick)
+                    why = "cid: no click of this campaign"
+                    new = self.lp_new_click(scope, forwarded_for, user_agent, campaign, values, named, pick, why)
                     stored = await self.store.record_lp_click(LPClick(None, campaign, named, pick, bot, new))
             except StorageError:
                 return await send_refusal(
@@ -4773,12 +4968,14 @@ class TinyTrack:
         values: Mapping[str, str],
         named: str | None,
         pick: Arm,
-    ) -> ClickRow:
+        why: str,
+    ) -> FlaggedClickRow:
         """The click an LP click without one of its campaign stores (flagged no_click_id by
         the writer): sub ids and ext_id from its own query, no lander, no cost (whatever
-        it cost came with the click we can't find)."""
+        it cost came with the click we can't find), flagged no_click_id with `why`."""
         click_id, ms = self.ids.new()
-        return ClickRow(
+        ip = self.peer_address(scope, forwarded_for)
+        row = ClickRow(
             bytearray(click_id),
             ms,
             campaign.name,
@@ -4788,7 +4985,7 @@ class TinyTrack:
             values.get("sub4", NO_TEXT),
             values.get("sub5", NO_TEXT),
             values.get("ext_id", NO_TEXT),
-            self.peer_address(scope, forwarded_for),
+            ip,
             user_agent,
             1 if is_bot(user_agent) else 0,
             -1,
@@ -4796,6 +4993,16 @@ class TinyTrack:
             NO_TEXT,
             campaign.offers.choose(named, None, pick).name if campaign.funnel else NO_TEXT,
         )
+        flags = {"no_click_id": why}
+        if campaign.fraud.click_rules:
+            flags.update(self.click_flags(campaign, ip, ms))
+        return FlaggedClickRow.of(row, flags)
+
+    def click_flags(self, campaign: Campaign, ip: str, ms: int) -> dict[str, str]:
+        """What the campaign's click rules say of a click from `ip` (see click_flags)."""
+        fraud = campaign.fraud
+        count = self.address_counts.add(campaign.name, ip, ms) if fraud.ip_clicks_per_minute is not None else 0
+        return click_flags(fraud, ip, count)
 
     def click_cost(self, campaign: Campaign, text: str | None, bot: bool) -> int | None:
         """A click's cost: its own `cost` (a bad one is counted and dropped), else the model's."""

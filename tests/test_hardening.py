@@ -131,7 +131,7 @@ async def test_a_daily_total_that_would_pass_64_bits_refuses_the_postback_that_w
     with closing(sqlite3.connect(app.config.storage.path)) as con, con:
         con.execute("UPDATE daily_conversions SET payout = 0")
         con.execute(
-            "INSERT INTO daily_conversions VALUES (?, 'spring', 'z', 'approved', 'USD', 9223, ?)",
+            "INSERT INTO daily_conversions (day, campaign, sub1, status, currency, conversions, payout) VALUES (?, 'spring', 'z', 'approved', 'USD', 9223, ?)",
             (day, 2**63 - 1 - 10**15 + 1),
         )
     answer = await postback(client, click_id=cid, txid="over", payout="1000000000")
@@ -152,7 +152,7 @@ async def test_reports_survive_totals_that_overflowed_before_the_cap(app, client
         # What ten 999999999999.999999 payouts left: sums past 2**63 (a REAL), and two
         # integer rows whose plain sum() raises "integer overflow".
         con.executemany(
-            "INSERT INTO daily_conversions VALUES (?, 'spring', ?, 'approved', ?, 10, ?)",
+            "INSERT INTO daily_conversions (day, campaign, sub1, status, currency, conversions, payout) VALUES (?, 'spring', ?, 'approved', ?, 10, ?)",
             [
                 (day, "z", "USD", 9.999999999999999e18),
                 (day, "y", "EUR", 9_000_000_000_000_000_000),
@@ -637,7 +637,7 @@ def test_a_misspelt_section_is_reported_before_what_it_left_out():
         tinytrack.build_config({"postbacks": {"tokens": [POSTBACK_TOKEN]}})
     assert (
         str(caught.value)
-        == "postbacks: unknown section; known: server, storage, postback, admin, retention, forward, money, campaigns"
+        == "postbacks: unknown section; known: server, storage, postback, admin, retention, forward, money, fraud, campaigns"
     )
 
 
