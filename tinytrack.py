@@ -720,6 +720,8 @@ def read_fraud(f: _Table, base: FraudConfig) -> FraudConfig:
         action = f.get("action", str, "flag")
         if action not in FRAUD_ACTIONS:
             raise ConfigError(f.key("action"), f"must be one of {', '.join(FRAUD_ACTIONS)}, got {quoted(action)}")
+        if action == "hold":  # needs the review commands to let a held conversion go
+            raise ConfigError(f.key("action"), "hold is not built yet: use flag or reject")
         changes["action"] = action
     if "listed_ips" in f.data or "listed_ips_file" in f.data:
         listed = list(_networks(f, "listed_ips", ()))
@@ -1661,6 +1663,7 @@ def next_step(
 # -- fraud rules --
 
 
+FLAGS = ("bot", "no_click_id", "ip_flood", "listed_ip", "ctit_fast", "ip_cluster")  # what a flag may be named
 ADDRESS_KEYS = 20_000  # (campaign, address) pairs ip_flood counts at once: ~230 bytes each, ~4.6 MB
 
 
@@ -1923,7 +1926,18 @@ def rule_cutoff(rule: PurgeRule, conf: RetentionConfig, now_ms: int) -> int | by
 
 
 STATS_GROUPS = ("day", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "status", "offer", "lander")
-COUNT_COLUMNS = ("clicks", "unique_clicks", "bot_clicks", "conversions", "approved", "pending", "rejected", "lp_clicks")
+COUNT_COLUMNS = (
+    "clicks",
+    "unique_clicks",
+    "bot_clicks",
+    "conversions",
+    "approved",
+    "pending",
+    "rejected",
+    "lp_clicks",
+    "flagged_clicks",  # human clicks with fraud flags
+    "flagged_conversions",  # conversions with fraud flags, in any status
+)
 MONEY_COLUMNS = ("payout", "cost", "profit", "roi")  # each {currency: amount}, as are epc and cpa
 STATS_COLUMNS = (*COUNT_COLUMNS, *MONEY_COLUMNS, "cr", "epc", "cpa", "lp_ctr")
 STATS_DEFAULT_DAYS = 30
@@ -1969,9 +1983,9 @@ def stats_rows(
     q: StatsQuery, clicks: Iterable[tuple], conversions: Iterable[tuple], costs: Iterable[tuple] = ()
 ) -> list[dict]:
     """Rows of a report from its reads (Database.stats): clicks (key, humans, bots,
-    unique, LP clicks, human clicks sent to a lander, LP clicks of those), conversions
-    (key, status, currency, count, whole, micros) and costs (key, currency, whole,
-    micros). Money stays integer micro-units until it is printed."""
+    unique, LP clicks, human clicks sent to a lander, LP clicks of those, flagged),
+    conversions (key, status, currency, count, whole, micros, flagged) and costs (key,
+    currency, whole, micros). Money stays integer micro-units until it is printed."""
     groups: dict[Any, dict] = {}
 
     def group(key: Any) -> dict:
@@ -1987,21 +2001,26 @@ def stats_rows(
                 "lp_clicks": 0,
                 "landed": 0,
                 "landed_lp": 0,
+                "flagged_clicks": 0,
+                "flagged_conversions": 0,
                 "payout": Counter(),
                 "cost": Counter(),
             }
         return groups[key]
 
-    total = dict.fromkeys(("clicks", "bot_clicks", "unique_clicks", "lp_clicks", "landed", "landed_lp"), 0)
+    total = dict.fromkeys(
+        ("clicks", "bot_clicks", "unique_clicks", "lp_clicks", "landed", "landed_lp", "flagged_clicks"), 0
+    )
     total_cost: Counter[str] = Counter()
     for key, *counts in clicks:
         row = group(key)
         for name, n in zip(total, counts):
             row[name] += n
             total[name] += n
-    for key, status, currency, count, whole, micros in conversions:
+    for key, status, currency, count, whole, micros, flagged in conversions:
         row = group(key)
         row[status] += count
+        row["flagged_conversions"] += flagged
         if status == "approved" or q.by == "status":
             row["payout"][currency] += money_units(whole, micros)
     for key, currency, whole, micros in costs:
@@ -2521,6 +2540,27 @@ SCHEMA = [
     -- Human clicks with flags; conversions with flags, in the row of their current status.
     ALTER TABLE daily_clicks ADD COLUMN flagged_clicks INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE daily_conversions ADD COLUMN flagged INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE daily_funnel ADD COLUMN flagged_clicks INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE daily_funnel_conversions ADD COLUMN flagged INTEGER NOT NULL DEFAULT 0;
+    DROP TRIGGER conversions_funnel_insert;
+    DROP TRIGGER conversions_funnel_update;
+    CREATE TRIGGER conversions_funnel_insert AFTER INSERT ON conversions WHEN NEW.offer IS NOT NULL BEGIN
+        INSERT INTO daily_funnel_conversions VALUES (NEW.ts / 86400000, NEW.campaign, coalesce(NEW.lander, ''),
+            NEW.offer, NEW.status, NEW.currency, 1, NEW.payout, NEW.flags IS NOT NULL)
+        ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout,
+            flagged = flagged + excluded.flagged;
+    END;
+    CREATE TRIGGER conversions_funnel_update AFTER UPDATE OF status, payout, currency, flags ON conversions
+    WHEN NEW.offer IS NOT NULL BEGIN
+        UPDATE daily_funnel_conversions SET conversions = conversions - 1, payout = payout - OLD.payout,
+            flagged = flagged - (OLD.flags IS NOT NULL)
+        WHERE day = OLD.ts / 86400000 AND campaign = OLD.campaign AND lander = coalesce(OLD.lander, '')
+            AND offer = OLD.offer AND status = OLD.status AND currency = OLD.currency;
+        INSERT INTO daily_funnel_conversions VALUES (NEW.ts / 86400000, NEW.campaign, coalesce(NEW.lander, ''),
+            NEW.offer, NEW.status, NEW.currency, 1, NEW.payout, NEW.flags IS NOT NULL)
+        ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout,
+            flagged = flagged + excluded.flagged;
+    END;
     DROP TRIGGER conversions_daily_insert;
     DROP TRIGGER conversions_daily_update;
     CREATE TRIGGER conversions_daily_insert AFTER INSERT ON conversions BEGIN
@@ -2607,6 +2647,7 @@ CONVERSION_COLUMNS = (
     "updated_at",
     "lander",  # null: none
     "offer",  # null: the click had none (a plain `url` campaign: "default")
+    "flags",  # {flag: evidence}, or null; CSV: "flag: evidence; ..."
 )
 OUTBOX_COLUMNS = (
     "id",
@@ -2664,6 +2705,7 @@ class RejectReason(enum.Enum):
     """Why a valid postback was stored but not counted."""
 
     OUTSIDE_WINDOW = "outside_window"
+    FRAUD = "fraud"  # flagged, under [fraud] action = "reject"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2673,6 +2715,7 @@ class PostbackOutcome:
     reason: str | None = None  # REJECTED: why; INVALID: the 400's "<field>: <problem>"
     campaign: str | None = None
     queued_forward: bool = False  # a delivery to the traffic source was queued with it
+    flags: tuple[str, ...] = ()  # a new conversion's flags
 
 
 CLICK_COLUMNS = (
@@ -2696,10 +2739,10 @@ def insert_click_sql(flagged: bool, other: bool) -> str:
 
 INSERT_CONVERSION = f"""INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5,
                            ext_id, event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip,
-                           sub1_total, cost, cost_currency, cost_model, lander, offer)
+                           sub1_total, cost, cost_currency, cost_model, lander, offer, flags)
                         VALUES (?, ?, ?, ?, {", ".join([NULL_IF_NONE] * 6)}, ?, nullif(?, ''), ?, nullif(?, ''), ?, ?,
                            ?, ?, ?, ?, nullif(?, ''), nullif(?, -1), nullif(?, ''), nullif(?, ''), {NULL_IF_NONE},
-                           {NULL_IF_NONE})
+                           {NULL_IF_NONE}, {NULL_IF_NONE})
                         ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id"""
 
 
@@ -2714,10 +2757,12 @@ def add_daily_clicks_sql(extra: tuple[str, ...] = ()) -> str:
                ON CONFLICT DO UPDATE SET {", ".join(f"{c} = {c} + excluded.{c}" for c in columns)}"""
 
 
-ADD_FUNNEL_CLICKS = """INSERT INTO daily_funnel (day, campaign, lander, offer, clicks, bot_clicks, unique_clicks, lp_clicks)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ADD_FUNNEL_CLICKS = """INSERT INTO daily_funnel (day, campaign, lander, offer, clicks, bot_clicks, unique_clicks,
+                           flagged_clicks, lp_clicks)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                        ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks,
-                           unique_clicks = unique_clicks + excluded.unique_clicks, lp_clicks = lp_clicks + excluded.lp_clicks"""
+                           unique_clicks = unique_clicks + excluded.unique_clicks, lp_clicks = lp_clicks + excluded.lp_clicks,
+                           flagged_clicks = flagged_clicks + excluded.flagged_clicks"""
 # Clicks' costs can't push a total past 64 bits into a REAL (inexact for good): at that
 # point (9.2 million clicks at max_click_cost in one day and sub1: a flood) the total stays.
 ADD_DAILY_COSTS = f"""INSERT INTO daily_costs (day, campaign, sub1, source, currency, cost) VALUES (?, ?, ?, ?, ?, ?)
@@ -3069,7 +3114,7 @@ class Database:
         flagged: Counter = Counter()  # human clicks with flags
         flagged_rows = []
         costs: Counter = Counter()
-        funnel: dict[tuple, list[int]] = {}  # (day, campaign, lander, offer) -> [humans, bots, unique]
+        funnel: dict[tuple, list[int]] = {}  # (day, campaign, lander, offer) -> [humans, bots, unique, flagged]
         day, keys = -1, set()
         for row in rows:
             if row[1] // DAY_MS != day:
@@ -3094,9 +3139,10 @@ class Database:
                     flagged[day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1] += 1
             if row[15] != NO_TEXT:  # a click of a campaign with landers or offers
                 lander = "" if row[14] == NO_TEXT else row[14]
-                counts = funnel.setdefault((day, row[2], lander, row[15]), [0, 0, 0])
+                counts = funnel.setdefault((day, row[2], lander, row[15]), [0, 0, 0, 0])
                 counts[1 if row[11] else 0] += 1
                 counts[2] += first
+                counts[3] += len(row) > 16 and not row[11]
                 if lander and not row[11]:
                     sub1 = row[3] or ""
                     landed[day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1] += 1
@@ -3184,7 +3230,7 @@ class Database:
                WHERE day = ? AND campaign = ? AND sub1 = ?""",
             [(n, counts.landed[key], *key) for key, n in counts.daily.items()],
         )
-        self.con.executemany(ADD_FUNNEL_CLICKS, [(*key, 0, 0, 0, n) for key, n in counts.funnel.items() if n])
+        self.con.executemany(ADD_FUNNEL_CLICKS, [(*key, 0, 0, 0, 0, n) for key, n in counts.funnel.items() if n])
 
     def _first_seen(self, day: int, keys: set[int], key: int, row: Sequence) -> bool:
         """A human click whose key is not in the day's set: the first of its (campaign,
@@ -3243,20 +3289,21 @@ class Database:
         """Match, dedupe and store a postback, in the caller's transaction: an orphan,
         a new conversion, a duplicate, or a status change; forwards queued with it."""
         row = self.con.execute(
-            """SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other, cost, cost_currency, lander, offer
+            """SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other, cost, cost_currency, lander, offer,
+                      bot, flags
                FROM clicks WHERE id = ?""",
             (bytearray(pb.click_id),),  # binds without the sqlite3 module's adapter lookup (see ClickRow)
         ).fetchone()
         if row is None:
             return self._record_orphan(pb, now_ms)
-        click, sub1_total, click_cost = ClickFacts(*row[:8], *row[11:]), OTHER_SUB1 if row[8] else None, row[9:11]
+        click, sub1_total, click_cost = ClickFacts(*row[:8], *row[11:13]), OTHER_SUB1 if row[8] else None, row[9:11]
         ts = pb.ts_ms
         if ts < click.ts:
             if pb.ts_given and click.ts - ts > EARLY_TS_TOLERANCE_MS:
                 problem = f"ts: is before its click ({iso_ms(click.ts)}), got {iso_ms(ts)}"
                 return PostbackOutcome(PostbackResult.INVALID, reason=problem, campaign=click.campaign)
             ts = click.ts  # clock skew (the sender's, or ours stepped back): never dated before its click
-        created = self._new_conversion(pb, click, sub1_total, click_cost, ts, now_ms, policy)
+        created = self._new_conversion(pb, click, sub1_total, click_cost, row[13:], ts, now_ms, policy)
         if created is not None:
             return created
         existing = self._find_conversion(pb)
@@ -3303,17 +3350,29 @@ class Database:
         click: ClickFacts,
         sub1_total: str | None,
         click_cost: tuple[int | None, str | None],
+        suspect: tuple[int, str | None],
         ts: int,
         now_ms: int,
         policy: WritePolicy,
     ) -> PostbackOutcome | None:
-        """A new conversion (None if its key exists): one INSERT .. RETURNING, the usual case."""
+        """A new conversion (None if its key exists): one INSERT .. RETURNING, the usual case.
+        `suspect`: its click's bot flag and flags, which it inherits (see conversion_flags)."""
         campaign = policy.campaigns.get(click.campaign)
         late = (
             campaign is not None and campaign.window_days is not None and ts - click.ts > campaign.window_days * DAY_MS
         )
-        reason = RejectReason.OUTSIDE_WINDOW.value if late else None
-        status = "rejected" if late else pb.status
+        fraud = campaign.fraud if campaign is not None else FraudConfig()
+        flags = None
+        if suspect[0] or suspect[1] or fraud.min_ctit_seconds is not None:
+            flags = conversion_flags(fraud, suspect[1], suspect[0], ts - click.ts) or None
+        reason = (
+            RejectReason.OUTSIDE_WINDOW.value
+            if late
+            else RejectReason.FRAUD.value
+            if flags and fraud.action == "reject"
+            else None
+        )
+        status = "rejected" if reason else pb.status
         day, sub1 = ts // DAY_MS, sub1_total or click.sub1 or ""
         if pb.payout and not self._total_has_room(day, click.campaign, sub1, status, pb.currency, pb.payout):
             if self._find_conversion(pb) is not None:
@@ -3349,18 +3408,22 @@ class Database:
                 model or "",
                 NO_TEXT if click.lander is None else click.lander,
                 NO_TEXT if click.offer is None else click.offer,
+                NO_TEXT if flags is None else orjson.dumps(flags).decode(),
             ),
         ).fetchone()
         if row is None:
             return None
         conversion_id = row[0]
-        if late:
-            return PostbackOutcome(PostbackResult.REJECTED, conversion_id, reason, click.campaign)
+        flag_names = tuple(flags or ())
+        if reason:
+            return PostbackOutcome(PostbackResult.REJECTED, conversion_id, reason, click.campaign, flags=flag_names)
         facts = ForwardFacts(pb.click_id, *click[1:8], pb.event, pb.txid, cost, click.lander, click.offer)
         queued = self._forward(
             campaign, conversion_id, facts, pb.status, pb.payout, pb.currency, now_ms, policy.forward
         )
-        return PostbackOutcome(PostbackResult.CREATED, conversion_id, campaign=click.campaign, queued_forward=queued)
+        return PostbackOutcome(
+            PostbackResult.CREATED, conversion_id, campaign=click.campaign, queued_forward=queued, flags=flag_names
+        )
 
     def _change_status(
         self, pb: Postback, click: ClickFacts, old: StoredConversion, now_ms: int, policy: WritePolicy
@@ -3715,12 +3778,13 @@ class Database:
             span = (q.first_day, q.last_day, *args)
             clicks = self.con.execute(
                 f"""SELECT {key}, sum(clicks), sum(bot_clicks), sum(unique_clicks), sum(lp_clicks), sum(lander_clicks),
-                           sum(lander_lp_clicks)
+                           sum(lander_lp_clicks), sum(flagged_clicks)
                     FROM daily_clicks WHERE day BETWEEN ? AND ?{where} GROUP BY 1""",
                 span,
             )
             conversions = self.con.execute(
-                f"""SELECT {"status" if q.by == "status" else key}, status, currency, sum(conversions), {PAYOUT_SUM}
+                f"""SELECT {"status" if q.by == "status" else key}, status, currency, sum(conversions), {PAYOUT_SUM},
+                           sum(flagged)
                     FROM daily_conversions WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3
                     HAVING sum(conversions) != 0""",  # a status change leaves its old row at zero
                 span,
@@ -3732,19 +3796,20 @@ class Database:
         ids = (uuid_floor(start), uuid_floor(end), *args)
         clicks = self.con.execute(
             f"""SELECT coalesce({q.by}, ''), sum(bot = 0), sum(bot), 0, sum(bot = 0 AND lp_at IS NOT NULL),
-                       sum(bot = 0 AND lander IS NOT NULL), sum(bot = 0 AND lander IS NOT NULL AND lp_at IS NOT NULL)
+                       sum(bot = 0 AND lander IS NOT NULL), sum(bot = 0 AND lander IS NOT NULL AND lp_at IS NOT NULL),
+                       sum(bot = 0 AND flags IS NOT NULL)
                 FROM clicks WHERE id >= ? AND id < ?{where} GROUP BY 1""",
             ids,
         ).fetchall()
         unique = self.con.execute(
-            f"""SELECT coalesce({q.by}, ''), 0, 0, count(*), 0, 0, 0 FROM clicks WHERE id IN (
+            f"""SELECT coalesce({q.by}, ''), 0, 0, count(*), 0, 0, 0, 0 FROM clicks WHERE id IN (
                     SELECT min(id) FROM clicks WHERE id >= ? AND id < ? AND bot = 0{where}
                     GROUP BY ts / 86400000, campaign, ip, ua) GROUP BY 1""",
             ids,
         ).fetchall()
         conversions = self.con.execute(
-            f"""SELECT coalesce({q.by}, ''), status, currency, count(*), {PAYOUT_SUM} FROM conversions
-                WHERE ts >= ? AND ts < ?{where} GROUP BY 1, 2, 3""",
+            f"""SELECT coalesce({q.by}, ''), status, currency, count(*), {PAYOUT_SUM}, sum(flags IS NOT NULL)
+                FROM conversions WHERE ts >= ? AND ts < ?{where} GROUP BY 1, 2, 3""",
             (start, end, *args),
         )
         costs = self.con.execute(
@@ -3796,19 +3861,20 @@ class Database:
             (day, campaign): counts
             for day, campaign, *counts in self.con.execute(
                 f"""SELECT day, campaign, sum(clicks), sum(bot_clicks), sum(unique_clicks), sum(lp_clicks),
-                           sum(lander_clicks), sum(lander_lp_clicks)
+                           sum(lander_clicks), sum(lander_lp_clicks), sum(flagged_clicks)
                     FROM daily_clicks WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2""",
                 span,
             )
         }
         clicks, humans = [], {}
         rows = self.con.execute(
-            f"""SELECT day, campaign, lander, offer, clicks, bot_clicks, unique_clicks, lp_clicks FROM daily_funnel
-                WHERE day BETWEEN ? AND ?{where}""",
+            f"""SELECT day, campaign, lander, offer, clicks, bot_clicks, unique_clicks, lp_clicks, flagged_clicks
+                FROM daily_funnel WHERE day BETWEEN ? AND ?{where}""",
             span,
         )
-        for day, campaign, lander, offer, *counts in rows:
-            counts.extend((counts[0], counts[3]) if lander else (0, 0))  # sent to a lander, and its LP clicks
+        for day, campaign, lander, offer, humans_, bots, unique, lp, flagged in rows:
+            # in stats_rows' order; sent to a lander, and their LP clicks, from the lander's name
+            counts = [humans_, bots, unique, lp, humans_ if lander else 0, lp if lander else 0, flagged]
             if not any(counts):  # an LP click moved away with its credit
                 continue
             name = name_of(lander, offer)
@@ -3827,31 +3893,32 @@ class Database:
         """Conversion rows (stats_rows' conversions) per lander or offer, and each
         campaign-day's approved conversions per name."""
         rest: dict[tuple, list[int]] = {
-            (day, campaign, status, currency): [n, money_units(whole, micros)]
-            for day, campaign, status, currency, n, whole, micros in self.con.execute(
-                f"""SELECT day, campaign, status, currency, sum(conversions), {PAYOUT_SUM} FROM daily_conversions
-                    WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3, 4""",
+            (day, campaign, status, currency): [n, money_units(whole, micros), flagged]
+            for day, campaign, status, currency, n, whole, micros, flagged in self.con.execute(
+                f"""SELECT day, campaign, status, currency, sum(conversions), {PAYOUT_SUM}, sum(flagged)
+                    FROM daily_conversions WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3, 4""",
                 span,
             )
         }
         conversions, approved = [], {}
         rows = self.con.execute(
-            f"""SELECT day, campaign, lander, offer, status, currency, sum(conversions), {PAYOUT_SUM}
+            f"""SELECT day, campaign, lander, offer, status, currency, sum(conversions), {PAYOUT_SUM}, sum(flagged)
                 FROM daily_funnel_conversions WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3, 4, 5, 6""",
             span,
         )
-        for day, campaign, lander, offer, status, currency, n, whole, micros in rows:
+        for day, campaign, lander, offer, status, currency, n, whole, micros, flagged in rows:
             name, units = name_of(lander, offer), money_units(whole, micros)
-            conversions.append((name, status, currency, n, 0, units))
+            conversions.append((name, status, currency, n, 0, units, flagged))
             if status == "approved":
                 approved.setdefault((day, campaign), Counter())[name] += n
             left = rest.get((day, campaign, status, currency))
             if left is not None:
                 left[0] -= n
                 left[1] -= units
-        for (day, campaign, status, currency), (n, units) in rest.items():
+                left[2] -= flagged
+        for (day, campaign, status, currency), (n, units, flagged) in rest.items():
             if n or units:
-                conversions.append((none, status, currency, n, 0, units))
+                conversions.append((none, status, currency, n, 0, units, flagged))
                 if status == "approved":
                     approved.setdefault((day, campaign), Counter())[none] += n
         return conversions, approved
@@ -3878,23 +3945,41 @@ class Database:
         return money_units(whole or 0, micros or 0)
 
     def conversions(
-        self, since_ms: int, after_id: int, limit: int, campaign: str | None, status: str | None
+        self,
+        since_ms: int,
+        after_id: int,
+        limit: int,
+        campaign: str | None,
+        status: str | None,
+        flag: str | None = None,
     ) -> list[dict]:
-        """Conversions created since a time, oldest first, for reconciliation."""
+        """Conversions created since a time, oldest first, for reconciliation; with
+        `flag`, those carrying that flag."""
         sql = """SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, status, reason,
-                        payout, currency, ts, created_at, updated_at, lander, offer
+                        payout, currency, ts, created_at, updated_at, lander, offer, flags
                  FROM conversions WHERE id > ? AND created_at >= ?"""
         args: list[Any] = [after_id, since_ms]
         if campaign is not None:
             sql, args = sql + " AND campaign = ?", [*args, campaign]
         if status is not None:
             sql, args = sql + " AND status = ?", [*args, status]
+        if flag is not None:
+            sql, args = sql + " AND flags IS NOT NULL AND json_extract(flags, '$.' || ?) IS NOT NULL", [*args, flag]
         rows = self.con.execute(sql + " ORDER BY id LIMIT ?", (*args, limit))
         return [
             dict(
                 zip(
                     CONVERSION_COLUMNS,
-                    (*r[:1], format_uuid(r[1]), *r[2:13], format_money(r[13]), r[14], *map(iso_ms, r[15:18]), *r[18:]),
+                    (
+                        *r[:1],
+                        format_uuid(r[1]),
+                        *r[2:13],
+                        format_money(r[13]),
+                        r[14],
+                        *map(iso_ms, r[15:18]),
+                        *r[18:20],
+                        r[20] and orjson.loads(r[20]),
+                    ),
                 )
             )
             for r in rows
@@ -4753,6 +4838,7 @@ class TinyTrack:
         self.clicks = Counter()  # stored since start: human, bot
         self.bad_costs = 0  # clicks whose `cost` was no amount (stored without it)
         self.address_counts = AddressCounts()  # ip_flood's clicks per (campaign, address) this minute
+        self.flagged = Counter()  # ("click" | "conversion", flag) -> how many since start
         self.postbacks = Counter()  # answers since start: a PostbackResult's value, or a Refusal's code
         self.lp_clicks = Counter()  # LP clicks stored since start: "known" (of a click), "no_click_id"
         self.latency = {name: Histogram(LATENCY_BOUNDS) for name in ("click", "lp_click", "postback")}
@@ -4893,6 +4979,7 @@ class TinyTrack:
                 flags = self.click_flags(campaign, ip, ms)
                 if flags:
                     row = FlaggedClickRow.of(row, flags)
+                    self.flagged.update(("click", name) for name in flags)
             try:
                 await self.store.record_click(row)
             except StorageError:
@@ -4996,6 +5083,7 @@ class TinyTrack:
         flags = {"no_click_id": why}
         if campaign.fraud.click_rules:
             flags.update(self.click_flags(campaign, ip, ms))
+        self.flagged.update(("click", name) for name in flags)
         return FlaggedClickRow.of(row, flags)
 
     def click_flags(self, campaign: Campaign, ip: str, ms: int) -> dict[str, str]:
@@ -5041,6 +5129,7 @@ class TinyTrack:
             return await send_refusal(send, exc)
         result = outcome.result
         self.postbacks[result.value] += 1
+        self.flagged.update(("conversion", name) for name in outcome.flags)
         # One line per postback (no token): what came, for which campaign, what it became.
         counted = result is not PostbackResult.ORPHAN and result is not PostbackResult.REJECTED
         level = logging.INFO if self.config.server.log_postbacks or not counted else logging.DEBUG
@@ -5220,14 +5309,22 @@ class Admin:
         return HTMLResponse(page, headers={"cache-control": "no-store"})
 
     async def api_conversions(self, request: Request) -> Response:
-        """Conversions for reconciliation: ?since=&campaign=&status=&after=&limit=&format=json|csv"""
+        """Conversions for reconciliation: ?since=&campaign=&status=&flag=&after=&limit=&format=json|csv"""
         self.require_admin(request)
         params = request.query_params
         status = params.get("status")
         if status is not None and status not in STATUSES:
             raise FieldError("status", f"must be one of {', '.join(STATUSES)}, got {quoted(status)}")
+        flag = params.get("flag")
+        if flag is not None and flag not in FLAGS:
+            raise FieldError("flag", f"must be one of {', '.join(FLAGS)}, got {quoted(flag)}")
         since, after, limit, fmt = listing_params(params)
-        rows = await self.app.store.read(Database.conversions, since, after, limit, params.get("campaign"), status)
+        rows = await self.app.store.read(
+            Database.conversions, since, after, limit, params.get("campaign"), status, flag
+        )
+        if fmt == "csv":
+            for row in rows:
+                row["flags"] = row["flags"] and "; ".join(f"{name}: {why}" for name, why in row["flags"].items())
         return listing_answer(rows, CONVERSION_COLUMNS, limit, fmt)
 
     async def api_orphans(self, request: Request) -> Response:
@@ -5321,6 +5418,16 @@ class Admin:
             "counter",
             "LP clicks (/go/) stored since start: of a known click, or of none (a new click flagged no_click_id).",
             [(f'{{click="{kind}"}}', app.lp_clicks[kind]) for kind in ("known", "no_click_id")],
+        )
+        metric(
+            "tinytrack_flags_total",
+            "counter",
+            "Fraud flags given since start, by what got them (click, conversion) and flag.",
+            [
+                (f'{{kind="{kind}",flag="{flag}"}}', app.flagged[kind, flag])
+                for kind in ("click", "conversion")
+                for flag in FLAGS
+            ],
         )
         metric(
             "tinytrack_postbacks_total",
@@ -5889,10 +5996,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.csv:
         sys.stdout.write(csv_text(header, cells))
         return 0
-    # The table keeps to what it has: no costs, no cost columns; no landers, no LP columns.
+    # The table keeps to what it has: no costs, no cost columns; no landers, no LP columns; no flags, no flag columns.
     hide = () if any(row["cost"] for row in rows) else ("cost_", "profit_", "roi_", "cpa_")
     if not any(row["lp_clicks"] or row["lp_ctr"] for row in rows):
         hide = (*hide, "lp_clicks", "lp_ctr")
+    if not any(row["flagged_clicks"] or row["flagged_conversions"] for row in rows):
+        hide = (*hide, "flagged_")
     if hide:
         keep = [i for i, name in enumerate(header) if not name.startswith(hide)]
         header, cells = [header[i] for i in keep], [[line[i] for i in keep] for line in cells]
