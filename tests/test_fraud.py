@@ -1,0 +1,312 @@
+"""Fraud flags (issue 16, the part built so far): [fraud] config, the click rules
+(ip_flood, listed_ip, and no_click_id and bot in the same mechanism), a conversion's
+flags (its click's, and ctit_fast), the reject action, and where flags show.
+
+Each rule is tested at, just under and just over its threshold.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, client_for, write_config
+
+import tinytrack
+from tinytrack import ConfigError, FraudConfig, build_config
+
+pytestmark = pytest.mark.anyio
+
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+HUMAN = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+D = "2026-11-20"
+
+FRAUD = """
+[fraud]
+ip_clicks_per_minute = 3
+min_ctit_seconds = 10
+listed_ips = ["203.0.113.0/24", "2001:db8::/32"]
+
+[campaigns.strict]
+url = "https://offer.example.com/s?cid={click_id}"
+postback_url = "https://source.example/pb?c={click_id}"
+fraud = { action = "reject", min_ctit_seconds = 60 }
+
+[campaigns.lenient]
+url = "https://offer.example.com/l?cid={click_id}"
+fraud = { ip_clicks_per_minute = 0, min_ctit_seconds = 0, listed_ips = [] }
+"""
+
+
+def at(day: str, hour: int = 12, minute: int = 0, second: float = 0) -> float:
+    moment = dt.datetime.fromisoformat(day).replace(hour=hour, minute=minute, tzinfo=dt.UTC)
+    return moment.timestamp() + second
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(at(D))
+
+
+@pytest.fixture
+async def app(make_app):
+    return await make_app(FRAUD)
+
+
+async def click(app: tinytrack.TinyTrack, campaign: str = "spring", ip: str = "198.51.100.7", ua: str = HUMAN) -> str:
+    async with client_for(app, ip) as http:
+        answer = await http.get(f"/c/{campaign}", headers={"user-agent": ua})
+    assert answer.status_code == 302, answer.text
+    return answer.headers["location"].split("cid=")[1].split("&")[0]
+
+
+async def postback(app: tinytrack.TinyTrack, click_id: str, expect: str = "created", **fields: str) -> dict:
+    async with client_for(app, "192.0.2.50") as http:
+        answer = await http.get("/postback", params={"click_id": click_id, "token": POSTBACK_TOKEN, **fields})
+    assert (answer.status_code, answer.json().get("status")) == (200, expect), answer.text
+    return answer.json()
+
+
+def flags_of(app: tinytrack.TinyTrack, table: str, key: str, value: object) -> dict | None:
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        (flags,) = con.execute(f"SELECT flags FROM {table} WHERE {key} = ?", (value,)).fetchone()
+    return flags and json.loads(flags)
+
+
+def click_flags(app: tinytrack.TinyTrack, click_id: str) -> dict | None:
+    return flags_of(app, "clicks", "id", bytes.fromhex(click_id.replace("-", "")))
+
+
+async def stats(app: tinytrack.TinyTrack, query: str) -> list[dict]:
+    async with client_for(app) as http:
+        answer = await http.get(f"/api/stats?{query}", headers=ADMIN)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["rows"]
+
+
+# --- config -----------------------------------------------------------------------
+
+
+def config_with(**fraud: object) -> dict:
+    return {
+        "postback": {"tokens": ["t" * 16]},
+        "admin": {"token": "a" * 16},
+        "fraud": fraud,
+        "campaigns": {"x": {"url": "https://o.example/"}},
+    }
+
+
+def test_campaigns_take_fraud_rules_over_the_global_ones():
+    config = build_config(
+        {
+            **config_with(ip_clicks_per_minute=30, min_ctit_seconds=10, action="flag"),
+            "campaigns": {
+                "x": {"url": "https://o.example/"},
+                "y": {"url": "https://o.example/", "fraud": {"min_ctit_seconds": 0, "action": "reject"}},
+            },
+        }
+    )
+    assert config.campaigns["x"].fraud == FraudConfig(ip_clicks_per_minute=30, min_ctit_seconds=10)
+    assert config.campaigns["y"].fraud == FraudConfig(ip_clicks_per_minute=30, action="reject")  # 0: off
+    assert config.campaigns["x"].fraud.click_rules and not FraudConfig(min_ctit_seconds=5).click_rules
+
+
+@pytest.mark.parametrize(
+    "fraud, message",
+    [
+        ({"ip_clicks_per_minute": -1}, "fraud.ip_clicks_per_minute: must be between 0 and 1000000, got -1"),
+        ({"min_ctit_seconds": "10"}, "fraud.min_ctit_seconds: must be an integer, got '10'"),
+        ({"action": "drop"}, "fraud.action: must be one of flag, hold, reject, got 'drop'"),
+        ({"action": "hold"}, "fraud.action: hold is not built yet: use flag or reject"),
+        (
+            {"listed_ips": ["10.0.0.1/8"]},
+            "fraud.listed_ips[0]: not an IP address or CIDR: '10.0.0.1/8' (10.0.0.1/8 has host bits set)",
+        ),
+        (
+            {"listed_ips_file": "/nonexistent/list.txt"},
+            "fraud.listed_ips_file: cannot read /nonexistent/list.txt: [Errno 2] No such file or directory: '/nonexistent/list.txt'",
+        ),
+        ({"window": 3}, "fraud.window: unknown key"),
+    ],
+)
+def test_bad_fraud_config_names_the_key(fraud: dict, message: str):
+    with pytest.raises(ConfigError) as caught:
+        build_config(config_with(**fraud))
+    assert str(caught.value) == message
+
+
+def test_a_listed_ips_file_is_read_with_comments_and_names_a_bad_line(tmp_path: Path):
+    listed = tmp_path / "datacenters.txt"
+    listed.write_text("# hosting ranges\n192.0.2.0/24\n\n2001:db8:1::/48  # a v6 range\n")
+    config = build_config(config_with(listed_ips_file=str(listed)))
+    assert [str(net) for net in config.fraud.listed_ips] == ["192.0.2.0/24", "2001:db8:1::/48"]
+    listed.write_text("192.0.2.0/24\nnot-an-address\n")
+    with pytest.raises(ConfigError) as caught:
+        build_config(config_with(listed_ips_file=str(listed)))
+    assert str(caught.value).startswith(f"{listed}:2: not an IP address or CIDR: 'not-an-address'")
+
+
+# --- click rules ------------------------------------------------------------------
+
+
+async def test_ip_flood_at_under_and_over_the_limit(app, clock):
+    """3 a minute is allowed: the 4th click of an address in that minute is flagged, the
+    next minute starts over, and other addresses and campaigns count apart."""
+    ids = [await click(app, ip="198.51.100.9") for _ in range(4)]
+    assert [click_flags(app, cid) for cid in ids[:3]] == [None, None, None]
+    assert click_flags(app, ids[3]) == {"ip_flood": "4 clicks from this address this minute > 3"}
+    assert click_flags(app, await click(app, ip="198.51.100.10")) is None  # another address
+    assert click_flags(app, await click(app, "strict", ip="198.51.100.9")) is None  # another campaign
+    clock.now = at(D, 12, 1)  # the next minute
+    assert click_flags(app, await click(app, ip="198.51.100.9")) is None
+    for _ in range(5):
+        assert click_flags(app, await click(app, "lenient", ip="198.51.100.9")) is None  # its rule is off
+
+
+def test_address_counts_stay_bounded():
+    counts = tinytrack.AddressCounts(limit=3)
+    assert [counts.add("c", f"10.0.0.{i}", 60_000) for i in range(3)] == [1, 1, 1]
+    assert counts.add("c", "10.0.0.0", 60_000) == 2
+    assert counts.add("c", "10.0.0.9", 60_000) == 1 and len(counts.counts) == 1  # full: started over
+    assert counts.add("c", "10.0.0.9", 120_000) == 1  # a new minute
+
+
+async def test_listed_ips_v4_v6_and_mapped(app):
+    assert click_flags(app, await click(app, ip="203.0.113.77")) == {"listed_ip": "203.0.113.77 in 203.0.113.0/24"}
+    assert click_flags(app, await click(app, ip="::ffff:203.0.113.78")) == {
+        "listed_ip": "203.0.113.78 in 203.0.113.0/24"
+    }
+    assert click_flags(app, await click(app, ip="2001:db8::5")) == {"listed_ip": "2001:db8::5 in 2001:db8::/32"}
+    assert click_flags(app, await click(app, ip="203.0.114.1")) is None  # just outside
+    assert click_flags(app, await click(app, "lenient", ip="203.0.113.77")) is None
+
+
+async def test_a_reload_reads_the_listed_ips_file_again(make_app, tmp_path):
+    listed = tmp_path / "listed.txt"
+    listed.write_text("192.0.2.0/24\n")
+    extra = f'[fraud]\nlisted_ips_file = "{listed}"\n'
+    app = await make_app(extra)
+    assert click_flags(app, await click(app, ip="192.0.2.1")) == {"listed_ip": "192.0.2.1 in 192.0.2.0/24"}
+    assert click_flags(app, await click(app, ip="198.18.0.1")) is None
+    listed.write_text("198.18.0.0/15\n")
+    assert app.reload(str(write_config(tmp_path, extra=extra)))
+    assert click_flags(app, await click(app, ip="198.18.0.1")) == {"listed_ip": "198.18.0.1 in 198.18.0.0/15"}
+    assert click_flags(app, await click(app, ip="192.0.2.1")) is None
+
+
+async def test_clicks_without_rules_store_no_flags_and_count_nothing(make_app):
+    app = await make_app()
+    for _ in range(50):
+        assert click_flags(app, await click(app, ip="198.51.100.9")) is None
+    assert app.address_counts.counts == {}
+
+
+# --- conversions ------------------------------------------------------------------
+
+
+async def test_ctit_fast_at_under_and_over_the_threshold(app, clock):
+    """min_ctit_seconds = 10: 9.9 s after the click is flagged, 10 s is not."""
+    fast, exact = await click(app), await click(app)
+    clock.now = at(D, second=9.9)
+    await postback(app, fast)
+    clock.now = at(D, second=10)
+    await postback(app, exact)
+    assert flags_of(app, "conversions", "click_id", bytes.fromhex(fast.replace("-", ""))) == {
+        "ctit_fast": "9.9 s < 10 s"
+    }
+    assert flags_of(app, "conversions", "click_id", bytes.fromhex(exact.replace("-", ""))) is None
+
+
+async def test_a_conversion_inherits_its_clicks_flags_and_bot(app, clock):
+    flooded = [await click(app, ip="198.51.100.20") for _ in range(4)][-1]
+    bot = await click(app, ua=GOOGLEBOT)
+    clock.now = at(D, 13)
+    await postback(app, flooded)
+    await postback(app, bot)
+    assert flags_of(app, "conversions", "click_id", bytes.fromhex(flooded.replace("-", ""))) == {
+        "ip_flood": "4 clicks from this address this minute > 3"
+    }
+    assert flags_of(app, "conversions", "click_id", bytes.fromhex(bot.replace("-", ""))) == {
+        "bot": "its click was a bot's (User-Agent)"
+    }
+
+
+async def test_reject_stores_it_rejected_for_fraud_and_never_forwards_it(app, clock):
+    """strict: action reject, min_ctit_seconds 60 (its own over the global 10)."""
+    quick, slow = await click(app, "strict"), await click(app, "strict")
+    clock.now = at(D, second=30)
+    answer = await postback(app, quick, expect="rejected", payout="5")
+    assert answer == {"status": "rejected", "reason": "fraud"}
+    clock.now = at(D, second=61)
+    await postback(app, slow, payout="5")
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        rows = con.execute("SELECT status, reason, flags IS NOT NULL FROM conversions ORDER BY id").fetchall()
+        outbox = con.execute("SELECT count(*) FROM outbox").fetchone()
+    assert rows == [("rejected", "fraud", 1), ("approved", None, 0)]
+    assert outbox == (1,)  # only the clean one is forwarded
+    await postback(app, quick, expect="rejected", payout="5")  # the network again: the same answer
+
+
+async def test_flag_counts_the_conversion_as_usual(app, clock):
+    cid = await click(app)
+    clock.now = at(D, second=1)
+    await postback(app, cid, payout="2.50")
+    (row,) = await stats(app, f"from={D}&to={D}&campaign=spring")
+    assert (row["approved"], row["payout"], row["flagged_conversions"]) == (1, {"USD": "2.50"}, 1)
+
+
+# --- surfaces -----------------------------------------------------------------------
+
+
+async def test_stats_api_and_metrics_show_the_flags(app, clock):
+    flooded = [await click(app, ip="198.51.100.30") for _ in range(5)]  # the 4th and 5th flagged
+    listed = await click(app, ip="203.0.113.9")
+    await click(app, ua=GOOGLEBOT, ip="198.51.100.31")  # a bot: bot_clicks, not flagged_clicks
+    clock.now = at(D, 14)
+    await postback(app, flooded[4], payout="1")  # flagged: ip_flood
+    await postback(app, listed, payout="1", status="pending")  # flagged: listed_ip
+    await postback(app, flooded[0], payout="1")  # clean
+    (row,) = await stats(app, f"from={D}&to={D}&campaign=spring")
+    assert (row["clicks"], row["bot_clicks"], row["flagged_clicks"], row["flagged_conversions"]) == (6, 1, 3, 2)
+    by_status = {r["status"]: r["flagged_conversions"] for r in await stats(app, f"from={D}&to={D}&by=status")}
+    assert by_status == {"approved": 1, "pending": 1}
+    (raw,) = await stats(app, f"from={D}&to={D}&campaign=spring&by=sub2")  # the raw rows agree
+    assert (raw["flagged_clicks"], raw["flagged_conversions"]) == (3, 2)
+    async with client_for(app) as http:
+        listing = (await http.get("/api/conversions?since=2026-01-01&flag=listed_ip", headers=ADMIN)).json()
+        assert [(r["click_id"], r["flags"]) for r in listing["rows"]] == [
+            (listed, {"listed_ip": "203.0.113.9 in 203.0.113.0/24"})
+        ]
+        every = (await http.get("/api/conversions?since=2026-01-01", headers=ADMIN)).json()["rows"]
+        assert [r["flags"] for r in every] == [
+            {"ip_flood": "5 clicks from this address this minute > 3"},
+            {"listed_ip": "203.0.113.9 in 203.0.113.0/24"},
+            None,
+        ]
+        csv_text = (await http.get("/api/conversions?since=2026-01-01&format=csv", headers=ADMIN)).text
+        assert "ip_flood: 5 clicks from this address this minute > 3" in csv_text
+        bad = await http.get("/api/conversions?flag=nope", headers=ADMIN)
+        assert (bad.status_code, bad.json()) == (
+            400,
+            {"error": "flag: must be one of bot, no_click_id, ip_flood, listed_ip, ctit_fast, ip_cluster, got 'nope'"},
+        )
+        metrics = (await http.get("/metrics", headers=ADMIN)).text
+    assert 'tinytrack_flags_total{kind="click",flag="ip_flood"} 2' in metrics
+    assert 'tinytrack_flags_total{kind="click",flag="listed_ip"} 1' in metrics
+    assert 'tinytrack_flags_total{kind="conversion",flag="ip_flood"} 1' in metrics
+
+
+async def test_an_lp_click_without_a_click_id_says_why(make_app):
+    app = await make_app('[campaigns.go]\nurl = "https://o.example/?c={click_id}"\n')
+    async with client_for(app) as http:
+        answers = [await http.get(f"/go/go{query}", headers={"user-agent": HUMAN}) for query in ("", "?cid=x1")]
+    ids = [a.headers["location"].split("c=")[1] for a in answers]
+    assert [click_flags(app, cid) for cid in ids] == [
+        {"no_click_id": "cid: missing"},
+        {"no_click_id": "cid: not a click id, got 'x1'"},
+    ]
