@@ -150,7 +150,12 @@ CONTROL_CHARS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
 BOT_RE = re.compile(
     r"bot\b|bot/|crawl|spider|slurp|preview|facebookexternalhit|facebookcatalog|"
     r"embedly|whatsapp|telegram|skypeuripreview|headlesschrome|lighthouse|"
-    r"curl/|wget/|python-|go-http-client|java/|libwww|httpclient|okhttp/2",
+    r"curl/|wget/|python-|go-http-client|java/|libwww|httpclient|okhttp/2|"
+    # Since bench/bots.py's comparison with crawlerdetect (5,079 real bots, 166,477 real
+    # browsers): 50.1% of the bots caught before, 68.2% with these, 1 more browser flagged
+    # (K-Meleon 1.1.5, 2008, whose UA carries a "+http://" link as crawlers' do).
+    r"\+https?://|bots\b|robot|scanner|heritrix|findlink|google-|-google|googleother|monitor|uptime|"
+    r"pingdom|checker|validator|fetch|feed|scrap|archive|aiohttp|axios/|undici",
 )  # matched against the lower-cased User-Agent: re.I makes every click ~5x slower here
 
 
