@@ -388,10 +388,11 @@ def test_through_real_nginx(site: Site, tracker: Server, nginx: subprocess.Popen
         )
         assert answers[:100] == [200] * 100, answers
 
-    # Clicks from one fresh address: burst=40 nodelay lets at least 41 through.
+    # Clicks from one fresh address: a flood guard only (burst=200 nodelay lets at least
+    # 201 through; carrier-grade NAT puts many visitors behind one address).
     with https(site, "127.0.0.3") as burst:
         statuses = until_429(lambda: burst.get("/c/spring", params={"sub1": "burst"}, headers=UA).status_code)
-    assert statuses[:40] == [302] * 40, statuses
+    assert statuses[:200] == [302] * 200, statuses
 
     # Stopping nginx (SIGQUIT, graceful) closes its logs; lines are written unbuffered anyway.
     nginx.send_signal(signal.SIGQUIT)
