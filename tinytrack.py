@@ -725,8 +725,6 @@ def read_fraud(f: _Table, base: FraudConfig) -> FraudConfig:
         action = f.get("action", str, "flag")
         if action not in FRAUD_ACTIONS:
             raise ConfigError(f.key("action"), f"must be one of {', '.join(FRAUD_ACTIONS)}, got {quoted(action)}")
-        if action == "hold":  # needs the review commands to let a held conversion go
-            raise ConfigError(f.key("action"), "hold is not built yet: use flag or reject")
         changes["action"] = action
     if "listed_ips" in f.data or "listed_ips_file" in f.data:
         listed = list(_networks(f, "listed_ips", ()))
@@ -1668,6 +1666,7 @@ def next_step(
 # -- fraud rules --
 
 
+REVIEW_DECISIONS = ("approve", "reject")
 FLAGS = ("bot", "no_click_id", "ip_flood", "listed_ip", "ctit_fast", "ip_cluster")  # what a flag may be named
 ADDRESS_KEYS = 20_000  # (campaign, address) pairs ip_flood counts at once: ~230 bytes each, ~4.6 MB
 
@@ -2710,7 +2709,8 @@ class RejectReason(enum.Enum):
     """Why a valid postback was stored but not counted."""
 
     OUTSIDE_WINDOW = "outside_window"
-    FRAUD = "fraud"  # flagged, under [fraud] action = "reject"
+    FRAUD = "fraud"  # flagged, under [fraud] action = "reject" (or rejected on review)
+    HELD = "held"  # flagged, under action = "hold": pending until reviewed, never forwarded before
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3312,6 +3312,8 @@ class Database:
         if created is not None:
             return created
         existing = self._find_conversion(pb)
+        if existing.reason == RejectReason.HELD.value:  # the operator decides, not the network (see review)
+            return PostbackOutcome(PostbackResult.DUPLICATE, existing.id, campaign=click.campaign)
         if existing.reason is not None:
             return PostbackOutcome(PostbackResult.REJECTED, existing.id, existing.reason, click.campaign)
         if existing.status == pb.status:
@@ -3349,6 +3351,39 @@ class Database:
         ).fetchone()
         return row and StoredConversion(*row[:9], ForwardFacts(*row[9:]))
 
+    def review(self, conversion_id: int, decision: str, now_ms: int, policy: WritePolicy) -> tuple[str, bool]:
+        """An operator's decision on a held conversion, in the caller's transaction:
+        approve (approved, then forwarded as any status change) or reject (rejected,
+        reason fraud). (its new status, True), or (what is wrong, False): nothing raised,
+        since the writer takes a raised error for a failing disk."""
+        row = self.con.execute(
+            """SELECT id, status, reason, ts / 86400000, payout, currency, sub1_total, cost_model, cost_currency,
+                      click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost, lander, offer
+               FROM conversions WHERE id = ?""",
+            (conversion_id,),
+        ).fetchone()
+        if row is None:
+            return "no such conversion", False
+        held = StoredConversion(*row[:9], ForwardFacts(*row[9:]))
+        if held.reason != RejectReason.HELD.value:
+            return f"not held for review (it is {held.status}{f', {held.reason}' if held.reason else ''})", False
+        status, reason = ("approved", None) if decision == "approve" else ("rejected", RejectReason.FRAUD.value)
+        self.con.execute(
+            "UPDATE conversions SET status = ?, reason = ?, updated_at = ?, ip = ? WHERE id = ?",
+            (status, reason, now_ms, f"review:{decision}", conversion_id),
+        )
+        campaign = policy.campaigns.get(held.facts.campaign)
+        self._forward(campaign, conversion_id, held.facts, status, held.payout, held.currency, now_ms, policy.forward)
+        return status, True
+
+    def held_conversions(self, limit: int) -> list[tuple]:
+        """Conversions held for review, oldest first: id, created_at, campaign, sub1, event, payout, currency, flags."""
+        return self.con.execute(
+            """SELECT id, created_at, campaign, sub1, event, payout, currency, flags FROM conversions
+               WHERE reason = 'held' ORDER BY id LIMIT ?""",
+            (limit,),
+        ).fetchall()
+
     def _new_conversion(
         self,
         pb: Postback,
@@ -3373,11 +3408,13 @@ class Database:
         reason = (
             RejectReason.OUTSIDE_WINDOW.value
             if late
-            else RejectReason.FRAUD.value
-            if flags and fraud.action == "reject"
             else None
+            if not flags or fraud.action == "flag"
+            else RejectReason.FRAUD.value
+            if fraud.action == "reject"
+            else RejectReason.HELD.value
         )
-        status = "rejected" if reason else pb.status
+        status = pb.status if not reason else "pending" if reason == RejectReason.HELD.value else "rejected"
         day, sub1 = ts // DAY_MS, sub1_total or click.sub1 or ""
         if pb.payout and not self._total_has_room(day, click.campaign, sub1, status, pb.currency, pb.payout):
             if self._find_conversion(pb) is not None:
@@ -3420,6 +3457,8 @@ class Database:
             return None
         conversion_id = row[0]
         flag_names = tuple(flags or ())
+        if reason == RejectReason.HELD.value:  # the network hears "created"; nothing is forwarded
+            return PostbackOutcome(PostbackResult.CREATED, conversion_id, campaign=click.campaign, flags=flag_names)
         if reason:
             return PostbackOutcome(PostbackResult.REJECTED, conversion_id, reason, click.campaign, flags=flag_names)
         facts = ForwardFacts(pb.click_id, *click[1:8], pb.event, pb.txid, cost, click.lander, click.offer)
@@ -4194,6 +4233,10 @@ class Store:
     @property
     def pending(self) -> int:
         return len(self._queue)
+
+    @property
+    def policy(self) -> WritePolicy:
+        return self._policy
 
     @property
     def closed(self) -> bool:
@@ -5232,6 +5275,7 @@ class Admin:
                 Route("/demo", self.demo),
                 Route("/", self.index),
                 Route("/api/conversions", self.api_conversions),
+                Route("/api/conversions/{id:int}/review", self.api_review, methods=["POST"]),
                 Route("/api/orphans", self.api_orphans),
                 Route("/api/outbox", self.api_outbox),
                 Route("/api/stats", self.api_stats),
@@ -5331,6 +5375,32 @@ class Admin:
             for row in rows:
                 row["flags"] = row["flags"] and "; ".join(f"{name}: {why}" for name, why in row["flags"].items())
         return listing_answer(rows, CONVERSION_COLUMNS, limit, fmt)
+
+    async def api_review(self, request: Request) -> Response:
+        """POST {"decision": "approve" | "reject"}: an operator's word on a held conversion."""
+        self.require_admin(request)
+        body = await request.body()
+        try:
+            decision = orjson.loads(body).get("decision") if len(body) <= MAX_BODY_BYTES else None
+        except (orjson.JSONDecodeError, AttributeError):
+            decision = None
+        if decision not in REVIEW_DECISIONS:
+            raise FieldError("decision", f'must be "approve" or "reject", in a JSON body, got {quoted(body[:40])}')
+        conversion_id = request.path_params["id"]
+        try:
+            answer, done = await self.app.store.write(
+                lambda db, now_ms: db.review(conversion_id, decision, now_ms, self.app.store.policy)
+            )
+        except StorageError:
+            raise HTTPError(Refusal.UNAVAILABLE, headers=[(b"retry-after", b"5")]) from None
+        if not done:
+            code = 404 if answer == "no such conversion" else 409
+            return JSONResponse(
+                {"error": f"conversion {conversion_id}: {answer}"}, code, headers={"cache-control": "no-store"}
+            )
+        self.app.wake_forwarder()
+        log.info("conversion %d reviewed: %s, now %s", conversion_id, decision, answer)
+        return JSONResponse({"id": conversion_id, "status": answer}, headers={"cache-control": "no-store"})
 
     async def api_orphans(self, request: Request) -> Response:
         """Postbacks for unknown click ids: ?since=&after=&limit=&format=json|csv"""
@@ -5500,6 +5570,7 @@ class Admin:
             await read(Database.outbox_states),
             await read(Database.troubled_deliveries, 10),
             funnels,
+            await read(Database.held_conversions, 20),
         )
         return HTMLResponse(
             page,
@@ -6136,6 +6207,42 @@ def cmd_backup(args: argparse.Namespace) -> int:
 OUTBOX_ACTIONS = {"list": outbox_list, "show": outbox_show, "retry": outbox_retry, "replay": outbox_replay}
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    """Conversions held by the fraud rules: list them, approve or reject them."""
+    config, db = open_for_command(args)
+    with closing(db):
+        if args.action == "list":
+            rows = [
+                {
+                    "id": i,
+                    "created": iso_ms(at),
+                    "campaign": c,
+                    "sub1": s1 or "",
+                    "event": ev,
+                    "payout": f"{format_money(p)} {cur}",
+                    "flags": "; ".join(f"{k}: {v}" for k, v in orjson.loads(flags or "{}").items()),
+                }
+                for i, at, c, s1, ev, p, cur, flags in db.held_conversions(args.limit)
+            ]
+            if not rows:
+                print("nothing held for review")
+                return 0
+            print_table(rows, ("id", "created", "campaign", "sub1", "event", "payout", "flags"))
+            return 0
+        policy = WritePolicy(config.campaigns, config.forward, config.retention.sub1_per_day)
+        problems = []
+        for conversion_id in args.ids:
+            with db.transaction(fsync=True):  # the server's forwarder picks up what this queues
+                answer, done = db.review(conversion_id, args.action, int(time.time() * 1000), policy)
+            if done:
+                print(f"conversion {conversion_id}: {answer}")
+            else:
+                problems.append(f"{conversion_id}: {answer}")
+        if problems:
+            raise TinytrackError(f"review {args.action}: not reviewed: {'; '.join(problems)}")
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinytrack", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"tinytrack {__version__}")
@@ -6199,6 +6306,17 @@ def build_parser() -> argparse.ArgumentParser:
     backup = command(cmd_backup, config_flag)
     backup.add_argument("dest", help="file to write, or a folder for tinytrack-YYYYmmdd-HHMMSS.db")
     backup.add_argument("--keep", type=int, metavar="N", help="in that folder, keep only the newest N such backups")
+
+    review = command(cmd_review)
+    review_actions = review.add_subparsers(dest="action", required=True, metavar="ACTION")
+    held = review_actions.add_parser("list", parents=[config_flag], help="conversions held for review")
+    held.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    for decision, what in (
+        ("approve", "approved (and forwarded as any approval)"),
+        ("reject", "rejected (reason fraud)"),
+    ):
+        decide = review_actions.add_parser(decision, parents=[config_flag], help=f"held conversions become {what}")
+        decide.add_argument("ids", type=int, nargs="+", metavar="ID")
 
     outbox = command(cmd_outbox)
     actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -6340,6 +6458,7 @@ def render_admin(
     outbox: Mapping[str, int],
     problems: list[tuple],
     funnels: Mapping[str, list[tuple[str, dict]]] = {},  # noqa: B006 (read only)
+    held: Sequence[tuple] = (),
 ) -> str:
     """The /admin page: plain HTML and an inline SVG chart, no script, no CDN."""
     e = html.escape
@@ -6468,6 +6587,24 @@ def render_admin(
                 for i, c, st, n, at, code, err in problems
             ),
             "Nothing failed or retrying.",
+        ),
+        '<h2>Held for review</h2><p class=muted>Flagged conversions under <code>action = "hold"</code>: '
+        "pending and never forwarded until you decide (<code>tinytrack review approve|reject ID</code>).</p>"
+        + table(
+            ("id", "when", "campaign", "sub1", "event", "payout", "flags"),
+            (
+                (
+                    i,
+                    iso_ms(at),
+                    c,
+                    s1,
+                    ev,
+                    f"{format_money(p)} {cur}",
+                    "; ".join(f"{k}: {v}" for k, v in orjson.loads(flags or "{}").items()),
+                )
+                for i, at, c, s1, ev, p, cur, flags in held
+            ),
+            "Nothing held.",
         ),
         "<h2>Latest conversions</h2>"
         + table(

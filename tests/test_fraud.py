@@ -1,6 +1,7 @@
 """Fraud flags (issue 16, the part built so far): [fraud] config, the click rules
 (ip_flood, listed_ip, and no_click_id and bot in the same mechanism), a conversion's
-flags (its click's, and ctit_fast), the reject action, and where flags show.
+flags (its click's, and ctit_fast), the actions (flag, hold, reject), the review, and
+where flags show.
 
 Each rule is tested at, just under and just over its threshold.
 """
@@ -13,8 +14,10 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, client_for, write_config
+from test_cli import run
 
 import tinytrack
 from tinytrack import ConfigError, FraudConfig, build_config
@@ -36,6 +39,11 @@ listed_ips = ["203.0.113.0/24", "2001:db8::/32"]
 url = "https://offer.example.com/s?cid={click_id}"
 postback_url = "https://source.example/pb?c={click_id}"
 fraud = { action = "reject", min_ctit_seconds = 60 }
+
+[campaigns.held]
+url = "https://offer.example.com/h?cid={click_id}"
+postback_url = "https://source.example/pb?c={click_id}&s={status}"
+fraud = { action = "hold" }
 
 [campaigns.lenient]
 url = "https://offer.example.com/l?cid={click_id}"
@@ -122,7 +130,6 @@ def test_campaigns_take_fraud_rules_over_the_global_ones():
         ({"ip_clicks_per_minute": -1}, "fraud.ip_clicks_per_minute: must be between 0 and 1000000, got -1"),
         ({"min_ctit_seconds": "10"}, "fraud.min_ctit_seconds: must be an integer, got '10'"),
         ({"action": "drop"}, "fraud.action: must be one of flag, hold, reject, got 'drop'"),
-        ({"action": "hold"}, "fraud.action: hold is not built yet: use flag or reject"),
         (
             {"listed_ips": ["10.0.0.1/8"]},
             "fraud.listed_ips[0]: not an IP address or CIDR: '10.0.0.1/8' (10.0.0.1/8 has host bits set)",
@@ -310,3 +317,99 @@ async def test_an_lp_click_without_a_click_id_says_why(make_app):
         {"no_click_id": "cid: missing"},
         {"no_click_id": "cid: not a click id, got 'x1'"},
     ]
+
+
+# --- hold and review --------------------------------------------------------------
+
+
+def outbox(app: tinytrack.TinyTrack) -> list[tuple]:
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        return con.execute("SELECT conversion_id, status, url FROM outbox ORDER BY id").fetchall()
+
+
+def history(app: tinytrack.TinyTrack, conversion_id: int) -> list[tuple]:
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        return con.execute(
+            "SELECT status, ip FROM conversion_history WHERE conversion_id = ? ORDER BY rowid", (conversion_id,)
+        ).fetchall()
+
+
+async def review(app: tinytrack.TinyTrack, conversion_id: int, body: bytes) -> httpx.Response:
+    async with client_for(app) as http:
+        return await http.post(
+            f"/api/conversions/{conversion_id}/review",
+            content=body,
+            headers={**ADMIN, "content-type": "application/json"},
+        )
+
+
+async def test_hold_keeps_it_pending_unforwarded_until_approved_then_forwards_it_once(app, clock):
+    cid = await click(app, "held")
+    clock.now = at(D, second=2)  # ctit_fast (the global 10 s)
+    answer = await postback(app, cid, payout="7")  # the network hears the usual answer
+    conversion_id = answer["id"]
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        assert con.execute("SELECT status, reason FROM conversions").fetchall() == [("pending", "held")]
+    assert outbox(app) == []
+    await postback(app, cid, expect="duplicate", payout="7")  # the network again: the operator decides
+    await postback(app, cid, expect="duplicate", payout="7", status="rejected")
+    assert outbox(app) == []
+    async with client_for(app) as http:
+        page = (await http.get("/admin", headers=ADMIN)).text
+    assert f"<td>{conversion_id}</td>" in page.split("<h2>Held for review</h2>")[1].split("</table>")[0]
+    approved = await review(app, conversion_id, b'{"decision": "approve"}')
+    assert (approved.status_code, approved.json()) == (200, {"id": conversion_id, "status": "approved"})
+    assert outbox(app) == [(conversion_id, "approved", f"https://source.example/pb?c={cid}&s=approved")]
+    again = await review(app, conversion_id, b'{"decision": "approve"}')  # once only
+    assert (again.status_code, again.json()) == (
+        409,
+        {"error": f"conversion {conversion_id}: not held for review (it is approved)"},
+    )
+    assert len(outbox(app)) == 1
+    assert history(app, conversion_id) == [("pending", "192.0.2.50"), ("approved", "review:approve")]
+    (row,) = await stats(app, f"from={D}&to={D}&campaign=held")
+    assert (row["approved"], row["pending"], row["payout"], row["flagged_conversions"]) == (1, 0, {"USD": "7.00"}, 1)
+
+
+async def test_reject_on_review_and_bad_reviews(app, clock):
+    cid = await click(app, "held")
+    clock.now = at(D, second=1)
+    conversion_id = (await postback(app, cid, payout="3"))["id"]
+    for body, code, error in (
+        (b'{"decision": "maybe"}', 400, 'decision: must be "approve" or "reject", in a JSON body, got '),
+        (b"approve", 400, "decision: must be"),
+    ):
+        answer = await review(app, conversion_id, body)
+        assert answer.status_code == code and answer.json()["error"].startswith(error), answer.text
+    missing = await review(app, 999, b'{"decision": "reject"}')
+    assert (missing.status_code, missing.json()) == (404, {"error": "conversion 999: no such conversion"})
+    rejected = await review(app, conversion_id, b'{"decision": "reject"}')
+    assert rejected.json() == {"id": conversion_id, "status": "rejected"}
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        assert con.execute("SELECT status, reason FROM conversions").fetchall() == [("rejected", "fraud")]
+    assert outbox(app) == []  # the source never heard of it: nothing to take back
+    async with client_for(app) as http:
+        unauthorized = await http.post(f"/api/conversions/{conversion_id}/review", json={"decision": "approve"})
+    assert unauthorized.status_code == 401
+
+
+async def test_the_review_command(app, clock, tmp_path):
+    ids = []
+    for _ in range(3):
+        cid = await click(app, "held")
+        ids.append((await postback(app, cid, payout="2"))["id"])  # the same second: ctit_fast
+    path = str(tmp_path / "config.toml")
+    listed = run("review", "list", "-c", path, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split()[:6] == ["id", "created", "campaign", "sub1", "event", "payout"]
+    assert [line.split()[0] for line in lines[1:]] == [str(i) for i in ids]
+    assert "ctit_fast: 0.0 s < 10 s" in lines[1]
+    done = run("review", "approve", str(ids[0]), str(ids[1]), "-c", path, cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (0, f"conversion {ids[0]}: approved\nconversion {ids[1]}: approved\n")
+    done = run("review", "reject", str(ids[2]), str(ids[0]), "-c", path, cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stdout == f"conversion {ids[2]}: rejected\n"
+    assert done.stderr == f"tinytrack: review reject: not reviewed: {ids[0]}: not held for review (it is approved)\n"
+    assert [row[:2] for row in outbox(app)] == [(ids[0], "approved"), (ids[1], "approved")]
+    assert run("review", "list", "-c", path, cwd=tmp_path).stdout == "nothing held for review\n"
