@@ -1707,14 +1707,22 @@ def click_flags(fraud: FraudConfig, ip: str, count: int) -> dict[str, str]:
     return flags
 
 
-def conversion_flags(fraud: FraudConfig, click_flags_json: str | None, bot: bool, ctit_ms: int) -> dict[str, str]:
-    """A conversion's flags: its click's (bot among them), and ctit_fast: sooner than
-    min_ctit_seconds after its click (ctit_ms: its time minus its click's)."""
+def conversion_flags(
+    fraud: FraudConfig, click_flags_json: str | None, bot: bool, ctit_ms: int, cluster: int = 0
+) -> dict[str, str]:
+    """A conversion's flags: its click's (bot among them); ctit_fast: sooner than
+    min_ctit_seconds after its click (ctit_ms: its time minus its click's); ip_cluster:
+    `cluster` conversions (this one included) in the hour up to it on clicks from its
+    click's address, more than ip_conversions_per_hour."""
     flags = orjson.loads(click_flags_json) if click_flags_json else {}
     if bot:
         flags["bot"] = "its click was a bot's (User-Agent)"
     if fraud.min_ctit_seconds is not None and ctit_ms < fraud.min_ctit_seconds * 1000:
         flags["ctit_fast"] = f"{ctit_ms / 1000:.1f} s < {fraud.min_ctit_seconds} s"
+    if fraud.ip_conversions_per_hour is not None and cluster > fraud.ip_conversions_per_hour:
+        flags["ip_cluster"] = (
+            f"{cluster} conversions in an hour on clicks from this address > {fraud.ip_conversions_per_hour}"
+        )
     return flags
 
 
@@ -1913,6 +1921,7 @@ class PurgeRule:
 PURGE_RULES = (
     PurgeRule("clicks", "clicks", "deleted", lambda r: r.clicks_days),
     PurgeRule("pii", "clicks", "ip cut to /24 or /48, user agent dropped", lambda r: r.pii_days),
+    PurgeRule("conversion_ips", "conversions", "click address kept for ip_cluster dropped", lambda r: r.pii_days),
     PurgeRule("conversions", "conversions", "deleted, with their history", lambda r: r.conversions_days),
     PurgeRule("orphans", "orphans", "deleted", lambda r: r.orphans_days),
     PurgeRule("outbox", "outbox", "finished deliveries deleted, with their attempts", lambda r: r.outbox_days),
@@ -2541,6 +2550,9 @@ SCHEMA = [
     UPDATE clicks SET flags = json_object('no_click_id', 'cid: no click of this campaign') WHERE flags = 'no_click_id';
     -- A conversion's: its click's (bot included) and its own (ctit_fast, ip_cluster).
     ALTER TABLE conversions ADD COLUMN flags TEXT;
+    -- Its click's address, kept (until pii_days) only where ip_cluster is on, to count by.
+    ALTER TABLE conversions ADD COLUMN click_ip TEXT;
+    CREATE INDEX conversions_click_ip ON conversions (click_ip, ts) WHERE click_ip IS NOT NULL;
     -- Human clicks with flags; conversions with flags, in the row of their current status.
     ALTER TABLE daily_clicks ADD COLUMN flagged_clicks INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE daily_conversions ADD COLUMN flagged INTEGER NOT NULL DEFAULT 0;
@@ -2744,10 +2756,10 @@ def insert_click_sql(flagged: bool, other: bool) -> str:
 
 INSERT_CONVERSION = f"""INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5,
                            ext_id, event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip,
-                           sub1_total, cost, cost_currency, cost_model, lander, offer, flags)
+                           sub1_total, cost, cost_currency, cost_model, lander, offer, flags, click_ip)
                         VALUES (?, ?, ?, ?, {", ".join([NULL_IF_NONE] * 6)}, ?, nullif(?, ''), ?, nullif(?, ''), ?, ?,
                            ?, ?, ?, ?, nullif(?, ''), nullif(?, -1), nullif(?, ''), nullif(?, ''), {NULL_IF_NONE},
-                           {NULL_IF_NONE}, {NULL_IF_NONE})
+                           {NULL_IF_NONE}, {NULL_IF_NONE}, {NULL_IF_NONE})
                         ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id"""
 
 
@@ -2939,6 +2951,11 @@ PURGE_SQL = {
         """UPDATE clicks SET ip = truncate_ip(ip), ua = NULL WHERE id IN (
                    SELECT id FROM clicks WHERE id > coalesce((SELECT value FROM meta WHERE key = 'pii_done'), x'')
                    AND id < ?1 ORDER BY id LIMIT ?2) RETURNING id""",
+    ),
+    "conversion_ips": (
+        "SELECT count(*) FROM conversions WHERE click_ip IS NOT NULL AND ts < :cutoff",
+        """UPDATE conversions SET click_ip = NULL WHERE id IN (
+                      SELECT id FROM conversions WHERE click_ip IS NOT NULL AND ts < ? LIMIT ?)""",
     ),
     "conversions": (
         "SELECT count(*) FROM conversions WHERE created_at < :cutoff",
@@ -3295,7 +3312,7 @@ class Database:
         a new conversion, a duplicate, or a status change; forwards queued with it."""
         row = self.con.execute(
             """SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other, cost, cost_currency, lander, offer,
-                      bot, flags
+                      bot, flags, ip
                FROM clicks WHERE id = ?""",
             (bytearray(pb.click_id),),  # binds without the sqlite3 module's adapter lookup (see ClickRow)
         ).fetchone()
@@ -3390,21 +3407,33 @@ class Database:
         click: ClickFacts,
         sub1_total: str | None,
         click_cost: tuple[int | None, str | None],
-        suspect: tuple[int, str | None],
+        suspect: tuple[int, str | None, str | None],
         ts: int,
         now_ms: int,
         policy: WritePolicy,
     ) -> PostbackOutcome | None:
         """A new conversion (None if its key exists): one INSERT .. RETURNING, the usual case.
-        `suspect`: its click's bot flag and flags, which it inherits (see conversion_flags)."""
+        `suspect`: its click's bot flag and flags, which it inherits (see conversion_flags),
+        and its address (for ip_cluster)."""
         campaign = policy.campaigns.get(click.campaign)
         late = (
             campaign is not None and campaign.window_days is not None and ts - click.ts > campaign.window_days * DAY_MS
         )
         fraud = campaign.fraud if campaign is not None else FraudConfig()
+        bot, click_flags_json, click_ip = suspect
+        cluster, kept_ip = 0, None
+        if fraud.ip_conversions_per_hour is not None and click_ip:
+            kept_ip = click_ip
+            cluster = (
+                1
+                + self.con.execute(
+                    "SELECT count(*) FROM conversions WHERE click_ip = ? AND ts > ? AND ts <= ?",
+                    (click_ip, ts - 3_600_000, ts),
+                ).fetchone()[0]
+            )
         flags = None
-        if suspect[0] or suspect[1] or fraud.min_ctit_seconds is not None:
-            flags = conversion_flags(fraud, suspect[1], suspect[0], ts - click.ts) or None
+        if bot or click_flags_json or fraud.min_ctit_seconds is not None or cluster:
+            flags = conversion_flags(fraud, click_flags_json, bot, ts - click.ts, cluster) or None
         reason = (
             RejectReason.OUTSIDE_WINDOW.value
             if late
@@ -3451,6 +3480,7 @@ class Database:
                 NO_TEXT if click.lander is None else click.lander,
                 NO_TEXT if click.offer is None else click.offer,
                 NO_TEXT if flags is None else orjson.dumps(flags).decode(),
+                kept_ip or NO_TEXT,
             ),
         ).fetchone()
         if row is None:

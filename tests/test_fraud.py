@@ -413,3 +413,54 @@ async def test_the_review_command(app, clock, tmp_path):
     assert done.stderr == f"tinytrack: review reject: not reviewed: {ids[0]}: not held for review (it is approved)\n"
     assert [row[:2] for row in outbox(app)] == [(ids[0], "approved"), (ids[1], "approved")]
     assert run("review", "list", "-c", path, cwd=tmp_path).stdout == "nothing held for review\n"
+
+
+# --- ip_cluster -------------------------------------------------------------------
+
+
+async def test_ip_cluster_at_under_and_over_the_limit_within_the_hour(make_app, clock):
+    """ip_conversions_per_hour = 2: the 3rd conversion within an hour on clicks from one
+    address is flagged; one an hour and more later is not; other addresses count apart."""
+    app = await make_app(
+        '[fraud]\nip_conversions_per_hour = 2\n[campaigns.other]\nurl = "https://o.example/?cid={click_id}"\n'
+    )
+    ids = [await click(app, ip="198.51.100.40") for _ in range(4)] + [await click(app, "other", ip="198.51.100.40")]
+    elsewhere = await click(app, ip="198.51.100.41")
+    minutes = (0, 10, 20, 61 + 20)  # the 4th comes 61 minutes after the 2nd's... and after the 1st
+    for cid, minute in zip(ids, minutes, strict=False):
+        clock.now = at(D, 12, 0) + minute * 60
+        await postback(app, cid)
+    clock.now = at(D, 13, 25)
+    await postback(app, ids[4])  # another campaign, same address: counted too (2nd-4th are within the hour)
+    await postback(app, elsewhere)
+
+    def cluster(cid: str) -> dict | None:
+        return flags_of(app, "conversions", "click_id", bytes.fromhex(cid.replace("-", "")))
+
+    assert [cluster(cid) for cid in ids[:2]] == [None, None]
+    assert cluster(ids[2]) == {"ip_cluster": "3 conversions in an hour on clicks from this address > 2"}
+    assert cluster(ids[3]) is None  # 13:21: the hour back to 12:21 holds none of the others
+    assert cluster(ids[4]) is None  # 13:25: only 13:21's is within its hour
+    assert cluster(elsewhere) is None
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        kept = con.execute("SELECT count(*) FROM conversions WHERE click_ip = '198.51.100.40'").fetchone()
+    assert kept == (5,)
+
+
+async def test_the_click_address_kept_for_ip_cluster_goes_with_pii_days(make_app, clock):
+    app = await make_app("[fraud]\nip_conversions_per_hour = 5\n[retention]\npii_days = 30\n")
+    await postback(app, await click(app, ip="198.51.100.50"))
+    old_day = int(app.clock() // 86400)
+    clock.now += 31 * 86400
+    db = tinytrack.Database.open(app.config.storage.path)
+    with closing(db), db.transaction():  # one purge batch, as the purger runs it
+        rule = next(r for r in tinytrack.PURGE_RULES if r.name == "conversion_ips")
+        assert db.purge_batch(rule, app.config.retention, 100, int(clock.now * 1000)) == 1
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        assert con.execute("SELECT click_ip, ts / 86400000 FROM conversions").fetchall() == [(None, old_day)]
+
+
+async def test_without_ip_cluster_no_click_address_is_kept(app, clock):
+    await postback(app, await click(app))
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        assert con.execute("SELECT click_ip FROM conversions").fetchall() == [(None,)]

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.anyio
 DAY = 86_400_000
 UA = {"user-agent": "Mozilla/5.0"}
 # What run_once reports, per rule: "clicks", "pii", "conversions", "orphans", "outbox".
-CLICKS, PII, CONVERSIONS, ORPHANS, OUTBOX, UNIQUES = (rule.name for rule in tinytrack.PURGE_RULES)
+CLICKS, PII, CONVERSION_IPS, CONVERSIONS, ORPHANS, OUTBOX, UNIQUES = (rule.name for rule in tinytrack.PURGE_RULES)
 
 
 @pytest.fixture
@@ -816,11 +816,12 @@ def test_purge_command_dry_run_changes_nothing_then_purge_removes(tmp_path: Path
     assert [line[:2] for line in would[1:]] == [
         ["clicks", "deleted"],
         ["clicks", "ip cut to /24 or /48, user agent dropped"],
+        ["conversions", "click address kept for ip_cluster dropped"],
         ["conversions", "deleted, with their history"],
         ["orphans", "deleted"],
         ["click_uniques", "older days' unique-click keys deleted"],
     ]
-    assert (would[1][2], would[3][2], would[4][2]) == ("1", "1", "1"), dry.stdout
+    assert (would[1][2], would[3][2], would[4][2], would[5][2]) == ("1", "0", "1", "1"), dry.stdout
 
     done = run("purge", "-c", str(config), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -829,6 +830,7 @@ def test_purge_command_dry_run_changes_nothing_then_purge_removes(tmp_path: Path
     assert went[1:] == [
         ["clicks", "deleted", "1"],
         ["clicks", "ip cut to /24 or /48, user agent dropped", "1"],  # the 100-day-old click was deleted, not cut
+        ["conversions", "click address kept for ip_cluster dropped", "0"],  # no ip_cluster rule here
         ["conversions", "deleted, with their history", "1"],
         ["orphans", "deleted", "1"],
         ["click_uniques", "older days' unique-click keys deleted", "0"],  # used past UNIQUE_MEMORY_KEYS only
@@ -844,7 +846,7 @@ def test_purge_command_dry_run_changes_nothing_then_purge_removes(tmp_path: Path
     assert rows(db, "PRAGMA freelist_count") == [(0,)]
 
     again = run("purge", "-c", str(config), cwd=tmp_path)
-    assert [line[-1] for line in table(again.stdout)[1:]] == ["0", "0", "0", "0", "0"]
+    assert [line[-1] for line in table(again.stdout)[1:]] == ["0"] * 6
 
 
 def test_purge_dry_run_counts_what_the_purge_then_does(tmp_path: Path):
