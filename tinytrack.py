@@ -1668,7 +1668,7 @@ def next_step(
 
 REVIEW_DECISIONS = ("approve", "reject")
 FLAGS = ("bot", "no_click_id", "ip_flood", "listed_ip", "ctit_fast", "ip_cluster")  # what a flag may be named
-ADDRESS_KEYS = 20_000  # (campaign, address) pairs ip_flood counts at once: ~230 bytes each, ~4.6 MB
+ADDRESS_KEYS = 20_000  # (campaign, address) pairs ip_flood counts at once: ~150 bytes each, 3.1 MB (tracemalloc, IPv6)
 
 
 class AddressCounts:
@@ -6457,6 +6457,13 @@ url = "https://offer.example.com/lp?cid={{click_id}}&s1={{sub1}}"
 #   {{ name = "lp1", url = "https://lp.example.com/one?cid={{click_id}}", weight = 50 }},
 #   {{ name = "lp2", url = "https://lp.example.com/two?cid={{click_id}}", weight = 50 }},
 # ]
+
+# [fraud]                                 # each rule off until set; campaigns override in [campaigns.x.fraud]
+# min_ctit_seconds = 10                   # ctit_fast: a conversion sooner than this after its click
+# ip_clicks_per_minute = 120              # ip_flood: more clicks from one address in a minute, per campaign
+# ip_conversions_per_hour = 3             # ip_cluster: more conversions on one address's clicks in an hour
+# listed_ips = ["198.51.100.0/24"]        # listed_ip; and/or listed_ips_file = "/etc/tinytrack/datacenters.txt"
+# action = "flag"                         # flag | hold (review with `tinytrack review`) | reject
 
 # [money]                                 # to report every currency in one
 # rates = {{ EUR = "1.08" }}                # 1 EUR = 1.08 report_currency
