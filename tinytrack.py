@@ -45,7 +45,7 @@ import tomllib
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, closing, contextmanager, suppress
+from contextlib import asynccontextmanager, closing, contextmanager, nullcontext, suppress
 from decimal import ROUND_HALF_EVEN, Decimal
 from functools import cache, lru_cache, partial
 from pathlib import Path
@@ -1667,6 +1667,7 @@ def next_step(
 
 
 REVIEW_DECISIONS = ("approve", "reject")
+FLAG_BATCH = 500  # conversions per transaction of `flags recompute`
 FLAGS = ("bot", "no_click_id", "ip_flood", "listed_ip", "ctit_fast", "ip_cluster")  # what a flag may be named
 ADDRESS_KEYS = 20_000  # (campaign, address) pairs ip_flood counts at once: ~150 bytes each, 3.1 MB (tracemalloc, IPv6)
 
@@ -1723,6 +1724,31 @@ def conversion_flags(
         flags["ip_cluster"] = (
             f"{cluster} conversions in an hour on clicks from this address > {fraud.ip_conversions_per_hour}"
         )
+    return flags
+
+
+def recomputed_flags(
+    fraud: FraudConfig,
+    stored: str | None,
+    click_flags_json: str | None,
+    click_kept: bool,
+    bot: bool,
+    ip: str | None,
+    ctit_ms: int,
+    cluster: int,
+) -> dict[str, str]:
+    """A past conversion's flags under today's rules: its click's as they were stored
+    (ip_flood counted then), listed_ip against today's list, ctit_fast and ip_cluster
+    again. A purged click's flags are read from the conversion's own (they were copied)."""
+    if click_kept:
+        inherited = orjson.loads(click_flags_json) if click_flags_json else {}
+    else:
+        inherited = {k: v for k, v in orjson.loads(stored or "{}").items() if k in ("bot", "no_click_id", "ip_flood")}
+        bot = False  # "bot" is in inherited already, if it was
+    inherited.pop("listed_ip", None)
+    if ip and fraud.listed_ips:
+        inherited.update(click_flags(FraudConfig(listed_ips=fraud.listed_ips), ip, 0))
+    flags = conversion_flags(fraud, orjson.dumps(inherited).decode() if inherited else None, bot, ctit_ms, cluster)
     return flags
 
 
@@ -3400,6 +3426,72 @@ class Database:
                WHERE reason = 'held' ORDER BY id LIMIT ?""",
             (limit,),
         ).fetchall()
+
+    def flag_facts(self, since_ms: int) -> list[tuple]:
+        """What recomputing flags needs of each conversion created since a time and of those
+        an hour before it (ip_cluster looks back an hour), in the order they converted:
+        id, created_at, ts, click_ts, campaign, status, reason, flags, the click's stored flags
+        (None: purged, or none), bot, and its address (kept for ip_cluster, else the click's)."""
+        return self.con.execute(
+            """SELECT c.id, c.created_at, c.ts, c.click_ts, c.campaign, c.status, c.reason, c.flags,
+                      k.flags, coalesce(k.bot, 0), coalesce(c.click_ip, k.ip), k.id IS NOT NULL
+               FROM conversions AS c LEFT JOIN clicks AS k ON k.id = c.click_id
+               WHERE c.created_at >= ? ORDER BY c.ts, c.id""",
+            (since_ms - 3_600_000,),
+        ).fetchall()
+
+    def apply_flags(
+        self,
+        conversion_id: int,
+        flags: Mapping[str, str] | None,
+        campaign: Campaign | None,
+        fraud: FraudConfig,
+        now_ms: int,
+        conf: ForwardConfig,
+        *,
+        reverse: bool,
+    ) -> str:
+        """Store a conversion's recomputed flags and do what its campaign's action says to a
+        newly flagged one, in the caller's transaction; what was done, for people. One already
+        forwarded keeps its status unless `reverse` (then the source hears a rejection)."""
+        row = self.con.execute(
+            """SELECT id, status, reason, ts / 86400000, payout, currency, sub1_total, cost_model, cost_currency,
+                      click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost, lander, offer
+               FROM conversions WHERE id = ?""",
+            (conversion_id,),
+        ).fetchone()
+        old = StoredConversion(*row[:9], ForwardFacts(*row[9:]))
+        status, reason = old.status, old.reason
+        self.con.execute(
+            "UPDATE conversions SET flags = ? WHERE id = ?",
+            (flags and orjson.dumps(flags).decode(), conversion_id),
+        )
+        if not flags or fraud.action == "flag" or reason is not None or status == "rejected":
+            return "flags stored"
+        forwarded = self.con.execute(
+            "SELECT 1 FROM outbox WHERE conversion_id = ? AND attempts > 0 LIMIT 1", (conversion_id,)
+        ).fetchone()
+        if forwarded and not reverse:
+            return f"flags stored; left {status}: already forwarded (--reverse-forwarded to {fraud.action} it)"
+        if fraud.action == "hold" and not forwarded:
+            self.con.execute(
+                "UPDATE conversions SET status = 'pending', reason = 'held', updated_at = ?, ip = 'recompute' WHERE id = ?",
+                (now_ms, conversion_id),
+            )
+            self.con.execute(
+                "UPDATE outbox SET state = 'canceled', last_error = 'held for review' WHERE conversion_id = ? AND state = 'pending'",
+                (conversion_id,),
+            )
+            return f"{status} -> held"
+        # reject (or hold of one the source already heard of: only a rejection can take it back)
+        self.con.execute(
+            "UPDATE conversions SET status = 'rejected', reason = 'fraud', updated_at = ?, ip = 'recompute' WHERE id = ?",
+            (now_ms, conversion_id),
+        )
+        told = forwarded and self._forward(
+            campaign, conversion_id, old.facts, "rejected", old.payout, old.currency, now_ms, conf
+        )
+        return f"{status} -> rejected (fraud)" + ("; the source is told" if told else "")
 
     def _new_conversion(
         self,
@@ -6127,6 +6219,55 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flags(args: argparse.Namespace) -> int:
+    """Fraud flags: recompute applies today's rules to past conversions and prints what changes."""
+    config, db = open_for_command(args)
+    try:
+        since = parse_since(args.since)
+    except FieldError as exc:
+        raise TinytrackError(f"--{exc.message}") from None
+    with closing(db):
+        facts = db.flag_facts(since)
+        # ip_cluster: conversions on one address's clicks in the hour up to each, in ts order
+        recent: dict[str, list[int]] = {}
+        changes: list[tuple[int, dict | None, FraudConfig]] = []
+        for cid, created, ts, click_ts, name, _status, _reason, stored, click_json, bot, ip, kept in facts:
+            campaign = config.campaigns.get(name)
+            fraud = campaign.fraud if campaign is not None else config.fraud
+            cluster = 0
+            if ip:
+                times = [t for t in recent.get(ip, ()) if t > ts - 3_600_000] + [ts]
+                recent[ip] = times
+                cluster = len(times) if fraud.ip_conversions_per_hour is not None else 0
+            if created < since:
+                continue  # only counted for ip_cluster
+            flags = recomputed_flags(fraud, stored, click_json, bool(kept), bool(bot), ip, ts - click_ts, cluster)
+            if flags != orjson.loads(stored or "{}"):
+                changes.append((cid, flags or None, fraud))
+        now_ms = int(time.time() * 1000)
+        old = {row[0]: orjson.loads(row[7] or "{}") for row in facts}
+        campaigns = {row[0]: config.campaigns.get(row[4]) for row in facts}
+        for start in range(0, len(changes), FLAG_BATCH):
+            batch = changes[start : start + FLAG_BATCH]
+            lines = []
+            with nullcontext() if args.dry_run else db.transaction(fsync=True):  # short, beside the server
+                for cid, flags, fraud in batch:
+                    before, after = old[cid], flags or {}
+                    what = ", ".join(
+                        [f"+{name}" for name in after if name not in before]
+                        + [f"-{name}" for name in before if name not in after]
+                    )
+                    if not args.dry_run:
+                        what += "; " + db.apply_flags(
+                            cid, flags, campaigns[cid], fraud, now_ms, config.forward, reverse=args.reverse_forwarded
+                        )
+                    lines.append(f"conversion {cid}: {what}")
+            print("\n".join(lines))
+        verb = "would change" if args.dry_run else "changed"
+        print(f"{len(changes)} of {sum(1 for row in facts if row[1] >= since)} conversions {verb}")
+    return 0
+
+
 def cmd_costs(args: argparse.Namespace) -> int:
     """Upload a traffic source's spend report: it replaces the clicks' costs for its days."""
     config, db = open_for_command(args)
@@ -6336,6 +6477,21 @@ def build_parser() -> argparse.ArgumentParser:
     backup = command(cmd_backup, config_flag)
     backup.add_argument("dest", help="file to write, or a folder for tinytrack-YYYYmmdd-HHMMSS.db")
     backup.add_argument("--keep", type=int, metavar="N", help="in that folder, keep only the newest N such backups")
+
+    flags = command(cmd_flags)
+    flags_actions = flags.add_subparsers(dest="action", required=True, metavar="ACTION")
+    recompute = flags_actions.add_parser(
+        "recompute", parents=[config_flag], help="apply today's [fraud] rules to conversions created since a day"
+    )
+    recompute.add_argument(
+        "--since", required=True, help="conversions created since YYYY-MM-DD (UTC) or an ISO 8601 time"
+    )
+    recompute.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
+    recompute.add_argument(
+        "--reverse-forwarded",
+        action="store_true",
+        help="hold or reject even conversions the traffic source already heard of (it hears a rejection)",
+    )
 
     review = command(cmd_review)
     review_actions = review.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -464,3 +464,108 @@ async def test_without_ip_cluster_no_click_address_is_kept(app, clock):
     await postback(app, await click(app))
     with closing(sqlite3.connect(app.config.storage.path)) as con:
         assert con.execute("SELECT click_ip FROM conversions").fetchall() == [(None,)]
+
+
+# --- recompute --------------------------------------------------------------------
+
+BEFORE = """
+[forward]
+delay_seconds = 3600  # nothing is tried during the test but what it marks as delivered
+
+[campaigns.strict]
+url = "https://offer.example.com/s?cid={click_id}"
+postback_url = "https://source.example/pb?c={click_id}&s={status}"
+
+[campaigns.held]
+url = "https://offer.example.com/h?cid={click_id}"
+postback_url = "https://source.example/pb?c={click_id}&s={status}"
+"""
+AFTER = """
+[forward]
+delay_seconds = 3600
+
+[fraud]
+min_ctit_seconds = 10
+listed_ips = ["203.0.113.0/24"]
+
+[campaigns.strict]
+url = "https://offer.example.com/s?cid={click_id}"
+postback_url = "https://source.example/pb?c={click_id}&s={status}"
+fraud = { action = "reject" }
+
+[campaigns.held]
+url = "https://offer.example.com/h?cid={click_id}"
+postback_url = "https://source.example/pb?c={click_id}&s={status}"
+fraud = { action = "hold" }
+"""
+
+
+async def test_recompute_applies_todays_rules_to_seeded_history(make_app, clock, tmp_path):
+    app = await make_app(BEFORE)  # no rules yet: nothing flagged
+    fast, slow, listed = await click(app), await click(app), await click(app, ip="203.0.113.5")
+    told, held = await click(app, "strict"), await click(app, "held")
+    clock.now = at(D, second=3)
+    ids = {
+        name: (await postback(app, cid, payout="2"))["id"]
+        for name, cid in (("fast", fast), ("told", told), ("held", held))
+    }
+    clock.now = at(D, second=60)
+    ids |= {name: (await postback(app, cid, payout="2"))["id"] for name, cid in (("slow", slow), ("listed", listed))}
+    with closing(sqlite3.connect(app.config.storage.path)) as con, con:  # as if `told` reached its source
+        con.execute("UPDATE outbox SET state = 'done', attempts = 1 WHERE conversion_id = ?", (ids["told"],))
+    path = str(write_config(tmp_path, extra=AFTER))
+
+    dry = run("flags", "recompute", "--since", D, "--dry-run", "-c", path, cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == [
+        f"conversion {ids['fast']}: +ctit_fast",
+        f"conversion {ids['told']}: +ctit_fast",
+        f"conversion {ids['held']}: +ctit_fast",
+        f"conversion {ids['listed']}: +listed_ip",
+        "4 of 5 conversions would change",
+    ]
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        assert con.execute("SELECT count(*) FROM conversions WHERE flags IS NOT NULL").fetchone() == (0,)
+
+    done = run("flags", "recompute", "--since", D, "-c", path, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"conversion {ids['fast']}: +ctit_fast; flags stored",
+        f"conversion {ids['told']}: +ctit_fast; flags stored; left approved: already forwarded "
+        "(--reverse-forwarded to reject it)",
+        f"conversion {ids['held']}: +ctit_fast; approved -> held",
+        f"conversion {ids['listed']}: +listed_ip; flags stored",
+        "4 of 5 conversions changed",
+    ]
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        states = dict(con.execute("SELECT id, status || '/' || coalesce(reason, '') FROM conversions"))
+        deliveries = con.execute("SELECT conversion_id, status, state FROM outbox ORDER BY id").fetchall()
+    assert states == {
+        ids["fast"]: "approved/",
+        ids["slow"]: "approved/",
+        ids["listed"]: "approved/",
+        ids["told"]: "approved/",
+        ids["held"]: "pending/held",
+    }
+    assert deliveries == [(ids["told"], "approved", "done"), (ids["held"], "approved", "canceled")]
+    (row,) = await stats(app, f"from={D}&to={D}&campaign=spring")
+    assert row["flagged_conversions"] == 2  # the totals followed
+
+    again = run("flags", "recompute", "--since", D, "--reverse-forwarded", "-c", path, cwd=tmp_path)
+    assert again.stdout.splitlines() == ["0 of 5 conversions changed"]  # flags unchanged: nothing to do
+    with closing(sqlite3.connect(app.config.storage.path)) as con, con:  # forget told's flags, as before the rules
+        con.execute("UPDATE conversions SET flags = NULL WHERE id = ?", (ids["told"],))
+    reversed_ = run("flags", "recompute", "--since", D, "--reverse-forwarded", "-c", path, cwd=tmp_path)
+    assert reversed_.stdout.splitlines() == [
+        f"conversion {ids['told']}: +ctit_fast; approved -> rejected (fraud); the source is told",
+        "1 of 5 conversions changed",
+    ]
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        assert con.execute(
+            "SELECT status, url FROM outbox WHERE conversion_id = ? ORDER BY id", (ids["told"],)
+        ).fetchall() == [
+            ("approved", f"https://source.example/pb?c={told}&s=approved"),
+            ("rejected", f"https://source.example/pb?c={told}&s=rejected"),
+        ]
+    bad = run("flags", "recompute", "--since", "yesterday", "-c", path, cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stderr.startswith("tinytrack: --since: ")
