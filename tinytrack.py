@@ -1713,8 +1713,8 @@ def conversion_flags(
 ) -> dict[str, str]:
     """A conversion's flags: its click's (bot among them); ctit_fast: sooner than
     min_ctit_seconds after its click (ctit_ms: its time minus its click's); ip_cluster:
-    `cluster` conversions (this one included) in the hour up to it on clicks from its
-    click's address, more than ip_conversions_per_hour."""
+    `cluster` conversions (this one included, counted up to one past the limit) in the
+    hour up to it on clicks from its click's address, more than ip_conversions_per_hour."""
     flags = orjson.loads(click_flags_json) if click_flags_json else {}
     if bot:
         flags["bot"] = "its click was a bot's (User-Agent)"
@@ -3516,13 +3516,12 @@ class Database:
         cluster, kept_ip = 0, None
         if fraud.ip_conversions_per_hour is not None and click_ip:
             kept_ip = click_ip
-            cluster = (
-                1
-                + self.con.execute(
-                    "SELECT count(*) FROM conversions WHERE click_ip = ? AND ts > ? AND ts <= ?",
-                    (click_ip, ts - 3_600_000, ts),
-                ).fetchone()[0]
-            )
+            # Counted up to one past the limit: an address with thousands costs no more to judge.
+            earlier = self.con.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM conversions WHERE click_ip = ? AND ts > ? AND ts <= ? LIMIT ?)",
+                (click_ip, ts - 3_600_000, ts, fraud.ip_conversions_per_hour),
+            ).fetchone()[0]
+            cluster = 1 + earlier
         flags = None
         if bot or click_flags_json or fraud.min_ctit_seconds is not None or cluster:
             flags = conversion_flags(fraud, click_flags_json, bot, ts - click.ts, cluster) or None
@@ -6238,7 +6237,8 @@ def cmd_flags(args: argparse.Namespace) -> int:
             if ip:
                 times = [t for t in recent.get(ip, ()) if t > ts - 3_600_000] + [ts]
                 recent[ip] = times
-                cluster = len(times) if fraud.ip_conversions_per_hour is not None else 0
+                limit = fraud.ip_conversions_per_hour
+                cluster = min(len(times), limit + 1) if limit is not None else 0  # as the writer counts
             if created < since:
                 continue  # only counted for ip_cluster
             flags = recomputed_flags(fraud, stored, click_json, bool(kept), bool(bot), ip, ts - click_ts, cluster)

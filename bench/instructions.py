@@ -13,7 +13,8 @@ just before it, not through /c/; both counted), plain clicks (one visitor), clic
 each from a new address (each a unique click), and clicks carrying &cost= on a
 campaign with a cost model (versions without costs ignore the parameter), clicks on a
 campaign with two landers and two offers, and LP clicks (/go/, each the first for a
-click stored just before it, both counted); "-" for a version without funnels.
+click stored just before it, both counted); "-" for a version without funnels; and
+clicks and postbacks with every fraud rule on ("-" for a version without them).
 Needs valgrind (Debian: apt-get install valgrind); takes about a minute per REPO.
 """
 
@@ -46,13 +47,20 @@ if funnel:  # two landers, two offers
                 'landers = [{ name = "lp1", url = "https://lp.example/1?cid={click_id}", weight = 50 },'
                 ' { name = "lp2", url = "https://lp.example/2?cid={click_id}", weight = 50 }]')
 COST = 'cost_model = "cpc"\ncost_value = "0.01"' if b"cost=" in query else ""
+FRAUD = ""
+if query.startswith(b"fraud:"):  # every rule on (one address: past 120 a minute, every click is ip_flood)
+    if not hasattr(tt, "FraudConfig"):
+        sys.exit(3)  # a version before fraud flags
+    query = query.removeprefix(b"fraud:")
+    FRAUD = ('[fraud]\nmin_ctit_seconds = 10\nip_clicks_per_minute = 120\nip_conversions_per_hour = 3\n'
+             'listed_ips = ["192.0.2.0/24", "198.51.100.0/24", "2001:db8::/32"]\n')
 
 async def main():
     work = tempfile.mkdtemp()
     db = os.path.join(work, "t.db")
     for cost in (COST, ""):  # a version without costs doesn't know the keys
         with open(db + ".toml", "w") as f:
-            f.write(f'[storage]\npath = "{db}"\n[postback]\ntokens = ["bench-0123456789"]\n'
+            f.write(f'[storage]\npath = "{db}"\n[postback]\ntokens = ["bench-0123456789"]\n{FRAUD}'
                     f'[campaigns.bench]\n{CAMPAIGN}\n{cost}\n')
         try:
             config = tt.load_config(db + ".toml")
@@ -110,6 +118,8 @@ SCENARIOS = (
     ("clicks with &cost= (cpc campaign)", "sub1=abc&sub2=xyz&cost=0.0125", False),
     ("clicks, 2 landers x 2 offers", "funnel:sub1=abc&sub2=xyz", False),
     ("LP clicks (each with its click, stored directly)", "lp", False),
+    ("clicks, every fraud rule on (each one ip_flood)", "fraud:sub1=abc&sub2=xyz", False),
+    ("postbacks, every fraud rule on (each ctit_fast)", "fraud:postbacks", False),
 )
 
 

@@ -569,3 +569,18 @@ async def test_recompute_applies_todays_rules_to_seeded_history(make_app, clock,
         ]
     bad = run("flags", "recompute", "--since", "yesterday", "-c", path, cwd=tmp_path)
     assert bad.returncode == 1 and bad.stderr.startswith("tinytrack: --since: ")
+
+
+async def test_ip_cluster_counts_up_to_one_past_the_limit_and_recompute_agrees(make_app, clock, tmp_path):
+    extra = "[fraud]\nip_conversions_per_hour = 1\n"
+    app = await make_app(extra)
+    ids = [await click(app, ip="198.51.100.60") for _ in range(4)]
+    for minute, cid in enumerate(ids):
+        clock.now = at(D, 12, minute)
+        await postback(app, cid)
+    flags = [flags_of(app, "conversions", "click_id", bytes.fromhex(cid.replace("-", ""))) for cid in ids]
+    assert flags == [None] + [{"ip_cluster": "2 conversions in an hour on clicks from this address > 1"}] * 3
+    same = run(
+        "flags", "recompute", "--since", D, "--dry-run", "-c", str(write_config(tmp_path, extra=extra)), cwd=tmp_path
+    )
+    assert same.stdout.splitlines() == ["0 of 4 conversions would change"]
