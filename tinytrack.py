@@ -278,11 +278,12 @@ class FraudConfig:
     listed_ips: tuple[Network, ...] = ()  # listed_ips and listed_ips_file's lines: listed_ip
     listed_ips_file: str | None = None
     action: str = "flag"  # what a flagged conversion gets: flag | hold | reject
+    # Whether a click is looked at at all (else nothing is done for it): a field, not a
+    # property, as every click asks.
+    click_rules: bool = dataclasses.field(init=False, compare=False, repr=False, default=False)
 
-    @property
-    def click_rules(self) -> bool:
-        """Whether a click of the campaign is looked at (else nothing is done for it)."""
-        return self.ip_clicks_per_minute is not None or bool(self.listed_ips)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "click_rules", self.ip_clicks_per_minute is not None or bool(self.listed_ips))
 
 
 class Arm(NamedTuple):

@@ -49,6 +49,16 @@ RESULTS = HERE / "results"
 CAMPAIGN = "bench"
 CAMPAIGN_URL = "https://offer.example.com/lp?cid={click_id}&s1={sub1}"
 CLICK_PATH = f"/c/{CAMPAIGN}?sub1=abc&sub2=xyz"
+# --with-fraud: every fraud rule on, for every scenario. wrk comes from one address, so
+# past 120 clicks a minute every click is ip_flood (the worst case: a flood); postbacks
+# come seconds after their clicks' seeded times or long after, and ip_cluster reads.
+FRAUD_TOML = """[fraud]
+min_ctit_seconds = 10
+ip_clicks_per_minute = 120
+ip_conversions_per_hour = 3
+listed_ips = ["192.0.2.0/24", "198.51.100.0/24", "2001:db8::/32"]
+
+"""
 # --with-cost: clicks that carry the source's cost, on a campaign with a cost model.
 COST_CAMPAIGN = "bench-cost"
 COST_CLICK_PATH = f"/c/{COST_CAMPAIGN}?sub1=abc&sub2=xyz&cost=0.0125"
@@ -694,7 +704,9 @@ class Bench:
         conf = self.workdir / f"{label}.toml"
         conf.write_text(
             f'[server]\nhost = "127.0.0.1"\nport = {port}\n\n[storage]\npath = "{db}"\n\n'
-            f'[postback]\ntokens = ["{token}"]\n\n[campaigns.{CAMPAIGN}]\nurl = "{CAMPAIGN_URL}"\n'
+            f'[postback]\ntokens = ["{token}"]\n\n'
+            + (FRAUD_TOML if a.with_fraud else "")
+            + f'[campaigns.{CAMPAIGN}]\nurl = "{CAMPAIGN_URL}"\n'
             + LP_CAMPAIGN_TOML
             + (
                 f'\n[campaigns.{COST_CAMPAIGN}]\nurl = "{CAMPAIGN_URL}"\ncost_model = "cpc"\ncost_value = "0.01"\n'
@@ -1065,6 +1077,9 @@ def main() -> int:
         "--with-cost",
         action="store_true",
         help="also run clicks with &cost= on a campaign with a cost model",
+    )
+    parser.add_argument(
+        "--with-fraud", action="store_true", help="every [fraud] rule on, for every scenario (clicks are a flood)"
     )
     parser.add_argument("--profile", action="store_true", help="py-spy tinytrack under click and postback load")
     parser.add_argument("--profile-args", default="", help='more py-spy record options, e.g. "--native --idle"')
