@@ -281,9 +281,25 @@ class FraudConfig:
     # Whether a click is looked at at all (else nothing is done for it): a field, not a
     # property, as every click asks.
     click_rules: bool = dataclasses.field(init=False, compare=False, repr=False, default=False)
+    # listed_ips merged (collapse_addresses), per IP version: (first addresses, networks),
+    # sorted, so a click is looked up by bisection however long a data-centre list is.
+    listed: Mapping[int, tuple[list[int], list[Network]]] = dataclasses.field(
+        init=False, compare=False, repr=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "click_rules", self.ip_clicks_per_minute is not None or bool(self.listed_ips))
+        listed = {}
+        for version in (4, 6):
+            nets = list(ipaddress.collapse_addresses(n for n in self.listed_ips if n.version == version))
+            listed[version] = ([int(n.network_address) for n in nets], nets)
+        object.__setattr__(self, "listed", listed)
+
+    def listed_network(self, address: Address) -> Network | None:
+        """The listed network `address` is in (as merged), or None."""
+        starts, nets = self.listed[address.version]
+        i = bisect.bisect_right(starts, int(address)) - 1
+        return nets[i] if i >= 0 and address in nets[i] else None
 
 
 class Arm(NamedTuple):
@@ -1702,10 +1718,9 @@ def click_flags(fraud: FraudConfig, ip: str, count: int) -> dict[str, str]:
         flags["ip_flood"] = f"{count} clicks from this address this minute > {fraud.ip_clicks_per_minute}"
     if fraud.listed_ips:
         address = parse_address(ip)
-        for network in fraud.listed_ips:
-            if address is not None and address.version == network.version and address in network:
-                flags["listed_ip"] = f"{address} in {network}"
-                break
+        network = address and fraud.listed_network(address)
+        if network:
+            flags["listed_ip"] = f"{address} in {network}"
     return flags
 
 

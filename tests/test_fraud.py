@@ -9,6 +9,7 @@ Each rule is tested at, just under and just over its threshold.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import sqlite3
 from contextlib import closing
@@ -584,3 +585,23 @@ async def test_ip_cluster_counts_up_to_one_past_the_limit_and_recompute_agrees(m
         "flags", "recompute", "--since", D, "--dry-run", "-c", str(write_config(tmp_path, extra=extra)), cwd=tmp_path
     )
     assert same.stdout.splitlines() == ["0 of 4 conversions would change"]
+
+
+def test_listed_ips_nested_adjacent_and_many():
+    fraud = FraudConfig(
+        listed_ips=tuple(
+            ipaddress.ip_network(n)
+            for n in ("10.1.2.0/24", "10.0.0.0/8", "10.255.0.0/16", "192.0.2.0/25", "192.0.2.128/25", "2001:db8::/48")
+        )
+    )
+    assert tinytrack.click_flags(fraud, "10.1.2.3", 0) == {"listed_ip": "10.1.2.3 in 10.0.0.0/8"}  # the wider one
+    assert tinytrack.click_flags(fraud, "192.0.2.200", 0) == {"listed_ip": "192.0.2.200 in 192.0.2.0/24"}  # merged
+    assert tinytrack.click_flags(fraud, "2001:db8:0:ffff::1", 0) == {"listed_ip": "2001:db8:0:ffff::1 in 2001:db8::/48"}
+    for outside in ("9.255.255.255", "11.0.0.0", "192.0.3.0", "2001:db8:1::1", "", "not an address"):
+        assert tinytrack.click_flags(fraud, outside, 0) == {}, outside
+    # A data-centre list of 50,000 ranges: looked up by bisection, the same answers.
+    many = FraudConfig(listed_ips=tuple(ipaddress.ip_network(f"100.{i >> 8}.{i & 255}.0/25") for i in range(50_000)))
+    assert len(many.listed[4][1]) == 50_000  # none adjacent: nothing merged
+    assert tinytrack.click_flags(many, "100.195.79.9", 0) == {"listed_ip": "100.195.79.9 in 100.195.79.0/25"}
+    assert tinytrack.click_flags(many, "100.195.79.200", 0) == {}
+    assert tinytrack.click_flags(many, "100.195.80.1", 0) == {}
