@@ -757,7 +757,7 @@ def read_listed_ips(path: str, key: str) -> list[Network]:
     """A file of addresses and CIDRs, one a line (# comments, blank lines); read at each
     load, so a reload (SIGHUP) takes a new list."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a BOM (an editor's) is not an address
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(key, f"cannot read {path}: {exc}") from None
     networks = []
@@ -1755,16 +1755,20 @@ def recomputed_flags(
 ) -> dict[str, str]:
     """A past conversion's flags under today's rules: its click's as they were stored
     (ip_flood counted then), listed_ip against today's list, ctit_fast and ip_cluster
-    again. A purged click's flags are read from the conversion's own (they were copied)."""
+    again. A purged click's flags are read from the conversion's own (they were copied);
+    without its address (cut after pii_days) listed_ip and ip_cluster stay as they were."""
+    before = orjson.loads(stored or "{}")
     if click_kept:
         inherited = orjson.loads(click_flags_json) if click_flags_json else {}
     else:
-        inherited = {k: v for k, v in orjson.loads(stored or "{}").items() if k in ("bot", "no_click_id", "ip_flood")}
+        inherited = {k: v for k, v in before.items() if k in ("bot", "no_click_id", "ip_flood")}
         bot = False  # "bot" is in inherited already, if it was
     inherited.pop("listed_ip", None)
     if ip and fraud.listed_ips:
         inherited.update(click_flags(FraudConfig(listed_ips=fraud.listed_ips), ip, 0))
     flags = conversion_flags(fraud, orjson.dumps(inherited).decode() if inherited else None, bot, ctit_ms, cluster)
+    if not ip:
+        flags.update({name: before[name] for name in ("listed_ip", "ip_cluster") if name in before})
     return flags
 
 
@@ -2589,17 +2593,31 @@ SCHEMA = [
     # version 6: fraud flags
     """
     -- flags: JSON {flag: evidence}, e.g. {"ip_flood": "31 clicks from this address this minute > 30"}.
-    UPDATE clicks SET flags = json_object('no_click_id', 'cid: no click of this campaign') WHERE flags = 'no_click_id';
+    UPDATE clicks SET flags = json_object('no_click_id', 'cid: missing, not a click id, or of no click of this campaign')
+    WHERE flags = 'no_click_id';
     -- A conversion's: its click's (bot included) and its own (ctit_fast, ip_cluster).
     ALTER TABLE conversions ADD COLUMN flags TEXT;
     -- Its click's address, kept (until pii_days) only where ip_cluster is on, to count by.
     ALTER TABLE conversions ADD COLUMN click_ip TEXT;
     CREATE INDEX conversions_click_ip ON conversions (click_ip, ts) WHERE click_ip IS NOT NULL;
+    -- While held: what the network says it is (its first postback's status, then its later ones').
+    ALTER TABLE conversions ADD COLUMN network_status TEXT;
     -- Human clicks with flags; conversions with flags, in the row of their current status.
     ALTER TABLE daily_clicks ADD COLUMN flagged_clicks INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE daily_conversions ADD COLUMN flagged INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE daily_funnel ADD COLUMN flagged_clicks INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE daily_funnel_conversions ADD COLUMN flagged INTEGER NOT NULL DEFAULT 0;
+    -- The flagged clicks still kept (no_click_id ones) into the totals that now count them.
+    UPDATE daily_clicks SET flagged_clicks = counts.n FROM (
+        SELECT ts / 86400000 AS day, campaign, CASE WHEN sub1_other THEN '(other)' ELSE coalesce(sub1, '') END AS sub1,
+            count(*) AS n
+        FROM clicks WHERE bot = 0 AND flags IS NOT NULL GROUP BY 1, 2, 3) AS counts
+    WHERE daily_clicks.day = counts.day AND daily_clicks.campaign = counts.campaign AND daily_clicks.sub1 = counts.sub1;
+    UPDATE daily_funnel SET flagged_clicks = counts.n FROM (
+        SELECT ts / 86400000 AS day, campaign, coalesce(lander, '') AS lander, offer, count(*) AS n
+        FROM clicks WHERE bot = 0 AND flags IS NOT NULL AND offer IS NOT NULL GROUP BY 1, 2, 3, 4) AS counts
+    WHERE daily_funnel.day = counts.day AND daily_funnel.campaign = counts.campaign
+        AND daily_funnel.lander = counts.lander AND daily_funnel.offer = counts.offer;
     DROP TRIGGER conversions_funnel_insert;
     DROP TRIGGER conversions_funnel_update;
     CREATE TRIGGER conversions_funnel_insert AFTER INSERT ON conversions WHEN NEW.offer IS NOT NULL BEGIN
@@ -2798,10 +2816,10 @@ def insert_click_sql(flagged: bool, other: bool) -> str:
 
 INSERT_CONVERSION = f"""INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5,
                            ext_id, event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip,
-                           sub1_total, cost, cost_currency, cost_model, lander, offer, flags, click_ip)
+                           sub1_total, cost, cost_currency, cost_model, lander, offer, flags, click_ip, network_status)
                         VALUES (?, ?, ?, ?, {", ".join([NULL_IF_NONE] * 6)}, ?, nullif(?, ''), ?, nullif(?, ''), ?, ?,
                            ?, ?, ?, ?, nullif(?, ''), nullif(?, -1), nullif(?, ''), nullif(?, ''), {NULL_IF_NONE},
-                           {NULL_IF_NONE}, {NULL_IF_NONE}, {NULL_IF_NONE})
+                           {NULL_IF_NONE}, {NULL_IF_NONE}, {NULL_IF_NONE}, {NULL_IF_NONE})
                         ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id"""
 
 
@@ -3371,8 +3389,8 @@ class Database:
         if created is not None:
             return created
         existing = self._find_conversion(pb)
-        if existing.reason == RejectReason.HELD.value:  # the operator decides, not the network (see review)
-            return PostbackOutcome(PostbackResult.DUPLICATE, existing.id, campaign=click.campaign)
+        if existing.reason == RejectReason.HELD.value:  # the operator decides (see review); the network's word is kept
+            return self._network_word(pb, existing, now_ms, click.campaign)
         if existing.reason is not None:
             return PostbackOutcome(PostbackResult.REJECTED, existing.id, existing.reason, click.campaign)
         if existing.status == pb.status:
@@ -3410,11 +3428,36 @@ class Database:
         ).fetchone()
         return row and StoredConversion(*row[:9], ForwardFacts(*row[9:]))
 
+    def _network_word(self, pb: Postback, held: StoredConversion, now_ms: int, campaign: str) -> PostbackOutcome:
+        """A postback for a held conversion: it stays held (pending, not forwarded), and what
+        the network now says is kept for the review (network_status, and its payout if given)."""
+        changed = self.con.execute(
+            """UPDATE conversions SET network_status = ?, updated_at = ?,
+                   payout = CASE WHEN ? THEN ? ELSE payout END, currency = CASE WHEN ? THEN ? ELSE currency END
+               WHERE id = ? AND (network_status IS NOT ? OR (? AND (payout != ? OR currency != ?)))""",
+            (
+                pb.status,
+                now_ms,
+                pb.payout_given,
+                pb.payout,
+                pb.payout_given,
+                pb.currency,
+                held.id,
+                pb.status,
+                pb.payout_given,
+                pb.payout,
+                pb.currency,
+            ),
+        ).rowcount
+        result = PostbackResult.UPDATED if changed else PostbackResult.DUPLICATE
+        return PostbackOutcome(result, held.id, campaign=campaign)
+
     def review(self, conversion_id: int, decision: str, now_ms: int, policy: WritePolicy) -> tuple[str, bool]:
         """An operator's decision on a held conversion, in the caller's transaction:
-        approve (approved, then forwarded as any status change) or reject (rejected,
-        reason fraud). (its new status, True), or (what is wrong, False): nothing raised,
-        since the writer takes a raised error for a failing disk."""
+        approve (it takes the status the network last gave it, and is forwarded as any
+        status change) or reject (rejected, reason fraud; the source never heard of it, so
+        nothing is sent). (its new status, True), or (what is wrong, False): nothing
+        raised, since the writer takes a raised error for a failing disk."""
         row = self.con.execute(
             """SELECT id, status, reason, ts / 86400000, payout, currency, sub1_total, cost_model, cost_currency,
                       click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost, lander, offer
@@ -3426,19 +3469,29 @@ class Database:
         held = StoredConversion(*row[:9], ForwardFacts(*row[9:]))
         if held.reason != RejectReason.HELD.value:
             return f"not held for review (it is {held.status}{f', {held.reason}' if held.reason else ''})", False
-        status, reason = ("approved", None) if decision == "approve" else ("rejected", RejectReason.FRAUD.value)
+        network = self.con.execute("SELECT network_status FROM conversions WHERE id = ?", (conversion_id,)).fetchone()[
+            0
+        ]
+        if decision == "approve":
+            status, reason = network or "approved", None
+        else:
+            status, reason = "rejected", RejectReason.FRAUD.value
         self.con.execute(
-            "UPDATE conversions SET status = ?, reason = ?, updated_at = ?, ip = ? WHERE id = ?",
+            "UPDATE conversions SET status = ?, reason = ?, network_status = NULL, updated_at = ?, ip = ? WHERE id = ?",
             (status, reason, now_ms, f"review:{decision}", conversion_id),
         )
-        campaign = policy.campaigns.get(held.facts.campaign)
-        self._forward(campaign, conversion_id, held.facts, status, held.payout, held.currency, now_ms, policy.forward)
+        if decision == "approve":
+            campaign = policy.campaigns.get(held.facts.campaign)
+            self._forward(
+                campaign, conversion_id, held.facts, status, held.payout, held.currency, now_ms, policy.forward
+            )
         return status, True
 
     def held_conversions(self, limit: int) -> list[tuple]:
-        """Conversions held for review, oldest first: id, created_at, campaign, sub1, event, payout, currency, flags."""
+        """Conversions held for review, oldest first: id, created_at, campaign, sub1, event, payout, currency,
+        flags, and what the network says it is."""
         return self.con.execute(
-            """SELECT id, created_at, campaign, sub1, event, payout, currency, flags FROM conversions
+            """SELECT id, created_at, campaign, sub1, event, payout, currency, flags, network_status FROM conversions
                WHERE reason = 'held' ORDER BY id LIMIT ?""",
             (limit,),
         ).fetchall()
@@ -3447,10 +3500,12 @@ class Database:
         """What recomputing flags needs of each conversion created since a time and of those
         an hour before it (ip_cluster looks back an hour), in the order they converted:
         id, created_at, ts, click_ts, campaign, status, reason, flags, the click's stored flags
-        (None: purged, or none), bot, and its address (kept for ip_cluster, else the click's)."""
+        (None: purged, or none), bot, its address (kept for ip_cluster, else the click's; None
+        once pii_days cut it: a /24 is not the address), and whether the click is kept."""
         return self.con.execute(
             """SELECT c.id, c.created_at, c.ts, c.click_ts, c.campaign, c.status, c.reason, c.flags,
-                      k.flags, coalesce(k.bot, 0), coalesce(c.click_ip, k.ip), k.id IS NOT NULL
+                      k.flags, coalesce(k.bot, 0), coalesce(c.click_ip, CASE WHEN k.ua IS NOT NULL THEN k.ip END),
+                      k.id IS NOT NULL
                FROM conversions AS c LEFT JOIN clicks AS k ON k.id = c.click_id
                WHERE c.created_at >= ? ORDER BY c.ts, c.id""",
             (since_ms - 3_600_000,),
@@ -3466,6 +3521,7 @@ class Database:
         conf: ForwardConfig,
         *,
         reverse: bool,
+        act: bool = True,
     ) -> str:
         """Store a conversion's recomputed flags and do what its campaign's action says to a
         newly flagged one, in the caller's transaction; what was done, for people. One already
@@ -3482,7 +3538,7 @@ class Database:
             "UPDATE conversions SET flags = ? WHERE id = ?",
             (flags and orjson.dumps(flags).decode(), conversion_id),
         )
-        if not flags or fraud.action == "flag" or reason is not None or status == "rejected":
+        if not act or not flags or fraud.action == "flag" or reason is not None or status == "rejected":
             return "flags stored"
         forwarded = self.con.execute(
             "SELECT 1 FROM outbox WHERE conversion_id = ? AND attempts > 0 LIMIT 1", (conversion_id,)
@@ -3491,7 +3547,8 @@ class Database:
             return f"flags stored; left {status}: already forwarded (--reverse-forwarded to {fraud.action} it)"
         if fraud.action == "hold" and not forwarded:
             self.con.execute(
-                "UPDATE conversions SET status = 'pending', reason = 'held', updated_at = ?, ip = 'recompute' WHERE id = ?",
+                """UPDATE conversions SET network_status = status, status = 'pending', reason = 'held', updated_at = ?,
+                       ip = 'recompute' WHERE id = ?""",
                 (now_ms, conversion_id),
             )
             self.con.execute(
@@ -3504,10 +3561,9 @@ class Database:
             "UPDATE conversions SET status = 'rejected', reason = 'fraud', updated_at = ?, ip = 'recompute' WHERE id = ?",
             (now_ms, conversion_id),
         )
-        told = forwarded and self._forward(
-            campaign, conversion_id, old.facts, "rejected", old.payout, old.currency, now_ms, conf
-        )
-        return f"{status} -> rejected (fraud)" + ("; the source is told" if told else "")
+        # Deliveries not yet tried are canceled; a source that heard of it hears the rejection.
+        told = self._forward(campaign, conversion_id, old.facts, "rejected", old.payout, old.currency, now_ms, conf)
+        return f"{status} -> rejected (fraud)" + ("; the source is told" if told and forwarded else "")
 
     def _new_conversion(
         self,
@@ -3588,6 +3644,7 @@ class Database:
                 NO_TEXT if click.offer is None else click.offer,
                 NO_TEXT if flags is None else orjson.dumps(flags).decode(),
                 kept_ip or NO_TEXT,
+                pb.status if reason == RejectReason.HELD.value else NO_TEXT,
             ),
         ).fetchone()
         if row is None:
@@ -5516,14 +5573,17 @@ class Admin:
     async def api_review(self, request: Request) -> Response:
         """POST {"decision": "approve" | "reject"}: an operator's word on a held conversion."""
         self.require_admin(request)
-        body = await request.body()
+        conversion_id = request.path_params["id"]
+        if conversion_id > MAX_SUM:  # SQLite's integers stop there: no such conversion
+            raise HTTPError(Refusal.NOT_FOUND, f"conversion {conversion_id}: no such conversion")
+        body = await read_body(request.receive, MAX_BODY_BYTES)
         try:
-            decision = orjson.loads(body).get("decision") if len(body) <= MAX_BODY_BYTES else None
+            decision = orjson.loads(body).get("decision")
         except (orjson.JSONDecodeError, AttributeError):
             decision = None
         if decision not in REVIEW_DECISIONS:
-            raise FieldError("decision", f'must be "approve" or "reject", in a JSON body, got {quoted(body[:40])}')
-        conversion_id = request.path_params["id"]
+            got = quoted(body[:40].decode("utf-8", "replace"))
+            raise FieldError("decision", f'must be "approve" or "reject", in a JSON body, got {got}')
         try:
             answer, done = await self.app.store.write(
                 lambda db, now_ms: db.review(conversion_id, decision, now_ms, self.app.store.policy)
@@ -6248,7 +6308,9 @@ def cmd_flags(args: argparse.Namespace) -> int:
         changes: list[tuple[int, dict | None, FraudConfig]] = []
         for cid, created, ts, click_ts, name, _status, _reason, stored, click_json, bot, ip, kept in facts:
             campaign = config.campaigns.get(name)
-            fraud = campaign.fraud if campaign is not None else config.fraud
+            if campaign is None:
+                continue  # no longer configured: its conversions keep what they have
+            fraud = campaign.fraud
             cluster = 0
             if ip:
                 times = [t for t in recent.get(ip, ()) if t > ts - 3_600_000] + [ts]
@@ -6269,13 +6331,21 @@ def cmd_flags(args: argparse.Namespace) -> int:
             with nullcontext() if args.dry_run else db.transaction(fsync=True):  # short, beside the server
                 for cid, flags, fraud in batch:
                     before, after = old[cid], flags or {}
+                    gained = [name for name in after if name not in before]
                     what = ", ".join(
-                        [f"+{name}" for name in after if name not in before]
-                        + [f"-{name}" for name in before if name not in after]
+                        [f"+{name}" for name in gained] + [f"-{name}" for name in before if name not in after]
                     )
-                    if not args.dry_run:
+                    what = what or "evidence updated"
+                    if not args.dry_run:  # the action only for a new flag: an operator's review stands
                         what += "; " + db.apply_flags(
-                            cid, flags, campaigns[cid], fraud, now_ms, config.forward, reverse=args.reverse_forwarded
+                            cid,
+                            flags,
+                            campaigns[cid],
+                            fraud,
+                            now_ms,
+                            config.forward,
+                            reverse=args.reverse_forwarded,
+                            act=bool(gained),
                         )
                     lines.append(f"conversion {cid}: {what}")
             print("\n".join(lines))
@@ -6394,6 +6464,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
 OUTBOX_ACTIONS = {"list": outbox_list, "show": outbox_show, "retry": outbox_retry, "replay": outbox_replay}
 
 
+def conversion_id_arg(text: str) -> int:
+    """An ID argument: a conversion id SQLite can hold."""
+    if not re.fullmatch(r"[0-9]{1,19}", text) or int(text) > MAX_SUM:
+        raise argparse.ArgumentTypeError(f"not a conversion id: {text!r}")
+    return int(text)
+
+
 def cmd_review(args: argparse.Namespace) -> int:
     """Conversions held by the fraud rules: list them, approve or reject them."""
     config, db = open_for_command(args)
@@ -6407,14 +6484,15 @@ def cmd_review(args: argparse.Namespace) -> int:
                     "sub1": s1 or "",
                     "event": ev,
                     "payout": f"{format_money(p)} {cur}",
+                    "network says": network or "",
                     "flags": "; ".join(f"{k}: {v}" for k, v in orjson.loads(flags or "{}").items()),
                 }
-                for i, at, c, s1, ev, p, cur, flags in db.held_conversions(args.limit)
+                for i, at, c, s1, ev, p, cur, flags, network in db.held_conversions(args.limit)
             ]
             if not rows:
                 print("nothing held for review")
                 return 0
-            print_table(rows, ("id", "created", "campaign", "sub1", "event", "payout", "flags"))
+            print_table(rows, ("id", "created", "campaign", "sub1", "event", "payout", "network says", "flags"))
             return 0
         policy = WritePolicy(config.campaigns, config.forward, config.retention.sub1_per_day)
         problems = []
@@ -6518,7 +6596,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("reject", "rejected (reason fraud)"),
     ):
         decide = review_actions.add_parser(decision, parents=[config_flag], help=f"held conversions become {what}")
-        decide.add_argument("ids", type=int, nargs="+", metavar="ID")
+        decide.add_argument("ids", type=conversion_id_arg, nargs="+", metavar="ID")
 
     outbox = command(cmd_outbox)
     actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -6800,7 +6878,7 @@ def render_admin(
         '<h2>Held for review</h2><p class=muted>Flagged conversions under <code>action = "hold"</code>: '
         "pending and never forwarded until you decide (<code>tinytrack review approve|reject ID</code>).</p>"
         + table(
-            ("id", "when", "campaign", "sub1", "event", "payout", "flags"),
+            ("id", "when", "campaign", "sub1", "event", "payout", "network says", "flags"),
             (
                 (
                     i,
@@ -6809,9 +6887,10 @@ def render_admin(
                     s1,
                     ev,
                     f"{format_money(p)} {cur}",
+                    network,
                     "; ".join(f"{k}: {v}" for k, v in orjson.loads(flags or "{}").items()),
                 )
-                for i, at, c, s1, ev, p, cur, flags in held
+                for i, at, c, s1, ev, p, cur, flags, network in held
             ),
             "Nothing held.",
         ),

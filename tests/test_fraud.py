@@ -352,8 +352,13 @@ async def test_hold_keeps_it_pending_unforwarded_until_approved_then_forwards_it
     with closing(sqlite3.connect(app.config.storage.path)) as con:
         assert con.execute("SELECT status, reason FROM conversions").fetchall() == [("pending", "held")]
     assert outbox(app) == []
-    await postback(app, cid, expect="duplicate", payout="7")  # the network again: the operator decides
-    await postback(app, cid, expect="duplicate", payout="7", status="rejected")
+    await postback(app, cid, expect="duplicate", payout="7")  # the network again: nothing new
+    await postback(app, cid, expect="updated", payout="7", status="pending")  # kept for the review
+    await postback(app, cid, expect="updated", payout="7")  # and approved again
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        assert con.execute("SELECT status, reason, network_status FROM conversions").fetchall() == [
+            ("pending", "held", "approved")
+        ]
     assert outbox(app) == []
     async with client_for(app) as http:
         page = (await http.get("/admin", headers=ADMIN)).text
@@ -368,6 +373,8 @@ async def test_hold_keeps_it_pending_unforwarded_until_approved_then_forwards_it
     )
     assert len(outbox(app)) == 1
     assert history(app, conversion_id) == [("pending", "192.0.2.50"), ("approved", "review:approve")]
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        assert con.execute("SELECT network_status FROM conversions").fetchall() == [(None,)]
     (row,) = await stats(app, f"from={D}&to={D}&campaign=held")
     assert (row["approved"], row["pending"], row["payout"], row["flagged_conversions"]) == (1, 0, {"USD": "7.00"}, 1)
 
@@ -605,3 +612,107 @@ def test_listed_ips_nested_adjacent_and_many():
     assert tinytrack.click_flags(many, "100.195.79.9", 0) == {"listed_ip": "100.195.79.9 in 100.195.79.0/25"}
     assert tinytrack.click_flags(many, "100.195.79.200", 0) == {}
     assert tinytrack.click_flags(many, "100.195.80.1", 0) == {}
+
+
+async def test_a_held_conversion_the_network_rejects_is_approved_as_rejected(app, clock):
+    """The review releases it with the network's last word: a chargeback while it was held
+    is not turned into an approval (nor forwarded: the source never heard of it)."""
+    cid = await click(app, "held")
+    clock.now = at(D, second=2)
+    conversion_id = (await postback(app, cid, payout="7"))["id"]
+    await postback(app, cid, expect="updated", payout="7", status="rejected")
+    async with client_for(app) as http:
+        page = (await http.get("/admin", headers=ADMIN)).text
+    held = page.split("<h2>Held for review</h2>")[1].split("</table>")[0]
+    assert "<td>rejected</td>" in held  # what the network says, beside the flags
+    answer = await review(app, conversion_id, b'{"decision": "approve"}')
+    assert answer.json() == {"id": conversion_id, "status": "rejected"}
+    assert outbox(app) == []
+    (row,) = await stats(app, f"from={D}&to={D}&campaign=held")
+    assert (row["approved"], row["pending"], row["rejected"], row["payout"]) == (0, 0, 1, {})
+
+
+async def test_review_refuses_ids_past_sqlites_integers_without_calling_the_disk_failing(app):
+    answer = await review(app, 9223372036854775808, b'{"decision": "approve"}')
+    assert answer.status_code == 404
+    async with client_for(app) as http:
+        health = await http.get("/healthz")
+    assert health.status_code == 200 and health.json()["writes"] == "ok"
+
+
+def test_a_listed_ips_file_with_a_bom_is_read(tmp_path: Path):
+    listed = tmp_path / "bom.txt"
+    listed.write_bytes("\ufeff192.0.2.0/24\r\n198.51.100.0/24\r\n".encode())
+    assert [str(n) for n in build_config(config_with(listed_ips_file=str(listed))).fraud.listed_ips] == [
+        "192.0.2.0/24",
+        "198.51.100.0/24",
+    ]
+
+
+async def test_recompute_reject_cancels_a_queued_approval(make_app, clock, tmp_path):
+    app = await make_app(BEFORE)  # delay_seconds: the forward is queued, not yet tried
+    cid = await click(app, "strict")
+    clock.now = at(D, second=3)
+    conversion_id = (await postback(app, cid, payout="2"))["id"]
+    done = run("flags", "recompute", "--since", D, "-c", str(write_config(tmp_path, extra=AFTER)), cwd=tmp_path)
+    assert done.stdout.splitlines()[0] == f"conversion {conversion_id}: +ctit_fast; approved -> rejected (fraud)"
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        assert con.execute("SELECT status, state FROM outbox").fetchall() == [("approved", "canceled")]
+
+
+async def test_recompute_does_not_act_again_on_an_evidence_change(make_app, clock, tmp_path):
+    """Held for ctit_fast, approved on review; a stricter min_ctit_seconds changes only the
+    evidence: the flags are stored, the operator's approval stands."""
+    app = await make_app(AFTER)
+    cid = await click(app, "held")
+    clock.now = at(D, second=2)
+    conversion_id = (await postback(app, cid, payout="2"))["id"]
+    assert (await review(app, conversion_id, b'{"decision": "approve"}')).status_code == 200
+    stricter = AFTER.replace("min_ctit_seconds = 10", "min_ctit_seconds = 11")
+    done = run("flags", "recompute", "--since", D, "-c", str(write_config(tmp_path, extra=stricter)), cwd=tmp_path)
+    assert done.stdout.splitlines() == [
+        f"conversion {conversion_id}: evidence updated; flags stored",
+        "1 of 1 conversions changed",
+    ]
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        assert con.execute("SELECT status, reason, flags FROM conversions").fetchall() == [
+            ("approved", None, '{"ctit_fast":"2.0 s < 11 s"}')
+        ]
+
+
+async def test_recompute_keeps_address_flags_once_the_address_is_cut(make_app, clock, tmp_path):
+    extra = '[fraud]\nlisted_ips = ["203.0.113.77/32"]\n[retention]\npii_days = 30\n'
+    app = await make_app(extra)
+    listed = await click(app, ip="203.0.113.77")
+    await postback(app, listed)
+    with closing(sqlite3.connect(app.config.storage.path)) as con, con:  # as the pii purge leaves it
+        con.execute("UPDATE clicks SET ip = '203.0.113.0', ua = NULL")
+    same = run(
+        "flags", "recompute", "--since", D, "--dry-run", "-c", str(write_config(tmp_path, extra=extra)), cwd=tmp_path
+    )
+    assert same.stdout.splitlines() == ["0 of 1 conversions would change"]
+
+
+def test_a_version_5_database_counts_its_no_click_id_clicks_as_flagged(tmp_path: Path):
+    path = str(tmp_path / "v5.db")
+    with closing(sqlite3.connect(path)) as con:
+        for number, script in enumerate(tinytrack.SCHEMA[:5], start=1):
+            con.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+        con.execute(
+            "INSERT INTO clicks (id, ts, campaign, bot, offer, flags) VALUES (?, ?, 'split', 0, 'a', 'no_click_id')",
+            (bytes(16), 1_790_000_000_000),
+        )
+        con.execute(
+            "INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks) VALUES (20717, 'split', '', 1, 0)"
+        )
+        con.execute(
+            """INSERT INTO daily_funnel (day, campaign, lander, offer, clicks, bot_clicks, unique_clicks, lp_clicks)
+               VALUES (20717, 'split', '', 'a', 1, 0, 0, 1)"""
+        )
+        con.commit()
+    with closing(tinytrack.open_database(path)) as con:
+        assert con.execute("SELECT flags FROM clicks").fetchone() == (
+            '{"no_click_id":"cid: missing, not a click id, or of no click of this campaign"}',
+        )
+        assert con.execute("SELECT flagged_clicks FROM daily_clicks").fetchall() == [(1,)]
+        assert con.execute("SELECT flagged_clicks FROM daily_funnel").fetchall() == [(1,)]
