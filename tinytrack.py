@@ -285,7 +285,7 @@ class FraudConfig:
     # sorted, so a click is looked up by bisection however long a data-centre list is.
     listed: Mapping[int, tuple[list[int], list[Network]]] = dataclasses.field(
         init=False, compare=False, repr=False, default_factory=dict
-    )
+    )  # keyed by IP version
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "click_rules", self.ip_clicks_per_minute is not None or bool(self.listed_ips))
@@ -295,11 +295,24 @@ class FraudConfig:
             listed[version] = ([int(n.network_address) for n in nets], nets)
         object.__setattr__(self, "listed", listed)
 
-    def listed_network(self, address: Address) -> Network | None:
-        """The listed network `address` is in (as merged), or None."""
-        starts, nets = self.listed[address.version]
-        i = bisect.bisect_right(starts, int(address)) - 1
-        return nets[i] if i >= 0 and address in nets[i] else None
+    def listed_network(self, ip: str) -> tuple[str, Network] | None:
+        """The address (as written for people) and the listed network (as merged) `ip` is
+        in, or None. Parsed with inet_pton, ~10x quicker than ipaddress on every click."""
+        try:
+            packed, version = socket.inet_pton(socket.AF_INET, ip), 4
+        except OSError:
+            try:
+                packed, version = socket.inet_pton(socket.AF_INET6, ip), 6
+            except OSError:
+                return None
+            if packed[:12] == b"\0" * 10 + b"\xff\xff":  # ::ffff:a.b.c.d is a.b.c.d
+                packed, version = packed[12:], 4
+        starts, nets = self.listed[version]
+        value = int.from_bytes(packed)
+        i = bisect.bisect_right(starts, value) - 1
+        if i < 0 or value > int(nets[i].broadcast_address):
+            return None
+        return str(ipaddress.ip_address(packed)), nets[i]
 
 
 class Arm(NamedTuple):
@@ -1717,10 +1730,9 @@ def click_flags(fraud: FraudConfig, ip: str, count: int) -> dict[str, str]:
     if fraud.ip_clicks_per_minute is not None and count > fraud.ip_clicks_per_minute:
         flags["ip_flood"] = f"{count} clicks from this address this minute > {fraud.ip_clicks_per_minute}"
     if fraud.listed_ips:
-        address = parse_address(ip)
-        network = address and fraud.listed_network(address)
-        if network:
-            flags["listed_ip"] = f"{address} in {network}"
+        found = fraud.listed_network(ip)
+        if found:
+            flags["listed_ip"] = f"{found[0]} in {found[1]}"
     return flags
 
 
@@ -2924,8 +2936,9 @@ class FlaggedClickRow(NamedTuple):
     flags: str
 
     @classmethod
-    def of(cls, row: ClickRow, flags: Mapping[str, str]) -> FlaggedClickRow:
-        return cls(*row, orjson.dumps(flags).decode())
+    def of(cls, row: ClickRow, flags: Mapping[str, str]) -> tuple:
+        """The row as a plain tuple of these fields (built and bound quicker than the class)."""
+        return (*row, orjson.dumps(flags).decode())
 
 
 class LPClick(NamedTuple):
@@ -3280,7 +3293,7 @@ class Database:
             if lp.new is None:
                 return None
             self.insert_clicks([lp.new], sub1_per_day)
-            click_id, row = bytes(lp.new.id), self.con.execute(LP_CLICK_SELECT, (lp.new.id,)).fetchone()
+            click_id, row = bytes(lp.new[0]), self.con.execute(LP_CLICK_SELECT, (lp.new[0],)).fetchone()
         elif lp.bot:
             return campaign.offers.choose(lp.named, row[5], lp.pick), click_id, lp_click_facts(row)
         ts, _, other, bot, lp_at, offer, lander, sub1 = row[:8]
@@ -5221,7 +5234,8 @@ class TinyTrack:
                 flags = self.click_flags(campaign, ip, ms)
                 if flags:
                     row = FlaggedClickRow.of(row, flags)
-                    self.flagged.update(("click", name) for name in flags)
+                    for name in flags:
+                        self.flagged["click", name] += 1
             try:
                 await self.store.record_click(row)
             except StorageError:
@@ -5229,7 +5243,7 @@ class TinyTrack:
                 return await send_refusal(
                     send, HTTPError(Refusal.UNAVAILABLE, "try again", [(b"retry-after", b"1")]), text=True
                 )
-            self.clicks["bot" if row.bot else "human"] += 1
+            self.clicks["bot" if row[11] else "human"] += 1  # row.bot (a flagged row is a plain tuple)
         values["click_id"] = format_uuid(click_id)
         values["campaign"] = campaign.name
         values["offer"] = offer.name
@@ -5325,7 +5339,8 @@ class TinyTrack:
         flags = {"no_click_id": why}
         if campaign.fraud.click_rules:
             flags.update(self.click_flags(campaign, ip, ms))
-        self.flagged.update(("click", name) for name in flags)
+        for name in flags:
+            self.flagged["click", name] += 1
         return FlaggedClickRow.of(row, flags)
 
     def click_flags(self, campaign: Campaign, ip: str, ms: int) -> dict[str, str]:
@@ -5371,7 +5386,8 @@ class TinyTrack:
             return await send_refusal(send, exc)
         result = outcome.result
         self.postbacks[result.value] += 1
-        self.flagged.update(("conversion", name) for name in outcome.flags)
+        for name in outcome.flags:
+            self.flagged["conversion", name] += 1
         # One line per postback (no token): what came, for which campaign, what it became.
         counted = result is not PostbackResult.ORPHAN and result is not PostbackResult.REJECTED
         level = logging.INFO if self.config.server.log_postbacks or not counted else logging.DEBUG
