@@ -2819,13 +2819,6 @@ CLICK_VALUES = f"?, ?, ?, ?, {', '.join([NULL_IF_NONE] * 5)}, ?, ?, ?, nullif(?,
 INSERT_CLICK = f"INSERT INTO clicks ({CLICK_COLUMNS}) VALUES ({CLICK_VALUES})"  # a ClickRow's
 
 
-@cache
-def insert_click_sql(flagged: bool, other: bool) -> str:
-    """INSERT_CLICK for FlaggedClickRow (its flags), and with sub1_other bound last."""
-    columns = CLICK_COLUMNS + (", flags" if flagged else "") + (", sub1_other" if other else "")
-    return f"INSERT INTO clicks ({columns}) VALUES ({CLICK_VALUES}{', ?' if flagged else ''}{', ?' if other else ''})"
-
-
 INSERT_CONVERSION = f"""INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5,
                            ext_id, event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip,
                            sub1_total, cost, cost_currency, cost_model, lander, offer, flags, click_ip, network_status)
@@ -2833,17 +2826,6 @@ INSERT_CONVERSION = f"""INSERT INTO conversions (click_id, dedupe_key, click_ts,
                            ?, ?, ?, ?, nullif(?, ''), nullif(?, -1), nullif(?, ''), nullif(?, ''), {NULL_IF_NONE},
                            {NULL_IF_NONE}, {NULL_IF_NONE}, {NULL_IF_NONE}, {NULL_IF_NONE})
                         ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id"""
-
-
-@cache
-def add_daily_clicks_sql(extra: tuple[str, ...] = ()) -> str:
-    """The upsert of a batch's daily_clicks rows: clicks, bot_clicks, unique_clicks, and
-    the `extra` counts the batch has (lander_clicks, flagged_clicks): a column a batch
-    has nothing for is not bound (most batches: none)."""
-    columns = ("clicks", "bot_clicks", "unique_clicks", *extra)
-    return f"""INSERT INTO daily_clicks (day, campaign, sub1, {", ".join(columns)})
-               VALUES (?, ?, ?, {", ".join("?" * len(columns))})
-               ON CONFLICT DO UPDATE SET {", ".join(f"{c} = {c} + excluded.{c}" for c in columns)}"""
 
 
 ADD_FUNNEL_CLICKS = """INSERT INTO daily_funnel (day, campaign, lander, offer, clicks, bot_clicks, unique_clicks,
@@ -3185,6 +3167,26 @@ class Database:
 
     # -- Clicks --
 
+    @staticmethod
+    @cache
+    def insert_click_sql(flagged: bool, other: bool) -> str:
+        """INSERT_CLICK for FlaggedClickRow (its flags), and with sub1_other bound last."""
+        columns = CLICK_COLUMNS + (", flags" if flagged else "") + (", sub1_other" if other else "")
+        return (
+            f"INSERT INTO clicks ({columns}) VALUES ({CLICK_VALUES}{', ?' if flagged else ''}{', ?' if other else ''})"
+        )
+
+    @staticmethod
+    @cache
+    def add_daily_clicks_sql(extra: tuple[str, ...] = ()) -> str:
+        """The upsert of a batch's daily_clicks rows: clicks, bot_clicks, unique_clicks, and
+        the `extra` counts the batch has (lander_clicks, flagged_clicks): a column a batch
+        has nothing for is not bound (most batches: none)."""
+        columns = ("clicks", "bot_clicks", "unique_clicks", *extra)
+        return f"""INSERT INTO daily_clicks (day, campaign, sub1, {", ".join(columns)})
+                   VALUES (?, ?, ?, {", ".join("?" * len(columns))})
+                   ON CONFLICT DO UPDATE SET {", ".join(f"{c} = {c} + excluded.{c}" for c in columns)}"""
+
     def insert_clicks(self, rows: Sequence[ClickRow | FlaggedClickRow], sub1_per_day: int | None = None) -> None:
         """Insert clicks and add them to the daily totals. With ``sub1_per_day``, a
         campaign-day's sub1 beyond that many are totalled as OTHER_SUB1 (clicks are
@@ -3248,13 +3250,13 @@ class Database:
                 continue
             if other:
                 batch = [(*row, 1 if (row[1] // DAY_MS, row[2], row[3] or "") in other else None) for row in batch]
-                self.con.executemany(insert_click_sql(has_flags, True), batch)
+                self.con.executemany(self.insert_click_sql(has_flags, True), batch)
             else:  # as plain tuples: the sqlite3 module reads a tuple subclass's items the slow way (~6k instructions)
-                self.con.executemany(insert_click_sql(has_flags, False), map(tuple, batch))
+                self.con.executemany(self.insert_click_sql(has_flags, False), map(tuple, batch))
         extra = [(name, n) for name, n in (("lander_clicks", landed), ("flagged_clicks", flagged)) if n]
         counts = [n for _, n in extra]
         self.con.executemany(
-            add_daily_clicks_sql(tuple(name for name, _ in extra)),
+            self.add_daily_clicks_sql(tuple(name for name, _ in extra)),
             [
                 (
                     day,
