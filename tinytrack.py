@@ -1777,7 +1777,7 @@ def recomputed_flags(
         bot = False  # "bot" is in inherited already, if it was
     inherited.pop("listed_ip", None)
     if ip and fraud.listed_ips:
-        inherited.update(click_flags(FraudConfig(listed_ips=fraud.listed_ips), ip, 0))
+        inherited.update(click_flags(fraud, ip, 0))  # count 0: listed_ip only (ip_flood was counted then)
     flags = conversion_flags(fraud, orjson.dumps(inherited).decode() if inherited else None, bot, ctit_ms, cluster)
     if not ip:
         flags.update({name: before[name] for name in ("listed_ip", "ip_cluster") if name in before})
