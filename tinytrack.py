@@ -281,9 +281,10 @@ class FraudConfig:
     # Whether a click is looked at at all (else nothing is done for it): a field, not a
     # property, as every click asks.
     click_rules: bool = dataclasses.field(init=False, compare=False, repr=False, default=False)
-    # listed_ips merged (collapse_addresses), per IP version: (first addresses, networks),
-    # sorted, so a click is looked up by bisection however long a data-centre list is.
-    listed: Mapping[int, tuple[list[int], list[Network]]] = dataclasses.field(
+    # listed_ips merged (collapse_addresses), per IP version: (first addresses, last
+    # addresses, networks), sorted, the addresses packed (bytes of one length compare as
+    # the numbers do), so a click is looked up by one bisection however long the list is.
+    listed: Mapping[int, tuple[list[bytes], list[bytes], list[Network]]] = dataclasses.field(
         init=False, compare=False, repr=False, default_factory=dict
     )  # keyed by IP version
 
@@ -292,7 +293,7 @@ class FraudConfig:
         listed = {}
         for version in (4, 6):
             nets = list(ipaddress.collapse_addresses(n for n in self.listed_ips if n.version == version))
-            listed[version] = ([int(n.network_address) for n in nets], nets)
+            listed[version] = ([n.network_address.packed for n in nets], [n.broadcast_address.packed for n in nets], nets)
         object.__setattr__(self, "listed", listed)
 
     def listed_network(self, ip: str) -> tuple[str, Network] | None:
@@ -307,12 +308,14 @@ class FraudConfig:
                 return None
             if packed[:12] == b"\0" * 10 + b"\xff\xff":  # ::ffff:a.b.c.d is a.b.c.d
                 packed, version = packed[12:], 4
-        starts, nets = self.listed[version]
-        value = int.from_bytes(packed)
-        i = bisect.bisect_right(starts, value) - 1
-        if i < 0 or value > int(nets[i].broadcast_address):
+        starts, ends, nets = self.listed[version]
+        i = bisect.bisect_right(starts, packed) - 1
+        if i < 0 or packed > ends[i]:
             return None
         return str(ipaddress.ip_address(packed)), nets[i]
+
+
+NO_FRAUD_RULES = FraudConfig()  # every rule off
 
 
 class Arm(NamedTuple):
@@ -380,7 +383,7 @@ class Campaign:
     cost_currency: str = "USD"
     bot_cost: bool = False  # bot clicks cost nothing unless this is set
     max_click_cost: int = MAX_CLICK_COST  # a click's own cost above this is stored without it
-    fraud: FraudConfig = FraudConfig()  # [fraud] with the campaign's own [campaigns.x.fraud] over it
+    fraud: FraudConfig = NO_FRAUD_RULES  # [fraud] with the campaign's own [campaigns.x.fraud] over it
 
     def forwards(self, event: str, status: str) -> bool:
         """Whether a conversion with this event and status goes to the traffic source."""
@@ -482,7 +485,7 @@ class Config:
     retention: RetentionConfig = RetentionConfig()
     forward: ForwardConfig = ForwardConfig()
     money: MoneyConfig = MoneyConfig()
-    fraud: FraudConfig = FraudConfig()
+    fraud: FraudConfig = NO_FRAUD_RULES
     campaigns: Mapping[str, Campaign] = dataclasses.field(default_factory=dict)
     demo: bool = False  # the embedded default: serves /demo and shows its token there
 
@@ -624,7 +627,7 @@ def build_config(data: Mapping[str, Any]) -> Config:
     admin = read_admin(root.table("admin"), postback.tokens)
     retention, forward = read_retention(root.table("retention")), read_forward(root.table("forward"))
     money = read_money(root.table("money"), postback.currency)
-    fraud = read_fraud(root.table("fraud"), FraudConfig())
+    fraud = read_fraud(root.table("fraud"), NO_FRAUD_RULES)
     campaigns = root.table("campaigns")
     config = Config(
         server=server,
@@ -908,7 +911,7 @@ def read_arms(items: list, key: str) -> Rotation:
 
 
 def read_campaign(
-    name: str, campaigns: _Table, default_currency: str = "USD", fraud: FraudConfig = FraudConfig()
+    name: str, campaigns: _Table, default_currency: str = "USD", fraud: FraudConfig = NO_FRAUD_RULES
 ) -> Campaign:
     key = f"campaigns.{name}"
     if not CAMPAIGN_RE.fullmatch(name):
@@ -2819,13 +2822,19 @@ CLICK_VALUES = f"?, ?, ?, ?, {', '.join([NULL_IF_NONE] * 5)}, ?, ?, ?, nullif(?,
 INSERT_CLICK = f"INSERT INTO clicks ({CLICK_COLUMNS}) VALUES ({CLICK_VALUES})"  # a ClickRow's
 
 
-INSERT_CONVERSION = f"""INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5,
+_INSERT_CONVERSION = f"""INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5,
                            ext_id, event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip,
-                           sub1_total, cost, cost_currency, cost_model, lander, offer, flags, click_ip, network_status)
+                           sub1_total, cost, cost_currency, cost_model, lander, offer{{suspect_columns}})
                         VALUES (?, ?, ?, ?, {", ".join([NULL_IF_NONE] * 6)}, ?, nullif(?, ''), ?, nullif(?, ''), ?, ?,
                            ?, ?, ?, ?, nullif(?, ''), nullif(?, -1), nullif(?, ''), nullif(?, ''), {NULL_IF_NONE},
-                           {NULL_IF_NONE}, {NULL_IF_NONE}, {NULL_IF_NONE}, {NULL_IF_NONE})
+                           {NULL_IF_NONE}{{suspect_values}})
                         ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id"""
+INSERT_CONVERSION = _INSERT_CONVERSION.format(suspect_columns="", suspect_values="")
+# A conversion with flags, its click's address kept (ip_cluster) or held: three columns
+# more, bound only then (three binds are ~1.5% of a postback, and most have none of them).
+INSERT_SUSPECT_CONVERSION = _INSERT_CONVERSION.format(
+    suspect_columns=", flags, click_ip, network_status", suspect_values=f", {NULL_IF_NONE}" * 3
+)
 
 
 ADD_FUNNEL_CLICKS = """INSERT INTO daily_funnel (day, campaign, lander, offer, clicks, bot_clicks, unique_clicks,
@@ -3598,7 +3607,7 @@ class Database:
         late = (
             campaign is not None and campaign.window_days is not None and ts - click.ts > campaign.window_days * DAY_MS
         )
-        fraud = campaign.fraud if campaign is not None else FraudConfig()
+        fraud = campaign.fraud if campaign is not None else NO_FRAUD_RULES
         bot, click_flags_json, click_ip = suspect
         cluster, kept_ip = 0, None
         if fraud.ip_conversions_per_hour is not None and click_ip:
@@ -3633,8 +3642,13 @@ class Database:
         (cost, cost_currency), model = (model_cost, campaign.cost_model) if model_cost else (click_cost, None)
         # NO_TEXT, '' (where no real value is empty) and -1 for none, stored as NULL: the
         # sqlite3 module binds None ~0.3 us slower (see ClickRow), and a conversion has up to ten.
+        suspect = () if flags is None and kept_ip is None else (
+            NO_TEXT if flags is None else orjson.dumps(flags).decode(),
+            kept_ip or NO_TEXT,
+            pb.status if reason == RejectReason.HELD.value else NO_TEXT,
+        )
         row = self.con.execute(
-            INSERT_CONVERSION,
+            INSERT_SUSPECT_CONVERSION if suspect else INSERT_CONVERSION,
             (
                 bytearray(pb.click_id),
                 pb.dedupe_key,
@@ -3657,9 +3671,7 @@ class Database:
                 model or "",
                 NO_TEXT if click.lander is None else click.lander,
                 NO_TEXT if click.offer is None else click.offer,
-                NO_TEXT if flags is None else orjson.dumps(flags).decode(),
-                kept_ip or NO_TEXT,
-                pb.status if reason == RejectReason.HELD.value else NO_TEXT,
+                *suspect,
             ),
         ).fetchone()
         if row is None:

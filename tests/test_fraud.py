@@ -17,6 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, client_for, write_config
 from test_cli import run
 
@@ -604,14 +606,36 @@ def test_listed_ips_nested_adjacent_and_many():
     assert tinytrack.click_flags(fraud, "10.1.2.3", 0) == {"listed_ip": "10.1.2.3 in 10.0.0.0/8"}  # the wider one
     assert tinytrack.click_flags(fraud, "192.0.2.200", 0) == {"listed_ip": "192.0.2.200 in 192.0.2.0/24"}  # merged
     assert tinytrack.click_flags(fraud, "2001:db8:0:ffff::1", 0) == {"listed_ip": "2001:db8:0:ffff::1 in 2001:db8::/48"}
-    for outside in ("9.255.255.255", "11.0.0.0", "192.0.3.0", "2001:db8:1::1", "", "not an address"):
+    # A range's first and last addresses are in it, the ones either side are not.
+    assert tinytrack.click_flags(fraud, "10.0.0.0", 0) == {"listed_ip": "10.0.0.0 in 10.0.0.0/8"}
+    assert tinytrack.click_flags(fraud, "10.255.255.255", 0) == {"listed_ip": "10.255.255.255 in 10.0.0.0/8"}
+    last = "2001:db8:0:ffff:ffff:ffff:ffff:ffff"
+    assert tinytrack.click_flags(fraud, last, 0) == {"listed_ip": f"{last} in 2001:db8::/48"}
+    assert tinytrack.click_flags(fraud, "::ffff:10.0.0.1", 0) == {"listed_ip": "10.0.0.1 in 10.0.0.0/8"}
+    for outside in ("9.255.255.255", "11.0.0.0", "192.0.3.0", "2001:db8:1::", "2001:db8:1::1", "", "not an address"):
         assert tinytrack.click_flags(fraud, outside, 0) == {}, outside
     # A data-centre list of 50,000 ranges: looked up by bisection, the same answers.
     many = FraudConfig(listed_ips=tuple(ipaddress.ip_network(f"100.{i >> 8}.{i & 255}.0/25") for i in range(50_000)))
-    assert len(many.listed[4][1]) == 50_000  # none adjacent: nothing merged
+    assert len(many.listed[4][2]) == 50_000  # none adjacent: nothing merged
     assert tinytrack.click_flags(many, "100.195.79.9", 0) == {"listed_ip": "100.195.79.9 in 100.195.79.0/25"}
     assert tinytrack.click_flags(many, "100.195.79.200", 0) == {}
     assert tinytrack.click_flags(many, "100.195.80.1", 0) == {}
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(8, 32)), max_size=12),
+    st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=20),
+)
+def test_listed_ip_finds_what_a_scan_of_the_list_finds(ranges, addresses):
+    """Against the obvious answer: any network of the list holding the address."""
+    nets = [ipaddress.ip_network((start >> (32 - bits) << (32 - bits), bits)) for start, bits in ranges]
+    fraud = FraudConfig(listed_ips=tuple(nets))
+    for value in addresses + [int(n.network_address) for n in nets] + [int(n.broadcast_address) for n in nets]:
+        address = ipaddress.ip_address(value)
+        found = tinytrack.click_flags(fraud, str(address), 0)
+        assert bool(found) == any(address in net for net in nets), (address, nets)
+        if found:  # named by the merged network that holds it
+            assert address in ipaddress.ip_network(found["listed_ip"].split(" in ")[1])
 
 
 async def test_a_held_conversion_the_network_rejects_is_approved_as_rejected(app, clock):
