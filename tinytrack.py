@@ -293,7 +293,11 @@ class FraudConfig:
         listed = {}
         for version in (4, 6):
             nets = list(ipaddress.collapse_addresses(n for n in self.listed_ips if n.version == version))
-            listed[version] = ([n.network_address.packed for n in nets], [n.broadcast_address.packed for n in nets], nets)
+            listed[version] = (
+                [n.network_address.packed for n in nets],
+                [n.broadcast_address.packed for n in nets],
+                nets,
+            )
         object.__setattr__(self, "listed", listed)
 
     def listed_network(self, ip: str) -> tuple[str, Network] | None:
@@ -3642,10 +3646,14 @@ class Database:
         (cost, cost_currency), model = (model_cost, campaign.cost_model) if model_cost else (click_cost, None)
         # NO_TEXT, '' (where no real value is empty) and -1 for none, stored as NULL: the
         # sqlite3 module binds None ~0.3 us slower (see ClickRow), and a conversion has up to ten.
-        suspect = () if flags is None and kept_ip is None else (
-            NO_TEXT if flags is None else orjson.dumps(flags).decode(),
-            kept_ip or NO_TEXT,
-            pb.status if reason == RejectReason.HELD.value else NO_TEXT,
+        suspect = (
+            ()
+            if flags is None and kept_ip is None
+            else (
+                NO_TEXT if flags is None else orjson.dumps(flags).decode(),
+                kept_ip or NO_TEXT,
+                pb.status if reason == RejectReason.HELD.value else NO_TEXT,
+            )
         )
         row = self.con.execute(
             INSERT_SUSPECT_CONVERSION if suspect else INSERT_CONVERSION,

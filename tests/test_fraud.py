@@ -17,9 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, client_for, write_config
 from hypothesis import given
 from hypothesis import strategies as st
-from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, client_for, write_config
 from test_cli import run
 
 import tinytrack
