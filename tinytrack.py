@@ -101,6 +101,17 @@ COST_ALIASES = frozenset({"cost", "cpc", "bid"})  # what a traffic source's {cos
 # A click's own cost above this (in any currency) is a typo or a forgery: stored without it.
 MAX_CLICK_COST = 10**6 * 1_000_000
 COST_MODELS = ("cpc", "cpm", "cpa", "revshare")
+UID_ALIASES = {"uid": "uid", "user_id": "uid", "visitor_id": "uid"}  # the site's own id for a visitor
+UID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# What a click's query may carry besides what it passes on: each name mapped to its field.
+CLICK_FIELD_NAMES = {
+    **{name: name for name in ("sub1", "sub2", "sub3", "sub4", "sub5")},
+    **EXT_ID_ALIASES,
+    **dict.fromkeys(COST_ALIASES, "cost"),
+    **UID_ALIASES,
+}
+CHANNELS = ("affiliate", "paid", "email", "organic")  # a campaign's channel; organic is never credited
+ATTRIBUTION_MODES = ("click", "priority")
 # Every name a network may use for a postback field, mapped to the field.
 POSTBACK_ALIASES = {
     "click_id": "click_id",
@@ -122,6 +133,19 @@ POSTBACK_ALIASES = {
     "transaction_id": "txid",
     "order_id": "txid",
     "status": "status",
+    "ts": "ts",
+    "timestamp": "ts",
+    "token": "token",
+    "key": "token",
+    "user_id": "user_id",
+    "uid": "user_id",
+}
+# A touch (POST /touch): a visit that never passed through /c/ (an email, a CRM, organic).
+TOUCH_ALIASES = {
+    "user_id": "user_id",
+    "uid": "user_id",
+    "channel": "channel",
+    "campaign": "campaign",
     "ts": "ts",
     "timestamp": "ts",
     "token": "token",
@@ -388,6 +412,7 @@ class Campaign:
     bot_cost: bool = False  # bot clicks cost nothing unless this is set
     max_click_cost: int = MAX_CLICK_COST  # a click's own cost above this is stored without it
     fraud: FraudConfig = NO_FRAUD_RULES  # [fraud] with the campaign's own [campaigns.x.fraud] over it
+    channel: str = "paid"  # affiliate | paid | email | organic: what [attribution] priority ranks
 
     def forwards(self, event: str, status: str) -> bool:
         """Whether a conversion with this event and status goes to the traffic source."""
@@ -461,6 +486,9 @@ class RetentionConfig:
     outbox_days: int = 30  # finished deliveries (done, failed, dead, canceled) and their attempts
     interval_minutes: int = 60
     sub1_per_day: int = 1000  # distinct sub1 per campaign and day in the totals; the rest are "(other)"
+    # Not a setting: how long a uid is kept on clicks and touches, pii_days or the
+    # attribution window if longer (a conversion must find the touches it credits).
+    uid_days: int = 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -481,6 +509,15 @@ class MoneyConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttributionConfig:
+    """[attribution]: who gets the credit when a user's touches compete (see attribute)."""
+
+    window_days: int = 30  # touches this long before a conversion (or less) are candidates
+    priority: tuple[str, ...] = ("affiliate", "paid", "email")  # the highest channel with a touch wins
+    mode: str = "click"  # "click": a postback's click id decides; "priority": the rules decide
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
@@ -490,6 +527,7 @@ class Config:
     forward: ForwardConfig = ForwardConfig()
     money: MoneyConfig = MoneyConfig()
     fraud: FraudConfig = NO_FRAUD_RULES
+    attribution: AttributionConfig = AttributionConfig()
     campaigns: Mapping[str, Campaign] = dataclasses.field(default_factory=dict)
     demo: bool = False  # the embedded default: serves /demo and shows its token there
 
@@ -617,7 +655,18 @@ def _tokens(table: _Table, name: str) -> tuple[str, ...]:
     return tokens
 
 
-CONFIG_SECTIONS = ("server", "storage", "postback", "admin", "retention", "forward", "money", "fraud", "campaigns")
+CONFIG_SECTIONS = (
+    "server",
+    "storage",
+    "postback",
+    "admin",
+    "retention",
+    "forward",
+    "money",
+    "fraud",
+    "attribution",
+    "campaigns",
+)
 
 
 def build_config(data: Mapping[str, Any]) -> Config:
@@ -632,6 +681,11 @@ def build_config(data: Mapping[str, Any]) -> Config:
     retention, forward = read_retention(root.table("retention")), read_forward(root.table("forward"))
     money = read_money(root.table("money"), postback.currency)
     fraud = read_fraud(root.table("fraud"), NO_FRAUD_RULES)
+    attribution = read_attribution(root.table("attribution"))
+    if retention.pii_days:
+        retention = dataclasses.replace(retention, uid_days=max(retention.pii_days, attribution.window_days))
+    else:  # personal data kept: uids too
+        retention = dataclasses.replace(retention, uid_days=0)
     campaigns = root.table("campaigns")
     config = Config(
         server=server,
@@ -642,6 +696,7 @@ def build_config(data: Mapping[str, Any]) -> Config:
         forward=forward,
         money=money,
         fraud=fraud,
+        attribution=attribution,
         campaigns={name: read_campaign(name, campaigns, postback.currency, fraud) for name in campaigns.data},
     )
     campaigns.done()
@@ -771,6 +826,29 @@ def read_fraud(f: _Table, base: FraudConfig) -> FraudConfig:
         changes["listed_ips"], changes["listed_ips_file"] = tuple(listed), path
     f.done()
     return dataclasses.replace(base, **changes)
+
+
+def read_attribution(a: _Table) -> AttributionConfig:
+    d = AttributionConfig()
+    priority = a.strings("priority", d.priority)
+    if not priority:
+        raise ConfigError("attribution.priority", "must list at least one channel (affiliate, paid, email)")
+    for i, channel in enumerate(priority):
+        key = f"attribution.priority[{i}]"
+        if channel == "organic":
+            raise ConfigError(key, "organic is never credited: leave it out")
+        if channel not in CHANNELS:
+            raise ConfigError(key, f"must be one of affiliate, paid, email, got {quoted(channel)}")
+        if channel in priority[:i]:
+            raise ConfigError(key, f"{quoted(channel)} is listed twice")
+    mode = a.get("mode", str, d.mode)
+    if mode not in ATTRIBUTION_MODES:
+        raise ConfigError("attribution.mode", f"must be one of {', '.join(ATTRIBUTION_MODES)}, got {quoted(mode)}")
+    attribution = AttributionConfig(
+        window_days=a.number("window_days", d.window_days, low=1, high=3650), priority=tuple(priority), mode=mode
+    )
+    a.done()
+    return attribution
 
 
 def read_listed_ips(path: str, key: str) -> list[Network]:
@@ -940,6 +1018,9 @@ def read_campaign(
     window = c.get("window_days", int, None)
     if window is not None and window < 1:
         raise ConfigError(f"{key}.window_days", f"must be at least 1, got {window}")
+    channel = c.get("channel", str, "paid")
+    if channel not in CHANNELS:
+        raise ConfigError(f"{key}.channel", f"must be one of {', '.join(CHANNELS)}, got {quoted(channel)}")
     campaign = Campaign(
         name=name,
         **read_funnel(c, key),
@@ -950,6 +1031,7 @@ def read_campaign(
         forward_statuses=statuses,
         **read_cost(c, key, default_currency),
         fraud=read_fraud(c.table("fraud"), fraud),
+        channel=channel,
     )
     c.done()
     return campaign
@@ -1027,6 +1109,13 @@ class ClickIds:
         return value.to_bytes(16), ms
 
 
+def user_key(uid: str) -> bytes:
+    """What a conversion credited by a user id alone is keyed by in place of a click id:
+    21 bytes (no click id has that many), the uid hashed so the key outlives pii_days
+    without keeping it."""
+    return b"user:" + hashlib.sha256(uid.encode()).digest()[:16]
+
+
 def format_uuid(raw: bytes) -> str:
     h = raw.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
@@ -1063,7 +1152,7 @@ def parse_pairs(raw: bytes, where: str) -> list[tuple[str, str]]:
 
 
 def parse_click_query(raw: bytes) -> tuple[dict[str, str], list[tuple[str, str]]]:
-    """Sub ids, ext_id and cost from a click's query, and the rest for pass_query."""
+    """Sub ids, ext_id, cost and uid from a click's query, and the rest for pass_query."""
     values: dict[str, str] = {}
     rest: list[tuple[str, str]] = []
     text = raw.decode("utf-8", "replace") if raw else ""
@@ -1072,7 +1161,7 @@ def parse_click_query(raw: bytes) -> tuple[dict[str, str], list[tuple[str, str]]
             continue
         name, _, value = part.partition("=")
         name, value = _unquote(name), strip_controls(_unquote(value), MAX_VALUE_CHARS)
-        field = EXT_ID_ALIASES.get(name) or (name if name in SUB_FIELDS else "cost" if name in COST_ALIASES else None)
+        field = CLICK_FIELD_NAMES.get(name)
         if field is None:
             rest.append((strip_controls(name, MAX_VALUE_CHARS), value))
         elif field not in values:  # the first of repeated parameters wins
@@ -1270,7 +1359,7 @@ def parse_body(body: bytes, content_type: str | None) -> list[tuple[str, Any]]:
 class Postback:
     """A validated postback, ready for the writer."""
 
-    click_id: bytes
+    click_id: bytes | None  # None: a user_id alone, credited by [attribution]
     event: str = "conversion"
     payout: int = 0  # micro-units: 12.5 is 12_500_000
     payout_given: bool = False
@@ -1280,6 +1369,7 @@ class Postback:
     ts_ms: int = 0
     ts_given: bool = False  # the sender said when; otherwise ts_ms is when it arrived
     ip: str = ""
+    user_id: str | None = None  # the site's id for the visitor (see attribute)
 
     @property
     def dedupe_key(self) -> str:
@@ -1287,12 +1377,12 @@ class Postback:
         return f"t:{self.txid}" if self.txid else f"e:{self.event}"
 
 
-def collect_fields(pairs: Iterable[tuple[str, Any]]) -> dict[str, str]:
+def collect_fields(pairs: Iterable[tuple[str, Any]], aliases: Mapping[str, str] = POSTBACK_ALIASES) -> dict[str, str]:
     """Map aliases onto field names; a field given twice with two values is a 400."""
     fields: dict[str, str] = {}
     given_as: dict[str, str] = {}
     for name, raw in pairs:
-        field = POSTBACK_ALIASES.get(name)
+        field = aliases.get(name)
         if field is None:
             continue
         value = field_text(name, raw)
@@ -1423,11 +1513,13 @@ def parse_status(text: str, status_map: Mapping[str, str]) -> str:
 
 def build_postback(fields: Mapping[str, str], conf: PostbackConfig, now: float, ip: str = "") -> Postback:
     """Validate collected fields into a Postback; raises FieldError naming the field."""
-    click_text = fields.get("click_id")
-    if click_text is None:
+    click_text, user_id = fields.get("click_id"), fields.get("user_id")
+    if click_text is None and user_id is None:
         raise FieldError("click_id", "is required")
-    if not UUID_RE.fullmatch(click_text):
+    if click_text is not None and not UUID_RE.fullmatch(click_text):
         raise FieldError("click_id", f"must be a click id issued by this server (a UUID), got {quoted(click_text)}")
+    if user_id is not None and not UID_RE.fullmatch(user_id):
+        raise FieldError("user_id", f"must be 1-64 characters of A-Z a-z 0-9 . _ : -, got {quoted(user_id)}")
     event = fields.get("event", "conversion").lower()
     if not EVENT_RE.fullmatch(event):
         raise FieldError("event", f"must match [a-z0-9_]{{1,32}}, got {quoted(event)}")
@@ -1442,7 +1534,7 @@ def build_postback(fields: Mapping[str, str], conf: PostbackConfig, now: float, 
         raise FieldError("txid", f"must be 1-64 characters of A-Z a-z 0-9 . _ : -, got {quoted(txid)}")
     payout = parse_payout(payout_text) if payout_text is not None else 0
     return Postback(
-        click_id=bytes.fromhex(click_text.replace("-", "")),
+        click_id=click_text and bytes.fromhex(click_text.replace("-", "")),
         event=event,
         payout=payout,
         payout_given=payout_text is not None,
@@ -1452,14 +1544,44 @@ def build_postback(fields: Mapping[str, str], conf: PostbackConfig, now: float, 
         ts_ms=parse_ts(fields["ts"], now) if "ts" in fields else int(now * 1000),
         ts_given="ts" in fields,
         ip=ip,
+        user_id=user_id,
     )
 
 
-def refuse_unsigned_fields(pairs: Iterable[tuple[str, Any]]) -> None:
+class NewTouch(NamedTuple):
+    """A validated touch (POST /touch), ready for the writer."""
+
+    uid: str
+    channel: str
+    campaign: str
+    ts: int  # unix ms
+
+
+def build_touch(fields: Mapping[str, str], campaigns: Mapping[str, Campaign], now: float) -> NewTouch:
+    """Validate a touch's fields; raises FieldError naming the field. Its campaign is a
+    configured one, and its channel (which may be left out) the campaign's."""
+    for name in ("user_id", "campaign"):
+        if name not in fields:
+            raise FieldError(name, "is required")
+    uid, name = fields["user_id"], fields["campaign"]
+    if not UID_RE.fullmatch(uid):
+        raise FieldError("user_id", f"must be 1-64 characters of A-Z a-z 0-9 . _ : -, got {quoted(uid)}")
+    campaign = campaigns.get(name)
+    if campaign is None:
+        raise FieldError("campaign", f"must be a campaign of the config, got {quoted(name)}")
+    channel = fields.get("channel", campaign.channel).lower()
+    if channel not in CHANNELS:
+        raise FieldError("channel", f"must be one of {', '.join(CHANNELS)}, got {quoted(channel)}")
+    if channel != campaign.channel:
+        raise FieldError("channel", f"campaign {name} is {campaign.channel} (its config's channel), got {channel}")
+    return NewTouch(uid, channel, name, parse_ts(fields["ts"], now) if "ts" in fields else int(now * 1000))
+
+
+def refuse_unsigned_fields(pairs: Iterable[tuple[str, Any]], aliases: Mapping[str, str] = POSTBACK_ALIASES) -> None:
     """A signed POST's signature covers its body only: a postback field in its query
     string would let a captured body be replayed with new fields (token/key aside)."""
     for name, _ in pairs:
-        field = POSTBACK_ALIASES.get(name)
+        field = aliases.get(name)
         if field is not None and field != "token":
             raise FieldError(field, "must be in the signed body, not the query string (the signature covers the body)")
 
@@ -1594,7 +1716,7 @@ def build_delivery(
     """A delivery of a conversion to the campaign's postback_url, its macros filled."""
     values = {name: value for name, value in facts._asdict().items() if value is not None}
     values.update(
-        click_id=format_uuid(facts.click_id),
+        click_id=format_uuid(facts.click_id) if len(facts.click_id) == 16 else "",  # b"": credited to a touch
         cost="" if facts.cost is None else format_money(facts.cost),
         offer=facts.offer or DEFAULT_OFFER,
         status=status,
@@ -1744,16 +1866,17 @@ def click_flags(fraud: FraudConfig, ip: str, count: int) -> dict[str, str]:
 
 
 def conversion_flags(
-    fraud: FraudConfig, click_flags_json: str | None, bot: bool, ctit_ms: int, cluster: int = 0
+    fraud: FraudConfig, click_flags_json: str | None, bot: bool, ctit_ms: int | None, cluster: int = 0
 ) -> dict[str, str]:
     """A conversion's flags: its click's (bot among them); ctit_fast: sooner than
-    min_ctit_seconds after its click (ctit_ms: its time minus its click's); ip_cluster:
+    min_ctit_seconds after its click (ctit_ms: its time minus its click's; None without
+    a click: credited to a posted touch, or to nobody); ip_cluster:
     `cluster` conversions (this one included, counted up to one past the limit) in the
     hour up to it on clicks from its click's address, more than ip_conversions_per_hour."""
     flags = orjson.loads(click_flags_json) if click_flags_json else {}
     if bot:
         flags["bot"] = "its click was a bot's (User-Agent)"
-    if fraud.min_ctit_seconds is not None and ctit_ms < fraud.min_ctit_seconds * 1000:
+    if fraud.min_ctit_seconds is not None and ctit_ms is not None and ctit_ms < fraud.min_ctit_seconds * 1000:
         flags["ctit_fast"] = f"{ctit_ms / 1000:.1f} s < {fraud.min_ctit_seconds} s"
     if fraud.ip_conversions_per_hour is not None and cluster > fraud.ip_conversions_per_hour:
         flags["ip_cluster"] = (
@@ -1789,6 +1912,80 @@ def recomputed_flags(
     if not ip:
         flags.update({name: before[name] for name in ("listed_ip", "ip_cluster") if name in before})
     return flags
+
+
+# -- attribution: who gets the credit --
+
+
+UNCREDITED = ("(organic)", "(none)")  # the campaign of a conversion nobody is credited with
+
+
+class Touch(NamedTuple):
+    """One of a user's touches a conversion may be credited to: a click (through /c/,
+    with its uid) or a touch (POST /touch: an email, a CRM, an organic visit)."""
+
+    kind: str  # "click" | "touch"
+    id: str  # the click's id, or the touch's number
+    channel: str
+    campaign: str
+    ts: int  # unix ms
+
+    def view(self) -> dict[str, Any]:
+        return {"kind": self.kind, "id": self.id, "channel": self.channel, "campaign": self.campaign, "ts": iso_ms(self.ts)}
+
+
+def forward_facts(row: Sequence, attribution: str | None) -> ForwardFacts:
+    """A stored conversion's ForwardFacts (click_id .. offer); one credited by a user's
+    touches (`attribution`) names the click credited (b"": a touch's, or nobody's)."""
+    facts = ForwardFacts(*row)
+    if attribution is None:
+        return facts
+    winner = orjson.loads(attribution)["winner"]
+    return facts._replace(click_id=parse_click_id(winner["id"]) if winner and winner["kind"] == "click" else b"")
+
+
+class Decision(NamedTuple):
+    """Who gets a conversion's credit, and why: the winning touch (None: nobody, the
+    conversion is stored under `campaign`, "(organic)" or "(none)"), the rule that
+    decided, and every candidate that was weighed (oldest first)."""
+
+    winner: Touch | None
+    campaign: str
+    rule: str
+    candidates: tuple[Touch, ...]
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "winner": self.winner and self.winner.view(),
+            "candidates": [touch.view() for touch in self.candidates],
+        }
+
+
+def attribute(touches: Iterable[Touch], ts: int, conf: AttributionConfig) -> Decision:
+    """The seed's priority matrix. Candidates are the touches in the window up to the
+    conversion (`ts`; window_days before it, inclusive; later touches are ignored). The
+    first channel of `priority` with a candidate wins, by its latest touch (a tie in
+    time goes to a click over a touch, then to the later stored): "affiliate first, last
+    click in the window; paid next unless an affiliate claims; email only without
+    either". Organic touches, and channels left out of `priority`, are never credited."""
+    since = ts - conf.window_days * DAY_MS
+    candidates = tuple(
+        sorted((t for t in touches if since <= t.ts <= ts), key=lambda t: (t.ts, t.kind == "click", t.id.zfill(20)))
+    )
+    for i, channel in enumerate(conf.priority):
+        latest = [t for t in candidates if t.channel == channel]
+        if latest:
+            winner = latest[-1]
+            higher = conf.priority[:i]
+            beaten = f"; no {' or '.join(higher)} touch" if higher else ""
+            rule = f"{channel}: the last {channel} touch in the {conf.window_days}-day window{beaten}"
+            return Decision(winner, winner.campaign, rule, candidates)
+    if not candidates:
+        return Decision(None, "(none)", f"none: no touch in the {conf.window_days}-day window", candidates)
+    channels = sorted({t.channel for t in candidates}, key=CHANNELS.index)
+    campaign = "(organic)" if "organic" in channels else "(none)"
+    return Decision(None, campaign, f"{campaign[1:-1]}: only {', '.join(channels)} touches, never credited", candidates)
 
 
 # -- costs: a source's spend report --
@@ -1987,6 +2184,9 @@ PURGE_RULES = (
     PurgeRule("clicks", "clicks", "deleted", lambda r: r.clicks_days),
     PurgeRule("pii", "clicks", "ip cut to /24 or /48, user agent dropped", lambda r: r.pii_days),
     PurgeRule("conversion_ips", "conversions", "click address kept for ip_cluster dropped", lambda r: r.pii_days),
+    PurgeRule("uids", "clicks", "uid dropped", lambda r: r.uid_days),
+    PurgeRule("touches", "touches", "deleted", lambda r: min([d for d in (r.clicks_days, r.uid_days) if d] or [0])),
+    PurgeRule("conversion_uids", "conversions", "user id dropped", lambda r: r.pii_days),
     PurgeRule("conversions", "conversions", "deleted, with their history", lambda r: r.conversions_days),
     PurgeRule("orphans", "orphans", "deleted", lambda r: r.orphans_days),
     PurgeRule("outbox", "outbox", "finished deliveries deleted, with their attempts", lambda r: r.outbox_days),
@@ -2003,7 +2203,7 @@ def rule_cutoff(rule: PurgeRule, conf: RetentionConfig, now_ms: int) -> int | by
 # -- reports --
 
 
-STATS_GROUPS = ("day", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "status", "offer", "lander")
+STATS_GROUPS = ("day", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "status", "offer", "lander", "channel")
 COUNT_COLUMNS = (
     "clicks",
     "unique_clicks",
@@ -2030,9 +2230,25 @@ class StatsQuery:
     campaign: str | None = None
     bots: bool = False
     money: MoneyConfig = MoneyConfig()  # rates to report in one currency; none: each apart
+    channels: Mapping[str, str] = dataclasses.field(default_factory=dict)  # campaign -> channel, for by=channel
+
+    def channel_of(self, campaign: str) -> str:
+        """A campaign's channel as configured now; "paid" (the default) for one no longer
+        configured; organic and (none) for the uncredited."""
+        found = self.channels.get(campaign)
+        return found or ("organic" if campaign == "(organic)" else "(none)" if campaign == "(none)" else "paid")
 
 
-def stats_query(params: Mapping[str, str | None], now: float, money: MoneyConfig = MoneyConfig()) -> StatsQuery:
+def campaign_channels(config: Config) -> dict[str, str]:
+    return {name: campaign.channel for name, campaign in config.campaigns.items()}
+
+
+def stats_query(
+    params: Mapping[str, str | None],
+    now: float,
+    money: MoneyConfig = MoneyConfig(),
+    channels: Mapping[str, str] | None = None,
+) -> StatsQuery:
     """A StatsQuery from ?from=&to=&by=&campaign=&bots=&convert= (or the CLI's flags); FieldError names what is wrong."""
     today = int(now // 86400)
     last = parse_day(params["to"], "to") if params.get("to") else today
@@ -2053,7 +2269,13 @@ def stats_query(params: Mapping[str, str | None], now: float, money: MoneyConfig
     if convert not in ("0", "1"):
         raise FieldError("convert", f"must be 0 or 1, got {quoted(convert)}")
     return StatsQuery(
-        first, last, by, params.get("campaign") or None, bots == "1", money if convert == "1" else MoneyConfig()
+        first,
+        last,
+        by,
+        params.get("campaign") or None,
+        bots == "1",
+        money if convert == "1" else MoneyConfig(),
+        channels or {},
     )
 
 
@@ -2675,6 +2897,29 @@ SCHEMA = [
             flagged = flagged + excluded.flagged;
     END;
     """,
+    # version 7: attribution across channels
+    """
+    -- The site's own id for the visitor (uid=, a click's query): personal, cut as pii (see uid_days).
+    ALTER TABLE clicks ADD COLUMN uid TEXT;
+    CREATE INDEX clicks_uid ON clicks (uid, ts) WHERE uid IS NOT NULL;
+    CREATE INDEX clicks_uid_id ON clicks (id) WHERE uid IS NOT NULL;  -- the uids purge rule's walk
+    -- Touches that never passed through /c/ (POST /touch): one per user, campaign and second.
+    CREATE TABLE touches (
+        id INTEGER PRIMARY KEY,
+        uid TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        campaign TEXT NOT NULL,
+        ts INTEGER NOT NULL,               -- unix ms
+        created_at INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX touches_key ON touches (uid, campaign, ts / 1000);
+    CREATE INDEX touches_ts ON touches (ts);
+    -- A conversion credited by a user id: the id (cut after pii_days) and the decision,
+    -- JSON {rule, winner, candidates}. Its click_id is then the user's key (see user_key).
+    ALTER TABLE conversions ADD COLUMN uid TEXT;
+    ALTER TABLE conversions ADD COLUMN attribution TEXT;
+    CREATE INDEX conversions_uid ON conversions (uid) WHERE uid IS NOT NULL;
+    """,
 ]
 OTHER_SUB1 = "(other)"  # the totals' sub1 for a campaign-day's sub1 beyond retention.sub1_per_day
 
@@ -2744,6 +2989,30 @@ CONVERSION_COLUMNS = (
     "offer",  # null: the click had none (a plain `url` campaign: "default")
     "flags",  # {flag: evidence}, or null; CSV: "flag: evidence; ..."
 )
+CONVERSION_SELECT = """SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, status, reason,
+                              payout, currency, ts, created_at, updated_at, lander, offer, flags
+                       FROM conversions"""
+
+
+def conversion_view(r: Sequence) -> dict:
+    """A CONVERSION_SELECT row as the API gives it (CONVERSION_COLUMNS)."""
+    return dict(
+        zip(
+            CONVERSION_COLUMNS,
+            (
+                r[0],
+                format_uuid(r[1]) if len(r[1]) == 16 else None,  # None: credited by a user id alone
+                *r[2:13],
+                format_money(r[13]),
+                r[14],
+                *map(iso_ms, r[15:18]),
+                *r[18:20],
+                r[20] and orjson.loads(r[20]),
+            ),
+        )
+    )
+
+
 OUTBOX_COLUMNS = (
     "id",
     "conversion_id",
@@ -2828,17 +3097,24 @@ INSERT_CLICK = f"INSERT INTO clicks ({CLICK_COLUMNS}) VALUES ({CLICK_VALUES})"  
 
 _INSERT_CONVERSION = f"""INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5,
                            ext_id, event, txid, status, reason, payout, currency, ts, created_at, updated_at, ip,
-                           sub1_total, cost, cost_currency, cost_model, lander, offer{{suspect_columns}})
+                           sub1_total, cost, cost_currency, cost_model, lander, offer{{extra_columns}})
                         VALUES (?, ?, ?, ?, {", ".join([NULL_IF_NONE] * 6)}, ?, nullif(?, ''), ?, nullif(?, ''), ?, ?,
                            ?, ?, ?, ?, nullif(?, ''), nullif(?, -1), nullif(?, ''), nullif(?, ''), {NULL_IF_NONE},
-                           {NULL_IF_NONE}{{suspect_values}})
+                           {NULL_IF_NONE}{{extra_values}})
                         ON CONFLICT (click_id, dedupe_key) DO NOTHING RETURNING id"""
-INSERT_CONVERSION = _INSERT_CONVERSION.format(suspect_columns="", suspect_values="")
-# A conversion with flags, its click's address kept (ip_cluster) or held: three columns
-# more, bound only then (three binds are ~1.5% of a postback, and most have none of them).
-INSERT_SUSPECT_CONVERSION = _INSERT_CONVERSION.format(
-    suspect_columns=", flags, click_ip, network_status", suspect_values=f", {NULL_IF_NONE}" * 3
-)
+INSERT_CONVERSION = _INSERT_CONVERSION.format(extra_columns="", extra_values="")
+
+
+@cache
+def insert_conversion_sql(suspect: bool, user: bool) -> str:
+    """INSERT_CONVERSION with the columns few conversions have, bound only for those
+    (three binds are ~1.5% of a postback): a suspect one's flags, its click's address
+    kept (ip_cluster) and the network's status while held; a user-credited one's uid
+    and decision."""
+    columns = (("flags", "click_ip", "network_status") if suspect else ()) + (("uid", "attribution") if user else ())
+    return _INSERT_CONVERSION.format(
+        extra_columns="".join(f", {c}" for c in columns), extra_values=f", {NULL_IF_NONE}" * len(columns)
+    )
 
 
 ADD_FUNNEL_CLICKS = """INSERT INTO daily_funnel (day, campaign, lander, offer, clicks, bot_clicks, unique_clicks,
@@ -2852,6 +3128,10 @@ ADD_FUNNEL_CLICKS = """INSERT INTO daily_funnel (day, campaign, lander, offer, c
 ADD_DAILY_COSTS = f"""INSERT INTO daily_costs (day, campaign, sub1, source, currency, cost) VALUES (?, ?, ?, ?, ?, ?)
                       ON CONFLICT DO UPDATE SET cost = CASE WHEN cost <= {MAX_SUM} - excluded.cost
                           THEN cost + excluded.cost ELSE cost END"""
+# What a conversion copies of its click (ClickFacts, sub1_other, its cost) and judges it by (bot, flags, ip).
+CLICK_FOR_POSTBACK = """SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other, cost, cost_currency,
+                               lander, offer, bot, flags, ip
+                        FROM clicks WHERE id = ?"""
 LP_CLICK_SELECT = """SELECT ts, campaign, sub1_other, bot, lp_at, offer, lander, sub1, sub2, sub3, sub4, sub5, ext_id
                      FROM clicks WHERE id = ?"""
 LP_CLICK_FACTS = ("lander", *SUB_FIELDS, "ext_id")  # what an LP click's offer URL is filled from, as its click has it
@@ -2908,9 +3188,10 @@ class ClickRow(NamedTuple):
     offer: str | None = NO_TEXT
 
 
-class FlaggedClickRow(NamedTuple):
-    """A ClickRow with its flags: what fraud rules (and the LP click) found, as JSON
-    {flag: evidence}. Most clicks have none: they stay ClickRows, bound as before."""
+class WideClickRow(NamedTuple):
+    """A ClickRow with what few clicks have: flags (what fraud rules and the LP click
+    found, as JSON {flag: evidence}) and a uid, NO_TEXT for either it lacks. Most clicks
+    have neither: they stay ClickRows, bound as before."""
 
     id: bytes | bytearray
     ts: int
@@ -2929,11 +3210,12 @@ class FlaggedClickRow(NamedTuple):
     lander: str | None
     offer: str | None
     flags: str
+    uid: str
 
     @classmethod
-    def of(cls, row: ClickRow, flags: Mapping[str, str]) -> tuple:
+    def of(cls, row: ClickRow, flags: Mapping[str, str] | None, uid: str | None = None) -> tuple:
         """The row as a plain tuple of these fields (built and bound quicker than the class)."""
-        return (*row, orjson.dumps(flags).decode())
+        return (*row, orjson.dumps(flags).decode() if flags else NO_TEXT, uid or NO_TEXT)
 
 
 class LPClick(NamedTuple):
@@ -2944,7 +3226,7 @@ class LPClick(NamedTuple):
     named: str | None  # &offer=
     pick: Arm  # by weight, for when neither the named offer nor the click's own will do
     bot: bool  # the request's User-Agent is a bot's: it is redirected and changes nothing
-    new: FlaggedClickRow | None  # stored (flagged no_click_id) when click_id names no click of the campaign
+    new: WideClickRow | None  # stored (flagged no_click_id) when click_id names no click of the campaign
 
 
 @dataclasses.dataclass
@@ -3003,6 +3285,7 @@ class WritePolicy(NamedTuple):
     campaigns: Mapping[str, Campaign]
     forward: ForwardConfig
     sub1_per_day: int
+    attribution: AttributionConfig = AttributionConfig()
 
 
 PURGE_SQL = {
@@ -3024,6 +3307,21 @@ PURGE_SQL = {
         "SELECT count(*) FROM conversions WHERE click_ip IS NOT NULL AND ts < :cutoff",
         """UPDATE conversions SET click_ip = NULL WHERE id IN (
                       SELECT id FROM conversions WHERE click_ip IS NOT NULL AND ts < ? LIMIT ?)""",
+    ),
+    # By clicks_uid_id: only clicks that still have a uid are read.
+    "uids": (
+        "SELECT count(*) FROM clicks WHERE uid IS NOT NULL AND id < :cutoff AND id >= :clicks_cutoff",
+        """UPDATE clicks SET uid = NULL WHERE id IN (
+                      SELECT id FROM clicks WHERE uid IS NOT NULL AND id < ? ORDER BY id LIMIT ?)""",
+    ),
+    "touches": (
+        "SELECT count(*) FROM touches WHERE ts < :cutoff",
+        "DELETE FROM touches WHERE id IN (SELECT id FROM touches WHERE ts < ? LIMIT ?)",
+    ),
+    "conversion_uids": (
+        "SELECT count(*) FROM conversions WHERE uid IS NOT NULL AND ts < :cutoff",
+        """UPDATE conversions SET uid = NULL WHERE id IN (
+                      SELECT id FROM conversions WHERE uid IS NOT NULL AND ts < ? LIMIT ?)""",
     ),
     "conversions": (
         "SELECT count(*) FROM conversions WHERE created_at < :cutoff",
@@ -3182,12 +3480,11 @@ class Database:
 
     @staticmethod
     @cache
-    def insert_click_sql(flagged: bool, other: bool) -> str:
-        """INSERT_CLICK for FlaggedClickRow (its flags), and with sub1_other bound last."""
-        columns = CLICK_COLUMNS + (", flags" if flagged else "") + (", sub1_other" if other else "")
-        return (
-            f"INSERT INTO clicks ({columns}) VALUES ({CLICK_VALUES}{', ?' if flagged else ''}{', ?' if other else ''})"
-        )
+    def insert_click_sql(wide: bool, other: bool) -> str:
+        """INSERT_CLICK for WideClickRow (flags and uid), and with sub1_other bound last."""
+        columns = CLICK_COLUMNS + (", flags, uid" if wide else "") + (", sub1_other" if other else "")
+        extra = f", {NULL_IF_NONE}, {NULL_IF_NONE}" if wide else ""
+        return f"INSERT INTO clicks ({columns}) VALUES ({CLICK_VALUES}{extra}{', ?' if other else ''})"
 
     @staticmethod
     @cache
@@ -3200,7 +3497,7 @@ class Database:
                    VALUES (?, ?, ?, {", ".join("?" * len(columns))})
                    ON CONFLICT DO UPDATE SET {", ".join(f"{c} = {c} + excluded.{c}" for c in columns)}"""
 
-    def insert_clicks(self, rows: Sequence[ClickRow | FlaggedClickRow], sub1_per_day: int | None = None) -> None:
+    def insert_clicks(self, rows: Sequence[ClickRow | WideClickRow], sub1_per_day: int | None = None) -> None:
         """Insert clicks and add them to the daily totals. With ``sub1_per_day``, a
         campaign-day's sub1 beyond that many are totalled as OTHER_SUB1 (clicks are
         unauthenticated: one address could otherwise add a totals row per click, kept
@@ -3222,7 +3519,7 @@ class Database:
         unique: Counter = Counter()
         landed: Counter = Counter()  # human clicks sent to a lander
         flagged: Counter = Counter()  # human clicks with flags
-        flagged_rows = []
+        wide_rows = []
         costs: Counter = Counter()
         funnel: dict[tuple, list[int]] = {}  # (day, campaign, lander, offer) -> [humans, bots, unique, flagged]
         day, keys = -1, set()
@@ -3242,9 +3539,9 @@ class Database:
                 costs[
                     day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1, "clicks", row[13]
                 ] += row[12]
-            if len(row) > 16:  # a FlaggedClickRow
-                flagged_rows.append(row)
-                if not row[11]:
+            if len(row) > 16:  # a WideClickRow
+                wide_rows.append(row)
+                if not row[11] and row[16] != NO_TEXT:  # flagged
                     sub1 = row[3] or ""
                     flagged[day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1] += 1
             if row[15] != NO_TEXT:  # a click of a campaign with landers or offers
@@ -3252,20 +3549,20 @@ class Database:
                 counts = funnel.setdefault((day, row[2], lander, row[15]), [0, 0, 0, 0])
                 counts[1 if row[11] else 0] += 1
                 counts[2] += first
-                counts[3] += len(row) > 16 and not row[11]
+                counts[3] += len(row) > 16 and not row[11] and row[16] != NO_TEXT
                 if lander and not row[11]:
                     sub1 = row[3] or ""
                     landed[day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1] += 1
-        if flagged_rows:
+        if wide_rows:
             rows = [row for row in rows if len(row) == 16]
-        for batch, has_flags in ((rows, False), (flagged_rows, True)):
+        for batch, wide in ((rows, False), (wide_rows, True)):
             if not batch:
                 continue
             if other:
                 batch = [(*row, 1 if (row[1] // DAY_MS, row[2], row[3] or "") in other else None) for row in batch]
-                self.con.executemany(self.insert_click_sql(has_flags, True), batch)
+                self.con.executemany(self.insert_click_sql(wide, True), batch)
             else:  # as plain tuples: the sqlite3 module reads a tuple subclass's items the slow way (~6k instructions)
-                self.con.executemany(self.insert_click_sql(has_flags, False), map(tuple, batch))
+                self.con.executemany(self.insert_click_sql(wide, False), map(tuple, batch))
         extra = [(name, n) for name, n in (("lander_clicks", landed), ("flagged_clicks", flagged)) if n]
         counts = [n for _, n in extra]
         self.con.executemany(
@@ -3395,15 +3692,16 @@ class Database:
 
     # -- Postbacks --
 
-    def apply_postback(self, pb: Postback, now_ms: int, policy: WritePolicy) -> PostbackOutcome:
+    def apply_postback(
+        self, pb: Postback, now_ms: int, policy: WritePolicy, *, by_click: bool = False
+    ) -> PostbackOutcome:
         """Match, dedupe and store a postback, in the caller's transaction: an orphan,
-        a new conversion, a duplicate, or a status change; forwards queued with it."""
-        row = self.con.execute(
-            """SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other, cost, cost_currency, lander, offer,
-                      bot, flags, ip
-               FROM clicks WHERE id = ?""",
-            (bytearray(pb.click_id),),  # binds without the sqlite3 module's adapter lookup (see ClickRow)
-        ).fetchone()
+        a new conversion, a duplicate, or a status change; forwards queued with it.
+        Without a click id, or under [attribution] mode = "priority", the user's touches
+        decide (see _apply_by_user); else (`by_click`) its click does."""
+        if not by_click and (pb.click_id is None or policy.attribution.mode == "priority"):
+            return self._apply_by_user(pb, now_ms, policy)
+        row = self.con.execute(CLICK_FOR_POSTBACK, (bytearray(pb.click_id),)).fetchone()
         if row is None:
             return self._record_orphan(pb, now_ms)
         click, sub1_total, click_cost = ClickFacts(*row[:8], *row[11:13]), OTHER_SUB1 if row[8] else None, row[9:11]
@@ -3416,7 +3714,12 @@ class Database:
         created = self._new_conversion(pb, click, sub1_total, click_cost, row[13:], ts, now_ms, policy)
         if created is not None:
             return created
-        existing = self._find_conversion(pb)
+        return self._existing_conversion(pb, click, self._find_conversion(pb), now_ms, policy)
+
+    def _existing_conversion(
+        self, pb: Postback, click: ClickFacts, existing: StoredConversion, now_ms: int, policy: WritePolicy
+    ) -> PostbackOutcome:
+        """A postback for a conversion already stored: held, rejected, the same, or a new status."""
         if existing.reason == RejectReason.HELD.value:  # the operator decides (see review); the network's word is kept
             return self._network_word(pb, existing, now_ms, click.campaign)
         if existing.reason is not None:
@@ -3424,6 +3727,183 @@ class Database:
         if existing.status == pb.status:
             return PostbackOutcome(PostbackResult.DUPLICATE, existing.id, campaign=click.campaign)
         return self._change_status(pb, click, existing, now_ms, policy)
+
+    def _apply_by_user(self, pb: Postback, now_ms: int, policy: WritePolicy) -> PostbackOutcome:
+        """A postback credited by its user's touches: its user_id's (or its click's uid),
+        decided by attribute() once, when it is new, and stored with the decision. Keyed
+        by its click id when it has one, else by the user (user_key): a retry, or a later
+        status, finds the same conversion whoever its touches would credit by then."""
+        given = None
+        if pb.click_id is not None:
+            given = self.con.execute(
+                "SELECT id, ts, campaign, uid FROM clicks WHERE id = ?", (bytearray(pb.click_id),)
+            ).fetchone()
+        uid = pb.user_id or (given and given[3])
+        if uid is None:  # a click id and no user to weigh: its click decides, as in mode "click"
+            return self.apply_postback(pb, now_ms, policy, by_click=True)
+        keyed = pb if pb.click_id is not None else dataclasses.replace(pb, click_id=user_key(uid))
+        existing = self._find_conversion(keyed)
+        if existing is not None:
+            facts = existing.facts
+            return self._existing_conversion(
+                keyed, ClickFacts(0, facts.campaign, *facts[2:8], facts.lander, facts.offer), existing, now_ms, policy
+            )
+        conf = policy.attribution
+        since = pb.ts_ms - conf.window_days * DAY_MS
+        touches = self.user_touches(uid, since, pb.ts_ms, policy.campaigns)
+        if given is not None and not any(t.kind == "click" and t.id == format_uuid(given[0]) for t in touches):
+            channel = campaign.channel if (campaign := policy.campaigns.get(given[2])) else "paid"
+            touches.append(Touch("click", format_uuid(given[0]), channel, given[2], given[1]))
+        decision = attribute(touches, pb.ts_ms, conf)
+        winner = decision.winner
+        row = None
+        if winner is not None and winner.kind == "click":
+            row = self.con.execute(CLICK_FOR_POSTBACK, (bytearray(parse_click_id(winner.id)),)).fetchone()
+        if row is not None:
+            click, sub1_total, click_cost = ClickFacts(*row[:8], *row[11:13]), OTHER_SUB1 if row[8] else None, row[9:11]
+            suspect, credited = row[13:], parse_click_id(winner.id)
+        else:  # a touch, or nobody: no click's facts to copy
+            click = ClickFacts(winner.ts if winner else pb.ts_ms, decision.campaign, *(None,) * 6, None, None)
+            sub1_total, click_cost, suspect, credited = None, (None, None), (0, None, None), b""
+        user = (uid, orjson.dumps(decision.view()).decode(), credited)
+        created = self._new_conversion(keyed, click, sub1_total, click_cost, suspect, pb.ts_ms, now_ms, policy, user)
+        if created is not None:
+            return created
+        return self._existing_conversion(keyed, click, self._find_conversion(keyed), now_ms, policy)
+
+    def user_touches(self, uid: str, since: int, until: int, campaigns: Mapping[str, Campaign]) -> list[Touch]:
+        """A user's clicks (by their uid; a campaign's channel as configured now, "paid"
+        for one no longer configured) and touches from `since` to `until`: one indexed
+        read each."""
+        clicks = self.con.execute(
+            "SELECT id, campaign, ts FROM clicks WHERE uid = ? AND ts >= ? AND ts <= ?", (uid, since, until)
+        )
+        touches = [
+            Touch("click", format_uuid(cid), c.channel if (c := campaigns.get(campaign)) else "paid", campaign, ts)
+            for cid, campaign, ts in clicks
+        ]
+        touches.extend(
+            Touch("touch", str(tid), channel, campaign, ts)
+            for tid, channel, campaign, ts in self.con.execute(
+                "SELECT id, channel, campaign, ts FROM touches WHERE uid = ? AND ts >= ? AND ts <= ?", (uid, since, until)
+            )
+        )
+        return touches
+
+    def add_touch(self, touch: NewTouch, now_ms: int) -> tuple[str, int]:
+        """Store a touch: ("created", id), or ("duplicate", id) for one of the same user,
+        campaign and second."""
+        row = self.con.execute(
+            "INSERT INTO touches (uid, channel, campaign, ts, created_at) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING RETURNING id",
+            (*touch, now_ms),
+        ).fetchone()
+        if row is not None:
+            return "created", row[0]
+        row = self.con.execute(
+            "SELECT id FROM touches WHERE uid = ? AND campaign = ? AND ts / 1000 = ? / 1000",
+            (touch.uid, touch.campaign, touch.ts),
+        ).fetchone()
+        return "duplicate", row[0]
+
+    # -- Forgetting a person (tinytrack forget) --
+
+    def forget_user(self, uid: str, limit: int, dry_run: bool = False) -> Counter:
+        """One batch of erasing a user: their clicks (by uid) and touches deleted, and the
+        personal fields of their conversions blanked (see _blank_conversions). Counts of
+        what it did; nothing left to do when all are 0. `dry_run`: counts all, changes nothing."""
+        done: Counter = Counter()
+        key = user_key(uid)
+        if dry_run:
+            ids = [row[0] for row in self.con.execute("SELECT id FROM clicks WHERE uid = ?", (uid,))]
+            done["clicks deleted"] = len(ids)
+            done["touches deleted"] = self.con.execute("SELECT count(*) FROM touches WHERE uid = ?", (uid,)).fetchone()[0]
+            found = {row[0] for row in self.con.execute("SELECT id FROM conversions WHERE uid = ? OR click_id = ?", (uid, key))}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                found.update(
+                    row[0]
+                    for row in self.con.execute(
+                        f"SELECT id FROM conversions WHERE click_id IN ({', '.join('?' * len(chunk))})", chunk
+                    )
+                )
+            done["conversions blanked"] = len(found)
+            return done
+        ids = [row[0] for row in self.con.execute("SELECT id FROM clicks WHERE uid = ? LIMIT ?", (uid, limit))]
+        done["conversions blanked"] += self._blank_conversions(ids)
+        done["clicks deleted"] = self._delete_clicks(ids)
+        done["touches deleted"] = self.con.execute(
+            "DELETE FROM touches WHERE id IN (SELECT id FROM touches WHERE uid = ? LIMIT ?)", (uid, limit)
+        ).rowcount
+        conversions = [
+            row[0]
+            for row in self.con.execute(
+                "SELECT id FROM conversions WHERE uid = ? OR click_id = ? LIMIT ?", (uid, key, limit)
+            )
+        ]
+        done["conversions blanked"] += self._blank_conversions((), conversions)
+        return done
+
+    def forget_ip(self, ip: str, after: bytes, limit: int, dry_run: bool = False) -> tuple[Counter, bytes | None]:
+        """One batch of erasing an address: of the next `limit` clicks after `after` (clicks
+        have no index by address: a walk through them), those from `ip` deleted; at the
+        walk's first batch also the conversions with it (their click's, or the sender's)
+        blanked, and orphans' and histories' copies of it dropped. Counts of what it did,
+        and where the walk goes on (None: done). `dry_run`: counts all, changes nothing."""
+        done: Counter = Counter()
+        if dry_run:
+            done["clicks deleted"] = self.con.execute("SELECT count(*) FROM clicks WHERE ip = ?", (ip,)).fetchone()[0]
+            done["conversions blanked"] = self.con.execute(
+                "SELECT count(*) FROM conversions WHERE click_ip = ? OR ip = ?", (ip, ip)
+            ).fetchone()[0]
+            return done, None
+        if not after:
+            conversions = [
+                row[0] for row in self.con.execute("SELECT id FROM conversions WHERE click_ip = ? OR ip = ?", (ip, ip))
+            ]
+            done["conversions blanked"] += self._blank_conversions((), conversions)
+            self.con.execute("UPDATE conversion_history SET ip = NULL WHERE ip = ?", (ip,))
+            self.con.execute("UPDATE orphans SET ip = NULL WHERE ip = ?", (ip,))
+        end, scanned = self.con.execute(
+            "SELECT max(id), count(*) FROM (SELECT id FROM clicks WHERE id > ? ORDER BY id LIMIT ?)", (after, limit)
+        ).fetchone()
+        if not scanned:
+            return done, None
+        ids = [
+            row[0] for row in self.con.execute("SELECT id FROM clicks WHERE id > ? AND id <= ? AND ip = ?", (after, end, ip))
+        ]
+        done["conversions blanked"] += self._blank_conversions(ids)
+        done["clicks deleted"] = self._delete_clicks(ids)
+        return done, end
+
+    def _blank_conversions(self, click_ids: Sequence[bytes], conversion_ids: Sequence[int] = ()) -> int:
+        """Blank the personal fields of conversions (those of `click_ids`, and by id): the
+        user id, the click's address, the sender's address (also in their history); a
+        user's key (user_key, a hash of the user id) becomes a random one. Their
+        campaign, money and status stay, as do the daily totals."""
+        ids = set(conversion_ids)
+        for start in range(0, len(click_ids), 500):
+            chunk = click_ids[start : start + 500]
+            ids.update(
+                row[0]
+                for row in self.con.execute(
+                    f"SELECT id FROM conversions WHERE click_id IN ({', '.join('?' * len(chunk))})", chunk
+                )
+            )
+        for cid in ids:
+            self.con.execute(
+                """UPDATE conversions SET uid = NULL, click_ip = NULL, ip = NULL,
+                       click_id = CASE WHEN length(click_id) = 21 THEN CAST(x'757365723a' || randomblob(16) AS BLOB)
+                           ELSE click_id END
+                   WHERE id = ?""",
+                (cid,),
+            )
+            self.con.execute("UPDATE conversion_history SET ip = NULL WHERE conversion_id = ?", (cid,))
+        return len(ids)
+
+    def _delete_clicks(self, ids: Sequence[bytes]) -> int:
+        self.con.executemany("DELETE FROM clicks WHERE id = ?", [(i,) for i in ids])
+        return len(ids)
 
     def _record_orphan(self, pb: Postback, now_ms: int) -> PostbackOutcome:
         self.con.execute(
@@ -3448,13 +3928,19 @@ class Database:
         return PostbackOutcome(PostbackResult.ORPHAN)
 
     def _find_conversion(self, pb: Postback) -> StoredConversion | None:
+        return self._stored_conversion("click_id = ? AND dedupe_key = ?", (pb.click_id, pb.dedupe_key))
+
+    def _stored_conversion(self, where: str, args: tuple) -> StoredConversion | None:
         row = self.con.execute(
-            """SELECT id, status, reason, ts / 86400000, payout, currency, sub1_total, cost_model, cost_currency,
-                      click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost, lander, offer
-               FROM conversions WHERE click_id = ? AND dedupe_key = ?""",
-            (pb.click_id, pb.dedupe_key),
+            f"""SELECT id, status, reason, ts / 86400000, payout, currency, sub1_total, cost_model, cost_currency,
+                       click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost, lander, offer,
+                       attribution
+                FROM conversions WHERE {where}""",
+            args,
         ).fetchone()
-        return row and StoredConversion(*row[:9], ForwardFacts(*row[9:]))
+        if row is None:
+            return None
+        return StoredConversion(*row[:9], forward_facts(row[9:22], row[22]))
 
     def _network_word(self, pb: Postback, held: StoredConversion, now_ms: int, campaign: str) -> PostbackOutcome:
         """A postback for a held conversion: it stays held (pending, not forwarded), and what
@@ -3486,15 +3972,9 @@ class Database:
         status change) or reject (rejected, reason fraud; the source never heard of it, so
         nothing is sent). (its new status, True), or (what is wrong, False): nothing
         raised, since the writer takes a raised error for a failing disk."""
-        row = self.con.execute(
-            """SELECT id, status, reason, ts / 86400000, payout, currency, sub1_total, cost_model, cost_currency,
-                      click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost, lander, offer
-               FROM conversions WHERE id = ?""",
-            (conversion_id,),
-        ).fetchone()
-        if row is None:
+        held = self._stored_conversion("id = ?", (conversion_id,))
+        if held is None:
             return "no such conversion", False
-        held = StoredConversion(*row[:9], ForwardFacts(*row[9:]))
         if held.reason != RejectReason.HELD.value:
             return f"not held for review (it is {held.status}{f', {held.reason}' if held.reason else ''})", False
         network = self.con.execute("SELECT network_status FROM conversions WHERE id = ?", (conversion_id,)).fetchone()[
@@ -3554,13 +4034,7 @@ class Database:
         """Store a conversion's recomputed flags and do what its campaign's action says to a
         newly flagged one, in the caller's transaction; what was done, for people. One already
         forwarded keeps its status unless `reverse` (then the source hears a rejection)."""
-        row = self.con.execute(
-            """SELECT id, status, reason, ts / 86400000, payout, currency, sub1_total, cost_model, cost_currency,
-                      click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost, lander, offer
-               FROM conversions WHERE id = ?""",
-            (conversion_id,),
-        ).fetchone()
-        old = StoredConversion(*row[:9], ForwardFacts(*row[9:]))
+        old = self._stored_conversion("id = ?", (conversion_id,))
         status, reason = old.status, old.reason
         self.con.execute(
             "UPDATE conversions SET flags = ? WHERE id = ?",
@@ -3603,10 +4077,12 @@ class Database:
         ts: int,
         now_ms: int,
         policy: WritePolicy,
+        user: tuple[str, str, bytes] | None = None,
     ) -> PostbackOutcome | None:
         """A new conversion (None if its key exists): one INSERT .. RETURNING, the usual case.
         `suspect`: its click's bot flag and flags, which it inherits (see conversion_flags),
-        and its address (for ip_cluster)."""
+        and its address (for ip_cluster). `user`: credited by a user's touches, its uid,
+        the decision (JSON) and the credited click's id (b"": a touch's, or nobody's)."""
         campaign = policy.campaigns.get(click.campaign)
         late = (
             campaign is not None and campaign.window_days is not None and ts - click.ts > campaign.window_days * DAY_MS
@@ -3624,7 +4100,8 @@ class Database:
             cluster = 1 + earlier
         flags = None
         if bot or click_flags_json or fraud.min_ctit_seconds is not None or cluster:
-            flags = conversion_flags(fraud, click_flags_json, bot, ts - click.ts, cluster) or None
+            ctit = ts - click.ts if user is None or user[2] else None  # a touch is no click
+            flags = conversion_flags(fraud, click_flags_json, bot, ctit, cluster) or None
         reason = (
             RejectReason.OUTSIDE_WINDOW.value
             if late
@@ -3656,7 +4133,7 @@ class Database:
             )
         )
         row = self.con.execute(
-            INSERT_SUSPECT_CONVERSION if suspect else INSERT_CONVERSION,
+            INSERT_CONVERSION if not (suspect or user) else insert_conversion_sql(bool(suspect), user is not None),
             (
                 bytearray(pb.click_id),
                 pb.dedupe_key,
@@ -3680,6 +4157,7 @@ class Database:
                 NO_TEXT if click.lander is None else click.lander,
                 NO_TEXT if click.offer is None else click.offer,
                 *suspect,
+                *(user[:2] if user else ()),
             ),
         ).fetchone()
         if row is None:
@@ -3690,7 +4168,8 @@ class Database:
             return PostbackOutcome(PostbackResult.CREATED, conversion_id, campaign=click.campaign, flags=flag_names)
         if reason:
             return PostbackOutcome(PostbackResult.REJECTED, conversion_id, reason, click.campaign, flags=flag_names)
-        facts = ForwardFacts(pb.click_id, *click[1:8], pb.event, pb.txid, cost, click.lander, click.offer)
+        credited = pb.click_id if user is None else user[2]
+        facts = ForwardFacts(credited, *click[1:8], pb.event, pb.txid, cost, click.lander, click.offer)
         queued = self._forward(
             campaign, conversion_id, facts, pb.status, pb.payout, pb.currency, now_ms, policy.forward
         )
@@ -3940,13 +4419,13 @@ class Database:
         """Counted conversions created since a time in these campaigns: id, facts, status, payout, currency."""
         rows = self.con.execute(
             f"""SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost, lander, offer,
-                       status, payout, currency
+                       status, payout, currency, attribution
                 FROM conversions WHERE created_at >= ? AND reason IS NULL AND campaign IN ({",".join("?" * len(campaigns))})
                 ORDER BY id""",
             (since_ms, *campaigns),
         ).fetchall()
-        for conversion_id, *facts, status, payout, currency in rows:
-            yield conversion_id, ForwardFacts(*facts), status, payout, currency
+        for conversion_id, *facts, status, payout, currency, attribution in rows:
+            yield conversion_id, forward_facts(facts, attribution), status, payout, currency
 
     def deliveries(self, since_ms: int, after_id: int, limit: int, state: str | None) -> list[dict]:
         """Deliveries created since a time, oldest first."""
@@ -4046,8 +4525,8 @@ class Database:
             where, args = " AND campaign = ?", (q.campaign,)
         if q.by in ("offer", "lander"):
             return self._funnel_stats(q, where, args)
-        if q.by in ("day", "campaign", "sub1", "status"):
-            key = "''" if q.by == "status" else q.by
+        if q.by in ("day", "campaign", "sub1", "status", "channel"):
+            key = "''" if q.by == "status" else "campaign" if q.by == "channel" else q.by
             span = (q.first_day, q.last_day, *args)
             clicks = self.con.execute(
                 f"""SELECT {key}, sum(clicks), sum(bot_clicks), sum(unique_clicks), sum(lp_clicks), sum(lander_clicks),
@@ -4063,7 +4542,10 @@ class Database:
                 span,
             )
             costs = self.con.execute(self._costs_sql(key, where), span)
-            return stats_rows(q, clicks.fetchall(), conversions.fetchall(), costs.fetchall())
+            reads = [clicks.fetchall(), conversions.fetchall(), costs.fetchall()]
+            if q.by == "channel":  # each campaign's rows under its channel
+                reads = [[(q.channel_of(row[0]), *row[1:]) for row in rows] for rows in reads]
+            return stats_rows(q, *reads)
         # sub2..sub5: the raw rows, so the costs the clicks and conversions carried (uploads are per sub1)
         start, end = q.first_day * DAY_MS, (q.last_day + 1) * DAY_MS
         ids = (uuid_floor(start), uuid_floor(end), *args)
@@ -4228,9 +4710,7 @@ class Database:
     ) -> list[dict]:
         """Conversions created since a time, oldest first, for reconciliation; with
         `flag`, those carrying that flag."""
-        sql = """SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, status, reason,
-                        payout, currency, ts, created_at, updated_at, lander, offer, flags
-                 FROM conversions WHERE id > ? AND created_at >= ?"""
+        sql = f"{CONVERSION_SELECT} WHERE id > ? AND created_at >= ?"
         args: list[Any] = [after_id, since_ms]
         if campaign is not None:
             sql, args = sql + " AND campaign = ?", [*args, campaign]
@@ -4238,25 +4718,26 @@ class Database:
             sql, args = sql + " AND status = ?", [*args, status]
         if flag is not None:
             sql, args = sql + " AND flags IS NOT NULL AND json_extract(flags, '$.' || ?) IS NOT NULL", [*args, flag]
-        rows = self.con.execute(sql + " ORDER BY id LIMIT ?", (*args, limit))
-        return [
-            dict(
-                zip(
-                    CONVERSION_COLUMNS,
-                    (
-                        *r[:1],
-                        format_uuid(r[1]),
-                        *r[2:13],
-                        format_money(r[13]),
-                        r[14],
-                        *map(iso_ms, r[15:18]),
-                        *r[18:20],
-                        r[20] and orjson.loads(r[20]),
-                    ),
-                )
+        return [conversion_view(r) for r in self.con.execute(sql + " ORDER BY id LIMIT ?", (*args, limit))]
+
+    def conversion(self, conversion_id: int) -> dict | None:
+        """One conversion as /api/conversions lists it, with its user id (while kept),
+        how it was credited (`attribution`: null when its click decided) and its history."""
+        row = self.con.execute(
+            f"{CONVERSION_SELECT.replace(' FROM', ', uid, attribution FROM')} WHERE id = ?", (conversion_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        view = conversion_view(row[:21])
+        view["user_id"], view["attribution"] = row[21], row[22] and orjson.loads(row[22])
+        view["history"] = [
+            {"at": iso_ms(at), "status": status, "payout": format_money(payout), "currency": currency}
+            for at, status, payout, currency in self.con.execute(
+                "SELECT at, status, payout, currency FROM conversion_history WHERE conversion_id = ? ORDER BY rowid",
+                (conversion_id,),
             )
-            for r in rows
         ]
+        return view
 
     def orphans(self, since_ms: int, after_id: int, limit: int) -> list[dict]:
         """Postbacks for unknown click ids, oldest first."""
@@ -4270,9 +4751,11 @@ class Database:
         ]
 
     def recent_conversions(self, limit: int) -> list[tuple]:
-        """The newest conversions: created_at, campaign, sub1, event, status, payout, currency, reason."""
+        """The newest conversions: id, created_at, campaign, sub1, event, status, payout,
+        currency, reason, attribution."""
         return self.con.execute(
-            "SELECT created_at, campaign, sub1, event, status, payout, currency, reason FROM conversions ORDER BY id DESC LIMIT ?",
+            """SELECT id, created_at, campaign, sub1, event, status, payout, currency, reason, attribution
+               FROM conversions ORDER BY id DESC LIMIT ?""",
             (limit,),
         ).fetchall()
 
@@ -4415,7 +4898,9 @@ class Store:
 
     def reconfigure(self, config: Config) -> None:
         """Campaigns, forwarding and the sub1 cap: the next batch writes with these."""
-        self._policy = WritePolicy(config.campaigns, config.forward, config.retention.sub1_per_day)
+        self._policy = WritePolicy(
+            config.campaigns, config.forward, config.retention.sub1_per_day, config.attribution
+        )
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -5114,6 +5599,8 @@ class TinyTrack:
         self.purger = Purger(self.store, config)
         self.clicks = Counter()  # stored since start: human, bot
         self.bad_costs = 0  # clicks whose `cost` was no amount (stored without it)
+        self.bad_uids = 0  # clicks whose `uid` was no uid (stored without it)
+        self.touches: Counter = Counter()  # POST /touch answers: created, duplicate, or the refusal's code
         self.address_counts = AddressCounts()  # ip_flood's clicks per (campaign, address) this minute
         self.flagged = Counter()  # ("click" | "conversion", flag) -> how many since start
         self.postbacks = Counter()  # answers since start: a PostbackResult's value, or a Refusal's code
@@ -5162,6 +5649,8 @@ class TinyTrack:
                 started = time.perf_counter()
                 await self.postback(scope, receive, send)
                 return self.latency["postback"].observe(time.perf_counter() - started)
+            if path == "/touch":
+                return await self.touch(scope, receive, send)
             return await self.router(scope, receive, partial(send_no_store, send))
         await self.router(scope, receive, send)
 
@@ -5252,12 +5741,14 @@ class TinyTrack:
                 lander.name if lander else NO_TEXT,
                 offer.name if campaign.funnel else NO_TEXT,
             )
+            flags = None
             if campaign.fraud.click_rules:  # else nothing is counted or looked up
                 flags = self.click_flags(campaign, ip, ms)
-                if flags:
-                    row = FlaggedClickRow.of(row, flags)
-                    for name in flags:
-                        self.flagged["click", name] += 1
+                for name in flags:
+                    self.flagged["click", name] += 1
+            uid = values.get("uid") and self.click_uid(values["uid"])
+            if flags or uid:
+                row = WideClickRow.of(row, flags, uid)
             try:
                 await self.store.record_click(row)
             except StorageError:
@@ -5334,7 +5825,7 @@ class TinyTrack:
         named: str | None,
         pick: Arm,
         why: str,
-    ) -> FlaggedClickRow:
+    ) -> WideClickRow:
         """The click an LP click without one of its campaign stores (flagged no_click_id by
         the writer): sub ids and ext_id from its own query, no lander, no cost (whatever
         it cost came with the click we can't find), flagged no_click_id with `why`."""
@@ -5363,7 +5854,14 @@ class TinyTrack:
             flags.update(self.click_flags(campaign, ip, ms))
         for name in flags:
             self.flagged["click", name] += 1
-        return FlaggedClickRow.of(row, flags)
+        return WideClickRow.of(row, flags, values.get("uid") and self.click_uid(values["uid"]))
+
+    def click_uid(self, text: str) -> str | None:
+        """A click's uid, or None (counted) for one that is no uid: a visitor is never refused."""
+        if UID_RE.fullmatch(text):
+            return text
+        self.bad_uids += 1
+        return None
 
     def click_flags(self, campaign: Campaign, ip: str, ms: int) -> dict[str, str]:
         """What the campaign's click rules say of a click from `ip` (see click_flags)."""
@@ -5392,7 +5890,7 @@ class TinyTrack:
                 raise HTTPError(Refusal.UNAVAILABLE, headers=[(b"retry-after", b"5")]) from None
             # Refused by what its click says (a ts before it, a total's limit).
             if outcome.result is PostbackResult.INVALID:
-                click = format_uuid(postback.click_id)
+                click = format_uuid(postback.click_id) if postback.click_id else "-"
                 log.info("postback 400 %s campaign=%s click=%s", outcome.reason, outcome.campaign, click)
                 self.postbacks[Refusal.BAD_REQUEST.code] += 1
                 return await send_refusal(send, FieldError.from_message(outcome.reason))
@@ -5420,7 +5918,7 @@ class TinyTrack:
                 result.value,
                 outcome.id,
                 outcome.campaign,
-                format_uuid(postback.click_id),
+                format_uuid(postback.click_id) if postback.click_id else "-",  # "-": a user id's (never logged)
                 postback.event,
                 postback.status,
                 mask_ip(postback.ip),
@@ -5431,12 +5929,43 @@ class TinyTrack:
             return await send_json(send, 200, {"status": "rejected", "reason": outcome.reason})
         await send_json(send, 200, {"status": result.value, "id": outcome.id})
 
+    # -- HTTP: touches, POST /touch --
+
+    async def touch(self, scope: dict, receive: Callable, send: Callable) -> None:
+        """A touch that never passed through /c/ (an email, a CRM, an organic visit): a
+        user, a campaign, its channel and when; authenticated as a postback is."""
+        try:
+            if scope["method"] != "POST":
+                raise HTTPError(Refusal.METHOD_NOT_ALLOWED, headers=[(b"allow", b"POST")])
+            fields, _, now = await self.read_signed_fields(scope, receive, TOUCH_ALIASES)
+            touch = build_touch(fields, self.config.campaigns, now)
+            try:
+                result, touch_id = await self.store.write(lambda db, now_ms: db.add_touch(touch, now_ms))
+            except StorageError:
+                raise HTTPError(Refusal.UNAVAILABLE, headers=[(b"retry-after", b"5")]) from None
+        except HTTPError as exc:
+            self.touches[str(exc.status)] += 1
+            log.log(logging.DEBUG if exc.refusal is Refusal.UNAVAILABLE else logging.INFO, "touch %d %s", exc.status, exc.message)
+            return await send_refusal(send, exc)
+        self.touches[result] += 1
+        await send_json(send, 200, {"status": result, "id": touch_id})
+
     async def read_postback(self, scope: dict, receive: Callable) -> Postback:
         """A postback's fields, authenticated and validated; HTTPError says why not."""
-        conf = self.config.postback
         method = scope["method"]
         if method != "GET" and method != "POST":
             raise HTTPError(Refusal.METHOD_NOT_ALLOWED, headers=[(b"allow", b"GET, POST")])
+        fields, ip, now = await self.read_signed_fields(scope, receive, POSTBACK_ALIASES)
+        return build_postback(fields, self.config.postback, now, ip)
+
+    async def read_signed_fields(
+        self, scope: dict, receive: Callable, aliases: Mapping[str, str]
+    ) -> tuple[dict[str, str], str, float]:
+        """What a network's server sent (a postback, a touch): its fields (query, and a
+        POST's body), checked against the allowlist, a token and any HMAC secrets; the
+        sender's address; the time. HTTPError says why not."""
+        conf = self.config.postback
+        method = scope["method"]
         forwarded_for, authorization, content_type, length, signature = header_values(
             scope, b"x-forwarded-for", b"authorization", b"content-type", b"content-length", b"x-tinytrack-signature"
         )
@@ -5452,7 +5981,7 @@ class TinyTrack:
             body = await read_body(receive, MAX_BODY_BYTES, self.config.server.read_timeout_seconds)
             if body:
                 pairs = query_pairs + parse_body(body, content_type)
-        fields = collect_fields(pairs)
+        fields = collect_fields(pairs, aliases)
         if not token_matches(fields.get("token") or bearer_token(authorization), conf.tokens):
             raise HTTPError(Refusal.UNAUTHORIZED, headers=[(b"www-authenticate", b"Bearer")])
         now = self.clock()
@@ -5460,8 +5989,8 @@ class TinyTrack:
             if not verify_signature(signature, body if method == "POST" else query, conf.hmac_secrets, now):
                 raise HTTPError(Refusal.UNAUTHORIZED, headers=[(b"www-authenticate", b"Bearer")])
             if method == "POST":
-                refuse_unsigned_fields(query_pairs)
-        return build_postback(fields, conf, now, ip)
+                refuse_unsigned_fields(query_pairs, aliases)
+        return fields, ip, now
 
 
 def create_app(
@@ -5491,6 +6020,14 @@ def listing_answer(rows: list[dict], columns: tuple[str, ...], limit: int, fmt: 
 
 
 ADMIN_FUNNELS = 20  # campaigns with landers or offers that /admin shows a table for
+ADMIN_HEADERS = {
+    "cache-control": "no-store",
+    # Sub ids and events come from the internet: no script may run here, whatever slips through.
+    "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+}
 
 
 class Admin:
@@ -5507,6 +6044,7 @@ class Admin:
                 Route("/demo", self.demo),
                 Route("/", self.index),
                 Route("/api/conversions", self.api_conversions),
+                Route("/api/conversions/{id:int}", self.api_conversion),
                 Route("/api/conversions/{id:int}/review", self.api_review, methods=["POST"]),
                 Route("/api/orphans", self.api_orphans),
                 Route("/api/outbox", self.api_outbox),
@@ -5514,6 +6052,7 @@ class Admin:
                 Route("/api/costs", self.api_costs, methods=["PUT"]),
                 Route("/metrics", self.metrics),
                 Route("/admin", self.admin_page),
+                Route("/admin/conversions/{id:int}", self.admin_conversion),
             ],
             exception_handlers={HTTPError: self.refused, 404: self.refused, 405: self.refused},
             lifespan=lifespan,
@@ -5608,6 +6147,18 @@ class Admin:
                 row["flags"] = row["flags"] and "; ".join(f"{name}: {why}" for name, why in row["flags"].items())
         return listing_answer(rows, CONVERSION_COLUMNS, limit, fmt)
 
+    async def api_conversion(self, request: Request) -> Response:
+        """One conversion: its fields, its history and how it was credited (`attribution`)."""
+        self.require_admin(request)
+        view = await self.conversion_or_404(request.path_params["id"])
+        return Response(orjson.dumps(view), headers={"cache-control": "no-store"}, media_type="application/json")
+
+    async def conversion_or_404(self, conversion_id: int) -> dict:
+        found = conversion_id <= MAX_SUM and await self.app.store.read(Database.conversion, conversion_id)
+        if not found:  # past SQLite's integers, or not there
+            raise HTTPError(Refusal.NOT_FOUND, f"conversion {conversion_id}: no such conversion")
+        return found
+
     async def api_review(self, request: Request) -> Response:
         """POST {"decision": "approve" | "reject"}: an operator's word on a held conversion."""
         self.require_admin(request)
@@ -5662,7 +6213,7 @@ class Admin:
         fmt = params.get("format", "json")
         if fmt not in ("json", "csv"):
             raise FieldError("format", f"must be json or csv, got {quoted(fmt)}")
-        q = stats_query(params, self.app.clock(), self.app.config.money)
+        q = stats_query(params, self.app.clock(), self.app.config.money, campaign_channels(self.app.config))
         rows = await self.app.store.read(Database.stats, q)
         headers = {"cache-control": "no-store"}
         if fmt == "json":
@@ -5722,6 +6273,18 @@ class Admin:
             "counter",
             "Clicks whose cost was not a decimal >= 0 with at most 6 decimals (or over max_click_cost): stored without it.",
             [("", app.bad_costs)],
+        )
+        metric(
+            "tinytrack_click_uid_invalid_total",
+            "counter",
+            "Clicks whose uid was not 1-64 characters of A-Z a-z 0-9 . _ : - (stored without it).",
+            [("", app.bad_uids)],
+        )
+        metric(
+            "tinytrack_touches_total",
+            "counter",
+            "POST /touch answers since start: created, duplicate, or the HTTP status it was refused with.",
+            [(f'{{result="{r}"}}', app.touches[r]) for r in sorted({"created", "duplicate", *app.touches})],
         )
         metric(
             "tinytrack_lp_clicks_total",
@@ -5807,17 +6370,13 @@ class Admin:
             funnels,
             await read(Database.held_conversions, 20),
         )
-        return HTMLResponse(
-            page,
-            headers={
-                "cache-control": "no-store",
-                # Sub ids and events come from the internet: no script may run here, whatever slips through.
-                "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
-                "x-content-type-options": "nosniff",
-                "referrer-policy": "no-referrer",
-                "x-frame-options": "DENY",
-            },
-        )
+        return HTMLResponse(page, headers=ADMIN_HEADERS)
+
+    async def admin_conversion(self, request: Request) -> Response:
+        """One conversion for a person: its fields, history and credit."""
+        self.require_admin(request)
+        view = await self.conversion_or_404(request.path_params["id"])
+        return HTMLResponse(render_conversion(view), headers=ADMIN_HEADERS)
 
 
 access_log = logging.getLogger("tinytrack.access")
@@ -6294,6 +6853,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             },
             time.time(),
             config.money,
+            campaign_channels(config),
         )
     except FieldError as exc:
         raise TinytrackError(f"--{exc.message}") from None
@@ -6389,6 +6949,40 @@ def cmd_flags(args: argparse.Namespace) -> int:
             print("\n".join(lines))
         verb = "would change" if args.dry_run else "changed"
         print(f"{len(changes)} of {sum(1 for row in facts if row[1] >= since)} conversions {verb}")
+    return 0
+
+
+FORGET_BATCH = 1000  # rows per transaction of `forget` (clicks walked, for --ip)
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Erase a person: their clicks and touches, and the personal fields of their
+    conversions, in short transactions beside the running server; daily totals stay."""
+    config, db = open_for_command(args)
+    if args.user_id is not None and not UID_RE.fullmatch(args.user_id):
+        raise TinytrackError(f"--user-id: must be 1-64 characters of A-Z a-z 0-9 . _ : -, got {quoted(args.user_id)}")
+    if args.ip is not None and parse_address(args.ip) is None:
+        raise TinytrackError(f"--ip: not an IP address, got {quoted(args.ip)}")
+    total: Counter = Counter()
+    with closing(db):
+        if args.user_id is not None:
+            while True:
+                with nullcontext() if args.dry_run else db.transaction(fsync=True):
+                    done = db.forget_user(args.user_id, FORGET_BATCH, args.dry_run)
+                total.update(done)
+                if args.dry_run or not any(done.values()):
+                    break
+        else:
+            for address in dict.fromkeys((args.ip, str(parse_address(args.ip)))):  # as written, and as it reads
+                after = b""
+                while after is not None:
+                    with nullcontext() if args.dry_run else db.transaction(fsync=True):
+                        done, after = db.forget_ip(address, after, FORGET_BATCH, args.dry_run)
+                    total.update(done)
+    who = f"user id {args.user_id}" if args.user_id is not None else f"address {args.ip}"
+    what = ", ".join(f"{n} {name}" for name, n in sorted(total.items()) if n)
+    print(f"{'would forget' if args.dry_run else 'forgot'} {who}: {what or 'nothing found'}")
+    print("daily totals are kept (they hold no person)")
     return 0
 
 
@@ -6532,7 +7126,7 @@ def cmd_review(args: argparse.Namespace) -> int:
                 return 0
             print_table(rows, ("id", "created", "campaign", "sub1", "event", "payout", "network says", "flags"))
             return 0
-        policy = WritePolicy(config.campaigns, config.forward, config.retention.sub1_per_day)
+        policy = WritePolicy(config.campaigns, config.forward, config.retention.sub1_per_day, config.attribution)
         problems = []
         for conversion_id in args.ids:
             with db.transaction(fsync=True):  # the server's forwarder picks up what this queues
@@ -6624,6 +7218,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="hold or reject even conversions the traffic source already heard of (it hears a rejection)",
     )
+
+    forget = command(cmd_forget, config_flag)
+    who = forget.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user-id", help="the uid / user_id the site gave the person")
+    who.add_argument("--ip", help="an IP address the person came from")
+    forget.add_argument("--dry-run", action="store_true", help="count what would go, change nothing")
 
     review = command(cmd_review)
     review_actions = review.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -6733,6 +7333,7 @@ url = "https://offer.example.com/lp?cid={{click_id}}&s1={{sub1}}"
 # cost_currency = "USD"                   # default postback.currency
 # bot_cost = false                        # bot clicks cost nothing unless true
 # max_click_cost = "1"                    # a click's own cost above this is stored without it
+# channel = "paid"                        # affiliate | paid | email | organic: what [attribution] ranks
 
 # A split test: offers (instead of url) and landers, each picked by weight (0 pauses one).
 # The landers' call to action links to https://your.domain/go/split-test?cid=<the click id>.
@@ -6753,6 +7354,11 @@ url = "https://offer.example.com/lp?cid={{click_id}}&s1={{sub1}}"
 # listed_ips = ["198.51.100.0/24"]        # listed_ip; and/or listed_ips_file = "/etc/tinytrack/datacenters.txt"
 # action = "flag"                         # flag | hold (review with `tinytrack review`) | reject
 
+# [attribution]                           # who gets the credit among a user's touches (uid=, POST /touch)
+# window_days = 30                        # touches up to this long before the conversion
+# priority = ["affiliate", "paid", "email"]   # the first channel with a touch wins; organic never
+# mode = "click"                          # "priority": the matrix decides even for a postback with a click id
+
 # [money]                                 # to report every currency in one
 # rates = {{ EUR = "1.08" }}                # 1 EUR = 1.08 report_currency
 # report_currency = "USD"                 # default postback.currency
@@ -6772,6 +7378,64 @@ pre{{background:#f4f4f4;padding:.8rem;overflow-x:auto;white-space:pre-wrap;word-
 <p>Send it twice: the second answer says <code>duplicate</code>.</p>
 </body></html>
 """
+
+
+class RawHTML(str):
+    """Markup html_table puts in a cell as it is (made here, never from input)."""
+
+
+def html_table(header: Iterable[str], rows: Iterable[Iterable[object]], empty: str) -> str:
+    """A table whose every cell is escaped (but RawHTML), or `empty` when it has no rows."""
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{v if isinstance(v, RawHTML) else e('' if v is None else str(v))}</td>" for v in row)
+        + "</tr>"
+        for row in rows
+    )
+    return f"<div class=scroll><table><tr>{head}</tr>{body}</table></div>" if body else f"<p class=muted>{e(empty)}</p>"
+
+
+def conversion_link(conversion_id: int) -> RawHTML:
+    return RawHTML(f'<a href="/admin/conversions/{int(conversion_id)}">{int(conversion_id)}</a>')
+
+
+def render_conversion(view: Mapping[str, Any]) -> str:
+    """/admin/conversions/<id>: one conversion, its history, and who got its credit and why."""
+    e = html.escape
+    fields = [(name, view[name]) for name in (*CONVERSION_COLUMNS, "user_id") if name not in ("flags",)]
+    flags = "; ".join(f"{k}: {v}" for k, v in (view["flags"] or {}).items())
+    decision = view["attribution"]
+    if decision is None:
+        credit = "<p class=muted>Credited to its click (the postback's click id).</p>"
+    else:
+        winner = decision["winner"]
+        credit = (
+            f"<p>Rule: <b>{e(decision['rule'])}</b>. Winner: "
+            + (e(f"{winner['kind']} {winner['id']} ({winner['channel']}, {winner['campaign']})") if winner else "nobody")
+            + ".</p>"
+            + html_table(
+                ("kind", "id", "channel", "campaign", "when", ""),
+                (
+                    (t["kind"], t["id"], t["channel"], t["campaign"], t["ts"], "winner" if t == winner else "")
+                    for t in decision["candidates"]
+                ),
+                "No touch in the window.",
+            )
+        )
+    sections = [
+        f'<h1>Conversion {int(view["id"])}</h1><p class=muted><a href="/admin">back to /admin</a></p>',
+        html_table(("field", "value"), [*fields, ("flags", flags)], ""),
+        "<h2>Credit</h2>" + credit,
+        "<h2>History</h2>"
+        + html_table(
+            ("at", "status", "payout"),
+            ((h["at"], h["status"], f"{h['payout']} {h['currency']}") for h in view["history"]),
+            "No history.",
+        ),
+    ]
+    return ADMIN_PAGE.format(body="\n".join(sections))
 
 
 def render_admin(
@@ -6797,17 +7461,7 @@ def render_admin(
     def figure(values: Mapping[str, str | None]) -> str:  # ROI and CPA: "-" where there is none
         return " ".join(f"{value} {cur}" for cur, value in values.items() if value is not None) or "-"
 
-    def table(header: Iterable[str], rows: Iterable[Iterable[object]], empty: str) -> str:
-        head = "".join(f"<th>{e(h)}</th>" for h in header)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{e('' if v is None else str(v))}</td>" for v in row) + "</tr>" for row in rows
-        )
-        return (
-            f"<div class=scroll><table><tr>{head}</tr>{body}</table></div>"
-            if body
-            else f"<p class=muted>{e(empty)}</p>"
-        )
-
+    table = html_table
     totals = {k: sum(row[k] for row in campaigns) for k in ("clicks", "conversions", "approved", "rejected")}
     revenue: Counter[str] = Counter()
     spent: Counter[str] = Counter()
@@ -6934,10 +7588,20 @@ def render_admin(
         ),
         "<h2>Latest conversions</h2>"
         + table(
-            ("when", "campaign", "sub1", "event", "status", "payout", "why"),
+            ("id", "when", "campaign", "sub1", "event", "status", "payout", "why", "credited by"),
             (
-                (iso_ms(at), c, s1, ev, st, f"{format_money(p)} {cur}", why)
-                for at, c, s1, ev, st, p, cur, why in conversions
+                (
+                    conversion_link(i),
+                    iso_ms(at),
+                    c,
+                    s1,
+                    ev,
+                    st,
+                    f"{format_money(p)} {cur}",
+                    why,
+                    orjson.loads(attribution)["rule"] if attribution else "its click",
+                )
+                for i, at, c, s1, ev, st, p, cur, why, attribution in conversions
             ),
             "No conversions yet.",
         ),

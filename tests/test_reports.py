@@ -533,9 +533,9 @@ async def test_after_a_status_change_by_status_has_no_empty_status_row(client, c
         ("from=2000-01-01&to=2026-03-01", "from: the range is at most 3660 days"),
         (
             "by=sub6",
-            "by: must be one of day, campaign, sub1, sub2, sub3, sub4, sub5, status, offer, lander, got 'sub6'",
+            "by: must be one of day, campaign, sub1, sub2, sub3, sub4, sub5, status, offer, lander, channel, got 'sub6'",
         ),
-        ("by=ts", "by: must be one of day, campaign, sub1, sub2, sub3, sub4, sub5, status, offer, lander, got 'ts'"),
+        ("by=ts", "by: must be one of day, campaign, sub1, sub2, sub3, sub4, sub5, status, offer, lander, channel, got 'ts'"),
         ("bots=yes", "bots: must be 0 or 1, got 'yes'"),
         ("format=xml", "format: must be json or csv, got 'xml'"),
         ("tz=Europe/Paris", "tz: totals are kept per UTC day, so only UTC is offered"),
@@ -930,9 +930,14 @@ async def test_admin_page_in_process(client, clock):
         ],
     ]
     latest = page.tables["Latest conversions"]
-    assert latest[0] == ["when", "campaign", "sub1", "event", "status", "payout", "why"]
-    assert latest[1] == ["2026-03-04T17:00:00.000Z", "spring", XSS, "conversion", "approved", "2.00 USD", ""]
-    assert latest[2] == ["2026-03-04T15:00:00.000Z", "spring", "", "conversion", "approved", "0.67 USD", ""]
+    assert latest[0] == ["id", "when", "campaign", "sub1", "event", "status", "payout", "why", "credited by"]
+    assert latest[1][1:] == [
+        "2026-03-04T17:00:00.000Z", "spring", XSS, "conversion", "approved", "2.00 USD", "", "its click"
+    ]
+    assert latest[2][1:] == [
+        "2026-03-04T15:00:00.000Z", "spring", "", "conversion", "approved", "0.67 USD", "", "its click"
+    ]
+    assert int(latest[1][0]) > int(latest[2][0])  # each links to its page (/admin/conversions/<id>)
     assert len(latest) == 1 + 14  # every conversion, newest first (fewer than 20)
     assert [
         "2026-03-04T15:00:00.000Z",
@@ -1083,12 +1088,12 @@ async def test_admin_page_in_headless_chromium(tmp_path):
                 "-",
             ],
         ]
-        latest = [cells[1:] for cells in page.tables["Latest conversions"][1:]]
+        latest = [cells[2:] for cells in page.tables["Latest conversions"][1:]]
         assert latest == [
-            ["spring", "beta", "conversion", "pending", "9.00 USD", ""],
-            ["spring", XSS, "conversion", "approved", "1.25 USD", ""],
-            ["summer", "", "conversion", "approved", "1.00 EUR", ""],
-            ["spring", "alpha", "conversion", "approved", "2.50 USD", ""],
+            ["spring", "beta", "conversion", "pending", "9.00 USD", "", "its click"],
+            ["spring", XSS, "conversion", "approved", "1.25 USD", "", "its click"],
+            ["summer", "", "conversion", "approved", "1.00 EUR", "", "its click"],
+            ["spring", "alpha", "conversion", "approved", "2.50 USD", "", "its click"],
         ]
         assert page.tables["Orphans"][1][1:] == ["0190a6b2-7c1d-7abc-8def-0123456789ab", "conversion", "3.00 USD", "1"]
     for name, size in (("admin.png", (1280, 1000)), ("admin-phone.png", (390, 844))):
@@ -1159,6 +1164,8 @@ async def test_metrics_counters_and_histograms(client, config):
     assert types == {
         "tinytrack_clicks_total": "counter",
         "tinytrack_click_cost_invalid_total": "counter",
+        "tinytrack_click_uid_invalid_total": "counter",
+        "tinytrack_touches_total": "counter",
         "tinytrack_lp_clicks_total": "counter",
         "tinytrack_flags_total": "counter",
         "tinytrack_postbacks_total": "counter",

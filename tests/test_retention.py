@@ -34,7 +34,9 @@ pytestmark = pytest.mark.anyio
 DAY = 86_400_000
 UA = {"user-agent": "Mozilla/5.0"}
 # What run_once reports, per rule: "clicks", "pii", "conversions", "orphans", "outbox".
-CLICKS, PII, CONVERSION_IPS, CONVERSIONS, ORPHANS, OUTBOX, UNIQUES = (rule.name for rule in tinytrack.PURGE_RULES)
+CLICKS, PII, CONVERSION_IPS, UIDS, TOUCHES, CONVERSION_UIDS, CONVERSIONS, ORPHANS, OUTBOX, UNIQUES = (
+    rule.name for rule in tinytrack.PURGE_RULES
+)
 
 
 @pytest.fixture
@@ -817,11 +819,14 @@ def test_purge_command_dry_run_changes_nothing_then_purge_removes(tmp_path: Path
         ["clicks", "deleted"],
         ["clicks", "ip cut to /24 or /48, user agent dropped"],
         ["conversions", "click address kept for ip_cluster dropped"],
+        ["clicks", "uid dropped"],
+        ["touches", "deleted"],
+        ["conversions", "user id dropped"],
         ["conversions", "deleted, with their history"],
         ["orphans", "deleted"],
         ["click_uniques", "older days' unique-click keys deleted"],
     ]
-    assert (would[1][2], would[3][2], would[4][2], would[5][2]) == ("1", "0", "1", "1"), dry.stdout
+    assert (would[1][2], would[3][2], would[7][2], would[8][2]) == ("1", "0", "1", "1"), dry.stdout
 
     done = run("purge", "-c", str(config), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -831,6 +836,9 @@ def test_purge_command_dry_run_changes_nothing_then_purge_removes(tmp_path: Path
         ["clicks", "deleted", "1"],
         ["clicks", "ip cut to /24 or /48, user agent dropped", "1"],  # the 100-day-old click was deleted, not cut
         ["conversions", "click address kept for ip_cluster dropped", "0"],  # no ip_cluster rule here
+        ["clicks", "uid dropped", "0"],  # no uids here
+        ["touches", "deleted", "0"],
+        ["conversions", "user id dropped", "0"],
         ["conversions", "deleted, with their history", "1"],
         ["orphans", "deleted", "1"],
         ["click_uniques", "older days' unique-click keys deleted", "0"],  # used past UNIQUE_MEMORY_KEYS only
@@ -846,7 +854,7 @@ def test_purge_command_dry_run_changes_nothing_then_purge_removes(tmp_path: Path
     assert rows(db, "PRAGMA freelist_count") == [(0,)]
 
     again = run("purge", "-c", str(config), cwd=tmp_path)
-    assert [line[-1] for line in table(again.stdout)[1:]] == ["0"] * 6
+    assert [line[-1] for line in table(again.stdout)[1:]] == ["0"] * 9
 
 
 def test_purge_dry_run_counts_what_the_purge_then_does(tmp_path: Path):
