@@ -1109,13 +1109,6 @@ class ClickIds:
         return value.to_bytes(16), ms
 
 
-def user_key(uid: str) -> bytes:
-    """What a conversion credited by a user id alone is keyed by in place of a click id:
-    21 bytes (no click id has that many), the uid hashed so the key outlives pii_days
-    without keeping it."""
-    return b"user:" + hashlib.sha256(uid.encode()).digest()[:16]
-
-
 def format_uuid(raw: bytes) -> str:
     h = raw.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
@@ -1164,8 +1157,11 @@ def parse_click_query(raw: bytes) -> tuple[dict[str, str], list[tuple[str, str]]
         field = CLICK_FIELD_NAMES.get(name)
         if field is None:
             rest.append((strip_controls(name, MAX_VALUE_CHARS), value))
-        elif field not in values:  # the first of repeated parameters wins
-            values[field] = value
+        else:
+            if field not in values:  # the first of repeated parameters wins
+                values[field] = value
+            if field == "uid":  # the site's own parameters: still passed on (pass_query) as they came
+                rest.append((strip_controls(name, MAX_VALUE_CHARS), value))
     return values, rest
 
 
@@ -1892,7 +1888,7 @@ def recomputed_flags(
     click_kept: bool,
     bot: bool,
     ip: str | None,
-    ctit_ms: int,
+    ctit_ms: int | None,
     cluster: int,
 ) -> dict[str, str]:
     """A past conversion's flags under today's rules: its click's as they were stored
@@ -1918,6 +1914,8 @@ def recomputed_flags(
 
 
 UNCREDITED = ("(organic)", "(none)")  # the campaign of a conversion nobody is credited with
+MAX_CANDIDATES = 500  # a user's latest clicks, and touches, weighed for a conversion
+MAX_SHOWN_CANDIDATES = 50  # of those, the latest stored with the decision (and the winner)
 
 
 class Touch(NamedTuple):
@@ -1931,17 +1929,36 @@ class Touch(NamedTuple):
     ts: int  # unix ms
 
     def view(self) -> dict[str, Any]:
-        return {"kind": self.kind, "id": self.id, "channel": self.channel, "campaign": self.campaign, "ts": iso_ms(self.ts)}
+        return {
+            "kind": self.kind,
+            "id": self.id,
+            "channel": self.channel,
+            "campaign": self.campaign,
+            "ts": iso_ms(self.ts),
+        }
 
 
-def forward_facts(row: Sequence, attribution: str | None) -> ForwardFacts:
-    """A stored conversion's ForwardFacts (click_id .. offer); one credited by a user's
-    touches (`attribution`) names the click credited (b"": a touch's, or nobody's)."""
+def forward_facts(row: Sequence, by_matrix: bool, credited_click: bytes | None) -> ForwardFacts:
+    """A stored conversion's ForwardFacts (click_id .. offer); one credited by the
+    matrix (`by_matrix`) names the click credited (b"": a touch's, or nobody's)."""
     facts = ForwardFacts(*row)
-    if attribution is None:
-        return facts
-    winner = orjson.loads(attribution)["winner"]
-    return facts._replace(click_id=parse_click_id(winner["id"]) if winner and winner["kind"] == "click" else b"")
+    return facts._replace(click_id=credited_click or b"") if by_matrix else facts
+
+
+def forgotten_decision(stored: str) -> str:
+    """A stored decision once its person is forgotten: the rule, and the winner's kind,
+    channel and campaign (the credit stands); no touch's id or time."""
+    decision = orjson.loads(stored)
+    winner = decision["winner"]
+    return orjson.dumps(
+        {
+            "rule": decision["rule"],
+            "winner": winner and {k: winner[k] for k in ("kind", "channel", "campaign")},
+            "candidates": [],
+            "candidates_total": decision.get("candidates_total", len(decision["candidates"])),
+            "forgotten": True,
+        }
+    ).decode()
 
 
 class Decision(NamedTuple):
@@ -1955,10 +1972,15 @@ class Decision(NamedTuple):
     candidates: tuple[Touch, ...]
 
     def view(self) -> dict[str, Any]:
+        """As stored and shown: the latest MAX_SHOWN_CANDIDATES candidates (and the winner)."""
+        shown = self.candidates[-MAX_SHOWN_CANDIDATES:]
+        if self.winner is not None and self.winner not in shown:
+            shown = (self.winner, *shown)
         return {
             "rule": self.rule,
             "winner": self.winner and self.winner.view(),
-            "candidates": [touch.view() for touch in self.candidates],
+            "candidates": [touch.view() for touch in shown],
+            "candidates_total": len(self.candidates),
         }
 
 
@@ -2914,10 +2936,14 @@ SCHEMA = [
     );
     CREATE UNIQUE INDEX touches_key ON touches (uid, campaign, ts / 1000);
     CREATE INDEX touches_ts ON touches (ts);
-    -- A conversion credited by a user id: the id (cut after pii_days) and the decision,
-    -- JSON {rule, winner, candidates}. Its click_id is then the user's key (see user_key).
+    -- A conversion credited by the matrix: the user id (cut after pii_days) and the
+    -- decision, JSON {rule, winner, candidates}. Its click_id is then the user's key
+    -- (Database.user_key).
     ALTER TABLE conversions ADD COLUMN uid TEXT;
     ALTER TABLE conversions ADD COLUMN attribution TEXT;
+    ALTER TABLE conversions ADD COLUMN credited_click BLOB;  -- the click the decision credited, if any
+    -- user_key's secret: a user's key can't be computed without this database.
+    INSERT INTO meta (key, value) VALUES ('user_key_secret', hex(randomblob(32)));
     CREATE INDEX conversions_uid ON conversions (uid) WHERE uid IS NOT NULL;
     """,
 ]
@@ -3111,7 +3137,9 @@ def insert_conversion_sql(suspect: bool, user: bool) -> str:
     (three binds are ~1.5% of a postback): a suspect one's flags, its click's address
     kept (ip_cluster) and the network's status while held; a user-credited one's uid
     and decision."""
-    columns = (("flags", "click_ip", "network_status") if suspect else ()) + (("uid", "attribution") if user else ())
+    columns = (("flags", "click_ip", "network_status") if suspect else ()) + (
+        ("uid", "attribution", "credited_click") if user else ()
+    )
     return _INSERT_CONVERSION.format(
         extra_columns="".join(f", {c}" for c in columns), extra_values=f", {NULL_IF_NONE}" * len(columns)
     )
@@ -3271,6 +3299,13 @@ class StoredConversion(NamedTuple):
     facts: ForwardFacts
 
 
+def stored_click_facts(stored: StoredConversion) -> ClickFacts:
+    """The click facts a stored conversion copied (its time aside), for a later postback
+    that finds it by a user's key rather than through its click."""
+    facts = stored.facts
+    return ClickFacts(0, facts.campaign, *facts[2:8], facts.lander, facts.offer)
+
+
 class DueDelivery(NamedTuple):
     id: int
     url: str
@@ -3356,6 +3391,7 @@ class Database:
         self._unique_added: list[tuple[int, int]] = []  # (day, key) added in this transaction
         self._busy_timeout: int | None = None
         self._synchronous_full: bool | None = None
+        self._user_secret: bytes | None = None  # see user_key
 
     @classmethod
     def open(cls, path: str) -> Database:
@@ -3701,6 +3737,11 @@ class Database:
         decide (see _apply_by_user); else (`by_click`) its click does."""
         if not by_click and (pb.click_id is None or policy.attribution.mode == "priority"):
             return self._apply_by_user(pb, now_ms, policy)
+        if pb.user_id is not None and not by_click:  # an order first told by its user id alone is that one
+            keyed = dataclasses.replace(pb, click_id=self.user_key(pb.user_id))
+            existing = self._find_conversion(keyed)
+            if existing is not None:
+                return self._existing_conversion(keyed, stored_click_facts(existing), existing, now_ms, policy)
         row = self.con.execute(CLICK_FOR_POSTBACK, (bytearray(pb.click_id),)).fetchone()
         if row is None:
             return self._record_orphan(pb, now_ms)
@@ -3729,11 +3770,12 @@ class Database:
         return self._change_status(pb, click, existing, now_ms, policy)
 
     def _apply_by_user(self, pb: Postback, now_ms: int, policy: WritePolicy) -> PostbackOutcome:
-        """A postback credited by its user's touches: its user_id's (or its click's uid),
-        decided by attribute() once, when it is new, and stored with the decision. Keyed
-        by its click id when it has one, else by the user (user_key): a retry, or a later
-        status, finds the same conversion whoever its touches would credit by then."""
-        given = None
+        """A postback credited by its user's touches: its user_id's (or, under mode
+        "priority", its click's uid), decided by attribute() once, when it is new, and
+        stored with the decision. Keyed by the user (user_key) and its txid or event, so
+        one order is one conversion whichever click id or user id each postback for it
+        names, and a retry or a later status finds it whoever would be credited by then."""
+        given, ts = None, pb.ts_ms
         if pb.click_id is not None:
             given = self.con.execute(
                 "SELECT id, ts, campaign, uid FROM clicks WHERE id = ?", (bytearray(pb.click_id),)
@@ -3741,20 +3783,19 @@ class Database:
         uid = pb.user_id or (given and given[3])
         if uid is None:  # a click id and no user to weigh: its click decides, as in mode "click"
             return self.apply_postback(pb, now_ms, policy, by_click=True)
-        keyed = pb if pb.click_id is not None else dataclasses.replace(pb, click_id=user_key(uid))
+        if given is not None and ts < given[1]:  # as the click path: clock skew, or a ts before its click
+            if pb.ts_given and given[1] - ts > EARLY_TS_TOLERANCE_MS:
+                problem = f"ts: is before its click ({iso_ms(given[1])}), got {iso_ms(ts)}"
+                return PostbackOutcome(PostbackResult.INVALID, reason=problem, campaign=given[2])
+            ts = given[1]
+        keyed = dataclasses.replace(pb, click_id=self.user_key(uid), ts_ms=ts)
         existing = self._find_conversion(keyed)
         if existing is not None:
-            facts = existing.facts
-            return self._existing_conversion(
-                keyed, ClickFacts(0, facts.campaign, *facts[2:8], facts.lander, facts.offer), existing, now_ms, policy
-            )
-        conf = policy.attribution
-        since = pb.ts_ms - conf.window_days * DAY_MS
-        touches = self.user_touches(uid, since, pb.ts_ms, policy.campaigns)
+            return self._existing_conversion(keyed, stored_click_facts(existing), existing, now_ms, policy)
+        touches = self.user_touches(uid, ts, policy)
         if given is not None and not any(t.kind == "click" and t.id == format_uuid(given[0]) for t in touches):
-            channel = campaign.channel if (campaign := policy.campaigns.get(given[2])) else "paid"
-            touches.append(Touch("click", format_uuid(given[0]), channel, given[2], given[1]))
-        decision = attribute(touches, pb.ts_ms, conf)
+            touches += self.candidate_clicks([(given[0], given[2], given[1])], ts, policy)  # named, without the uid
+        decision = attribute(touches, ts, policy.attribution)
         winner = decision.winner
         row = None
         if winner is not None and winner.kind == "click":
@@ -3763,32 +3804,58 @@ class Database:
             click, sub1_total, click_cost = ClickFacts(*row[:8], *row[11:13]), OTHER_SUB1 if row[8] else None, row[9:11]
             suspect, credited = row[13:], parse_click_id(winner.id)
         else:  # a touch, or nobody: no click's facts to copy
-            click = ClickFacts(winner.ts if winner else pb.ts_ms, decision.campaign, *(None,) * 6, None, None)
+            click = ClickFacts(winner.ts if winner else ts, decision.campaign, *(None,) * 6, None, None)
             sub1_total, click_cost, suspect, credited = None, (None, None), (0, None, None), b""
         user = (uid, orjson.dumps(decision.view()).decode(), credited)
-        created = self._new_conversion(keyed, click, sub1_total, click_cost, suspect, pb.ts_ms, now_ms, policy, user)
+        created = self._new_conversion(keyed, click, sub1_total, click_cost, suspect, ts, now_ms, policy, user)
         if created is not None:
             return created
         return self._existing_conversion(keyed, click, self._find_conversion(keyed), now_ms, policy)
 
-    def user_touches(self, uid: str, since: int, until: int, campaigns: Mapping[str, Campaign]) -> list[Touch]:
-        """A user's clicks (by their uid; a campaign's channel as configured now, "paid"
-        for one no longer configured) and touches from `since` to `until`: one indexed
-        read each."""
+    def user_touches(self, uid: str, ts: int, policy: WritePolicy) -> list[Touch]:
+        """A user's candidates for a conversion at `ts`: their human clicks (by uid) and
+        their touches in the attribution window, the latest MAX_CANDIDATES of each (clicks
+        are unauthenticated: a flood of clicks naming a user must not stall the writer);
+        one indexed read each."""
+        since = ts - policy.attribution.window_days * DAY_MS
         clicks = self.con.execute(
-            "SELECT id, campaign, ts FROM clicks WHERE uid = ? AND ts >= ? AND ts <= ?", (uid, since, until)
-        )
-        touches = [
-            Touch("click", format_uuid(cid), c.channel if (c := campaigns.get(campaign)) else "paid", campaign, ts)
-            for cid, campaign, ts in clicks
-        ]
+            """SELECT id, campaign, ts FROM clicks WHERE uid = ? AND ts >= ? AND ts <= ? AND bot = 0
+               ORDER BY ts DESC LIMIT ?""",
+            (uid, since, ts, MAX_CANDIDATES),
+        ).fetchall()
+        touches = self.candidate_clicks(clicks, ts, policy)
         touches.extend(
-            Touch("touch", str(tid), channel, campaign, ts)
-            for tid, channel, campaign, ts in self.con.execute(
-                "SELECT id, channel, campaign, ts FROM touches WHERE uid = ? AND ts >= ? AND ts <= ?", (uid, since, until)
+            Touch("touch", str(tid), channel, campaign, at)
+            for tid, channel, campaign, at in self.con.execute(
+                """SELECT id, channel, campaign, ts FROM touches WHERE uid = ? AND ts >= ? AND ts <= ?
+                   ORDER BY ts DESC LIMIT ?""",
+                (uid, since, ts, MAX_CANDIDATES),
             )
         )
         return touches
+
+    @staticmethod
+    def candidate_clicks(clicks: Iterable[tuple], ts: int, policy: WritePolicy) -> list[Touch]:
+        """Clicks (id, campaign, ts) as candidates: with their campaign's channel as
+        configured now ("paid", the default, for one no longer configured), those past
+        their campaign's own window_days left out (the conversion would be rejected)."""
+        candidates = []
+        for cid, name, at in clicks:
+            campaign = policy.campaigns.get(name)
+            if campaign is not None and campaign.window_days is not None and ts - at > campaign.window_days * DAY_MS:
+                continue
+            candidates.append(Touch("click", format_uuid(cid), campaign.channel if campaign else "paid", name, at))
+        return candidates
+
+    def user_key(self, uid: str) -> bytes:
+        """What a conversion credited by the matrix is keyed by in place of a click id:
+        21 bytes (no click id has that many), the uid keyed-hashed with this database's
+        own secret, so the key outlives pii_days without keeping the uid, nor letting one
+        be guessed back from it."""
+        if self._user_secret is None:
+            row = self.con.execute("SELECT value FROM meta WHERE key = 'user_key_secret'").fetchone()
+            self._user_secret = bytes.fromhex(row[0])
+        return b"user:" + hmac.digest(self._user_secret, uid.encode(), "sha256")[:16]
 
     def add_touch(self, touch: NewTouch, now_ms: int) -> tuple[str, int]:
         """Store a touch: ("created", id), or ("duplicate", id) for one of the same user,
@@ -3813,12 +3880,17 @@ class Database:
         personal fields of their conversions blanked (see _blank_conversions). Counts of
         what it did; nothing left to do when all are 0. `dry_run`: counts all, changes nothing."""
         done: Counter = Counter()
-        key = user_key(uid)
+        key = self.user_key(uid)
         if dry_run:
             ids = [row[0] for row in self.con.execute("SELECT id FROM clicks WHERE uid = ?", (uid,))]
             done["clicks deleted"] = len(ids)
-            done["touches deleted"] = self.con.execute("SELECT count(*) FROM touches WHERE uid = ?", (uid,)).fetchone()[0]
-            found = {row[0] for row in self.con.execute("SELECT id FROM conversions WHERE uid = ? OR click_id = ?", (uid, key))}
+            done["touches deleted"] = self.con.execute("SELECT count(*) FROM touches WHERE uid = ?", (uid,)).fetchone()[
+                0
+            ]
+            found = {
+                row[0]
+                for row in self.con.execute("SELECT id FROM conversions WHERE uid = ? OR click_id = ?", (uid, key))
+            }
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
                 found.update(
@@ -3844,43 +3916,64 @@ class Database:
         done["conversions blanked"] += self._blank_conversions((), conversions)
         return done
 
-    def forget_ip(self, ip: str, after: bytes, limit: int, dry_run: bool = False) -> tuple[Counter, bytes | None]:
-        """One batch of erasing an address: of the next `limit` clicks after `after` (clicks
-        have no index by address: a walk through them), those from `ip` deleted; at the
-        walk's first batch also the conversions with it (their click's, or the sender's)
-        blanked, and orphans' and histories' copies of it dropped. Counts of what it did,
-        and where the walk goes on (None: done). `dry_run`: counts all, changes nothing."""
+    # Where an address may be, and how forget_ip walks each table (no index by address:
+    # a walk in batches, so the writer is never held for a whole table).
+    FORGET_IP_WALKS = (
+        ("clicks", "id", b""),
+        ("conversions", "id", 0),
+        ("conversion_history", "rowid", 0),
+        ("orphans", "id", 0),
+    )
+
+    def forget_ip(self, ip: str, table: str, after: Any, limit: int) -> tuple[Counter, Any]:
+        """One batch of erasing an address from `table`: of its next `limit` rows after
+        `after`, the clicks from `ip` deleted (and their conversions blanked), the
+        conversions whose click or sender it was blanked, the histories' and orphans'
+        copies of it dropped. Counts of what it did, and where the walk goes on (None:
+        this table is done)."""
         done: Counter = Counter()
-        if dry_run:
-            done["clicks deleted"] = self.con.execute("SELECT count(*) FROM clicks WHERE ip = ?", (ip,)).fetchone()[0]
-            done["conversions blanked"] = self.con.execute(
-                "SELECT count(*) FROM conversions WHERE click_ip = ? OR ip = ?", (ip, ip)
-            ).fetchone()[0]
-            return done, None
-        if not after:
-            conversions = [
-                row[0] for row in self.con.execute("SELECT id FROM conversions WHERE click_ip = ? OR ip = ?", (ip, ip))
-            ]
-            done["conversions blanked"] += self._blank_conversions((), conversions)
-            self.con.execute("UPDATE conversion_history SET ip = NULL WHERE ip = ?", (ip,))
-            self.con.execute("UPDATE orphans SET ip = NULL WHERE ip = ?", (ip,))
+        key = dict((name, column) for name, column, _ in self.FORGET_IP_WALKS)[table]
         end, scanned = self.con.execute(
-            "SELECT max(id), count(*) FROM (SELECT id FROM clicks WHERE id > ? ORDER BY id LIMIT ?)", (after, limit)
+            f"SELECT max({key}), count(*) FROM (SELECT {key} FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT ?)",
+            (after, limit),
         ).fetchone()
         if not scanned:
             return done, None
-        ids = [
-            row[0] for row in self.con.execute("SELECT id FROM clicks WHERE id > ? AND id <= ? AND ip = ?", (after, end, ip))
-        ]
-        done["conversions blanked"] += self._blank_conversions(ids)
-        done["clicks deleted"] = self._delete_clicks(ids)
+        span = f"{key} > ? AND {key} <= ?"
+        if table == "clicks":
+            ids = [
+                row[0] for row in self.con.execute(f"SELECT id FROM clicks WHERE {span} AND ip = ?", (after, end, ip))
+            ]
+            done["conversions blanked"] = self._blank_conversions(ids)
+            done["clicks deleted"] = self._delete_clicks(ids)
+        elif table == "conversions":
+            ids = [
+                row[0]
+                for row in self.con.execute(
+                    f"SELECT id FROM conversions WHERE {span} AND (click_ip = ? OR ip = ?)", (after, end, ip, ip)
+                )
+            ]
+            done["conversions blanked"] = self._blank_conversions((), ids)
+        else:
+            self.con.execute(f"UPDATE {table} SET ip = NULL WHERE {span} AND ip = ?", (after, end, ip))
         return done, end
+
+    def forget_ip_due(self, ip: str) -> Counter:
+        """What forget_ip would do (it reads every row: for --dry-run)."""
+        done: Counter = Counter()
+        done["clicks deleted"] = self.con.execute("SELECT count(*) FROM clicks WHERE ip = ?", (ip,)).fetchone()[0]
+        done["conversions blanked"] = self.con.execute(
+            """SELECT count(*) FROM conversions WHERE click_ip = ? OR ip = ?
+                   OR click_id IN (SELECT id FROM clicks WHERE ip = ?)""",
+            (ip, ip, ip),
+        ).fetchone()[0]
+        return done
 
     def _blank_conversions(self, click_ids: Sequence[bytes], conversion_ids: Sequence[int] = ()) -> int:
         """Blank the personal fields of conversions (those of `click_ids`, and by id): the
-        user id, the click's address, the sender's address (also in their history); a
-        user's key (user_key, a hash of the user id) becomes a random one. Their
-        campaign, money and status stay, as do the daily totals."""
+        user id, the click's address, the sender's address (also in their history), the
+        touches their decision weighed (see forgotten_decision); a user's key (user_key)
+        becomes a random one. Their campaign, money and status stay, as do the daily totals."""
         ids = set(conversion_ids)
         for start in range(0, len(click_ids), 500):
             chunk = click_ids[start : start + 500]
@@ -3891,6 +3984,11 @@ class Database:
                 )
             )
         for cid in ids:
+            (decision,) = self.con.execute("SELECT attribution FROM conversions WHERE id = ?", (cid,)).fetchone()
+            if decision is not None:  # the credit stays; the person's touches (ids, times) go
+                self.con.execute(
+                    "UPDATE conversions SET attribution = ? WHERE id = ?", (forgotten_decision(decision), cid)
+                )
             self.con.execute(
                 """UPDATE conversions SET uid = NULL, click_ip = NULL, ip = NULL,
                        click_id = CASE WHEN length(click_id) = 21 THEN CAST(x'757365723a' || randomblob(16) AS BLOB)
@@ -3934,13 +4032,13 @@ class Database:
         row = self.con.execute(
             f"""SELECT id, status, reason, ts / 86400000, payout, currency, sub1_total, cost_model, cost_currency,
                        click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost, lander, offer,
-                       attribution
+                       attribution IS NOT NULL, credited_click
                 FROM conversions WHERE {where}""",
             args,
         ).fetchone()
         if row is None:
             return None
-        return StoredConversion(*row[:9], forward_facts(row[9:22], row[22]))
+        return StoredConversion(*row[:9], forward_facts(row[9:22], row[22], row[23]))
 
     def _network_word(self, pb: Postback, held: StoredConversion, now_ms: int, campaign: str) -> PostbackOutcome:
         """A postback for a held conversion: it stays held (pending, not forwarded), and what
@@ -4009,12 +4107,15 @@ class Database:
         an hour before it (ip_cluster looks back an hour), in the order they converted:
         id, created_at, ts, click_ts, campaign, status, reason, flags, the click's stored flags
         (None: purged, or none), bot, its address (kept for ip_cluster, else the click's; None
-        once pii_days cut it: a /24 is not the address), and whether the click is kept."""
+        once pii_days cut it: a /24 is not the address), whether the click is kept, and whether
+        it was credited to a click at all (not: by the matrix to a touch, or to nobody). The
+        click is the one credited: its own, or the one the matrix chose."""
         return self.con.execute(
             """SELECT c.id, c.created_at, c.ts, c.click_ts, c.campaign, c.status, c.reason, c.flags,
                       k.flags, coalesce(k.bot, 0), coalesce(c.click_ip, CASE WHEN k.ua IS NOT NULL THEN k.ip END),
-                      k.id IS NOT NULL
-               FROM conversions AS c LEFT JOIN clicks AS k ON k.id = c.click_id
+                      k.id IS NOT NULL, c.attribution IS NULL OR c.credited_click IS NOT NULL
+               FROM conversions AS c
+               LEFT JOIN clicks AS k ON k.id = CASE WHEN c.attribution IS NULL THEN c.click_id ELSE c.credited_click END
                WHERE c.created_at >= ? ORDER BY c.ts, c.id""",
             (since_ms - 3_600_000,),
         ).fetchall()
@@ -4157,7 +4258,7 @@ class Database:
                 NO_TEXT if click.lander is None else click.lander,
                 NO_TEXT if click.offer is None else click.offer,
                 *suspect,
-                *(user[:2] if user else ()),
+                *((user[0], user[1], bytearray(user[2]) or NO_TEXT) if user else ()),
             ),
         ).fetchone()
         if row is None:
@@ -4229,6 +4330,8 @@ class Database:
     ) -> bool:
         """Queue the conversion's forward in the same transaction, as plan_forward says;
         True if a delivery was queued."""
+        if not facts.click_id:  # credited by the matrix to a posted touch: no click the source could match
+            return False
         plan = plan_forward(campaign, facts.event, status)
         told = False
         if plan.reversal:
@@ -4419,13 +4522,13 @@ class Database:
         """Counted conversions created since a time in these campaigns: id, facts, status, payout, currency."""
         rows = self.con.execute(
             f"""SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost, lander, offer,
-                       status, payout, currency, attribution
+                       status, payout, currency, attribution IS NOT NULL, credited_click
                 FROM conversions WHERE created_at >= ? AND reason IS NULL AND campaign IN ({",".join("?" * len(campaigns))})
                 ORDER BY id""",
             (since_ms, *campaigns),
         ).fetchall()
-        for conversion_id, *facts, status, payout, currency, attribution in rows:
-            yield conversion_id, forward_facts(facts, attribution), status, payout, currency
+        for conversion_id, *facts, status, payout, currency, by_matrix, credited in rows:
+            yield conversion_id, forward_facts(facts, by_matrix, credited), status, payout, currency
 
     def deliveries(self, since_ms: int, after_id: int, limit: int, state: str | None) -> list[dict]:
         """Deliveries created since a time, oldest first."""
@@ -4898,9 +5001,7 @@ class Store:
 
     def reconfigure(self, config: Config) -> None:
         """Campaigns, forwarding and the sub1 cap: the next batch writes with these."""
-        self._policy = WritePolicy(
-            config.campaigns, config.forward, config.retention.sub1_per_day, config.attribution
-        )
+        self._policy = WritePolicy(config.campaigns, config.forward, config.retention.sub1_per_day, config.attribution)
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -5945,7 +6046,12 @@ class TinyTrack:
                 raise HTTPError(Refusal.UNAVAILABLE, headers=[(b"retry-after", b"5")]) from None
         except HTTPError as exc:
             self.touches[str(exc.status)] += 1
-            log.log(logging.DEBUG if exc.refusal is Refusal.UNAVAILABLE else logging.INFO, "touch %d %s", exc.status, exc.message)
+            log.log(
+                logging.DEBUG if exc.refusal is Refusal.UNAVAILABLE else logging.INFO,
+                "touch %d %s",
+                exc.status,
+                exc.message,
+            )
             return await send_refusal(send, exc)
         self.touches[result] += 1
         await send_json(send, 200, {"status": result, "id": touch_id})
@@ -6904,7 +7010,7 @@ def cmd_flags(args: argparse.Namespace) -> int:
         # ip_cluster: conversions on one address's clicks in the hour up to each, in ts order
         recent: dict[str, list[int]] = {}
         changes: list[tuple[int, dict | None, FraudConfig]] = []
-        for cid, created, ts, click_ts, name, _status, _reason, stored, click_json, bot, ip, kept in facts:
+        for cid, created, ts, click_ts, name, _status, _reason, stored, click_json, bot, ip, kept, clicked in facts:
             campaign = config.campaigns.get(name)
             if campaign is None:
                 continue  # no longer configured: its conversions keep what they have
@@ -6917,7 +7023,8 @@ def cmd_flags(args: argparse.Namespace) -> int:
                 cluster = min(len(times), limit + 1) if limit is not None else 0  # as the writer counts
             if created < since:
                 continue  # only counted for ip_cluster
-            flags = recomputed_flags(fraud, stored, click_json, bool(kept), bool(bot), ip, ts - click_ts, cluster)
+            ctit = ts - click_ts if clicked else None  # credited to a touch: no click to time
+            flags = recomputed_flags(fraud, stored, click_json, bool(kept), bool(bot), ip, ctit, cluster)
             if flags != orjson.loads(stored or "{}"):
                 changes.append((cid, flags or None, fraud))
         now_ms = int(time.time() * 1000)
@@ -6974,11 +7081,15 @@ def cmd_forget(args: argparse.Namespace) -> int:
                     break
         else:
             for address in dict.fromkeys((args.ip, str(parse_address(args.ip)))):  # as written, and as it reads
-                after = b""
-                while after is not None:
-                    with nullcontext() if args.dry_run else db.transaction(fsync=True):
-                        done, after = db.forget_ip(address, after, FORGET_BATCH, args.dry_run)
-                    total.update(done)
+                if args.dry_run:
+                    total.update(db.forget_ip_due(address))
+                    continue
+                for table, _, start in Database.FORGET_IP_WALKS:
+                    after = start
+                    while after is not None:
+                        with db.transaction(fsync=True):
+                            done, after = db.forget_ip(address, table, after, FORGET_BATCH)
+                        total.update(done)
     who = f"user id {args.user_id}" if args.user_id is not None else f"address {args.ip}"
     what = ", ".join(f"{n} {name}" for name, n in sorted(total.items()) if n)
     print(f"{'would forget' if args.dry_run else 'forgot'} {who}: {what or 'nothing found'}")
@@ -7413,7 +7524,11 @@ def render_conversion(view: Mapping[str, Any]) -> str:
         winner = decision["winner"]
         credit = (
             f"<p>Rule: <b>{e(decision['rule'])}</b>. Winner: "
-            + (e(f"{winner['kind']} {winner['id']} ({winner['channel']}, {winner['campaign']})") if winner else "nobody")
+            + (
+                e(f"{winner['kind']} {winner['id']} ({winner['channel']}, {winner['campaign']})")
+                if winner
+                else "nobody"
+            )
             + ".</p>"
             + html_table(
                 ("kind", "id", "channel", "campaign", "when", ""),

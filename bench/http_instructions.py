@@ -8,7 +8,9 @@ noisy machine doesn't move. bench/instructions.py counts the app alone, in-proce
 Each REPO's `tinytrack serve` runs under callgrind; one keep-alive connection from
 this process (not counted) sends N requests, then SIGTERM; at two values of N, the
 difference in the server's instructions over the difference in N is one request's
-cost, start-up and shutdown cancelled out. Scenarios: clicks (one visitor, as wrk
+cost, start-up and shutdown cancelled out. An idle server still runs (uvicorn ticks ten
+times a second), so each run's time up, times the idle rate (measured too: two idle runs
+of different lengths), is taken out first; a slower machine then changes nothing. Scenarios: clicks (one visitor, as wrk
 sends them) and click + postback pairs (each postback for the click just made).
 --fraud turns every [fraud] rule on (as bench/run --with-fraud: past 120 clicks a
 minute from the one address, every click is ip_flood; every postback ctit_fast and
@@ -46,7 +48,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_server(python: str, repo: Path, n: int, scenario: str, fraud: bool) -> int:
+def run_server(python: str, repo: Path, n: int, scenario: str, fraud: bool, idle: float = 0) -> tuple[int, float]:
+    """The server's instructions, and the seconds it was up and serving (from its first
+    answer to SIGTERM), for `n` requests (or none and `idle` seconds)."""
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         config = Path(tmp) / "config.toml"
@@ -58,7 +62,16 @@ def run_server(python: str, repo: Path, n: int, scenario: str, fraud: bool) -> i
         )
         out = Path(tmp) / "callgrind.out"
         server = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", "--fair-sched=yes", f"--callgrind-out-file={out}", python, "-m", "tinytrack", "serve"]
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--fair-sched=yes",
+                f"--callgrind-out-file={out}",
+                python,
+                "-m",
+                "tinytrack",
+                "serve",
+            ]
             + ["-c", str(config)],
             cwd=tmp,
             env={**os.environ, "PYTHONPATH": str(repo)},
@@ -68,6 +81,8 @@ def run_server(python: str, repo: Path, n: int, scenario: str, fraud: bool) -> i
         )
         try:
             connection = connect(port, server)
+            up = time.monotonic()
+            time.sleep(idle)
             for _ in range(n):
                 connection.request("GET", "/c/bench?sub1=abc&sub2=xyz", headers={"user-agent": UA})
                 answer = connection.getresponse()
@@ -81,12 +96,13 @@ def run_server(python: str, repo: Path, n: int, scenario: str, fraud: bool) -> i
                     assert done.status == 200, done.status
             connection.close()
         finally:
+            up = time.monotonic() - up if "up" in locals() else 0.0
             server.send_signal(signal.SIGTERM)
             _, stderr = server.communicate(timeout=600)
         found = re.search(r"Collected : (\d+)", stderr)
         if server.returncode or not found:
             raise SystemExit(f"http_instructions: the server under valgrind failed:\n{stderr[-2000:]}")
-        return int(found.group(1))
+        return int(found.group(1)), up
 
 
 def connect(port: int, server: subprocess.Popen) -> http.client.HTTPConnection:
@@ -95,7 +111,7 @@ def connect(port: int, server: subprocess.Popen) -> http.client.HTTPConnection:
         if server.poll() is not None:
             raise SystemExit(f"http_instructions: the server exited:\n{server.stderr.read()[-2000:]}")
         try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
             connection.request("GET", "/healthz")
             connection.getresponse().read()
             return connection
@@ -116,12 +132,19 @@ def main() -> int:
         raise SystemExit("http_instructions: needs valgrind (apt-get install valgrind)")
     print(f"| scenario{' (every fraud rule on)' if args.fraud else ''} | {' | '.join(map(str, args.repos))} |")
     print(f"|---|{'---:|' * len(args.repos)}")
+    rates = {}
+    for repo in args.repos:  # instructions per second of an idle server
+        short = run_server(args.python, repo.resolve(), 0, "clicks", args.fraud, idle=5)
+        long = run_server(args.python, repo.resolve(), 0, "clicks", args.fraud, idle=25)
+        rates[repo] = (long[0] - short[0]) / (long[1] - short[1])
+    print(f"| idle (instructions/second) | {' | '.join(f'{rates[repo]:,.0f}' for repo in args.repos)} |")
     for scenario, label in (("clicks", "clicks, one visitor"), ("pairs", "click + its postback")):
         cells = []
         for repo in args.repos:
             small = run_server(args.python, repo.resolve(), args.small, scenario, args.fraud)
             large = run_server(args.python, repo.resolve(), args.large, scenario, args.fraud)
-            cells.append(f"{(large - small) / (args.large - args.small):,.0f}")
+            busy = (large[0] - small[0]) - rates[repo] * (large[1] - small[1])
+            cells.append(f"{busy / (args.large - args.small):,.0f}")
         print(f"| {label} (instructions/request) | {' | '.join(cells)} |", flush=True)
     return 0
 

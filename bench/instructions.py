@@ -118,6 +118,7 @@ SCENARIOS = (
     ("clicks with &cost= (cpc campaign)", "sub1=abc&sub2=xyz&cost=0.0125", False),
     ("clicks, 2 landers x 2 offers", "funnel:sub1=abc&sub2=xyz", False),
     ("LP clicks (each with its click, stored directly)", "lp", False),
+    ("clicks with &uid= (attribution)", "sub1=abc&sub2=xyz&uid=u-1001", False),
     ("clicks, every fraud rule on (each one ip_flood)", "fraud:sub1=abc&sub2=xyz", False),
     ("postbacks, every fraud rule on (each ctit_fast)", "fraud:postbacks", False),
 )

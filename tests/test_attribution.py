@@ -5,6 +5,7 @@ id, the stored explanation, by=channel, forgetting a person, and retention."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import sqlite3
 import subprocess
@@ -87,19 +88,44 @@ ORGANIC = touch("touch", "organic", 2, "8")
         ([PAID, EMAIL, AFF], AFF, "affiliate", "affiliate: the last affiliate touch in the 30-day window"),
         ([AFF, AFF_LATER, PAID], AFF_LATER, "affiliate", "affiliate: the last affiliate touch"),
         ([AFF, PAID_LATEST], AFF, "affiliate", "affiliate:"),  # a later paid click doesn't take an affiliate's sale
-        ([PAID, PAID_LATEST, EMAIL], PAID_LATEST, "paid", "paid: the last paid touch in the 30-day window; no affiliate touch"),
-        ([EMAIL, ORGANIC], EMAIL, "email", "email: the last email touch in the 30-day window; no affiliate or paid touch"),
+        (
+            [PAID, PAID_LATEST, EMAIL],
+            PAID_LATEST,
+            "paid",
+            "paid: the last paid touch in the 30-day window; no affiliate touch",
+        ),
+        (
+            [EMAIL, ORGANIC],
+            EMAIL,
+            "email",
+            "email: the last email touch in the 30-day window; no affiliate or paid touch",
+        ),
         # Organic is never credited, but kept with the decision.
         ([ORGANIC], None, "(organic)", "organic: only organic touches, never credited"),
         ([], None, "(none)", "none: no touch in the 30-day window"),
         # Touches after the conversion are ignored.
         ([PAID, touch("click", "affiliate", -0.01, "after")], PAID, "paid", "paid:"),
         # The window: 30 days before, inclusive; a millisecond more is outside.
-        ([touch("click", "affiliate", 30 * 24, "edge"), PAID], touch("click", "affiliate", 30 * 24, "edge"), "affiliate", "affiliate:"),
+        (
+            [touch("click", "affiliate", 30 * 24, "edge"), PAID],
+            touch("click", "affiliate", 30 * 24, "edge"),
+            "affiliate",
+            "affiliate:",
+        ),
         ([Touch("click", "old", "affiliate", "affiliate", T0 - 30 * DAY - 1), PAID], PAID, "paid", "paid:"),
         # Ties in time: a click over a touch; then the later stored (touch 10 after touch 9).
-        ([touch("touch", "paid", 3, "9"), touch("click", "paid", 3, "c-1")], touch("click", "paid", 3, "c-1"), "paid", "paid:"),
-        ([touch("touch", "email", 3, "10"), touch("touch", "email", 3, "9")], touch("touch", "email", 3, "10"), "email", "email:"),
+        (
+            [touch("touch", "paid", 3, "9"), touch("click", "paid", 3, "c-1")],
+            touch("click", "paid", 3, "c-1"),
+            "paid",
+            "paid:",
+        ),
+        (
+            [touch("touch", "email", 3, "10"), touch("touch", "email", 3, "9")],
+            touch("touch", "email", 3, "10"),
+            "email",
+            "email:",
+        ),
     ],
 )
 def test_the_priority_matrix(touches, winner, campaign, rule):
@@ -126,7 +152,11 @@ def test_priority_order_and_channels_left_out_come_from_the_config():
     ("attribution", "campaign", "message"),
     [
         ({"priority": ["affiliate", "organic"]}, {}, "attribution.priority[1]: organic is never credited"),
-        ({"priority": ["affiliate", "tv"]}, {}, "attribution.priority[1]: must be one of affiliate, paid, email, got 'tv'"),
+        (
+            {"priority": ["affiliate", "tv"]},
+            {},
+            "attribution.priority[1]: must be one of affiliate, paid, email, got 'tv'",
+        ),
         ({"priority": ["paid", "paid"]}, {}, "attribution.priority[1]: 'paid' is listed twice"),
         ({"priority": []}, {}, "attribution.priority: must list at least one channel"),
         ({"mode": "last"}, {}, "attribution.mode: must be one of click, priority, got 'last'"),
@@ -236,7 +266,10 @@ async def test_a_touch_is_stored_once_per_user_campaign_and_second(app, clock):
         ({"user_id": "u-1", "campaign": "newsletter", "channel": "tv"}, "channel: must be one of affiliate"),
         ({"user_id": "u-1", "campaign": "newsletter", "channel": "paid"}, "channel: campaign newsletter is email"),
         ({"user_id": "u-1", "campaign": "newsletter", "ts": "yesterday"}, "ts: must be ISO 8601"),
-        ({"user_id": "u-1", "campaign": "newsletter", "ts": "2099-01-01T00:00:00Z"}, "ts: is more than a day in the future"),
+        (
+            {"user_id": "u-1", "campaign": "newsletter", "ts": "2099-01-01T00:00:00Z"},
+            "ts: is more than a day in the future",
+        ),
     ],
 )
 async def test_a_bad_touch_is_a_400_naming_the_field_and_stores_nothing(app, fields, message):
@@ -247,11 +280,15 @@ async def test_a_bad_touch_is_a_400_naming_the_field_and_stores_nothing(app, fie
 
 async def test_a_touch_needs_the_postback_token_and_a_post(app):
     await send_touch(app, 401, headers={}, user_id="u-1", campaign="newsletter")
-    await send_touch(app, 401, headers={"authorization": "Bearer wrong-token-123"}, user_id="u-1", campaign="newsletter")
+    await send_touch(
+        app, 401, headers={"authorization": "Bearer wrong-token-123"}, user_id="u-1", campaign="newsletter"
+    )
     async with client_for(app) as http:
         got = await http.get("/touch", params={"user_id": "u-1", "campaign": "newsletter", "token": POSTBACK_TOKEN})
     assert (got.status_code, got.headers["allow"]) == (405, "POST")
-    assert (await send_touch(app, headers={}, user_id="u-1", campaign="newsletter", token=POSTBACK_TOKEN))["status"] == "created"
+    assert (await send_touch(app, headers={}, user_id="u-1", campaign="newsletter", token=POSTBACK_TOKEN))[
+        "status"
+    ] == "created"
     assert db_rows(app, "SELECT count(*) FROM touches") == [(1,)]
 
 
@@ -281,7 +318,13 @@ async def test_a_user_id_postback_credits_the_affiliate_and_forwards_with_its_cl
     assert view["click_id"] is None and view["user_id"] == "u-9" and view["campaign"] == "partner"
     decision = view["attribution"]
     assert decision["rule"] == "affiliate: the last affiliate touch in the 30-day window"
-    assert decision["winner"] == {"kind": "click", "id": aff, "channel": "affiliate", "campaign": "partner", "ts": decision["winner"]["ts"]}
+    assert decision["winner"] == {
+        "kind": "click",
+        "id": aff,
+        "channel": "affiliate",
+        "campaign": "partner",
+        "ts": decision["winner"]["ts"],
+    }
     assert [(c["kind"], c["channel"]) for c in decision["candidates"]] == [
         ("touch", "email"),
         ("click", "paid"),
@@ -316,7 +359,9 @@ async def test_a_later_status_of_a_user_conversion_is_forwarded_with_the_credite
     created = await postback(app, user_id="u-5", txid="o-9", payout="20", status="pending")
     assert outbox(app) == []  # pending is not forwarded (forward_statuses: approved)
     await postback(app, "updated", user_id="u-5", txid="o-9", status="approved")
-    assert outbox(app) == [(created["id"], "partner", "approved", f"https://partner.example/pb?c={aff}&s=approved&p=20.00")]
+    assert outbox(app) == [
+        (created["id"], "partner", "approved", f"https://partner.example/pb?c={aff}&s=approved&p=20.00")
+    ]
     view = await conversion(app, created["id"])
     assert [h["status"] for h in view["history"]] == ["pending", "approved"]
 
@@ -331,7 +376,9 @@ async def test_only_organic_or_nothing_is_stored_uncredited_counted_and_never_fo
         (nobody["id"], "(none)", "approved"),
     ]
     assert outbox(app) == []
-    assert (await conversion(app, organic["id"]))["attribution"]["rule"] == "organic: only organic touches, never credited"
+    assert (await conversion(app, organic["id"]))["attribution"][
+        "rule"
+    ] == "organic: only organic touches, never credited"
     async with client_for(app) as http:
         rows = (await http.get(f"/api/stats?from={D}&to={D}&by=channel", headers=ADMIN)).json()["rows"]
     by = {row["channel"]: row for row in rows}
@@ -349,7 +396,11 @@ async def test_stats_by_channel_gather_each_campaigns_totals(app, clock):
         rows = (await http.get(f"/api/stats?from={D}&to={D}&by=channel", headers=ADMIN)).json()["rows"]
     by = {row["channel"]: row for row in rows}
     assert set(by) == {"affiliate", "paid"}
-    assert (by["affiliate"]["clicks"], by["affiliate"]["approved"], by["affiliate"]["payout"]) == (2, 1, {"USD": "10.00"})
+    assert (by["affiliate"]["clicks"], by["affiliate"]["approved"], by["affiliate"]["payout"]) == (
+        2,
+        1,
+        {"USD": "10.00"},
+    )
     assert (by["paid"]["clicks"], by["paid"]["approved"], by["paid"]["payout"]) == (1, 1, {"USD": "2.50"})
     # The spring campaign (the test config's own, channel left out) is paid by default.
     s = await click(app, "spring")
@@ -377,7 +428,9 @@ async def test_mode_priority_lets_the_rules_credit_a_postback_with_a_click_id(ma
     clock.now += 60
     answer = await postback(app, click_id=paid, payout="7", txid="t-1")  # the click's own uid names the user
     assert db_rows(app, "SELECT campaign, uid FROM conversions") == [("partner", "u-8")]
-    assert outbox(app) == [(answer["id"], "partner", "approved", f"https://partner.example/pb?c={aff}&s=approved&p=7.00")]
+    assert outbox(app) == [
+        (answer["id"], "partner", "approved", f"https://partner.example/pb?c={aff}&s=approved&p=7.00")
+    ]
     await postback(app, "duplicate", click_id=paid, payout="7", txid="t-1")  # keyed by its click id
     plain = await click(app, "facebook")  # no uid anywhere: its click decides, as in mode click
     await postback(app, click_id=plain, payout="1")
@@ -442,11 +495,26 @@ async def test_forget_a_user_leaves_no_trace_and_the_totals_stand(make_app, cloc
     assert "person-42" in dump(path)  # a dry run changes nothing
     done = run("forget", "--user-id", "person-42", "-c", str(config), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0] == "forgot user id person-42: 2 clicks deleted, 2 conversions blanked, 1 touches deleted"
+    assert (
+        done.stdout.splitlines()[0]
+        == "forgot user id person-42: 2 clicks deleted, 2 conversions blanked, 1 touches deleted"
+    )
     text = dump(path)
     assert "person-42" not in text and "203.0.113.99" not in text
-    assert tinytrack.user_key("person-42").hex() not in text.lower()  # the key made of the uid is gone too
-    assert db_rows(app, "SELECT count(*) FROM clicks") == [(1,)] and db_rows(app, "SELECT count(*) FROM touches") == [(0,)]
+    with closing(sqlite3.connect(path)) as con:
+        key = tinytrack.Database(con).user_key("person-42")
+    assert key.hex() not in text.lower()  # the key made of the uid is gone too
+    (decision,) = db_rows(app, "SELECT attribution FROM conversions WHERE attribution IS NOT NULL")[0]
+    assert json.loads(decision) == {  # the credit stands; the person's touches are gone
+        "rule": "affiliate: the last affiliate touch in the 30-day window",
+        "winner": {"kind": "click", "channel": "affiliate", "campaign": "partner"},
+        "candidates": [],
+        "candidates_total": 3,
+        "forgotten": True,
+    }
+    assert db_rows(app, "SELECT count(*) FROM clicks") == [(1,)] and db_rows(app, "SELECT count(*) FROM touches") == [
+        (0,)
+    ]
     assert db_rows(app, "SELECT campaign, payout, status FROM conversions ORDER BY id") == [
         ("partner", 12_000_000, "approved"),
         ("partner", 3_000_000, "approved"),
@@ -465,6 +533,8 @@ async def test_forget_an_address(make_app, clock, tmp_path):
     kept = await click(app, "partner", ip="2001:db8::8")
     await postback(app, click_id=gone[0], payout="1")
     path = Path(app.config.storage.path)
+    dry = run("forget", "--ip", "2001:db8::7", "--dry-run", "-c", str(tmp_path / "config.toml"), cwd=tmp_path)
+    assert dry.stdout.splitlines()[0] == "would forget address 2001:db8::7: 3 clicks deleted, 1 conversions blanked"
     done = run("forget", "--ip", "2001:DB8:0::7", "-c", str(tmp_path / "config.toml"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == "forgot address 2001:DB8:0::7: 3 clicks deleted, 1 conversions blanked"
@@ -535,3 +605,131 @@ def test_the_readme_worked_example_credits_the_affiliate(tmp_path):
         assert {r["channel"]: r["clicks"] for r in rows} == {"affiliate": 1, "paid": 1}
     finally:
         server.stop()
+
+
+async def test_a_user_id_postback_reads_each_source_once_by_its_index(app, clock):
+    """The speed contract: one indexed read per candidate source (clicks by uid, touches
+    by uid), besides the dedupe lookup and the winner's row; never a scan."""
+    await send_touch(app, user_id="u-1", campaign="newsletter")
+    await click(app, "partner", uid="u-1")
+    clock.now += 60
+    statements: list[str] = []
+    con = app.store._db.con
+    con.set_trace_callback(statements.append)
+    try:
+        await postback(app, user_id="u-1", txid="o-1", payout="1")
+    finally:
+        con.set_trace_callback(None)
+    reads = [s for s in statements if s.lstrip().upper().startswith("SELECT") and ("uid = " in s)]
+    assert len([s for s in reads if "FROM clicks" in s]) == 1
+    assert len([s for s in reads if "FROM touches" in s]) == 1
+    with closing(sqlite3.connect(app.config.storage.path)) as db:
+        for sql, index in (
+            ("SELECT id, campaign, ts FROM clicks WHERE uid = ? AND ts >= ? AND ts <= ?", "clicks_uid"),
+            ("SELECT id, channel, campaign, ts FROM touches WHERE uid = ? AND ts >= ? AND ts <= ?", "touches_key"),
+        ):
+            plan = " ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", ("u-1", 0, 1)))
+            assert f"USING INDEX {index}" in plan or f"USING COVERING INDEX {index}" in plan, plan
+            assert any(s.startswith(sql.split("?")[0]) for s in statements)  # what the writer ran (values filled in)
+
+
+# --- found by review: each failed before its fix -------------------------------------------
+
+PRIORITY = CHANNELS + '\n[attribution]\nmode = "priority"\n'
+
+
+async def test_priority_mode_one_order_is_one_conversion_whatever_each_postback_names(make_app, clock):
+    app = await make_app(PRIORITY)
+    aff = await click(app, "partner", uid="u-1")
+    clock.now += 60
+    paid = await click(app, "facebook", uid="u-1")
+    clock.now += 60
+    first = await postback(app, click_id=paid, txid="order-1", payout="10")  # the paid network's
+    assert (await postback(app, "duplicate", user_id="u-1", txid="order-1", payout="10"))["id"] == first["id"]
+    assert (await postback(app, "duplicate", click_id=aff, txid="order-1", payout="10"))["id"] == first["id"]
+    assert db_rows(app, "SELECT campaign FROM conversions") == [("partner",)]
+    assert len(outbox(app)) == 1
+
+
+async def test_an_order_first_told_by_user_id_is_updated_by_a_postback_naming_its_click(app, clock):
+    aff = await click(app, "partner", uid="u-2")
+    clock.now += 60
+    first = await postback(app, user_id="u-2", txid="o-9", payout="10", status="pending")
+    later = await postback(app, "updated", click_id=aff, user_id="u-2", txid="o-9", status="approved")
+    assert later["id"] == first["id"]
+    assert db_rows(app, "SELECT campaign, status FROM conversions") == [("partner", "approved")]
+
+
+async def test_pass_query_still_passes_the_sites_user_id_on(app):
+    async with client_for(app) as http:
+        answer = await http.get("/c/passing", params={"user_id": "cust-77", "visitor_id": "v1", "aff": "x"})
+    assert answer.headers["location"] == "https://offer.example.com/go?user_id=cust-77&visitor_id=v1&aff=x#top"
+    assert db_rows(app, "SELECT uid FROM clicks") == [("cust-77",)]  # the first of the aliases
+
+
+async def test_a_conversion_credited_to_a_touch_is_not_forwarded(app, clock):
+    await send_touch(app, user_id="u-1", campaign="newsletter")
+    clock.now += 60
+    answer = await postback(app, user_id="u-1", txid="o-1", payout="5")
+    await postback(app, "updated", user_id="u-1", txid="o-1", payout="5", status="rejected")
+    assert db_rows(app, "SELECT id, campaign FROM conversions") == [(answer["id"], "newsletter")]
+    assert outbox(app) == []  # no click the newsletter's source could match
+
+
+async def test_priority_mode_keeps_the_clock_skew_allowance_of_a_named_click(make_app, clock):
+    app = await make_app(PRIORITY)
+    paid = await click(app, "facebook", uid="u-2")
+    await postback(app, click_id=paid, txid="o-2", payout="5", ts=str(int(clock.now - 30)))
+    assert db_rows(app, "SELECT campaign, status, reason FROM conversions") == [("facebook", "approved", None)]
+
+
+async def test_bot_clicks_and_clicks_past_their_campaigns_window_are_no_candidates(make_app, clock):
+    extra = '[campaigns.partner7]\nchannel = "affiliate"\nwindow_days = 7\nurl = "https://o.example/?cid={click_id}"\n'
+    app = await make_app(CHANNELS + extra)
+    await click(app, "partner7", uid="u-3")  # 10 days before: outside its campaign's own window
+    clock.now += 10 * 86400
+    async with client_for(app, "198.51.100.9") as http:  # a crawler that followed a link with the uid
+        assert (
+            await http.get("/c/partner", params={"uid": "u-3"}, headers={"user-agent": "Googlebot/2.1"})
+        ).is_redirect
+    await click(app, "facebook", uid="u-3")
+    clock.now += 60
+    answer = await postback(app, user_id="u-3", txid="o-3", payout="5")
+    assert db_rows(app, "SELECT campaign, reason FROM conversions") == [("facebook", None)]
+    assert [c["channel"] for c in (await conversion(app, answer["id"]))["attribution"]["candidates"]] == ["paid"]
+
+
+async def test_flags_recompute_judges_the_credited_click_not_the_key(make_app, clock, tmp_path):
+    fraud = "\n[fraud]\nmin_ctit_seconds = 10\n"
+    app = await make_app(CHANNELS + fraud)
+    await send_touch(app, user_id="u-1", campaign="newsletter")
+    clock.now += 1  # a second after the email: no click, so no ctit_fast
+    await postback(app, user_id="u-1", txid="o-1", payout="5")
+    await click(app, "partner", uid="u-2")
+    clock.now += 3  # three seconds after the affiliate click: ctit_fast
+    await postback(app, user_id="u-2", txid="o-2", payout="5")
+    assert [json.loads(f) if f else None for (f,) in db_rows(app, "SELECT flags FROM conversions ORDER BY id")] == [
+        None,
+        {"ctit_fast": "3.0 s < 10 s"},
+    ]
+    same = run("flags", "recompute", "--since", D, "--dry-run", "-c", str(tmp_path / "config.toml"), cwd=tmp_path)
+    assert same.stdout.splitlines() == ["0 of 2 conversions would change"], same.stdout
+
+
+async def test_a_decision_keeps_the_latest_candidates_and_the_winner(app, clock):
+    await click(app, "partner", uid="u-5")  # the winner, older than all the rest
+    for _ in range(60):
+        clock.now += 1
+        await click(app, "facebook", uid="u-5")
+    answer = await postback(app, user_id="u-5", payout="1")
+    decision = (await conversion(app, answer["id"]))["attribution"]
+    assert decision["candidates_total"] == 61
+    assert len(decision["candidates"]) == 51 and decision["candidates"][0] == decision["winner"]
+
+
+async def test_a_users_key_is_no_plain_hash_of_the_uid(tmp_path):
+    keys = []
+    for name in ("a.db", "b.db"):
+        with closing(tinytrack.Database.open(str(tmp_path / name))) as db:
+            keys.append(db.user_key("u-1"))
+    assert keys[0] != keys[1] and all(len(key) == 21 and key.startswith(b"user:") for key in keys)

@@ -535,7 +535,10 @@ async def test_after_a_status_change_by_status_has_no_empty_status_row(client, c
             "by=sub6",
             "by: must be one of day, campaign, sub1, sub2, sub3, sub4, sub5, status, offer, lander, channel, got 'sub6'",
         ),
-        ("by=ts", "by: must be one of day, campaign, sub1, sub2, sub3, sub4, sub5, status, offer, lander, channel, got 'ts'"),
+        (
+            "by=ts",
+            "by: must be one of day, campaign, sub1, sub2, sub3, sub4, sub5, status, offer, lander, channel, got 'ts'",
+        ),
         ("bots=yes", "bots: must be 0 or 1, got 'yes'"),
         ("format=xml", "format: must be json or csv, got 'xml'"),
         ("tz=Europe/Paris", "tz: totals are kept per UTC day, so only UTC is offered"),
@@ -932,10 +935,24 @@ async def test_admin_page_in_process(client, clock):
     latest = page.tables["Latest conversions"]
     assert latest[0] == ["id", "when", "campaign", "sub1", "event", "status", "payout", "why", "credited by"]
     assert latest[1][1:] == [
-        "2026-03-04T17:00:00.000Z", "spring", XSS, "conversion", "approved", "2.00 USD", "", "its click"
+        "2026-03-04T17:00:00.000Z",
+        "spring",
+        XSS,
+        "conversion",
+        "approved",
+        "2.00 USD",
+        "",
+        "its click",
     ]
     assert latest[2][1:] == [
-        "2026-03-04T15:00:00.000Z", "spring", "", "conversion", "approved", "0.67 USD", "", "its click"
+        "2026-03-04T15:00:00.000Z",
+        "spring",
+        "",
+        "conversion",
+        "approved",
+        "0.67 USD",
+        "",
+        "its click",
     ]
     assert int(latest[1][0]) > int(latest[2][0])  # each links to its page (/admin/conversions/<id>)
     assert len(latest) == 1 + 14  # every conversion, newest first (fewer than 20)
