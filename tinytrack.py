@@ -3158,7 +3158,7 @@ ADD_DAILY_COSTS = f"""INSERT INTO daily_costs (day, campaign, sub1, source, curr
                           THEN cost + excluded.cost ELSE cost END"""
 # What a conversion copies of its click (ClickFacts, sub1_other, its cost) and judges it by (bot, flags, ip).
 CLICK_FOR_POSTBACK = """SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other, cost, cost_currency,
-                               lander, offer, bot, flags, ip
+                               lander, offer, bot, flags, ip, uid
                         FROM clicks WHERE id = ?"""
 LP_CLICK_SELECT = """SELECT ts, campaign, sub1_other, bot, lp_at, offer, lander, sub1, sub2, sub3, sub4, sub5, ext_id
                      FROM clicks WHERE id = ?"""
@@ -3737,12 +3737,13 @@ class Database:
         decide (see _apply_by_user); else (`by_click`) its click does."""
         if not by_click and (pb.click_id is None or policy.attribution.mode == "priority"):
             return self._apply_by_user(pb, now_ms, policy)
-        if pb.user_id is not None and not by_click:  # an order first told by its user id alone is that one
-            keyed = dataclasses.replace(pb, click_id=self.user_key(pb.user_id))
+        row = self.con.execute(CLICK_FOR_POSTBACK, (bytearray(pb.click_id),)).fetchone()
+        uid = pb.user_id or (row and row[16])
+        if uid is not None:  # an order the matrix credited (a user id alone, or mode "priority" then) is that one
+            keyed = dataclasses.replace(pb, click_id=self.user_key(uid))
             existing = self._find_conversion(keyed)
             if existing is not None:
                 return self._existing_conversion(keyed, stored_click_facts(existing), existing, now_ms, policy)
-        row = self.con.execute(CLICK_FOR_POSTBACK, (bytearray(pb.click_id),)).fetchone()
         if row is None:
             return self._record_orphan(pb, now_ms)
         click, sub1_total, click_cost = ClickFacts(*row[:8], *row[11:13]), OTHER_SUB1 if row[8] else None, row[9:11]
@@ -3752,7 +3753,7 @@ class Database:
                 problem = f"ts: is before its click ({iso_ms(click.ts)}), got {iso_ms(ts)}"
                 return PostbackOutcome(PostbackResult.INVALID, reason=problem, campaign=click.campaign)
             ts = click.ts  # clock skew (the sender's, or ours stepped back): never dated before its click
-        created = self._new_conversion(pb, click, sub1_total, click_cost, row[13:], ts, now_ms, policy)
+        created = self._new_conversion(pb, click, sub1_total, click_cost, row[13:16], ts, now_ms, policy)
         if created is not None:
             return created
         return self._existing_conversion(pb, click, self._find_conversion(pb), now_ms, policy)
@@ -3802,7 +3803,7 @@ class Database:
             row = self.con.execute(CLICK_FOR_POSTBACK, (bytearray(parse_click_id(winner.id)),)).fetchone()
         if row is not None:
             click, sub1_total, click_cost = ClickFacts(*row[:8], *row[11:13]), OTHER_SUB1 if row[8] else None, row[9:11]
-            suspect, credited = row[13:], parse_click_id(winner.id)
+            suspect, credited = row[13:16], parse_click_id(winner.id)
         else:  # a touch, or nobody: no click's facts to copy
             click = ClickFacts(winner.ts if winner else ts, decision.campaign, *(None,) * 6, None, None)
             sub1_total, click_cost, suspect, credited = None, (None, None), (0, None, None), b""

@@ -733,3 +733,17 @@ async def test_a_users_key_is_no_plain_hash_of_the_uid(tmp_path):
         with closing(tinytrack.Database.open(str(tmp_path / name))) as db:
             keys.append(db.user_key("u-1"))
     assert keys[0] != keys[1] and all(len(key) == 21 and key.startswith(b"user:") for key in keys)
+
+
+async def test_switching_back_to_mode_click_keeps_finding_what_the_matrix_credited(make_app, clock, tmp_path):
+    app = await make_app(PRIORITY)
+    aff = await click(app, "partner", uid="u-6")
+    clock.now += 60
+    paid = await click(app, "facebook", uid="u-6")
+    clock.now += 60
+    first = await postback(app, click_id=paid, txid="o-6", payout="8", status="pending")
+    assert app.reload(str(write_config(tmp_path, extra=CHANNELS)))  # mode "click" again
+    later = await postback(app, "updated", click_id=paid, txid="o-6", status="approved")
+    assert later["id"] == first["id"]
+    assert db_rows(app, "SELECT campaign, status FROM conversions") == [("partner", "approved")]
+    assert [url for *_, url in outbox(app)] == [f"https://partner.example/pb?c={aff}&s=approved&p=8.00"]
