@@ -3790,9 +3790,12 @@ class Database:
                 return PostbackOutcome(PostbackResult.INVALID, reason=problem, campaign=given[2])
             ts = given[1]
         keyed = dataclasses.replace(pb, click_id=self.user_key(uid), ts_ms=ts)
-        existing = self._find_conversion(keyed)
-        if existing is not None:
-            return self._existing_conversion(keyed, stored_click_facts(existing), existing, now_ms, policy)
+        for key in (
+            (keyed, pb) if pb.click_id is not None else (keyed,)
+        ):  # pb: credited by its click (mode "click" then)
+            existing = self._find_conversion(key)
+            if existing is not None:
+                return self._existing_conversion(key, stored_click_facts(existing), existing, now_ms, policy)
         touches = self.user_touches(uid, ts, policy)
         if given is not None and not any(t.kind == "click" and t.id == format_uuid(given[0]) for t in touches):
             touches += self.candidate_clicks([(given[0], given[2], given[1])], ts, policy)  # named, without the uid

@@ -747,3 +747,16 @@ async def test_switching_back_to_mode_click_keeps_finding_what_the_matrix_credit
     assert later["id"] == first["id"]
     assert db_rows(app, "SELECT campaign, status FROM conversions") == [("partner", "approved")]
     assert [url for *_, url in outbox(app)] == [f"https://partner.example/pb?c={aff}&s=approved&p=8.00"]
+
+
+async def test_switching_to_mode_priority_keeps_finding_what_a_click_was_credited(make_app, clock, tmp_path):
+    app = await make_app(CHANNELS)
+    await click(app, "partner", uid="u-7")
+    clock.now += 60
+    paid = await click(app, "facebook", uid="u-7")
+    clock.now += 60
+    first = await postback(app, click_id=paid, txid="o-7", payout="8", status="pending")  # credited to its click
+    assert app.reload(str(write_config(tmp_path, extra=PRIORITY)))
+    later = await postback(app, "updated", click_id=paid, txid="o-7", status="approved")
+    assert later["id"] == first["id"]
+    assert db_rows(app, "SELECT campaign, status FROM conversions") == [("facebook", "approved")]
