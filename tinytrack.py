@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 import tomllib
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, closing, contextmanager, nullcontext, suppress
@@ -3119,6 +3119,12 @@ NO_TEXT = "\x01"
 NULL_IF_NONE = f"nullif(?, '{NO_TEXT}')"
 CLICK_VALUES = f"?, ?, ?, ?, {', '.join([NULL_IF_NONE] * 5)}, ?, ?, ?, nullif(?, -1), nullif(?, ''), {NULL_IF_NONE}, {NULL_IF_NONE}"
 INSERT_CLICK = f"INSERT INTO clicks ({CLICK_COLUMNS}) VALUES ({CLICK_VALUES})"  # a ClickRow's
+INSERT_WIDE_CLICK = (  # a WideClickRow's
+    f"INSERT INTO clicks ({CLICK_COLUMNS}, flags, uid) VALUES ({CLICK_VALUES}, {NULL_IF_NONE}, {NULL_IF_NONE})"
+)
+ADD_DAILY_CLICKS = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks, unique_clicks) VALUES (?, ?, ?, ?, ?, ?)
+                      ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks,
+                          bot_clicks = bot_clicks + excluded.bot_clicks, unique_clicks = unique_clicks + excluded.unique_clicks"""
 
 
 _INSERT_CONVERSION = f"""INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, sub1, sub2, sub3, sub4, sub5,
@@ -3533,6 +3539,15 @@ class Database:
                    VALUES (?, ?, ?, {", ".join("?" * len(columns))})
                    ON CONFLICT DO UPDATE SET {", ".join(f"{c} = {c} + excluded.{c}" for c in columns)}"""
 
+    def _insert_click_rows(self, rows: Sequence[tuple], other: set, *, wide: bool) -> None:
+        if not rows:
+            return
+        if other:
+            rows = [(*row, 1 if (row[1] // DAY_MS, row[2], row[3] or "") in other else None) for row in rows]
+            self.con.executemany(self.insert_click_sql(wide, True), rows)
+        else:  # as plain tuples: the sqlite3 module reads a tuple subclass's items the slow way (~6k instructions)
+            self.con.executemany(INSERT_WIDE_CLICK if wide else INSERT_CLICK, map(tuple, rows))
+
     def insert_clicks(self, rows: Sequence[ClickRow | WideClickRow], sub1_per_day: int | None = None) -> None:
         """Insert clicks and add them to the daily totals. With ``sub1_per_day``, a
         campaign-day's sub1 beyond that many are totalled as OTHER_SUB1 (clicks are
@@ -3540,10 +3555,14 @@ class Database:
         for good); the click keeps that decision, so its conversions follow it."""
         # The day's totals, once per (day, campaign, sub1) in the batch rather than a
         # trigger per row: a batch of clicks has few distinct keys.
-        totals = Counter((row[1] // DAY_MS, row[2], row[3] or "", row[11]) for row in rows)
+        # Plain dicts (defaultdict): a batch is often one click, and each Counter() costs
+        # ~1 us to make, as much as the rest of the bookkeeping.
+        totals: defaultdict = defaultdict(int)
+        for row in rows:
+            totals[row[1] // DAY_MS, row[2], row[3] or "", row[11]] += 1
         other = set()
         if sub1_per_day is not None:
-            folded: Counter = Counter()
+            folded: defaultdict = defaultdict(int)
             for (day, campaign, sub1, bot), n in totals.items():
                 named = self._total_sub1(day, campaign, sub1, sub1_per_day)
                 if named != sub1:
@@ -3552,11 +3571,11 @@ class Database:
             totals = folded
         # Per totals row: its unique clicks, and its costs (one pass; this runs per click).
         # Before the insert: a day's keys read from its clicks must not find these.
-        unique: Counter = Counter()
-        landed: Counter = Counter()  # human clicks sent to a lander
-        flagged: Counter = Counter()  # human clicks with flags
+        unique: defaultdict = defaultdict(int)
+        landed: defaultdict = defaultdict(int)  # human clicks sent to a lander
+        flagged: defaultdict = defaultdict(int)  # human clicks with flags
         wide_rows = []
-        costs: Counter = Counter()
+        costs: defaultdict = defaultdict(int)
         funnel: dict[tuple, list[int]] = {}  # (day, campaign, lander, offer) -> [humans, bots, unique, flagged]
         day, keys = -1, set()
         for row in rows:
@@ -3590,32 +3609,36 @@ class Database:
                     sub1 = row[3] or ""
                     landed[day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1] += 1
         if wide_rows:
-            rows = [row for row in rows if len(row) == 16]
-        for batch, wide in ((rows, False), (wide_rows, True)):
-            if not batch:
-                continue
-            if other:
-                batch = [(*row, 1 if (row[1] // DAY_MS, row[2], row[3] or "") in other else None) for row in batch]
-                self.con.executemany(self.insert_click_sql(wide, True), batch)
-            else:  # as plain tuples: the sqlite3 module reads a tuple subclass's items the slow way (~6k instructions)
-                self.con.executemany(self.insert_click_sql(wide, False), map(tuple, batch))
-        extra = [(name, n) for name, n in (("lander_clicks", landed), ("flagged_clicks", flagged)) if n]
-        counts = [n for _, n in extra]
-        self.con.executemany(
-            self.add_daily_clicks_sql(tuple(name for name, _ in extra)),
-            [
-                (
-                    day,
-                    c,
-                    s,
-                    0 if bot else n,
-                    n if bot else 0,
-                    0 if bot else unique[day, c, s],
-                    *(0 if bot else count[day, c, s] for count in counts),
-                )
-                for (day, c, s, bot), n in totals.items()
-            ],
-        )
+            self._insert_click_rows([row for row in rows if len(row) == 16], other, wide=False)
+            self._insert_click_rows(wide_rows, other, wide=True)
+        else:
+            self._insert_click_rows(rows, other, wide=False)
+        if landed or flagged:
+            extra = [(name, n) for name, n in (("lander_clicks", landed), ("flagged_clicks", flagged)) if n]
+            counts = [n for _, n in extra]
+            self.con.executemany(
+                self.add_daily_clicks_sql(tuple(name for name, _ in extra)),
+                [
+                    (
+                        day,
+                        c,
+                        s,
+                        0 if bot else n,
+                        n if bot else 0,
+                        0 if bot else unique.get((day, c, s), 0),
+                        *(0 if bot else count.get((day, c, s), 0) for count in counts),
+                    )
+                    for (day, c, s, bot), n in totals.items()
+                ],
+            )
+        else:  # most batches: clicks, bots and unique clicks
+            self.con.executemany(
+                ADD_DAILY_CLICKS,
+                [
+                    (day, c, s, 0, n, 0) if bot else (day, c, s, n, 0, unique.get((day, c, s), 0))
+                    for (day, c, s, bot), n in totals.items()
+                ],
+            )
         if funnel:
             self.con.executemany(ADD_FUNNEL_CLICKS, [(*key, *counts, 0) for key, counts in funnel.items()])
         if costs:
@@ -5188,7 +5211,7 @@ class Store:
         with db.transaction(fsync=postbacks, busy_timeout_ms=busy_timeout):
             results: list[PostbackOutcome | tuple[Arm, bytes, dict] | None] = []
             clicks: list[ClickRow] = []
-            lp_counts = LPCounts()
+            lp_counts = None  # made for the first LP click: most batches have none
             for item in items:
                 if isinstance(item, (Postback, LPClick)):
                     if clicks:  # keep arrival order: a batch's clicks land before what comes after them
@@ -5197,6 +5220,8 @@ class Store:
                     if isinstance(item, Postback):
                         results.append(db.apply_postback(item, now_ms, policy))
                     else:
+                        if lp_counts is None:
+                            lp_counts = LPCounts()
                         results.append(db.lp_click(item, now_ms, lp_counts, policy.sub1_per_day))
                 else:
                     clicks.append(item)
