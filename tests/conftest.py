@@ -4,6 +4,7 @@ httpx, and the real `tinytrack serve` process on a free port."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import random
 import signal
@@ -78,6 +79,12 @@ def config_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def config(config_file: Path) -> tinytrack.Config:
     return tinytrack.load_config(config_file)
+
+
+def at(day: str, hour: int = 12, minute: int = 0, second: float = 0) -> float:
+    """Unix seconds of a UTC moment: at("2026-11-20", 9, 30)."""
+    moment = datetime.datetime.fromisoformat(day).replace(hour=hour, minute=minute, tzinfo=datetime.UTC)
+    return moment.timestamp() + second
 
 
 class FakeClock:

@@ -4,7 +4,6 @@ id, the stored explanation, by=channel, forgetting a person, and retention."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import re
 import sqlite3
@@ -13,7 +12,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, Server, client_for, free_port, write_config
+from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, Server, at, client_for, free_port, write_config
 from test_cli import run
 
 import tinytrack
@@ -47,11 +46,6 @@ postback_url = "https://mail.example/pb?c={click_id}"
 channel = "organic"
 url = "https://offer.example.com/o?cid={click_id}"
 """
-
-
-def at(day: str, hour: int = 12, minute: int = 0, second: float = 0) -> float:
-    moment = dt.datetime.fromisoformat(day).replace(hour=hour, minute=minute, tzinfo=dt.UTC)
-    return moment.timestamp() + second
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ Each rule is tested at, just under and just over its threshold.
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 import json
 import sqlite3
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, client_for, write_config
+from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, at, client_for, write_config
 from hypothesis import given
 from hypothesis import strategies as st
 from test_cli import run
@@ -52,11 +51,6 @@ fraud = { action = "hold" }
 url = "https://offer.example.com/l?cid={click_id}"
 fraud = { ip_clicks_per_minute = 0, min_ctit_seconds = 0, listed_ips = [] }
 """
-
-
-def at(day: str, hour: int = 12, minute: int = 0, second: float = 0) -> float:
-    moment = dt.datetime.fromisoformat(day).replace(hour=hour, minute=minute, tzinfo=dt.UTC)
-    return moment.timestamp() + second
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from clicks whose lander and offer a scripted random source chose.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import random
 import signal
@@ -23,7 +22,7 @@ import anyio
 import browser
 import httpx
 import pytest
-from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, Server, client_for, free_port, write_config
+from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, Server, at, client_for, free_port, write_config
 from test_cli import run
 from test_reports import ARTIFACTS, Page
 
@@ -61,10 +60,6 @@ offers = [
 url = "https://offer.example.com/lp?cid={click_id}&o={offer}"
 postback_url = "https://source.example/pb?c={click_id}&o={offer}&l={lander}"
 """
-
-
-def at(day: str, hour: int = 12, minute: int = 0) -> float:
-    return dt.datetime.fromisoformat(day).replace(hour=hour, minute=minute, tzinfo=dt.UTC).timestamp()
 
 
 class Script:

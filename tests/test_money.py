@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, client_for, write_config
+from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, at, client_for, write_config
 from test_cli import run
 
 import tinytrack
@@ -64,10 +64,6 @@ cost_currency = "EUR"
 url = "https://offer.example.com/g?cid={click_id}"
 max_click_cost = "1"
 """
-
-
-def at(day: str, hour: int = 12, minute: int = 0) -> float:
-    return dt.datetime.fromisoformat(day).replace(hour=hour, minute=minute, tzinfo=dt.UTC).timestamp()
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import anyio
 import browser
 import httpx
 import pytest
-from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, Server, free_port, write_config
+from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, Server, at, free_port, write_config
 
 import tinytrack
 
@@ -44,10 +44,6 @@ OLD, A, B, C = "2026-02-27", "2026-03-01", "2026-03-02", "2026-03-04"
 
 def basic(user: str, password: str) -> dict:
     return {"authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-
-
-def at(day: str, hour: int, minute: int = 0) -> float:
-    return dt.datetime.fromisoformat(day).replace(hour=hour, minute=minute, tzinfo=UTC).timestamp()
 
 
 @pytest.fixture
