@@ -1913,7 +1913,7 @@ def recomputed_flags(
 # -- attribution: who gets the credit --
 
 
-UNCREDITED = ("(organic)", "(none)")  # the campaign of a conversion nobody is credited with
+ORGANIC, NOBODY = "(organic)", "(none)"  # the campaign of a conversion nobody is credited with
 MAX_CANDIDATES = 500  # a user's latest clicks, and touches, weighed for a conversion
 MAX_SHOWN_CANDIDATES = 50  # of those, the latest stored with the decision (and the winner)
 
@@ -2004,9 +2004,9 @@ def attribute(touches: Iterable[Touch], ts: int, conf: AttributionConfig) -> Dec
             rule = f"{channel}: the last {channel} touch in the {conf.window_days}-day window{beaten}"
             return Decision(winner, winner.campaign, rule, candidates)
     if not candidates:
-        return Decision(None, "(none)", f"none: no touch in the {conf.window_days}-day window", candidates)
+        return Decision(None, NOBODY, f"none: no touch in the {conf.window_days}-day window", candidates)
     channels = sorted({t.channel for t in candidates}, key=CHANNELS.index)
-    campaign = "(organic)" if "organic" in channels else "(none)"
+    campaign = ORGANIC if "organic" in channels else NOBODY
     return Decision(None, campaign, f"{campaign[1:-1]}: only {', '.join(channels)} touches, never credited", candidates)
 
 
@@ -2258,7 +2258,7 @@ class StatsQuery:
         """A campaign's channel as configured now; "paid" (the default) for one no longer
         configured; organic and (none) for the uncredited."""
         found = self.channels.get(campaign)
-        return found or ("organic" if campaign == "(organic)" else "(none)" if campaign == "(none)" else "paid")
+        return found or ("organic" if campaign == ORGANIC else NOBODY if campaign == NOBODY else "paid")
 
 
 def campaign_channels(config: Config) -> dict[str, str]:
