@@ -517,6 +517,10 @@ async def test_forget_a_user_leaves_no_trace_and_the_totals_stand(make_app, cloc
     async with client_for(app) as http:
         after = (await http.get(f"/api/stats?from={D}&to={D}&by=campaign", headers=ADMIN)).json()["rows"]
     assert after == before
+    by_channel = run("stats", "--by", "channel", "--from", D, "--to", D, "--json", "-c", str(config), cwd=tmp_path)
+    assert by_channel.returncode == 0, by_channel.stderr
+    rows = {row["channel"]: row for row in json.loads(by_channel.stdout)["rows"]}
+    assert (rows["affiliate"]["approved"], rows["paid"]["approved"]) == (2, 1)  # the CLI groups as the API does
     again = run("forget", "--user-id", "person-42", "-c", str(config), cwd=tmp_path)
     assert again.stdout.splitlines()[0] == "forgot user id person-42: nothing found"
 
