@@ -3811,9 +3811,8 @@ class Database:
                 return PostbackOutcome(PostbackResult.INVALID, reason=problem, campaign=given[2])
             ts = given[1]
         keyed = dataclasses.replace(pb, click_id=self.user_key(uid), ts_ms=ts)
-        for key in (
-            (keyed, pb) if pb.click_id is not None else (keyed,)
-        ):  # pb: credited by its click (mode "click" then)
+        keys = (keyed, pb) if pb.click_id is not None else (keyed,)  # pb: credited by its click (mode "click" then)
+        for key in keys:
             existing = self._find_conversion(key)
             if existing is not None:
                 return self._existing_conversion(key, stored_click_facts(existing), existing, now_ms, policy)
