@@ -3,13 +3,15 @@
 bench/run's ratios measure (uvicorn, httptools, the app, SQLite), as a figure a
 noisy machine doesn't move. bench/instructions.py counts the app alone, in-process.
 
-    bench/http_instructions.py [--python PY] [--fraud] REPO [REPO ...]
+    bench/http_instructions.py [--python PY] [--fraud] [--connections N] REPO [REPO ...]
 
 Each REPO's `tinytrack serve` runs under callgrind; one keep-alive connection from
 this process (not counted) sends N clicks (one visitor, as wrk sends them), then
 SIGTERM; at two values of N, the difference in the server's instructions over the
-difference in N is one click's cost, start-up and shutdown cancelled out. Clicks go
-one after the other, so each is a batch (and a commit) of its own, as at light load.
+difference in N is one click's cost, start-up and shutdown cancelled out. By default
+clicks go one after the other, so each is a batch (and a commit) of its own, as at
+light load; --connections 16 sends them over 16 connections at once, so they are
+written in batches, as under bench/run's load.
 An idle server still runs (uvicorn ticks ten times a second), so each run's time up,
 times the idle rate (measured too: two idle runs of different lengths), is taken out
 first; a slower machine then changes nothing. --fraud turns every [fraud] rule on (as
@@ -32,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 TOKEN = "bench-0123456789"
@@ -50,9 +54,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_server(python: str, repo: Path, n: int, fraud: bool, idle: float = 0) -> tuple[int, float]:
+def run_server(
+    python: str, repo: Path, n: int, fraud: bool, idle: float = 0, connections: int = 1
+) -> tuple[int, float]:
     """The server's instructions, and the seconds it was up and serving (from its first
-    answer to SIGTERM), for `n` requests (or none and `idle` seconds)."""
+    answer to SIGTERM), for `n` clicks over `connections` connections at once (or none
+    and `idle` seconds)."""
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         config = Path(tmp) / "config.toml"
@@ -82,15 +89,11 @@ def run_server(python: str, repo: Path, n: int, fraud: bool, idle: float = 0) ->
             text=True,
         )
         try:
-            connection = connect(port, server)
+            connect(port, server).close()
             up = time.monotonic()
             time.sleep(idle)
-            for _ in range(n):
-                connection.request("GET", "/c/bench?sub1=abc&sub2=xyz", headers={"user-agent": UA})
-                answer = connection.getresponse()
-                answer.read()
-                assert answer.status == 302, answer.status
-            connection.close()
+            with ThreadPoolExecutor(connections) as pool:  # each thread its own keep-alive connection
+                list(pool.map(partial(send_clicks, port), [n // connections] * connections))
         finally:
             up = time.monotonic() - up if "up" in locals() else 0.0
             server.send_signal(signal.SIGTERM)
@@ -99,6 +102,16 @@ def run_server(python: str, repo: Path, n: int, fraud: bool, idle: float = 0) ->
         if server.returncode or not found:
             raise SystemExit(f"http_instructions: the server under valgrind failed:\n{stderr[-2000:]}")
         return int(found.group(1)), up
+
+
+def send_clicks(port: int, n: int) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    for _ in range(n):
+        connection.request("GET", "/c/bench?sub1=abc&sub2=xyz", headers={"user-agent": UA})
+        answer = connection.getresponse()
+        answer.read()
+        assert answer.status == 302, answer.status
+    connection.close()
 
 
 def connect(port: int, server: subprocess.Popen) -> http.client.HTTPConnection:
@@ -123,6 +136,12 @@ def main() -> int:
     parser.add_argument("--fraud", action="store_true", help="every [fraud] rule on")
     parser.add_argument("--small", type=int, default=500, help="requests in the short run (default 500)")
     parser.add_argument("--large", type=int, default=2500, help="requests in the long run (default 2500)")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="at once (default 1: each click its own batch; 16: batches, as under load)",
+    )
     args = parser.parse_args()
     if not shutil.which("valgrind"):
         raise SystemExit("http_instructions: needs valgrind (apt-get install valgrind)")
@@ -136,11 +155,12 @@ def main() -> int:
     print(f"| idle (instructions/second) | {' | '.join(f'{rates[repo]:,.0f}' for repo in args.repos)} |")
     cells = []
     for repo in args.repos:
-        small = run_server(args.python, repo.resolve(), args.small, args.fraud)
-        large = run_server(args.python, repo.resolve(), args.large, args.fraud)
+        small = run_server(args.python, repo.resolve(), args.small, args.fraud, connections=args.connections)
+        large = run_server(args.python, repo.resolve(), args.large, args.fraud, connections=args.connections)
         busy = (large[0] - small[0]) - rates[repo] * (large[1] - small[1])
         cells.append(f"{busy / (args.large - args.small):,.0f}")
-    print(f"| clicks, one visitor, one at a time (instructions/click) | {' | '.join(cells)} |", flush=True)
+    at_once = "one at a time" if args.connections == 1 else f"{args.connections} at once"
+    print(f"| clicks, one visitor, {at_once} (instructions/click) | {' | '.join(cells)} |", flush=True)
     return 0
 
 
