@@ -1945,6 +1945,25 @@ def forward_facts(row: Sequence, by_matrix: bool, credited_click: bytes | None) 
     return facts._replace(click_id=credited_click or b"") if by_matrix else facts
 
 
+def address_matcher(ip: str) -> Callable[[str | None], bool]:
+    """Whether a stored address is `ip` in any way it may have been written (clicks keep
+    what X-Forwarded-For said: ::ffff:a.b.c.d, upper case, zeros written out), cheaply
+    for the many that plainly are not."""
+    target = parse_address(ip)
+    text_of = str(target)
+
+    def matches(text: str | None) -> bool:
+        if not text:
+            return False
+        if text == text_of:
+            return True
+        if (text_of not in text) if target.version == 4 else (":" not in text):
+            return False
+        return parse_address(text) == target
+
+    return matches
+
+
 def forgotten_decision(stored: str) -> str:
     """A stored decision once its person is forgotten: the rule, and the winner's kind,
     channel and campaign (the credit stands); no touch's id or time."""
@@ -3760,11 +3779,10 @@ class Database:
             return self._apply_by_user(pb, now_ms, policy)
         row = self.con.execute(CLICK_FOR_POSTBACK, (bytearray(pb.click_id),)).fetchone()
         uid = pb.user_id or (row and row[16])
-        if uid is not None:  # an order the matrix credited (a user id alone, or mode "priority" then) is that one
-            keyed = dataclasses.replace(pb, click_id=self.user_key(uid))
-            existing = self._find_conversion(keyed)
+        if uid is not None and pb.txid:  # the order may be stored already under the user's key or another click
+            existing = self._find_conversion(pb) or self._same_order(pb, uid)
             if existing is not None:
-                return self._existing_conversion(keyed, stored_click_facts(existing), existing, now_ms, policy)
+                return self._existing_conversion(pb, existing, now_ms, policy)
         if row is None:
             return self._record_orphan(pb, now_ms)
         click, sub1_total, click_cost = ClickFacts(*row[:8], *row[11:13]), OTHER_SUB1 if row[8] else None, row[9:11]
@@ -3777,12 +3795,29 @@ class Database:
         created = self._new_conversion(pb, click, sub1_total, click_cost, row[13:16], ts, now_ms, policy)
         if created is not None:
             return created
-        return self._existing_conversion(pb, click, self._find_conversion(pb), now_ms, policy)
+        return self._existing_conversion(pb, self._find_conversion(pb), now_ms, policy)
+
+    def _same_order(self, pb: Postback, uid: str) -> StoredConversion | None:
+        """An order (its txid) of this user's stored under another key than pb's: the
+        user's own (a user id alone) or one of the user's latest clicks'."""
+        key = self.user_key(uid)
+        if pb.click_id != key:
+            found = self._stored_conversion("click_id = ? AND dedupe_key = ?", (key, pb.dedupe_key))
+            if found is not None:
+                return found
+        return self._stored_conversion(
+            """dedupe_key = ? AND click_id IN (SELECT id FROM clicks WHERE uid = ? ORDER BY ts DESC LIMIT ?)
+               AND click_id != ?""",
+            (pb.dedupe_key, uid, MAX_CANDIDATES, pb.click_id),
+        )
 
     def _existing_conversion(
-        self, pb: Postback, click: ClickFacts, existing: StoredConversion, now_ms: int, policy: WritePolicy
+        self, pb: Postback, existing: StoredConversion, now_ms: int, policy: WritePolicy
     ) -> PostbackOutcome:
-        """A postback for a conversion already stored: held, rejected, the same, or a new status."""
+        """A postback for a conversion already stored: held, rejected, the same, or a new
+        status, told as the conversion was credited (its campaign and sub1, whichever
+        click or user the postback names)."""
+        click = stored_click_facts(existing)
         if existing.reason == RejectReason.HELD.value:  # the operator decides (see review); the network's word is kept
             return self._network_word(pb, existing, now_ms, click.campaign)
         if existing.reason is not None:
@@ -3810,15 +3845,14 @@ class Database:
                 problem = f"ts: is before its click ({iso_ms(given[1])}), got {iso_ms(ts)}"
                 return PostbackOutcome(PostbackResult.INVALID, reason=problem, campaign=given[2])
             ts = given[1]
-        keyed = dataclasses.replace(pb, click_id=self.user_key(uid), ts_ms=ts)
-        keys = (keyed, pb) if pb.click_id is not None else (keyed,)  # pb: credited by its click (mode "click" then)
-        for key in keys:
-            existing = self._find_conversion(key)
-            if existing is not None:
-                return self._existing_conversion(key, stored_click_facts(existing), existing, now_ms, policy)
+        # Keyed by its click id, else by the user; the same order (txid) under another is that one.
+        keyed = dataclasses.replace(pb, click_id=pb.click_id or self.user_key(uid), ts_ms=ts)
+        existing = self._find_conversion(keyed) or (self._same_order(keyed, uid) if pb.txid else None)
+        if existing is not None:
+            return self._existing_conversion(keyed, existing, now_ms, policy)
         touches = self.user_touches(uid, ts, policy)
         if given is not None and not any(t.kind == "click" and t.id == format_uuid(given[0]) for t in touches):
-            touches += self.candidate_clicks([(given[0], given[2], given[1])], ts, policy)  # named, without the uid
+            touches += self.candidates("click", [(given[0], given[2], given[1], None)], ts, policy)  # without the uid
         decision = attribute(touches, ts, policy.attribution)
         winner = decision.winner
         row = None
@@ -3834,7 +3868,7 @@ class Database:
         created = self._new_conversion(keyed, click, sub1_total, click_cost, suspect, ts, now_ms, policy, user)
         if created is not None:
             return created
-        return self._existing_conversion(keyed, click, self._find_conversion(keyed), now_ms, policy)
+        return self._existing_conversion(keyed, self._find_conversion(keyed), now_ms, policy)
 
     def user_touches(self, uid: str, ts: int, policy: WritePolicy) -> list[Touch]:
         """A user's candidates for a conversion at `ts`: their human clicks (by uid) and
@@ -3843,33 +3877,31 @@ class Database:
         one indexed read each."""
         since = ts - policy.attribution.window_days * DAY_MS
         clicks = self.con.execute(
-            """SELECT id, campaign, ts FROM clicks WHERE uid = ? AND ts >= ? AND ts <= ? AND bot = 0
+            """SELECT id, campaign, ts, NULL FROM clicks WHERE uid = ? AND ts >= ? AND ts <= ? AND bot = 0
                ORDER BY ts DESC LIMIT ?""",
             (uid, since, ts, MAX_CANDIDATES),
-        ).fetchall()
-        touches = self.candidate_clicks(clicks, ts, policy)
-        touches.extend(
-            Touch("touch", str(tid), channel, campaign, at)
-            for tid, channel, campaign, at in self.con.execute(
-                """SELECT id, channel, campaign, ts FROM touches WHERE uid = ? AND ts >= ? AND ts <= ?
-                   ORDER BY ts DESC LIMIT ?""",
-                (uid, since, ts, MAX_CANDIDATES),
-            )
         )
-        return touches
+        touches = self.con.execute(
+            """SELECT id, campaign, ts, channel FROM touches WHERE uid = ? AND ts >= ? AND ts <= ?
+               ORDER BY ts DESC LIMIT ?""",
+            (uid, since, ts, MAX_CANDIDATES),
+        )
+        return self.candidates("click", clicks, ts, policy) + self.candidates("touch", touches, ts, policy)
 
     @staticmethod
-    def candidate_clicks(clicks: Iterable[tuple], ts: int, policy: WritePolicy) -> list[Touch]:
-        """Clicks (id, campaign, ts) as candidates: with their campaign's channel as
-        configured now ("paid", the default, for one no longer configured), those past
-        their campaign's own window_days left out (the conversion would be rejected)."""
-        candidates = []
-        for cid, name, at in clicks:
+    def candidates(kind: str, rows: Iterable[tuple], ts: int, policy: WritePolicy) -> list[Touch]:
+        """Clicks or touches (id, campaign, ts, channel) as candidates for a conversion at
+        `ts`; a click's channel is its campaign's as configured now ("paid", the default,
+        for one no longer configured); any past its campaign's own window_days is left
+        out (its conversion would be rejected)."""
+        found = []
+        for ident, name, at, channel in rows:
             campaign = policy.campaigns.get(name)
             if campaign is not None and campaign.window_days is not None and ts - at > campaign.window_days * DAY_MS:
                 continue
-            candidates.append(Touch("click", format_uuid(cid), campaign.channel if campaign else "paid", name, at))
-        return candidates
+            channel = channel or (campaign.channel if campaign else "paid")
+            found.append(Touch(kind, format_uuid(ident) if kind == "click" else str(ident), channel, name, at))
+        return found
 
     def user_key(self, uid: str) -> bytes:
         """What a conversion credited by the matrix is keyed by in place of a click id:
@@ -3877,6 +3909,9 @@ class Database:
         own secret, so the key outlives pii_days without keeping the uid, nor letting one
         be guessed back from it."""
         if self._user_secret is None:
+            self.con.execute(  # made by schema 7; made here if a copy lacks it (then written with the caller's)
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('user_key_secret', hex(randomblob(32)))"
+            )
             row = self.con.execute("SELECT value FROM meta WHERE key = 'user_key_secret'").fetchone()
             self._user_secret = bytes.fromhex(row[0])
         return b"user:" + hmac.digest(self._user_secret, uid.encode(), "sha256")[:16]
@@ -3956,6 +3991,7 @@ class Database:
         copies of it dropped. Counts of what it did, and where the walk goes on (None:
         this table is done)."""
         done: Counter = Counter()
+        self.con.create_function("is_address", 1, address_matcher(ip), deterministic=True)
         key = dict((name, column) for name, column, _ in self.FORGET_IP_WALKS)[table]
         end, scanned = self.con.execute(
             f"SELECT max({key}), count(*) FROM (SELECT {key} FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT ?)",
@@ -3966,7 +4002,8 @@ class Database:
         span = f"{key} > ? AND {key} <= ?"
         if table == "clicks":
             ids = [
-                row[0] for row in self.con.execute(f"SELECT id FROM clicks WHERE {span} AND ip = ?", (after, end, ip))
+                row[0]
+                for row in self.con.execute(f"SELECT id FROM clicks WHERE {span} AND is_address(ip)", (after, end))
             ]
             done["conversions blanked"] = self._blank_conversions(ids)
             done["clicks deleted"] = self._delete_clicks(ids)
@@ -3974,22 +4011,23 @@ class Database:
             ids = [
                 row[0]
                 for row in self.con.execute(
-                    f"SELECT id FROM conversions WHERE {span} AND (click_ip = ? OR ip = ?)", (after, end, ip, ip)
+                    f"SELECT id FROM conversions WHERE {span} AND (is_address(click_ip) OR is_address(ip))",
+                    (after, end),
                 )
             ]
             done["conversions blanked"] = self._blank_conversions((), ids)
         else:
-            self.con.execute(f"UPDATE {table} SET ip = NULL WHERE {span} AND ip = ?", (after, end, ip))
+            self.con.execute(f"UPDATE {table} SET ip = NULL WHERE {span} AND is_address(ip)", (after, end))
         return done, end
 
     def forget_ip_due(self, ip: str) -> Counter:
         """What forget_ip would do (it reads every row: for --dry-run)."""
         done: Counter = Counter()
-        done["clicks deleted"] = self.con.execute("SELECT count(*) FROM clicks WHERE ip = ?", (ip,)).fetchone()[0]
+        self.con.create_function("is_address", 1, address_matcher(ip), deterministic=True)
+        done["clicks deleted"] = self.con.execute("SELECT count(*) FROM clicks WHERE is_address(ip)").fetchone()[0]
         done["conversions blanked"] = self.con.execute(
-            """SELECT count(*) FROM conversions WHERE click_ip = ? OR ip = ?
-                   OR click_id IN (SELECT id FROM clicks WHERE ip = ?)""",
-            (ip, ip, ip),
+            """SELECT count(*) FROM conversions WHERE is_address(click_ip) OR is_address(ip)
+                   OR click_id IN (SELECT id FROM clicks WHERE is_address(ip))"""
         ).fetchone()[0]
         return done
 
@@ -7106,16 +7144,14 @@ def cmd_forget(args: argparse.Namespace) -> int:
                 if args.dry_run or not any(done.values()):
                     break
         else:
-            for address in dict.fromkeys((args.ip, str(parse_address(args.ip)))):  # as written, and as it reads
-                if args.dry_run:
-                    total.update(db.forget_ip_due(address))
-                    continue
-                for table, _, start in Database.FORGET_IP_WALKS:
-                    after = start
-                    while after is not None:
-                        with db.transaction(fsync=True):
-                            done, after = db.forget_ip(address, table, after, FORGET_BATCH)
-                        total.update(done)
+            if args.dry_run:
+                total.update(db.forget_ip_due(args.ip))
+            for table, _, start in () if args.dry_run else Database.FORGET_IP_WALKS:
+                after = start
+                while after is not None:
+                    with db.transaction(fsync=True):
+                        done, after = db.forget_ip(args.ip, table, after, FORGET_BATCH)
+                    total.update(done)
     who = f"user id {args.user_id}" if args.user_id is not None else f"address {args.ip}"
     what = ", ".join(f"{n} {name}" for name, n in sorted(total.items()) if n)
     print(f"{'would forget' if args.dry_run else 'forgot'} {who}: {what or 'nothing found'}")
@@ -7551,7 +7587,7 @@ def render_conversion(view: Mapping[str, Any]) -> str:
         credit = (
             f"<p>Rule: <b>{e(decision['rule'])}</b>. Winner: "
             + (
-                e(f"{winner['kind']} {winner['id']} ({winner['channel']}, {winner['campaign']})")
+                e(f"{winner['kind']} {winner.get('id', '')} ({winner['channel']}, {winner['campaign']})")
                 if winner
                 else "nobody"
             )
