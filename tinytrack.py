@@ -400,6 +400,7 @@ class Campaign:
     funnel: bool = False
     pass_query: bool = False
     postback_url: Template | None = None
+    fallback_url: Template | None = None  # [campaigns.x.forward]: after FALLBACK_AFTER failed tries of postback_url
     window_days: int | None = None
     forward_events: tuple[str, ...] | None = None
     forward_statuses: tuple[str, ...] = ("approved",)
@@ -1018,6 +1019,19 @@ def read_campaign(
     window = c.get("window_days", int, None)
     if window is not None and window < 1:
         raise ConfigError(f"{key}.window_days", f"must be at least 1, got {window}")
+    forward = c.table("forward")
+    fallback_url = forward.get("fallback_url", str, None)
+    if fallback_url is not None:
+        if postback_url is None:
+            raise ConfigError(
+                forward.key("fallback_url"), "needs postback_url: it is where that one's deliveries go next"
+            )
+        if not fallback_url.isascii():
+            raise ConfigError(
+                forward.key("fallback_url"),
+                f"must be ASCII (percent-encode other characters), got {quoted(fallback_url)}",
+            )
+    forward.done()
     channel = c.get("channel", str, "paid")
     if channel not in CHANNELS:
         raise ConfigError(f"{key}.channel", f"must be one of {', '.join(CHANNELS)}, got {quoted(channel)}")
@@ -1026,6 +1040,7 @@ def read_campaign(
         **read_funnel(c, key),
         pass_query=c.get("pass_query", bool, False),
         postback_url=postback_url and compile_template(postback_url, f"{key}.postback_url", MACROS_FORWARD),
+        fallback_url=fallback_url and compile_template(fallback_url, f"{key}.forward.fallback_url", MACROS_FORWARD),
         window_days=window,
         forward_events=forward_events,
         forward_statuses=statuses,
@@ -1684,6 +1699,10 @@ class Delivery(NamedTuple):
     created_at: int
     next_at: int
     deadline: int
+    fallback_url: str | None = None  # where it goes after FALLBACK_AFTER failed tries
+
+
+FALLBACK_AFTER = 3  # failed tries of a delivery's url before its fallback_url is tried
 
 
 class ForwardPlan(NamedTuple):
@@ -1732,6 +1751,7 @@ def build_delivery(
         now_ms,
         first_try,
         first_try + conf.max_age_hours * 3_600_000,
+        campaign.fallback_url and campaign.fallback_url.fill(values),
     )
 
 
@@ -2964,6 +2984,13 @@ SCHEMA = [
     -- user_key's secret: a user's key can't be computed without this database.
     INSERT INTO meta (key, value) VALUES ('user_key_secret', hex(randomblob(32)));
     CREATE INDEX conversions_uid ON conversions (uid) WHERE uid IS NOT NULL;
+    """,
+    # version 8: forwards beyond one URL
+    """
+    -- Where a delivery goes after FALLBACK_AFTER failed tries of its url ([campaigns.x.forward]).
+    ALTER TABLE outbox ADD COLUMN fallback_url TEXT;
+    -- The URL each try went to (NULL: tries made before version 8, to the delivery's url).
+    ALTER TABLE outbox_attempts ADD COLUMN url TEXT;
     """,
 ]
 OTHER_SUB1 = "(other)"  # the totals' sub1 for a campaign-day's sub1 beyond retention.sub1_per_day
@@ -4530,24 +4557,36 @@ class Database:
 
     def queue_delivery(self, delivery: Delivery) -> None:
         self.con.execute(
-            """INSERT INTO outbox (conversion_id, campaign, status, url, idempotency_key, state, created_at, next_at, deadline)
-               VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)""",
+            """INSERT INTO outbox (conversion_id, campaign, status, url, idempotency_key, state, created_at, next_at, deadline,
+                                   fallback_url)
+               VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)""",
             delivery,
         )
 
     def due_deliveries(self, now_ms: int, limit: int, offset: int = 0) -> list[DueDelivery]:
-        """Pending deliveries that are due, soonest first."""
+        """Pending deliveries that are due, soonest first, each with the URL to try now:
+        its fallback_url once its url has failed FALLBACK_AFTER times."""
         rows = self.con.execute(
-            """SELECT id, url, idempotency_key, attempts, deadline FROM outbox
-               WHERE state = 'pending' AND next_at <= ? ORDER BY next_at, id LIMIT ? OFFSET ?""",
+            f"""SELECT id, CASE WHEN attempts >= {FALLBACK_AFTER} AND fallback_url IS NOT NULL THEN fallback_url
+                                ELSE url END,
+                       idempotency_key, attempts, deadline FROM outbox
+                WHERE state = 'pending' AND next_at <= ? ORDER BY next_at, id LIMIT ? OFFSET ?""",
             (now_ms, limit, offset),
         )
         return [DueDelivery(*row) for row in rows]
 
     def record_attempt(
-        self, outbox_id: int, attempt: Attempt, state: str, due: int, error: str | None, took_ms: int, now_ms: int
+        self,
+        outbox_id: int,
+        attempt: Attempt,
+        state: str,
+        due: int,
+        error: str | None,
+        took_ms: int,
+        now_ms: int,
+        url: str | None = None,
     ) -> None:
-        """One try's result. A delivery canceled meanwhile stays canceled."""
+        """One try's result, and the URL it went to. A delivery canceled meanwhile stays canceled."""
         self.con.execute(
             """UPDATE outbox SET attempts = attempts + 1, last_at = ?, last_code = ?, last_error = ?,
                    state = CASE state WHEN 'pending' THEN ? ELSE state END, next_at = ?
@@ -4555,8 +4594,8 @@ class Database:
             (now_ms, attempt.code, error, state, due, outbox_id),
         )
         self.con.execute(
-            "INSERT INTO outbox_attempts (outbox_id, at, code, error, ms) VALUES (?, ?, ?, ?, ?)",
-            (outbox_id, now_ms, attempt.code, attempt.error, took_ms),
+            "INSERT INTO outbox_attempts (outbox_id, at, code, error, ms, url) VALUES (?, ?, ?, ?, ?, ?)",
+            (outbox_id, now_ms, attempt.code, attempt.error, took_ms, url),
         )
 
     def retry_deliveries(
@@ -4613,9 +4652,11 @@ class Database:
 
     def attempts(self, outbox_id: int) -> list[dict]:
         rows = self.con.execute(
-            "SELECT at, code, error, ms FROM outbox_attempts WHERE outbox_id = ? ORDER BY at", (outbox_id,)
+            "SELECT at, code, error, ms, url FROM outbox_attempts WHERE outbox_id = ? ORDER BY at, rowid", (outbox_id,)
         )
-        return [{"at": iso_ms(at), "code": code, "error": error, "ms": ms} for at, code, error, ms in rows]
+        return [
+            {"at": iso_ms(at), "code": code, "error": error, "ms": ms, "url": url} for at, code, error, ms, url in rows
+        ]
 
     def outbox_states(self) -> dict[str, int]:
         rows = self.con.execute("SELECT state, count(*) FROM outbox GROUP BY state")
@@ -5585,7 +5626,7 @@ class Forwarder:
             level = logging.DEBUG if state == "done" else logging.INFO if state == "pending" else logging.WARNING
             log.log(level, "forward %d: %s (%s)", outbox_id, state, error or f"HTTP {attempt.code}")
             await self.store.write(
-                lambda db, now_ms: db.record_attempt(outbox_id, attempt, state, due, error, took, now_ms)
+                lambda db, now_ms: db.record_attempt(outbox_id, attempt, state, due, error, took, now_ms, url)
             )
         except Exception:
             log.exception("forward %d: unexpected error; it stays pending", outbox_id)
@@ -6957,7 +6998,7 @@ def outbox_show(args: argparse.Namespace, config: Config, db: Database) -> int:
     for name, value in delivery.items():
         print(f"{name:>14}  {'' if value is None else value}")
     print()
-    print_table(db.attempts(args.id), ("at", "code", "ms", "error"))
+    print_table(db.attempts(args.id), ("at", "code", "ms", "url", "error"))
     return 0
 
 

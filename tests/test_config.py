@@ -79,6 +79,31 @@ def test_config_is_frozen():
             "campaigns.x.window_days: must be at least 1, got 0",
         ),
         (
+            config_with(campaigns={"x": {"url": "https://a.com/", "forward": {"fallback_url": "https://b.com/"}}}),
+            "campaigns.x.forward.fallback_url: needs postback_url: it is where that one's deliveries go next",
+        ),
+        (
+            config_with(
+                campaigns={
+                    "x": {
+                        "url": "https://a.com/",
+                        "postback_url": "https://s.com/?c={click_id}",
+                        "forward": {"fallback_url": "https://b.com/?c={clickid}"},
+                    }
+                }
+            ),
+            "campaigns.x.forward.fallback_url: unknown macro {clickid}; known: click_id, campaign, sub1, sub2, sub3, "
+            "sub4, sub5, ext_id, offer, lander, event, payout, currency, txid, status, id, cost",
+        ),
+        (
+            config_with(
+                campaigns={
+                    "x": {"url": "https://a.com/", "postback_url": "https://s.com/", "forward": {"fallback": "x"}}
+                }
+            ),
+            "campaigns.x.forward.fallback: unknown key",
+        ),
+        (
             config_with(campaigns={"x": {"url": "https://a.com/", "pass_query": "yes"}}),
             "campaigns.x.pass_query: must be true or false, got 'yes'",
         ),

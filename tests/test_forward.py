@@ -196,6 +196,23 @@ async def test_500_503_200_is_three_hits_with_one_key_and_growing_backoff(tmp_pa
     assert 1.55 <= second <= 3.0, second
 
 
+async def test_after_three_failed_tries_a_delivery_goes_to_the_fallback_url(tmp_path):
+    with Receiver({"/pb": [500, 503, 500, 500], "/fallback": [200]}) as receiver:
+        fallback = f"http://127.0.0.1:{receiver.port}/fallback?c={{click_id}}&s={{status}}"
+        extra = forward_toml(receiver.port) + f"\n[campaigns.fwd.forward]\nfallback_url = {toml(fallback)}\n"
+        async with tracker(tmp_path, extra) as (app, http):
+            cid = await click_and_convert(http, "pb")
+            hits = await receiver.wait_for_async(4, timeout=15)
+            [row] = await until(lambda: settled(app.config.storage.path, 1), timeout=15, what="the delivery")
+            shown = await app.store.read(tinytrack.Database.attempts, row["id"])
+    assert [(hit.path, hit.status) for hit in hits] == [("/pb", 500), ("/pb", 503), ("/pb", 500), ("/fallback", 200)]
+    assert hits[3].query == f"c={cid}&s=approved" and len({hit.key for hit in hits}) == 1  # one key, both URLs
+    assert (row["state"], row["attempts"], row["last_code"]) == ("done", 4, 200)
+    primary = f"http://127.0.0.1:{receiver.port}/pb?"
+    assert [(a["code"], a["url"].startswith(primary)) for a in shown] == [(500, True), (503, True), (500, True), (200, False)]
+    assert shown[3]["url"] == f"http://127.0.0.1:{receiver.port}/fallback?c={cid}&s=approved"  # the log says which
+
+
 async def test_410_404_400_and_302_are_final_and_a_redirect_is_not_followed(tmp_path):
     script = {
         "/gone": [410, 200],
