@@ -94,7 +94,10 @@ STATUSES = ("approved", "pending", "rejected")
 FORM_TYPES = ("application/x-www-form-urlencoded",)
 MACROS_CLICK = ("click_id", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "ext_id")
 MACROS_FUNNEL = MACROS_CLICK + ("offer", "lander")  # a lander's or offer's URL
-MACROS_FORWARD = MACROS_FUNNEL + ("event", "payout", "currency", "txid", "status", "id", "cost")
+# Ad platforms' click ids a click may carry (kept, and passed on by pass_query), and
+# {fbc}, Meta's fbc cookie value made of fbclid: fb.1.<click ms>.<fbclid>.
+AD_IDS = ("fbclid", "gclid", "gbraid", "wbraid", "ttclid", "msclkid")
+MACROS_FORWARD = MACROS_FUNNEL + ("event", "payout", "currency", "txid", "status", "id", "cost", *AD_IDS, "fbc")
 SUB_FIELDS = ("sub1", "sub2", "sub3", "sub4", "sub5")
 EXT_ID_ALIASES = {"ext_id": "ext_id", "externalid": "ext_id", "external_id": "ext_id"}
 COST_ALIASES = frozenset({"cost", "cpc", "bid"})  # what a traffic source's {cost} macro is sent as
@@ -109,7 +112,9 @@ CLICK_FIELD_NAMES = {
     **EXT_ID_ALIASES,
     **dict.fromkeys(COST_ALIASES, "cost"),
     **UID_ALIASES,
+    **{name: name for name in AD_IDS},
 }
+PASSED_ON_FIELDS = frozenset({"uid", *AD_IDS})  # kept, and still passed on by pass_query: the site's own
 CHANNELS = ("affiliate", "paid", "email", "organic")  # a campaign's channel; organic is never credited
 ATTRIBUTION_MODES = ("click", "priority")
 # Every name a network may use for a postback field, mapped to the field.
@@ -1175,9 +1180,22 @@ def parse_click_query(raw: bytes) -> tuple[dict[str, str], list[tuple[str, str]]
         else:
             if field not in values:  # the first of repeated parameters wins
                 values[field] = value
-            if field == "uid":  # the site's own parameters: still passed on (pass_query) as they came
+            if field in PASSED_ON_FIELDS:  # the site's or an ad platform's: still passed on (pass_query)
                 rest.append((strip_controls(name, MAX_VALUE_CHARS), value))
+                if field != "uid" and value:
+                    values[AD_MARK] = ""  # the click has an ad click id: see ad_ids_of
     return values, rest
+
+
+AD_MARK = "\x00ad"  # in a click's values: it carries an ad click id (a key no parameter can be)
+
+
+def ad_ids_of(values: Mapping[str, str], ms: int) -> str:
+    """A click's ad click ids as stored (JSON), with fbc where it has an fbclid."""
+    ids = {name: values[name] for name in AD_IDS if values.get(name)}
+    if "fbclid" in ids:
+        ids["fbc"] = f"fb.1.{ms}.{ids['fbclid']}"
+    return orjson.dumps(ids).decode()
 
 
 LP_CID_NAMES = frozenset({"cid", "click_id", "clickid"})
@@ -1686,6 +1704,7 @@ class ForwardFacts(NamedTuple):
     cost: int | None  # what {cost} says: the conversion's cpa/revshare cost, else its click's
     lander: str | None = None
     offer: str | None = None  # None: the click had none (a plain `url` campaign): {offer} says "default"
+    ad_ids: str | None = None  # its click's ad click ids, JSON (see ad_ids_of)
 
 
 class Delivery(NamedTuple):
@@ -1730,6 +1749,8 @@ def build_delivery(
 ) -> Delivery:
     """A delivery of a conversion to the campaign's postback_url, its macros filled."""
     values = {name: value for name, value in facts._asdict().items() if value is not None}
+    if facts.ad_ids:
+        values.update(orjson.loads(values.pop("ad_ids")))
     values.update(
         click_id=format_uuid(facts.click_id) if len(facts.click_id) == 16 else "",  # b"": credited to a touch
         cost="" if facts.cost is None else format_money(facts.cost),
@@ -2248,6 +2269,7 @@ PURGE_RULES = (
     PurgeRule("uids", "clicks", "uid dropped", lambda r: r.uid_days),
     PurgeRule("touches", "touches", "deleted", lambda r: min([d for d in (r.clicks_days, r.uid_days) if d] or [0])),
     PurgeRule("conversion_uids", "conversions", "user id dropped", lambda r: r.pii_days),
+    PurgeRule("conversion_ad_ids", "conversions", "ad click ids dropped", lambda r: r.clicks_days),
     PurgeRule("conversions", "conversions", "deleted, with their history", lambda r: r.conversions_days),
     PurgeRule("orphans", "orphans", "deleted", lambda r: r.orphans_days),
     PurgeRule("outbox", "outbox", "finished deliveries deleted, with their attempts", lambda r: r.outbox_days),
@@ -2991,6 +3013,11 @@ SCHEMA = [
     ALTER TABLE outbox ADD COLUMN fallback_url TEXT;
     -- The URL each try went to (NULL: tries made before version 8, to the delivery's url).
     ALTER TABLE outbox_attempts ADD COLUMN url TEXT;
+    -- Ad platforms' click ids (gclid, fbclid, ... and fbc), JSON, kept with the click and
+    -- copied to its conversions (forwards' macros, the Google Ads export).
+    ALTER TABLE clicks ADD COLUMN ad_ids TEXT;
+    ALTER TABLE conversions ADD COLUMN ad_ids TEXT;
+    CREATE INDEX conversions_ad_ids ON conversions (created_at) WHERE ad_ids IS NOT NULL;  -- their purge rule
     """,
 ]
 OTHER_SUB1 = "(other)"  # the totals' sub1 for a campaign-day's sub1 beyond retention.sub1_per_day
@@ -3166,7 +3193,7 @@ NULL_IF_NONE = f"nullif(?, '{NO_TEXT}')"
 CLICK_VALUES = f"?, ?, ?, ?, {', '.join([NULL_IF_NONE] * 5)}, ?, ?, ?, nullif(?, -1), nullif(?, ''), {NULL_IF_NONE}, {NULL_IF_NONE}"
 INSERT_CLICK = f"INSERT INTO clicks ({CLICK_COLUMNS}) VALUES ({CLICK_VALUES})"  # a ClickRow's
 INSERT_WIDE_CLICK = (  # a WideClickRow's
-    f"INSERT INTO clicks ({CLICK_COLUMNS}, flags, uid) VALUES ({CLICK_VALUES}, {NULL_IF_NONE}, {NULL_IF_NONE})"
+    f"INSERT INTO clicks ({CLICK_COLUMNS}, flags, uid, ad_ids) VALUES ({CLICK_VALUES}, {', '.join([NULL_IF_NONE] * 3)})"
 )
 ADD_DAILY_CLICKS = """INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks, unique_clicks) VALUES (?, ?, ?, ?, ?, ?)
                       ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks,
@@ -3184,13 +3211,15 @@ INSERT_CONVERSION = _INSERT_CONVERSION.format(extra_columns="", extra_values="")
 
 
 @cache
-def insert_conversion_sql(suspect: bool, user: bool) -> str:
+def insert_conversion_sql(suspect: bool, user: bool, ads: bool = False) -> str:
     """INSERT_CONVERSION with the columns few conversions have, bound only for those
     (three binds are ~1.5% of a postback): a suspect one's flags, its click's address
     kept (ip_cluster) and the network's status while held; a user-credited one's uid
     and decision."""
-    columns = (("flags", "click_ip", "network_status") if suspect else ()) + (
-        ("uid", "attribution", "credited_click") if user else ()
+    columns = (
+        (("flags", "click_ip", "network_status") if suspect else ())
+        + (("uid", "attribution", "credited_click") if user else ())
+        + (("ad_ids",) if ads else ())
     )
     return _INSERT_CONVERSION.format(
         extra_columns="".join(f", {c}" for c in columns), extra_values=f", {NULL_IF_NONE}" * len(columns)
@@ -3210,7 +3239,7 @@ ADD_DAILY_COSTS = f"""INSERT INTO daily_costs (day, campaign, sub1, source, curr
                           THEN cost + excluded.cost ELSE cost END"""
 # What a conversion copies of its click (ClickFacts, sub1_other, its cost) and judges it by (bot, flags, ip).
 CLICK_FOR_POSTBACK = """SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other, cost, cost_currency,
-                               lander, offer, bot, flags, ip, uid
+                               lander, offer, bot, flags, ip, uid, ad_ids
                         FROM clicks WHERE id = ?"""
 LP_CLICK_SELECT = """SELECT ts, campaign, sub1_other, bot, lp_at, offer, lander, sub1, sub2, sub3, sub4, sub5, ext_id
                      FROM clicks WHERE id = ?"""
@@ -3270,8 +3299,8 @@ class ClickRow(NamedTuple):
 
 class WideClickRow(NamedTuple):
     """A ClickRow with what few clicks have: flags (what fraud rules and the LP click
-    found, as JSON {flag: evidence}) and a uid, NO_TEXT for either it lacks. Most clicks
-    have neither: they stay ClickRows, bound as before."""
+    found, as JSON {flag: evidence}), a uid and ad click ids, NO_TEXT for what it lacks.
+    Most clicks have none: they stay ClickRows, bound as before."""
 
     id: bytes | bytearray
     ts: int
@@ -3291,11 +3320,14 @@ class WideClickRow(NamedTuple):
     offer: str | None
     flags: str
     uid: str
+    ad_ids: str  # JSON {gclid: ..., fbclid: ..., fbc: ...}
 
     @classmethod
-    def of(cls, row: ClickRow, flags: Mapping[str, str] | None, uid: str | None = None) -> tuple:
+    def of(
+        cls, row: ClickRow, flags: Mapping[str, str] | None, uid: str | None = None, ad_ids: str | None = None
+    ) -> tuple:
         """The row as a plain tuple of these fields (built and bound quicker than the class)."""
-        return (*row, orjson.dumps(flags).decode() if flags else NO_TEXT, uid or NO_TEXT)
+        return (*row, orjson.dumps(flags).decode() if flags else NO_TEXT, uid or NO_TEXT, ad_ids or NO_TEXT)
 
 
 class LPClick(NamedTuple):
@@ -3409,6 +3441,12 @@ PURGE_SQL = {
         "SELECT count(*) FROM conversions WHERE uid IS NOT NULL AND ts < :cutoff",
         """UPDATE conversions SET uid = NULL WHERE id IN (
                       SELECT id FROM conversions WHERE uid IS NOT NULL AND ts < ? LIMIT ?)""",
+    ),
+    # A conversion's copy of its click's ad click ids goes when its click would have.
+    "conversion_ad_ids": (
+        "SELECT count(*) FROM conversions WHERE ad_ids IS NOT NULL AND created_at < :cutoff",
+        """UPDATE conversions SET ad_ids = NULL WHERE id IN (
+                      SELECT id FROM conversions WHERE ad_ids IS NOT NULL AND created_at < ? LIMIT ?)""",
     ),
     "conversions": (
         "SELECT count(*) FROM conversions WHERE created_at < :cutoff",
@@ -3570,8 +3608,8 @@ class Database:
     @cache
     def insert_click_sql(wide: bool, other: bool) -> str:
         """INSERT_CLICK for WideClickRow (flags and uid), and with sub1_other bound last."""
-        columns = CLICK_COLUMNS + (", flags, uid" if wide else "") + (", sub1_other" if other else "")
-        extra = f", {NULL_IF_NONE}, {NULL_IF_NONE}" if wide else ""
+        columns = CLICK_COLUMNS + (", flags, uid, ad_ids" if wide else "") + (", sub1_other" if other else "")
+        extra = f", {NULL_IF_NONE}" * 3 if wide else ""
         return f"INSERT INTO clicks ({columns}) VALUES ({CLICK_VALUES}{extra}{', ?' if other else ''})"
 
     @staticmethod
@@ -3819,7 +3857,9 @@ class Database:
                 problem = f"ts: is before its click ({iso_ms(click.ts)}), got {iso_ms(ts)}"
                 return PostbackOutcome(PostbackResult.INVALID, reason=problem, campaign=click.campaign)
             ts = click.ts  # clock skew (the sender's, or ours stepped back): never dated before its click
-        created = self._new_conversion(pb, click, sub1_total, click_cost, row[13:16], ts, now_ms, policy)
+        created = self._new_conversion(
+            pb, click, sub1_total, click_cost, row[13:16], ts, now_ms, policy, ad_ids=row[17]
+        )
         if created is not None:
             return created
         return self._existing_conversion(pb, self._find_conversion(pb), now_ms, policy)
@@ -3892,7 +3932,10 @@ class Database:
             click = ClickFacts(winner.ts if winner else ts, decision.campaign, *(None,) * 6, None, None)
             sub1_total, click_cost, suspect, credited = None, (None, None), (0, None, None), b""
         user = (uid, orjson.dumps(decision.view()).decode(), credited)
-        created = self._new_conversion(keyed, click, sub1_total, click_cost, suspect, ts, now_ms, policy, user)
+        ad_ids = row[17] if row is not None else None
+        created = self._new_conversion(
+            keyed, click, sub1_total, click_cost, suspect, ts, now_ms, policy, user, ad_ids=ad_ids
+        )
         if created is not None:
             return created
         return self._existing_conversion(keyed, self._find_conversion(keyed), now_ms, policy)
@@ -4121,13 +4164,13 @@ class Database:
         row = self.con.execute(
             f"""SELECT id, status, reason, ts / 86400000, payout, currency, sub1_total, cost_model, cost_currency,
                        click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost, lander, offer,
-                       attribution IS NOT NULL, credited_click
+                       ad_ids, attribution IS NOT NULL, credited_click
                 FROM conversions WHERE {where}""",
             args,
         ).fetchone()
         if row is None:
             return None
-        return StoredConversion(*row[:9], forward_facts(row[9:22], row[22], row[23]))
+        return StoredConversion(*row[:9], forward_facts(row[9:23], row[23], row[24]))
 
     def _network_word(self, pb: Postback, held: StoredConversion, now_ms: int, campaign: str) -> PostbackOutcome:
         """A postback for a held conversion: it stays held (pending, not forwarded), and what
@@ -4268,6 +4311,7 @@ class Database:
         now_ms: int,
         policy: WritePolicy,
         user: tuple[str, str, bytes] | None = None,
+        ad_ids: str | None = None,
     ) -> PostbackOutcome | None:
         """A new conversion (None if its key exists): one INSERT .. RETURNING, the usual case.
         `suspect`: its click's bot flag and flags, which it inherits (see conversion_flags),
@@ -4323,7 +4367,9 @@ class Database:
             )
         )
         row = self.con.execute(
-            INSERT_CONVERSION if not (suspect or user) else insert_conversion_sql(bool(suspect), user is not None),
+            INSERT_CONVERSION
+            if not (suspect or user or ad_ids)
+            else insert_conversion_sql(bool(suspect), user is not None, bool(ad_ids)),
             (
                 bytearray(pb.click_id),
                 pb.dedupe_key,
@@ -4348,6 +4394,7 @@ class Database:
                 NO_TEXT if click.offer is None else click.offer,
                 *suspect,
                 *((user[0], user[1], bytearray(user[2]) or NO_TEXT) if user else ()),
+                *((ad_ids,) if ad_ids else ()),
             ),
         ).fetchone()
         if row is None:
@@ -4359,7 +4406,7 @@ class Database:
         if reason:
             return PostbackOutcome(PostbackResult.REJECTED, conversion_id, reason, click.campaign, flags=flag_names)
         credited = pb.click_id if user is None else user[2]
-        facts = ForwardFacts(credited, *click[1:8], pb.event, pb.txid, cost, click.lander, click.offer)
+        facts = ForwardFacts(credited, *click[1:8], pb.event, pb.txid, cost, click.lander, click.offer, ad_ids)
         queued = self._forward(
             campaign, conversion_id, facts, pb.status, pb.payout, pb.currency, now_ms, policy.forward
         )
@@ -4623,7 +4670,7 @@ class Database:
         """Counted conversions created since a time in these campaigns: id, facts, status, payout, currency."""
         rows = self.con.execute(
             f"""SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost, lander, offer,
-                       status, payout, currency, attribution IS NOT NULL, credited_click
+                       ad_ids, status, payout, currency, attribution IS NOT NULL, credited_click
                 FROM conversions WHERE created_at >= ? AND reason IS NULL AND campaign IN ({",".join("?" * len(campaigns))})
                 ORDER BY id""",
             (since_ms, *campaigns),
@@ -4955,6 +5002,17 @@ class Database:
         return [
             dict(zip(ORPHAN_COLUMNS, (*r[:5], format_money(r[5]), r[6], *map(iso_ms, r[7:10]), r[10]))) for r in rows
         ]
+
+    def google_ads_conversions(self, since_ms: int) -> list[tuple]:
+        """Approved conversions created since a time whose click had a gclid: gclid, when
+        they converted (unix ms), payout, currency; in the order they were created."""
+        return self.con.execute(
+            """SELECT json_extract(ad_ids, '$.gclid'), ts, payout, currency FROM conversions
+               WHERE created_at >= ? AND status = 'approved' AND reason IS NULL
+                   AND json_extract(ad_ids, '$.gclid') IS NOT NULL
+               ORDER BY id""",
+            (since_ms,),
+        ).fetchall()
 
     def recent_conversions(self, limit: int) -> list[tuple]:
         """The newest conversions: id, created_at, campaign, sub1, event, status, payout,
@@ -5953,8 +6011,9 @@ class TinyTrack:
                 for name in flags:
                     self.flagged["click", name] += 1
             uid = values.get("uid") and self.click_uid(values["uid"])
-            if flags or uid:
-                row = WideClickRow.of(row, flags, uid)
+            ad_ids = ad_ids_of(values, ms) if AD_MARK in values else None
+            if flags or uid or ad_ids:
+                row = WideClickRow.of(row, flags, uid, ad_ids)
             try:
                 await self.store.record_click(row)
             except StorageError:
@@ -6060,7 +6119,8 @@ class TinyTrack:
             flags.update(self.click_flags(campaign, ip, ms))
         for name in flags:
             self.flagged["click", name] += 1
-        return WideClickRow.of(row, flags, values.get("uid") and self.click_uid(values["uid"]))
+        uid = values.get("uid") and self.click_uid(values["uid"])
+        return WideClickRow.of(row, flags, uid, ad_ids_of(values, ms) if AD_MARK in values else None)
 
     def click_uid(self, text: str) -> str | None:
         """A click's uid, or None (counted) for one that is no uid: a visitor is never refused."""
@@ -7200,6 +7260,47 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+GOOGLE_ADS_COLUMNS = (
+    "Google Click ID",
+    "Conversion Name",
+    "Conversion Time",
+    "Conversion Value",
+    "Conversion Currency",
+)
+
+
+def google_ads_csv(rows: Iterable[tuple], name: str, tz: str) -> str:
+    """Google Ads' offline conversion import file (click conversions by gclid): its
+    Parameters:TimeZone line, its header, and each conversion's time in that zone."""
+    where = zone(tz)
+    out = io.StringIO()
+    out.write(f"Parameters:TimeZone={'+0000' if tz in ('UTC', 'Etc/UTC') else tz}\n")
+    writer = csv.writer(out, lineterminator="\n")  # no ' prefix (csv_cell): a gclid may start with -
+    writer.writerow(GOOGLE_ADS_COLUMNS)
+    for gclid, ts, payout, currency in rows:
+        at = dt.datetime.fromtimestamp(ts / 1000, where).strftime("%Y-%m-%d %H:%M:%S")
+        writer.writerow((gclid, name, at, format_money(payout), currency))
+    return out.getvalue()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Files for ad platforms: google-ads, the offline conversion import of approved
+    conversions whose click had a gclid (uploading it, which needs OAuth, stays yours)."""
+    config, db = open_for_command(args)
+    try:
+        since = parse_since(args.since)
+        zone(args.tz)
+    except FieldError as exc:
+        raise TinytrackError(f"--{exc.message}") from None
+    if not args.conversion_name.strip() or len(args.conversion_name) > 100:
+        raise TinytrackError("--conversion-name: the conversion action's name in Google Ads, 1-100 characters")
+    with closing(db):
+        rows = db.google_ads_conversions(since)
+    sys.stdout.write(google_ads_csv(rows, args.conversion_name, args.tz))
+    print(f"{len(rows)} conversions", file=sys.stderr)
+    return 0
+
+
 def cmd_costs(args: argparse.Namespace) -> int:
     """Upload a traffic source's spend report: it replaces the clicks' costs for its days."""
     config, db = open_for_command(args)
@@ -7431,6 +7532,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--reverse-forwarded",
         action="store_true",
         help="hold or reject even conversions the traffic source already heard of (it hears a rejection)",
+    )
+
+    export = command(cmd_export)
+    export_kinds = export.add_subparsers(dest="kind", required=True, metavar="KIND")
+    google = export_kinds.add_parser(
+        "google-ads", parents=[config_flag], help="Google Ads' offline conversion CSV (conversions by gclid)"
+    )
+    google.add_argument("--since", required=True, help="conversions created since YYYY-MM-DD (UTC) or an ISO 8601 time")
+    google.add_argument("--conversion-name", required=True, help="the conversion action's name in Google Ads")
+    google.add_argument(
+        "--tz", default="UTC", help="the zone the file's times are in (default UTC), e.g. Europe/Berlin"
     )
 
     forget = command(cmd_forget, config_flag)

@@ -209,7 +209,12 @@ async def test_after_three_failed_tries_a_delivery_goes_to_the_fallback_url(tmp_
     assert hits[3].query == f"c={cid}&s=approved" and len({hit.key for hit in hits}) == 1  # one key, both URLs
     assert (row["state"], row["attempts"], row["last_code"]) == ("done", 4, 200)
     primary = f"http://127.0.0.1:{receiver.port}/pb?"
-    assert [(a["code"], a["url"].startswith(primary)) for a in shown] == [(500, True), (503, True), (500, True), (200, False)]
+    assert [(a["code"], a["url"].startswith(primary)) for a in shown] == [
+        (500, True),
+        (503, True),
+        (500, True),
+        (200, False),
+    ]
     assert shown[3]["url"] == f"http://127.0.0.1:{receiver.port}/fallback?c={cid}&s=approved"  # the log says which
 
 

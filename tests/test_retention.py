@@ -34,9 +34,19 @@ pytestmark = pytest.mark.anyio
 DAY = 86_400_000
 UA = {"user-agent": "Mozilla/5.0"}
 # What run_once reports, per rule: "clicks", "pii", "conversions", "orphans", "outbox".
-CLICKS, PII, CONVERSION_IPS, UIDS, TOUCHES, CONVERSION_UIDS, CONVERSIONS, ORPHANS, OUTBOX, UNIQUES = (
-    rule.name for rule in tinytrack.PURGE_RULES
-)
+(
+    CLICKS,
+    PII,
+    CONVERSION_IPS,
+    UIDS,
+    TOUCHES,
+    CONVERSION_UIDS,
+    CONVERSION_AD_IDS,
+    CONVERSIONS,
+    ORPHANS,
+    OUTBOX,
+    UNIQUES,
+) = (rule.name for rule in tinytrack.PURGE_RULES)
 
 
 @pytest.fixture
@@ -822,11 +832,12 @@ def test_purge_command_dry_run_changes_nothing_then_purge_removes(tmp_path: Path
         ["clicks", "uid dropped"],
         ["touches", "deleted"],
         ["conversions", "user id dropped"],
+        ["conversions", "ad click ids dropped"],
         ["conversions", "deleted, with their history"],
         ["orphans", "deleted"],
         ["click_uniques", "older days' unique-click keys deleted"],
     ]
-    assert (would[1][2], would[3][2], would[7][2], would[8][2]) == ("1", "0", "1", "1"), dry.stdout
+    assert (would[1][2], would[3][2], would[8][2], would[9][2]) == ("1", "0", "1", "1"), dry.stdout
 
     done = run("purge", "-c", str(config), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -839,6 +850,7 @@ def test_purge_command_dry_run_changes_nothing_then_purge_removes(tmp_path: Path
         ["clicks", "uid dropped", "0"],  # no uids here
         ["touches", "deleted", "0"],
         ["conversions", "user id dropped", "0"],
+        ["conversions", "ad click ids dropped", "0"],
         ["conversions", "deleted, with their history", "1"],
         ["orphans", "deleted", "1"],
         ["click_uniques", "older days' unique-click keys deleted", "0"],  # used past UNIQUE_MEMORY_KEYS only
@@ -854,7 +866,7 @@ def test_purge_command_dry_run_changes_nothing_then_purge_removes(tmp_path: Path
     assert rows(db, "PRAGMA freelist_count") == [(0,)]
 
     again = run("purge", "-c", str(config), cwd=tmp_path)
-    assert [line[-1] for line in table(again.stdout)[1:]] == ["0"] * 9
+    assert [line[-1] for line in table(again.stdout)[1:]] == ["0"] * 10
 
 
 def test_purge_dry_run_counts_what_the_purge_then_does(tmp_path: Path):
