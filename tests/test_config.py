@@ -93,7 +93,8 @@ def test_config_is_frozen():
                 }
             ),
             "campaigns.x.forward.fallback_url: unknown macro {clickid}; known: click_id, campaign, sub1, sub2, sub3, "
-            "sub4, sub5, ext_id, offer, lander, event, payout, currency, txid, status, id, cost",
+            "sub4, sub5, ext_id, offer, lander, event, payout, currency, txid, status, id, cost, fbclid, gclid, gbraid, "
+            "wbraid, ttclid, msclkid, fbc",
         ),
         (
             config_with(
