@@ -4103,7 +4103,7 @@ class Database:
 
     def _blank_conversions(self, click_ids: Sequence[bytes], conversion_ids: Sequence[int] = ()) -> int:
         """Blank the personal fields of conversions (those of `click_ids`, and by id): the
-        user id, the click's address, the sender's address (also in their history), the
+        user id, the click's address and ad click ids, the sender's address (also in their history), the
         touches their decision weighed (see forgotten_decision); a user's key (user_key)
         becomes a random one. Their campaign, money and status stay, as do the daily totals."""
         ids = set(conversion_ids)
@@ -4122,7 +4122,7 @@ class Database:
                     "UPDATE conversions SET attribution = ? WHERE id = ?", (forgotten_decision(decision), cid)
                 )
             self.con.execute(
-                """UPDATE conversions SET uid = NULL, click_ip = NULL, ip = NULL,
+                """UPDATE conversions SET uid = NULL, click_ip = NULL, ip = NULL, ad_ids = NULL,
                        click_id = CASE WHEN length(click_id) = 21 THEN CAST(x'757365723a' || randomblob(16) AS BLOB)
                            ELSE click_id END
                    WHERE id = ?""",

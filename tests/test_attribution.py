@@ -470,7 +470,7 @@ def dump(path: Path) -> str:
 async def test_forget_a_user_leaves_no_trace_and_the_totals_stand(make_app, clock, tmp_path):
     app = await make_app(CHANNELS)
     await send_touch(app, user_id="person-42", campaign="newsletter")
-    aff = await click(app, "partner", ip="203.0.113.99", uid="person-42")
+    aff = await click(app, "partner", ip="203.0.113.99", uid="person-42", gclid="GCLID-of-person-42")
     await click(app, "facebook", ip="203.0.113.99", uid="person-42")
     keep = await click(app, "facebook", ip="198.51.100.1", uid="someone-else")
     clock.now += 60
