@@ -3606,11 +3606,12 @@ class Database:
 
     @staticmethod
     @cache
-    def insert_click_sql(wide: bool, other: bool) -> str:
-        """INSERT_CLICK for WideClickRow (flags and uid), and with sub1_other bound last."""
-        columns = CLICK_COLUMNS + (", flags, uid, ad_ids" if wide else "") + (", sub1_other" if other else "")
+    def insert_other_click_sql(wide: bool) -> str:
+        """INSERT_CLICK (or INSERT_WIDE_CLICK) with sub1_other bound last: a batch with
+        clicks whose sub1 the totals fold into OTHER_SUB1."""
+        columns = CLICK_COLUMNS + (", flags, uid, ad_ids" if wide else "") + ", sub1_other"
         extra = f", {NULL_IF_NONE}" * 3 if wide else ""
-        return f"INSERT INTO clicks ({columns}) VALUES ({CLICK_VALUES}{extra}{', ?' if other else ''})"
+        return f"INSERT INTO clicks ({columns}) VALUES ({CLICK_VALUES}{extra}, ?)"
 
     @staticmethod
     @cache
@@ -3628,7 +3629,7 @@ class Database:
             return
         if other:
             rows = [(*row, 1 if (row[1] // DAY_MS, row[2], row[3] or "") in other else None) for row in rows]
-            self.con.executemany(self.insert_click_sql(wide, True), rows)
+            self.con.executemany(self.insert_other_click_sql(wide), rows)
         else:  # as plain tuples: the sqlite3 module reads a tuple subclass's items the slow way (~6k instructions)
             self.con.executemany(INSERT_WIDE_CLICK if wide else INSERT_CLICK, map(tuple, rows))
 
