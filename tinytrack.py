@@ -266,7 +266,7 @@ def quoted(value: object, limit: int = 40) -> str:
 # --- Config ---------------------------------------------------------------------------
 
 
-SECRET_KEYS = frozenset({"tokens", "token", "hmac_secrets"})  # config keys whose values no message shows
+SECRET_KEYS = frozenset({"tokens", "token", "hmac_secrets", "access_token", "headers"})  # values no message shows
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -395,6 +395,45 @@ def single_offer(url: Template) -> Rotation:
     return Rotation.of((Arm(DEFAULT_OFFER, url, 1),))
 
 
+FORWARD_KINDS = ("get", "json", "meta_capi")
+META_ENDPOINT = "https://graph.facebook.com/v21.0"  # Meta's Graph API; its versions live two years or more
+META_ACTION_SOURCES = (
+    "website",
+    "app",
+    "email",
+    "phone_call",
+    "chat",
+    "physical_store",
+    "system_generated",
+    "business_messaging",
+    "other",
+)
+HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")  # an RFC 9110 token
+RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "content-type", "transfer-encoding", "connection", "idempotency-key", "user-agent"}
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardTarget:
+    """[campaigns.x.forward] of kind json or meta_capi: a POST beside (or instead of) the
+    campaign's postback_url. Its secrets (headers, access_token) stay here, in memory:
+    the outbox keeps only the URL and body, and each try reads them from the config."""
+
+    kind: str  # json | meta_capi
+    url: str  # json: where it goes; meta_capi: <endpoint>/<pixel_id>/events
+    headers: tuple[tuple[str, str], ...] = ()
+    access_token: str = ""
+    event_map: Mapping[str, str] = dataclasses.field(default_factory=dict)  # our event -> Meta's event_name
+    test_event_code: str | None = None
+    action_source: str = "website"
+    event_source_url: str | None = None  # None: the conversion's offer page (its URL before the query)
+
+    def secrets(self) -> tuple[str, ...]:
+        """Values no log line, answer or stored error may show."""
+        return tuple(value for value in (self.access_token, *(v for _, v in self.headers)) if len(value) >= 4)
+
+
 @dataclasses.dataclass(frozen=True)
 class Campaign:
     name: str
@@ -406,6 +445,8 @@ class Campaign:
     pass_query: bool = False
     postback_url: Template | None = None
     fallback_url: Template | None = None  # [campaigns.x.forward]: after FALLBACK_AFTER failed tries of postback_url
+    target: ForwardTarget | None = None  # [campaigns.x.forward] kind json or meta_capi
+    pixel: bool = False  # /pixel reports conversions of this campaign's clicks even if [pixel] enabled is false
     window_days: int | None = None
     forward_events: tuple[str, ...] | None = None
     forward_statuses: tuple[str, ...] = ("approved",)
@@ -421,12 +462,18 @@ class Campaign:
     channel: str = "paid"  # affiliate | paid | email | organic: what [attribution] priority ranks
 
     def forwards(self, event: str, status: str) -> bool:
-        """Whether a conversion with this event and status goes to the traffic source."""
+        """Whether a conversion with this event and status is forwarded (postback_url, target)."""
         return (
-            self.postback_url is not None
+            (self.postback_url is not None or self.target is not None)
             and status in self.forward_statuses
             and (self.forward_events is None or event in self.forward_events)
         )
+
+    def target_hears(self, event: str, status: str) -> bool:
+        """Whether a forwarded status goes to the json or meta_capi target too: json hears
+        every one; Meta the events event_map names, never a rejection (it can't take one back)."""
+        target = self.target
+        return target is not None and (target.kind == "json" or (status != "rejected" and event in target.event_map))
 
     def click_cost(self, own: int | None, bot: bool) -> int | None:
         """A click's cost in micro-units of cost_currency: its own, else cpc's or cpm's.
@@ -507,6 +554,12 @@ class ForwardConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PixelConfig:
+    enabled: bool = False  # every campaign's clicks; else only those of campaigns with pixel = true
+    status: str = "pending"  # what a pixel's conversion is stored as: no token vouches for it
+
+
+@dataclasses.dataclass(frozen=True)
 class MoneyConfig:
     # How much one unit of a currency is worth in report_currency: reports convert
     # with these (exact to the micro-unit); a currency without a rate stays apart.
@@ -534,6 +587,7 @@ class Config:
     money: MoneyConfig = MoneyConfig()
     fraud: FraudConfig = NO_FRAUD_RULES
     attribution: AttributionConfig = AttributionConfig()
+    pixel: PixelConfig = PixelConfig()
     campaigns: Mapping[str, Campaign] = dataclasses.field(default_factory=dict)
     demo: bool = False  # the embedded default: serves /demo and shows its token there
 
@@ -671,6 +725,7 @@ CONFIG_SECTIONS = (
     "money",
     "fraud",
     "attribution",
+    "pixel",
     "campaigns",
 )
 
@@ -688,6 +743,7 @@ def build_config(data: Mapping[str, Any]) -> Config:
     money = read_money(root.table("money"), postback.currency)
     fraud = read_fraud(root.table("fraud"), NO_FRAUD_RULES)
     attribution = read_attribution(root.table("attribution"))
+    pixel = read_pixel(root.table("pixel"))
     if retention.pii_days:
         retention = dataclasses.replace(retention, uid_days=max(retention.pii_days, attribution.window_days))
     else:  # personal data kept: uids too
@@ -703,6 +759,7 @@ def build_config(data: Mapping[str, Any]) -> Config:
         money=money,
         fraud=fraud,
         attribution=attribution,
+        pixel=pixel,
         campaigns={name: read_campaign(name, campaigns, postback.currency, fraud) for name in campaigns.data},
     )
     campaigns.done()
@@ -811,6 +868,16 @@ def read_forward(f: _Table) -> ForwardConfig:
     )
     f.done()
     return forward
+
+
+def read_pixel(p: _Table) -> PixelConfig:
+    d = PixelConfig()
+    status = p.get("status", str, d.status)
+    if status not in ("pending", "approved"):
+        raise ConfigError(p.key("status"), f"must be pending or approved, got {quoted(status)}")
+    pixel = PixelConfig(enabled=p.get("enabled", bool, d.enabled), status=status)
+    p.done()
+    return pixel
 
 
 def read_fraud(f: _Table, base: FraudConfig) -> FraudConfig:
@@ -1025,7 +1092,10 @@ def read_campaign(
     if window is not None and window < 1:
         raise ConfigError(f"{key}.window_days", f"must be at least 1, got {window}")
     forward = c.table("forward")
-    fallback_url = forward.get("fallback_url", str, None)
+    kind = forward.get("kind", str, "get")
+    if kind not in FORWARD_KINDS:
+        raise ConfigError(forward.key("kind"), f"must be one of {', '.join(FORWARD_KINDS)}, got {quoted(kind)}")
+    fallback_url = forward.get("fallback_url", str, None) if kind == "get" else None
     if fallback_url is not None:
         if postback_url is None:
             raise ConfigError(
@@ -1036,6 +1106,7 @@ def read_campaign(
                 forward.key("fallback_url"),
                 f"must be ASCII (percent-encode other characters), got {quoted(fallback_url)}",
             )
+    target = read_target(forward, kind) if kind != "get" else None
     forward.done()
     channel = c.get("channel", str, "paid")
     if channel not in CHANNELS:
@@ -1046,6 +1117,8 @@ def read_campaign(
         pass_query=c.get("pass_query", bool, False),
         postback_url=postback_url and compile_template(postback_url, f"{key}.postback_url", MACROS_FORWARD),
         fallback_url=fallback_url and compile_template(fallback_url, f"{key}.forward.fallback_url", MACROS_FORWARD),
+        target=target,
+        pixel=c.get("pixel", bool, False),
         window_days=window,
         forward_events=forward_events,
         forward_statuses=statuses,
@@ -1055,6 +1128,70 @@ def read_campaign(
     )
     c.done()
     return campaign
+
+
+def plain_url(text: object, key: str) -> str:
+    """A fixed http(s) URL from the config (no macros), as a request line can carry it."""
+    if not isinstance(text, str):
+        raise ConfigError(key, f"must be a string, got {quoted(text)}")
+    if not text.isascii():
+        raise ConfigError(key, f"must be ASCII (percent-encode other characters), got {quoted(text)}")
+    compile_template(text, key, ())
+    return text
+
+
+def read_target(f: _Table, kind: str) -> ForwardTarget:
+    """[campaigns.x.forward] of kind json or meta_capi. No message quotes a secret."""
+    if kind == "json":
+        url = f.get("url", str, None)
+        if url is None:
+            raise ConfigError(f.key("url"), "is required for kind json")
+        headers = []
+        for name, value in f.get("headers", dict, {}).items():
+            key = f"{f.key('headers')}.{name}"
+            if not HEADER_NAME_RE.fullmatch(name):
+                raise ConfigError(key, "is no HTTP header name (letters, digits and !#$%&'*+.^_`|~-)")
+            if name.lower() in RESERVED_HEADERS:
+                raise ConfigError(key, "is set by tinytrack itself")
+            if not isinstance(value, str) or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+                raise ConfigError(key, "must be a string without control characters (its value is not shown)")
+            headers.append((name, value))
+        return ForwardTarget("json", plain_url(url, f.key("url")), headers=tuple(headers))
+    pixel_id = f.get("pixel_id", str, None)
+    if pixel_id is None or not re.fullmatch(r"[0-9]{1,20}", pixel_id):
+        raise ConfigError(f.key("pixel_id"), f"must be the pixel's (dataset's) id, digits, got {quoted(pixel_id)}")
+    token = f.get("access_token", str, None)
+    if not token or any(ord(ch) <= 0x20 or ord(ch) >= 0x7F for ch in token):
+        raise ConfigError(f.key("access_token"), "is required: the token of a system user (its value is not shown)")
+    event_map = {}
+    for event, name in f.get("event_map", dict, {}).items():
+        key = f"{f.key('event_map')}.{event}"
+        if not EVENT_RE.fullmatch(event):
+            raise ConfigError(key, "must be an event as postbacks name it: [a-z0-9_]{1,32}")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_ -]{1,50}", name):
+            raise ConfigError(key, f"must be Meta's event name (Purchase, Lead, ...), got {quoted(name)}")
+        event_map[event] = name
+    if not event_map:
+        raise ConfigError(f.key("event_map"), 'is required: which events Meta hears, e.g. { purchase = "Purchase" }')
+    test_code = f.get("test_event_code", str, None)
+    if test_code is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", test_code):
+        raise ConfigError(f.key("test_event_code"), f"must be Events Manager's test code, got {quoted(test_code)}")
+    endpoint = plain_url(f.get("endpoint", str, META_ENDPOINT), f.key("endpoint")).rstrip("/")
+    if "?" in endpoint or "#" in endpoint:
+        raise ConfigError(f.key("endpoint"), f"must be a base URL without a query, got {quoted(endpoint)}")
+    source = f.get("action_source", str, "website")
+    if source not in META_ACTION_SOURCES:
+        raise ConfigError(f.key("action_source"), f"must be one of {', '.join(META_ACTION_SOURCES)}")
+    page = f.get("event_source_url", str, None)
+    return ForwardTarget(
+        "meta_capi",
+        f"{endpoint}/{pixel_id}/events",
+        access_token=token,
+        event_map=event_map,
+        test_event_code=test_code,
+        action_source=source,
+        event_source_url=page and plain_url(page, f.key("event_source_url")),
+    )
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -1321,6 +1458,13 @@ def truncate_ip(text: str | None) -> str | None:
 
 
 SECRET_PARAMS = frozenset({b"token", b"key", b"signature", b"sig", b"secret", b"password"})
+SECRET_NAME_RE = re.compile(rb"token|secret|key|pass|auth|sig|session|credential", re.I)  # apikey, access_token
+
+
+def is_secret_name(name: bytes) -> bool:
+    """Whether a query parameter (its raw name) looks like it carries a secret."""
+    name = unquote_to_bytes(name)
+    return name.lower() in SECRET_PARAMS or SECRET_NAME_RE.search(name) is not None
 
 
 def log_safe(text: str) -> str:
@@ -1333,8 +1477,17 @@ def redact_query(raw: bytes) -> str:
     parts = []
     for part in raw.split(b"&"):
         name = part.partition(b"=")[0]
-        parts.append(name + b"=***" if unquote_to_bytes(name).lower() in SECRET_PARAMS else part)
+        parts.append(name + b"=***" if is_secret_name(name) else part)
     return log_safe(b"&".join(parts).decode("ascii", "backslashreplace"))
+
+
+def redact_url(url: str | None) -> str | None:
+    """A forward's URL for people (the API, the CLI, pages): secret-looking query values hidden."""
+    if not url or "?" not in url:
+        return url
+    head, _, query = url.partition("?")
+    query, hash_, fragment = query.partition("#")
+    return f"{head}?{redact_query(query.encode('latin-1', 'replace'))}{hash_}{fragment}"
 
 
 def is_loopback_host(host: str) -> bool:
@@ -1399,6 +1552,7 @@ class Postback:
     ts_given: bool = False  # the sender said when; otherwise ts_ms is when it arrived
     ip: str = ""
     user_id: str | None = None  # the site's id for the visitor (see attribute)
+    source: str | None = None  # None: a network's postback; "pixel": the browser pixel (no token)
 
     @property
     def dedupe_key(self) -> str:
@@ -1686,6 +1840,8 @@ FORWARD_POLL_SECONDS = 1.0  # how often the outbox is looked at when nothing wok
 FORWARD_BATCH = 100  # due deliveries read at a time
 FORWARD_SHUTDOWN_SECONDS = 10  # SIGTERM waits at most this for deliveries in flight
 MAX_BACKOFF_SECONDS = 6 * 3600
+MAX_ANSWER_BYTES = 64 * 1024  # of an answer's body read (Meta's is a few hundred bytes)
+META_TRANSIENT = frozenset({1, 2, 4, 17, 32, 341, 613, 80004})  # Meta's error codes a later try may get past
 
 
 class ForwardFacts(NamedTuple):
@@ -1719,6 +1875,8 @@ class Delivery(NamedTuple):
     next_at: int
     deadline: int
     fallback_url: str | None = None  # where it goes after FALLBACK_AFTER failed tries
+    kind: str | None = None  # None: a GET of url; "json", "meta_capi": a POST of body (ForwardTarget)
+    body: bytes | None = None
 
 
 FALLBACK_AFTER = 3  # failed tries of a delivery's url before its fallback_url is tried
@@ -1731,7 +1889,7 @@ class ForwardPlan(NamedTuple):
 
 def plan_forward(campaign: Campaign | None, event: str, status: str) -> ForwardPlan:
     """What a conversion's new status means for its traffic source."""
-    if campaign is None or campaign.postback_url is None:
+    if campaign is None or (campaign.postback_url is None and campaign.target is None):
         return ForwardPlan(False, False)
     reversal = status == "rejected" and (campaign.forward_events is None or event in campaign.forward_events)
     return ForwardPlan(reversal, campaign.forwards(event, status))
@@ -1776,6 +1934,64 @@ def build_delivery(
     )
 
 
+def offer_page(campaign: Campaign, offer: str | None) -> str | None:
+    """Where a conversion's visitor was sent, for Meta's event_source_url: its offer's URL
+    up to its query or first macro (no click id, nothing personal)."""
+    arm = next((arm for arm in campaign.offers.arms if arm.name == (offer or DEFAULT_OFFER)), None)
+    if arm is None:
+        arm = campaign.offers.arms[0] if campaign.offers.arms else None
+    return arm and re.split(r"[?#{]", arm.url.source, maxsplit=1)[0]
+
+
+def meta_event_id(facts: ForwardFacts) -> str:
+    """The event_id Meta dedupes on: the order's txid, else <click id>:<event>. A browser
+    pixel that sends the same eventID (and event name) is the same event to Meta."""
+    return facts.txid or f"{format_uuid(facts.click_id)}:{facts.event}"
+
+
+def target_delivery(
+    campaign: Campaign, conversion: Mapping[str, Any], ts_ms: int, facts: ForwardFacts, now_ms: int, conf: ForwardConfig
+) -> Delivery:
+    """A delivery to the campaign's target (json or meta_capi) of a conversion as
+    /api/conversions shows it (its current row; it converted at ts_ms): the body
+    stored, its secrets not."""
+    target = campaign.target
+    key = secrets.token_hex(16)
+    if target.kind == "json":
+        body: dict[str, Any] = {**conversion, "idempotency_key": key}
+    else:
+        event: dict[str, Any] = {
+            "event_name": target.event_map[facts.event],
+            "event_time": ts_ms // 1000,
+            "event_id": meta_event_id(facts),
+            "action_source": target.action_source,
+            "user_data": {},  # completed as it is sent, from the click while it is kept (Forwarder.meta_user_data)
+            "custom_data": {"value": float(conversion["payout"]), "currency": conversion["currency"]},
+        }
+        if facts.ad_ids and (fbc := orjson.loads(facts.ad_ids).get("fbc")):
+            event["user_data"]["fbc"] = fbc
+        page = target.event_source_url or offer_page(campaign, facts.offer)
+        if target.action_source == "website" and page:
+            event["event_source_url"] = page
+        body = {"data": [event]}
+        if target.test_event_code:
+            body["test_event_code"] = target.test_event_code
+    first_try = now_ms + conf.delay_seconds * 1000
+    return Delivery(
+        conversion["id"],
+        campaign.name,
+        conversion["status"],
+        target.url,
+        key,
+        now_ms,
+        first_try,
+        first_try + conf.max_age_hours * 3_600_000,
+        None,
+        target.kind,
+        orjson.dumps(body),
+    )
+
+
 def forward_host(url: str) -> str:
     """The host:port a delivery goes to, as the per-host limit counts it."""
     head = URL_HEAD_RE.match(url)
@@ -1790,6 +2006,8 @@ class Attempt:
     error: str | None = None
     retry_after: float | None = None  # seconds, from a 429/503's Retry-After
     final: bool = False  # an error no retry can fix (a refused address)
+    retry: bool = False  # a 4xx worth trying again (Meta says it is transient or a rate limit)
+    body: bytes = b""  # the answer's body, when it was asked for (meta_capi)
 
 
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -1840,12 +2058,12 @@ def next_step(
     """After a delivery's ``attempts``-th try: its new state, when it is next due and
     why it failed (None when done)."""
     code = attempt.code
-    if code is not None and 200 <= code < 300:
+    if code is not None and 200 <= code < 300 and attempt.error is None:
         return "done", now_ms, None
     error = attempt.error or f"HTTP {code}"
     if code == 410:
         return "failed", now_ms, "HTTP 410: the source says this URL is gone; not retried"
-    if attempt.final or (code is not None and 300 <= code < 500 and code != 429):
+    if attempt.final or (code is not None and 300 <= code < 500 and code != 429 and not attempt.retry):
         return "failed", now_ms, error
     # Retried: 5xx, 429, timeouts, refused connections. Exponential with jitter, so
     # deliveries that failed together (the source was down) don't retry together.
@@ -2298,6 +2516,7 @@ COUNT_COLUMNS = (
     "lp_clicks",
     "flagged_clicks",  # human clicks with fraud flags
     "flagged_conversions",  # conversions with fraud flags, in any status
+    "pixel_only",  # conversions only the browser pixel reported (no postback yet), in any status
 )
 MONEY_COLUMNS = ("payout", "cost", "profit", "roi")  # each {currency: amount}, as are epc and cpa
 STATS_COLUMNS = (*COUNT_COLUMNS, *MONEY_COLUMNS, "cr", "epc", "cpa", "lp_ctr")
@@ -2367,7 +2586,7 @@ def stats_rows(
 ) -> list[dict]:
     """Rows of a report from its reads (Database.stats): clicks (key, humans, bots,
     unique, LP clicks, human clicks sent to a lander, LP clicks of those, flagged),
-    conversions (key, status, currency, count, whole, micros, flagged) and costs (key,
+    conversions (key, status, currency, count, whole, micros, flagged, pixel only) and costs (key,
     currency, whole, micros). Money stays integer micro-units until it is printed."""
     groups: dict[Any, dict] = {}
 
@@ -2386,6 +2605,7 @@ def stats_rows(
                 "landed_lp": 0,
                 "flagged_clicks": 0,
                 "flagged_conversions": 0,
+                "pixel_only": 0,
                 "payout": Counter(),
                 "cost": Counter(),
             }
@@ -2400,10 +2620,11 @@ def stats_rows(
         for name, n in zip(total, counts):
             row[name] += n
             total[name] += n
-    for key, status, currency, count, whole, micros, flagged in conversions:
+    for key, status, currency, count, whole, micros, flagged, pixel in conversions:
         row = group(key)
         row[status] += count
         row["flagged_conversions"] += flagged
+        row["pixel_only"] += pixel
         if status == "approved" or q.by == "status":
             row["payout"][currency] += money_units(whole, micros)
     for key, currency, whole, micros in costs:
@@ -3019,6 +3240,68 @@ SCHEMA = [
     ALTER TABLE conversions ADD COLUMN ad_ids TEXT;
     CREATE INDEX conversions_ad_ids ON conversions (created_at) WHERE ad_ids IS NOT NULL;  -- their purge rule
     """,
+    # version 9: the browser pixel, and forwards of other kinds
+    """
+    -- Who reported a conversion: NULL a network's postback; 'pixel' the browser pixel
+    -- alone, until a postback confirms it. Each history row says who set that status.
+    ALTER TABLE conversions ADD COLUMN source TEXT;
+    ALTER TABLE conversion_history ADD COLUMN source TEXT;
+    DROP TRIGGER conversions_history_insert;
+    DROP TRIGGER conversions_history_update;
+    CREATE TRIGGER conversions_history_insert AFTER INSERT ON conversions BEGIN
+        INSERT INTO conversion_history (conversion_id, at, status, payout, currency, ip, source)
+        VALUES (NEW.id, NEW.updated_at, NEW.status, NEW.payout, NEW.currency, NEW.ip, NEW.source);
+    END;
+    CREATE TRIGGER conversions_history_update AFTER UPDATE OF status ON conversions BEGIN
+        INSERT INTO conversion_history (conversion_id, at, status, payout, currency, ip, source)
+        VALUES (NEW.id, NEW.updated_at, NEW.status, NEW.payout, NEW.currency, NEW.ip, NEW.source);
+    END;
+    -- Conversions only the pixel has reported, in the row of their current status.
+    ALTER TABLE daily_conversions ADD COLUMN pixel_only INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE daily_funnel_conversions ADD COLUMN pixel_only INTEGER NOT NULL DEFAULT 0;
+    DROP TRIGGER conversions_daily_insert;
+    DROP TRIGGER conversions_daily_update;
+    CREATE TRIGGER conversions_daily_insert AFTER INSERT ON conversions BEGIN
+        INSERT INTO daily_conversions VALUES (NEW.ts / 86400000, NEW.campaign, coalesce(NEW.sub1_total, NEW.sub1, ''),
+            NEW.status, NEW.currency, 1, NEW.payout, NEW.flags IS NOT NULL, NEW.source IS 'pixel')
+        ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout,
+            flagged = flagged + excluded.flagged, pixel_only = pixel_only + excluded.pixel_only;
+    END;
+    CREATE TRIGGER conversions_daily_update AFTER UPDATE OF status, payout, currency, flags, source ON conversions BEGIN
+        UPDATE daily_conversions SET conversions = conversions - 1, payout = payout - OLD.payout,
+            flagged = flagged - (OLD.flags IS NOT NULL), pixel_only = pixel_only - (OLD.source IS 'pixel')
+        WHERE day = OLD.ts / 86400000 AND campaign = OLD.campaign AND sub1 = coalesce(OLD.sub1_total, OLD.sub1, '')
+            AND status = OLD.status AND currency = OLD.currency;
+        INSERT INTO daily_conversions VALUES (NEW.ts / 86400000, NEW.campaign, coalesce(NEW.sub1_total, NEW.sub1, ''),
+            NEW.status, NEW.currency, 1, NEW.payout, NEW.flags IS NOT NULL, NEW.source IS 'pixel')
+        ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout,
+            flagged = flagged + excluded.flagged, pixel_only = pixel_only + excluded.pixel_only;
+    END;
+    DROP TRIGGER conversions_funnel_insert;
+    DROP TRIGGER conversions_funnel_update;
+    CREATE TRIGGER conversions_funnel_insert AFTER INSERT ON conversions WHEN NEW.offer IS NOT NULL BEGIN
+        INSERT INTO daily_funnel_conversions VALUES (NEW.ts / 86400000, NEW.campaign, coalesce(NEW.lander, ''),
+            NEW.offer, NEW.status, NEW.currency, 1, NEW.payout, NEW.flags IS NOT NULL, NEW.source IS 'pixel')
+        ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout,
+            flagged = flagged + excluded.flagged, pixel_only = pixel_only + excluded.pixel_only;
+    END;
+    CREATE TRIGGER conversions_funnel_update AFTER UPDATE OF status, payout, currency, flags, source ON conversions
+    WHEN NEW.offer IS NOT NULL BEGIN
+        UPDATE daily_funnel_conversions SET conversions = conversions - 1, payout = payout - OLD.payout,
+            flagged = flagged - (OLD.flags IS NOT NULL), pixel_only = pixel_only - (OLD.source IS 'pixel')
+        WHERE day = OLD.ts / 86400000 AND campaign = OLD.campaign AND lander = coalesce(OLD.lander, '')
+            AND offer = OLD.offer AND status = OLD.status AND currency = OLD.currency;
+        INSERT INTO daily_funnel_conversions VALUES (NEW.ts / 86400000, NEW.campaign, coalesce(NEW.lander, ''),
+            NEW.offer, NEW.status, NEW.currency, 1, NEW.payout, NEW.flags IS NOT NULL, NEW.source IS 'pixel')
+        ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout,
+            flagged = flagged + excluded.flagged, pixel_only = pixel_only + excluded.pixel_only;
+    END;
+    -- A delivery's kind ([campaigns.x.forward] kind; NULL: a GET of url) and, for a POST,
+    -- its body. Secrets (headers, an access token) are never stored: they are read from
+    -- the config as each try is sent, so a rotated one is used from the next try.
+    ALTER TABLE outbox ADD COLUMN kind TEXT;
+    ALTER TABLE outbox ADD COLUMN body BLOB;
+    """,
 ]
 OTHER_SUB1 = "(other)"  # the totals' sub1 for a campaign-day's sub1 beyond retention.sub1_per_day
 
@@ -3087,9 +3370,11 @@ CONVERSION_COLUMNS = (
     "lander",  # null: none
     "offer",  # null: the click had none (a plain `url` campaign: "default")
     "flags",  # {flag: evidence}, or null; CSV: "flag: evidence; ..."
+    "source",  # postback, or pixel while only the browser pixel has reported it
 )
 CONVERSION_SELECT = """SELECT id, click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, status, reason,
-                              payout, currency, ts, created_at, updated_at, lander, offer, flags
+                              payout, currency, ts, created_at, updated_at, lander, offer, flags,
+                              coalesce(source, 'postback')
                        FROM conversions"""
 
 
@@ -3107,6 +3392,7 @@ def conversion_view(r: Sequence) -> dict:
                 *map(iso_ms, r[15:18]),
                 *r[18:20],
                 r[20] and orjson.loads(r[20]),
+                r[21],
             ),
         )
     )
@@ -3125,6 +3411,7 @@ OUTBOX_COLUMNS = (
     "last_code",
     "last_error",
     "url",
+    "kind",  # get, json or meta_capi
 )
 OUTBOX_STATES = ("pending", "done", "failed", "dead", "canceled")
 ORPHAN_COLUMNS = (
@@ -3141,7 +3428,7 @@ ORPHAN_COLUMNS = (
     "hits",
 )
 OUTBOX_SELECT = """SELECT id, conversion_id, campaign, status, state, attempts, created_at, next_at, last_at,
-                         last_code, last_error, url FROM outbox"""
+                         last_code, last_error, url, coalesce(kind, 'get') FROM outbox"""
 
 
 def outbox_dict(row: tuple) -> dict:
@@ -3150,6 +3437,7 @@ def outbox_dict(row: tuple) -> dict:
     fields["created_at"] = iso_ms(fields["created_at"])
     fields["next_at"] = iso_ms(fields["next_at"]) if fields["state"] == "pending" else None
     fields["last_at"] = fields["last_at"] and iso_ms(fields["last_at"])
+    fields["url"] = redact_url(fields["url"])
     return fields
 
 
@@ -3162,6 +3450,7 @@ class PostbackResult(enum.Enum):
     REJECTED = "rejected"
     ORPHAN = "orphan"
     INVALID = "invalid"  # refused once matched to its click (a 400): nothing stored
+    IGNORED = "ignored"  # a pixel hit for no known click, or of a campaign without the pixel: nothing stored
 
 
 class RejectReason(enum.Enum):
@@ -3211,15 +3500,16 @@ INSERT_CONVERSION = _INSERT_CONVERSION.format(extra_columns="", extra_values="")
 
 
 @cache
-def insert_conversion_sql(suspect: bool, user: bool, ads: bool = False) -> str:
+def insert_conversion_sql(suspect: bool, user: bool, ads: bool = False, source: bool = False) -> str:
     """INSERT_CONVERSION with the columns few conversions have, bound only for those
     (three binds are ~1.5% of a postback): a suspect one's flags, its click's address
     kept (ip_cluster) and the network's status while held; a user-credited one's uid
-    and decision."""
+    and decision; its click's ad click ids; who reported it, if not a postback."""
     columns = (
         (("flags", "click_ip", "network_status") if suspect else ())
         + (("uid", "attribution", "credited_click") if user else ())
         + (("ad_ids",) if ads else ())
+        + (("source",) if source else ())
     )
     return _INSERT_CONVERSION.format(
         extra_columns="".join(f", {c}" for c in columns), extra_values=f", {NULL_IF_NONE}" * len(columns)
@@ -3381,6 +3671,7 @@ class StoredConversion(NamedTuple):
     cost_model: str | None  # 'cpa' or 'revshare': its cost is its own, in the totals while approved
     cost_currency: str | None
     facts: ForwardFacts
+    source: str | None = None  # "pixel": only the browser pixel has reported it
 
 
 def stored_click_facts(stored: StoredConversion) -> ClickFacts:
@@ -3396,6 +3687,9 @@ class DueDelivery(NamedTuple):
     key: str
     attempts: int
     deadline: int
+    campaign: str
+    kind: str | None  # None: a GET of url
+    body: bytes | None
 
 
 class WritePolicy(NamedTuple):
@@ -3405,6 +3699,7 @@ class WritePolicy(NamedTuple):
     forward: ForwardConfig
     sub1_per_day: int
     attribution: AttributionConfig = AttributionConfig()
+    pixel: bool = False  # [pixel] enabled: every campaign's clicks may be reported by /pixel
 
 
 PURGE_SQL = {
@@ -3840,7 +4135,17 @@ class Database:
         """Match, dedupe and store a postback, in the caller's transaction: an orphan,
         a new conversion, a duplicate, or a status change; forwards queued with it.
         Without a click id, or under [attribution] mode = "priority", the user's touches
-        decide (see _apply_by_user); else (`by_click`) its click does."""
+        decide (see _apply_by_user); else (`by_click`) its click does. A pixel's (pb.source)
+        counts only for a known click of a campaign the pixel is on for."""
+        if pb.source is not None and not by_click:
+            known = self.con.execute("SELECT campaign FROM clicks WHERE id = ?", (bytearray(pb.click_id),)).fetchone()
+            if known is None:
+                return PostbackOutcome(PostbackResult.IGNORED, reason="no such click")
+            campaign = policy.campaigns.get(known[0])
+            if not (policy.pixel or (campaign is not None and campaign.pixel)):
+                return PostbackOutcome(
+                    PostbackResult.IGNORED, reason="the pixel is off for this campaign", campaign=known[0]
+                )
         if not by_click and (pb.click_id is None or policy.attribution.mode == "priority"):
             return self._apply_by_user(pb, now_ms, policy)
         row = self.con.execute(CLICK_FOR_POSTBACK, (bytearray(pb.click_id),)).fetchone()
@@ -3886,11 +4191,19 @@ class Database:
         status, told as the conversion was credited (its campaign and sub1, whichever
         click or user the postback names)."""
         click = stored_click_facts(existing)
+        if pb.source is not None:  # a pixel changes nothing stored: the network's word (or the first pixel's) stands
+            return PostbackOutcome(PostbackResult.DUPLICATE, existing.id, campaign=click.campaign)
+        confirms = existing.source is not None  # the first postback for a conversion the pixel reported
         if existing.reason == RejectReason.HELD.value:  # the operator decides (see review); the network's word is kept
             return self._network_word(pb, existing, now_ms, click.campaign)
         if existing.reason is not None:
+            if confirms:
+                self.con.execute(
+                    "UPDATE conversions SET source = NULL, ip = ?, updated_at = ? WHERE id = ?",
+                    (pb.ip, now_ms, existing.id),
+                )
             return PostbackOutcome(PostbackResult.REJECTED, existing.id, existing.reason, click.campaign)
-        if existing.status == pb.status:
+        if existing.status == pb.status and not confirms:
             return PostbackOutcome(PostbackResult.DUPLICATE, existing.id, campaign=click.campaign)
         return self._change_status(pb, click, existing, now_ms, policy)
 
@@ -4165,21 +4478,21 @@ class Database:
         row = self.con.execute(
             f"""SELECT id, status, reason, ts / 86400000, payout, currency, sub1_total, cost_model, cost_currency,
                        click_id, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, event, txid, cost, lander, offer,
-                       ad_ids, attribution IS NOT NULL, credited_click
+                       ad_ids, attribution IS NOT NULL, credited_click, source
                 FROM conversions WHERE {where}""",
             args,
         ).fetchone()
         if row is None:
             return None
-        return StoredConversion(*row[:9], forward_facts(row[9:23], row[23], row[24]))
+        return StoredConversion(*row[:9], forward_facts(row[9:23], row[23], row[24]), row[25])
 
     def _network_word(self, pb: Postback, held: StoredConversion, now_ms: int, campaign: str) -> PostbackOutcome:
         """A postback for a held conversion: it stays held (pending, not forwarded), and what
         the network now says is kept for the review (network_status, and its payout if given)."""
         changed = self.con.execute(
-            """UPDATE conversions SET network_status = ?, updated_at = ?,
+            """UPDATE conversions SET network_status = ?, updated_at = ?, source = NULL,
                    payout = CASE WHEN ? THEN ? ELSE payout END, currency = CASE WHEN ? THEN ? ELSE currency END
-               WHERE id = ? AND (network_status IS NOT ? OR (? AND (payout != ? OR currency != ?)))""",
+               WHERE id = ? AND (network_status IS NOT ? OR source IS NOT NULL OR (? AND (payout != ? OR currency != ?)))""",
             (
                 pb.status,
                 now_ms,
@@ -4369,8 +4682,8 @@ class Database:
         )
         row = self.con.execute(
             INSERT_CONVERSION
-            if not (suspect or user or ad_ids)
-            else insert_conversion_sql(bool(suspect), user is not None, bool(ad_ids)),
+            if not (suspect or user or ad_ids or pb.source)
+            else insert_conversion_sql(bool(suspect), user is not None, bool(ad_ids), pb.source is not None),
             (
                 bytearray(pb.click_id),
                 pb.dedupe_key,
@@ -4396,6 +4709,7 @@ class Database:
                 *suspect,
                 *((user[0], user[1], bytearray(user[2]) or NO_TEXT) if user else ()),
                 *((ad_ids,) if ad_ids else ()),
+                *((pb.source,) if pb.source else ()),
             ),
         ).fetchone()
         if row is None:
@@ -4437,12 +4751,16 @@ class Database:
                 payout, currency
             )  # the share of its new payout, at today's percent
         self.con.execute(
-            """UPDATE conversions SET status = ?, updated_at = ?, ip = ?, payout = ?, currency = ?, cost = ?, cost_currency = ?
+            """UPDATE conversions SET status = ?, updated_at = ?, ip = ?, payout = ?, currency = ?, cost = ?, cost_currency = ?,
+                   source = NULL
                WHERE id = ?""",
             (pb.status, now_ms, pb.ip, payout, currency, cost, cost_currency, old.id),
         )
         facts = old.facts._replace(cost=cost)
-        queued = self._forward(campaign, old.id, facts, pb.status, payout, currency, now_ms, policy.forward)
+        # A postback confirming the pixel's status is no news to a source that heard it.
+        queued = old.status != pb.status and self._forward(
+            campaign, old.id, facts, pb.status, payout, currency, now_ms, policy.forward
+        )
         return PostbackOutcome(PostbackResult.UPDATED, old.id, campaign=click.campaign, queued_forward=queued)
 
     def _total_has_room(self, day: int, campaign: str, sub1: str, status: str, currency: str, payout: int) -> bool:
@@ -4465,12 +4783,12 @@ class Database:
         now_ms: int,
         conf: ForwardConfig,
     ) -> bool:
-        """Queue the conversion's forward in the same transaction, as plan_forward says;
-        True if a delivery was queued."""
+        """Queue the conversion's forwards in the same transaction, as plan_forward says
+        (to postback_url, and to the campaign's json or meta_capi target); True if one was queued."""
         if not facts.click_id:  # credited by the matrix to a posted touch: no click the source could match
             return False
         plan = plan_forward(campaign, facts.event, status)
-        told = False
+        told: set[str | None] = set()
         if plan.reversal:
             # Earlier statuses not yet delivered are not sent at all (nor retried); if the
             # source may have heard one, it now hears the reversal, its last word.
@@ -4479,13 +4797,54 @@ class Database:
                    WHERE conversion_id = ? AND state = 'pending'""",
                 (conversion_id,),
             )
-            told = self.con.execute(
-                "SELECT 1 FROM outbox WHERE conversion_id = ? AND attempts > 0 LIMIT 1", (conversion_id,)
-            ).fetchone()
+            told = {
+                kind
+                for (kind,) in self.con.execute(
+                    "SELECT DISTINCT kind FROM outbox WHERE conversion_id = ? AND attempts > 0", (conversion_id,)
+                )
+            }
         if not (plan.forward or told):
             return False
-        self.queue_delivery(build_delivery(campaign, conversion_id, facts, status, payout, currency, now_ms, conf))
-        return True
+        return bool(
+            self.queue_forwards(
+                campaign,
+                conversion_id,
+                facts,
+                status,
+                payout,
+                currency,
+                now_ms,
+                conf,
+                get=plan.forward or None in told,
+                target=plan.forward or (campaign.target is not None and campaign.target.kind in told),
+            )
+        )
+
+    def queue_forwards(
+        self,
+        campaign: Campaign,
+        conversion_id: int,
+        facts: ForwardFacts,
+        status: str,
+        payout: int,
+        currency: str,
+        now_ms: int,
+        conf: ForwardConfig,
+        *,
+        get: bool = True,
+        target: bool = True,
+    ) -> int:
+        """Deliveries of a conversion's status: to postback_url (`get`) and to the campaign's
+        json or meta_capi target (`target`), where it has them; how many were queued."""
+        queued = 0
+        if get and campaign.postback_url is not None:
+            self.queue_delivery(build_delivery(campaign, conversion_id, facts, status, payout, currency, now_ms, conf))
+            queued += 1
+        if target and campaign.target_hears(facts.event, status):
+            row = self.con.execute(f"{CONVERSION_SELECT} WHERE id = ?", (conversion_id,)).fetchone()
+            self.queue_delivery(target_delivery(campaign, conversion_view(row), row[15], facts, now_ms, conf))
+            queued += 1
+        return queued
 
     # -- Uploaded costs --
 
@@ -4606,8 +4965,8 @@ class Database:
     def queue_delivery(self, delivery: Delivery) -> None:
         self.con.execute(
             """INSERT INTO outbox (conversion_id, campaign, status, url, idempotency_key, state, created_at, next_at, deadline,
-                                   fallback_url)
-               VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)""",
+                                   fallback_url, kind, body)
+               VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)""",
             delivery,
         )
 
@@ -4617,7 +4976,7 @@ class Database:
         rows = self.con.execute(
             f"""SELECT id, CASE WHEN attempts >= {FALLBACK_AFTER} AND fallback_url IS NOT NULL THEN fallback_url
                                 ELSE url END,
-                       idempotency_key, attempts, deadline FROM outbox
+                       idempotency_key, attempts, deadline, campaign, kind, body FROM outbox
                 WHERE state = 'pending' AND next_at <= ? ORDER BY next_at, id LIMIT ? OFFSET ?""",
             (now_ms, limit, offset),
         )
@@ -4703,8 +5062,30 @@ class Database:
             "SELECT at, code, error, ms, url FROM outbox_attempts WHERE outbox_id = ? ORDER BY at, rowid", (outbox_id,)
         )
         return [
-            {"at": iso_ms(at), "code": code, "error": error, "ms": ms, "url": url} for at, code, error, ms, url in rows
+            {"at": iso_ms(at), "code": code, "error": error, "ms": ms, "url": redact_url(url)}
+            for at, code, error, ms, url in rows
         ]
+
+    def meta_user_data(self, outbox_id: int) -> dict[str, str]:
+        """Meta's user_data of a delivery's conversion beyond fbc, from what is kept: the
+        visitor's address and user agent (until pii_days cuts them) and the site's user id,
+        hashed (SHA-256, as Meta asks of external_id)."""
+        row = self.con.execute(
+            """SELECT k.ip, k.ua, coalesce(c.uid, k.uid) FROM outbox AS o JOIN conversions AS c ON c.id = o.conversion_id
+               LEFT JOIN clicks AS k ON k.id = CASE WHEN c.attribution IS NULL THEN c.click_id ELSE c.credited_click END
+               WHERE o.id = ?""",
+            (outbox_id,),
+        ).fetchone()
+        data = {}
+        if row is not None:
+            ip, ua, uid = row
+            if ua is not None:  # not yet cut: the address is whole
+                data["client_user_agent"] = ua
+                if ip:
+                    data["client_ip_address"] = ip
+            if uid:
+                data["external_id"] = hashlib.sha256(uid.encode()).hexdigest()
+        return data
 
     def outbox_states(self) -> dict[str, int]:
         rows = self.con.execute("SELECT state, count(*) FROM outbox GROUP BY state")
@@ -4790,7 +5171,7 @@ class Database:
             )
             conversions = self.con.execute(
                 f"""SELECT {"status" if q.by == "status" else key}, status, currency, sum(conversions), {PAYOUT_SUM},
-                           sum(flagged)
+                           sum(flagged), sum(pixel_only)
                     FROM daily_conversions WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3
                     HAVING sum(conversions) != 0""",  # a status change leaves its old row at zero
                 span,
@@ -4817,7 +5198,8 @@ class Database:
             ids,
         ).fetchall()
         conversions = self.con.execute(
-            f"""SELECT coalesce({q.by}, ''), status, currency, count(*), {PAYOUT_SUM}, sum(flags IS NOT NULL)
+            f"""SELECT coalesce({q.by}, ''), status, currency, count(*), {PAYOUT_SUM}, sum(flags IS NOT NULL),
+                       sum(source IS 'pixel')
                 FROM conversions WHERE ts >= ? AND ts < ?{where} GROUP BY 1, 2, 3""",
             (start, end, *args),
         )
@@ -4902,22 +5284,23 @@ class Database:
         """Conversion rows (stats_rows' conversions) per lander or offer, and each
         campaign-day's approved conversions per name."""
         rest: dict[tuple, list[int]] = {
-            (day, campaign, status, currency): [n, money_units(whole, micros), flagged]
-            for day, campaign, status, currency, n, whole, micros, flagged in self.con.execute(
-                f"""SELECT day, campaign, status, currency, sum(conversions), {PAYOUT_SUM}, sum(flagged)
+            (day, campaign, status, currency): [n, money_units(whole, micros), flagged, pixel]
+            for day, campaign, status, currency, n, whole, micros, flagged, pixel in self.con.execute(
+                f"""SELECT day, campaign, status, currency, sum(conversions), {PAYOUT_SUM}, sum(flagged), sum(pixel_only)
                     FROM daily_conversions WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3, 4""",
                 span,
             )
         }
         conversions, approved = [], {}
         rows = self.con.execute(
-            f"""SELECT day, campaign, lander, offer, status, currency, sum(conversions), {PAYOUT_SUM}, sum(flagged)
+            f"""SELECT day, campaign, lander, offer, status, currency, sum(conversions), {PAYOUT_SUM}, sum(flagged),
+                       sum(pixel_only)
                 FROM daily_funnel_conversions WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3, 4, 5, 6""",
             span,
         )
-        for day, campaign, lander, offer, status, currency, n, whole, micros, flagged in rows:
+        for day, campaign, lander, offer, status, currency, n, whole, micros, flagged, pixel in rows:
             name, units = name_of(lander, offer), money_units(whole, micros)
-            conversions.append((name, status, currency, n, 0, units, flagged))
+            conversions.append((name, status, currency, n, 0, units, flagged, pixel))
             if status == "approved":
                 approved.setdefault((day, campaign), Counter())[name] += n
             left = rest.get((day, campaign, status, currency))
@@ -4925,9 +5308,10 @@ class Database:
                 left[0] -= n
                 left[1] -= units
                 left[2] -= flagged
-        for (day, campaign, status, currency), (n, units, flagged) in rest.items():
+                left[3] -= pixel
+        for (day, campaign, status, currency), (n, units, flagged, pixel) in rest.items():
             if n or units:
-                conversions.append((none, status, currency, n, 0, units, flagged))
+                conversions.append((none, status, currency, n, 0, units, flagged, pixel))
                 if status == "approved":
                     approved.setdefault((day, campaign), Counter())[none] += n
         return conversions, approved
@@ -4982,12 +5366,13 @@ class Database:
         ).fetchone()
         if row is None:
             return None
-        view = conversion_view(row[:21])
-        view["user_id"], view["attribution"] = row[21], row[22] and orjson.loads(row[22])
+        view = conversion_view(row[:22])
+        view["user_id"], view["attribution"] = row[22], row[23] and orjson.loads(row[23])
         view["history"] = [
-            {"at": iso_ms(at), "status": status, "payout": format_money(payout), "currency": currency}
-            for at, status, payout, currency in self.con.execute(
-                "SELECT at, status, payout, currency FROM conversion_history WHERE conversion_id = ? ORDER BY rowid",
+            {"at": iso_ms(at), "status": status, "payout": format_money(payout), "currency": currency, "source": source}
+            for at, status, payout, currency, source in self.con.execute(
+                """SELECT at, status, payout, currency, coalesce(source, 'postback') FROM conversion_history
+                   WHERE conversion_id = ? ORDER BY rowid""",
                 (conversion_id,),
             )
         ]
@@ -5163,7 +5548,9 @@ class Store:
 
     def reconfigure(self, config: Config) -> None:
         """Campaigns, forwarding and the sub1 cap: the next batch writes with these."""
-        self._policy = WritePolicy(config.campaigns, config.forward, config.retention.sub1_per_day, config.attribution)
+        self._policy = WritePolicy(
+            config.campaigns, config.forward, config.retention.sub1_per_day, config.attribution, config.pixel.enabled
+        )
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -5484,8 +5871,18 @@ class Store:
 # --- Background work: forwarding ------------------------------------------------------
 
 
-async def send_forward(url: str, key: str, timeout: float, allow_private: bool) -> Attempt:
-    """GET ``url`` once, without following redirects; what came back.
+async def send_forward(
+    url: str,
+    key: str,
+    timeout: float,
+    allow_private: bool,
+    *,
+    body: bytes | None = None,
+    headers: Sequence[tuple[str, str]] = (),
+    read_body: bool = False,
+) -> Attempt:
+    """GET ``url`` once (POST ``body`` as JSON, if given), without following redirects;
+    what came back, with the answer's body if ``read_body``.
 
     The host is resolved here, checked, and the checked address is the one
     connected to, so DNS cannot swap in a private address after the check."""
@@ -5522,7 +5919,7 @@ async def send_forward(url: str, key: str, timeout: float, allow_private: bool) 
             else:
                 return Attempt(error=f"cannot connect: {'; '.join(errors)}")
             try:
-                return await exchange(reader, writer, parts.netloc, target, key, loop.time)
+                return await exchange(reader, writer, parts.netloc, target, key, body, headers, read_body)
             finally:
                 writer.close()
     except TimeoutError:
@@ -5537,9 +5934,12 @@ async def exchange(
     host: str,
     target: str,
     key: str,
-    now: Callable[[], float],
+    body: bytes | None = None,
+    extra_headers: Sequence[tuple[str, str]] = (),
+    read_body: bool = False,
 ) -> Attempt:
-    """One request and the status line and headers of its answer, parsed by h11."""
+    """One request and the status line and headers of its answer (and its body, up to
+    MAX_ANSWER_BYTES, if ``read_body``), parsed by h11."""
     conn = h11.Connection(h11.CLIENT)
     headers = [
         ("Host", host),
@@ -5548,9 +5948,15 @@ async def exchange(
         ("Idempotency-Key", key),
         ("Connection", "close"),
     ]
-    writer.write(conn.send(h11.Request(method="GET", target=target, headers=headers)))
+    if body is not None:
+        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *extra_headers]
+    writer.write(conn.send(h11.Request(method="GET" if body is None else "POST", target=target, headers=headers)))
+    if body:
+        writer.write(conn.send(h11.Data(data=body)))
     writer.write(conn.send(h11.EndOfMessage()))
     await writer.drain()
+    answer: Attempt | None = None
+    chunks: list[bytes] = []
     while True:
         try:
             event = conn.next_event()
@@ -5566,12 +5972,61 @@ async def exchange(
             if 300 <= event.status_code < 400:
                 location = headers.get(b"location", b"").decode("latin-1")
                 return Attempt(event.status_code, f"redirect to {quoted(location, 80)} not followed")
-            return Attempt(
+            answer = Attempt(
                 event.status_code, None, parse_retry_after(retry_after and retry_after.decode("latin-1"), time.time())
             )
+            if not read_body:
+                return answer
+            continue
+        if isinstance(event, h11.Data) and answer is not None:
+            chunks.append(event.data)
+            if sum(map(len, chunks)) > MAX_ANSWER_BYTES:
+                return dataclasses.replace(answer, body=b"".join(chunks)[:MAX_ANSWER_BYTES])
+            continue
+        if isinstance(event, h11.EndOfMessage | h11.ConnectionClosed) and answer is not None:
+            return dataclasses.replace(answer, body=b"".join(chunks))
         if isinstance(event, h11.ConnectionClosed):
             return Attempt(error="connection closed before an answer")
         # else h11.InformationalResponse (1xx): keep reading
+
+
+def meta_answer(attempt: Attempt) -> Attempt:
+    """Meta's answer to an events POST read: success only when it says events_received
+    >= 1; its error object kept (message, codes, fbtrace_id), retried when Meta calls it
+    transient or a rate limit."""
+    if attempt.code is None:
+        return attempt
+    try:
+        data = orjson.loads(attempt.body) if attempt.body else {}
+    except orjson.JSONDecodeError:
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    error = data.get("error")
+    if isinstance(error, dict):
+        said = [strip_controls(str(error.get(name, "")), 300) for name in ("message", "error_user_msg")]
+        codes = ", ".join(
+            f"{name} {strip_controls(str(error[name]), 40)}"
+            for name in ("code", "error_subcode", "fbtrace_id")
+            if error.get(name) is not None
+        )
+        text = f"Meta: {' '.join(part for part in said if part) or 'an error without a message'} ({codes or 'no code'})"
+        transient = error.get("is_transient") is True or error.get("code") in META_TRANSIENT
+        return dataclasses.replace(attempt, error=text, retry=transient, body=b"")
+    if 200 <= attempt.code < 300:
+        received = data.get("events_received")
+        if isinstance(received, int) and not isinstance(received, bool) and received >= 1:
+            return dataclasses.replace(attempt, body=b"")
+        said = quoted(received) if received is not None else "missing"
+        return dataclasses.replace(attempt, error=f"Meta answered {attempt.code} with events_received {said}", body=b"")
+    return dataclasses.replace(attempt, body=b"")
+
+
+def scrub(text: str | None, hidden: Iterable[str]) -> str | None:
+    """Text with each secret's value replaced by ***, before it is logged or stored."""
+    if text:
+        for value in hidden:
+            text = text.replace(value, "***")
+    return text
 
 
 class Forwarder:
@@ -5588,6 +6043,7 @@ class Forwarder:
     ) -> None:
         self.store = store
         self.config = config.forward
+        self.campaigns = config.campaigns  # their targets' secrets, read as each try is sent
         self.clock = clock
         self.send = send
         self.counts: Counter[str] = Counter()  # outcomes since start, for /metrics
@@ -5599,8 +6055,9 @@ class Forwarder:
         self._stopping = False
 
     def reconfigure(self, config: Config) -> None:
-        """Timeouts and retry pacing for the next try; a try in flight keeps its own."""
+        """Timeouts, retry pacing and secrets for the next try; a try in flight keeps its own."""
         self.config = config.forward
+        self.campaigns = config.campaigns
 
     def start(self) -> None:
         self._stopping = False
@@ -5671,11 +6128,24 @@ class Forwarder:
     async def read_due(self, now_ms: int, limit: int, offset: int) -> list[DueDelivery]:
         return await self.store.read(Database.due_deliveries, now_ms, limit, offset)
 
-    async def _deliver(self, outbox_id: int, url: str, key: str, attempts: int, deadline: int) -> None:
+    async def _deliver(
+        self,
+        outbox_id: int,
+        url: str,
+        key: str,
+        attempts: int,
+        deadline: int,
+        campaign: str = "",
+        kind: str | None = None,
+        body: bytes | None = None,
+    ) -> None:
         try:
             started = time.perf_counter()
             try:
-                attempt = await self.send(url, key, self.config.timeout_seconds, self.config.allow_private)
+                if kind is None:
+                    attempt = await self.send(url, key, self.config.timeout_seconds, self.config.allow_private)
+                else:
+                    attempt = await self._post(outbox_id, url, key, campaign, kind, body or b"{}")
             except (ValueError, UnicodeError, h11.LocalProtocolError) as exc:  # a URL no request can carry
                 attempt = Attempt(error=f"cannot send to this URL: {exc}", final=True)
             took = int((time.perf_counter() - started) * 1000)
@@ -5695,6 +6165,34 @@ class Forwarder:
             self._inflight.pop(outbox_id, None)
             self._hosts.pop(outbox_id, None)
             self._wakeup.set()  # a slot is free
+
+    async def _post(self, outbox_id: int, url: str, key: str, campaign: str, kind: str, body: bytes) -> Attempt:
+        """One try of a json or meta_capi delivery: its secrets from the config as it is now,
+        Meta's user_data from the click while it is kept; no secret in what it returns."""
+        found = self.campaigns.get(campaign)
+        target = found and found.target
+        if target is None or target.kind != kind:
+            return Attempt(
+                error=f"campaigns.{campaign}.forward is no longer of kind {kind}, so its secrets are unknown",
+                final=True,
+            )
+        if kind == "meta_capi":
+            document = orjson.loads(body)
+            document["data"][0]["user_data"].update(await self.store.read(Database.meta_user_data, outbox_id))
+            document["access_token"] = target.access_token  # in the body: a URL may reach a proxy's log
+            body = orjson.dumps(document)
+        attempt = await self.send(
+            url,
+            key,
+            self.config.timeout_seconds,
+            self.config.allow_private,
+            body=body,
+            headers=target.headers,
+            read_body=kind == "meta_capi",
+        )
+        if kind == "meta_capi":
+            attempt = meta_answer(attempt)
+        return dataclasses.replace(attempt, error=scrub(attempt.error, target.secrets()), body=b"")
 
 
 # --- Background work: purge -----------------------------------------------------------
@@ -5777,6 +6275,16 @@ class Purger:
 
 NO_STORE = (b"cache-control", b"no-store")
 JSON_TYPE = (b"content-type", b"application/json")
+# The pixel's answer, whatever it was sent: a transparent 1x1 GIF, 43 bytes, never cached.
+PIXEL_GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAICRAEAOw==")
+PIXEL_HEADERS = [
+    (b"content-type", b"image/gif"),
+    (b"content-length", b"43"),
+    NO_STORE,
+    (b"x-content-type-options", b"nosniff"),
+]
+PIXEL_FIELDS = ("click_id", "event", "payout", "currency", "txid")  # what a page may say; status and ts are ours
+PIXEL_RESULTS = ("created", "duplicate", "rejected", "ignored", "invalid", "off", "unavailable", "error")
 
 
 async def send_answer(send: Callable, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -5870,12 +6378,15 @@ class TinyTrack:
         self.flagged = Counter()  # ("click" | "conversion", flag) -> how many since start
         self.postbacks = Counter()  # answers since start: a PostbackResult's value, or a Refusal's code
         self.lp_clicks = Counter()  # LP clicks stored since start: "known" (of a click), "no_click_id"
+        self.pixels = Counter()  # /pixel hits since start, by PIXEL_RESULTS
+        self.pixel_on = pixel_on(config)
         self.latency = {name: Histogram(LATENCY_BOUNDS) for name in ("click", "lp_click", "postback")}
         self.router = Admin(self).router(lifespan=self.lifespan)
 
     def apply_config(self, config: Config) -> None:
         """Every component takes the new config, each at a point it chooses."""
         self.config = config
+        self.pixel_on = pixel_on(config)
         for component in (self.store, self.forwarder, self.purger):
             component.reconfigure(config)
 
@@ -5916,6 +6427,8 @@ class TinyTrack:
                 return self.latency["postback"].observe(time.perf_counter() - started)
             if path == "/touch":
                 return await self.touch(scope, receive, send)
+            if path == "/pixel" or path == "/pixel.gif":
+                return await self.pixel(scope, send)
             return await self.router(scope, receive, partial(send_no_store, send))
         await self.router(scope, receive, send)
 
@@ -6196,6 +6709,44 @@ class TinyTrack:
             return await send_json(send, 200, {"status": "rejected", "reason": outcome.reason})
         await send_json(send, 200, {"status": result.value, "id": outcome.id})
 
+    # -- HTTP: the browser pixel, GET /pixel --
+
+    async def pixel(self, scope: dict, send: Callable) -> None:
+        """A conversion reported by the advertiser's page (an <img>): no token, so it is
+        stored as [pixel] status says (pending), and a postback for the same key confirms
+        it. Every hit is answered the same GIF: an error never reaches a browser."""
+        result = "off"
+        try:
+            if self.pixel_on:
+                result = await self.record_pixel(scope)
+        except HTTPError as exc:
+            result = "invalid"
+            log.debug("pixel ignored: %s", exc.message)
+        except Exception:
+            result = "error"
+            log.exception("pixel: unexpected error (the GIF was sent all the same)")
+        self.pixels[result] += 1
+        await send_answer(send, 200, PIXEL_GIF, PIXEL_HEADERS)
+
+    async def record_pixel(self, scope: dict) -> str:
+        """Store what a pixel hit says; what it came to (PIXEL_RESULTS)."""
+        (forwarded_for,) = header_values(scope, b"x-forwarded-for")
+        ip = self.peer_address(scope, forwarded_for)
+        fields = collect_fields(parse_pairs(scope["query_string"], "query"))
+        given = {name: fields[name] for name in PIXEL_FIELDS if name in fields}
+        if "click_id" not in given:
+            raise FieldError("click_id", "is required")
+        postback = build_postback(given, self.config.postback, self.clock(), ip)
+        postback = dataclasses.replace(postback, status=self.config.pixel.status, source="pixel")
+        try:
+            outcome = await self.store.record_postback(postback)
+        except StorageError:
+            return "unavailable"
+        log.debug(
+            "pixel %s id=%s campaign=%s %s", outcome.result.value, outcome.id, outcome.campaign, outcome.reason or ""
+        )
+        return outcome.result.value
+
     # -- HTTP: touches, POST /touch --
 
     async def touch(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -6263,6 +6814,11 @@ class TinyTrack:
             if method == "POST":
                 refuse_unsigned_fields(query_pairs, aliases)
         return fields, ip, now
+
+
+def pixel_on(config: Config) -> bool:
+    """Whether /pixel may store anything: [pixel] enabled, or a campaign's pixel = true."""
+    return config.pixel.enabled or any(campaign.pixel for campaign in config.campaigns.values())
 
 
 def create_app(
@@ -6557,6 +7113,12 @@ class Admin:
             "counter",
             "POST /touch answers since start: created, duplicate, or the HTTP status it was refused with.",
             [(f'{{result="{r}"}}', app.touches[r]) for r in sorted({"created", "duplicate", *app.touches})],
+        )
+        metric(
+            "tinytrack_pixel_total",
+            "counter",
+            "GET /pixel hits since start, by what they came to (each was answered the same GIF).",
+            [(f'{{result="{r}"}}', app.pixels[r]) for r in sorted({*PIXEL_RESULTS, *app.pixels})],
         )
         metric(
             "tinytrack_lp_clicks_total",
@@ -7086,13 +7648,13 @@ def outbox_replay(args: argparse.Namespace, config: Config, db: Database) -> int
         since = parse_since(args.since)
     except FieldError as exc:
         raise TinytrackError(f"--{exc.message}") from None
-    forwarding = {name: c for name, c in config.campaigns.items() if c.postback_url is not None}
+    forwarding = {name: c for name, c in config.campaigns.items() if c.postback_url or c.target}
     if args.campaign:
         if args.campaign not in config.campaigns:
             raise TinytrackError(f"--campaign: no campaign {quoted(args.campaign)} in the config")
         forwarding = {args.campaign: forwarding[args.campaign]} if args.campaign in forwarding else {}
     if not forwarding:
-        raise TinytrackError("outbox replay: no campaign (of those asked for) has a postback_url")
+        raise TinytrackError("outbox replay: no campaign (of those asked for) has a postback_url or forward kind")
     now_ms = int(time.time() * 1000)
     queued = Counter()
     with db.transaction():
@@ -7101,10 +7663,11 @@ def outbox_replay(args: argparse.Namespace, config: Config, db: Database) -> int
             if not campaign.forwards(facts.event, status):
                 continue
             if not args.dry_run:
-                db.queue_delivery(
-                    build_delivery(campaign, conversion_id, facts, status, payout, currency, now_ms, config.forward)
+                queued[campaign.name] += db.queue_forwards(
+                    campaign, conversion_id, facts, status, payout, currency, now_ms, config.forward
                 )
-            queued[campaign.name] += 1
+            else:
+                queued[campaign.name] += bool(campaign.postback_url) + campaign.target_hears(facts.event, status)
     verb = "would queue" if args.dry_run else "queued"
     print(f"{verb} {sum(queued.values())} deliveries" + "".join(f"\n  {n}: {k}" for n, k in sorted(queued.items())))
     return 0
@@ -7139,12 +7702,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.csv:
         sys.stdout.write(csv_text(header, cells))
         return 0
-    # The table keeps to what it has: no costs, no cost columns; no landers, no LP columns; no flags, no flag columns.
+    # The table keeps to what it has: no costs, no cost columns; no landers, no LP columns; no flags, no flag columns; no pixel, no pixel_only.
     hide = () if any(row["cost"] for row in rows) else ("cost_", "profit_", "roi_", "cpa_")
     if not any(row["lp_clicks"] or row["lp_ctr"] for row in rows):
         hide = (*hide, "lp_clicks", "lp_ctr")
     if not any(row["flagged_clicks"] or row["flagged_conversions"] for row in rows):
         hide = (*hide, "flagged_")
+    if not any(row["pixel_only"] for row in rows):
+        hide = (*hide, "pixel_only")
     if hide:
         keep = [i for i, name in enumerate(header) if not name.startswith(hide)]
         header, cells = [header[i] for i in keep], [[line[i] for i in keep] for line in cells]
@@ -7442,7 +8007,9 @@ def cmd_review(args: argparse.Namespace) -> int:
                 return 0
             print_table(rows, ("id", "created", "campaign", "sub1", "event", "payout", "network says", "flags"))
             return 0
-        policy = WritePolicy(config.campaigns, config.forward, config.retention.sub1_per_day, config.attribution)
+        policy = WritePolicy(
+            config.campaigns, config.forward, config.retention.sub1_per_day, config.attribution, config.pixel.enabled
+        )
         problems = []
         for conversion_id in args.ids:
             with db.transaction(fsync=True):  # the server's forwarder picks up what this queues
@@ -7761,8 +8328,8 @@ def render_conversion(view: Mapping[str, Any]) -> str:
         "<h2>Credit</h2>" + credit,
         "<h2>History</h2>"
         + html_table(
-            ("at", "status", "payout"),
-            ((h["at"], h["status"], f"{h['payout']} {h['currency']}") for h in view["history"]),
+            ("at", "status", "payout", "reported by"),
+            ((h["at"], h["status"], f"{h['payout']} {h['currency']}", h["source"]) for h in view["history"]),
             "No history.",
         ),
     ]

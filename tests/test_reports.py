@@ -164,6 +164,7 @@ def row(
         "lp_clicks": 0,  # no landers here: tests/test_funnels.py has them
         "flagged_clicks": 0,  # nor fraud rules
         "flagged_conversions": 0,
+        "pixel_only": 0,
         "lp_ctr": None,
     }
 
@@ -501,6 +502,7 @@ async def test_after_a_status_change_totals_and_raw_rows_agree(client, clock):
         "lp_clicks": 0,
         "flagged_clicks": 0,
         "flagged_conversions": 0,
+        "pixel_only": 0,
         "lp_ctr": None,
     }
     assert await stats(client, f"from={A}&to={A}&by=sub2") == [{"sub2": "", **want}]  # raw rows
@@ -573,6 +575,7 @@ def assert_csv_matches(by: str, text: str, rows: list[dict]) -> None:
         "lp_clicks",
         "flagged_clicks",
         "flagged_conversions",
+        "pixel_only",
         *(f"{column}_{c}" for column in ("payout", "cost", "profit", "roi") for c in currencies),
         "cr",
         *(f"epc_{c}" for c in currencies),
@@ -619,18 +622,18 @@ async def test_stats_csv_is_the_json(client, clock):
     # Every text cell is quoted (a spreadsheet splitting on ; keeps it whole), numbers are not.
     assert answer.text.splitlines() == [
         '"sub1","clicks","unique_clicks","bot_clicks","conversions","approved","pending","rejected","lp_clicks",'
-        '"flagged_clicks","flagged_conversions",'
+        '"flagged_clicks","flagged_conversions","pixel_only",'
         '"payout_EUR","payout_GBP","payout_USD","cost_EUR","cost_GBP","cost_USD","profit_EUR","profit_GBP","profit_USD",'
         '"roi_EUR","roi_GBP","roi_USD","cr","epc_EUR","epc_GBP","epc_USD","cpa_EUR","cpa_GBP","cpa_USD","lp_ctr"',
-        '"",3,1,0,2,2,0,0,0,0,0,"0.00","0.00","1.00","0.00","0.00","0.00","0.00","0.00","1.00","","","",'
+        '"",3,1,0,2,2,0,0,0,0,0,0,"0.00","0.00","1.00","0.00","0.00","0.00","0.00","0.00","1.00","","","",'
         '"66.67","0.0000","0.0000","0.3333","","","",""',
-        '"\'=HYPERLINK(""http://evil.example"")",1,0,0,1,1,0,0,0,0,0,"0.00","1.50","0.00","0.00","0.00","0.00",'
+        '"\'=HYPERLINK(""http://evil.example"")",1,0,0,1,1,0,0,0,0,0,0,"0.00","1.50","0.00","0.00","0.00","0.00",'
         '"0.00","1.50","0.00","","","","100.00","0.0000","1.5000","0.0000","","","",""',
-        '"a",9,3,1,7,6,1,0,0,0,0,"5.00","0.00","1.55","0.00","0.00","0.00","5.00","0.00","1.55","","","",'
+        '"a",9,3,1,7,6,1,0,0,0,0,0,"5.00","0.00","1.55","0.00","0.00","0.00","5.00","0.00","1.55","","","",'
         '"77.78","0.5556","0.0000","0.1722","","","",""',
-        '"b",2,0,1,1,1,0,1,0,0,0,"0.00","0.00","0.20","0.00","0.00","0.00","0.00","0.00","0.20","","","",'
+        '"b",2,0,1,1,1,0,1,0,0,0,0,"0.00","0.00","0.20","0.00","0.00","0.00","0.00","0.00","0.20","","","",'
         '"50.00","0.0000","0.0000","0.1000","","","",""',
-        '"c",1,1,1,1,1,0,0,0,0,0,"0.00","0.00","4.00","0.00","0.00","0.00","0.00","0.00","4.00","","","",'
+        '"c",1,1,1,1,1,0,0,0,0,0,0,"0.00","0.00","4.00","0.00","0.00","0.00","0.00","0.00","4.00","","","",'
         '"100.00","0.0000","0.0000","4.0000","","","",""',
     ]
 
