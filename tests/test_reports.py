@@ -1182,6 +1182,7 @@ async def test_metrics_counters_and_histograms(client, config):
         "tinytrack_click_cost_invalid_total": "counter",
         "tinytrack_click_uid_invalid_total": "counter",
         "tinytrack_touches_total": "counter",
+        "tinytrack_pixel_total": "counter",
         "tinytrack_lp_clicks_total": "counter",
         "tinytrack_flags_total": "counter",
         "tinytrack_postbacks_total": "counter",
