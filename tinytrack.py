@@ -6277,12 +6277,7 @@ NO_STORE = (b"cache-control", b"no-store")
 JSON_TYPE = (b"content-type", b"application/json")
 # The pixel's answer, whatever it was sent: a transparent 1x1 GIF, 43 bytes, never cached.
 PIXEL_GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAICRAEAOw==")
-PIXEL_HEADERS = [
-    (b"content-type", b"image/gif"),
-    (b"content-length", b"43"),
-    NO_STORE,
-    (b"x-content-type-options", b"nosniff"),
-]
+PIXEL_HEADERS = ((b"content-type", b"image/gif"), NO_STORE, (b"x-content-type-options", b"nosniff"))
 PIXEL_FIELDS = ("click_id", "event", "payout", "currency", "txid")  # what a page may say; status and ts are ours
 PIXEL_RESULTS = ("created", "duplicate", "rejected", "ignored", "invalid", "off", "unavailable", "error")
 
@@ -6726,7 +6721,7 @@ class TinyTrack:
             result = "error"
             log.exception("pixel: unexpected error (the GIF was sent all the same)")
         self.pixels[result] += 1
-        await send_answer(send, 200, PIXEL_GIF, PIXEL_HEADERS)
+        await send_answer(send, 200, PIXEL_GIF, [*PIXEL_HEADERS])
 
     async def record_pixel(self, scope: dict) -> str:
         """Store what a pixel hit says; what it came to (PIXEL_RESULTS)."""

@@ -20,7 +20,7 @@ import asyncio
 import dataclasses
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -31,6 +31,8 @@ class Step:
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     delay: float = 0.0  # seconds before answering
     body: bytes = b"ok\n"
+    # Instead of status and body: what to answer this hit (a fake API that reads the request).
+    answer: Callable[[Hit], tuple[int, bytes]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Hit:
     at: float  # time.monotonic() when the headers were read
     wall: float  # time.time() at the same moment
     status: int  # what it was (or is about to be) answered
+    body: bytes = b""  # the request's body (Content-Length bytes)
 
     @property
     def params(self) -> dict[str, str]:
@@ -148,6 +151,8 @@ class Receiver:
 
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
         parts = urlsplit(request.path)
+        length = int(request.headers.get("content-length") or 0)
+        sent = request.rfile.read(length) if length else b""
         with self._lock:
             step = self._next_step(parts.path)
             hit = Hit(
@@ -158,7 +163,10 @@ class Receiver:
                 time.monotonic(),
                 time.time(),
                 step.status,
+                sent,
             )
+            status, reply = step.answer(hit) if step.answer else (step.status, step.body)
+            hit = dataclasses.replace(hit, status=status)
             self.hits.append(hit)
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -166,8 +174,8 @@ class Receiver:
         try:
             if step.delay and self._stopping.wait(step.delay):
                 return  # stopping: drop the connection unanswered
-            body = b"" if request.command == "HEAD" else step.body
-            request.send_response(step.status)
+            body = b"" if request.command == "HEAD" else reply
+            request.send_response(status)
             for name, value in step.headers.items():
                 request.send_header(name, value)
             request.send_header("Content-Length", str(len(body)))

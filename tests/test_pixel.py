@@ -1,0 +1,260 @@
+"""The browser pixel (SPEC "Beyond the S2S postback", issue 18): GET /pixel and
+/pixel.gif, off by default; always the same 43-byte GIF; pending conversions a
+postback confirms (its status wins, the history keeps both); pixel_only in stats."""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import closing
+
+import pytest
+from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, at, client_for, new_click, write_config
+
+import tinytrack
+
+pytestmark = pytest.mark.anyio
+
+D = "2026-11-20"
+GIF = tinytrack.PIXEL_GIF
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+PIXEL_ON = """
+[pixel]
+enabled = true
+"""
+PIXEL_CAMPAIGN = """
+[campaigns.tagged]
+url = "https://offer.example.com/t?cid={click_id}"
+pixel = true
+"""
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(at(D))
+
+
+def rows(app: tinytrack.TinyTrack, sql: str, *args: object) -> list[tuple]:
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        return con.execute(sql, args).fetchall()
+
+
+async def pixel(app: tinytrack.TinyTrack, path: str = "/pixel", method: str = "GET", **params: str) -> None:
+    """A hit from a browser; whatever it was sent, the answer is the GIF."""
+    async with client_for(app, "203.0.113.9") as http:
+        answer = await http.request(method, path, params=params, headers={"user-agent": "Mozilla/5.0"})
+    assert answer.status_code == 200
+    assert answer.content == GIF and len(answer.content) == 43
+    assert answer.headers["content-type"] == "image/gif"
+    assert answer.headers["cache-control"] == "no-store"
+    assert answer.headers["content-length"] == "43"
+
+
+async def postback(app: tinytrack.TinyTrack, **fields: str) -> dict:
+    async with client_for(app, "192.0.2.50") as http:
+        answer = await http.get("/postback", params={"token": POSTBACK_TOKEN, **fields})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+async def conversion(app: tinytrack.TinyTrack, conversion_id: int) -> dict:
+    async with client_for(app) as http:
+        answer = await http.get(f"/api/conversions/{conversion_id}", headers=ADMIN)
+    assert answer.status_code == 200
+    return answer.json()
+
+
+async def stats_row(app: tinytrack.TinyTrack, campaign: str = "spring") -> dict:
+    async with client_for(app) as http:
+        answer = await http.get(f"/api/stats?from={D}&to={D}&campaign={campaign}", headers=ADMIN)
+    [row] = answer.json()["rows"]
+    return row
+
+
+async def click(app: tinytrack.TinyTrack, campaign: str = "spring") -> str:
+    async with client_for(app) as http:
+        return await new_click(http, campaign)
+
+
+def test_the_gif_is_a_transparent_1x1_gif89a():
+    assert len(GIF) == 43 and GIF.startswith(b"GIF89a\x01\x00\x01\x00") and GIF.endswith(b";")
+
+
+async def test_off_by_default_it_answers_the_gif_and_stores_nothing(make_app):
+    app = await make_app()
+    cid = await click(app)
+    await pixel(app, cid=cid, txid="T1", payout="5")
+    await pixel(app, "/pixel.gif", cid=cid, txid="T1", payout="5")
+    assert rows(app, "SELECT count(*) FROM conversions") == [(0,)]
+    assert app.pixels["off"] == 2
+
+
+async def test_whatever_it_is_sent_the_browser_gets_the_gif(make_app):
+    app = await make_app(PIXEL_ON)
+    cid = await click(app)
+    await pixel(app)  # no click id
+    await pixel(app, cid="not-a-click-id")
+    await pixel(app, cid="01234567-89ab-7def-8123-456789abcdef")  # no such click: no orphan either
+    await pixel(app, cid=cid, payout="1,50")
+    await pixel(app, cid=cid, currency="dollars")
+    await pixel(app, cid=cid, event="Bad Event!")
+    await pixel(app, cid=cid, txid="x" * 500)
+    async with client_for(app) as http:  # a field twice with two values
+        answer = await http.get(f"/pixel?cid={cid}&cid={cid[:-1]}0")
+    assert answer.content == GIF
+    assert rows(app, "SELECT count(*) FROM conversions") == [(0,)]
+    assert rows(app, "SELECT count(*) FROM orphans") == [(0,)]
+    assert app.pixels["invalid"] == 7 and app.pixels["ignored"] == 1
+    # A POST (navigator.sendBeacon) is read as a GET is: its query.
+    await pixel(app, method="POST", cid=cid)
+    assert rows(app, "SELECT count(*) FROM conversions") == [(1,)]
+    assert app.pixels["created"] == 1
+
+
+async def test_an_unexpected_error_still_answers_the_gif(make_app, monkeypatch):
+    app = await make_app(PIXEL_ON)
+    cid = await click(app)
+
+    async def broken(postback):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(app.store, "record_postback", broken)
+    await pixel(app, cid=cid)
+    assert app.pixels["error"] == 1
+
+
+async def test_a_pixel_conversion_is_pending_from_the_page_and_counted_pixel_only(make_app):
+    app = await make_app(PIXEL_ON)
+    cid = await click(app)
+    # status, ts and token are the page's to say nothing about: a browser is nobody's word
+    await pixel(app, cid=cid, txid="ORDER-1", payout="12.50", currency="eur", status="approved", ts="1", token="x")
+    [(status, payout, currency, source, ip)] = rows(
+        app, "SELECT status, payout, currency, source, ip FROM conversions"
+    )
+    assert (status, payout, currency, source, ip) == ("pending", 12_500_000, "EUR", "pixel", "203.0.113.9")
+    row = await stats_row(app)
+    assert (row["conversions"], row["pending"], row["approved"], row["pixel_only"]) == (1, 1, 0, 1)
+    view = await conversion(app, 1)
+    assert view["source"] == "pixel"
+    assert [(h["status"], h["source"]) for h in view["history"]] == [("pending", "pixel")]
+
+
+async def test_a_postback_after_the_pixel_confirms_it_and_its_status_wins(make_app, clock):
+    app = await make_app(PIXEL_ON)
+    cid = await click(app)
+    await pixel(app, cid=cid, txid="ORDER-1", payout="12.50")
+    clock.now += 60
+    answer = await postback(app, click_id=cid, txid="ORDER-1", payout="10.00")  # the network's amount
+    assert answer == {"status": "updated", "id": 1}
+    [(status, payout, source)] = rows(app, "SELECT status, payout, source FROM conversions")
+    assert (status, payout, source) == ("approved", 10_000_000, None)
+    view = await conversion(app, 1)
+    assert view["source"] == "postback"
+    assert [(h["status"], h["payout"], h["source"]) for h in view["history"]] == [
+        ("pending", "12.50", "pixel"),
+        ("approved", "10.00", "postback"),
+    ]
+    row = await stats_row(app)
+    assert (row["conversions"], row["approved"], row["pending"], row["pixel_only"]) == (1, 1, 0, 0)
+    assert row["payout"] == {"USD": "10.00"}
+    # the network again: a duplicate as ever; the pixel again: changes nothing
+    assert (await postback(app, click_id=cid, txid="ORDER-1"))["status"] == "duplicate"
+    await pixel(app, cid=cid, txid="ORDER-1", payout="99")
+    assert rows(app, "SELECT count(*), sum(payout) FROM conversions") == [(1, 10_000_000)]
+    assert app.pixels["duplicate"] == 1
+
+
+async def test_a_pixel_after_the_postback_is_a_duplicate(make_app):
+    app = await make_app(PIXEL_ON)
+    cid = await click(app)
+    assert (await postback(app, click_id=cid, txid="ORDER-2", status="rejected"))["status"] == "created"
+    await pixel(app, cid=cid, txid="ORDER-2", payout="50")
+    assert rows(app, "SELECT status, payout, source FROM conversions") == [("rejected", 0, None)]
+    view = await conversion(app, 1)
+    assert [(h["status"], h["source"]) for h in view["history"]] == [("rejected", "postback")]
+    assert app.pixels["duplicate"] == 1
+    row = await stats_row(app)
+    assert (row["rejected"], row["pixel_only"]) == (1, 0)
+
+
+async def test_a_postback_confirming_the_same_status_is_kept_in_the_history(make_app, clock):
+    app = await make_app(PIXEL_ON)
+    cid = await click(app)
+    await pixel(app, cid=cid, event="signup")  # no txid: the key is (click, event)
+    clock.now += 5
+    assert await postback(app, click_id=cid, event="signup", status="pending") == {"status": "updated", "id": 1}
+    view = await conversion(app, 1)
+    assert [(h["status"], h["source"]) for h in view["history"]] == [("pending", "pixel"), ("pending", "postback")]
+    assert (await stats_row(app))["pixel_only"] == 0
+    # once confirmed, the same status again is a duplicate
+    assert (await postback(app, click_id=cid, event="signup", status="pending"))["status"] == "duplicate"
+
+
+async def test_only_campaigns_with_the_pixel_take_it_when_it_is_not_on_everywhere(make_app):
+    app = await make_app(PIXEL_CAMPAIGN)
+    tagged, plain = await click(app, "tagged"), await click(app)
+    await pixel(app, cid=tagged, txid="A")
+    await pixel(app, cid=plain, txid="B")
+    assert rows(app, "SELECT campaign, source FROM conversions") == [("tagged", "pixel")]
+    assert (app.pixels["created"], app.pixels["ignored"]) == (1, 1)
+
+
+async def test_status_approved_makes_pixel_conversions_count_and_forward(make_app, tmp_path):
+    extra = """
+[pixel]
+enabled = true
+status = "approved"
+
+[forward]
+allow_private = true
+
+[campaigns.fwd]
+url = "https://offer.example.com/f?cid={click_id}"
+postback_url = "http://127.0.0.1:9/pb?cid={click_id}&s={status}"
+"""
+    app = await make_app(extra)
+    cid = await click(app, "fwd")
+    await pixel(app, cid=cid, txid="Z", payout="3")
+    assert rows(app, "SELECT status, source FROM conversions") == [("approved", "pixel")]
+    assert rows(app, "SELECT status FROM outbox") == [("approved",)]
+    # the network's approval confirms it; the source already heard "approved": nothing more is sent
+    assert (await postback(app, click_id=cid, txid="Z"))["status"] == "updated"
+    assert rows(app, "SELECT count(*) FROM outbox") == [(1,)]
+    # its reversal is news
+    assert (await postback(app, click_id=cid, txid="Z", status="rejected"))["status"] == "updated"
+    assert rows(app, "SELECT status FROM outbox ORDER BY id") == [("approved",), ("rejected",)]
+
+
+async def test_pixel_only_per_offer_and_by_status(make_app):
+    app = await make_app(
+        PIXEL_ON
+        + """
+[campaigns.rot]
+offers = [{ name = "a", url = "https://a.example/?cid={click_id}" }]
+"""
+    )
+    first, second = await click(app, "rot"), await click(app, "rot")
+    await pixel(app, cid=first, txid="1")
+    await pixel(app, cid=second, txid="2")
+    await postback(app, click_id=second, txid="2")
+    async with client_for(app) as http:
+        by_offer = (await http.get(f"/api/stats?from={D}&to={D}&by=offer", headers=ADMIN)).json()["rows"]
+        by_status = (await http.get(f"/api/stats?from={D}&to={D}&by=status", headers=ADMIN)).json()["rows"]
+        raw = (await http.get(f"/api/stats?from={D}&to={D}&by=sub2", headers=ADMIN)).json()["rows"]
+    assert [(r["offer"], r["pending"], r["approved"], r["pixel_only"]) for r in by_offer] == [("a", 1, 1, 1)]
+    assert {r["status"]: r["pixel_only"] for r in by_status} == {"approved": 0, "pending": 1}
+    assert [r["pixel_only"] for r in raw] == [1]
+
+
+async def test_bad_pixel_config_names_the_key(tmp_path):
+    for extra, message in (
+        ('[pixel]\nstatus = "rejected"\n', "pixel.status: must be pending or approved, got 'rejected'"),
+        ("[pixel]\nenabled = 1\n", "pixel.enabled: must be true or false, got '1'"),
+        ("[pixel]\nenable = true\n", "pixel.enable: unknown key"),
+        (
+            '[campaigns.x]\nurl = "https://o.example/"\npixel = "yes"\n',
+            "campaigns.x.pixel: must be true or false, got 'yes'",
+        ),
+    ):
+        with pytest.raises(tinytrack.ConfigError) as caught:
+            tinytrack.load_config(write_config(tmp_path, extra=extra))
+        assert str(caught.value) == message
