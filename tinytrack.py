@@ -6016,7 +6016,7 @@ def meta_answer(attempt: Attempt) -> Attempt:
         received = data.get("events_received")
         if isinstance(received, int) and not isinstance(received, bool) and received >= 1:
             return dataclasses.replace(attempt, body=b"")
-        said = quoted(received) if received is not None else "missing"
+        said = "missing" if received is None else strip_controls(orjson.dumps(received).decode(), 40)
         return dataclasses.replace(attempt, error=f"Meta answered {attempt.code} with events_received {said}", body=b"")
     return dataclasses.replace(attempt, body=b"")
 
