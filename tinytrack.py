@@ -6275,8 +6275,9 @@ class Purger:
 
 NO_STORE = (b"cache-control", b"no-store")
 JSON_TYPE = (b"content-type", b"application/json")
-# The pixel's answer, whatever it was sent: a transparent 1x1 GIF, 43 bytes, never cached.
-PIXEL_GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAICRAEAOw==")
+# The pixel's answer, whatever it was sent: a transparent 1x1 GIF, 43 bytes, never cached;
+# byte for byte nginx's empty_gif, which the shipped site answers when it limits a hit.
+PIXEL_GIF = base64.b64decode("R0lGODlhAQABAIABAAAAAP///yH5BAEAAAEALAAAAAABAAEAAAICTAEAOw==")
 PIXEL_HEADERS = ((b"content-type", b"image/gif"), NO_STORE, (b"x-content-type-options", b"nosniff"))
 PIXEL_FIELDS = ("click_id", "event", "payout", "currency", "txid")  # what a page may say; status and ts are ours
 PIXEL_RESULTS = ("created", "duplicate", "rejected", "ignored", "invalid", "off", "unavailable", "error")

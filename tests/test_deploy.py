@@ -12,17 +12,21 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import POSTBACK_TOKEN, Server, free_port, write_config
+
+import tinytrack
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / "nginx" / "tinytrack.conf"
@@ -252,6 +256,7 @@ def tracker(site: Site) -> Iterator[Server]:
     assert "[postback]\n" in text and "[server]\n" in text
     # Postbacks only from 127.0.0.2; tinytrack's own access log on, to check it too.
     text = text.replace("[postback]\n", '[postback]\nallow_ips = ["127.0.0.2"]\n')
+    text += "\n[pixel]\nenabled = true\n"  # for the pixel's location
     config.write_text(text.replace("[server]\n", "[server]\naccess_log = true\n"))
     server = Server(site.directory, config, 0, uds=site.socket)
     try:
@@ -413,6 +418,39 @@ def test_through_real_nginx(site: Site, tracker: Server, nginx: subprocess.Popen
     print(output[-3000:])
     assert POSTBACK_TOKEN not in output
     assert "postback 403 forbidden" in output  # tinytrack's log is really being written
+
+
+def test_the_pixel_through_real_nginx_is_always_the_gif(site: Site, tracker: Server, nginx: subprocess.Popen):
+    """Stored through nginx; over the pixel's tight limit nginx answers the same GIF
+    itself (no 429 reaches a browser), and with tinytrack down too."""
+    gif = tinytrack.PIXEL_GIF
+    with https(site, "127.0.0.5") as browser:
+        cid = click_id(browser.get("/c/spring", headers=UA))
+        first = browser.get("/pixel.gif", params={"cid": cid, "txid": "PX-1", "payout": "9"}, headers=UA)
+        assert (first.status_code, first.content, first.headers["cache-control"]) == (200, gif, "no-store")
+        assert first.headers["x-content-type-options"] == "nosniff"  # tinytrack's own answer
+        answers = []
+        while len(answers) < 2000 and all(a.headers.get("x-content-type-options") for a in answers):
+            answers.append(browser.get("/pixel", params={"cid": cid, "txid": "PX-1"}, headers=UA))
+        limited = answers[-1]
+        assert "x-content-type-options" not in limited.headers, f"no limit after {len(answers)} hits"
+        assert len(answers) >= 20  # burst=20 nodelay
+        for answer in answers:
+            assert (answer.status_code, answer.content, answer.headers["content-type"]) == (200, gif, "image/gif")
+        assert limited.headers["cache-control"] == "no-store"
+    with closing(sqlite3.connect(site.directory / "tinytrack.db")) as con:
+        assert con.execute("SELECT status, source, payout FROM conversions").fetchall() == [
+            ("pending", "pixel", 9_000_000)
+        ]
+    assert tracker.stop() == 0
+    with https(site, "127.0.0.6") as browser:
+        down = browser.get("/pixel", params={"cid": cid}, headers=UA)
+    assert (down.status_code, down.content) == (200, gif)
+    nginx.send_signal(signal.SIGQUIT)
+    nginx.wait(15)
+    logged = site.access_log.read_text()
+    assert re.search(r'^127\.0\.0\.5 .*"GET /pixel.gif" 200 43 ', logged, re.M), logged[-2000:]
+    assert cid not in logged  # the pixel's query is not logged
 
 
 def test_a_token_sent_over_plain_http_is_not_logged(site: Site, tracker: Server, nginx: subprocess.Popen):
