@@ -4,17 +4,21 @@ postback confirms (its status wins, the history keeps both); pixel_only in stats
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from contextlib import closing
+from pathlib import Path
 
+import browser
 import pytest
-from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, at, client_for, new_click, write_config
+from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, Server, at, client_for, free_port, new_click, write_config
 
 import tinytrack
 
 pytestmark = pytest.mark.anyio
 
 D = "2026-11-20"
+ROOT = Path(__file__).resolve().parent.parent
 GIF = tinytrack.PIXEL_GIF
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 PIXEL_ON = """
@@ -257,3 +261,36 @@ async def test_bad_pixel_config_names_the_key(tmp_path):
         with pytest.raises(tinytrack.ConfigError) as caught:
             tinytrack.load_config(write_config(tmp_path, extra=extra))
         assert str(caught.value) == message
+
+
+@pytest.mark.skipif(
+    browser.CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); CI installs it"
+)
+def test_the_readme_img_tag_in_headless_chromium_stores_a_pending_conversion(tmp_path: Path):
+    """The tag the README tells an advertiser to paste, on a page Chromium opens: the
+    GIF loads as a 1x1 image and the conversion is stored, pending, from the pixel."""
+    [tag] = [
+        block for block in re.findall(r"```html\n(.*?)```", (ROOT / "README.md").read_text(), re.S) if "/pixel" in block
+    ]
+    port = free_port()
+    server = Server(tmp_path, write_config(tmp_path, port, PIXEL_ON), port).start()
+    try:
+        with server.client() as http:
+            cid = http.get("/c/spring", headers={"user-agent": "Mozilla/5.0"}).headers["location"].split("cid=")[1]
+            cid = cid.split("&")[0]
+        page = tmp_path / "thanks.html"
+        tag = tag.replace("https://tracker.example.com", server.url).replace("CLICK_ID", cid)
+        page.write_text(
+            "<!doctype html><html><body><h1>Thank you</h1>"
+            + tag.replace("ORDER_ID", "ORD-77")
+            + "<script>window.onload = () => { document.body.dataset.loaded = document.images[0].naturalWidth"
+            " + 'x' + document.images[0].naturalHeight; };</script></body></html>"
+        )
+        dom = browser.render(page.as_uri())
+    finally:
+        assert server.stop() == 0, server.output()
+    assert 'data-loaded="1x1"' in dom  # the GIF decoded as an image
+    with closing(sqlite3.connect(tmp_path / "tinytrack.db")) as con:
+        assert con.execute("SELECT event, txid, status, payout, currency, source FROM conversions").fetchall() == [
+            ("purchase", "ORD-77", "pending", 49_900_000, "USD", "pixel")
+        ]
