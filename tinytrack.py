@@ -8224,6 +8224,21 @@ url = "https://offer.example.com/lp?cid={{click_id}}&s1={{sub1}}"
 # bot_cost = false                        # bot clicks cost nothing unless true
 # max_click_cost = "1"                    # a click's own cost above this is stored without it
 # channel = "paid"                        # affiliate | paid | email | organic: what [attribution] ranks
+# pixel = true                            # /pixel may report this campaign's conversions (see [pixel])
+# [campaigns.spring-sale.forward]         # kind = "get" (postback_url): where its tries go after 3 failures
+# fallback_url = "https://backup.source.example/pb?clickid={{ext_id}}&payout={{payout}}"
+
+# Forwards of other kinds: a JSON webhook, and Meta's Conversions API.
+# [campaigns.crm.forward]
+# kind = "json"                           # POST of the conversion as /api/conversions shows it
+# url = "https://crm.example/hooks/conversion"
+# headers = {{ Authorization = "Bearer ..." }}   # never logged nor shown
+# [campaigns.fb.forward]
+# kind = "meta_capi"
+# pixel_id = "1234567890"
+# access_token = "..."                    # a system user's token; never logged nor shown
+# event_map = {{ purchase = "Purchase", signup = "Lead" }}
+# test_event_code = "TEST12345"           # Events Manager's test events
 
 # A split test: offers (instead of url) and landers, each picked by weight (0 pauses one).
 # The landers' call to action links to https://your.domain/go/split-test?cid=<the click id>.
@@ -8248,6 +8263,10 @@ url = "https://offer.example.com/lp?cid={{click_id}}&s1={{sub1}}"
 # window_days = 30                        # touches up to this long before the conversion
 # priority = ["affiliate", "paid", "email"]   # the first channel with a touch wins; organic never
 # mode = "click"                          # "priority": the matrix decides even for a postback with a click id
+
+# [pixel]                                 # GET /pixel from advertisers' pages; off unless enabled
+# enabled = false                         # true: every campaign's clicks (or pixel = true per campaign)
+# status = "pending"                      # what a pixel's conversion is until a postback confirms it
 
 # [money]                                 # to report every currency in one
 # rates = {{ EUR = "1.08" }}                # 1 EUR = 1.08 report_currency
