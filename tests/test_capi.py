@@ -335,6 +335,37 @@ def test_capi_deliveries_pending_at_kill_9_are_each_delivered_once_with_their_ev
     assert meta.problems == []
 
 
+def test_json_deliveries_pending_at_kill_9_are_each_delivered_once_with_their_key_and_body(tmp_path: Path):
+    hook = Receiver([500]).start()
+    first = second = None
+    db = tmp_path / "tinytrack.db"
+    try:
+        config_path = write_config(tmp_path, free_port(), FORWARD + json_toml(hook.url("/h")))
+        first = Server(tmp_path, config_path, free_port()).start()
+        with first.client() as http:
+            for n in range(2):
+                cid = http.get("/c/crm", headers={"user-agent": "Mozilla/5.0"}).headers["location"].split("cid=")[1]
+                answer = http.get("/postback", params={"click_id": cid, "txid": f"J-{n}", "token": POSTBACK_TOKEN})
+                assert answer.json()["status"] == "created", answer.text
+        hook.wait_for(2)
+        assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+        assert {row["state"] for row in outbox(db)} == {"pending"}
+        hook.set_script([200])
+        second = Server(tmp_path, config_path, free_port()).start()
+        rows = wait_until(lambda: settled(db, 2), what="the deliveries after the restart")
+        assert second.stop() == 0
+    finally:
+        kill(first, second)
+        hook.stop()
+    assert {row["state"] for row in rows} == {"done"}
+    delivered = [hit for hit in hook.hits if hit.status == 200]
+    assert sorted(json.loads(hit.body)["txid"] for hit in delivered) == ["J-0", "J-1"]  # each once
+    for row in rows:  # every try of a delivery: its key, and the same body
+        tries = [hit for hit in hook.hits if hit.key == row["idempotency_key"]]
+        assert len(tries) >= 2 and len({hit.body for hit in tries}) == 1
+        assert json.loads(tries[0].body)["idempotency_key"] == row["idempotency_key"]
+
+
 # --- config ---------------------------------------------------------------------
 
 
