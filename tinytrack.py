@@ -409,6 +409,7 @@ META_ACTION_SOURCES = (
     "other",
 )
 HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")  # an RFC 9110 token
+HEADER_VALUE_RE = re.compile(r"[\x20-\x7e]{1,4096}")  # what every server takes (h11 refuses a space at either end)
 RESERVED_HEADERS = frozenset(
     {"host", "content-length", "content-type", "transfer-encoding", "connection", "idempotency-key", "user-agent"}
 )
@@ -1095,7 +1096,7 @@ def read_campaign(
     kind = forward.get("kind", str, "get")
     if kind not in FORWARD_KINDS:
         raise ConfigError(forward.key("kind"), f"must be one of {', '.join(FORWARD_KINDS)}, got {quoted(kind)}")
-    fallback_url = forward.get("fallback_url", str, None) if kind == "get" else None
+    fallback_url = forward.get("fallback_url", str, None)  # postback_url's, whatever else the table says
     if fallback_url is not None:
         if postback_url is None:
             raise ConfigError(
@@ -1153,8 +1154,15 @@ def read_target(f: _Table, kind: str) -> ForwardTarget:
                 raise ConfigError(key, "is no HTTP header name (letters, digits and !#$%&'*+.^_`|~-)")
             if name.lower() in RESERVED_HEADERS:
                 raise ConfigError(key, "is set by tinytrack itself")
-            if not isinstance(value, str) or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-                raise ConfigError(key, "must be a string without control characters (its value is not shown)")
+            if (
+                not isinstance(value, str)
+                or not value
+                or value != value.strip(" \t")
+                or not HEADER_VALUE_RE.fullmatch(value)
+            ):
+                raise ConfigError(
+                    key, "must be printable ASCII, not blank, no space at either end (its value is not shown)"
+                )
             headers.append((name, value))
         return ForwardTarget("json", plain_url(url, f.key("url")), headers=tuple(headers))
     pixel_id = f.get("pixel_id", str, None)
@@ -1458,13 +1466,18 @@ def truncate_ip(text: str | None) -> str | None:
 
 
 SECRET_PARAMS = frozenset({b"token", b"key", b"signature", b"sig", b"secret", b"password"})
-SECRET_NAME_RE = re.compile(rb"token|secret|key|pass|auth|sig|session|credential", re.I)  # apikey, access_token
+# A name that ends in one of these words (api_key, access_token, X-Auth, hmac_sig), or
+# has token, secret or passw in it. Not keyword, author or design: sub ids stay readable.
+SECRET_NAME_RE = re.compile(
+    rb"(?:^|[^a-z])(?:api_?key|apikey|key|auth|sig|signature|session|sessionid|credentials?|pwd)$|token|secret|passw",
+    re.I,
+)
 
 
 def is_secret_name(name: bytes) -> bool:
     """Whether a query parameter (its raw name) looks like it carries a secret."""
-    name = unquote_to_bytes(name)
-    return name.lower() in SECRET_PARAMS or SECRET_NAME_RE.search(name) is not None
+    name = unquote_to_bytes(name).lower()
+    return name in SECRET_PARAMS or SECRET_NAME_RE.search(name) is not None
 
 
 def log_safe(text: str) -> str:
@@ -1965,17 +1978,15 @@ def target_delivery(
             "event_time": ts_ms // 1000,
             "event_id": meta_event_id(facts),
             "action_source": target.action_source,
-            "user_data": {},  # completed as it is sent, from the click while it is kept (Forwarder.meta_user_data)
+            # Filled as each try is sent, from what is kept then (Database.meta_user_data): the
+            # outbox holds nothing personal, and forget and the purges reach what is sent.
+            "user_data": {},
             "custom_data": {"value": float(conversion["payout"]), "currency": conversion["currency"]},
         }
-        if facts.ad_ids and (fbc := orjson.loads(facts.ad_ids).get("fbc")):
-            event["user_data"]["fbc"] = fbc
         page = target.event_source_url or offer_page(campaign, facts.offer)
         if target.action_source == "website" and page:
             event["event_source_url"] = page
         body = {"data": [event]}
-        if target.test_event_code:
-            body["test_event_code"] = target.test_event_code
     first_try = now_ms + conf.delay_seconds * 1000
     return Delivery(
         conversion["id"],
@@ -4194,18 +4205,53 @@ class Database:
         if pb.source is not None:  # a pixel changes nothing stored: the network's word (or the first pixel's) stands
             return PostbackOutcome(PostbackResult.DUPLICATE, existing.id, campaign=click.campaign)
         confirms = existing.source is not None  # the first postback for a conversion the pixel reported
+        if confirms and existing.reason != RejectReason.HELD.value:
+            if existing.reason is None:
+                return self._confirm(pb, click, existing, now_ms, policy)
+            self._confirmed(existing.id, pb, now_ms)  # stays rejected: it was out of its window, or fraud
         if existing.reason == RejectReason.HELD.value:  # the operator decides (see review); the network's word is kept
-            return self._network_word(pb, existing, now_ms, click.campaign)
+            if not confirms:
+                return self._network_word(pb, existing, now_ms, click.campaign)
+            outcome = self._network_word(dataclasses.replace(pb, payout_given=True), existing, now_ms, click.campaign)
+            self._confirmed(existing.id, pb, now_ms)
+            return outcome
         if existing.reason is not None:
-            if confirms:
-                self.con.execute(
-                    "UPDATE conversions SET source = NULL, ip = ?, updated_at = ? WHERE id = ?",
-                    (pb.ip, now_ms, existing.id),
-                )
             return PostbackOutcome(PostbackResult.REJECTED, existing.id, existing.reason, click.campaign)
-        if existing.status == pb.status and not confirms:
+        if existing.status == pb.status:
             return PostbackOutcome(PostbackResult.DUPLICATE, existing.id, campaign=click.campaign)
         return self._change_status(pb, click, existing, now_ms, policy)
+
+    def _confirm(
+        self, pb: Postback, click: ClickFacts, pixel: StoredConversion, now_ms: int, policy: WritePolicy
+    ) -> PostbackOutcome:
+        """The network's first postback for a conversion only the pixel reported: its word
+        wins, as if the pixel had never come (its event, status, payout and currency; 0 if
+        it gives no payout). A forward of the pixel's status no try has sent yet is
+        replaced by one of these facts; one already sent is followed only by news (a new
+        status), as for any postback."""
+        if pb.event != pixel.facts.event:  # one txid, another event: the page named it wrong, or not at all
+            self.con.execute("UPDATE conversions SET event = ? WHERE id = ?", (pb.event, pixel.id))
+            pixel = pixel._replace(facts=pixel.facts._replace(event=pb.event))
+        unsent = self.con.execute(
+            """UPDATE outbox SET state = 'canceled', last_error = 'replaced: a postback confirmed the pixel''s conversion'
+               WHERE conversion_id = ? AND state = 'pending' AND attempts = 0""",
+            (pixel.id,),
+        ).rowcount
+        return self._change_status(
+            dataclasses.replace(pb, payout_given=True), click, pixel, now_ms, policy, resend=bool(unsent)
+        )
+
+    def _confirmed(self, conversion_id: int, pb: Postback, now_ms: int) -> None:
+        """A held or rejected pixel conversion a postback confirms: its source is now the
+        network, and its history says so (its status is the review's to set, or stays rejected)."""
+        self.con.execute(
+            "UPDATE conversions SET source = NULL, ip = ?, updated_at = ? WHERE id = ?", (pb.ip, now_ms, conversion_id)
+        )
+        self.con.execute(
+            """INSERT INTO conversion_history (conversion_id, at, status, payout, currency, ip)
+               SELECT id, ?, status, payout, currency, ? FROM conversions WHERE id = ?""",
+            (now_ms, pb.ip, conversion_id),
+        )
 
     def _apply_by_user(self, pb: Postback, now_ms: int, policy: WritePolicy) -> PostbackOutcome:
         """A postback credited by its user's touches: its user_id's (or, under mode
@@ -4524,8 +4570,8 @@ class Database:
         network = self.con.execute("SELECT network_status FROM conversions WHERE id = ?", (conversion_id,)).fetchone()[
             0
         ]
-        if decision == "approve":
-            status, reason = network or "approved", None
+        if decision == "approve":  # a pixel's, no network has confirmed: pending until one does
+            status, reason = network or ("pending" if held.source else "approved"), None
         else:
             status, reason = "rejected", RejectReason.FRAUD.value
         self.con.execute(
@@ -4632,6 +4678,11 @@ class Database:
         and its address (for ip_cluster). `user`: credited by a user's touches, its uid,
         the decision (JSON) and the credited click's id (b"": a touch's, or nobody's)."""
         campaign = policy.campaigns.get(click.campaign)
+        if pb.source is not None and not (policy.pixel or (campaign is not None and campaign.pixel)):
+            # the matrix credited a campaign the pixel is off for
+            return PostbackOutcome(
+                PostbackResult.IGNORED, reason="the pixel is off for this campaign", campaign=click.campaign
+            )
         late = (
             campaign is not None and campaign.window_days is not None and ts - click.ts > campaign.window_days * DAY_MS
         )
@@ -4677,7 +4728,7 @@ class Database:
             else (
                 NO_TEXT if flags is None else orjson.dumps(flags).decode(),
                 kept_ip or NO_TEXT,
-                pb.status if reason == RejectReason.HELD.value else NO_TEXT,
+                pb.status if reason == RejectReason.HELD.value and pb.source is None else NO_TEXT,
             )
         )
         row = self.con.execute(
@@ -4730,7 +4781,14 @@ class Database:
         )
 
     def _change_status(
-        self, pb: Postback, click: ClickFacts, old: StoredConversion, now_ms: int, policy: WritePolicy
+        self,
+        pb: Postback,
+        click: ClickFacts,
+        old: StoredConversion,
+        now_ms: int,
+        policy: WritePolicy,
+        *,
+        resend: bool = False,
     ) -> PostbackOutcome:
         # Without a payout it keeps the amount it was credited with.
         payout, currency = (pb.payout, pb.currency) if pb.payout_given else (old.payout, old.currency)
@@ -4757,8 +4815,8 @@ class Database:
             (pb.status, now_ms, pb.ip, payout, currency, cost, cost_currency, old.id),
         )
         facts = old.facts._replace(cost=cost)
-        # A postback confirming the pixel's status is no news to a source that heard it.
-        queued = old.status != pb.status and self._forward(
+        # A postback confirming the pixel's status is no news to a source that heard it (see _confirm).
+        queued = (old.status != pb.status or resend) and self._forward(
             campaign, old.id, facts, pb.status, payout, currency, now_ms, policy.forward
         )
         return PostbackOutcome(PostbackResult.UPDATED, old.id, campaign=click.campaign, queued_forward=queued)
@@ -4835,8 +4893,11 @@ class Database:
         target: bool = True,
     ) -> int:
         """Deliveries of a conversion's status: to postback_url (`get`) and to the campaign's
-        json or meta_capi target (`target`), where it has them; how many were queued."""
+        json or meta_capi target (`target`), where it has them; how many were queued. One
+        credited to a posted touch (no click the source could match) is never forwarded."""
         queued = 0
+        if not facts.click_id:
+            return 0
         if get and campaign.postback_url is not None:
             self.queue_delivery(build_delivery(campaign, conversion_id, facts, status, payout, currency, now_ms, conf))
             queued += 1
@@ -5067,24 +5128,27 @@ class Database:
         ]
 
     def meta_user_data(self, outbox_id: int) -> dict[str, str]:
-        """Meta's user_data of a delivery's conversion beyond fbc, from what is kept: the
-        visitor's address and user agent (until pii_days cuts them) and the site's user id,
-        hashed (SHA-256, as Meta asks of external_id)."""
+        """Meta's user_data of a delivery's conversion, from what is kept as it is sent: fbc
+        (its click's fbclid, until clicks_days or forget), the visitor's address and user
+        agent (until pii_days cuts them) and the site's user id, hashed (SHA-256, as Meta
+        asks of external_id)."""
         row = self.con.execute(
-            """SELECT k.ip, k.ua, coalesce(c.uid, k.uid) FROM outbox AS o JOIN conversions AS c ON c.id = o.conversion_id
+            """SELECT k.ip, k.ua, coalesce(c.uid, k.uid), c.ad_ids FROM outbox AS o JOIN conversions AS c ON c.id = o.conversion_id
                LEFT JOIN clicks AS k ON k.id = CASE WHEN c.attribution IS NULL THEN c.click_id ELSE c.credited_click END
                WHERE o.id = ?""",
             (outbox_id,),
         ).fetchone()
         data = {}
         if row is not None:
-            ip, ua, uid = row
+            ip, ua, uid, ad_ids = row
             if ua is not None:  # not yet cut: the address is whole
                 data["client_user_agent"] = ua
                 if ip:
                     data["client_ip_address"] = ip
             if uid:
                 data["external_id"] = hashlib.sha256(uid.encode()).hexdigest()
+            if ad_ids and (fbc := orjson.loads(ad_ids).get("fbc")):
+                data["fbc"] = fbc
         return data
 
     def outbox_states(self) -> dict[str, int]:
@@ -6145,7 +6209,7 @@ class Forwarder:
                 if kind is None:
                     attempt = await self.send(url, key, self.config.timeout_seconds, self.config.allow_private)
                 else:
-                    attempt = await self._post(outbox_id, url, key, campaign, kind, body or b"{}")
+                    attempt, url = await self._post(outbox_id, url, key, campaign, kind, body or b"{}")
             except (ValueError, UnicodeError, h11.LocalProtocolError) as exc:  # a URL no request can carry
                 attempt = Attempt(error=f"cannot send to this URL: {exc}", final=True)
             took = int((time.perf_counter() - started) * 1000)
@@ -6166,33 +6230,42 @@ class Forwarder:
             self._hosts.pop(outbox_id, None)
             self._wakeup.set()  # a slot is free
 
-    async def _post(self, outbox_id: int, url: str, key: str, campaign: str, kind: str, body: bytes) -> Attempt:
-        """One try of a json or meta_capi delivery: its secrets from the config as it is now,
-        Meta's user_data from the click while it is kept; no secret in what it returns."""
+    async def _post(
+        self, outbox_id: int, url: str, key: str, campaign: str, kind: str, body: bytes
+    ) -> tuple[Attempt, str]:
+        """One try of a json or meta_capi delivery, and the URL it went to: the target as
+        the config has it now (its URL, secrets and test code go together: a reload that
+        moves a webhook moves its pending deliveries), Meta's user_data from what is kept;
+        no secret in what it returns."""
         found = self.campaigns.get(campaign)
         target = found and found.target
         if target is None or target.kind != kind:
             return Attempt(
                 error=f"campaigns.{campaign}.forward is no longer of kind {kind}, so its secrets are unknown",
                 final=True,
-            )
+            ), url
         if kind == "meta_capi":
             document = orjson.loads(body)
             document["data"][0]["user_data"].update(await self.store.read(Database.meta_user_data, outbox_id))
+            if target.test_event_code:
+                document["test_event_code"] = target.test_event_code
             document["access_token"] = target.access_token  # in the body: a URL may reach a proxy's log
             body = orjson.dumps(document)
-        attempt = await self.send(
-            url,
-            key,
-            self.config.timeout_seconds,
-            self.config.allow_private,
-            body=body,
-            headers=target.headers,
-            read_body=kind == "meta_capi",
-        )
+        try:
+            attempt = await self.send(
+                target.url,
+                key,
+                self.config.timeout_seconds,
+                self.config.allow_private,
+                body=body,
+                headers=target.headers,
+                read_body=kind == "meta_capi",
+            )
+        except (ValueError, UnicodeError, h11.LocalProtocolError) as exc:  # an error may quote a header
+            attempt = Attempt(error=f"cannot send this request: {exc}", final=True)
         if kind == "meta_capi":
             attempt = meta_answer(attempt)
-        return dataclasses.replace(attempt, error=scrub(attempt.error, target.secrets()), body=b"")
+        return dataclasses.replace(attempt, error=scrub(attempt.error, target.secrets()), body=b""), target.url
 
 
 # --- Background work: purge -----------------------------------------------------------
@@ -7663,7 +7736,9 @@ def outbox_replay(args: argparse.Namespace, config: Config, db: Database) -> int
                     campaign, conversion_id, facts, status, payout, currency, now_ms, config.forward
                 )
             else:
-                queued[campaign.name] += bool(campaign.postback_url) + campaign.target_hears(facts.event, status)
+                queued[campaign.name] += bool(facts.click_id) and (
+                    bool(campaign.postback_url) + campaign.target_hears(facts.event, status)
+                )
     verb = "would queue" if args.dry_run else "queued"
     print(f"{verb} {sum(queued.values())} deliveries" + "".join(f"\n  {n}: {k}" for n, k in sorted(queued.items())))
     return 0

@@ -178,7 +178,8 @@ async def test_meta_gets_its_documented_body_field_by_field(tmp_path, meta):
     assert (row["state"], row["kind"], row["last_code"]) == ("done", "meta_capi", 200)
     assert hit.key == row["idempotency_key"]
     stored = json.loads(row["body"])
-    assert "access_token" not in stored and stored["data"][0]["user_data"] == {"fbc": f"fb.1.{click_ms}.IwAR-fb-1"}
+    # nothing secret nor personal waits in the outbox: the token, user_data and the test code are added per try
+    assert set(stored) == {"data"} and stored["data"][0]["user_data"] == {}
 
 
 async def test_meta_hears_mapped_events_once_never_a_rejection(tmp_path, meta):
@@ -386,14 +387,17 @@ def test_json_deliveries_pending_at_kill_9_are_each_delivered_once_with_their_ke
             'kind = "json"\nurl = "https://h.example/"\nheaders = { "Bad Name" = "x" }',
             "campaigns.x.forward.headers.Bad Name: is no HTTP header name (letters, digits and !#$%&'*+.^_`|~-)",
         ),
-        (
-            'kind = "json"\nurl = "https://h.example/"\nheaders = { Authorization = "Bearer s3cr3t\\r\\nX: y" }',
-            "campaigns.x.forward.headers.Authorization: must be a string without control characters "
-            "(its value is not shown)",
+        *(
+            (
+                f'kind = "json"\nurl = "https://h.example/"\nheaders = {{ Authorization = "{value}" }}',
+                "campaigns.x.forward.headers.Authorization: must be printable ASCII, not blank, no space at "
+                "either end (its value is not shown)",
+            )
+            for value in ("Bearer s3cr3t\\r\\nX: y", "Bearer s3cr3t ", " Bearer s3cr3t", "Bearer s3cr3t\u00e9", "")
         ),
         (
             'kind = "json"\nurl = "https://h.example/"\nfallback_url = "https://f.example/"',
-            "campaigns.x.forward.fallback_url: unknown key",
+            "campaigns.x.forward.fallback_url: needs postback_url: it is where that one's deliveries go next",
         ),
         (
             'kind = "meta_capi"\npixel_id = "12ab"',
@@ -443,3 +447,108 @@ def test_the_config_example_and_readme_campaigns_load(tmp_path):
     assert fb.url == "https://graph.facebook.com/v21.0/1234567890/events"
     assert crm.headers == (("Authorization", f"Bearer {HOOK_SECRET}"), ("X-Source", "tinytrack"))
     assert META_TOKEN in fb.secrets() and f"Bearer {HOOK_SECRET}" in crm.secrets()
+
+
+# --- from review ----------------------------------------------------------------
+
+
+async def test_a_reload_moves_pending_deliveries_to_the_new_url_with_the_new_secret(tmp_path):
+    old_hook, new_hook = Receiver([500]).start(), Receiver([200]).start()
+    extra = FORWARD + json_toml(old_hook.url("/h"))
+    try:
+        async with tracker(tmp_path, extra) as (app, http):
+            await convert(http, await new_click(http, "crm"), expect="created")
+            await arrived(old_hook, 1)
+            path = write_config(
+                tmp_path, extra=FORWARD + json_toml(new_hook.url("/moved")).replace(HOOK_SECRET, "rotated-secret-77")
+            )
+            assert app.reload(str(path))
+            tried = len(old_hook.hits)
+            [hit] = await arrived(new_hook, 1, timeout=15)
+            [row] = await until(lambda: settled(app.config.storage.path, 1), what="the delivery")
+            log = [
+                url
+                for (url,) in sqlite3.connect(path.parent / "tinytrack.db").execute("SELECT url FROM outbox_attempts")
+            ]
+    finally:
+        old_hook.stop()
+        new_hook.stop()
+    assert hit.headers["authorization"] == "Bearer rotated-secret-77" and hit.path == "/moved"
+    assert len(old_hook.hits) == tried and all(
+        h.headers["authorization"] == f"Bearer {HOOK_SECRET}" for h in old_hook.hits
+    )
+    assert row["state"] == "done" and log[-1] == new_hook.url("/moved")
+
+
+async def test_an_error_quoting_a_secret_is_stored_and_logged_without_it(tmp_path, hook, caplog):
+    caplog.set_level(logging.DEBUG, logger="tinytrack")
+    async with tracker(tmp_path, FORWARD + json_toml(hook.url("/h"))) as (app, http):
+
+        async def send(url, key, timeout, allow_private, **request):
+            raise tinytrack.h11.LocalProtocolError(f"Illegal header value {request['headers'][0][1]!r}")
+
+        app.forwarder.send = send
+        await convert(http, await new_click(http, "crm"), expect="created")
+        [row] = await until(lambda: settled(app.config.storage.path, 1), what="the failure")
+        dump = db_dump(app.config.storage.path)
+    assert row["state"] == "failed" and "Illegal header value '***'" in row["last_error"]
+    assert HOOK_SECRET not in dump and HOOK_SECRET not in caplog.text
+
+
+async def test_forget_reaches_what_meta_is_sent_next(tmp_path, meta):
+    meta.mode = "500"
+    extra = FORWARD.replace("first_retry_seconds = 1", "first_retry_seconds = 2") + meta_toml(meta.endpoint)
+    config_path = write_config(tmp_path, extra=extra)
+    async with tracker(tmp_path, extra) as (app, http):
+        answer = await http.get("/c/fb", params={"fbclid": "IwAR-gone", "uid": "alice"}, headers={"user-agent": "UA/1"})
+        cid = answer.headers["location"].split("cid=")[1]
+        await convert(http, cid, expect="created", txid="F-1", event="purchase")
+        await until(lambda: len(meta.bodies) >= 1, what="a first try")
+        forgot = cli("forget", "--user-id", "alice", "-c", str(config_path), cwd=tmp_path)
+        assert forgot.returncode == 0, forgot.stderr
+        meta.mode = "ok"
+        await until(lambda: settled(app.config.storage.path, 1), timeout=15, what="the next try")
+    first, last = meta.bodies[0]["data"][0]["user_data"], meta.bodies[-1]["data"][0]["user_data"]
+    assert first["fbc"].endswith(".IwAR-gone") and first["client_user_agent"] == "UA/1" and "external_id" in first
+    assert last == {}  # the click and its ids are gone: nothing of alice is sent
+    assert "IwAR-gone" not in db_dump(app.config.storage.path)
+
+
+async def test_replay_never_forwards_a_conversion_credited_to_a_touch(tmp_path, meta):
+    extra = FORWARD + meta_toml(meta.endpoint) + '\n[attribution]\nmode = "priority"\n'
+    config_path = write_config(tmp_path, extra=extra)
+    async with tracker(tmp_path, extra) as (app, http):
+        for user in ("u1", "u2"):
+            touched = await http.post(
+                "/touch",
+                data={"user_id": user, "campaign": "fb"},
+                headers={"authorization": f"Bearer {POSTBACK_TOKEN}"},
+            )
+            assert touched.status_code == 200, touched.text
+            answer = await http.get("/postback", params={"user_id": user, "token": POSTBACK_TOKEN, "event": "purchase"})
+            assert answer.json()["status"] == "created", answer.text
+        assert outbox(app.config.storage.path) == []
+    for flags in (("--dry-run",), ()):
+        replayed = cli("outbox", "replay", "--since", "2000-01-01", *flags, "-c", str(config_path), cwd=tmp_path)
+        assert replayed.returncode == 0, replayed.stderr
+        assert "0 deliveries" in replayed.stdout
+    assert outbox(tmp_path / "tinytrack.db") == []
+
+
+def test_a_campaign_may_have_a_get_fallback_and_a_json_target(tmp_path):
+    extra = json_toml("https://crm.example/h").replace(
+        "[campaigns.crm.forward]",
+        'postback_url = "https://source.example/pb?c={ext_id}"\n[campaigns.crm.forward]\n'
+        'fallback_url = "https://backup.source.example/pb?c={ext_id}"',
+    )
+    campaign = tinytrack.load_config(write_config(tmp_path, extra=extra)).campaigns["crm"]
+    assert campaign.fallback_url.source == "https://backup.source.example/pb?c={ext_id}"
+    assert campaign.target.kind == "json"
+
+
+def test_secret_looking_query_values_are_hidden_and_sub_ids_are_not():
+    url = "https://s.example/pb?cid=1&token=T&api_key=K&access_token=A&X-Auth=H&keyword=shoes&author=me&design=blue"
+    assert tinytrack.redact_url(url) == (
+        "https://s.example/pb?cid=1&token=***&api_key=***&access_token=***&X-Auth=***&keyword=shoes&author=me&design=blue"
+    )
+    assert tinytrack.redact_query(b"sub1=fb&keyword=running+shoes&key=k") == "sub1=fb&keyword=running+shoes&key=***"

@@ -200,8 +200,7 @@ async def test_only_campaigns_with_the_pixel_take_it_when_it_is_not_on_everywher
     assert (app.pixels["created"], app.pixels["ignored"]) == (1, 1)
 
 
-async def test_status_approved_makes_pixel_conversions_count_and_forward(make_app, tmp_path):
-    extra = """
+APPROVED_PIXEL = """
 [pixel]
 enabled = true
 status = "approved"
@@ -212,19 +211,53 @@ delay_seconds = 3600  # not tried during the test
 
 [campaigns.fwd]
 url = "https://offer.example.com/f?cid={click_id}"
-postback_url = "http://127.0.0.1:9/pb?cid={click_id}&s={status}"
+postback_url = "http://127.0.0.1:9/pb?cid={click_id}&s={status}&p={payout}&e={event}"
 """
-    app = await make_app(extra)
+
+
+async def test_status_approved_forwards_and_the_confirmation_replaces_what_was_not_yet_sent(make_app):
+    app = await make_app(APPROVED_PIXEL)
     cid = await click(app, "fwd")
-    await pixel(app, cid=cid, txid="Z", payout="3")
+    await pixel(app, cid=cid, txid="Z", payout="999")  # the page's claim
     assert rows(app, "SELECT status, source FROM conversions") == [("approved", "pixel")]
-    assert rows(app, "SELECT status FROM outbox") == [("approved",)]
-    # the network's approval confirms it; the source already heard "approved": nothing more is sent
-    assert (await postback(app, click_id=cid, txid="Z"))["status"] == "updated"
-    assert rows(app, "SELECT count(*) FROM outbox") == [(1,)]
-    # its reversal is news: the approval not yet sent is canceled, as any postback's
+    [(url,)] = rows(app, "SELECT url FROM outbox")
+    assert url.endswith("&s=approved&p=999.00&e=conversion")
+    # The network's word replaces the unsent forward: its payout and event, not the page's.
+    assert (await postback(app, click_id=cid, txid="Z", payout="2.50", event="purchase"))["status"] == "updated"
+    assert rows(app, "SELECT event, payout FROM conversions") == [("purchase", 2_500_000)]
+    got = rows(app, "SELECT state, url FROM outbox ORDER BY id")
+    assert [(state, url.split("&p=")[1]) for state, url in got] == [
+        ("canceled", "999.00&e=conversion"),
+        ("pending", "2.50&e=purchase"),
+    ]
+    # its reversal before anything was sent cancels that too: the source never hears of it
     assert (await postback(app, click_id=cid, txid="Z", status="rejected"))["status"] == "updated"
-    assert rows(app, "SELECT status, state FROM outbox ORDER BY id") == [("approved", "canceled")]
+    assert rows(app, "SELECT state FROM outbox ORDER BY id") == [("canceled",), ("canceled",)]
+
+
+async def test_a_confirmation_after_the_pixels_forward_was_sent_sends_only_news(make_app):
+    app = await make_app(APPROVED_PIXEL)
+    cid = await click(app, "fwd")
+    await pixel(app, cid=cid, txid="Y", payout="3")
+    with closing(sqlite3.connect(app.config.storage.path)) as con, con:
+        con.execute("UPDATE outbox SET attempts = 1, state = 'done'")  # the source heard "approved"
+    assert (await postback(app, click_id=cid, txid="Y", payout="3"))["status"] == "updated"
+    assert rows(app, "SELECT count(*) FROM outbox") == [(1,)]  # the same status: no news
+    assert (await postback(app, click_id=cid, txid="Y", status="rejected"))["status"] == "updated"
+    assert rows(app, "SELECT status FROM outbox ORDER BY id") == [("approved",), ("rejected",)]
+
+
+async def test_a_postback_without_payout_confirms_with_its_own_zero_not_the_pages_amount(make_app):
+    app = await make_app(PIXEL_ON)
+    cid = await click(app)
+    await pixel(app, cid=cid, txid="P", payout="999999", currency="EUR", event="purchase")
+    assert (await postback(app, click_id=cid, txid="P"))["status"] == "updated"
+    # as if the pixel had never come: the postback's event, no payout, the default currency
+    assert rows(app, "SELECT event, status, payout, currency FROM conversions") == [
+        ("conversion", "approved", 0, "USD")
+    ]
+    row = await stats_row(app)
+    assert (row["approved"], row["payout"]) == (1, {"USD": "0.00"})
 
 
 async def test_pixel_only_per_offer_and_by_status(make_app):
@@ -294,3 +327,67 @@ def test_the_readme_img_tag_in_headless_chromium_stores_a_pending_conversion(tmp
         assert con.execute("SELECT event, txid, status, payout, currency, source FROM conversions").fetchall() == [
             ("purchase", "ORD-77", "pending", 49_900_000, "USD", "pixel")
         ]
+
+
+async def test_a_held_pixel_conversion_keeps_the_networks_word_and_its_confirmation_in_the_history(make_app, clock):
+    app = await make_app(
+        PIXEL_ON
+        + """
+[campaigns.spring.fraud]
+min_ctit_seconds = 3600
+action = "hold"
+"""
+    )
+    cid = await click(app)
+    await pixel(app, cid=cid, txid="H", payout="50")  # seconds after its click: ctit_fast, held
+    assert rows(app, "SELECT status, reason, network_status, source FROM conversions") == [
+        ("pending", "held", None, "pixel")  # no network has said anything yet
+    ]
+    clock.now += 60
+    assert (await postback(app, click_id=cid, txid="H", payout="40", status="approved"))["status"] == "updated"
+    assert rows(app, "SELECT status, reason, network_status, payout, source FROM conversions") == [
+        ("pending", "held", "approved", 40_000_000, None)
+    ]
+    view = await conversion(app, 1)
+    assert [(h["status"], h["source"]) for h in view["history"]] == [("pending", "pixel"), ("pending", "postback")]
+    status, ok = await app.store.write(lambda db, now_ms: db.review(1, "approve", now_ms, app.store._policy))
+    assert (status, ok) == ("approved", True)
+
+
+async def test_reviewing_a_held_conversion_only_the_pixel_reported_leaves_it_pending(make_app):
+    app = await make_app(PIXEL_ON + '\n[campaigns.spring.fraud]\nmin_ctit_seconds = 3600\naction = "hold"\n')
+    await pixel(app, cid=await click(app), txid="H2")
+    status, ok = await app.store.write(lambda db, now_ms: db.review(1, "approve", now_ms, app.store._policy))
+    assert (status, ok) == ("pending", True)  # the flag is cleared; a network still has to confirm the sale
+    assert rows(app, "SELECT status, reason, source FROM conversions") == [("pending", None, "pixel")]
+
+
+async def test_a_pixel_outside_the_window_confirmed_by_a_postback_is_in_its_history(make_app, clock):
+    app = await make_app(PIXEL_ON + '\n[campaigns.week]\nurl = "https://o.example/?cid={click_id}"\nwindow_days = 7\n')
+    cid = await click(app, "week")
+    clock.now += 8 * 86400  # window_days = 7
+    await pixel(app, cid=cid, txid="W")
+    assert (await postback(app, click_id=cid, txid="W"))["status"] == "rejected"
+    view = await conversion(app, 1)
+    assert (view["status"], view["reason"], view["source"]) == ("rejected", "outside_window", "postback")
+    assert [(h["status"], h["source"]) for h in view["history"]] == [("rejected", "pixel"), ("rejected", "postback")]
+
+
+async def test_under_priority_the_pixel_stores_nothing_for_a_campaign_it_is_off_for(make_app):
+    app = await make_app(
+        PIXEL_CAMPAIGN.replace("pixel = true", 'pixel = true\nchannel = "paid"')
+        + """
+[campaigns.aff]
+url = "https://offer.example.com/a?cid={click_id}"
+channel = "affiliate"
+
+[attribution]
+mode = "priority"
+"""
+    )
+    async with client_for(app) as http:
+        tagged = await new_click(http, "tagged", uid="u-9")
+        await new_click(http, "aff", uid="u-9")  # the matrix credits the affiliate, whose pixel is off
+    await pixel(app, cid=tagged, txid="PR")
+    assert rows(app, "SELECT count(*) FROM conversions") == [(0,)]
+    assert app.pixels["ignored"] == 1
