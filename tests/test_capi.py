@@ -318,7 +318,10 @@ def test_capi_deliveries_pending_at_kill_9_are_each_delivered_once_with_their_ev
                 )
                 assert answer.json()["status"] == "created", answer.text
         wait_until(lambda: len(meta.hits) >= 3, what="a failed first try of each")
+        wait_until(lambda: all(row["attempts"] for row in outbox(db)), what="the tries recorded (and logged)")
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+        logged = first.output()  # the failed tries are logged, Meta's error and all; never the token
+        assert "Meta: An unknown error occurred" in logged and META_TOKEN not in logged
         assert {row["state"] for row in outbox(db)} == {"pending"}
         meta.mode = "ok"
         second = Server(tmp_path, config_path, free_port()).start()
@@ -349,7 +352,10 @@ def test_json_deliveries_pending_at_kill_9_are_each_delivered_once_with_their_ke
                 answer = http.get("/postback", params={"click_id": cid, "txid": f"J-{n}", "token": POSTBACK_TOKEN})
                 assert answer.json()["status"] == "created", answer.text
         hook.wait_for(2)
+        wait_until(lambda: all(row["attempts"] for row in outbox(db)), what="the tries recorded (and logged)")
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+        logged = first.output()
+        assert "HTTP 500" in logged and HOOK_SECRET not in logged
         assert {row["state"] for row in outbox(db)} == {"pending"}
         hook.set_script([200])
         second = Server(tmp_path, config_path, free_port()).start()
