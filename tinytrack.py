@@ -1550,6 +1550,10 @@ def parse_body(body: bytes, content_type: str | None) -> list[tuple[str, Any]]:
     raise HTTPError(Refusal.UNSUPPORTED_MEDIA_TYPE)
 
 
+PIXEL = "pixel"  # a conversion's source while only the browser pixel has reported it
+IMPORT = "import"  # a conversion stored or corrected from a network's report (reconcile, /api/conversions/import)
+
+
 @dataclasses.dataclass(frozen=True)
 class Postback:
     """A validated postback, ready for the writer."""
@@ -1565,7 +1569,7 @@ class Postback:
     ts_given: bool = False  # the sender said when; otherwise ts_ms is when it arrived
     ip: str = ""
     user_id: str | None = None  # the site's id for the visitor (see attribute)
-    source: str | None = None  # None: a network's postback; "pixel": the browser pixel (no token)
+    source: str | None = None  # None: a network's postback; PIXEL: the browser pixel (no token); IMPORT: a report
 
     @property
     def dedupe_key(self) -> str:
@@ -4148,7 +4152,7 @@ class Database:
         Without a click id, or under [attribution] mode = "priority", the user's touches
         decide (see _apply_by_user); else (`by_click`) its click does. A pixel's (pb.source)
         counts only for a known click of a campaign the pixel is on for."""
-        if pb.source is not None and not by_click:
+        if pb.source == PIXEL and not by_click:
             known = self.con.execute("SELECT campaign FROM clicks WHERE id = ?", (bytearray(pb.click_id),)).fetchone()
             if known is None:
                 return PostbackOutcome(PostbackResult.IGNORED, reason="no such click")
@@ -4202,9 +4206,9 @@ class Database:
         status, told as the conversion was credited (its campaign and sub1, whichever
         click or user the postback names)."""
         click = stored_click_facts(existing)
-        if pb.source is not None:  # a pixel changes nothing stored: the network's word (or the first pixel's) stands
+        if pb.source == PIXEL:  # a pixel changes nothing stored: the network's word (or the first pixel's) stands
             return PostbackOutcome(PostbackResult.DUPLICATE, existing.id, campaign=click.campaign)
-        confirms = existing.source is not None  # the first postback for a conversion the pixel reported
+        confirms = existing.source == PIXEL  # the first postback (or import) for a conversion the pixel reported
         if confirms and existing.reason != RejectReason.HELD.value:
             if existing.reason is None:
                 return self._confirm(pb, click, existing, now_ms, policy)
@@ -4245,11 +4249,12 @@ class Database:
         """A held or rejected pixel conversion a postback confirms: its source is now the
         network, and its history says so (its status is the review's to set, or stays rejected)."""
         self.con.execute(
-            "UPDATE conversions SET source = NULL, ip = ?, updated_at = ? WHERE id = ?", (pb.ip, now_ms, conversion_id)
+            "UPDATE conversions SET source = ?, ip = ?, updated_at = ? WHERE id = ?",
+            (pb.source, pb.ip, now_ms, conversion_id),
         )
         self.con.execute(
-            """INSERT INTO conversion_history (conversion_id, at, status, payout, currency, ip)
-               SELECT id, ?, status, payout, currency, ? FROM conversions WHERE id = ?""",
+            """INSERT INTO conversion_history (conversion_id, at, status, payout, currency, ip, source)
+               SELECT id, ?, status, payout, currency, ?, source FROM conversions WHERE id = ?""",
             (now_ms, pb.ip, conversion_id),
         )
 
@@ -4536,12 +4541,13 @@ class Database:
         """A postback for a held conversion: it stays held (pending, not forwarded), and what
         the network now says is kept for the review (network_status, and its payout if given)."""
         changed = self.con.execute(
-            """UPDATE conversions SET network_status = ?, updated_at = ?, source = NULL,
+            """UPDATE conversions SET network_status = ?, updated_at = ?, source = ?,
                    payout = CASE WHEN ? THEN ? ELSE payout END, currency = CASE WHEN ? THEN ? ELSE currency END
-               WHERE id = ? AND (network_status IS NOT ? OR source IS NOT NULL OR (? AND (payout != ? OR currency != ?)))""",
+               WHERE id = ? AND (network_status IS NOT ? OR source IS 'pixel' OR (? AND (payout != ? OR currency != ?)))""",
             (
                 pb.status,
                 now_ms,
+                pb.source,
                 pb.payout_given,
                 pb.payout,
                 pb.payout_given,
@@ -4571,7 +4577,7 @@ class Database:
             0
         ]
         if decision == "approve":  # a pixel's, no network has confirmed: pending until one does
-            status, reason = network or ("pending" if held.source else "approved"), None
+            status, reason = network or ("pending" if held.source == PIXEL else "approved"), None
         else:
             status, reason = "rejected", RejectReason.FRAUD.value
         self.con.execute(
@@ -4678,7 +4684,7 @@ class Database:
         and its address (for ip_cluster). `user`: credited by a user's touches, its uid,
         the decision (JSON) and the credited click's id (b"": a touch's, or nobody's)."""
         campaign = policy.campaigns.get(click.campaign)
-        if pb.source is not None and not (policy.pixel or (campaign is not None and campaign.pixel)):
+        if pb.source == PIXEL and not (policy.pixel or (campaign is not None and campaign.pixel)):
             # the matrix credited a campaign the pixel is off for
             return PostbackOutcome(
                 PostbackResult.IGNORED, reason="the pixel is off for this campaign", campaign=click.campaign
@@ -4728,7 +4734,7 @@ class Database:
             else (
                 NO_TEXT if flags is None else orjson.dumps(flags).decode(),
                 kept_ip or NO_TEXT,
-                pb.status if reason == RejectReason.HELD.value and pb.source is None else NO_TEXT,
+                pb.status if reason == RejectReason.HELD.value and pb.source != PIXEL else NO_TEXT,
             )
         )
         row = self.con.execute(
@@ -4810,9 +4816,9 @@ class Database:
             )  # the share of its new payout, at today's percent
         self.con.execute(
             """UPDATE conversions SET status = ?, updated_at = ?, ip = ?, payout = ?, currency = ?, cost = ?, cost_currency = ?,
-                   source = NULL
+                   source = ?
                WHERE id = ?""",
-            (pb.status, now_ms, pb.ip, payout, currency, cost, cost_currency, old.id),
+            (pb.status, now_ms, pb.ip, payout, currency, cost, cost_currency, pb.source, old.id),
         )
         facts = old.facts._replace(cost=cost)
         # A postback confirming the pixel's status is no news to a source that heard it (see _confirm).
@@ -6806,7 +6812,7 @@ class TinyTrack:
         if "click_id" not in given:
             raise FieldError("click_id", "is required")
         postback = build_postback(given, self.config.postback, self.clock(), ip)
-        postback = dataclasses.replace(postback, status=self.config.pixel.status, source="pixel")
+        postback = dataclasses.replace(postback, status=self.config.pixel.status, source=PIXEL)
         try:
             outcome = await self.store.record_postback(postback)
         except StorageError:
