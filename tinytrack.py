@@ -2473,6 +2473,7 @@ def parse_cost_csv(text: str) -> list[tuple[int, dict[str, str]]]:
 # -- retention rules --
 
 
+QUARANTINE_ROWS = 10_000  # refused postbacks kept at most (~300 bytes each): a misconfigured network's flood
 PURGE_BATCH = 1000  # rows per transaction: short enough that clicks queued behind it barely wait
 PURGE_PAUSE = 0.005  # seconds between batches, so clicks' own batches go in between
 VACUUM_PAGES = 256  # pages handed back to the file system per transaction
@@ -2505,6 +2506,7 @@ PURGE_RULES = (
     PurgeRule("conversion_ad_ids", "conversions", "ad click ids dropped", lambda r: r.clicks_days),
     PurgeRule("conversions", "conversions", "deleted, with their history", lambda r: r.conversions_days),
     PurgeRule("orphans", "orphans", "deleted", lambda r: r.orphans_days),
+    PurgeRule("quarantine", "quarantine", "refused postbacks deleted", lambda r: r.orphans_days),
     PurgeRule("outbox", "outbox", "finished deliveries deleted, with their attempts", lambda r: r.outbox_days),
     # Not a setting: unique clicks need only the days a new click can fall on.
     PurgeRule("uniques", "click_uniques", "older days' unique-click keys deleted", lambda r: UNIQUE_DAYS),
@@ -3317,6 +3319,22 @@ SCHEMA = [
     ALTER TABLE outbox ADD COLUMN kind TEXT;
     ALTER TABLE outbox ADD COLUMN body BLOB;
     """,
+    # version 10: trusting the numbers
+    """
+    -- Postbacks with a valid token refused for what they say (a 400): a network rarely
+    -- retries one, so they are kept, for reconcile and for people (at most QUARANTINE_ROWS).
+    CREATE TABLE quarantine (
+        id INTEGER PRIMARY KEY,
+        at INTEGER NOT NULL,               -- unix ms
+        reason TEXT NOT NULL,              -- the 400's "<field>: <problem>"
+        fields TEXT NOT NULL,              -- JSON: the fields as sent (aliases as their names), no token
+        click_id TEXT,                     -- as sent
+        txid TEXT,
+        ip TEXT
+    );
+    CREATE INDEX quarantine_at ON quarantine (at);
+    CREATE INDEX quarantine_click ON quarantine (click_id);
+    """,
 ]
 OTHER_SUB1 = "(other)"  # the totals' sub1 for a campaign-day's sub1 beyond retention.sub1_per_day
 
@@ -3766,6 +3784,10 @@ PURGE_SQL = {
         "SELECT count(*) FROM orphans WHERE last_seen < :cutoff",
         "DELETE FROM orphans WHERE id IN (SELECT id FROM orphans WHERE last_seen < ? LIMIT ?)",
     ),
+    "quarantine": (
+        "SELECT count(*) FROM quarantine WHERE at < :cutoff",
+        "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine WHERE at < ? ORDER BY at LIMIT ?)",
+    ),
     "uniques": (
         "SELECT count(*) FROM click_uniques WHERE day < :cutoff / 86400000",
         """DELETE FROM click_uniques WHERE (day, key) IN (SELECT day, key FROM click_uniques
@@ -4152,12 +4174,12 @@ class Database:
         Without a click id, or under [attribution] mode = "priority", the user's touches
         decide (see _apply_by_user); else (`by_click`) its click does. A pixel's (pb.source)
         counts only for a known click of a campaign the pixel is on for."""
-        if pb.source == PIXEL and not by_click:
+        if pb.source is not None and not by_click:  # a pixel's or a report's: of a known click, never an orphan
             known = self.con.execute("SELECT campaign FROM clicks WHERE id = ?", (bytearray(pb.click_id),)).fetchone()
             if known is None:
                 return PostbackOutcome(PostbackResult.IGNORED, reason="no such click")
             campaign = policy.campaigns.get(known[0])
-            if not (policy.pixel or (campaign is not None and campaign.pixel)):
+            if pb.source == PIXEL and not (policy.pixel or (campaign is not None and campaign.pixel)):
                 return PostbackOutcome(
                     PostbackResult.IGNORED, reason="the pixel is off for this campaign", campaign=known[0]
                 )
@@ -4221,7 +4243,9 @@ class Database:
             return outcome
         if existing.reason is not None:
             return PostbackOutcome(PostbackResult.REJECTED, existing.id, existing.reason, click.campaign)
-        if existing.status == pb.status:
+        if existing.status == pb.status and not (
+            pb.source == IMPORT and (existing.payout, existing.currency) != (pb.payout, pb.currency)
+        ):  # a report's other amount corrects it, as a status change would
             return PostbackOutcome(PostbackResult.DUPLICATE, existing.id, campaign=click.campaign)
         return self._change_status(pb, click, existing, now_ms, policy)
 
@@ -4417,6 +4441,7 @@ class Database:
         ("conversions", "id", 0),
         ("conversion_history", "rowid", 0),
         ("orphans", "id", 0),
+        ("quarantine", "id", 0),
     )
 
     def forget_ip(self, ip: str, table: str, after: Any, limit: int) -> tuple[Counter, Any]:
@@ -4521,6 +4546,71 @@ class Database:
             ),
         )
         return PostbackOutcome(PostbackResult.ORPHAN)
+
+    # -- Reports and refused postbacks (reconcile, /api/conversions/import, quarantine) --
+
+    def report_lookup(self, pb: Postback) -> tuple[tuple | None, bool, bool, str | None]:
+        """What is stored for a row of a network's report: its conversion (id, status,
+        payout, currency, reason, source), whether its click is known, whether an orphan
+        postback has its key, and why a postback for its click was quarantined (the latest)."""
+        click_id = bytearray(pb.click_id)
+        stored = self.con.execute(
+            "SELECT id, status, payout, currency, reason, source FROM conversions WHERE click_id = ? AND dedupe_key = ?",
+            (click_id, pb.dedupe_key),
+        ).fetchone()
+        if stored is not None:
+            return stored, True, False, None
+        known = self.con.execute("SELECT 1 FROM clicks WHERE id = ?", (click_id,)).fetchone() is not None
+        text = format_uuid(pb.click_id)
+        orphan = (
+            self.con.execute(
+                "SELECT 1 FROM orphans WHERE click_id = ? AND dedupe_key = ?", (text, pb.dedupe_key)
+            ).fetchone()
+            is not None
+        )
+        found = self.con.execute(
+            "SELECT reason FROM quarantine WHERE click_id IN (?, ?) AND (txid IS ? OR ? IS NULL) ORDER BY id DESC LIMIT 1",
+            (text, text.upper(), pb.txid, pb.txid),
+        ).fetchone()
+        return None, known, orphan, found and found[0]
+
+    def report_only_here(self, since_ms: int, until_ms: int, keys: Collection[tuple[bytes, str]]) -> list[tuple]:
+        """Conversions stored that converted in [since, until) and are not among a report's
+        keys (click id, dedupe key): id, click id, campaign, event, txid, status, payout, currency, ts."""
+        rows = self.con.execute(
+            """SELECT id, click_id, dedupe_key, campaign, event, txid, status, payout, currency, ts FROM conversions
+               WHERE ts >= ? AND ts < ? AND length(click_id) = 16 ORDER BY ts, id""",
+            (since_ms, until_ms),
+        )
+        return [(r[0], r[1], *r[3:]) for r in rows if (bytes(r[1]), r[2]) not in keys]
+
+    def quarantine_postback(self, fields: Mapping[str, str], reason: str, ip: str, now_ms: int) -> int:
+        """Keep a refused postback (a valid token, a 400) with its reason; the oldest beyond
+        QUARANTINE_ROWS go. Its id."""
+        kept = {name: value for name, value in fields.items() if name != "token"}
+        row = self.con.execute(
+            "INSERT INTO quarantine (at, reason, fields, click_id, txid, ip) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+            (now_ms, reason, orjson.dumps(kept).decode(), kept.get("click_id"), kept.get("txid"), ip),
+        ).fetchone()
+        self.con.execute("DELETE FROM quarantine WHERE id <= ?", (row[0] - QUARANTINE_ROWS,))
+        return row[0]
+
+    def quarantined(self, since_ms: int, after_id: int, limit: int) -> list[dict]:
+        """Refused postbacks, oldest first."""
+        rows = self.con.execute(
+            "SELECT id, at, reason, fields, ip FROM quarantine WHERE id > ? AND at >= ? ORDER BY id LIMIT ?",
+            (after_id, since_ms, limit),
+        )
+        return [
+            {"id": i, "at": iso_ms(at), "reason": reason, "fields": orjson.loads(fields), "ip": ip}
+            for i, at, reason, fields, ip in rows
+        ]
+
+    def latest_quarantined(self, limit: int) -> list[tuple]:
+        """The newest refused postbacks: id, at, reason, fields (JSON)."""
+        return self.con.execute(
+            "SELECT id, at, reason, fields FROM quarantine ORDER BY id DESC LIMIT ?", (limit,)
+        ).fetchall()
 
     def _find_conversion(self, pb: Postback) -> StoredConversion | None:
         return self._stored_conversion("click_id = ? AND dedupe_key = ?", (pb.click_id, pb.dedupe_key))
@@ -6454,6 +6544,7 @@ class TinyTrack:
         self.postbacks = Counter()  # answers since start: a PostbackResult's value, or a Refusal's code
         self.lp_clicks = Counter()  # LP clicks stored since start: "known" (of a click), "no_click_id"
         self.pixels = Counter()  # /pixel hits since start, by PIXEL_RESULTS
+        self.quarantined = 0  # refused postbacks (a valid token, a 400) kept since start
         self.pixel_on = pixel_on(config)
         self.latency = {name: Histogram(LATENCY_BOUNDS) for name in ("click", "lp_click", "postback")}
         self.router = Admin(self).router(lifespan=self.lifespan)
@@ -6738,7 +6829,7 @@ class TinyTrack:
     async def postback(self, scope: dict, receive: Callable, send: Callable) -> None:
         """Read a postback, store it, answer it, and log one line for it."""
         try:
-            postback = await self.read_postback(scope, receive)
+            postback, fields = await self.read_postback(scope, receive)
             try:
                 outcome = await self.store.record_postback(postback)
             except StorageError:
@@ -6748,6 +6839,7 @@ class TinyTrack:
                 click = format_uuid(postback.click_id) if postback.click_id else "-"
                 log.info("postback 400 %s campaign=%s click=%s", outcome.reason, outcome.campaign, click)
                 self.postbacks[Refusal.BAD_REQUEST.code] += 1
+                await self.quarantine(fields, outcome.reason, postback.ip)
                 return await send_refusal(send, FieldError.from_message(outcome.reason))
         except HTTPError as exc:
             # A full disk is told once by the store, not once per postback a network retries.
@@ -6848,13 +6940,27 @@ class TinyTrack:
         self.touches[result] += 1
         await send_json(send, 200, {"status": result, "id": touch_id})
 
-    async def read_postback(self, scope: dict, receive: Callable) -> Postback:
-        """A postback's fields, authenticated and validated; HTTPError says why not."""
+    async def read_postback(self, scope: dict, receive: Callable) -> tuple[Postback, dict[str, str]]:
+        """A postback, authenticated and validated, and its fields as sent; HTTPError says
+        why not. One authenticated but refused for what it says is quarantined first."""
         method = scope["method"]
         if method != "GET" and method != "POST":
             raise HTTPError(Refusal.METHOD_NOT_ALLOWED, headers=[(b"allow", b"GET, POST")])
         fields, ip, now = await self.read_signed_fields(scope, receive, POSTBACK_ALIASES)
-        return build_postback(fields, self.config.postback, now, ip)
+        try:
+            return build_postback(fields, self.config.postback, now, ip), fields
+        except FieldError as exc:
+            await self.quarantine(fields, exc.message, ip)
+            raise
+
+    async def quarantine(self, fields: Mapping[str, str], reason: str, ip: str) -> None:
+        """Keep a postback a network sent with a valid token and we refused (a 400): networks
+        rarely retry a 400, so without this the money would be gone (see reconcile)."""
+        try:
+            await self.store.write(lambda db, now_ms: db.quarantine_postback(fields, reason, ip, now_ms))
+            self.quarantined += 1
+        except Exception as exc:  # a full disk: the 400 still goes out; the log says what was lost
+            log.warning("postback refused (%s) and not quarantined: %s", reason, exc)
 
     async def read_signed_fields(
         self, scope: dict, receive: Callable, aliases: Mapping[str, str]

@@ -44,6 +44,7 @@ UA = {"user-agent": "Mozilla/5.0"}
     CONVERSION_AD_IDS,
     CONVERSIONS,
     ORPHANS,
+    QUARANTINE,
     OUTBOX,
     UNIQUES,
 ) = (rule.name for rule in tinytrack.PURGE_RULES)
@@ -835,6 +836,7 @@ def test_purge_command_dry_run_changes_nothing_then_purge_removes(tmp_path: Path
         ["conversions", "ad click ids dropped"],
         ["conversions", "deleted, with their history"],
         ["orphans", "deleted"],
+        ["quarantine", "refused postbacks deleted"],
         ["click_uniques", "older days' unique-click keys deleted"],
     ]
     assert (would[1][2], would[3][2], would[8][2], would[9][2]) == ("1", "0", "1", "1"), dry.stdout
@@ -853,6 +855,7 @@ def test_purge_command_dry_run_changes_nothing_then_purge_removes(tmp_path: Path
         ["conversions", "ad click ids dropped", "0"],
         ["conversions", "deleted, with their history", "1"],
         ["orphans", "deleted", "1"],
+        ["quarantine", "refused postbacks deleted", "0"],
         ["click_uniques", "older days' unique-click keys deleted", "0"],  # used past UNIQUE_MEMORY_KEYS only
     ], done.stdout
     assert rows(db, "SELECT id, ip, ua FROM clicks ORDER BY id") == [
@@ -866,7 +869,7 @@ def test_purge_command_dry_run_changes_nothing_then_purge_removes(tmp_path: Path
     assert rows(db, "PRAGMA freelist_count") == [(0,)]
 
     again = run("purge", "-c", str(config), cwd=tmp_path)
-    assert [line[-1] for line in table(again.stdout)[1:]] == ["0"] * 10
+    assert [line[-1] for line in table(again.stdout)[1:]] == ["0"] * 11
 
 
 def test_purge_dry_run_counts_what_the_purge_then_does(tmp_path: Path):
