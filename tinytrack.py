@@ -3378,6 +3378,126 @@ def migrate(con: sqlite3.Connection, path: str) -> None:
         con.execute("VACUUM")
 
 
+# -- reconciling with a network's report --
+
+
+REPORT_FIELDS = ("click_id", "txid", "event", "payout", "currency", "status", "ts")  # a report column's meanings
+RECONCILE_CATEGORIES = {  # in the order the table lists them
+    "matched": "matched",
+    "payout_differs": "payout differs",
+    "status_differs": "status differs",
+    "missing_here": "missing here (its click is known)",
+    "quarantined": "missing here: its postback was refused (quarantined)",
+    "orphan": "an orphan the file explains (we had the postback, not the click)",
+    "unknown_click": "unknown click (purged, or not ours)",
+    "only_here": "only here (not in the file)",
+    "unreadable": "unreadable rows",
+}
+APPLIED = ("payout_differs", "status_differs", "missing_here", "quarantined")  # what --apply stores
+MAX_IMPORT_ROWS = 1000  # rows of one POST /api/conversions/import
+MAX_IMPORT_BODY = 1024 * 1024
+
+
+QUARANTINE_COLUMNS = ("id", "at", "reason", "fields", "ip")
+
+
+def import_answer(row: int, outcome: PostbackOutcome) -> dict[str, Any]:
+    """One imported row's answer: created, updated, duplicate, rejected (with why),
+    unknown_click (nothing stored), or invalid (with the field's problem)."""
+    if outcome.result is PostbackResult.IGNORED:
+        return {"row": row, "status": "unknown_click"}
+    if outcome.result is PostbackResult.INVALID:
+        return {"row": row, "status": "invalid", "error": outcome.reason}
+    answer = {"row": row, "status": outcome.result.value, "id": outcome.id}
+    if outcome.result is PostbackResult.REJECTED:
+        answer["reason"] = outcome.reason
+    return answer
+
+
+class ReportRow(NamedTuple):
+    """A row of a network's report, as reconcile judges it."""
+
+    line: int  # in the file (the header is line 1), or the index of an import's row
+    postback: Postback | None  # None: unreadable
+    category: str
+    detail: str = ""
+    stored: tuple | None = None  # id, status, payout, currency, reason, source
+
+
+def parse_report_map(text: str) -> dict[str, str]:
+    """--map click_id=COL,txid=COL,...: which report column holds which postback field."""
+    mapping: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        field, sep, column = part.partition("=")
+        field, column = field.strip(), column.strip()
+        if not sep or not column:
+            raise TinytrackError(f"--map: {quoted(part)} is not FIELD=COLUMN")
+        if field not in REPORT_FIELDS:
+            raise TinytrackError(f"--map: {quoted(field)} is no field; known: {', '.join(REPORT_FIELDS)}")
+        if field in mapping:
+            raise TinytrackError(f"--map: {field} given twice")
+        mapping[field] = column
+    if "click_id" not in mapping:
+        raise TinytrackError("--map: click_id=COLUMN is required (how a row names its click)")
+    return mapping
+
+
+def read_report(text: str, mapping: Mapping[str, str], conf: PostbackConfig, now: float) -> list[ReportRow]:
+    """A network's CSV export (comma, semicolon or tab separated) as report rows: each
+    read as a postback would be (payout as decimal text, ts ISO 8601 or unix, status words
+    through postback.status_map), source import; a row that can't be is unreadable, with why."""
+    lines = text.lstrip("\ufeff").splitlines()
+    if not lines:
+        raise TinytrackError("the report is empty")
+    try:
+        dialect = csv.Sniffer().sniff(lines[0], delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    reader = csv.DictReader(lines, dialect=dialect)
+    header = [name.strip() for name in reader.fieldnames or ()]
+    missing = [column for column in mapping.values() if column not in header]
+    if missing:
+        raise TinytrackError(f"--map: no column {quoted(missing[0])} in the report; it has: {', '.join(header)}")
+    reader.fieldnames = header
+    rows = []
+    for line, raw in enumerate(reader, start=2):
+        fields = {f: (raw.get(c) or "").strip() for f, c in mapping.items()}
+        fields = {f: v for f, v in fields.items() if v}
+        try:
+            if "click_id" not in fields:
+                raise FieldError("click_id", "is empty")
+            postback = build_postback(fields, conf, now, "import")
+        except FieldError as exc:
+            rows.append(ReportRow(line, None, "unreadable", exc.message))
+            continue
+        rows.append(ReportRow(line, dataclasses.replace(postback, source=IMPORT), ""))
+    return rows
+
+
+def judge_report_row(row: ReportRow, found: tuple[tuple | None, bool, bool, str | None]) -> ReportRow:
+    """A readable row's category, from what is stored for it (Database.report_lookup)."""
+    stored, known, orphan, refused = found
+    pb = row.postback
+    if stored is not None:
+        _, status, payout, currency, reason, _ = stored
+        money = (format_money(payout), currency) != (format_money(pb.payout), pb.currency)
+        said = f"{format_money(pb.payout)} {pb.currency} here {format_money(payout)} {currency}"
+        if status != pb.status:
+            detail = f"file {pb.status}, here {status}" + (f" ({reason})" if reason else "")
+            detail += f"; file {said}" if money else ""
+            return row._replace(category="status_differs", detail=detail, stored=stored)
+        if money:
+            return row._replace(category="payout_differs", detail=f"file {said}", stored=stored)
+        return row._replace(category="matched", stored=stored)
+    if refused is not None:
+        return row._replace(category="quarantined" if known else "unknown_click", detail=f"refused: {refused}")
+    if known:
+        return row._replace(category="missing_here")
+    if orphan:
+        return row._replace(category="orphan", detail="the postback came for a click id we never issued (or purged)")
+    return row._replace(category="unknown_click")
+
+
 # --- Storage: the database ------------------------------------------------------------
 
 
@@ -4243,11 +4363,12 @@ class Database:
             return outcome
         if existing.reason is not None:
             return PostbackOutcome(PostbackResult.REJECTED, existing.id, existing.reason, click.campaign)
-        if existing.status == pb.status and not (
-            pb.source == IMPORT and (existing.payout, existing.currency) != (pb.payout, pb.currency)
-        ):  # a report's other amount corrects it, as a status change would
-            return PostbackOutcome(PostbackResult.DUPLICATE, existing.id, campaign=click.campaign)
-        return self._change_status(pb, click, existing, now_ms, policy)
+        if existing.status != pb.status:
+            return self._change_status(pb, click, existing, now_ms, policy)
+        if pb.source == IMPORT and (existing.payout, existing.currency) != (pb.payout, pb.currency):
+            # a report's other amount corrects it; a source hears it only if it has heard nothing yet
+            return self._change_status(pb, click, existing, now_ms, policy, resend=self._replace_unsent(existing.id))
+        return PostbackOutcome(PostbackResult.DUPLICATE, existing.id, campaign=click.campaign)
 
     def _confirm(
         self, pb: Postback, click: ClickFacts, pixel: StoredConversion, now_ms: int, policy: WritePolicy
@@ -4260,13 +4381,24 @@ class Database:
         if pb.event != pixel.facts.event:  # one txid, another event: the page named it wrong, or not at all
             self.con.execute("UPDATE conversions SET event = ? WHERE id = ?", (pb.event, pixel.id))
             pixel = pixel._replace(facts=pixel.facts._replace(event=pb.event))
-        unsent = self.con.execute(
-            """UPDATE outbox SET state = 'canceled', last_error = 'replaced: a postback confirmed the pixel''s conversion'
-               WHERE conversion_id = ? AND state = 'pending' AND attempts = 0""",
-            (pixel.id,),
-        ).rowcount
         return self._change_status(
-            dataclasses.replace(pb, payout_given=True), click, pixel, now_ms, policy, resend=bool(unsent)
+            dataclasses.replace(pb, payout_given=True),
+            click,
+            pixel,
+            now_ms,
+            policy,
+            resend=self._replace_unsent(pixel.id),
+        )
+
+    def _replace_unsent(self, conversion_id: int) -> bool:
+        """Cancel a conversion's deliveries no try has sent yet (their facts are outdated);
+        whether there were any, to be queued again with the new facts."""
+        return bool(
+            self.con.execute(
+                """UPDATE outbox SET state = 'canceled', last_error = 'replaced: newer facts were queued'
+                   WHERE conversion_id = ? AND state = 'pending' AND attempts = 0""",
+                (conversion_id,),
+            ).rowcount
         )
 
     def _confirmed(self, conversion_id: int, pb: Postback, now_ms: int) -> None:
@@ -7053,6 +7185,8 @@ class Admin:
                 Route("/demo", self.demo),
                 Route("/", self.index),
                 Route("/api/conversions", self.api_conversions),
+                Route("/api/conversions/import", self.api_import, methods=["POST"]),
+                Route("/api/quarantine", self.api_quarantine),
                 Route("/api/conversions/{id:int}", self.api_conversion),
                 Route("/api/conversions/{id:int}/review", self.api_review, methods=["POST"]),
                 Route("/api/orphans", self.api_orphans),
@@ -7167,6 +7301,63 @@ class Admin:
         if not found:  # past SQLite's integers, or not there
             raise HTTPError(Refusal.NOT_FOUND, f"conversion {conversion_id}: no such conversion")
         return found
+
+    async def api_import(self, request: Request) -> Response:
+        """POST {"rows": [{"click_id", "txid", "event", "payout", "currency", "status", "ts"}, ...]}:
+        a network's report, stored as reconcile --apply stores it (source import); an answer per row."""
+        self.require_admin(request)
+        length = request.headers.get("content-length")
+        if length and (not DIGITS_RE.fullmatch(length) or int(length) > MAX_IMPORT_BODY):
+            raise HTTPError(Refusal.TOO_LARGE, f"body: more than {MAX_IMPORT_BODY} bytes")
+        body = await read_body(request.receive, MAX_IMPORT_BODY)
+        try:
+            rows = orjson.loads(body).get("rows")
+        except (orjson.JSONDecodeError, AttributeError):
+            rows = None
+        if not isinstance(rows, list) or not rows or len(rows) > MAX_IMPORT_ROWS:
+            raise FieldError("rows", f"must be a list of 1-{MAX_IMPORT_ROWS} objects in a JSON body")
+        answers: list[dict] = []
+        valid: list[tuple[int, Postback]] = []
+        now = self.app.clock()
+        for i, item in enumerate(rows):
+            try:
+                if not isinstance(item, dict):
+                    raise FieldError(f"rows[{i}]", "must be an object of postback fields")
+                fields = collect_fields(item.items())
+                if "click_id" not in fields:
+                    raise FieldError("click_id", "is required")
+                pb = build_postback(fields, self.app.config.postback, now, "import")
+                valid.append((i, dataclasses.replace(pb, source=IMPORT)))
+                answers.append({"row": i})
+            except FieldError as exc:
+                answers.append({"row": i, "status": "invalid", "error": exc.message})
+        if valid:
+            try:
+                outcomes = await self.app.store.write(
+                    lambda db, now_ms: [db.apply_postback(pb, now_ms, self.app.store.policy) for _, pb in valid],
+                    rows=len(valid),
+                )
+            except StorageError:
+                raise HTTPError(Refusal.UNAVAILABLE, headers=[(b"retry-after", b"5")]) from None
+            for (i, _), outcome in zip(valid, outcomes):
+                answers[i] = import_answer(i, outcome)
+            self.app.wake_forwarder()
+        counts = Counter(answer["status"] for answer in answers)
+        log.info("import: %d rows: %s", len(rows), ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+        return Response(
+            orjson.dumps({"rows": answers, "counts": dict(sorted(counts.items()))}),
+            headers={"cache-control": "no-store"},
+            media_type="application/json",
+        )
+
+    async def api_quarantine(self, request: Request) -> Response:
+        """Postbacks refused for what they said (a valid token, a 400): ?since=&after=&limit=&format=json|csv"""
+        self.require_admin(request)
+        since, after, limit, fmt = listing_params(request.query_params)
+        rows = await self.app.store.read(Database.quarantined, since, after, limit)
+        if fmt == "csv":
+            rows = [{**row, "fields": orjson.dumps(row["fields"]).decode()} for row in rows]
+        return listing_answer(rows, QUARANTINE_COLUMNS, limit, fmt)
 
     async def api_review(self, request: Request) -> Response:
         """POST {"decision": "approve" | "reject"}: an operator's word on a held conversion."""
@@ -7384,6 +7575,7 @@ class Admin:
             await read(Database.troubled_deliveries, 10),
             funnels,
             await read(Database.held_conversions, 20),
+            await read(Database.latest_quarantined, 10),
         )
         return HTMLResponse(page, headers=ADMIN_HEADERS)
 
@@ -8050,6 +8242,126 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Compare a network's report (CSV) with what is stored, by click id and txid (or event);
+    --apply stores what is missing and corrects what differs, as postbacks would."""
+    config, db = open_for_command(args)
+    mapping = parse_report_map(args.map)
+    try:
+        text = Path(args.file).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise TinytrackError(f"{args.file}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise TinytrackError(f"{args.file}: not UTF-8 text") from None
+    try:
+        window = [
+            parse_day(day, f"--{name}") if day else None for name, day in (("since", args.since), ("until", args.until))
+        ]
+    except FieldError as exc:
+        raise TinytrackError(exc.message) from None
+    rows = read_report(text, mapping, config.postback, time.time())
+    readable = [row.postback for row in rows if row.postback is not None]
+    days = [pb.ts_ms // DAY_MS for pb in readable if pb.ts_given]
+    first = window[0] if window[0] is not None else min(days, default=None)
+    last = window[1] if window[1] is not None else max(days, default=None)
+    with closing(db):
+        judged = [judge_report_row(row, db.report_lookup(row.postback)) if row.postback else row for row in rows]
+        if first is not None and last is not None:
+            keys = {(pb.click_id, pb.dedupe_key) for pb in readable}
+            for conversion_id, click_id, campaign, event, txid, status, payout, currency, ts in db.report_only_here(
+                first * DAY_MS, (last + 1) * DAY_MS, keys
+            ):
+                stored = (conversion_id, status, payout, currency, None, campaign)
+                pb = Postback(bytes(click_id), event, payout, True, currency, txid or None, status, ts, True)
+                judged.append(ReportRow(0, pb, "only_here", f"conversion {conversion_id}, {campaign}", stored))
+        changes = reconcile_apply(db, config, judged) if args.apply else []
+    print_reconcile(args.file, judged, first, last, args.show)
+    if args.csv:
+        Path(args.csv).write_text(csv_text(RECONCILE_CSV_COLUMNS, map(reconcile_csv_line, judged)))
+        print(f"every row: {args.csv}")
+    if args.apply:
+        print(f"applied: {len(changes)} changes" + "".join(f"\n  {change}" for change in changes))
+    else:
+        todo = sum(row.category in APPLIED for row in judged)
+        print(f"read only: nothing was written ({todo} rows --apply would store or correct)")
+    return 0
+
+
+RECONCILE_CSV_COLUMNS = (
+    "category",
+    "line",
+    "click_id",
+    "txid",
+    "event",
+    "file_status",
+    "file_payout",
+    "file_currency",
+    "stored_id",
+    "stored_status",
+    "stored_payout",
+    "stored_currency",
+    "detail",
+)
+
+
+def reconcile_csv_line(row: ReportRow) -> list[object]:
+    pb, stored = row.postback, row.stored
+    file = (
+        [format_uuid(pb.click_id), pb.txid or "", pb.event, pb.status, format_money(pb.payout), pb.currency]
+        if pb is not None
+        else [""] * 6
+    )
+    if row.category == "only_here":  # the stored conversion is the row: nothing came from the file
+        file[3:] = ["", "", ""]
+    here = [stored[0], stored[1], format_money(stored[2]), stored[3]] if stored else ["", "", "", ""]
+    return [RECONCILE_CATEGORIES[row.category], row.line or "", *file, *here, row.detail]
+
+
+def print_reconcile(name: str, rows: list[ReportRow], first: int | None, last: int | None, show: int) -> None:
+    """The categories' counts, then the first `show` rows of each but matched."""
+    counts = Counter(row.category for row in rows)
+    span = f"{day_text(first)} to {day_text(last)} (UTC)" if first is not None and last is not None else None
+    print(
+        f"{name}: {sum(row.category != 'only_here' for row in rows)} rows; "
+        + (f"only-here looked for in {span}" if span else "no ts column nor --since/--until: only-here not looked for")
+    )
+    width = max(map(len, RECONCILE_CATEGORIES.values()))
+    for key, label in RECONCILE_CATEGORIES.items():
+        print(f"  {label:<{width}}  {counts[key]:>6}")
+    for key, label in RECONCILE_CATEGORIES.items():
+        listed = [row for row in rows if row.category == key][:show] if key != "matched" else []
+        if listed:
+            print(f"{label} (first {len(listed)} of {counts[key]}):")
+            for row in listed:
+                line = reconcile_csv_line(row)
+                where = f"line {row.line}" if row.line else "stored"
+                print(f"  {where}: click {line[2] or '-'} txid {line[3] or '-'} {line[4]}  {row.detail}".rstrip())
+
+
+def reconcile_apply(db: Database, config: Config, rows: list[ReportRow]) -> list[str]:
+    """Store what is missing and correct what differs, each row as a postback from the
+    report (source import): history kept, totals and forwards as for any postback. What
+    each did, for people; a second run finds them matched and does nothing."""
+    policy = WritePolicy(
+        config.campaigns, config.forward, config.retention.sub1_per_day, config.attribution, config.pixel.enabled
+    )
+    done = []
+    for row in rows:
+        if row.category not in APPLIED:
+            continue
+        with db.transaction(fsync=True):
+            outcome = db.apply_postback(row.postback, int(time.time() * 1000), policy)
+        pb = row.postback
+        said = f"{pb.status} {format_money(pb.payout)} {pb.currency}"
+        what = {
+            PostbackResult.CREATED: f"created conversion {outcome.id} ({said})",
+            PostbackResult.UPDATED: f"updated conversion {outcome.id} ({row.detail})",
+            PostbackResult.REJECTED: f"stored conversion {outcome.id}, rejected: {outcome.reason}",
+        }.get(outcome.result, f"{outcome.result.value}: {outcome.reason or 'nothing changed'}")
+        done.append(f"line {row.line}: {what}")
+    return done
+
+
 def cmd_costs(args: argparse.Namespace) -> int:
     """Upload a traffic source's spend report: it replaces the clicks' costs for its days."""
     config, db = open_for_command(args)
@@ -8294,6 +8606,23 @@ def build_parser() -> argparse.ArgumentParser:
     google.add_argument("--conversion-name", required=True, help="the conversion action's name in Google Ads")
     google.add_argument(
         "--tz", default="UTC", help="the zone the file's times are in (default UTC), e.g. Europe/Berlin"
+    )
+
+    reconcile = command(cmd_reconcile, config_flag)
+    reconcile.add_argument("file", metavar="FILE.csv", help="the network's export (comma, semicolon or tab separated)")
+    reconcile.add_argument(
+        "--map",
+        required=True,
+        help="which column is which field: click_id=COL,txid=COL,payout=COL,status=COL[,ts=COL,event=COL,currency=COL]",
+    )
+    reconcile.add_argument(
+        "--since", help="only-here: stored conversions from this UTC day (default: the file's first ts)"
+    )
+    reconcile.add_argument("--until", help="only-here: up to this UTC day, inclusive (default: the file's last ts)")
+    reconcile.add_argument("--csv", metavar="OUT", help="write every row, with its category, to this CSV file")
+    reconcile.add_argument("--show", type=int, default=5, help="rows shown per category (default 5)")
+    reconcile.add_argument(
+        "--apply", action="store_true", help="store what is missing and correct what differs (source import)"
     )
 
     forget = command(cmd_forget, config_flag)
@@ -8548,6 +8877,7 @@ def render_admin(
     problems: list[tuple],
     funnels: Mapping[str, list[tuple[str, dict]]] = {},  # noqa: B006 (read only)
     held: Sequence[tuple] = (),
+    quarantined: Sequence[tuple] = (),
 ) -> str:
     """The /admin page: plain HTML and an inline SVG chart, no script, no CDN."""
     e = html.escape
@@ -8709,6 +9039,16 @@ def render_admin(
         + table(
             ("last seen", "click_id", "event", "payout", "hits"),
             ((iso_ms(at), cid, ev, f"{format_money(p)} {cur}", hits) for at, cid, ev, p, cur, hits in orphans),
+            "None.",
+        ),
+        "<h2>Refused postbacks</h2><p class=muted>Sent with a valid token, refused for what they said (a 400): "
+        "networks rarely retry one. <code>tinytrack reconcile</code> stores them from the network's report.</p>"
+        + table(
+            ("at", "why", "fields"),
+            (
+                (iso_ms(at), reason, "; ".join(f"{k}={v}" for k, v in orjson.loads(fields).items()))
+                for _, at, reason, fields in quarantined
+            ),
             "None.",
         ),
     ]

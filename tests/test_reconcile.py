@@ -1,0 +1,251 @@
+"""Trusting the numbers (SPEC "Reconciliation and checks", issue 19): a network's
+report diffed against what is stored (tinytrack reconcile), --apply through the
+postback path, POST /api/conversions/import, and the quarantine that keeps postbacks
+refused for what they said."""
+
+from __future__ import annotations
+
+import csv
+import io
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, at, client_for, new_click
+from test_cli import run
+
+import tinytrack
+
+pytestmark = pytest.mark.anyio
+
+D = "2026-11-20"
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+FWD = """
+[forward]
+allow_private = true
+delay_seconds = 3600  # queued, not sent, during the test
+
+[campaigns.net]
+url = "https://offer.example.com/n?cid={click_id}"
+postback_url = "http://127.0.0.1:9/pb?cid={click_id}&s={status}&p={payout}"
+"""
+MAP = "click_id=Sub ID,txid=Transaction,payout=Payout,status=Status,ts=Date"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(at(D))
+
+
+def rows(db: Path | str, sql: str, *args: object) -> list[tuple]:
+    with closing(sqlite3.connect(db)) as con:
+        return con.execute(sql, args).fetchall()
+
+
+async def postback(http, expect: int = 200, **fields: str) -> dict:
+    answer = await http.get("/postback", params={"token": POSTBACK_TOKEN, **fields})
+    assert answer.status_code == expect, answer.text
+    return answer.json()
+
+
+async def seed(app) -> dict[str, str]:
+    """Clicks and postbacks so that the report below has a row in every category."""
+    ids = {}
+    async with client_for(app) as http:
+        for name in ("matched", "payout", "status", "missing", "refused", "only"):
+            ids[name] = await new_click(http, "net")
+        await postback(http, click_id=ids["matched"], txid="T1", payout="10.00")
+        await postback(http, click_id=ids["payout"], txid="T2", payout="10.00")
+        await postback(http, click_id=ids["status"], txid="T3", payout="5", status="pending")
+        refused = await postback(http, 400, click_id=ids["refused"], txid="T5", payout="1,50")
+        assert refused == {"error": "payout: must be a decimal >= 0 with at most 6 decimals, got '1,50'"}
+        ids["orphan"] = "01900000-0000-7000-8000-000000000007"
+        await postback(http, 404, click_id=ids["orphan"], txid="T6", payout="3")
+        await postback(http, click_id=ids["only"], txid="T7", payout="2")
+    return ids
+
+
+def report(ids: dict[str, str]) -> str:
+    """A CPA network's export, semicolon separated, its own column names and status words."""
+    out = io.StringIO()
+    writer = csv.writer(out, delimiter=";")
+    writer.writerow(["Date", "Offer", "Sub ID", "Transaction", "Payout", "Status"])
+    day = f"{D} 12:30:00+00:00"
+    writer.writerows(
+        [
+            [day, "Offer A", ids["matched"], "T1", "10.00", "sale"],
+            [day, "Offer A", ids["payout"], "T2", "12.50", "sale"],
+            [day, "Offer A", ids["status"], "T3", "5.00", "approved"],
+            [day, "Offer A", ids["missing"], "T4", "7.00", "sale"],
+            [day, "Offer A", ids["refused"], "T5", "1.50", "sale"],
+            [day, "Offer A", ids["orphan"], "T6", "3.00", "sale"],
+            [day, "Offer A", "01900000-0000-7000-8000-000000000099", "T8", "4.00", "sale"],
+            [day, "Offer A", ids["matched"], "T9", "abc", "sale"],
+        ]
+    )
+    return out.getvalue()
+
+
+def counts(stdout: str) -> dict[str, int]:
+    found = {}
+    for label in tinytrack.RECONCILE_CATEGORIES.values():
+        for line in stdout.splitlines():
+            if line.startswith(f"  {label} ") and line.split()[-1].isdigit():
+                found[label] = int(line.split()[-1])
+    return found
+
+
+async def test_reconcile_finds_every_category_and_apply_twice_changes_nothing_the_second_time(
+    make_app, tmp_path, config_file
+):
+    config_file.write_text(config_file.read_text() + FWD)
+    app = await make_app(FWD)
+    ids = await seed(app)
+    db = app.config.storage.path
+    path = tmp_path / "network.csv"
+    path.write_text(report(ids))
+    before = rows(db, "SELECT id, status, payout FROM conversions ORDER BY id")
+
+    read = run(
+        "reconcile", str(path), "--map", MAP, "--csv", str(tmp_path / "all.csv"), "-c", str(config_file), cwd=tmp_path
+    )
+    assert read.returncode == 0, read.stderr
+    assert counts(read.stdout) == {
+        "matched": 1,
+        "payout differs": 1,
+        "status differs": 1,
+        "missing here (its click is known)": 1,
+        "missing here: its postback was refused (quarantined)": 1,
+        "an orphan the file explains (we had the postback, not the click)": 1,
+        "unknown click (purged, or not ours)": 1,
+        "only here (not in the file)": 1,
+        "unreadable rows": 1,
+    }, read.stdout
+    assert "refused: payout: must be a decimal >= 0 with at most 6 decimals, got '1,50'" in read.stdout
+    assert "line 9: click" in read.stdout and "payout: must be a decimal" in read.stdout  # the unreadable row
+    assert "file 12.50 USD here 10.00 USD" in read.stdout
+    assert "read only: nothing was written (4 rows --apply would store or correct)" in read.stdout
+    assert rows(db, "SELECT id, status, payout FROM conversions ORDER BY id") == before
+    every = list(csv.DictReader(io.StringIO((tmp_path / "all.csv").read_text())))
+    assert len(every) == 9 and {row["category"] for row in every} == set(tinytrack.RECONCILE_CATEGORIES.values())
+
+    applied = run("reconcile", str(path), "--map", MAP, "--apply", "-c", str(config_file), cwd=tmp_path)
+    assert applied.returncode == 0, applied.stderr
+    assert "applied: 4 changes" in applied.stdout, applied.stdout
+    got = dict(rows(db, "SELECT txid, status || ' ' || payout FROM conversions"))
+    assert got == {
+        "T1": "approved 10000000",
+        "T2": "approved 12500000",
+        "T3": "approved 5000000",
+        "T4": "approved 7000000",
+        "T5": "approved 1500000",
+        "T7": "approved 2000000",
+    }
+    assert rows(db, "SELECT source FROM conversions WHERE txid IN ('T2', 'T4') ORDER BY txid") == [
+        ("import",),
+        ("import",),
+    ]
+    history = rows(
+        db,
+        """SELECT h.status, h.payout, coalesce(h.source, 'postback') FROM conversion_history AS h
+           JOIN conversions AS c ON c.id = h.conversion_id WHERE c.txid = 'T3' ORDER BY h.rowid""",
+    )
+    assert history == [("pending", 5000000, "postback"), ("approved", 5000000, "import")]
+    # each new or changed approval is forwarded as a postback's would be (T1 and T7 were already)
+    assert sorted(url.split("&p=")[1] for (url,) in rows(db, "SELECT url FROM outbox")) == [
+        "1.50",
+        "10.00",
+        "10.00",
+        "12.50",
+        "2.00",
+        "5.00",
+        "7.00",
+    ]
+    again = run("reconcile", str(path), "--map", MAP, "--apply", "-c", str(config_file), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "applied: 0 changes" in again.stdout
+    assert counts(again.stdout)["matched"] == 5
+    assert len(rows(db, "SELECT * FROM outbox")) == 7  # nothing more
+
+
+async def test_reconcile_names_a_bad_map_and_a_missing_column(make_app, tmp_path, config_file):
+    await make_app()
+    path = tmp_path / "r.csv"
+    path.write_text("a,b\n1,2\n")
+    for mapping, message in (
+        ("txid=a", "--map: click_id=COLUMN is required (how a row names its click)"),
+        (
+            "click_id=a,amount=b",
+            "--map: 'amount' is no field; known: click_id, txid, event, payout, currency, status, ts",
+        ),
+        ("click_id=Sub", "--map: no column 'Sub' in the report; it has: a, b"),
+        ("click_id", "--map: 'click_id' is not FIELD=COLUMN"),
+    ):
+        done = run("reconcile", str(path), "--map", mapping, "-c", str(config_file), cwd=tmp_path)
+        assert (done.returncode, done.stderr.strip()) == (1, f"tinytrack: {message}")
+
+
+async def test_import_api_answers_per_row_and_is_idempotent(make_app):
+    app = await make_app(FWD)
+    async with client_for(app) as http:
+        known = await new_click(http, "net")
+        body = {
+            "rows": [
+                {"click_id": known, "txid": "A1", "payout": "9.99", "status": "sale", "ts": f"{D}T12:30:00Z"},
+                {"cid": known, "tid": "A2", "amount": 3},  # postback aliases, a number
+                {"click_id": "01900000-0000-7000-8000-000000000005", "txid": "A3"},
+                {"click_id": known, "payout": "1,5"},
+                "nope",
+            ]
+        }
+        first = await http.post("/api/conversions/import", json=body, headers=ADMIN)
+        second = await http.post("/api/conversions/import", json=body, headers=ADMIN)
+        unauthorized = await http.post("/api/conversions/import", json=body)
+        empty = await http.post("/api/conversions/import", json={"rows": []}, headers=ADMIN)
+    assert first.status_code == 200, first.text
+    assert first.json()["rows"] == [
+        {"row": 0, "status": "created", "id": 1},
+        {"row": 1, "status": "created", "id": 2},
+        {"row": 2, "status": "unknown_click"},
+        {"row": 3, "status": "invalid", "error": "payout: must be a decimal >= 0 with at most 6 decimals, got '1,5'"},
+        {"row": 4, "status": "invalid", "error": "rows[4]: must be an object of postback fields"},
+    ]
+    assert [row["status"] for row in second.json()["rows"][:3]] == ["duplicate", "duplicate", "unknown_click"]
+    assert unauthorized.status_code == 401
+    assert (empty.status_code, empty.json()) == (
+        400,
+        {"error": "rows: must be a list of 1-1000 objects in a JSON body"},
+    )
+    db = app.config.storage.path
+    assert rows(db, "SELECT txid, payout, source FROM conversions ORDER BY id") == [
+        ("A1", 9_990_000, "import"),
+        ("A2", 3_000_000, "import"),
+    ]
+    assert rows(db, "SELECT count(*) FROM orphans") == [(0,)]  # a report's unknown click is no orphan
+
+
+async def test_a_refused_postback_with_a_valid_token_is_quarantined_and_listed(make_app):
+    app = await make_app()
+    async with client_for(app, "192.0.2.50") as http:
+        cid = await new_click(http)
+        await postback(http, 400, click_id=cid, txid="Q1", payout="1,50", status="sold", extra="kept")
+        await postback(http, 400, click_id=cid, status="weird")
+        unauthorized = await http.get("/postback", params={"click_id": cid, "payout": "1,50", "token": "wrong-token"})
+        assert unauthorized.status_code == 401
+        listed = (await http.get("/api/quarantine?since=2000-01-01", headers=ADMIN)).json()["rows"]
+        page = (await http.get("/admin", headers=ADMIN)).text
+    assert [(row["reason"], row["fields"], row["ip"]) for row in listed] == [
+        (
+            "payout: must be a decimal >= 0 with at most 6 decimals, got '1,50'",
+            {"click_id": cid, "txid": "Q1", "payout": "1,50", "status": "sold"},  # no token; unknown fields not kept
+            "192.0.2.50",
+        ),
+        (
+            "status: must be one of approved, pending, rejected or a postback.status_map word, got 'weird'",
+            {"click_id": cid, "status": "weird"},
+            "192.0.2.50",
+        ),
+    ]
+    assert "Refused postbacks" in page and "got &#x27;weird&#x27;" in page
+    assert POSTBACK_TOKEN not in str(listed)
