@@ -555,6 +555,17 @@ class ForwardConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AlertsConfig:
+    """[alerts]: a JSON POST to webhook_url (through the outbox) when, over the last
+    HEALTH_WINDOW_MINUTES, postbacks are refused or go unmatched, or a delivery is dead."""
+
+    webhook_url: str | None = None
+    max_refused_pct: Decimal = Decimal(1)  # refused postbacks (any 4xx but 404, a 503) above this share
+    min_match_pct: Decimal = Decimal(90)  # matched / (matched + orphan) below this
+    min_postbacks: int = 10  # a window with fewer postbacks is not judged (1 of 2 refused is no trend)
+
+
+@dataclasses.dataclass(frozen=True)
 class PixelConfig:
     enabled: bool = False  # every campaign's clicks; else only those of campaigns with pixel = true
     status: str = "pending"  # what a pixel's conversion is stored as: no token vouches for it
@@ -589,6 +600,7 @@ class Config:
     fraud: FraudConfig = NO_FRAUD_RULES
     attribution: AttributionConfig = AttributionConfig()
     pixel: PixelConfig = PixelConfig()
+    alerts: AlertsConfig = AlertsConfig()
     campaigns: Mapping[str, Campaign] = dataclasses.field(default_factory=dict)
     demo: bool = False  # the embedded default: serves /demo and shows its token there
 
@@ -727,6 +739,7 @@ CONFIG_SECTIONS = (
     "fraud",
     "attribution",
     "pixel",
+    "alerts",
     "campaigns",
 )
 
@@ -745,6 +758,7 @@ def build_config(data: Mapping[str, Any]) -> Config:
     fraud = read_fraud(root.table("fraud"), NO_FRAUD_RULES)
     attribution = read_attribution(root.table("attribution"))
     pixel = read_pixel(root.table("pixel"))
+    alerts = read_alerts(root.table("alerts"))
     if retention.pii_days:
         retention = dataclasses.replace(retention, uid_days=max(retention.pii_days, attribution.window_days))
     else:  # personal data kept: uids too
@@ -761,6 +775,7 @@ def build_config(data: Mapping[str, Any]) -> Config:
         fraud=fraud,
         attribution=attribution,
         pixel=pixel,
+        alerts=alerts,
         campaigns={name: read_campaign(name, campaigns, postback.currency, fraud) for name in campaigns.data},
     )
     campaigns.done()
@@ -869,6 +884,26 @@ def read_forward(f: _Table) -> ForwardConfig:
     )
     f.done()
     return forward
+
+
+def read_alerts(a: _Table) -> AlertsConfig:
+    d = AlertsConfig()
+
+    def percent(name: str, default: Decimal) -> Decimal:
+        value = a.get(name, (int, float), default)
+        if isinstance(value, bool) or not 0 <= value <= 100:
+            raise ConfigError(a.key(name), f"must be a percentage, 0 to 100, got {quoted(value)}")
+        return Decimal(str(value))
+
+    url = a.get("webhook_url", str, None)
+    alerts = AlertsConfig(
+        webhook_url=url and plain_url(url, a.key("webhook_url")),
+        max_refused_pct=percent("max_refused_pct", d.max_refused_pct),
+        min_match_pct=percent("min_match_pct", d.min_match_pct),
+        min_postbacks=a.number("min_postbacks", d.min_postbacks, low=1),
+    )
+    a.done()
+    return alerts
 
 
 def read_pixel(p: _Table) -> PixelConfig:
@@ -5379,6 +5414,30 @@ class Database:
                 data["fbc"] = fbc
         return data
 
+    def queue_alert(self, url: str, body: Mapping[str, Any], now_ms: int, conf: ForwardConfig) -> None:
+        """An alert (Alerter) as a delivery: a JSON POST to [alerts] webhook_url, retried as any."""
+        self.queue_delivery(
+            Delivery(
+                0,
+                ALERTS,
+                body["state"],
+                url,
+                secrets.token_hex(16),
+                now_ms,
+                now_ms,
+                now_ms + conf.max_age_hours * 3_600_000,
+                None,
+                "alert",
+                orjson.dumps(body),
+            )
+        )
+
+    def dead_deliveries(self) -> int:
+        """Dead deliveries to traffic sources and platforms (alerts' own aside)."""
+        return self.con.execute(
+            "SELECT count(*) FROM outbox WHERE state = 'dead' AND campaign != ?", (ALERTS,)
+        ).fetchone()[0]
+
     def outbox_states(self) -> dict[str, int]:
         rows = self.con.execute("SELECT state, count(*) FROM outbox GROUP BY state")
         return {state: 0 for state in OUTBOX_STATES} | dict(rows)
@@ -6436,6 +6495,10 @@ class Forwarder:
             try:
                 if kind is None:
                     attempt = await self.send(url, key, self.config.timeout_seconds, self.config.allow_private)
+                elif kind == "alert":  # no secrets: the webhook URL is the config's
+                    attempt = await self.send(
+                        url, key, self.config.timeout_seconds, self.config.allow_private, body=body or b"{}"
+                    )
                 else:
                     attempt, url = await self._post(outbox_id, url, key, campaign, kind, body or b"{}")
             except (ValueError, UnicodeError, h11.LocalProtocolError) as exc:  # a URL no request can carry
@@ -6494,6 +6557,130 @@ class Forwarder:
         if kind == "meta_capi":
             attempt = meta_answer(attempt)
         return dataclasses.replace(attempt, error=scrub(attempt.error, target.secrets()), body=b""), target.url
+
+
+# --- Background work: health and alerts -----------------------------------------------
+
+
+HEALTH_WINDOW_MINUTES = 5  # what the match rate, the refused share and [alerts] look at
+MATCHED, ORPHANED, REFUSED = 0, 1, 2  # PostbackHealth's counts
+ALERTS = "(alerts)"  # the outbox's campaign for alerts (conversion_id 0)
+ALERT_REPEAT_MS = 3_600_000  # a condition is announced at most once an hour
+ALERT_CHECK_SECONDS = 60
+
+
+class PostbackHealth:
+    """Postbacks' answers per minute over the last HEALTH_WINDOW_MINUTES: matched to a
+    click, orphaned, refused (a 4xx but 404, or a 503). Counting one is a dict lookup."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.minutes: dict[int, list[int]] = {}  # minute -> [matched, orphaned, refused]
+
+    def count(self, kind: int) -> None:
+        minute = int(self.clock() // 60)
+        bucket = self.minutes.get(minute)
+        if bucket is None:
+            for old in [m for m in self.minutes if m <= minute - HEALTH_WINDOW_MINUTES]:
+                del self.minutes[old]
+            bucket = self.minutes[minute] = [0, 0, 0]
+        bucket[kind] += 1
+
+    def window(self) -> tuple[int, int, int]:
+        """Matched, orphaned and refused postbacks in the last HEALTH_WINDOW_MINUTES."""
+        minute = int(self.clock() // 60)
+        sums = [0, 0, 0]
+        for m, bucket in self.minutes.items():
+            if minute - HEALTH_WINDOW_MINUTES < m <= minute:
+                for i in range(3):
+                    sums[i] += bucket[i]
+        return sums[0], sums[1], sums[2]
+
+    def rates(self) -> tuple[float | None, float | None]:
+        """The match rate (matched / (matched + orphaned)) and the refused share (refused /
+        all), 0 to 1; None with nothing to judge."""
+        matched, orphaned, refused = self.window()
+        total = matched + orphaned + refused
+        return (matched / (matched + orphaned) if matched + orphaned else None, refused / total if total else None)
+
+
+def judge_health(window: tuple[int, int, int], dead: int, conf: AlertsConfig) -> dict[str, tuple[bool, str]]:
+    """Each alert condition: whether it holds, and what to say either way."""
+    matched, orphaned, refused = window
+    total = matched + orphaned + refused
+    refused_pct = Decimal(refused * 100) / total if total else Decimal(0)
+    match_pct = Decimal(matched * 100) / (matched + orphaned) if matched + orphaned else Decimal(100)
+    minutes = HEALTH_WINDOW_MINUTES
+    return {
+        "refused": (
+            total >= conf.min_postbacks and refused_pct > conf.max_refused_pct,
+            f"{refused} of {total} postbacks refused in {minutes} min ({refused_pct:.1f}%; "
+            f"alerts.max_refused_pct {conf.max_refused_pct})",
+        ),
+        "match": (
+            matched + orphaned >= conf.min_postbacks and match_pct < conf.min_match_pct,
+            f"{matched} of {matched + orphaned} postbacks matched a click in {minutes} min ({match_pct:.1f}%; "
+            f"alerts.min_match_pct {conf.min_match_pct})",
+        ),
+        "dead": (dead > 0, f"{dead} deliveries dead (tinytrack outbox list --state dead)"),
+    }
+
+
+class Alerter:
+    """[alerts]: every ALERT_CHECK_SECONDS, each condition judged; one that starts to
+    hold is announced (at most once an hour), and once it clears, that is announced too.
+    Alerts are JSON POSTs queued in the outbox: retried, and sent after a restart."""
+
+    def __init__(self, app: TinyTrack) -> None:
+        self.app = app
+        self.announced: dict[str, bool] = {}
+        self.last_fired: dict[str, int] = {}
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:  # always: a reload may add [alerts] webhook_url
+        self._task = asyncio.create_task(self._run(), name="tinytrack-alerts")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(ALERT_CHECK_SECONDS)
+            try:
+                await self.check()
+            except Exception:  # a busy database: the next check
+                log.exception("alerts: the check failed")
+
+    async def check(self) -> list[dict]:
+        """One look: the alerts queued (each a body as sent)."""
+        conf = self.app.config.alerts
+        if not conf.webhook_url:
+            return []
+        now_ms = int(self.app.clock() * 1000)
+        dead = await self.app.store.read(Database.dead_deliveries)
+        sent = []
+        for name, (holds, text) in judge_health(self.app.health.window(), dead, conf).items():
+            if holds and not self.announced.get(name):
+                if now_ms - self.last_fired.get(name, -ALERT_REPEAT_MS) < ALERT_REPEAT_MS:
+                    continue  # flapping: once an hour is enough
+                self.announced[name], self.last_fired[name] = True, now_ms
+                sent.append({"alert": name, "state": "firing", "text": text, "at": iso_ms(now_ms)})
+            elif not holds and self.announced.get(name):
+                self.announced[name] = False
+                sent.append({"alert": name, "state": "resolved", "text": text, "at": iso_ms(now_ms)})
+        if sent:
+            forward = self.app.config.forward
+            await self.app.store.write(
+                lambda db, now: [db.queue_alert(conf.webhook_url, body, now, forward) for body in sent]
+            )
+            for body in sent:
+                log.warning("alert %s %s: %s", body["alert"], body["state"], body["text"])
+            self.app.wake_forwarder()
+        return sent
 
 
 # --- Background work: purge -----------------------------------------------------------
@@ -6667,6 +6854,8 @@ class TinyTrack:
         self.store = Store(config, clock=clock, on_forward=self.wake_forwarder)
         self.forwarder = Forwarder(self.store, config, clock=clock)
         self.purger = Purger(self.store, config)
+        self.health = PostbackHealth(clock)
+        self.alerter = Alerter(self)
         self.clicks = Counter()  # stored since start: human, bot
         self.bad_costs = 0  # clicks whose `cost` was no amount (stored without it)
         self.bad_uids = 0  # clicks whose `uid` was no uid (stored without it)
@@ -6743,6 +6932,7 @@ class TinyTrack:
         self.ids.resume(self.store.last_click_id)
         self.forwarder.start()
         self.purger.start()
+        self.alerter.start()
         if self.tune_gc:
             # Measured: the 16-22 ms p99 tails under load were gen-0 collections of
             # short-lived request objects. Freeze start-up objects, collect less often.
@@ -6763,6 +6953,7 @@ class TinyTrack:
         """Stop the background work, finish every queued write, close (once)."""
         if self.store.closed:
             return
+        await self.alerter.stop()
         await self.purger.stop()
         # Deliveries in flight get a bounded time; their results go through the writer.
         await self.forwarder.stop(grace=min(self.config.forward.timeout_seconds, FORWARD_SHUTDOWN_SECONDS))
@@ -6971,6 +7162,7 @@ class TinyTrack:
                 click = format_uuid(postback.click_id) if postback.click_id else "-"
                 log.info("postback 400 %s campaign=%s click=%s", outcome.reason, outcome.campaign, click)
                 self.postbacks[Refusal.BAD_REQUEST.code] += 1
+                self.health.count(REFUSED)
                 await self.quarantine(fields, outcome.reason, postback.ip)
                 return await send_refusal(send, FieldError.from_message(outcome.reason))
         except HTTPError as exc:
@@ -6982,9 +7174,11 @@ class TinyTrack:
                 exc.message,
             )
             self.postbacks[exc.refusal.code] += 1
+            self.health.count(REFUSED)
             return await send_refusal(send, exc)
         result = outcome.result
         self.postbacks[result.value] += 1
+        self.health.count(ORPHANED if result is PostbackResult.ORPHAN else MATCHED)
         for name in outcome.flags:
             self.flagged["conversion", name] += 1
         # One line per postback (no token): what came, for which campaign, what it became.
@@ -7485,6 +7679,27 @@ class Admin:
             "counter",
             "POST /touch answers since start: created, duplicate, or the HTTP status it was refused with.",
             [(f'{{result="{r}"}}', app.touches[r]) for r in sorted({"created", "duplicate", *app.touches})],
+        )
+        match_rate, refused_rate = app.health.rates()
+        metric(
+            "tinytrack_postback_match_rate",
+            "gauge",
+            f"Postbacks matched to a click, of those matched or orphaned, in the last {HEALTH_WINDOW_MINUTES} "
+            "minutes (0-1; NaN: none).",
+            [("", "NaN" if match_rate is None else round(match_rate, 6))],
+        )
+        metric(
+            "tinytrack_postback_refused_rate",
+            "gauge",
+            f"Postbacks refused (a 4xx but 404, or a 503), of all, in the last {HEALTH_WINDOW_MINUTES} minutes "
+            "(0-1; NaN: none).",
+            [("", "NaN" if refused_rate is None else round(refused_rate, 6))],
+        )
+        metric(
+            "tinytrack_quarantined_total",
+            "counter",
+            "Postbacks with a valid token refused for what they said, kept in the quarantine since start.",
+            [("", app.quarantined)],
         )
         metric(
             "tinytrack_pixel_total",

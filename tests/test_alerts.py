@@ -1,0 +1,148 @@
+"""Health (SPEC "Reconciliation and checks", issue 19): the match rate and the refused
+share over the last 5 minutes in /metrics, and [alerts]: a JSON POST through the
+outbox when a condition starts to hold (at most once an hour) and when it clears,
+driven here by an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from contextlib import closing
+
+import pytest
+from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, at, client_for, new_click, write_config
+from receiver import Receiver
+
+import tinytrack
+
+pytestmark = pytest.mark.anyio
+
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+ORPHAN = "01900000-0000-7000-8000-000000000001"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(at("2026-11-20"))
+
+
+@pytest.fixture
+def hook():
+    running = Receiver([200]).start()
+    yield running
+    running.stop()
+
+
+async def alerting(make_app, hook: Receiver, **extra: str) -> tinytrack.TinyTrack:
+    lines = "".join(f"{key} = {value}\n" for key, value in extra.items())
+    return await make_app(
+        f'\n[alerts]\nwebhook_url = "{hook.url("/alert")}"\n{lines}\n[forward]\nallow_private = true\n'
+    )
+
+
+async def send(app: tinytrack.TinyTrack, good: int = 0, refused: int = 0, orphaned: int = 0) -> None:
+    async with client_for(app, "192.0.2.50") as http:
+        cid = await new_click(http)
+        for _ in range(good):
+            assert (await http.get("/postback", params={"click_id": cid, "token": POSTBACK_TOKEN})).status_code == 200
+        for _ in range(refused):
+            assert (await http.get("/postback", params={"click_id": cid, "token": "wrong-token"})).status_code == 401
+        for _ in range(orphaned):
+            answer = await http.get("/postback", params={"click_id": ORPHAN, "token": POSTBACK_TOKEN})
+            assert answer.status_code == 404
+
+
+def said(alerts: list[dict]) -> list[tuple[str, str]]:
+    return [(alert["alert"], alert["state"]) for alert in alerts]
+
+
+async def test_an_alert_fires_once_and_clears_once_and_reaches_the_webhook(make_app, clock, hook):
+    app = await alerting(make_app, hook)
+    await send(app, good=9, refused=1)  # 10%: over the default 1%
+    assert said(await app.alerter.check()) == [("refused", "firing")]
+    clock.now += 60
+    await send(app, refused=3)
+    assert await app.alerter.check() == []  # still holds: said once
+    clock.now += 6 * 60  # the window moves past every refusal
+    await send(app, good=10)
+    assert said(await app.alerter.check()) == [("refused", "resolved")]
+    assert await app.alerter.check() == []
+    clock.now += 60
+    await send(app, refused=20)  # again within the hour: not announced (nor, later, its clearing)
+    assert await app.alerter.check() == []
+    clock.now += 6 * 60
+    assert await app.alerter.check() == []
+    clock.now += 3600
+    await send(app, good=10, refused=10)  # an hour after the first: announced again
+    assert said(await app.alerter.check()) == [("refused", "firing")]
+
+    for _ in range(200):  # through the outbox, as any delivery (the forwarder was woken for each)
+        if len(hook.hits) == 3:
+            break
+        await app.forwarder.deliver_due()
+        await asyncio.sleep(0.02)
+    bodies = [json.loads(hit.body) for hit in hook.hits]
+    assert [(b["alert"], b["state"]) for b in bodies] == [
+        ("refused", "firing"),
+        ("refused", "resolved"),
+        ("refused", "firing"),
+    ]
+    assert bodies[0]["text"] == "1 of 10 postbacks refused in 5 min (10.0%; alerts.max_refused_pct 1)"
+    assert {hit.method for hit in hook.hits} == {"POST"} and all(hit.key for hit in hook.hits)
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        assert con.execute("SELECT campaign, kind, state FROM outbox").fetchall() == [("(alerts)", "alert", "done")] * 3
+
+
+async def test_few_postbacks_are_not_judged_and_orphans_lower_the_match_rate(make_app, clock, hook):
+    app = await alerting(make_app, hook, min_match_pct="80")
+    await send(app, refused=5)  # under min_postbacks (10)
+    assert await app.alerter.check() == []
+    await send(app, good=7, orphaned=3)  # 70% matched
+    assert said(await app.alerter.check()) == [("refused", "firing"), ("match", "firing")]
+    async with client_for(app) as http:
+        metrics = (await http.get("/metrics", headers=ADMIN)).text
+    assert "tinytrack_postback_match_rate 0.7\n" in metrics
+    assert "tinytrack_postback_refused_rate 0.333333\n" in metrics  # 5 of 15
+
+
+async def test_a_dead_delivery_alerts_until_it_is_dealt_with(make_app, clock, hook):
+    app = await alerting(make_app, hook)
+    with closing(sqlite3.connect(app.config.storage.path)) as con, con:
+        con.execute(
+            """INSERT INTO outbox (conversion_id, campaign, status, url, idempotency_key, state, created_at, next_at,
+                                   deadline) VALUES (1, 'spring', 'approved', 'http://x.example/', 'k1', 'dead', 0, 0, 0)"""
+        )
+    [alert] = await app.alerter.check()
+    assert (alert["alert"], alert["state"], alert["text"]) == (
+        "dead",
+        "firing",
+        "1 deliveries dead (tinytrack outbox list --state dead)",
+    )
+    with closing(sqlite3.connect(app.config.storage.path)) as con, con:
+        con.execute("UPDATE outbox SET state = 'pending' WHERE idempotency_key = 'k1'")  # outbox retry
+    assert said(await app.alerter.check()) == [("dead", "resolved")]
+
+
+async def test_metrics_without_postbacks_say_nan(make_app):
+    app = await make_app()
+    async with client_for(app) as http:
+        metrics = (await http.get("/metrics", headers=ADMIN)).text
+    assert "tinytrack_postback_match_rate NaN\n" in metrics and "tinytrack_postback_refused_rate NaN\n" in metrics
+    assert await app.alerter.check() == []  # no [alerts]: nothing
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("max_refused_pct = 150", "alerts.max_refused_pct: must be a percentage, 0 to 100, got '150'"),
+        ('min_match_pct = "90"', "alerts.min_match_pct: must be another type, got '90'"),
+        ('webhook_url = "ftp://x.example/"', "alerts.webhook_url: must be an http(s) URL, got 'ftp://x.example/'"),
+        ("min_postbacks = 0", "alerts.min_postbacks: must be between 1 and 1000000000, got 0"),
+        ("max_refused = 1", "alerts.max_refused: unknown key"),
+    ],
+)
+def test_bad_alerts_config_names_the_key(tmp_path, toml, message):
+    with pytest.raises(tinytrack.ConfigError) as caught:
+        tinytrack.load_config(write_config(tmp_path, extra=f"\n[alerts]\n{toml}\n"))
+    assert str(caught.value) == message
