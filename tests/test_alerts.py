@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import shutil
 import sqlite3
+import subprocess
 from contextlib import closing
+from pathlib import Path
 
 import pytest
 from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, at, client_for, new_click, write_config
@@ -146,3 +150,54 @@ def test_bad_alerts_config_names_the_key(tmp_path, toml, message):
     with pytest.raises(tinytrack.ConfigError) as caught:
         tinytrack.load_config(write_config(tmp_path, extra=f"\n[alerts]\n{toml}\n"))
     assert str(caught.value) == message
+
+
+PROMTOOL = shutil.which("promtool")
+RULE_TESTS = """
+rule_files: [rules.yml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: tinytrack_postback_refused_rate
+        values: 0.05x10
+      - series: tinytrack_postback_match_rate
+        values: 0.95x4 0.5x6
+      - series: 'tinytrack_outbox{state="dead"}'
+        values: 0x10
+    alert_rule_test:
+      - eval_time: 6m
+        alertname: TinytrackPostbacksRefused
+        exp_alerts:
+          - exp_annotations:
+              summary: "More than 1% of postbacks refused over 5 minutes (see /admin's refused postbacks)"
+      - eval_time: 6m
+        alertname: TinytrackMatchRateLow
+        exp_alerts: []
+      - eval_time: 10m
+        alertname: TinytrackMatchRateLow
+        exp_alerts:
+          - exp_annotations:
+              summary: "Under 90% of postbacks match a click: check the network's click id macro"
+      - eval_time: 10m
+        alertname: TinytrackDeliveriesDead
+        exp_alerts: []
+"""
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (apt-get install prometheus); CI installs it")
+async def test_the_readme_prometheus_rules_and_the_metrics_pass_promtool(make_app, tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    [rules] = re.findall(r"```yaml\n(groups:.*?)```", readme, re.S)
+    (tmp_path / "rules.yml").write_text(rules)
+    (tmp_path / "tests.yml").write_text(RULE_TESTS)
+    checked = subprocess.run([PROMTOOL, "check", "rules", "rules.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = subprocess.run([PROMTOOL, "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    app = await make_app()
+    await send(app, good=3, refused=1, orphaned=1)
+    async with client_for(app) as http:
+        metrics = (await http.get("/metrics", headers=ADMIN)).text
+    linted = subprocess.run([PROMTOOL, "check", "metrics"], input=metrics, capture_output=True, text=True)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
