@@ -23,6 +23,7 @@ import gc
 import hashlib
 import hmac
 import html
+import http.client
 import io
 import ipaddress
 import itertools
@@ -113,6 +114,7 @@ CLICK_FIELD_NAMES = {
     **dict.fromkeys(COST_ALIASES, "cost"),
     **UID_ALIASES,
     **{name: name for name in AD_IDS},
+    "tinytrack_selftest": "selftest",  # tinytrack selftest's click: see Database.selftest_key
 }
 PASSED_ON_FIELDS = frozenset({"uid", *AD_IDS})  # kept, and still passed on by pass_query: the site's own
 CHANNELS = ("affiliate", "paid", "email", "organic")  # a campaign's channel; organic is never credited
@@ -3369,6 +3371,17 @@ SCHEMA = [
     );
     CREATE INDEX quarantine_at ON quarantine (at);
     CREATE INDEX quarantine_click ON quarantine (click_id);
+    -- tinytrack selftest's clicks (/c/...?tinytrack_selftest=<selftest_key>), kept apart:
+    -- through the real paths, never in the totals, a report or a forward; deleted by it.
+    CREATE TABLE selftest (
+        click_id BLOB PRIMARY KEY,
+        ts INTEGER NOT NULL,               -- when the click was stored
+        campaign TEXT NOT NULL,
+        lp_at INTEGER,                     -- its LP click
+        converted_at INTEGER,              -- its postback
+        txid TEXT
+    ) WITHOUT ROWID;
+    INSERT INTO meta (key, value) VALUES ('selftest_key', lower(hex(randomblob(16))));
     """,
 ]
 OTHER_SUB1 = "(other)"  # the totals' sub1 for a campaign-day's sub1 beyond retention.sub1_per_day
@@ -4230,6 +4243,8 @@ class Database:
         campaign = lp.campaign
         row = lp.click_id and self.con.execute(LP_CLICK_SELECT, (bytearray(lp.click_id),)).fetchone()
         click_id = lp.click_id
+        if not row and click_id and self._test_step(click_id, "lp_at = coalesce(lp_at, ?)", now_ms):
+            return campaign.offers.choose(lp.named, None, lp.pick), click_id, {}  # selftest's: nothing counted
         if not row or row[1] != campaign.name:
             if lp.new is None:
                 return None
@@ -4347,6 +4362,8 @@ class Database:
             if existing is not None:
                 return self._existing_conversion(pb, existing, now_ms, policy)
         if row is None:
+            if pb.source is None and self._test_step(pb.click_id, "converted_at = ?, txid = ?", now_ms, pb.txid):
+                return PostbackOutcome(PostbackResult.CREATED, 0, campaign="(selftest)")  # never counted nor forwarded
             return self._record_orphan(pb, now_ms)
         click, sub1_total, click_cost = ClickFacts(*row[:8], *row[11:13]), OTHER_SUB1 if row[8] else None, row[9:11]
         ts = pb.ts_ms
@@ -4750,6 +4767,30 @@ class Database:
             (since_ms, until_ms),
         )
         return [(r[0], r[1], *r[3:]) for r in rows if (bytes(r[1]), r[2]) not in keys]
+
+    def selftest_key(self) -> str:
+        """What marks tinytrack selftest's clicks (tinytrack_selftest=): random, per database."""
+        row = self.con.execute("SELECT value FROM meta WHERE key = 'selftest_key'").fetchone()
+        return row[0] if row else ""
+
+    def test_click(self, click_id: bytes, ts: int, campaign: str) -> None:
+        self.con.execute("INSERT INTO selftest (click_id, ts, campaign) VALUES (?, ?, ?)", (click_id, ts, campaign))
+
+    def _test_step(self, click_id: bytes, assignments: str, *args: Any) -> bool:
+        """A selftest click's LP click or postback, stored on its row; False if it is none
+        (asked only where a click was not found: no cost to real ones)."""
+        return bool(
+            self.con.execute(f"UPDATE selftest SET {assignments} WHERE click_id = ?", (*args, click_id)).rowcount
+        )
+
+    def test_steps(self, click_id: bytes) -> tuple | None:
+        """What the server stored of a selftest click: ts, campaign, lp_at, converted_at, txid."""
+        return self.con.execute(
+            "SELECT ts, campaign, lp_at, converted_at, txid FROM selftest WHERE click_id = ?", (click_id,)
+        ).fetchone()
+
+    def forget_test(self, click_id: bytes) -> None:
+        self.con.execute("DELETE FROM selftest WHERE click_id = ?", (click_id,))
 
     def quarantine_postback(self, fields: Mapping[str, str], reason: str, ip: str, now_ms: int) -> int:
         """Keep a refused postback (a valid token, a 400) with its reason; the oldest beyond
@@ -6855,6 +6896,7 @@ class TinyTrack:
         self.forwarder = Forwarder(self.store, config, clock=clock)
         self.purger = Purger(self.store, config)
         self.health = PostbackHealth(clock)
+        self.selftest_key = ""  # read from the database at startup
         self.alerter = Alerter(self)
         self.clicks = Counter()  # stored since start: human, bot
         self.bad_costs = 0  # clicks whose `cost` was no amount (stored without it)
@@ -6929,6 +6971,7 @@ class TinyTrack:
 
     async def startup(self) -> None:
         await self.store.open()
+        self.selftest_key = await self.store.read(Database.selftest_key)
         self.ids.resume(self.store.last_click_id)
         self.forwarder.start()
         self.purger.start()
@@ -7008,23 +7051,29 @@ class TinyTrack:
                 lander.name if lander else NO_TEXT,
                 offer.name if campaign.funnel else NO_TEXT,
             )
-            flags = None
-            if campaign.fraud.click_rules:  # else nothing is counted or looked up
-                flags = self.click_flags(campaign, ip, ms)
-                for name in flags:
-                    self.flagged["click", name] += 1
-            uid = values.get("uid") and self.click_uid(values["uid"])
-            ad_ids = ad_ids_of(values, ms) if AD_MARK in values else None
-            if flags or uid or ad_ids:
-                row = WideClickRow.of(row, flags, uid, ad_ids)
+            test = "selftest" in values and self.is_selftest(values["selftest"])
+            if not test:
+                flags = None
+                if campaign.fraud.click_rules:  # else nothing is counted or looked up
+                    flags = self.click_flags(campaign, ip, ms)
+                    for name in flags:
+                        self.flagged["click", name] += 1
+                uid = values.get("uid") and self.click_uid(values["uid"])
+                ad_ids = ad_ids_of(values, ms) if AD_MARK in values else None
+                if flags or uid or ad_ids:
+                    row = WideClickRow.of(row, flags, uid, ad_ids)
             try:
-                await self.store.record_click(row)
+                if test:  # stored apart, committed before the 302 as any click (see Database.test_click)
+                    await self.store.write(lambda db, now_ms: db.test_click(click_id, ms, campaign.name))
+                else:
+                    await self.store.record_click(row)
             except StorageError:
                 # Never redirect a click we could not store: the conversion would be lost.
                 return await send_refusal(
                     send, HTTPError(Refusal.UNAVAILABLE, "try again", [(b"retry-after", b"1")]), text=True
                 )
-            self.clicks["bot" if row[11] else "human"] += 1  # row.bot (a flagged row is a plain tuple)
+            if not test:
+                self.clicks["bot" if row[11] else "human"] += 1  # row.bot (a flagged row is a plain tuple)
         values["click_id"] = format_uuid(click_id)
         values["campaign"] = campaign.name
         values["offer"] = offer.name
@@ -7124,6 +7173,11 @@ class TinyTrack:
             self.flagged["click", name] += 1
         uid = values.get("uid") and self.click_uid(values["uid"])
         return WideClickRow.of(row, flags, uid, ad_ids_of(values, ms) if AD_MARK in values else None)
+
+    def is_selftest(self, key: str) -> bool:
+        """Whether a click's tinytrack_selftest= is this database's selftest key (anyone
+        else's is an ordinary click parameter)."""
+        return bool(self.selftest_key) and hmac.compare_digest(key.encode(), self.selftest_key.encode())
 
     def click_uid(self, text: str) -> str | None:
         """A click's uid, or None (counted) for one that is no uid: a visitor is never refused."""
@@ -8577,6 +8631,120 @@ def reconcile_apply(db: Database, config: Config, rows: list[ReportRow]) -> list
     return done
 
 
+class SelftestFailed(TinytrackError):
+    def __init__(self, stage: str, problem: str) -> None:
+        super().__init__(f"selftest failed at {stage}: {problem}")
+        self.stage = stage
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over the unix socket `serve` listens on (server.uds)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.socket_path)
+        self.sock = sock
+
+
+def selftest_request(
+    base: str,
+    target: str,
+    stage: str,
+    headers: Mapping[str, str] = {},  # noqa: B006 (read only)
+) -> tuple[int, dict[str, str], bytes]:
+    """One GET of the running server (base: http(s)://host[:port] or unix:/path): its
+    status, headers (lower-cased) and body; SelftestFailed naming the stage if none came."""
+    try:
+        if base.startswith("unix:"):
+            conn: http.client.HTTPConnection = UnixHTTPConnection(base[5:], 10)
+        else:
+            parts = urlsplit(base)
+            kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+            conn = kind(parts.netloc, timeout=10)
+        try:
+            conn.request("GET", target, headers={"User-Agent": f"tinytrack-selftest/{__version__}", **headers})
+            answer = conn.getresponse()
+            return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException) as exc:
+        raise SelftestFailed(stage, f"no answer from {base}: {exc}") from None
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    """Drive a click, an LP click (where the campaign has landers) and a postback through
+    the running server, check what it stored, and leave nothing behind: exit 0, or 1
+    naming the stage that failed. Fit for a timer (systemd/tinytrack-selftest.timer)."""
+    config, db = open_for_command(args)
+    started = int(time.time() * 1000)
+    click_id = None
+    with closing(db):
+        try:
+            name = args.campaign or next(iter(config.campaigns), None)
+            campaign = config.campaigns.get(name) if name else None
+            if campaign is None:
+                raise SelftestFailed("config", f"no campaign {quoted(name)}" if name else "the config has no campaign")
+            if not config.postback.tokens:
+                raise SelftestFailed("config", "postback.tokens is empty: no postback could be sent")
+            key = db.selftest_key()
+            if not key:
+                raise SelftestFailed("database", "no selftest key: start this version's server once (it migrates)")
+            server = config.server
+            base = (args.url or (f"unix:{server.uds}" if server.uds else f"http://{server.host}:{server.port}")).rstrip(
+                "/"
+            )
+            status, _, _ = selftest_request(base, "/healthz", "healthz")
+            if status != 200:
+                raise SelftestFailed("healthz", f"answered {status}: writes are failing (see /healthz)")
+            status, headers, _ = selftest_request(
+                base, f"/c/{name}?{urlencode({'tinytrack_selftest': key, 'sub1': 'selftest'})}", "click"
+            )
+            if status != 302 or not headers.get("location"):
+                raise SelftestFailed("click", f"answered {status}, not a 302 redirect")
+            found = db.con.execute(
+                "SELECT click_id FROM selftest WHERE campaign = ? AND ts >= ? ORDER BY ts DESC LIMIT 1",
+                (name, started - CLOCK_STEP_MS),
+            ).fetchone()
+            if found is None:
+                raise SelftestFailed("click", "answered 302, but no click was committed")
+            click_id = bytes(found[0])
+            cid = format_uuid(click_id)
+            stages = ["click"]
+            if campaign.landers is not None:
+                status, headers, _ = selftest_request(base, f"/go/{name}?cid={cid}", "lp click")
+                if status != 302 or not (db.test_steps(click_id) or (None,) * 5)[2]:
+                    raise SelftestFailed(
+                        "lp click", f"answered {status}; stored: {db.test_steps(click_id) is not None}"
+                    )
+                stages.append("LP click")
+            txid = f"selftest-{secrets.token_hex(4)}"
+            query = urlencode({"click_id": cid, "txid": txid, "token": config.postback.tokens[0]}).encode()
+            signed = {}
+            if config.postback.hmac_secrets:
+                now = int(time.time())
+                signed["X-Tinytrack-Signature"] = f"t={now},v1={sign(config.postback.hmac_secrets[0], now, query)}"
+            status, _, body = selftest_request(base, f"/postback?{query.decode()}", "postback", signed)
+            if status != 200:
+                said = body[:200].decode("utf-8", "replace")
+                raise SelftestFailed("postback", f"answered {status} {said}".rstrip())
+            steps = db.test_steps(click_id)
+            if not steps or steps[4] != txid:
+                raise SelftestFailed("postback", "answered 200, but the conversion was not committed")
+            stages.append("postback")
+        finally:
+            if click_id is not None:
+                with db.transaction():
+                    db.forget_test(click_id)
+    took = int(time.time() * 1000) - started
+    print(f"ok: {', '.join(stages)} stored and checked through {base} in {took} ms (campaign {name})")
+    return 0
+
+
 def cmd_costs(args: argparse.Namespace) -> int:
     """Upload a traffic source's spend report: it replaces the clicks' costs for its days."""
     config, db = open_for_command(args)
@@ -8793,6 +8961,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     purge = command(cmd_purge, config_flag)
     purge.add_argument("--dry-run", action="store_true", help="show what would go, change nothing")
+    selftest = command(cmd_selftest, config_flag)
+    selftest.add_argument("--url", help="the server's base URL (default: server.uds, else http://host:port)")
+    selftest.add_argument("--campaign", help="the campaign to click (default: the config's first)")
+
     backup = command(cmd_backup, config_flag)
     backup.add_argument("dest", help="file to write, or a folder for tinytrack-YYYYmmdd-HHMMSS.db")
     backup.add_argument("--keep", type=int, metavar="N", help="in that folder, keep only the newest N such backups")

@@ -592,3 +592,49 @@ def test_systemd_analyze_security_rates_the_backup_unit_ok(rendered_backup: tupl
     assert found, (checked.returncode, checked.stdout[-2000:], checked.stderr)
     print(found.group(0))
     assert float(found.group(1)) <= 2.0
+
+
+# --- the self-test service and its timer ------------------------------------------
+
+SELFTEST_UNIT = ROOT / "systemd" / "tinytrack-selftest.service"
+SELFTEST_TIMER = ROOT / "systemd" / "tinytrack-selftest.timer"
+
+
+@pytest.fixture
+def rendered_selftest(tmp_path: Path) -> tuple[Path, Path]:
+    text = SELFTEST_UNIT.read_text()
+    assert text.count(SHIPPED_BINARY) == 1
+    service = tmp_path / "tinytrack-selftest.service"
+    service.write_text(text.replace(SHIPPED_BINARY, console_script()))
+    timer = tmp_path / "tinytrack-selftest.timer"
+    timer.write_text(SELFTEST_TIMER.read_text())
+    return service, timer
+
+
+def test_selftest_unit_tests_the_socket_nginx_uses():
+    unit, tracker = unit_lines(SELFTEST_UNIT.read_text()), unit_lines(UNIT.read_text())
+    command = shlex.split(unit["ExecStart"][0])
+    serve = shlex.split(tracker["ExecStart"][0])
+    assert command == [SHIPPED_BINARY, "selftest", "-c", serve[3], "--url", f"unix:{serve[serve.index('--uds') + 1]}"]
+    assert unit["Type"] == ["oneshot"] and unit["User"] == tracker["User"]
+    timer = unit_lines(SELFTEST_TIMER.read_text())
+    assert timer["OnUnitActiveSec"] == ["15min"]
+
+
+def test_systemd_analyze_verify_is_clean_for_the_selftest_timer(rendered_selftest: tuple[Path, Path]):
+    service, timer = rendered_selftest
+    checked = run_analyze("verify", str(service), str(timer))
+    lines = (checked.stdout + checked.stderr).splitlines()
+    print("\n".join(lines))
+    assert checked.returncode == 0, lines
+    assert [line for line in lines if "tinytrack" in line or str(service.parent) in line] == []
+
+
+def test_systemd_analyze_security_rates_the_selftest_unit_ok(rendered_selftest: tuple[Path, Path]):
+    if "--offline" not in run_analyze("--help").stdout:
+        pytest.skip("this systemd-analyze has no --offline (systemd < 250)")
+    checked = run_analyze("security", "--no-pager", "--offline=yes", str(rendered_selftest[0]))
+    found = re.search(r"Overall exposure level for tinytrack-selftest\.service: (\d+\.\d+)", checked.stdout)
+    assert found, (checked.returncode, checked.stdout[-2000:], checked.stderr)
+    print(found.group(0))
+    assert float(found.group(1)) <= 2.0
