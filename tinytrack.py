@@ -2510,7 +2510,7 @@ def parse_cost_csv(text: str) -> list[tuple[int, dict[str, str]]]:
 # -- retention rules --
 
 
-QUARANTINE_ROWS = 10_000  # refused postbacks kept at most (~300 bytes each): a misconfigured network's flood
+QUARANTINE_ROWS = 10_000  # refused postbacks kept at most (< 3 KB each: values cut at MAX_VALUE_CHARS)
 PURGE_BATCH = 1000  # rows per transaction: short enough that clicks queued behind it barely wait
 PURGE_PAUSE = 0.005  # seconds between batches, so clicks' own batches go in between
 VACUUM_PAGES = 256  # pages handed back to the file system per transaction
@@ -3638,8 +3638,14 @@ def outbox_dict(row: tuple) -> dict:
     fields["created_at"] = iso_ms(fields["created_at"])
     fields["next_at"] = iso_ms(fields["next_at"]) if fields["state"] == "pending" else None
     fields["last_at"] = fields["last_at"] and iso_ms(fields["last_at"])
-    fields["url"] = redact_url(fields["url"])
+    fields["url"] = redact_url(fields["url"]) if fields["campaign"] != ALERTS else hidden_path(fields["url"])
     return fields
+
+
+def hidden_path(url: str) -> str:
+    """A webhook URL for people: its origin only (a chat tool's hook has its secret in the path)."""
+    head = URL_HEAD_RE.match(url)
+    return f"{head.group(0)}/..." if head else "..."
 
 
 class PostbackResult(enum.Enum):
@@ -4602,6 +4608,9 @@ class Database:
                     )
                 )
             done["conversions blanked"] = len(found)
+            done["refused postbacks deleted"] = self.con.execute(
+                "SELECT count(*) FROM quarantine WHERE json_extract(fields, '$.user_id') = ?", (uid,)
+            ).fetchone()[0]
             return done
         ids = [row[0] for row in self.con.execute("SELECT id FROM clicks WHERE uid = ? LIMIT ?", (uid, limit))]
         done["conversions blanked"] += self._blank_conversions(ids)
@@ -4616,6 +4625,11 @@ class Database:
             )
         ]
         done["conversions blanked"] += self._blank_conversions((), conversions)
+        done["refused postbacks deleted"] = self.con.execute(  # a scan of at most QUARANTINE_ROWS
+            """DELETE FROM quarantine WHERE id IN (
+                   SELECT id FROM quarantine WHERE json_extract(fields, '$.user_id') = ? LIMIT ?)""",
+            (uid, limit),
+        ).rowcount
         return done
 
     # Where an address may be, and how forget_ip walks each table (no index by address:
@@ -4795,7 +4809,7 @@ class Database:
     def quarantine_postback(self, fields: Mapping[str, str], reason: str, ip: str, now_ms: int) -> int:
         """Keep a refused postback (a valid token, a 400) with its reason; the oldest beyond
         QUARANTINE_ROWS go. Its id."""
-        kept = {name: value for name, value in fields.items() if name != "token"}
+        kept = {name: strip_controls(value, MAX_VALUE_CHARS) for name, value in fields.items() if name != "token"}
         row = self.con.execute(
             "INSERT INTO quarantine (at, reason, fields, click_id, txid, ip) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
             (now_ms, reason, orjson.dumps(kept).decode(), kept.get("click_id"), kept.get("txid"), ip),
@@ -5424,11 +5438,19 @@ class Database:
 
     def attempts(self, outbox_id: int) -> list[dict]:
         rows = self.con.execute(
-            "SELECT at, code, error, ms, url FROM outbox_attempts WHERE outbox_id = ? ORDER BY at, rowid", (outbox_id,)
+            """SELECT a.at, a.code, a.error, a.ms, a.url, o.campaign FROM outbox_attempts AS a
+               JOIN outbox AS o ON o.id = a.outbox_id WHERE a.outbox_id = ? ORDER BY a.at, a.rowid""",
+            (outbox_id,),
         )
         return [
-            {"at": iso_ms(at), "code": code, "error": error, "ms": ms, "url": redact_url(url)}
-            for at, code, error, ms, url in rows
+            {
+                "at": iso_ms(at),
+                "code": code,
+                "error": error,
+                "ms": ms,
+                "url": redact_url(url) if campaign != ALERTS else url and hidden_path(url),
+            }
+            for at, code, error, ms, url, campaign in rows
         ]
 
     def meta_user_data(self, outbox_id: int) -> dict[str, str]:
@@ -5456,12 +5478,20 @@ class Database:
         return data
 
     def queue_alert(self, url: str, body: Mapping[str, Any], now_ms: int, conf: ForwardConfig) -> None:
-        """An alert (Alerter) as a delivery: a JSON POST to [alerts] webhook_url, retried as any."""
+        """An alert (Alerter) as a delivery: a JSON POST to [alerts] webhook_url, retried as
+        any. Its status says the condition and state; a resolution cancels its condition's
+        firing not yet sent, so the webhook's last word is never a stale one."""
+        if body["state"] == "resolved":
+            self.con.execute(
+                """UPDATE outbox SET state = 'canceled', last_error = 'resolved before it was sent'
+                   WHERE campaign = ? AND state = 'pending' AND status = ?""",
+                (ALERTS, f"{body['alert']} firing"),
+            )
         self.queue_delivery(
             Delivery(
                 0,
                 ALERTS,
-                body["state"],
+                f"{body['alert']} {body['state']}",
                 url,
                 secrets.token_hex(16),
                 now_ms,
@@ -5471,6 +5501,16 @@ class Database:
                 "alert",
                 orjson.dumps(body),
             )
+        )
+
+    def alert_state(self) -> dict:
+        row = self.con.execute("SELECT value FROM meta WHERE key = 'alert_state'").fetchone()
+        return orjson.loads(row[0]) if row else {}
+
+    def save_alert_state(self, state: Mapping[str, Any]) -> None:
+        self.con.execute(
+            "INSERT INTO meta (key, value) VALUES ('alert_state', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (orjson.dumps(state).decode(),),
         )
 
     def dead_deliveries(self) -> int:
@@ -5828,6 +5868,7 @@ class Job:
 
     func: Callable[[Database, int], Any]
     rows: int = 1  # about how many rows it writes, for WAL checkpoint pacing
+    fsync: bool = False  # durable before it returns (what a 200 or a 302 promises)
 
 
 def batch_size(queue: list[tuple[object, Any]]) -> int:
@@ -6014,12 +6055,14 @@ class Store:
         """Match, dedupe and store a postback; returns once it is committed and fsynced."""
         return await self._submit(postback)
 
-    async def write(self, func: Callable[[Database, int], Any], rows: int = 1, *, droppable: bool = False) -> Any:
+    async def write(
+        self, func: Callable[[Database, int], Any], rows: int = 1, *, droppable: bool = False, fsync: bool = False
+    ) -> Any:
         """Run ``func(database, now_ms)`` on the writer, in a transaction of its own. A
         cancelled caller's job is still written (a forward's result must be), unless it
         is ``droppable`` (a purge batch): then, if not begun, it is dropped, and if being
         written, waited for, so nothing of a stopped purge runs after it stops."""
-        future = self._enqueue(Job(func, rows))
+        future = self._enqueue(Job(func, rows, fsync))
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -6147,7 +6190,7 @@ class Store:
         return results
 
     def _run_job(self, job: Job) -> Any:
-        with self._db.transaction() as db:
+        with self._db.transaction(fsync=job.fsync) as db:
             return job.func(db, int(self.clock() * 1000))
 
     # Checkpoints, and recovering from a full disk.
@@ -6676,6 +6719,7 @@ class Alerter:
         self.app = app
         self.announced: dict[str, bool] = {}
         self.last_fired: dict[str, int] = {}
+        self.loaded = False  # the state is kept in the database: a restart neither repeats nor forgets one
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:  # always: a reload may add [alerts] webhook_url
@@ -6702,6 +6746,10 @@ class Alerter:
         if not conf.webhook_url:
             return []
         now_ms = int(self.app.clock() * 1000)
+        if not self.loaded:
+            state = await self.app.store.read(Database.alert_state)
+            self.announced, self.last_fired = state.get("announced", {}), state.get("last_fired", {})
+            self.loaded = True
         dead = await self.app.store.read(Database.dead_deliveries)
         sent = []
         for name, (holds, text) in judge_health(self.app.health.window(), dead, conf).items():
@@ -6715,9 +6763,14 @@ class Alerter:
                 sent.append({"alert": name, "state": "resolved", "text": text, "at": iso_ms(now_ms)})
         if sent:
             forward = self.app.config.forward
-            await self.app.store.write(
-                lambda db, now: [db.queue_alert(conf.webhook_url, body, now, forward) for body in sent]
-            )
+            state = {"announced": self.announced, "last_fired": self.last_fired}
+
+            def queue(db: Database, now: int) -> None:
+                for body in sent:
+                    db.queue_alert(conf.webhook_url, body, now, forward)
+                db.save_alert_state(state)
+
+            await self.app.store.write(queue, fsync=True)
             for body in sent:
                 log.warning("alert %s %s: %s", body["alert"], body["state"], body["text"])
             self.app.wake_forwarder()
@@ -7064,7 +7117,7 @@ class TinyTrack:
                     row = WideClickRow.of(row, flags, uid, ad_ids)
             try:
                 if test:  # stored apart, committed before the 302 as any click (see Database.test_click)
-                    await self.store.write(lambda db, now_ms: db.test_click(click_id, ms, campaign.name))
+                    await self.store.write(lambda db, now_ms: db.test_click(click_id, ms, campaign.name), fsync=True)
                 else:
                     await self.store.record_click(row)
             except StorageError:
@@ -7365,7 +7418,15 @@ class TinyTrack:
             body = await read_body(receive, MAX_BODY_BYTES, self.config.server.read_timeout_seconds)
             if body:
                 pairs = query_pairs + parse_body(body, content_type)
-        fields = collect_fields(pairs, aliases)
+        try:
+            fields = collect_fields(pairs, aliases)
+        except FieldError as exc:  # a field twice, a JSON object: refused for what it says
+            sent = {name: str(value) for name, value in pairs if isinstance(value, str | int | float)}
+            given = next((sent[name] for name in ("token", "key") if name in sent), None)
+            if aliases is POSTBACK_ALIASES and token_matches(given or bearer_token(authorization), conf.tokens):
+                kept = {k: v for k, v in sent.items() if POSTBACK_ALIASES.get(k, "token") != "token"}
+                await self.quarantine(kept, exc.message, ip)
+            raise
         if not token_matches(fields.get("token") or bearer_token(authorization), conf.tokens):
             raise HTTPError(Refusal.UNAUTHORIZED, headers=[(b"www-authenticate", b"Bearer")])
         now = self.clock()
@@ -7584,6 +7645,7 @@ class Admin:
                 outcomes = await self.app.store.write(
                     lambda db, now_ms: [db.apply_postback(pb, now_ms, self.app.store.policy) for _, pb in valid],
                     rows=len(valid),
+                    fsync=True,  # answered "created" means stored, as for a postback
                 )
             except StorageError:
                 raise HTTPError(Refusal.UNAVAILABLE, headers=[(b"retry-after", b"5")]) from None
