@@ -3439,6 +3439,9 @@ RECONCILE_CATEGORIES = {  # in the order the table lists them
     "orphan": "an orphan the file explains (we had the postback, not the click)",
     "unknown_click": "unknown click (purged, or not ours)",
     "only_here": "only here (not in the file)",
+    "not_counted_here": "held or rejected here (fraud, window): not applied",
+    "ambiguous": "no txid, and its click has several conversions: not applied",
+    "repeated": "repeated in the file (a later row for it decides)",
     "unreadable": "unreadable rows",
 }
 APPLIED = ("payout_differs", "status_differs", "missing_here", "quarantined")  # what --apply stores
@@ -3466,10 +3469,11 @@ class ReportRow(NamedTuple):
     """A row of a network's report, as reconcile judges it."""
 
     line: int  # in the file (the header is line 1), or the index of an import's row
-    postback: Postback | None  # None: unreadable
+    postback: Postback | None  # None: unreadable; for a stored conversion, what --apply would post
     category: str
     detail: str = ""
-    stored: tuple | None = None  # id, status, payout, currency, reason, source
+    stored: tuple | None = None  # id, status, payout, currency, reason, source, txid, event
+    given: frozenset[str] = frozenset()  # of status, payout, currency: what the row said (an empty cell says nothing)
 
 
 def parse_report_map(text: str) -> dict[str, str]:
@@ -3493,50 +3497,78 @@ def parse_report_map(text: str) -> dict[str, str]:
 def read_report(text: str, mapping: Mapping[str, str], conf: PostbackConfig, now: float) -> list[ReportRow]:
     """A network's CSV export (comma, semicolon or tab separated) as report rows: each
     read as a postback would be (payout as decimal text, ts ISO 8601 or unix, status words
-    through postback.status_map), source import; a row that can't be is unreadable, with why."""
-    lines = text.lstrip("\ufeff").splitlines()
-    if not lines:
-        raise TinytrackError("the report is empty")
+    through postback.status_map), source import; a row that can't be is unreadable, with
+    why. A row repeated for one conversion (its click and txid or event) is "repeated"
+    but the last, which decides."""
+    text = text.lstrip("\ufeff")
     try:
-        dialect = csv.Sniffer().sniff(lines[0], delimiters=",;\t")
+        dialect: Any = csv.Sniffer().sniff(text[:65536], delimiters=",;\t")
     except csv.Error:
         dialect = csv.excel
-    reader = csv.DictReader(lines, dialect=dialect)
-    header = [name.strip() for name in reader.fieldnames or ()]
+    reader = csv.reader(io.StringIO(text, newline=""), dialect)
+    header = [name.strip() for name in next(reader, [])]
+    if not header:
+        raise TinytrackError("the report is empty")
     missing = [column for column in mapping.values() if column not in header]
     if missing:
         raise TinytrackError(f"--map: no column {quoted(missing[0])} in the report; it has: {', '.join(header)}")
-    reader.fieldnames = header
-    rows = []
-    for line, raw in enumerate(reader, start=2):
-        fields = {f: (raw.get(c) or "").strip() for f, c in mapping.items()}
-        fields = {f: v for f, v in fields.items() if v}
+    index = {field: header.index(column) for field, column in mapping.items()}
+    rows: list[ReportRow] = []
+    last: dict[tuple[bytes, str], int] = {}  # a conversion's key -> its last row
+    for record in reader:
+        if not any(cell.strip() for cell in record):
+            continue  # a blank line
+        fields = {f: record[i].strip() for f, i in index.items() if i < len(record) and record[i].strip()}
         try:
             if "click_id" not in fields:
                 raise FieldError("click_id", "is empty")
-            postback = build_postback(fields, conf, now, "import")
+            postback = dataclasses.replace(build_postback(fields, conf, now, "import"), source=IMPORT)
         except FieldError as exc:
-            rows.append(ReportRow(line, None, "unreadable", exc.message))
+            said = f"click_id {fields.get('click_id', '-')}, txid {fields.get('txid', '-')}"
+            rows.append(ReportRow(reader.line_num, None, "unreadable", f"{exc.message} ({said})"))
             continue
-        rows.append(ReportRow(line, dataclasses.replace(postback, source=IMPORT), ""))
+        given = frozenset(name for name in ("status", "payout", "currency") if name in fields)
+        key = (postback.click_id, postback.dedupe_key)
+        if key in last:
+            earlier = rows[last[key]]
+            rows[last[key]] = earlier._replace(category="repeated", detail=f"line {reader.line_num} decides")
+        last[key] = len(rows)
+        rows.append(ReportRow(reader.line_num, postback, "", given=given))
     return rows
 
 
-def judge_report_row(row: ReportRow, found: tuple[tuple | None, bool, bool, str | None]) -> ReportRow:
-    """A readable row's category, from what is stored for it (Database.report_lookup)."""
-    stored, known, orphan, refused = found
+def judge_report_row(row: ReportRow, found: tuple[tuple | None, bool, bool, str | None, int]) -> ReportRow:
+    """A readable row's category, from what is stored for it (Database.report_lookup). For
+    a stored conversion, row.postback becomes what --apply posts: its key, and what the row
+    left unsaid (an empty status or payout cell, no currency column) as stored."""
+    stored, known, orphan, refused, others = found
     pb = row.postback
+    if row.category == "repeated":
+        return row._replace(stored=stored)
     if stored is not None:
-        _, status, payout, currency, reason, _ = stored
-        money = (format_money(payout), currency) != (format_money(pb.payout), pb.currency)
-        said = f"{format_money(pb.payout)} {pb.currency} here {format_money(payout)} {currency}"
-        if status != pb.status:
-            detail = f"file {pb.status}, here {status}" + (f" ({reason})" if reason else "")
-            detail += f"; file {said}" if money else ""
-            return row._replace(category="status_differs", detail=detail, stored=stored)
+        _, status, payout, currency, reason, _, txid, event = stored
+        if reason is not None:
+            return row._replace(category="not_counted_here", detail=f"here: {status}, {reason}", stored=stored)
+        target = dataclasses.replace(
+            pb,
+            txid=txid,
+            event=event,
+            status=pb.status if "status" in row.given else status,
+            payout=pb.payout if "payout" in row.given else payout,
+            currency=pb.currency if "currency" in row.given else currency,
+            payout_given=True,
+        )
+        said = f"{format_money(target.payout)} {target.currency} here {format_money(payout)} {currency}"
+        money = (target.payout, target.currency) != (payout, currency)
+        row = row._replace(postback=target, stored=stored)
+        if target.status != status:
+            detail = f"file {target.status}, here {status}" + (f"; file {said}" if money else "")
+            return row._replace(category="status_differs", detail=detail)
         if money:
-            return row._replace(category="payout_differs", detail=f"file {said}", stored=stored)
-        return row._replace(category="matched", stored=stored)
+            return row._replace(category="payout_differs", detail=f"file {said}")
+        return row._replace(category="matched")
+    if others > 1:
+        return row._replace(category="ambiguous", detail=f"{others} conversions of this click")
     if refused is not None:
         return row._replace(category="quarantined" if known else "unknown_click", detail=f"refused: {refused}")
     if known:
@@ -4747,17 +4779,24 @@ class Database:
 
     # -- Reports and refused postbacks (reconcile, /api/conversions/import, quarantine) --
 
-    def report_lookup(self, pb: Postback) -> tuple[tuple | None, bool, bool, str | None]:
+    def report_lookup(self, pb: Postback) -> tuple[tuple | None, bool, bool, str | None, int]:
         """What is stored for a row of a network's report: its conversion (id, status,
-        payout, currency, reason, source), whether its click is known, whether an orphan
-        postback has its key, and why a postback for its click was quarantined (the latest)."""
+        payout, currency, reason, source, txid, event), whether its click is known, whether
+        an orphan postback has its key, why a postback for its click was quarantined (the
+        latest), and (a row without txid matching none) how many conversions its click has.
+        A row without txid is its click's conversion when the click has exactly one."""
         click_id = bytearray(pb.click_id)
+        columns = "id, status, payout, currency, reason, source, txid, event"
         stored = self.con.execute(
-            "SELECT id, status, payout, currency, reason, source FROM conversions WHERE click_id = ? AND dedupe_key = ?",
-            (click_id, pb.dedupe_key),
+            f"SELECT {columns} FROM conversions WHERE click_id = ? AND dedupe_key = ?", (click_id, pb.dedupe_key)
         ).fetchone()
+        others = 0
+        if stored is None and pb.txid is None:
+            theirs = self.con.execute(f"SELECT {columns} FROM conversions WHERE click_id = ? LIMIT 2", (click_id,))
+            theirs = theirs.fetchall()
+            stored, others = (theirs[0] if len(theirs) == 1 else None), len(theirs)
         if stored is not None:
-            return stored, True, False, None
+            return stored, True, False, None, 1
         known = self.con.execute("SELECT 1 FROM clicks WHERE id = ?", (click_id,)).fetchone() is not None
         text = format_uuid(pb.click_id)
         orphan = (
@@ -4770,17 +4809,20 @@ class Database:
             "SELECT reason FROM quarantine WHERE click_id IN (?, ?) AND (txid IS ? OR ? IS NULL) ORDER BY id DESC LIMIT 1",
             (text, text.upper(), pb.txid, pb.txid),
         ).fetchone()
-        return None, known, orphan, found and found[0]
+        return None, known, orphan, found and found[0], others
 
-    def report_only_here(self, since_ms: int, until_ms: int, keys: Collection[tuple[bytes, str]]) -> list[tuple]:
+    def report_only_here(
+        self, since_ms: int, until_ms: int, keys: Collection[tuple[bytes, str]], clicks: Collection[bytes] = ()
+    ) -> list[tuple]:
         """Conversions stored that converted in [since, until) and are not among a report's
-        keys (click id, dedupe key): id, click id, campaign, event, txid, status, payout, currency, ts."""
+        keys (click id, dedupe key), nor of `clicks` (named by rows that could be any of
+        theirs): id, click id, campaign, event, txid, status, payout, currency, ts."""
         rows = self.con.execute(
             """SELECT id, click_id, dedupe_key, campaign, event, txid, status, payout, currency, ts FROM conversions
                WHERE ts >= ? AND ts < ? AND length(click_id) = 16 ORDER BY ts, id""",
             (since_ms, until_ms),
         )
-        return [(r[0], r[1], *r[3:]) for r in rows if (bytes(r[1]), r[2]) not in keys]
+        return [(r[0], r[1], *r[3:]) for r in rows if (bytes(r[1]), r[2]) not in keys and bytes(r[1]) not in clicks]
 
     def selftest_key(self) -> str:
         """What marks tinytrack selftest's clicks (tinytrack_selftest=): random, per database."""
@@ -8603,20 +8645,23 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     with closing(db):
         judged = [judge_report_row(row, db.report_lookup(row.postback)) if row.postback else row for row in rows]
         if first is not None and last is not None:
-            keys = {(pb.click_id, pb.dedupe_key) for pb in readable}
+            keys = {(row.postback.click_id, row.postback.dedupe_key) for row in judged if row.postback is not None}
+            maybe = {row.postback.click_id for row in judged if row.category == "ambiguous"}
             for conversion_id, click_id, campaign, event, txid, status, payout, currency, ts in db.report_only_here(
-                first * DAY_MS, (last + 1) * DAY_MS, keys
+                first * DAY_MS, (last + 1) * DAY_MS, keys, maybe
             ):
-                stored = (conversion_id, status, payout, currency, None, campaign)
+                stored = (conversion_id, status, payout, currency, None, campaign, txid, event)
                 pb = Postback(bytes(click_id), event, payout, True, currency, txid or None, status, ts, True)
                 judged.append(ReportRow(0, pb, "only_here", f"conversion {conversion_id}, {campaign}", stored))
-        changes = reconcile_apply(db, config, judged) if args.apply else []
+        changes, unchanged = reconcile_apply(db, config, judged) if args.apply else ([], [])
     print_reconcile(args.file, judged, first, last, args.show)
     if args.csv:
         Path(args.csv).write_text(csv_text(RECONCILE_CSV_COLUMNS, map(reconcile_csv_line, judged)))
         print(f"every row: {args.csv}")
     if args.apply:
         print(f"applied: {len(changes)} changes" + "".join(f"\n  {change}" for change in changes))
+        if unchanged:
+            print(f"not changed: {len(unchanged)}" + "".join(f"\n  {line}" for line in unchanged))
     else:
         todo = sum(row.category in APPLIED for row in judged)
         print(f"read only: nothing was written ({todo} rows --apply would store or correct)")
@@ -8674,14 +8719,14 @@ def print_reconcile(name: str, rows: list[ReportRow], first: int | None, last: i
                 print(f"  {where}: click {line[2] or '-'} txid {line[3] or '-'} {line[4]}  {row.detail}".rstrip())
 
 
-def reconcile_apply(db: Database, config: Config, rows: list[ReportRow]) -> list[str]:
+def reconcile_apply(db: Database, config: Config, rows: list[ReportRow]) -> tuple[list[str], list[str]]:
     """Store what is missing and correct what differs, each row as a postback from the
     report (source import): history kept, totals and forwards as for any postback. What
     each did, for people; a second run finds them matched and does nothing."""
     policy = WritePolicy(
         config.campaigns, config.forward, config.retention.sub1_per_day, config.attribution, config.pixel.enabled
     )
-    done = []
+    done, unchanged = [], []
     for row in rows:
         if row.category not in APPLIED:
             continue
@@ -8689,13 +8734,15 @@ def reconcile_apply(db: Database, config: Config, rows: list[ReportRow]) -> list
             outcome = db.apply_postback(row.postback, int(time.time() * 1000), policy)
         pb = row.postback
         said = f"{pb.status} {format_money(pb.payout)} {pb.currency}"
-        what = {
-            PostbackResult.CREATED: f"created conversion {outcome.id} ({said})",
-            PostbackResult.UPDATED: f"updated conversion {outcome.id} ({row.detail})",
-            PostbackResult.REJECTED: f"stored conversion {outcome.id}, rejected: {outcome.reason}",
-        }.get(outcome.result, f"{outcome.result.value}: {outcome.reason or 'nothing changed'}")
-        done.append(f"line {row.line}: {what}")
-    return done
+        if outcome.result is PostbackResult.CREATED:
+            done.append(f"line {row.line}: created conversion {outcome.id} ({said})")
+        elif outcome.result is PostbackResult.UPDATED:
+            done.append(f"line {row.line}: updated conversion {outcome.id} ({row.detail})")
+        elif outcome.result is PostbackResult.REJECTED and outcome.id is not None:
+            done.append(f"line {row.line}: stored conversion {outcome.id}, not counted: {outcome.reason}")
+        else:
+            unchanged.append(f"line {row.line}: {outcome.result.value}: {outcome.reason or 'nothing changed'}")
+    return done, unchanged
 
 
 class SelftestFailed(TinytrackError):

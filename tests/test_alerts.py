@@ -201,3 +201,29 @@ async def test_the_readme_prometheus_rules_and_the_metrics_pass_promtool(make_ap
         metrics = (await http.get("/metrics", headers=ADMIN)).text
     linted = subprocess.run([PROMTOOL, "check", "metrics"], input=metrics, capture_output=True, text=True)
     assert linted.returncode == 0, linted.stdout + linted.stderr
+
+
+async def test_alert_state_outlives_a_restart_and_a_resolution_cancels_an_unsent_firing(
+    make_app, clock, hook, tmp_path
+):
+    app = await alerting(make_app, hook)
+    app.forwarder.send = None  # nothing is sent in this test: the outbox is what is looked at
+    await app.forwarder.stop(0)
+    with closing(sqlite3.connect(app.config.storage.path)) as con, con:
+        con.execute(
+            """INSERT INTO outbox (conversion_id, campaign, status, url, idempotency_key, state, created_at, next_at,
+                                   deadline) VALUES (1, 'spring', 'approved', 'http://x.example/', 'k1', 'dead', 0, 0, 0)"""
+        )
+    assert said(await app.alerter.check()) == [("dead", "firing")]
+    restarted = await alerting(make_app, hook)  # a new process on the same database
+    await restarted.forwarder.stop(0)
+    assert await restarted.alerter.check() == []  # already announced: not again
+    with closing(sqlite3.connect(app.config.storage.path)) as con, con:
+        con.execute("UPDATE outbox SET state = 'canceled' WHERE idempotency_key = 'k1'")
+    assert said(await restarted.alerter.check()) == [("dead", "resolved")]
+    with closing(sqlite3.connect(app.config.storage.path)) as con:
+        alerts = con.execute("SELECT status, state, url FROM outbox WHERE campaign = '(alerts)' ORDER BY id").fetchall()
+    assert alerts == [("dead firing", "canceled", hook.url("/alert")), ("dead resolved", "pending", hook.url("/alert"))]
+    async with client_for(restarted) as http:
+        listed = (await http.get("/api/outbox?since=2000-01-01", headers=ADMIN)).json()["rows"]
+    assert {row["url"] for row in listed if row["campaign"] == "(alerts)"} == {f"http://127.0.0.1:{hook.port}/..."}

@@ -29,6 +29,10 @@ delay_seconds = 3600  # queued, not sent, during the test
 [campaigns.net]
 url = "https://offer.example.com/n?cid={click_id}"
 postback_url = "http://127.0.0.1:9/pb?cid={click_id}&s={status}&p={payout}"
+
+[campaigns.late]
+url = "https://offer.example.com/l?cid={click_id}"
+window_days = 1
 """
 MAP = "click_id=Sub ID,txid=Transaction,payout=Payout,status=Status,ts=Date"
 
@@ -49,12 +53,13 @@ async def postback(http, expect: int = 200, **fields: str) -> dict:
     return answer.json()
 
 
-async def seed(app) -> dict[str, str]:
+async def seed(app, clock) -> dict[str, str]:
     """Clicks and postbacks so that the report below has a row in every category."""
     ids = {}
     async with client_for(app) as http:
-        for name in ("matched", "payout", "status", "missing", "refused", "only"):
+        for name in ("matched", "payout", "status", "missing", "refused", "only", "two", "single", "reversed"):
             ids[name] = await new_click(http, "net")
+        ids["late"] = await new_click(http, "late")
         await postback(http, click_id=ids["matched"], txid="T1", payout="10.00")
         await postback(http, click_id=ids["payout"], txid="T2", payout="10.00")
         await postback(http, click_id=ids["status"], txid="T3", payout="5", status="pending")
@@ -63,6 +68,13 @@ async def seed(app) -> dict[str, str]:
         ids["orphan"] = "01900000-0000-7000-8000-000000000007"
         await postback(http, 404, click_id=ids["orphan"], txid="T6", payout="3")
         await postback(http, click_id=ids["only"], txid="T7", payout="2")
+        await postback(http, click_id=ids["two"], txid="T10", payout="1")
+        await postback(http, click_id=ids["two"], txid="T11", payout="1")
+        await postback(http, click_id=ids["single"], txid="T12", payout="6")
+        await postback(http, click_id=ids["reversed"], txid="T13", payout="4")
+        await postback(http, click_id=ids["reversed"], txid="T13", payout="4", status="rejected")
+        clock.now += 3 * 86400  # past the late campaign's window
+        assert (await postback(http, click_id=ids["late"], txid="T14", payout="9"))["status"] == "rejected"
     return ids
 
 
@@ -74,6 +86,7 @@ def report(ids: dict[str, str]) -> str:
     day = f"{D} 12:30:00+00:00"
     writer.writerows(
         [
+            [day, "Offer A", ids["matched"], "T1", "10.00", "declined"],  # repeated: the row below decides
             [day, "Offer A", ids["matched"], "T1", "10.00", "sale"],
             [day, "Offer A", ids["payout"], "T2", "12.50", "sale"],
             [day, "Offer A", ids["status"], "T3", "5.00", "approved"],
@@ -82,6 +95,10 @@ def report(ids: dict[str, str]) -> str:
             [day, "Offer A", ids["orphan"], "T6", "3.00", "sale"],
             [day, "Offer A", "01900000-0000-7000-8000-000000000099", "T8", "4.00", "sale"],
             [day, "Offer A", ids["matched"], "T9", "abc", "sale"],
+            [day, "Offer A", ids["two"], "", "1.00", "sale"],  # no txid, two conversions: ambiguous
+            [day, "Offer A", ids["single"], "", "6.00", "sale"],  # no txid, one conversion: that one
+            [day, "Offer A", ids["reversed"], "T13", "4.00", ""],  # no status said: not re-approved
+            [day, "Offer A", ids["late"], "T14", "9.00", "sale"],  # rejected here (outside its window)
         ]
     )
     return out.getvalue()
@@ -97,22 +114,23 @@ def counts(stdout: str) -> dict[str, int]:
 
 
 async def test_reconcile_finds_every_category_and_apply_twice_changes_nothing_the_second_time(
-    make_app, tmp_path, config_file
+    make_app, clock, tmp_path, config_file
 ):
     config_file.write_text(config_file.read_text() + FWD)
     app = await make_app(FWD)
-    ids = await seed(app)
+    ids = await seed(app, clock)
     db = app.config.storage.path
     path = tmp_path / "network.csv"
     path.write_text(report(ids))
     before = rows(db, "SELECT id, status, payout FROM conversions ORDER BY id")
+    queued = rows(db, "SELECT id FROM outbox")
 
     read = run(
         "reconcile", str(path), "--map", MAP, "--csv", str(tmp_path / "all.csv"), "-c", str(config_file), cwd=tmp_path
     )
     assert read.returncode == 0, read.stderr
     assert counts(read.stdout) == {
-        "matched": 1,
+        "matched": 3,
         "payout differs": 1,
         "status differs": 1,
         "missing here (its click is known)": 1,
@@ -120,19 +138,22 @@ async def test_reconcile_finds_every_category_and_apply_twice_changes_nothing_th
         "an orphan the file explains (we had the postback, not the click)": 1,
         "unknown click (purged, or not ours)": 1,
         "only here (not in the file)": 1,
+        "held or rejected here (fraud, window): not applied": 1,
+        "no txid, and its click has several conversions: not applied": 1,
+        "repeated in the file (a later row for it decides)": 1,
         "unreadable rows": 1,
     }, read.stdout
     assert "refused: payout: must be a decimal >= 0 with at most 6 decimals, got '1,50'" in read.stdout
-    assert "line 9: click" in read.stdout and "payout: must be a decimal" in read.stdout  # the unreadable row
-    assert "file 12.50 USD here 10.00 USD" in read.stdout
+    assert "line 10: click - txid -   payout: must be a decimal >= 0 with at most 6 decimals, got 'abc'" in read.stdout
+    assert "file 12.50 USD here 10.00 USD" in read.stdout and "here: rejected, outside_window" in read.stdout
     assert "read only: nothing was written (4 rows --apply would store or correct)" in read.stdout
     assert rows(db, "SELECT id, status, payout FROM conversions ORDER BY id") == before
     every = list(csv.DictReader(io.StringIO((tmp_path / "all.csv").read_text())))
-    assert len(every) == 9 and {row["category"] for row in every} == set(tinytrack.RECONCILE_CATEGORIES.values())
+    assert len(every) == 14 and {row["category"] for row in every} == set(tinytrack.RECONCILE_CATEGORIES.values())
 
     applied = run("reconcile", str(path), "--map", MAP, "--apply", "-c", str(config_file), cwd=tmp_path)
     assert applied.returncode == 0, applied.stderr
-    assert "applied: 4 changes" in applied.stdout, applied.stdout
+    assert "applied: 4 changes" in applied.stdout and "not changed" not in applied.stdout, applied.stdout
     got = dict(rows(db, "SELECT txid, status || ' ' || payout FROM conversions"))
     assert got == {
         "T1": "approved 10000000",
@@ -141,6 +162,11 @@ async def test_reconcile_finds_every_category_and_apply_twice_changes_nothing_th
         "T4": "approved 7000000",
         "T5": "approved 1500000",
         "T7": "approved 2000000",
+        "T10": "approved 1000000",
+        "T11": "approved 1000000",
+        "T12": "approved 6000000",
+        "T13": "rejected 4000000",  # its empty status cell said nothing
+        "T14": "rejected 9000000",
     }
     assert rows(db, "SELECT source FROM conversions WHERE txid IN ('T2', 'T4') ORDER BY txid") == [
         ("import",),
@@ -152,21 +178,15 @@ async def test_reconcile_finds_every_category_and_apply_twice_changes_nothing_th
            JOIN conversions AS c ON c.id = h.conversion_id WHERE c.txid = 'T3' ORDER BY h.rowid""",
     )
     assert history == [("pending", 5000000, "postback"), ("approved", 5000000, "import")]
-    # each new or changed approval is forwarded as a postback's would be (T1 and T7 were already)
-    assert sorted(url.split("&p=")[1] for (url,) in rows(db, "SELECT url FROM outbox")) == [
-        "1.50",
-        "10.00",
-        "10.00",
-        "12.50",
-        "2.00",
-        "5.00",
-        "7.00",
-    ]
+    # what changed is forwarded as a postback's would be; T2's unsent 10.00 is replaced by 12.50
+    new = rows(db, f"SELECT url FROM outbox WHERE id > {max(i for (i,) in queued)} ORDER BY id")
+    assert sorted(url.split("&p=")[1] for (url,) in new) == ["1.50", "12.50", "5.00", "7.00"]
+    assert rows(db, "SELECT state FROM outbox WHERE url LIKE ?", f"%{ids['payout']}%") == [("canceled",), ("pending",)]
     again = run("reconcile", str(path), "--map", MAP, "--apply", "-c", str(config_file), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "applied: 0 changes" in again.stdout
-    assert counts(again.stdout)["matched"] == 5
-    assert len(rows(db, "SELECT * FROM outbox")) == 7  # nothing more
+    assert counts(again.stdout)["matched"] == 7
+    assert rows(db, "SELECT count(*) FROM outbox") == [(len(queued) + 4,)]  # nothing more
 
 
 async def test_reconcile_names_a_bad_map_and_a_missing_column(make_app, tmp_path, config_file):
@@ -249,3 +269,32 @@ async def test_a_refused_postback_with_a_valid_token_is_quarantined_and_listed(m
     ]
     assert "Refused postbacks" in page and "got &#x27;weird&#x27;" in page
     assert POSTBACK_TOKEN not in str(listed)
+
+
+async def test_quarantine_keeps_what_collecting_refused_cuts_long_values_and_forget_reaches_it(make_app, tmp_path):
+    app = await make_app()
+    async with client_for(app, "192.0.2.50") as http:
+        cid = await new_click(http)
+        twice = await http.get(
+            "/postback", params=[("click_id", cid), ("payout", "1"), ("amount", "2"), ("token", POSTBACK_TOKEN)]
+        )
+        assert twice.status_code == 400
+        stranger = await http.get("/postback", params=[("click_id", cid), ("payout", "1"), ("amount", "2")])
+        assert stranger.status_code == 400  # no token: refused, not kept
+        long = await postback(http, 400, click_id=cid, txid="x" * 5000, user_id="alice-1")
+        assert long["error"].startswith("txid: must be 1-64 characters")
+    db = app.config.storage.path
+    kept = [
+        (reason, json_fields) for reason, json_fields in rows(db, "SELECT reason, fields FROM quarantine ORDER BY id")
+    ]
+    assert kept[0][0] == "payout: given twice (payout and amount) with different values"
+    assert '"payout":"1","amount":"2"' in kept[0][1] and POSTBACK_TOKEN not in kept[0][1]
+    assert len(kept) == 2 and len(kept[1][1]) < 400  # the 5,000-character txid cut to 256
+    forgot = run("forget", "--user-id", "alice-1", "-c", str(app_config(tmp_path)), cwd=tmp_path)
+    assert forgot.returncode == 0, forgot.stderr
+    assert "forgot user id alice-1: 1 refused postbacks deleted" in forgot.stdout, forgot.stdout
+    assert rows(db, "SELECT count(*) FROM quarantine") == [(1,)]
+
+
+def app_config(tmp_path: Path) -> Path:
+    return tmp_path / "config.toml"
