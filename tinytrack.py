@@ -3447,6 +3447,7 @@ RECONCILE_CATEGORIES = {  # in the order the table lists them
 APPLIED = ("payout_differs", "status_differs", "missing_here", "quarantined")  # what --apply stores
 MAX_IMPORT_ROWS = 1000  # rows of one POST /api/conversions/import
 MAX_IMPORT_BODY = 1024 * 1024
+IMPORT_ROWS_PER_WRITE = 100  # an import's rows per transaction (~10 ms): clicks queued behind it barely wait
 
 
 QUARANTINE_COLUMNS = ("id", "at", "reason", "fields", "ip")
@@ -7688,12 +7689,17 @@ class Admin:
             except FieldError as exc:
                 answers.append({"row": i, "status": "invalid", "error": exc.message})
         if valid:
+            outcomes: list[PostbackOutcome] = []
             try:
-                outcomes = await self.app.store.write(
-                    lambda db, now_ms: [db.apply_postback(pb, now_ms, self.app.store.policy) for _, pb in valid],
-                    rows=len(valid),
-                    fsync=True,  # answered "created" means stored, as for a postback
-                )
+                for start in range(0, len(valid), IMPORT_ROWS_PER_WRITE):  # clicks are written in between
+                    chunk = [pb for _, pb in valid[start : start + IMPORT_ROWS_PER_WRITE]]
+                    outcomes += await self.app.store.write(
+                        lambda db, now_ms, chunk=chunk: [
+                            db.apply_postback(pb, now_ms, self.app.store.policy) for pb in chunk
+                        ],
+                        rows=len(chunk),
+                        fsync=True,  # answered "created" means stored, as for a postback
+                    )
             except StorageError:
                 raise HTTPError(Refusal.UNAVAILABLE, headers=[(b"retry-after", b"5")]) from None
             for (i, _), outcome in zip(valid, outcomes):
