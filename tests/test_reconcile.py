@@ -298,3 +298,15 @@ async def test_quarantine_keeps_what_collecting_refused_cuts_long_values_and_for
 
 def app_config(tmp_path: Path) -> Path:
     return tmp_path / "config.toml"
+
+
+async def test_an_import_larger_than_one_transaction_answers_every_row_in_order(make_app):
+    app = await make_app()
+    async with client_for(app) as http:
+        clicks = [await new_click(http) for _ in range(250)]
+        body = {"rows": [{"click_id": cid, "txid": f"B{i}", "payout": "1"} for i, cid in enumerate(clicks)]}
+        answer = await http.post("/api/conversions/import", json=body, headers=ADMIN)
+    assert answer.status_code == 200
+    assert answer.json()["rows"] == [{"row": i, "status": "created", "id": i + 1} for i in range(250)]
+    assert answer.json()["counts"] == {"created": 250}
+    assert rows(app.config.storage.path, "SELECT count(*), sum(payout) FROM conversions") == [(250, 250_000_000)]
