@@ -7469,7 +7469,11 @@ class TinyTrack:
         try:
             fields = collect_fields(pairs, aliases)
         except FieldError as exc:  # a field twice, a JSON object: refused for what it says
-            sent = {name: str(value) for name, value in pairs if isinstance(value, str | int | float)}
+            sent = {  # as sent, but whole UTF-8 (a JSON "\ud800" can't be stored)
+                name: str(value).encode("utf-8", "replace").decode()
+                for name, value in pairs
+                if isinstance(value, str | int | float)
+            }
             given = next((sent[name] for name in ("token", "key") if name in sent), None)
             if aliases is POSTBACK_ALIASES and token_matches(given or bearer_token(authorization), conf.tokens):
                 kept = {k: v for k, v in sent.items() if POSTBACK_ALIASES.get(k, "token") != "token"}
