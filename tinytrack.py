@@ -4846,6 +4846,14 @@ class Database:
             "SELECT ts, campaign, lp_at, converted_at, txid FROM selftest WHERE click_id = ?", (click_id,)
         ).fetchone()
 
+    def latest_test_click(self, campaign: str, since_ms: int) -> bytes | None:
+        """The newest selftest click of a campaign stored since a time (its id)."""
+        row = self.con.execute(
+            "SELECT click_id FROM selftest WHERE campaign = ? AND ts >= ? ORDER BY ts DESC LIMIT 1",
+            (campaign, since_ms),
+        ).fetchone()
+        return row and bytes(row[0])
+
     def forget_test(self, click_id: bytes) -> None:
         self.con.execute("DELETE FROM selftest WHERE click_id = ?", (click_id,))
 
@@ -8660,7 +8668,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             for conversion_id, click_id, campaign, event, txid, status, payout, currency, ts in db.report_only_here(
                 first * DAY_MS, (last + 1) * DAY_MS, keys, maybe
             ):
-                stored = (conversion_id, status, payout, currency, None, campaign, txid, event)
+                stored = (conversion_id, status, payout, currency, None, None, txid, event)
                 pb = Postback(bytes(click_id), event, payout, True, currency, txid or None, status, ts, True)
                 judged.append(ReportRow(0, pb, "only_here", f"conversion {conversion_id}, {campaign}", stored))
         changes, unchanged = reconcile_apply(db, config, judged) if args.apply else ([], [])
@@ -8830,13 +8838,9 @@ def cmd_selftest(args: argparse.Namespace) -> int:
             )
             if status != 302 or not headers.get("location"):
                 raise SelftestFailed("click", f"answered {status}, not a 302 redirect")
-            found = db.con.execute(
-                "SELECT click_id FROM selftest WHERE campaign = ? AND ts >= ? ORDER BY ts DESC LIMIT 1",
-                (name, started - CLOCK_STEP_MS),
-            ).fetchone()
-            if found is None:
+            click_id = db.latest_test_click(name, started - CLOCK_STEP_MS)
+            if click_id is None:
                 raise SelftestFailed("click", "answered 302, but no click was committed")
-            click_id = bytes(found[0])
             cid = format_uuid(click_id)
             stages = ["click"]
             if campaign.landers is not None:
