@@ -3941,6 +3941,12 @@ class WritePolicy(NamedTuple):
     attribution: AttributionConfig = AttributionConfig()
     pixel: bool = False  # [pixel] enabled: every campaign's clicks may be reported by /pixel
 
+    @classmethod
+    def of(cls, config: Config) -> WritePolicy:
+        return cls(
+            config.campaigns, config.forward, config.retention.sub1_per_day, config.attribution, config.pixel.enabled
+        )
+
 
 PURGE_SQL = {
     # rule name: (how many rows are due, for --dry-run; one batch). The count takes
@@ -6032,9 +6038,7 @@ class Store:
 
     def reconfigure(self, config: Config) -> None:
         """Campaigns, forwarding and the sub1 cap: the next batch writes with these."""
-        self._policy = WritePolicy(
-            config.campaigns, config.forward, config.retention.sub1_per_day, config.attribution, config.pixel.enabled
-        )
+        self._policy = WritePolicy.of(config)
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -8741,9 +8745,7 @@ def reconcile_apply(db: Database, config: Config, rows: list[ReportRow]) -> tupl
     """Store what is missing and correct what differs, each row as a postback from the
     report (source import): history kept, totals and forwards as for any postback. What
     each did, for people; a second run finds them matched and does nothing."""
-    policy = WritePolicy(
-        config.campaigns, config.forward, config.retention.sub1_per_day, config.attribution, config.pixel.enabled
-    )
+    policy = WritePolicy.of(config)
     done, unchanged = [], []
     for row in rows:
         if row.category not in APPLIED:
@@ -9013,9 +9015,7 @@ def cmd_review(args: argparse.Namespace) -> int:
                 return 0
             print_table(rows, ("id", "created", "campaign", "sub1", "event", "payout", "network says", "flags"))
             return 0
-        policy = WritePolicy(
-            config.campaigns, config.forward, config.retention.sub1_per_day, config.attribution, config.pixel.enabled
-        )
+        policy = WritePolicy.of(config)
         problems = []
         for conversion_id in args.ids:
             with db.transaction(fsync=True):  # the server's forwarder picks up what this queues
