@@ -3475,6 +3475,7 @@ class ReportRow(NamedTuple):
     detail: str = ""
     stored: tuple | None = None  # id, status, payout, currency, reason, source, txid, event
     given: frozenset[str] = frozenset()  # of status, payout, currency: what the row said (an empty cell says nothing)
+    click: bytes | None = None  # an unreadable row's click id, if that much could be read
 
 
 def parse_report_map(text: str) -> dict[str, str]:
@@ -3526,7 +3527,8 @@ def read_report(text: str, mapping: Mapping[str, str], conf: PostbackConfig, now
             postback = dataclasses.replace(build_postback(fields, conf, now, "import"), source=IMPORT)
         except FieldError as exc:
             said = f"click_id {fields.get('click_id', '-')}, txid {fields.get('txid', '-')}"
-            rows.append(ReportRow(reader.line_num, None, "unreadable", f"{exc.message} ({said})"))
+            click = parse_click_id(fields.get("click_id"))
+            rows.append(ReportRow(reader.line_num, None, "unreadable", f"{exc.message} ({said})", click=click))
             continue
         given = frozenset(name for name in ("status", "payout", "currency") if name in fields)
         key = (postback.click_id, postback.dedupe_key)
@@ -6534,6 +6536,7 @@ class Forwarder:
         self.store = store
         self.config = config.forward
         self.campaigns = config.campaigns  # their targets' secrets, read as each try is sent
+        self.alerts = config.alerts  # [alerts] webhook_url, where each try of an alert goes
         self.clock = clock
         self.send = send
         self.counts: Counter[str] = Counter()  # outcomes since start, for /metrics
@@ -6548,6 +6551,7 @@ class Forwarder:
         """Timeouts, retry pacing and secrets for the next try; a try in flight keeps its own."""
         self.config = config.forward
         self.campaigns = config.campaigns
+        self.alerts = config.alerts
 
     def start(self) -> None:
         self._stopping = False
@@ -6634,7 +6638,8 @@ class Forwarder:
             try:
                 if kind is None:
                     attempt = await self.send(url, key, self.config.timeout_seconds, self.config.allow_private)
-                elif kind == "alert":  # no secrets: the webhook URL is the config's
+                elif kind == "alert":  # to the webhook as the config has it now (a reload may move it)
+                    url = self.alerts.webhook_url or url
                     attempt = await self.send(
                         url, key, self.config.timeout_seconds, self.config.allow_private, body=body or b"{}"
                     )
@@ -8668,7 +8673,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         judged = [judge_report_row(row, db.report_lookup(row.postback)) if row.postback else row for row in rows]
         if first is not None and last is not None:
             keys = {(row.postback.click_id, row.postback.dedupe_key) for row in judged if row.postback is not None}
+            # conversions a row may be, though which can't be said, are not "only here"
             maybe = {row.postback.click_id for row in judged if row.category == "ambiguous"}
+            maybe |= {row.click for row in judged if row.click is not None}
             for conversion_id, click_id, campaign, event, txid, status, payout, currency, ts in db.report_only_here(
                 first * DAY_MS, (last + 1) * DAY_MS, keys, maybe
             ):

@@ -6,6 +6,7 @@ driven here by an injected clock."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import shutil
@@ -227,3 +228,22 @@ async def test_alert_state_outlives_a_restart_and_a_resolution_cancels_an_unsent
     async with client_for(restarted) as http:
         listed = (await http.get("/api/outbox?since=2000-01-01", headers=ADMIN)).json()["rows"]
     assert {row["url"] for row in listed if row["campaign"] == "(alerts)"} == {f"http://127.0.0.1:{hook.port}/..."}
+
+
+async def test_a_reload_moves_pending_alerts_to_the_new_webhook(make_app, clock, hook):
+    app = await alerting(make_app, hook)
+    await app.forwarder.stop(0)  # queued, not sent, until the reload
+    await send(app, good=5, refused=5)
+    assert said(await app.alerter.check()) == [("refused", "firing")]
+    moved = Receiver([200]).start()
+    try:
+        alerts = dataclasses.replace(app.config.alerts, webhook_url=moved.url("/moved"))
+        app.apply_config(dataclasses.replace(app.config, alerts=alerts))
+        for _ in range(200):
+            if moved.hits:
+                break
+            await app.forwarder.deliver_due()
+            await asyncio.sleep(0.02)
+    finally:
+        moved.stop()
+    assert [hit.path for hit in moved.hits] == ["/moved"] and hook.hits == []

@@ -310,3 +310,16 @@ async def test_an_import_larger_than_one_transaction_answers_every_row_in_order(
     assert answer.json()["rows"] == [{"row": i, "status": "created", "id": i + 1} for i in range(250)]
     assert answer.json()["counts"] == {"created": 250}
     assert rows(app.config.storage.path, "SELECT count(*), sum(payout) FROM conversions") == [(250, 250_000_000)]
+
+
+async def test_an_unreadable_rows_conversion_is_not_also_only_here(make_app, tmp_path, config_file):
+    app = await make_app()
+    async with client_for(app) as http:
+        cid = await new_click(http)
+        await postback(http, click_id=cid, txid="U1", payout="2")
+    path = tmp_path / "r.csv"
+    path.write_text(f"Date,Sub ID,Transaction,Payout,Status\n{D}T12:30:00Z,{cid},U1,2;00,sale\n")
+    done = run("reconcile", str(path), "--map", MAP, "--since", D, "--until", D, "-c", str(config_file), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    found = counts(done.stdout)
+    assert (found["unreadable rows"], found["only here (not in the file)"]) == (1, 0), done.stdout
