@@ -552,16 +552,19 @@ BACKUP_UNIT = ROOT / "systemd" / "tinytrack-backup.service"
 BACKUP_TIMER = ROOT / "systemd" / "tinytrack-backup.timer"
 
 
+def render_timed(unit: Path, timer: Path, directory: Path) -> tuple[Path, Path]:
+    """A oneshot service (its binary pointed at this venv's console script) and its timer, side by side."""
+    text = unit.read_text()
+    assert text.count(SHIPPED_BINARY) == 1
+    service = directory / unit.name
+    service.write_text(text.replace(SHIPPED_BINARY, console_script()))
+    (directory / timer.name).write_text(timer.read_text())
+    return service, directory / timer.name
+
+
 @pytest.fixture
 def rendered_backup(tmp_path: Path) -> tuple[Path, Path]:
-    """The backup service (its binary pointed at this venv's console script) and its timer, side by side."""
-    text = BACKUP_UNIT.read_text()
-    assert text.count(SHIPPED_BINARY) == 1
-    service = tmp_path / "tinytrack-backup.service"
-    service.write_text(text.replace(SHIPPED_BINARY, console_script()))
-    timer = tmp_path / "tinytrack-backup.timer"
-    timer.write_text(BACKUP_TIMER.read_text())
-    return service, timer
+    return render_timed(BACKUP_UNIT, BACKUP_TIMER, tmp_path)
 
 
 def test_backup_unit_backs_up_the_database_the_tracker_uses():
@@ -602,13 +605,7 @@ SELFTEST_TIMER = ROOT / "systemd" / "tinytrack-selftest.timer"
 
 @pytest.fixture
 def rendered_selftest(tmp_path: Path) -> tuple[Path, Path]:
-    text = SELFTEST_UNIT.read_text()
-    assert text.count(SHIPPED_BINARY) == 1
-    service = tmp_path / "tinytrack-selftest.service"
-    service.write_text(text.replace(SHIPPED_BINARY, console_script()))
-    timer = tmp_path / "tinytrack-selftest.timer"
-    timer.write_text(SELFTEST_TIMER.read_text())
-    return service, timer
+    return render_timed(SELFTEST_UNIT, SELFTEST_TIMER, tmp_path)
 
 
 def test_selftest_unit_tests_the_socket_nginx_uses():
