@@ -116,7 +116,8 @@ async def test_a_dead_delivery_alerts_until_it_is_dealt_with(make_app, clock, ho
     with closing(sqlite3.connect(app.config.storage.path)) as con, con:
         con.execute(
             """INSERT INTO outbox (conversion_id, campaign, status, url, idempotency_key, state, created_at, next_at,
-                                   deadline) VALUES (1, 'spring', 'approved', 'http://x.example/', 'k1', 'dead', 0, 0, 0)"""
+                                   deadline) VALUES (1, 'spring', 'approved', 'http://x.example/', 'k1', 'dead', ?, ?, ?)""",
+            [int(clock.now * 1000)] * 3,  # today's: not a finished delivery old enough for the purge
         )
     [alert] = await app.alerter.check()
     assert (alert["alert"], alert["state"], alert["text"]) == (
@@ -213,7 +214,8 @@ async def test_alert_state_outlives_a_restart_and_a_resolution_cancels_an_unsent
     with closing(sqlite3.connect(app.config.storage.path)) as con, con:
         con.execute(
             """INSERT INTO outbox (conversion_id, campaign, status, url, idempotency_key, state, created_at, next_at,
-                                   deadline) VALUES (1, 'spring', 'approved', 'http://x.example/', 'k1', 'dead', 0, 0, 0)"""
+                                   deadline) VALUES (1, 'spring', 'approved', 'http://x.example/', 'k1', 'dead', ?, ?, ?)""",
+            [int(clock.now * 1000)] * 3,  # today's: not a finished delivery old enough for the purge
         )
     assert said(await app.alerter.check()) == [("dead", "firing")]
     restarted = await alerting(make_app, hook)  # a new process on the same database

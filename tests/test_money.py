@@ -634,6 +634,7 @@ async def test_money_survives_the_purge_of_raw_rows(make_app, clock):
             return {r["campaign"]: {k: r[k] for k in ("payout", "cost", "profit", "roi")} for r in rows}
 
         assert await money() == want
+        await app.purger.stop()  # its start-up pass must not run on into the moved clock
         clock.now = at("2026-11-23")
         done = await app.purger.run_once()
         assert done["clicks"] == 7 and done["conversions"] == 3
