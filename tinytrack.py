@@ -2515,6 +2515,7 @@ PURGE_BATCH = 1000  # rows per transaction: short enough that clicks queued behi
 PURGE_PAUSE = 0.005  # seconds between batches, so clicks' own batches go in between
 VACUUM_PAGES = 256  # pages handed back to the file system per transaction
 DAY_MS = 86_400_000
+SLOT_MS = 900_000  # the time totals' quarter hours (slot_clicks ...): a day in any zone is whole slots
 UNIQUE_DAYS = 2  # click_uniques keeps the keys of today and the day before (a clock near midnight)
 
 
@@ -2558,7 +2559,32 @@ def rule_cutoff(rule: PurgeRule, conf: RetentionConfig, now_ms: int) -> int | by
 # -- reports --
 
 
-STATS_GROUPS = ("day", "campaign", "sub1", "sub2", "sub3", "sub4", "sub5", "status", "offer", "lander", "channel")
+STATS_GROUPS = (
+    "day",
+    "hour",  # of the day, 0-23, in the report's zone
+    "campaign",
+    *SUB_FIELDS,
+    "status",
+    "offer",
+    "lander",
+    "channel",
+    "country",
+    "device",
+    "os",
+    "browser",
+)
+MAX_GROUP_FIELDS = 3
+ENRICHED_FIELDS = ("country", "device", "os", "browser")  # the clicks' (Enricher): raw rows only
+# What each kind of totals can group by; a report whose fields fit none reads the raw rows (STATS_SOURCES).
+DAILY_FIELDS = frozenset(("day", "campaign", "sub1", "status", "channel"))  # per UTC day: daily_*
+FUNNEL_FIELDS = frozenset(("day", "campaign", "lander", "offer", "status", "channel"))  # per UTC day: daily_funnel*
+SLOT_FIELDS = frozenset(("day", "hour", "campaign", "status", "channel"))  # per quarter hour: slot_*, any zone
+STATS_SOURCES = {  # a report's answer says which it read
+    "daily": "daily totals (kept for good)",
+    "funnel": "daily lander and offer totals (kept for good)",
+    "slots": "quarter-hour totals (kept for good)",
+    "raw": "raw rows (clicks as long as clicks_days keeps them)",
+}
 COUNT_COLUMNS = (
     "clicks",
     "unique_clicks",
@@ -2568,7 +2594,7 @@ COUNT_COLUMNS = (
     "pending",
     "rejected",
     "lp_clicks",
-    "flagged_clicks",  # human clicks with fraud flags
+    "flagged_clicks",  # human clicks with flags
     "flagged_conversions",  # conversions with fraud flags, in any status
     "pixel_only",  # conversions only the browser pixel reported (no postback yet), in any status
 )
@@ -2576,17 +2602,23 @@ MONEY_COLUMNS = ("payout", "cost", "profit", "roi")  # each {currency: amount}, 
 STATS_COLUMNS = (*COUNT_COLUMNS, *MONEY_COLUMNS, "cr", "epc", "cpa", "lp_ctr")
 STATS_DEFAULT_DAYS = 30
 STATS_MAX_DAYS = 3660
+HOUR_MS = 3_600_000
 
 
 @dataclasses.dataclass(frozen=True)
 class StatsQuery:
-    first_day: int  # UTC days since 1970, inclusive
+    first_day: int  # days since 1970 in zone tz, inclusive
     last_day: int
-    by: str = "campaign"
+    by: tuple[str, ...] | str = ("campaign",)  # up to MAX_GROUP_FIELDS of STATS_GROUPS ("day,sub1" is split)
     campaign: str | None = None
     bots: bool = False
     money: MoneyConfig = MoneyConfig()  # rates to report in one currency; none: each apart
     channels: Mapping[str, str] = dataclasses.field(default_factory=dict)  # campaign -> channel, for by=channel
+    tz: str = "UTC"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.by, str):
+            object.__setattr__(self, "by", tuple(self.by.split(",")))
 
     def channel_of(self, campaign: str) -> str:
         """A campaign's channel as configured now; "paid" (the default) for one no longer
@@ -2594,9 +2626,101 @@ class StatsQuery:
         found = self.channels.get(campaign)
         return found or ("organic" if campaign == ORGANIC else NOBODY if campaign == NOBODY else "paid")
 
+    @property
+    def span_ms(self) -> tuple[int, int]:
+        """The range as unix ms, [start, end): from the first day's midnight in tz to the one after the last."""
+        return local_midnight(self.first_day, self.tz), local_midnight(self.last_day + 1, self.tz)
+
+    @property
+    def source(self) -> str:
+        """Which rows answer it (a key of STATS_SOURCES): totals where its fields and
+        zone fit them, else the raw rows."""
+        fields = set(self.by)
+        utc = self.tz == "UTC"
+        if utc and fields <= DAILY_FIELDS:
+            return "daily"
+        if utc and fields <= FUNNEL_FIELDS:
+            return "funnel"
+        start, end = self.span_ms
+        if fields <= SLOT_FIELDS and start % SLOT_MS == 0 and end % SLOT_MS == 0:
+            return "slots"
+        return (
+            "raw"  # sub2..sub5, the clicks' country and device, lander or offer with sub1, a zone off the quarter hour
+        )
+
+
+def local_midnight(day: int, tz: str) -> int:
+    """Unix ms of the start of `day` (days since 1970) in zone tz: its first instant (a
+    zone that skips midnight, as some did for daylight saving, starts the day later)."""
+    if tz == "UTC":
+        return day * DAY_MS
+    date = dt.date(1970, 1, 1) + dt.timedelta(days=day)
+    local = dt.datetime.combine(date, dt.time(), zone(tz))
+    ms = int(local.timestamp() * 1000)
+    # fold=0 on a skipped midnight gives the instant before the gap; the day starts at its end
+    back = dt.datetime.fromtimestamp(ms / 1000, zone(tz))
+    return ms if back.date() == date else int(local.replace(fold=1).timestamp() * 1000)
+
+
+def zone_offsets(tz: str, start_ms: int, end_ms: int) -> list[tuple[int, int]]:
+    """The zone's UTC offsets over [start_ms, end_ms): (from unix ms, offset ms), the
+    first from start_ms; each change found to the millisecond (offsets are sampled
+    every six hours, and a change bisected between two samples)."""
+    local = zone(tz)
+
+    def offset(ms: int) -> int:
+        return int(local.utcoffset(dt.datetime.fromtimestamp(ms / 1000, dt.UTC)).total_seconds() * 1000)
+
+    out = [(start_ms, offset(start_ms))]
+    t = start_ms
+    while t < end_ms:
+        nxt = min(t + 6 * HOUR_MS, end_ms)
+        if offset(nxt) != out[-1][1] and nxt < end_ms:
+            low, high = t, nxt  # offset(low) is the current one, offset(high) the next
+            while high - low > 1:
+                mid = (low + high) // 2
+                low, high = (mid, high) if offset(mid) == out[-1][1] else (low, mid)
+            out.append((high, offset(high)))
+        t = nxt
+    return out
+
+
+def offset_sql(ms: str, offsets: Sequence[tuple[int, int]]) -> str:
+    """SQL for the zone's offset at unix ms `ms` (an expression): integers made here, never input."""
+    if len(offsets) == 1:
+        return str(offsets[0][1])
+    cases = " ".join(f"WHEN {ms} < {at} THEN {off}" for (_, off), (at, _) in zip(offsets, offsets[1:]))
+    return f"(CASE {cases} ELSE {offsets[-1][1]} END)"
+
+
+def time_fields_sql(ms: str, offsets: Sequence[tuple[int, int]]) -> dict[str, str]:
+    """SQL for a time's day and hour in the zone of `offsets`, from unix ms `ms`."""
+    local = f"({ms} + {offset_sql(ms, offsets)})"
+    return {"day": f"{local} / {DAY_MS}", "hour": f"{local} % {DAY_MS} / {HOUR_MS}"}
+
+
+def parse_group(text: str) -> tuple[str, ...]:
+    """?by= as fields: up to MAX_GROUP_FIELDS of STATS_GROUPS, comma-separated, each once."""
+    fields = tuple(name.strip() for name in text.split(","))
+    for name in fields:
+        if name not in STATS_GROUPS:
+            raise FieldError("by", f"must be up to {MAX_GROUP_FIELDS} of {', '.join(STATS_GROUPS)}, got {quoted(name)}")
+    if len(fields) > MAX_GROUP_FIELDS:
+        raise FieldError("by", f"at most {MAX_GROUP_FIELDS} fields, got {len(fields)}")
+    if len(set(fields)) != len(fields):
+        raise FieldError("by", f"names a field twice: {quoted(text)}")
+    return fields
+
 
 def campaign_channels(config: Config) -> dict[str, str]:
     return {name: campaign.channel for name, campaign in config.campaigns.items()}
+
+
+def local_today(now: float, tz: str) -> int:
+    """Today in zone tz, as days since 1970."""
+    if tz == "UTC":
+        return int(now // 86400)
+    return (dt.datetime.fromtimestamp(now, zone(tz)).date() - dt.date(1970, 1, 1)).days
 
 
 def stats_query(
@@ -2605,22 +2729,25 @@ def stats_query(
     money: MoneyConfig = MoneyConfig(),
     channels: Mapping[str, str] | None = None,
 ) -> StatsQuery:
-    """A StatsQuery from ?from=&to=&by=&campaign=&bots=&convert= (or the CLI's flags); FieldError names what is wrong."""
-    today = int(now // 86400)
+    """A StatsQuery from ?from=&to=&tz=&by=&campaign=&bots=&convert= (or the CLI's flags); FieldError names what is wrong."""
+    tz = params.get("tz") or "UTC"
+    if tz in ("utc", "Z", "Etc/UTC", "UTC0"):
+        tz = "UTC"
+    if tz != "UTC":
+        zone(tz)
+    today = local_today(now, tz)
     last = parse_day(params["to"], "to") if params.get("to") else today
     first = parse_day(params["from"], "from") if params.get("from") else last - STATS_DEFAULT_DAYS + 1
     if first > last:
         raise FieldError("from", f"must not be after to ({day_text(last)}), got {day_text(first)}")
     if last - first >= STATS_MAX_DAYS:
         raise FieldError("from", f"the range is at most {STATS_MAX_DAYS} days")
-    by = params.get("by") or "campaign"
-    if by not in STATS_GROUPS:
-        raise FieldError("by", f"must be one of {', '.join(STATS_GROUPS)}, got {quoted(by)}")
+    if first < 0 or last > 2932500:  # a zone's midnight must be a time: 1970-01-01 to 9998
+        raise FieldError("from" if first < 0 else "to", "must be from 1970-01-01 to 9998-12-31")
+    by = parse_group(params.get("by") or "campaign")
     bots = params.get("bots") or "0"
     if bots not in ("0", "1"):
         raise FieldError("bots", f"must be 0 or 1, got {quoted(bots)}")
-    if params.get("tz") not in (None, "", "UTC", "utc", "Z", "+00:00"):
-        raise FieldError("tz", "totals are kept per UTC day, so only UTC is offered")
     convert = params.get("convert") or "1"
     if convert not in ("0", "1"):
         raise FieldError("convert", f"must be 0 or 1, got {quoted(convert)}")
@@ -2632,22 +2759,26 @@ def stats_query(
         bots == "1",
         money if convert == "1" else MoneyConfig(),
         channels or {},
+        tz,
     )
 
 
 def stats_rows(
     q: StatsQuery, clicks: Iterable[tuple], conversions: Iterable[tuple], costs: Iterable[tuple] = ()
 ) -> list[dict]:
-    """Rows of a report from its reads (Database.stats): clicks (key, humans, bots,
-    unique, LP clicks, human clicks sent to a lander, LP clicks of those, flagged),
-    conversions (key, status, currency, count, whole, micros, flagged, pixel only) and costs (key,
-    currency, whole, micros). Money stays integer micro-units until it is printed."""
-    groups: dict[Any, dict] = {}
+    """Rows of a report from its reads (Database.stats), each read's rows led by a key,
+    the values of q.by in order (status '' where the read has none): clicks (key, humans,
+    bots, unique, LP clicks, human clicks sent to a lander, LP clicks of those, flagged),
+    conversions (key, status, currency, count, whole, micros, flagged, pixel only) and
+    costs (key, currency, whole, micros). Money stays integer micro-units until it is printed."""
+    by = q.by
+    width = len(by)
+    groups: dict[tuple, dict] = {}
 
-    def group(key: Any) -> dict:
-        if key not in groups:
-            groups[key] = {
-                q.by: key,
+    def group(key: tuple) -> dict:
+        row = groups.get(key)
+        if row is None:
+            row = groups[key] = {
                 "clicks": 0,
                 "unique_clicks": 0,
                 "bot_clicks": 0,
@@ -2663,46 +2794,56 @@ def stats_rows(
                 "payout": Counter(),
                 "cost": Counter(),
             }
-        return groups[key]
+        return row
 
-    total = dict.fromkeys(
-        ("clicks", "bot_clicks", "unique_clicks", "lp_clicks", "landed", "landed_lp", "flagged_clicks"), 0
-    )
-    total_cost: Counter[str] = Counter()
-    for key, *counts in clicks:
-        row = group(key)
-        for name, n in zip(total, counts):
+    channel = by.index("channel") if "channel" in by else None
+    status = by.index("status") if "status" in by else None
+
+    def key_of(row: Sequence) -> tuple:
+        key = tuple(row[:width])
+        if channel is not None:  # each campaign's rows under its channel
+            key = (*key[:channel], q.channel_of(key[channel]), *key[channel + 1 :])
+        return key
+
+    click_columns = ("clicks", "bot_clicks", "unique_clicks", "lp_clicks", "landed", "landed_lp", "flagged_clicks")
+    for read in clicks:
+        row = group(key_of(read))
+        for name, n in zip(click_columns, read[width:]):
             row[name] += n
-            total[name] += n
-    for key, status, currency, count, whole, micros, flagged, pixel in conversions:
-        row = group(key)
-        row[status] += count
+    for read in conversions:
+        st, currency, count, whole, micros, flagged, pixel = read[width:]
+        row = group(key_of(read))
+        row[st] += count
         row["flagged_conversions"] += flagged
         row["pixel_only"] += pixel
-        if status == "approved" or q.by == "status":
+        if st == "approved" or status is not None:
             row["payout"][currency] += money_units(whole, micros)
-    for key, currency, whole, micros in costs:
-        units = money_units(whole, micros)
-        total_cost[currency] += units
-        if q.by != "status":
-            group(key)["cost"][currency] += units
-    if q.by == "status":  # every status row is set against all the clicks (and costs) of the range
-        groups.pop("", None)
-        for row in groups.values():
-            row.update(total)
-            row["cost"] = total_cost.copy()
+    for read in costs:
+        currency, whole, micros = read[width:]
+        group(key_of(read))["cost"][currency] += money_units(whole, micros)
+    if status is not None:
+        # Clicks and costs have no status: each status row is set against all the clicks
+        # (and costs) of the rest of its key; what had no conversion has no row.
+        apart = {key: groups.pop(key) for key in [key for key in groups if key[status] == ""]}
+        for key, row in groups.items():
+            shared = apart.get((*key[:status], "", *key[status + 1 :]))
+            if shared is not None:
+                for name in click_columns:
+                    row[name] = shared[name]
+                row["cost"] = shared["cost"].copy()
+    day = by.index("day") if "day" in by else None
     rows = []
-    for key in sorted(groups, key=lambda k: (k is None, k)):
+    for key in sorted(groups):
         row = groups[key]
-        if q.by == "day":
-            row["day"] = day_text(key)
-        clicks_counted = row["clicks"] + (row["bot_clicks"] if q.bots else 0)
-        row["clicks"] = clicks_counted
+        named = dict(zip(by, key))
+        if day is not None:
+            named["day"] = day_text(key[day])
+        row["clicks"] += row["bot_clicks"] if q.bots else 0
         row["conversions"] = row["approved"] + row["pending"]
         payout, cost = convert_money(row["payout"], q.money), convert_money(row["cost"], q.money)
         figures = money_figures(payout, cost, row)
         figures["lp_ctr"] = ratio(row["landed_lp"] * 100, row["landed"], 2)  # LP clicks per 100 lander visits
-        rows.append({q.by: row[q.by], **{c: row[c] for c in COUNT_COLUMNS}, **figures})
+        rows.append({**named, **{c: row[c] for c in COUNT_COLUMNS}, **figures})
     return rows
 
 
@@ -2742,10 +2883,23 @@ def convert_money(amounts: Counter[str], money: MoneyConfig) -> Counter[str]:
     return out
 
 
-def stats_answer(q: StatsQuery, rows: list[dict]) -> dict[str, Any]:
-    """/api/stats' (and `stats --json`'s) answer: the rows, and with report_currency
-    the rates used and any currency that had none (kept apart, never dropped)."""
-    answer: dict[str, Any] = {"rows": rows}
+def stats_answer(q: StatsQuery, rows: list[dict], kept: Mapping[str, int | None] = {}) -> dict[str, Any]:  # noqa: B006
+    """/api/stats' (and `stats --json`'s) answer: what it covers and read, the rows, and
+    with report_currency the rates used and any currency that had none (kept apart,
+    never dropped). `kept`: since when the raw clicks (clicks_since) and the quarter-hour
+    totals (slots_since) are kept, unix ms, where the report's source needs them."""
+    answer: dict[str, Any] = {
+        "from": day_text(q.first_day),
+        "to": day_text(q.last_day),
+        "tz": q.tz,
+        "by": list(q.by),
+        "source": q.source,
+    }
+    since = kept.get("clicks_since" if q.source == "raw" else "slots_since" if q.source == "slots" else "")
+    start = q.span_ms[0]
+    if since is not None and since > start:  # the first days are partial: say from when they are whole
+        answer["complete_from"] = iso_ms(since)
+    answer["rows"] = rows
     report = q.money.report_currency
     if report is not None:
         seen = {cur for row in rows for column in ("payout", "cost") for cur in row[column]}
@@ -2768,7 +2922,7 @@ def stats_table(q: StatsQuery, rows: list[dict]) -> tuple[list[str], list[list[o
     currencies = sorted({cur for row in rows for column in ("payout", "cost") for cur in row[column]})
     money = [f"{column}_{cur}" for column in MONEY_COLUMNS for cur in currencies]
     header = [
-        q.by,
+        *q.by,
         *COUNT_COLUMNS,
         *money,
         "cr",
@@ -2783,7 +2937,9 @@ def stats_table(q: StatsQuery, rows: list[dict]) -> tuple[list[str], list[list[o
         ]
         epc = [row["epc"].get(cur, "0.0000" if row["clicks"] else None) for cur in currencies]
         cpa = [row["cpa"].get(cur) if row["conversions"] else None for cur in currencies]
-        cells.append([row[q.by], *(row[c] for c in COUNT_COLUMNS), *figures, row["cr"], *epc, *cpa, row["lp_ctr"]])
+        cells.append(
+            [*(row[f] for f in q.by), *(row[c] for c in COUNT_COLUMNS), *figures, row["cr"], *epc, *cpa, row["lp_ctr"]]
+        )
     return header, cells
 
 
@@ -3383,6 +3539,101 @@ SCHEMA = [
     ) WITHOUT ROWID;
     INSERT INTO meta (key, value) VALUES ('selftest_key', lower(hex(randomblob(16))));
     """,
+    # version 11: reports in any time zone, and by country and device
+    f"""
+    -- Where a click came from and on what, filled in batches after it is stored (the
+    -- Enricher), never on its path: country (ISO 3166 alpha-2, from [geo] database),
+    -- device (desktop, mobile, tablet, other), os and browser (families, from ua-parser).
+    -- NULL until filled, and for good when nothing was known (no address, no parser).
+    ALTER TABLE clicks ADD COLUMN country TEXT;
+    ALTER TABLE clicks ADD COLUMN device TEXT;
+    ALTER TABLE clicks ADD COLUMN os TEXT;
+    ALTER TABLE clicks ADD COLUMN browser TEXT;
+    -- Totals per quarter hour (slot: unix ms / {SLOT_MS}) and campaign: every zone in use
+    -- starts its days on a quarter hour (India +5:30, Nepal +5:45), so a day in any zone
+    -- is a whole number of slots. At most 96 rows per campaign and day in each table.
+    CREATE TABLE slot_clicks (
+        slot INTEGER NOT NULL,
+        campaign TEXT NOT NULL,
+        clicks INTEGER NOT NULL DEFAULT 0,           -- humans
+        bot_clicks INTEGER NOT NULL DEFAULT 0,
+        unique_clicks INTEGER NOT NULL DEFAULT 0,    -- first of their (campaign, UTC day, address, User-Agent)
+        lp_clicks INTEGER NOT NULL DEFAULT 0,        -- by the click's slot, as daily_clicks
+        lander_clicks INTEGER NOT NULL DEFAULT 0,
+        lander_lp_clicks INTEGER NOT NULL DEFAULT 0,
+        flagged_clicks INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (slot, campaign)
+    ) WITHOUT ROWID;
+    CREATE TABLE slot_conversions (
+        slot INTEGER NOT NULL,                       -- of when it converted (ts)
+        campaign TEXT NOT NULL,
+        status TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        conversions INTEGER NOT NULL,
+        payout INTEGER NOT NULL,
+        flagged INTEGER NOT NULL,
+        pixel_only INTEGER NOT NULL,
+        PRIMARY KEY (slot, campaign, status, currency)
+    ) WITHOUT ROWID;
+    -- What clicks cost (by the click's slot) and approved cpa or revshare conversions cost
+    -- (by theirs). Uploaded costs stay in daily_costs: a report shares a UTC day's upload
+    -- over its slots (Database.slot_costs).
+    CREATE TABLE slot_costs (
+        slot INTEGER NOT NULL,
+        campaign TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        cost INTEGER NOT NULL,
+        PRIMARY KEY (slot, campaign, currency)
+    ) WITHOUT ROWID;
+    CREATE TRIGGER conversions_slot_insert AFTER INSERT ON conversions BEGIN
+        INSERT INTO slot_conversions VALUES (NEW.ts / {SLOT_MS}, NEW.campaign, NEW.status, NEW.currency, 1, NEW.payout,
+            NEW.flags IS NOT NULL, NEW.source IS 'pixel')
+        ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout,
+            flagged = flagged + excluded.flagged, pixel_only = pixel_only + excluded.pixel_only;
+        INSERT INTO slot_costs SELECT NEW.ts / {SLOT_MS}, NEW.campaign, NEW.cost_currency, NEW.cost
+            WHERE NEW.cost_model IS NOT NULL AND NEW.status = 'approved'
+        ON CONFLICT DO UPDATE SET cost = cost + excluded.cost;
+    END;
+    CREATE TRIGGER conversions_slot_update AFTER UPDATE OF status, payout, currency, flags, source, cost, cost_currency
+    ON conversions BEGIN
+        UPDATE slot_conversions SET conversions = conversions - 1, payout = payout - OLD.payout,
+            flagged = flagged - (OLD.flags IS NOT NULL), pixel_only = pixel_only - (OLD.source IS 'pixel')
+        WHERE slot = OLD.ts / {SLOT_MS} AND campaign = OLD.campaign AND status = OLD.status AND currency = OLD.currency;
+        INSERT INTO slot_conversions VALUES (NEW.ts / {SLOT_MS}, NEW.campaign, NEW.status, NEW.currency, 1, NEW.payout,
+            NEW.flags IS NOT NULL, NEW.source IS 'pixel')
+        ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout,
+            flagged = flagged + excluded.flagged, pixel_only = pixel_only + excluded.pixel_only;
+        UPDATE slot_costs SET cost = cost - OLD.cost
+        WHERE OLD.cost_model IS NOT NULL AND OLD.status = 'approved' AND slot = OLD.ts / {SLOT_MS}
+            AND campaign = OLD.campaign AND currency = OLD.cost_currency;
+        INSERT INTO slot_costs SELECT NEW.ts / {SLOT_MS}, NEW.campaign, NEW.cost_currency, NEW.cost
+            WHERE NEW.cost_model IS NOT NULL AND NEW.status = 'approved'
+        ON CONFLICT DO UPDATE SET cost = cost + excluded.cost;
+    END;
+    -- What is kept now into the new totals: the clicks still stored (the slots start at
+    -- the oldest: meta slots_since), and every conversion.
+    INSERT INTO slot_clicks
+        SELECT ts / {SLOT_MS}, campaign, sum(bot = 0), sum(bot), 0, sum(bot = 0 AND lp_at IS NOT NULL),
+            sum(bot = 0 AND lander IS NOT NULL), sum(bot = 0 AND lander IS NOT NULL AND lp_at IS NOT NULL),
+            sum(bot = 0 AND flags IS NOT NULL)
+        FROM clicks GROUP BY 1, 2;
+    UPDATE slot_clicks SET unique_clicks = firsts.n FROM (
+        SELECT ts / {SLOT_MS} AS slot, campaign, count(*) AS n FROM clicks WHERE id IN (
+            SELECT min(id) FROM clicks WHERE bot = 0 AND ua IS NOT NULL GROUP BY ts / {DAY_MS}, campaign, ip, ua)
+        GROUP BY 1, 2) AS firsts
+    WHERE slot_clicks.slot = firsts.slot AND slot_clicks.campaign = firsts.campaign;
+    INSERT INTO slot_conversions
+        SELECT ts / {SLOT_MS}, campaign, status, currency, count(*), sum(payout), sum(flags IS NOT NULL),
+            sum(source IS 'pixel')
+        FROM conversions GROUP BY 1, 2, 3, 4;
+    INSERT INTO slot_costs SELECT slot, campaign, currency, sum(cost) FROM (
+        SELECT ts / {SLOT_MS} AS slot, campaign, cost_currency AS currency, cost FROM clicks WHERE cost IS NOT NULL
+        UNION ALL
+        SELECT ts / {SLOT_MS}, campaign, cost_currency, cost FROM conversions
+        WHERE cost_model IS NOT NULL AND status = 'approved') GROUP BY 1, 2, 3;
+    INSERT INTO meta (key, value) SELECT 'slots_since', coalesce(
+        (SELECT min(ts) FROM clicks), CAST((julianday('now') - 2440587.5) * {DAY_MS} AS INTEGER));
+    """,
 ]
 OTHER_SUB1 = "(other)"  # the totals' sub1 for a campaign-day's sub1 beyond retention.sub1_per_day
 
@@ -3769,6 +4020,16 @@ ADD_FUNNEL_CLICKS = """INSERT INTO daily_funnel (day, campaign, lander, offer, c
 ADD_DAILY_COSTS = f"""INSERT INTO daily_costs (day, campaign, sub1, source, currency, cost) VALUES (?, ?, ?, ?, ?, ?)
                       ON CONFLICT DO UPDATE SET cost = CASE WHEN cost <= {MAX_SUM} - excluded.cost
                           THEN cost + excluded.cost ELSE cost END"""
+ADD_SLOT_CLICKS = """INSERT INTO slot_clicks (slot, campaign, clicks, bot_clicks, unique_clicks, lander_clicks,
+                         flagged_clicks)
+                     VALUES (?, ?, ?, ?, ?, ?, ?)
+                     ON CONFLICT DO UPDATE SET clicks = clicks + excluded.clicks, bot_clicks = bot_clicks + excluded.bot_clicks,
+                         unique_clicks = unique_clicks + excluded.unique_clicks,
+                         lander_clicks = lander_clicks + excluded.lander_clicks,
+                         flagged_clicks = flagged_clicks + excluded.flagged_clicks"""
+ADD_SLOT_COSTS = f"""INSERT INTO slot_costs (slot, campaign, currency, cost) VALUES (?, ?, ?, ?)
+                     ON CONFLICT DO UPDATE SET cost = CASE WHEN cost <= {MAX_SUM} - excluded.cost
+                         THEN cost + excluded.cost ELSE cost END"""
 # What a conversion copies of its click (ClickFacts, sub1_other, its cost) and judges it by (bot, flags, ip).
 CLICK_FOR_POSTBACK = """SELECT ts, campaign, sub1, sub2, sub3, sub4, sub5, ext_id, sub1_other, cost, cost_currency,
                                lander, offer, bot, flags, ip, uid, ad_ids
@@ -3880,6 +4141,7 @@ class LPCounts:
     daily: Counter = dataclasses.field(default_factory=Counter)  # (day, campaign, sub1) -> LP clicks
     landed: Counter = dataclasses.field(default_factory=Counter)  # the same key -> LP clicks of clicks sent to a lander
     funnel: Counter = dataclasses.field(default_factory=Counter)  # (day, campaign, lander, offer) -> LP clicks
+    slots: Counter = dataclasses.field(default_factory=Counter)  # (slot, campaign, sent to a lander) -> LP clicks
 
     def __bool__(self) -> bool:
         return bool(self.daily or self.funnel)
@@ -4207,16 +4469,23 @@ class Database:
         wide_rows = []
         costs: defaultdict = defaultdict(int)
         funnel: dict[tuple, list[int]] = {}  # (day, campaign, lander, offer) -> [humans, bots, unique, flagged]
+        slots: dict[tuple, list[int]] = {}  # (slot, campaign) -> [humans, bots, unique, sent to a lander, flagged]
+        slot_costs: defaultdict = defaultdict(int)
         day, keys = -1, set()
         for row in rows:
             if row[1] // DAY_MS != day:
                 day = row[1] // DAY_MS
                 keys = self.unique_keys(day)
+            slot = slots.get((row[1] // SLOT_MS, row[2]))
+            if slot is None:
+                slot = slots[row[1] // SLOT_MS, row[2]] = [0, 0, 0, 0, 0]
+            slot[1 if row[11] else 0] += 1
             first = False
             if not row[11]:
                 key = hash((row[2], row[9], row[10]))  # the set lives in this process: its hash will do
                 if key not in keys and self._first_seen(day, keys, key, row):
                     first = True
+                    slot[2] += 1
                     sub1 = row[3] or ""
                     unique[day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1] += 1
             if row[13]:  # a cost_currency: the click has a cost
@@ -4224,9 +4493,11 @@ class Database:
                 costs[
                     day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1, "clicks", row[13]
                 ] += row[12]
+                slot_costs[row[1] // SLOT_MS, row[2], row[13]] += row[12]
             if len(row) > 16:  # a WideClickRow
                 wide_rows.append(row)
                 if not row[11] and row[16] != NO_TEXT:  # flagged
+                    slot[4] += 1
                     sub1 = row[3] or ""
                     flagged[day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1] += 1
             if row[15] != NO_TEXT:  # a click of a campaign with landers or offers
@@ -4236,6 +4507,7 @@ class Database:
                 counts[2] += first
                 counts[3] += len(row) > 16 and not row[11] and row[16] != NO_TEXT
                 if lander and not row[11]:
+                    slot[3] += 1
                     sub1 = row[3] or ""
                     landed[day, row[2], OTHER_SUB1 if other and (day, row[2], sub1) in other else sub1] += 1
         if wide_rows:
@@ -4269,10 +4541,12 @@ class Database:
                     for (day, c, s, bot), n in totals.items()
                 ],
             )
+        self.con.executemany(ADD_SLOT_CLICKS, [(*key, *counts) for key, counts in slots.items()])
         if funnel:
             self.con.executemany(ADD_FUNNEL_CLICKS, [(*key, *counts, 0) for key, counts in funnel.items()])
         if costs:
             self.con.executemany(ADD_DAILY_COSTS, [(*key, cost) for key, cost in costs.items()])
+            self.con.executemany(ADD_SLOT_COSTS, [(*key, cost) for key, cost in slot_costs.items()])
 
     def lp_click(
         self, lp: LPClick, now_ms: int, counts: LPCounts, sub1_per_day: int | None = None
@@ -4310,6 +4584,7 @@ class Database:
             if counted:
                 key = (day, campaign.name, OTHER_SUB1 if other else sub1 or "")
                 counts.daily[key] += 1
+                counts.slots[ts // SLOT_MS, campaign.name, bool(lander)] += 1
                 if lander:
                     counts.landed[key] += 1
                 if stored is not None:
@@ -4329,6 +4604,11 @@ class Database:
             [(n, counts.landed[key], *key) for key, n in counts.daily.items()],
         )
         self.con.executemany(ADD_FUNNEL_CLICKS, [(*key, 0, 0, 0, 0, n) for key, n in counts.funnel.items() if n])
+        self.con.executemany(
+            """UPDATE slot_clicks SET lp_clicks = lp_clicks + ?, lander_lp_clicks = lander_lp_clicks + ?
+               WHERE slot = ? AND campaign = ?""",
+            [(n, n if landed else 0, slot, campaign) for (slot, campaign, landed), n in counts.slots.items()],
+        )
 
     def _first_seen(self, day: int, keys: set[int], key: int, row: Sequence) -> bool:
         """A human click whose key is not in the day's set: the first of its (campaign,
@@ -5644,83 +5924,222 @@ class Database:
                    GROUP BY {", ".join(str(i) for i in range(1, keys + 2))}"""
 
     def stats(self, q: StatsQuery) -> list[dict]:
-        """A report: day, campaign, sub1, status, offer and lander from the daily totals,
-        which outlive purges; sub2..sub5 from the raw rows still kept (clicks_days)."""
+        """A report, from what q.source says: the daily totals (day, campaign, sub1,
+        status, channel; lander and offer), the quarter-hour totals (any zone, by hour),
+        both kept for good, or the raw rows still kept (clicks_days)."""
         where, args = "", ()
         if q.campaign is not None:
             where, args = " AND campaign = ?", (q.campaign,)
-        if q.by in ("offer", "lander"):
+        source = q.source
+        if source == "funnel":
             return self._funnel_stats(q, where, args)
-        if q.by in ("day", "campaign", "sub1", "status", "channel"):
-            key = "''" if q.by == "status" else "campaign" if q.by == "channel" else q.by
-            span = (q.first_day, q.last_day, *args)
-            clicks = self.con.execute(
-                f"""SELECT {key}, sum(clicks), sum(bot_clicks), sum(unique_clicks), sum(lp_clicks), sum(lander_clicks),
-                           sum(lander_lp_clicks), sum(flagged_clicks)
-                    FROM daily_clicks WHERE day BETWEEN ? AND ?{where} GROUP BY 1""",
-                span,
-            )
-            conversions = self.con.execute(
-                f"""SELECT {"status" if q.by == "status" else key}, status, currency, sum(conversions), {PAYOUT_SUM},
-                           sum(flagged), sum(pixel_only)
-                    FROM daily_conversions WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3
-                    HAVING sum(conversions) != 0""",  # a status change leaves its old row at zero
-                span,
-            )
-            costs = self.con.execute(self._costs_sql(key, where), span)
-            reads = [clicks.fetchall(), conversions.fetchall(), costs.fetchall()]
-            if q.by == "channel":  # each campaign's rows under its channel
-                reads = [[(q.channel_of(row[0]), *row[1:]) for row in rows] for rows in reads]
-            return stats_rows(q, *reads)
-        # sub2..sub5: the raw rows, so the costs the clicks and conversions carried (uploads are per sub1)
-        start, end = q.first_day * DAY_MS, (q.last_day + 1) * DAY_MS
-        ids = (uuid_floor(start), uuid_floor(end), *args)
+        if source == "slots":
+            return self._slot_stats(q, where, args)
+        if source == "raw":
+            return self._raw_stats(q, where, args)
+        fields = {"day": "day", "campaign": "campaign", "channel": "campaign", "sub1": "sub1", "status": "''"}
+        key = ", ".join(fields[name] for name in q.by)
+        groups = ", ".join(str(i) for i in range(1, len(q.by) + 1))
+        span = (q.first_day, q.last_day, *args)
         clicks = self.con.execute(
-            f"""SELECT coalesce({q.by}, ''), sum(bot = 0), sum(bot), 0, sum(bot = 0 AND lp_at IS NOT NULL),
+            f"""SELECT {key}, sum(clicks), sum(bot_clicks), sum(unique_clicks), sum(lp_clicks), sum(lander_clicks),
+                       sum(lander_lp_clicks), sum(flagged_clicks)
+                FROM daily_clicks WHERE day BETWEEN ? AND ?{where} GROUP BY {groups}""",
+            span,
+        )
+        conversions = self.con.execute(
+            f"""SELECT {key.replace("''", "status")}, status, currency, sum(conversions), {PAYOUT_SUM},
+                       sum(flagged), sum(pixel_only)
+                FROM daily_conversions WHERE day BETWEEN ? AND ?{where} GROUP BY {groups}, status, currency
+                HAVING sum(conversions) != 0""",  # a status change leaves its old row at zero
+            span,
+        )
+        costs = self.con.execute(self._costs_sql(key, where, len(q.by)), span)
+        return stats_rows(q, clicks.fetchall(), conversions.fetchall(), costs.fetchall())
+
+    def kept_since(self) -> dict[str, int | None]:
+        """Since when reports can read what they read, unix ms: the oldest raw click kept
+        (clicks_since) and the start of the quarter-hour totals (slots_since: schema 11)."""
+        oldest = self.con.execute("SELECT ts FROM clicks ORDER BY id LIMIT 1").fetchone()
+        slots = self.con.execute("SELECT value FROM meta WHERE key = 'slots_since'").fetchone()
+        return {"clicks_since": oldest and oldest[0], "slots_since": slots and int(slots[0])}
+
+    def _slot_stats(self, q: StatsQuery, where: str, args: tuple) -> list[dict]:
+        """A report from the quarter-hour totals: days and hours in any zone, exact."""
+        start, end = q.span_ms
+        offsets = zone_offsets(q.tz, start, end)
+        time = time_fields_sql(f"slot * {SLOT_MS}", offsets)
+        fields = {**time, "campaign": "campaign", "channel": "campaign", "status": "''"}
+        key = ", ".join(fields[name] for name in q.by)
+        groups = ", ".join(str(i) for i in range(1, len(q.by) + 1))
+        span = (start // SLOT_MS, end // SLOT_MS, *args)
+        clicks = self.con.execute(
+            f"""SELECT {key}, sum(clicks), sum(bot_clicks), sum(unique_clicks), sum(lp_clicks), sum(lander_clicks),
+                       sum(lander_lp_clicks), sum(flagged_clicks)
+                FROM slot_clicks WHERE slot >= ? AND slot < ?{where} GROUP BY {groups}""",
+            span,
+        ).fetchall()
+        conversions = self.con.execute(
+            f"""SELECT {key.replace("''", "status")}, status, currency, sum(conversions), {PAYOUT_SUM},
+                       sum(flagged), sum(pixel_only)
+                FROM slot_conversions WHERE slot >= ? AND slot < ?{where} GROUP BY {groups}, status, currency
+                HAVING sum(conversions) != 0""",
+            span,
+        ).fetchall()
+        # Costs: the slots' own, except on UTC days with an uploaded cost (daily_costs'
+        # 'upload' and 'day' rows): those days' reported costs, shared over their slots.
+        costs = self.con.execute(
+            f"""SELECT {key}, currency, {money_sum("cost")} FROM slot_costs AS s
+                WHERE slot >= ? AND slot < ?{where} AND NOT EXISTS (SELECT 1 FROM daily_costs AS u
+                    WHERE u.source IN ('upload', 'day') AND u.day = s.slot / {DAY_MS // SLOT_MS}
+                        AND u.campaign = s.campaign)
+                GROUP BY {groups}, currency""",
+            span,
+        ).fetchall()
+        costs.extend(self._uploaded_slot_costs(q, offsets, where, args))
+        return stats_rows(q, clicks, conversions, costs)
+
+    def _uploaded_slot_costs(
+        self, q: StatsQuery, offsets: Sequence[tuple[int, int]], where: str, args: tuple
+    ) -> list[tuple]:
+        """Costs rows (stats_rows') of the UTC days with an uploaded cost that the report
+        covers: each day's cost as the daily totals report it (the upload replacing
+        what it replaces), shared over its quarter hours by what their clicks and
+        conversions cost, else by their human clicks, else evenly; exact to the
+        micro-unit over the whole day (spread)."""
+        start, end = q.span_ms
+        first, last = start // DAY_MS, (end - 1) // DAY_MS
+        per_day = DAY_MS // SLOT_MS
+        reported = self.con.execute(self._costs_sql("day, campaign", where, 2), (first, last, *args)).fetchall()
+        uploaded = set(
+            self.con.execute(
+                f"""SELECT DISTINCT day, campaign FROM daily_costs
+                    WHERE source IN ('upload', 'day') AND day BETWEEN ? AND ?{where}""",
+                (first, last, *args),
+            ).fetchall()
+        )
+        rows = []
+        for day, campaign, currency, whole, micros in reported:
+            if (day, campaign) not in uploaded:
+                continue
+            slots = range(day * per_day, (day + 1) * per_day)
+            weights = dict.fromkeys(slots, 0)
+            for slot, n in self.con.execute(
+                """SELECT slot, cost FROM slot_costs WHERE slot >= ? AND slot < ? AND campaign = ? AND currency = ?""",
+                (slots[0], slots[-1] + 1, campaign, currency),
+            ):
+                weights[slot] = max(n, 0)
+            if not any(weights.values()):
+                for slot, n in self.con.execute(
+                    "SELECT slot, clicks FROM slot_clicks WHERE slot >= ? AND slot < ? AND campaign = ?",
+                    (slots[0], slots[-1] + 1, campaign),
+                ):
+                    weights[slot] = n
+            if not any(weights.values()):
+                weights = dict.fromkeys(slots, 1)
+            for slot, share in zip(slots, spread(money_units(whole, micros), list(weights.values()))):
+                if share and start <= slot * SLOT_MS < end:
+                    rows.append((*self._slot_key(q, offsets, slot, campaign), currency, 0, share))
+        return rows
+
+    @staticmethod
+    def _slot_key(q: StatsQuery, offsets: Sequence[tuple[int, int]], slot: int, campaign: str) -> tuple:
+        """A slot's key in a report without status: its day and hour in the zone, its campaign."""
+        ms = slot * SLOT_MS
+        local = ms + next(off for at, off in reversed(offsets) if at <= ms or at == offsets[0][0])
+        values = {"day": local // DAY_MS, "hour": local % DAY_MS // HOUR_MS, "campaign": campaign}
+        values["channel"], values["status"] = campaign, ""
+        return tuple(values[name] for name in q.by)
+
+    def _raw_stats(self, q: StatsQuery, where: str, args: tuple) -> list[dict]:
+        """A report from the raw rows still kept: any field, any zone. A conversion's
+        country and device are its click's (while the click is kept); its costs are what
+        its clicks and conversions carried (uploads are per campaign-day and sub1)."""
+        start, end = q.span_ms
+        offsets = zone_offsets(q.tz, start, end)
+        ids = (uuid_floor(start), uuid_floor(end), *args)
+
+        def key_sql(table: str, ms: str) -> str:
+            time = time_fields_sql(ms, offsets)
+            fields = []
+            for name in q.by:
+                if name in time:
+                    fields.append(time[name])
+                elif name == "status":
+                    fields.append("status" if table == "conversions" else "''")
+                elif name in ("campaign", "channel"):
+                    fields.append(f"{table}.campaign")
+                elif name in ENRICHED_FIELDS and table == "conversions":
+                    fields.append(f"coalesce(k.{name}, '')")
+                else:
+                    fields.append(f"coalesce({table}.{name}, '')")
+            return ", ".join(fields)
+
+        groups = ", ".join(str(i) for i in range(1, len(q.by) + 1))
+        click_key = key_sql("clicks", "clicks.ts")
+        conversion_key = key_sql("conversions", "conversions.ts")
+        where_conversions = where.replace("campaign", "conversions.campaign")
+        join = ""
+        if set(q.by) & set(ENRICHED_FIELDS):
+            join = " LEFT JOIN clicks AS k ON k.id = coalesce(conversions.credited_click, conversions.click_id)"
+        clicks = self.con.execute(
+            f"""SELECT {click_key}, sum(bot = 0), sum(bot), 0, sum(bot = 0 AND lp_at IS NOT NULL),
                        sum(bot = 0 AND lander IS NOT NULL), sum(bot = 0 AND lander IS NOT NULL AND lp_at IS NOT NULL),
                        sum(bot = 0 AND flags IS NOT NULL)
-                FROM clicks WHERE id >= ? AND id < ?{where} GROUP BY 1""",
+                FROM clicks WHERE id >= ? AND id < ?{where} GROUP BY {groups}""",
             ids,
         ).fetchall()
-        unique = self.con.execute(
-            f"""SELECT coalesce({q.by}, ''), 0, 0, count(*), 0, 0, 0, 0 FROM clicks WHERE id IN (
+        unique = self.con.execute(  # the first human click of its (campaign, UTC day, address, User-Agent)
+            f"""SELECT {click_key}, 0, 0, count(*), 0, 0, 0, 0 FROM clicks WHERE id IN (
                     SELECT min(id) FROM clicks WHERE id >= ? AND id < ? AND bot = 0{where}
-                    GROUP BY ts / 86400000, campaign, ip, ua) GROUP BY 1""",
+                    GROUP BY ts / {DAY_MS}, campaign, ip, ua) GROUP BY {groups}""",
             ids,
         ).fetchall()
         conversions = self.con.execute(
-            f"""SELECT coalesce({q.by}, ''), status, currency, count(*), {PAYOUT_SUM}, sum(flags IS NOT NULL),
-                       sum(source IS 'pixel')
-                FROM conversions WHERE ts >= ? AND ts < ?{where} GROUP BY 1, 2, 3""",
+            f"""SELECT {conversion_key}, conversions.status, conversions.currency, count(*),
+                       {money_sum("conversions.payout")}, sum(conversions.flags IS NOT NULL),
+                       sum(conversions.source IS 'pixel')
+                FROM conversions{join} WHERE conversions.ts >= ? AND conversions.ts < ?{where_conversions}
+                GROUP BY {groups}, conversions.status, conversions.currency""",
             (start, end, *args),
         )
         costs = self.con.execute(
-            f"""SELECT coalesce({q.by}, ''), cost_currency, {money_sum("cost")} FROM clicks
-                WHERE id >= ? AND id < ? AND cost IS NOT NULL{where} GROUP BY 1, 2
+            f"""SELECT {click_key}, cost_currency, {money_sum("cost")} FROM clicks
+                WHERE id >= ? AND id < ? AND cost IS NOT NULL{where} GROUP BY {groups}, cost_currency
                 UNION ALL
-                SELECT coalesce({q.by}, ''), cost_currency, {money_sum("cost")} FROM conversions
-                WHERE ts >= ? AND ts < ? AND cost_model IS NOT NULL AND status = 'approved'{where} GROUP BY 1, 2""",
+                SELECT {conversion_key.replace("status", "''")}, conversions.cost_currency,
+                       {money_sum("conversions.cost")}
+                FROM conversions{join} WHERE conversions.ts >= ? AND conversions.ts < ?
+                    AND conversions.cost_model IS NOT NULL AND conversions.status = 'approved'{where_conversions}
+                GROUP BY {groups}, conversions.cost_currency""",
             (*ids, start, end, *args),
         )
         return stats_rows(q, clicks + unique, conversions.fetchall(), costs.fetchall())
 
     def _funnel_stats(self, q: StatsQuery, where: str, args: tuple) -> list[dict]:
-        """by=offer or by=lander, from the totals: the funnel tables' rows, and what the
-        campaign-days hold beyond them (clicks without names, a plain `url`'s: offer
-        "default", lander ""). A cpa or revshare cost is each conversion's own; click
-        costs and uploads are kept per campaign-day and sub1, so they are shared by the
-        day's human clicks (a visit costs the same whichever lander or offer it was
-        given), exactly to the micro-unit (spread)."""
+        """A report by lander or offer (with day, campaign, status, channel), from the
+        totals: the funnel tables' rows, and what the campaign-days hold beyond them
+        (clicks without names, a plain `url`'s: offer "default", lander ""). A cpa or
+        revshare cost is each conversion's own; click costs and uploads are kept per
+        campaign-day and sub1, so they are shared by the day's human clicks (a visit
+        costs the same whichever lander or offer it was given), exactly to the
+        micro-unit (spread)."""
         span = (q.first_day, q.last_day, *args)
-        name_of = (lambda lander, offer: offer) if q.by == "offer" else (lambda lander, offer: lander)
-        none = DEFAULT_OFFER if q.by == "offer" else ""
-        clicks, humans = self._funnel_clicks(span, where, name_of, none)
-        conversions, approved = self._funnel_conversions(span, where, name_of, none)
+        by = q.by
+
+        def name_of(day: int, campaign: str, lander: str, offer: str, status: str = "") -> tuple:
+            values = {"day": day, "campaign": campaign, "channel": campaign, "lander": lander, "offer": offer}
+            values["status"] = status
+            return tuple(values[name] for name in by)
+
+        clicks, humans = self._funnel_clicks(span, where, name_of)
+        conversions, approved = self._funnel_conversions(span, where, name_of)
         costs = []
         owed = self._funnel_owed(span, where, name_of)
         for day, campaign, per_conversion, currency, whole, micros in self.con.execute(
             self._costs_sql("day, campaign, source = 'conversions'", where, 3), span
         ):
+            none = name_of(day, campaign, "", DEFAULT_OFFER)
             if per_conversion:  # shared as they were owed (an upload may have replaced some)
                 weights = owed.get((day, campaign, currency), Counter())
                 beyond = self._conversion_costs(day, campaign, currency) - sum(weights.values())
@@ -5733,10 +6152,10 @@ class Database:
             if not any(weights.values()):
                 weights = Counter(dict.fromkeys(names, 1))
             shares = spread(money_units(whole, micros), [weights[name] for name in names])
-            costs.extend((name, currency, 0, share) for name, share in zip(names, shares) if share)
+            costs.extend((*name, currency, 0, share) for name, share in zip(names, shares) if share)
         return stats_rows(q, clicks, conversions, costs)
 
-    def _funnel_clicks(self, span: tuple, where: str, name_of: Callable, none: str) -> tuple[list, dict]:
+    def _funnel_clicks(self, span: tuple, where: str, name_of: Callable) -> tuple[list, dict]:
         """Click rows (stats_rows' clicks) per lander or offer, and each campaign-day's
         human clicks per name (to share its click costs by)."""
         rest: dict[tuple, list[int]] = {
@@ -5759,19 +6178,20 @@ class Database:
             counts = [humans_, bots, unique, lp, humans_ if lander else 0, lp if lander else 0, flagged]
             if not any(counts):  # an LP click moved away with its credit
                 continue
-            name = name_of(lander, offer)
-            clicks.append((name, *counts))
+            name = name_of(day, campaign, lander, offer)
+            clicks.append((*name, *counts))
             humans.setdefault((day, campaign), Counter())[name] += counts[0]
             left = rest.get((day, campaign))
             if left is not None:
                 rest[day, campaign] = [a - b for a, b in zip(left, counts)]
         for (day, campaign), counts in rest.items():
             if any(counts):
-                clicks.append((none, *counts))
+                none = name_of(day, campaign, "", DEFAULT_OFFER)
+                clicks.append((*none, *counts))
                 humans.setdefault((day, campaign), Counter())[none] += counts[0]
         return clicks, humans
 
-    def _funnel_conversions(self, span: tuple, where: str, name_of: Callable, none: str) -> tuple[list, dict]:
+    def _funnel_conversions(self, span: tuple, where: str, name_of: Callable) -> tuple[list, dict]:
         """Conversion rows (stats_rows' conversions) per lander or offer, and each
         campaign-day's approved conversions per name."""
         rest: dict[tuple, list[int]] = {
@@ -5790,10 +6210,12 @@ class Database:
             span,
         )
         for day, campaign, lander, offer, status, currency, n, whole, micros, flagged, pixel in rows:
-            name, units = name_of(lander, offer), money_units(whole, micros)
-            conversions.append((name, status, currency, n, 0, units, flagged, pixel))
+            units = money_units(whole, micros)
+            conversions.append(
+                (*name_of(day, campaign, lander, offer, status), status, currency, n, 0, units, flagged, pixel)
+            )
             if status == "approved":
-                approved.setdefault((day, campaign), Counter())[name] += n
+                approved.setdefault((day, campaign), Counter())[name_of(day, campaign, lander, offer)] += n
             left = rest.get((day, campaign, status, currency))
             if left is not None:
                 left[0] -= n
@@ -5802,9 +6224,10 @@ class Database:
                 left[3] -= pixel
         for (day, campaign, status, currency), (n, units, flagged, pixel) in rest.items():
             if n or units:
-                conversions.append((none, status, currency, n, 0, units, flagged, pixel))
+                none = name_of(day, campaign, "", DEFAULT_OFFER, status)
+                conversions.append((*none, status, currency, n, 0, units, flagged, pixel))
                 if status == "approved":
-                    approved.setdefault((day, campaign), Counter())[none] += n
+                    approved.setdefault((day, campaign), Counter())[name_of(day, campaign, "", DEFAULT_OFFER)] += n
         return conversions, approved
 
     def _funnel_owed(self, span: tuple, where: str, name_of: Callable) -> dict[tuple, Counter]:
@@ -5816,7 +6239,9 @@ class Database:
                 WHERE day BETWEEN ? AND ?{where} GROUP BY 1, 2, 3, 4, 5""",
             span,
         ):
-            owed.setdefault((day, campaign, currency), Counter())[name_of(lander, offer)] += money_units(whole, micros)
+            owed.setdefault((day, campaign, currency), Counter())[name_of(day, campaign, lander, offer)] += money_units(
+                whole, micros
+            )
         return owed
 
     def _conversion_costs(self, day: int, campaign: str, currency: str) -> int:
@@ -7791,7 +8216,7 @@ class Admin:
         return listing_answer(rows, OUTBOX_COLUMNS, limit, fmt)
 
     async def api_stats(self, request: Request) -> Response:
-        """Totals per day, campaign, sub id or status: ?from=&to=&by=&campaign=&bots=&format=json|csv"""
+        """A report: ?from=&to=&tz=&by=&campaign=&bots=&convert=&format=json|csv (by: up to three fields)"""
         self.require_admin(request)
         params = request.query_params
         fmt = params.get("format", "json")
@@ -7801,7 +8226,8 @@ class Admin:
         rows = await self.app.store.read(Database.stats, q)
         headers = {"cache-control": "no-store"}
         if fmt == "json":
-            return Response(orjson.dumps(stats_answer(q, rows)), headers=headers, media_type="application/json")
+            answer = stats_answer(q, rows, await self.app.store.read(Database.kept_since))
+            return Response(orjson.dumps(answer), headers=headers, media_type="application/json")
         return Response(csv_text(*stats_table(q, rows)), headers=headers, media_type="text/csv; charset=utf-8")
 
     async def api_costs(self, request: Request) -> Response:
@@ -8462,6 +8888,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 "from": args.date_from,
                 "to": args.date_to,
                 "by": args.by,
+                "tz": args.tz,
                 "campaign": args.campaign,
                 "bots": "1" if args.bots else "0",
                 "convert": "0" if args.no_convert else "1",
@@ -8474,7 +8901,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         raise TinytrackError(f"--{exc.message}") from None
     with closing(db):
         rows = db.stats(q)
-    answer = stats_answer(q, rows)
+        answer = stats_answer(q, rows, db.kept_since())
     if args.json:
         sys.stdout.write(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
@@ -8494,9 +8921,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
         keep = [i for i, name in enumerate(header) if not name.startswith(hide)]
         header, cells = [header[i] for i in keep], [[line[i] for i in keep] for line in cells]
     print(
-        f"{day_text(q.first_day)} to {day_text(q.last_day)} (UTC), by {q.by}"
+        f"{day_text(q.first_day)} to {day_text(q.last_day)} ({q.tz}), by {', '.join(q.by)}"
         + (f", campaign {q.campaign}" if q.campaign else "")
+        + (f"; from the {STATS_SOURCES['raw']}" if q.source == "raw" else "")
     )
+    if "complete_from" in answer:
+        print(f"complete from {answer['complete_from']} (older rows are no longer kept)")
     if not rows:
         print("nothing in that range")
         return 0
@@ -9075,7 +9505,14 @@ def build_parser() -> argparse.ArgumentParser:
     stats = command(cmd_stats, config_flag)
     stats.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD", help="first day (default: 30 days ago)")
     stats.add_argument("--to", dest="date_to", metavar="YYYY-MM-DD", help="last day (default: today, UTC)")
-    stats.add_argument("--by", default="campaign", choices=STATS_GROUPS, help="group rows by (default: campaign)")
+    stats.add_argument(
+        "--by",
+        default="campaign",
+        help=f"group rows by up to {MAX_GROUP_FIELDS} fields, comma-separated (default: campaign): {', '.join(STATS_GROUPS)}",
+    )
+    stats.add_argument(
+        "--tz", default="UTC", help="the days' time zone, an IANA name like Europe/Berlin (default: UTC)"
+    )
     stats.add_argument("--campaign", help="only this campaign")
     stats.add_argument("--bots", action="store_true", help="count bot clicks in clicks")
     output = stats.add_mutually_exclusive_group()

@@ -42,6 +42,11 @@ XSS = "<script>alert(1)</script>"
 OLD, A, B, C = "2026-02-27", "2026-03-01", "2026-03-02", "2026-03-04"
 
 
+ALL_GROUPS = (
+    "day, hour, campaign, sub1, sub2, sub3, sub4, sub5, status, offer, lander, channel, country, device, os, browser"
+)
+
+
 def basic(user: str, password: str) -> dict:
     return {"authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
@@ -531,16 +536,21 @@ async def test_after_a_status_change_by_status_has_no_empty_status_row(client, c
         ("from=2000-01-01&to=2026-03-01", "from: the range is at most 3660 days"),
         (
             "by=sub6",
-            "by: must be one of day, campaign, sub1, sub2, sub3, sub4, sub5, status, offer, lander, channel, got 'sub6'",
+            "by: must be up to 3 of day, hour, campaign, sub1, sub2, sub3, sub4, sub5, status, offer, lander, channel, country, device, os, browser, got 'sub6'",
         ),
         (
             "by=ts",
-            "by: must be one of day, campaign, sub1, sub2, sub3, sub4, sub5, status, offer, lander, channel, got 'ts'",
+            "by: must be up to 3 of day, hour, campaign, sub1, sub2, sub3, sub4, sub5, status, offer, lander, channel, country, device, os, browser, got 'ts'",
         ),
         ("bots=yes", "bots: must be 0 or 1, got 'yes'"),
         ("format=xml", "format: must be json or csv, got 'xml'"),
-        ("tz=Europe/Paris", "tz: totals are kept per UTC day, so only UTC is offered"),
-        ("tz=%2B02:00", "tz: totals are kept per UTC day, so only UTC is offered"),
+        ("tz=Europe/Pariss", "tz: must be an IANA time zone like Europe/Berlin or UTC, got 'Europe/Pariss'"),
+        ("tz=%2B02:00", "tz: must be an IANA time zone like Europe/Berlin or UTC, got '+02:00'"),
+        ("by=day,sub1,sub2,sub3", "by: at most 3 fields, got 4"),
+        ("by=sub1,sub1", "by: names a field twice: 'sub1,sub1'"),
+        ("by=day,", f"by: must be up to 3 of {ALL_GROUPS}, got ''"),
+        ("from=1969-12-31&to=1970-01-05", "from: must be from 1970-01-01 to 9998-12-31"),
+        ("from=9999-01-01&to=9999-01-05", "to: must be from 1970-01-01 to 9998-12-31"),
     ],
 )
 async def test_stats_bad_parameters_are_a_400_naming_the_field(client, query, message):
@@ -643,7 +653,7 @@ async def test_stats_csv_is_the_json(client, clock):
 
 # Every route behind the admin token, and what a good answer starts with.
 PROTECTED = {
-    "/api/stats": '{"rows":[]}',
+    "/api/stats": '{"from":"',
     "/api/stats?by=nonsense": '{"error":"by: ',  # authorized first, then validated
     "/api/conversions": '{"rows":[],"next":null}',
     "/api/orphans": '{"rows":[],"next":null}',
@@ -763,7 +773,14 @@ async def test_cli_stats_table_csv_json_beside_the_running_app(client, clock, co
         assert all(line[end - 1] != " " and (end == len(line) or line[end] == " ") for line in cells), name
 
     as_json = await cli("--from", A, "--to", C, "--by", "day", "--json")
-    assert json.loads(as_json.stdout) == {"rows": BY_DAY}
+    assert json.loads(as_json.stdout) == {
+        "from": A,
+        "to": C,
+        "tz": "UTC",
+        "by": ["day"],
+        "source": "daily",
+        "rows": BY_DAY,
+    }
     api = await client.get(f"/api/stats?from={A}&to={C}&by=day", headers=BEARER)
     assert json.loads(as_json.stdout) == api.json()
     for args, query in [
