@@ -2669,7 +2669,7 @@ def zone_offsets(tz: str, start_ms: int, end_ms: int) -> list[tuple[int, int]]:
     local = zone(tz)
 
     def offset(ms: int) -> int:
-        return int(local.utcoffset(dt.datetime.fromtimestamp(ms / 1000, dt.UTC)).total_seconds() * 1000)
+        return int(dt.datetime.fromtimestamp(ms / 1000, local).utcoffset().total_seconds() * 1000)
 
     out = [(start_ms, offset(start_ms))]
     t = start_ms
@@ -2881,6 +2881,13 @@ def convert_money(amounts: Counter[str], money: MoneyConfig) -> Counter[str]:
         else:
             out[report] += int(EXACT.multiply(units, rate).to_integral_value(ROUND_HALF_EVEN))
     return out
+
+
+def report_kept(retention: RetentionConfig, now: float, slots_since: int | None) -> dict[str, int | None]:
+    """Since when a report's sources are whole, unix ms: the raw clicks (clicks_days
+    purges older ones) and the quarter-hour totals (made by schema 11)."""
+    clicks = int(now * 1000) - retention.clicks_days * DAY_MS if retention.clicks_days else None
+    return {"clicks_since": clicks, "slots_since": slots_since}
 
 
 def stats_answer(q: StatsQuery, rows: list[dict], kept: Mapping[str, int | None] = {}) -> dict[str, Any]:  # noqa: B006
@@ -5957,12 +5964,11 @@ class Database:
         costs = self.con.execute(self._costs_sql(key, where, len(q.by)), span)
         return stats_rows(q, clicks.fetchall(), conversions.fetchall(), costs.fetchall())
 
-    def kept_since(self) -> dict[str, int | None]:
-        """Since when reports can read what they read, unix ms: the oldest raw click kept
-        (clicks_since) and the start of the quarter-hour totals (slots_since: schema 11)."""
-        oldest = self.con.execute("SELECT ts FROM clicks ORDER BY id LIMIT 1").fetchone()
-        slots = self.con.execute("SELECT value FROM meta WHERE key = 'slots_since'").fetchone()
-        return {"clicks_since": oldest and oldest[0], "slots_since": slots and int(slots[0])}
+    def slots_since(self) -> int | None:
+        """Since when the quarter-hour totals hold clicks, unix ms: the oldest click kept
+        when schema 11 made them (its conversions are all in)."""
+        found = self.con.execute("SELECT value FROM meta WHERE key = 'slots_since'").fetchone()
+        return found and int(found[0])
 
     def _slot_stats(self, q: StatsQuery, where: str, args: tuple) -> list[dict]:
         """A report from the quarter-hour totals: days and hours in any zone, exact."""
@@ -6003,43 +6009,66 @@ class Database:
         self, q: StatsQuery, offsets: Sequence[tuple[int, int]], where: str, args: tuple
     ) -> list[tuple]:
         """Costs rows (stats_rows') of the UTC days with an uploaded cost that the report
-        covers: each day's cost as the daily totals report it (the upload replacing
-        what it replaces), shared over its quarter hours by what their clicks and
-        conversions cost, else by their human clicks, else evenly; exact to the
-        micro-unit over the whole day (spread)."""
+        covers, each day's cost as the daily totals report it, over its quarter hours:
+        an upload's share of the day evenly over the part of its own day (in its own
+        zone) that the UTC day holds, so a report in the zone it was uploaded in has
+        each day's upload whole; what the day's clicks and conversions still add (what
+        the uploads did not replace) by what each quarter hour's cost, else by human
+        clicks, else evenly. Exact to the micro-unit over each UTC day (spread)."""
         start, end = q.span_ms
         first, last = start // DAY_MS, (end - 1) // DAY_MS
         per_day = DAY_MS // SLOT_MS
-        reported = self.con.execute(self._costs_sql("day, campaign", where, 2), (first, last, *args)).fetchall()
+        span = (first, last, *args)
         uploaded = set(
             self.con.execute(
-                f"""SELECT DISTINCT day, campaign FROM daily_costs
-                    WHERE source IN ('upload', 'day') AND day BETWEEN ? AND ?{where}""",
-                (first, last, *args),
+                f"SELECT DISTINCT day, campaign FROM daily_costs WHERE source IN ('upload', 'day') AND day BETWEEN ? AND ?{where}",
+                span,
             ).fetchall()
         )
+        if not uploaded:
+            return []
+        shares: defaultdict[tuple, Counter] = defaultdict(Counter)  # (UTC day, campaign, currency) -> slot -> cost
+        for day, campaign, tz, currency, cost in self.con.execute(
+            f"SELECT day, campaign, tz, currency, cost FROM cost_uploads WHERE day BETWEEN ? AND ?{where}",
+            (first - 1, last + 1, *args),
+        ):
+            lo, hi = local_midnight(day, tz) // SLOT_MS, -(-local_midnight(day + 1, tz) // SLOT_MS)
+            for utc_day, amount in utc_parts(day, tz, cost):
+                if (utc_day, campaign) in uploaded:
+                    slots = range(max(lo, utc_day * per_day), min(hi, (utc_day + 1) * per_day)) or [utc_day * per_day]
+                    for slot, part in zip(slots, spread(amount, [1] * len(slots))):
+                        shares[utc_day, campaign, currency][slot] += part
         rows = []
-        for day, campaign, currency, whole, micros in reported:
+        for day, campaign, currency, whole, micros in self.con.execute(
+            self._costs_sql("day, campaign", where, 2), span
+        ):
             if (day, campaign) not in uploaded:
                 continue
-            slots = range(day * per_day, (day + 1) * per_day)
-            weights = dict.fromkeys(slots, 0)
-            for slot, n in self.con.execute(
-                """SELECT slot, cost FROM slot_costs WHERE slot >= ? AND slot < ? AND campaign = ? AND currency = ?""",
-                (slots[0], slots[-1] + 1, campaign, currency),
-            ):
-                weights[slot] = max(n, 0)
-            if not any(weights.values()):
+            share = shares[day, campaign, currency]
+            rest = money_units(whole, micros) - sum(share.values())  # clicks' and conversions' costs left
+            if rest < 0:  # never expected (an upload's parts are in the day's cost): the day still adds up
+                share[day * per_day] += rest
+            elif rest:
+                slots = range(day * per_day, (day + 1) * per_day)
+                weights = dict.fromkeys(slots, 0)
                 for slot, n in self.con.execute(
-                    "SELECT slot, clicks FROM slot_clicks WHERE slot >= ? AND slot < ? AND campaign = ?",
-                    (slots[0], slots[-1] + 1, campaign),
+                    "SELECT slot, cost FROM slot_costs WHERE slot >= ? AND slot < ? AND campaign = ? AND currency = ?",
+                    (slots[0], slots[-1] + 1, campaign, currency),
                 ):
-                    weights[slot] = n
-            if not any(weights.values()):
-                weights = dict.fromkeys(slots, 1)
-            for slot, share in zip(slots, spread(money_units(whole, micros), list(weights.values()))):
-                if share and start <= slot * SLOT_MS < end:
-                    rows.append((*self._slot_key(q, offsets, slot, campaign), currency, 0, share))
+                    weights[slot] = max(n, 0)
+                if not any(weights.values()):
+                    for slot, n in self.con.execute(
+                        "SELECT slot, clicks FROM slot_clicks WHERE slot >= ? AND slot < ? AND campaign = ?",
+                        (slots[0], slots[-1] + 1, campaign),
+                    ):
+                        weights[slot] = n
+                if not any(weights.values()):
+                    weights = dict.fromkeys(slots, 1)
+                for slot, part in zip(slots, spread(rest, list(weights.values()))):
+                    share[slot] += part
+            for slot, part in share.items():
+                if part and start <= slot * SLOT_MS < end:
+                    rows.append((*self._slot_key(q, offsets, slot, campaign), currency, 0, part))
         return rows
 
     @staticmethod
@@ -8226,7 +8255,10 @@ class Admin:
         rows = await self.app.store.read(Database.stats, q)
         headers = {"cache-control": "no-store"}
         if fmt == "json":
-            answer = stats_answer(q, rows, await self.app.store.read(Database.kept_since))
+            kept = report_kept(
+                self.app.config.retention, self.app.clock(), await self.app.store.read(Database.slots_since)
+            )
+            answer = stats_answer(q, rows, kept)
             return Response(orjson.dumps(answer), headers=headers, media_type="application/json")
         return Response(csv_text(*stats_table(q, rows)), headers=headers, media_type="text/csv; charset=utf-8")
 
@@ -8901,7 +8933,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         raise TinytrackError(f"--{exc.message}") from None
     with closing(db):
         rows = db.stats(q)
-        answer = stats_answer(q, rows, db.kept_since())
+        answer = stats_answer(q, rows, report_kept(config.retention, time.time(), db.slots_since()))
     if args.json:
         sys.stdout.write(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0

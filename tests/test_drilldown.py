@@ -1,0 +1,351 @@
+"""Reports, part two: by= up to three fields and tz= any IANA zone (issue 20).
+
+Every expected number is worked out by hand from the clicks and postbacks each test
+makes, at UTC instants an injected clock sets; the zone arithmetic is written out
+beside each instant (America/New_York: EST is UTC-5, EDT UTC-4; 2026's changes are
+on 03-08 at 07:00Z and 11-01 at 06:00Z).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+
+import httpx
+import pytest
+from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, at, client_for
+
+pytestmark = pytest.mark.anyio
+
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+HUMAN = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+D = "2026-11-20"
+CPC = '\n[campaigns.cpc]\nurl = "https://offer.example.com/a?cid={click_id}"\ncost_model = "cpc"\ncost_value = "0.05"\n'
+NY = "America/New_York"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(at(D, 9))
+
+
+@pytest.fixture
+async def app(make_app):
+    return await make_app(CPC)
+
+
+@pytest.fixture
+async def client(app):
+    async with client_for(app) as http:
+        yield http
+
+
+async def click(client: httpx.AsyncClient, campaign: str = "spring", **subs: str) -> str:
+    answer = await client.get(f"/c/{campaign}", params=subs, headers={"user-agent": HUMAN})
+    assert answer.status_code == 302, answer.text
+    return answer.headers["location"].split("cid=")[1].split("&")[0]
+
+
+async def postback(client: httpx.AsyncClient, click_id: str, **fields: str) -> None:
+    answer = await client.get("/postback", params={"click_id": click_id, "token": POSTBACK_TOKEN, **fields})
+    assert (answer.status_code, answer.json()["status"]) == (200, "created"), answer.text
+
+
+async def report(client: httpx.AsyncClient, query: str) -> dict:
+    answer = await client.get(f"/api/stats?{query}", headers=ADMIN)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def brief(rows: list[dict], *fields: str) -> list[tuple]:
+    """Each row's fields, then clicks, unique, approved, pending, rejected, payout, cost."""
+    return [
+        (
+            *(row[f] for f in fields),
+            row["clicks"],
+            row["unique_clicks"],
+            row["approved"],
+            row["pending"],
+            row["rejected"],
+            row["payout"],
+            row["cost"],
+        )
+        for row in rows
+    ]
+
+
+async def seed_subs(client: httpx.AsyncClient) -> None:
+    """One UTC day (D), one visitor (so each campaign-day has one unique click: its first):
+
+    campaign sub1 sub2  clicks  postbacks
+    spring   a    x     3       the first: approved 1.00 USD
+    spring   a    y     1       pending 2.00 USD
+    spring   b    x     2       the first: "declined" (rejected) 3.00 USD
+    cpc      a    x     2       the first: approved 0.50 USD   (cpc 0.05 a click)
+    """
+    ax = [await click(client, sub1="a", sub2="x") for _ in range(3)]
+    ay = await click(client, sub1="a", sub2="y")
+    bx = [await click(client, sub1="b", sub2="x") for _ in range(2)]
+    cx = [await click(client, "cpc", sub1="a", sub2="x") for _ in range(2)]
+    await postback(client, ax[0], payout="1")
+    await postback(client, ay, payout="2", status="pending")
+    await postback(client, bx[0], payout="3", status="declined")
+    await postback(client, cx[0], payout="0.5")
+
+
+async def test_one_field_from_the_daily_totals(client):
+    await seed_subs(client)
+    answer = await report(client, f"from={D}&to={D}&by=campaign")
+    assert (answer["by"], answer["source"], answer["tz"]) == (["campaign"], "daily", "UTC")
+    assert brief(answer["rows"], "campaign") == [
+        ("cpc", 2, 1, 1, 0, 0, {"USD": "0.50"}, {"USD": "0.10"}),
+        ("spring", 6, 1, 1, 1, 1, {"USD": "1.00"}, {}),
+    ]
+    cpc = answer["rows"][0]
+    assert (cpc["profit"], cpc["roi"]) == ({"USD": "0.40"}, {"USD": "400.00"})
+
+
+async def test_two_fields_name_both_in_every_row(client):
+    await seed_subs(client)
+    answer = await report(client, f"from={D}&to={D}&by=campaign,sub1")
+    assert answer["source"] == "daily"
+    assert brief(answer["rows"], "campaign", "sub1") == [
+        ("cpc", "a", 2, 1, 1, 0, 0, {"USD": "0.50"}, {"USD": "0.10"}),
+        ("spring", "a", 4, 1, 1, 1, 0, {"USD": "1.00"}, {}),
+        ("spring", "b", 2, 0, 0, 0, 1, {}, {}),
+    ]
+    flipped = await report(client, f"from={D}&to={D}&by=sub1,campaign")
+    assert [(r["sub1"], r["campaign"], r["clicks"]) for r in flipped["rows"]] == [
+        ("a", "cpc", 2),
+        ("a", "spring", 4),
+        ("b", "spring", 2),
+    ]
+
+
+async def test_three_fields_beyond_the_totals_read_the_raw_rows(client):
+    await seed_subs(client)
+    answer = await report(client, f"from={D}&to={D}&by=campaign,sub1,sub2")
+    assert answer["source"] == "raw"
+    assert brief(answer["rows"], "campaign", "sub1", "sub2") == [
+        ("cpc", "a", "x", 2, 1, 1, 0, 0, {"USD": "0.50"}, {"USD": "0.10"}),
+        ("spring", "a", "x", 3, 1, 1, 0, 0, {"USD": "1.00"}, {}),
+        ("spring", "a", "y", 1, 0, 0, 1, 0, {}, {}),
+        ("spring", "b", "x", 2, 0, 0, 0, 1, {}, {}),
+    ]
+    # the same three levels as CSV: a column per field, then the figures
+    csv_answer = await client.get(f"/api/stats?from={D}&to={D}&by=campaign,sub1,sub2&format=csv", headers=ADMIN)
+    lines = list(csv.reader(io.StringIO(csv_answer.text)))
+    assert lines[0][:4] == ["campaign", "sub1", "sub2", "clicks"]
+    assert [line[:4] for line in lines[1:]] == [
+        ["cpc", "a", "x", "2"],
+        ["spring", "a", "x", "3"],
+        ["spring", "a", "y", "1"],
+        ["spring", "b", "x", "2"],
+    ]
+
+
+async def test_three_fields_with_status_set_each_row_against_its_clicks(client):
+    await seed_subs(client)
+    answer = await report(client, f"from={D}&to={D}&by=campaign,sub1,status")
+    assert answer["source"] == "daily"
+    # status rows: the key's clicks and cost, and the payout of that status
+    assert brief(answer["rows"], "campaign", "sub1", "status") == [
+        ("cpc", "a", "approved", 2, 1, 1, 0, 0, {"USD": "0.50"}, {"USD": "0.10"}),
+        ("spring", "a", "approved", 4, 1, 1, 0, 0, {"USD": "1.00"}, {}),
+        ("spring", "a", "pending", 4, 1, 0, 1, 0, {"USD": "2.00"}, {}),
+        ("spring", "b", "rejected", 2, 0, 0, 0, 1, {"USD": "3.00"}, {}),
+    ]
+
+
+async def test_the_cli_takes_fields_and_a_zone(client, tmp_path):
+    await seed_subs(client)
+    config = tmp_path / "config.toml"
+    table = subprocess.run(
+        [sys.executable, "-m", "tinytrack", "stats", "-c", str(config), "--from", D, "--to", D]
+        + ["--by", "campaign,sub1,sub2", "--tz", NY],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith(f"{D} to {D} ({NY}), by campaign, sub1, sub2; from the raw rows")
+    assert lines[1].split()[:4] == ["campaign", "sub1", "sub2", "clicks"]
+    assert [line.split()[:4] for line in lines[2:]] == [
+        ["cpc", "a", "x", "2"],
+        ["spring", "a", "x", "3"],
+        ["spring", "a", "y", "1"],
+        ["spring", "b", "x", "2"],
+    ]
+    bad = subprocess.run(
+        [sys.executable, "-m", "tinytrack", "stats", "-c", str(config), "--by", "day,nope"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert bad.returncode != 0
+    assert "--by: must be up to 3 of" in bad.stderr and "got 'nope'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+# -- time zones --
+
+# (UTC instant, what it is in New York) around 2026-03-08, when 02:00 EST became 03:00 EDT
+SPRING_CLICKS = [
+    (("2026-03-08", 4, 59), "03-07 23:59 EST"),
+    (("2026-03-08", 5, 0), "03-08 00:00 EST"),
+    (("2026-03-08", 6, 59), "03-08 01:59 EST"),
+    (("2026-03-08", 7, 0), "03-08 03:00 EDT: 02:xx never happened"),
+    (("2026-03-09", 3, 59), "03-08 23:59 EDT: the 23-hour day's last minute"),
+    (("2026-03-09", 4, 0), "03-09 00:00 EDT"),
+]
+
+
+async def test_new_york_days_and_hours_around_the_spring_change(make_app, clock):
+    clock.now = at("2026-03-08", 4, 59)
+    app = await make_app(CPC)
+    async with client_for(app) as client:
+        ids = []
+        for (day, hour, minute), _ in SPRING_CLICKS:
+            clock.now = at(day, hour, minute)
+            ids.append(await click(client, "cpc", sub1="s", sub2="t"))
+        clock.now = at("2026-03-09", 3, 30)  # 03-08 23:30 EDT: converted on the 8th in New York, the 9th in UTC
+        await postback(client, ids[1], payout="5")
+        clock.now = at("2026-03-10", 12)
+        span = "from=2026-03-07&to=2026-03-09"
+        ny = await report(client, f"{span}&by=day&tz={NY}")
+        assert ny["source"] == "slots"
+        assert [(r["day"], r["clicks"], r["approved"], r["payout"], r["cost"]) for r in ny["rows"]] == [
+            ("2026-03-07", 1, 0, {}, {"USD": "0.05"}),
+            ("2026-03-08", 4, 1, {"USD": "5.00"}, {"USD": "0.20"}),
+            ("2026-03-09", 1, 0, {}, {"USD": "0.05"}),
+        ]
+        utc = await report(client, f"{span}&by=day")
+        assert [(r["day"], r["clicks"], r["approved"]) for r in utc["rows"]] == [
+            ("2026-03-08", 4, 0),
+            ("2026-03-09", 2, 1),
+        ]
+        hours = await report(client, f"from=2026-03-08&to=2026-03-08&by=hour&tz={NY}")
+        assert [(r["hour"], r["clicks"], r["approved"]) for r in hours["rows"]] == [
+            (0, 1, 0),
+            (1, 1, 0),
+            (3, 1, 0),
+            (23, 1, 1),
+        ]
+        # the raw rows (sub2 is in no totals) put the same clicks in the same days
+        raw = await report(client, f"{span}&by=day,sub2&tz={NY}")
+        assert raw["source"] == "raw"
+        assert [(r["day"], r["sub2"], r["clicks"], r["approved"], r["cost"]) for r in raw["rows"]] == [
+            ("2026-03-07", "t", 1, 0, {"USD": "0.05"}),
+            ("2026-03-08", "t", 4, 1, {"USD": "0.20"}),
+            ("2026-03-09", "t", 1, 0, {"USD": "0.05"}),
+        ]
+        raw_hours = await report(client, f"from=2026-03-08&to=2026-03-08&by=hour,sub2&tz={NY}")
+        assert [(r["hour"], r["clicks"]) for r in raw_hours["rows"]] == [(0, 1), (1, 1), (3, 1), (23, 1)]
+        # one field from the totals, one not: by=campaign,day is totals; with sub1 and a zone, raw
+        mixed = await report(client, f"{span}&by=campaign,day&tz={NY}")
+        assert [(r["campaign"], r["day"], r["clicks"]) for r in mixed["rows"]] == [
+            ("cpc", "2026-03-07", 1),
+            ("cpc", "2026-03-08", 4),
+            ("cpc", "2026-03-09", 1),
+        ]
+        assert (await report(client, f"{span}&by=day,sub1&tz={NY}"))["source"] == "raw"
+
+
+# around 2026-11-01, when 02:00 EDT became 01:00 EST again
+AUTUMN_CLICKS = [
+    (("2026-11-01", 3, 59), "10-31 23:59 EDT"),
+    (("2026-11-01", 4, 0), "11-01 00:00 EDT"),
+    (("2026-11-01", 5, 30), "11-01 01:30 EDT"),
+    (("2026-11-01", 6, 30), "11-01 01:30 EST: the same hour again"),
+    (("2026-11-02", 4, 59), "11-01 23:59 EST: the 25-hour day's last minute"),
+    (("2026-11-02", 5, 0), "11-02 00:00 EST"),
+]
+
+
+async def test_new_york_days_and_hours_around_the_autumn_change(make_app, clock):
+    clock.now = at("2026-11-01", 3, 59)
+    app = await make_app(CPC)
+    async with client_for(app) as client:
+        for (day, hour, minute), _ in AUTUMN_CLICKS:
+            clock.now = at(day, hour, minute)
+            await click(client, "cpc", sub2="t")
+        clock.now = at("2026-11-03", 12)
+        for by, source in (("day", "slots"), ("day,sub2", "raw")):
+            answer = await report(client, f"from=2026-10-31&to=2026-11-02&by={by}&tz={NY}")
+            assert answer["source"] == source
+            assert [(r["day"], r["clicks"]) for r in answer["rows"]] == [
+                ("2026-10-31", 1),
+                ("2026-11-01", 4),
+                ("2026-11-02", 1),
+            ]
+        hours = await report(client, f"from=2026-11-01&to=2026-11-01&by=hour&tz={NY}")
+        assert [(r["hour"], r["clicks"]) for r in hours["rows"]] == [(0, 1), (1, 2), (23, 1)]
+
+
+@pytest.mark.parametrize(
+    ("tz", "before", "after"),
+    [
+        ("Asia/Kolkata", (18, 29), (18, 30)),  # +5:30: 03-08 00:00 IST is 03-07 18:30Z
+        ("Asia/Kathmandu", (18, 14), (18, 15)),  # +5:45: 03-08 00:00 is 03-07 18:15Z
+        ("Australia/Eucla", (15, 14), (15, 15)),  # +8:45
+    ],
+)
+async def test_half_and_quarter_hour_zones_are_exact_from_the_totals(make_app, clock, tz, before, after):
+    clock.now = at("2026-03-07", 12)
+    app = await make_app(CPC)
+    async with client_for(app) as client:
+        for hour, minute in (before, after):
+            clock.now = at("2026-03-07", hour, minute, 59.9 if (hour, minute) == before else 0)
+            await click(client, "cpc")
+        clock.now = at("2026-03-09", 12)
+        answer = await report(client, f"from=2026-03-07&to=2026-03-08&by=day&tz={tz}")
+        assert answer["source"] == "slots"
+        assert [(r["day"], r["clicks"], r["cost"]) for r in answer["rows"]] == [
+            ("2026-03-07", 1, {"USD": "0.05"}),
+            ("2026-03-08", 1, {"USD": "0.05"}),
+        ]
+
+
+async def test_a_cost_uploaded_in_new_york_is_whole_in_a_new_york_report(make_app, clock):
+    clock.now = at("2026-03-08", 4, 59)
+    app = await make_app(CPC)
+    async with client_for(app) as client:
+        for (day, hour, minute), _ in SPRING_CLICKS:
+            clock.now = at(day, hour, minute)
+            await click(client, "cpc")
+        clock.now = at("2026-03-10", 12)
+        # 03-08 in New York is 23 hours: 19 of them on UTC 03-08 (05:00Z on), 4 on UTC 03-09
+        upload = await client.put(
+            f"/api/costs?tz={NY}",
+            json={"rows": [{"day": "2026-03-08", "campaign": "cpc", "cost": "23"}]},
+            headers=ADMIN,
+        )
+        assert upload.status_code == 200, upload.text
+        span = "from=2026-03-07&to=2026-03-09&by=day"
+        ny = await report(client, f"{span}&tz={NY}")
+        # An upload is its campaign's whole cost of the UTC days it touches (03-08, 03-09), so the
+        # click costs of those days are replaced: 03-07 in New York keeps none of its one click
+        # (04:59Z on 03-08), 03-09 in New York keeps none of its (04:00Z on 03-09).
+        assert [(r["day"], r["cost"]) for r in ny["rows"]] == [
+            ("2026-03-07", {}),
+            ("2026-03-08", {"USD": "23.00"}),
+            ("2026-03-09", {}),
+        ]
+        utc = await report(client, span)
+        assert [(r["day"], r["cost"]) for r in utc["rows"]] == [
+            ("2026-03-08", {"USD": "19.00"}),
+            ("2026-03-09", {"USD": "4.00"}),
+        ]
+
+
+async def test_days_a_zone_does_not_start_on_a_quarter_hour_read_the_raw_rows(client):
+    # Liberia was UTC-0:44:30 until 1972: its midnights then were on no quarter hour
+    answer = await report(client, "from=1971-06-01&to=1971-06-02&by=day&tz=Africa/Monrovia")
+    assert (answer["source"], answer["rows"]) == ("raw", [])
+    today = await report(client, f"from={D}&to={D}&by=day&tz=Africa/Monrovia")
+    assert today["source"] == "slots"
