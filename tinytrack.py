@@ -574,6 +574,12 @@ class PixelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GeoConfig:
+    database: str | None = None  # a MaxMind-format country database (GeoLite2, DB-IP Lite): clicks' country
+    user_agents: bool = True  # clicks' device, os and browser from their User-Agent (with ua-parser)
+
+
+@dataclasses.dataclass(frozen=True)
 class MoneyConfig:
     # How much one unit of a currency is worth in report_currency: reports convert
     # with these (exact to the micro-unit); a currency without a rate stays apart.
@@ -603,6 +609,7 @@ class Config:
     attribution: AttributionConfig = AttributionConfig()
     pixel: PixelConfig = PixelConfig()
     alerts: AlertsConfig = AlertsConfig()
+    geo: GeoConfig = GeoConfig()
     campaigns: Mapping[str, Campaign] = dataclasses.field(default_factory=dict)
     demo: bool = False  # the embedded default: serves /demo and shows its token there
 
@@ -742,6 +749,7 @@ CONFIG_SECTIONS = (
     "attribution",
     "pixel",
     "alerts",
+    "geo",
     "campaigns",
 )
 
@@ -761,6 +769,7 @@ def build_config(data: Mapping[str, Any]) -> Config:
     attribution = read_attribution(root.table("attribution"))
     pixel = read_pixel(root.table("pixel"))
     alerts = read_alerts(root.table("alerts"))
+    geo = read_geo(root.table("geo"))
     if retention.pii_days:
         retention = dataclasses.replace(retention, uid_days=max(retention.pii_days, attribution.window_days))
     else:  # personal data kept: uids too
@@ -778,6 +787,7 @@ def build_config(data: Mapping[str, Any]) -> Config:
         attribution=attribution,
         pixel=pixel,
         alerts=alerts,
+        geo=geo,
         campaigns={name: read_campaign(name, campaigns, postback.currency, fraud) for name in campaigns.data},
     )
     campaigns.done()
@@ -916,6 +926,16 @@ def read_pixel(p: _Table) -> PixelConfig:
     pixel = PixelConfig(enabled=p.get("enabled", bool, d.enabled), status=status)
     p.done()
     return pixel
+
+
+def read_geo(g: _Table) -> GeoConfig:
+    d = GeoConfig()
+    database = g.get("database", str, d.database) or None
+    if database is not None:
+        open_country_database(database, g.key("database"))  # a bad path or file fails the config, not the server
+    geo = GeoConfig(database=database, user_agents=g.get("user_agents", bool, d.user_agents))
+    g.done()
+    return geo
 
 
 def read_fraud(f: _Table, base: FraudConfig) -> FraudConfig:
@@ -2554,6 +2574,113 @@ PURGE_RULES = (
 def rule_cutoff(rule: PurgeRule, conf: RetentionConfig, now_ms: int) -> int | bytes:
     cutoff = now_ms - rule.days(conf) * DAY_MS
     return uuid_floor(cutoff) if rule.table == "clicks" else cutoff
+
+
+# -- where clicks come from: country, device, OS, browser (the geo extra) --
+
+
+GEO_EXTRA = "pip install 'tinytrack[geo]'"
+DEVICES = ("desktop", "mobile", "tablet", "other")
+MOBILE_OS = frozenset(
+    ("iOS", "Android", "Windows Phone", "BlackBerry OS", "KaiOS", "Firefox OS", "Symbian OS", "Tizen")
+)
+DESKTOP_OS = frozenset(
+    ("Windows", "Mac OS X", "macOS", "Linux", "Ubuntu", "Chrome OS", "Fedora", "Debian", "FreeBSD", "OpenBSD")
+)
+ENRICH_BATCH = 500  # clicks per look (one read, one short write)
+ENRICH_IDLE_SECONDS = 1.0  # the wait when it has caught up
+
+
+def open_country_database(path: str, key: str) -> Any:
+    """A MaxMind-format database, opened with maxminddb (the geo extra); ConfigError if it can't be."""
+    try:
+        import maxminddb  # noqa: PLC0415 (optional: the geo extra)
+    except ImportError:
+        raise ConfigError(key, f"reading a country database needs the geo extra: {GEO_EXTRA}") from None
+    try:
+        return maxminddb.open_database(path)
+    except (OSError, ValueError, maxminddb.InvalidDatabaseError) as exc:
+        raise ConfigError(key, f"can't read {quoted(path, 200)} as a MaxMind database: {exc}") from None
+
+
+def device_of(user_agent: str, os_family: str | None, device: Any) -> str:
+    """desktop, mobile, tablet or other, from ua-parser's OS and device families (it names
+    devices, not their kinds): tablets first (an iPad, a tablet brand, Android without
+    "Mobile"), then phones, then desktop systems; crawlers and the unknown are other."""
+    family, brand = (device.family, device.brand or "") if device is not None else ("", "")
+    if family == "Spider":
+        return "other"
+    if family == "iPad" or "Tablet" in brand or "Kindle" in family or "Tablet" in user_agent:
+        return "tablet"
+    if os_family == "Android":
+        return "mobile" if "Mobile" in user_agent else "tablet"
+    if os_family in MOBILE_OS or "Mobi" in user_agent:
+        return "mobile"
+    if os_family in DESKTOP_OS or family == "Mac":
+        return "desktop"
+    return "other"
+
+
+class Geo:
+    """What a click's address and User-Agent say: (country, device, os, browser), None
+    where nothing is known. Country from [geo] database; the rest from ua-parser when
+    [geo] user_agents is on and the geo extra is installed (each User-Agent parsed once
+    while it stays among the last 8,192 seen)."""
+
+    def __init__(self, conf: GeoConfig) -> None:
+        self.conf = conf
+        self.countries = open_country_database(conf.database, "geo.database") if conf.database else None
+        self.parse: Callable[[str], Any] | None = None
+        if conf.user_agents:
+            try:
+                import ua_parser  # noqa: PLC0415 (optional: the geo extra)
+            except ImportError:
+                log.info("clicks' device, os and browser need the geo extra (%s): left empty", GEO_EXTRA)
+            else:
+                self.parse = ua_parser.parse
+        self.describe = lru_cache(maxsize=8192)(self._describe)
+
+    def __bool__(self) -> bool:
+        return self.countries is not None or self.parse is not None
+
+    def country(self, ip: str | None) -> str | None:
+        if self.countries is None or not ip:
+            return None
+        try:
+            found = self.countries.get(ip)
+        except ValueError:  # not an address (a truncated one still is)
+            return None
+        if not isinstance(found, Mapping):
+            return None
+        for key in ("country", "registered_country"):  # an anycast or satellite range may have only the second
+            code = (found.get(key) or {}).get("iso_code") if isinstance(found.get(key), Mapping) else None
+            if isinstance(code, str) and len(code) == 2 and code.isalpha():
+                return code.upper()
+        return None
+
+    def _describe(self, user_agent: str) -> tuple[str | None, str | None, str | None]:
+        if self.parse is None:
+            return None, None, None
+        found = self.parse(user_agent)
+        os_family = found.os.family if found.os is not None else None
+        browser = found.user_agent.family if found.user_agent is not None else None
+        return device_of(user_agent, os_family, found.device), os_family or "Other", browser or "Other"
+
+    def __call__(self, ip: str | None, user_agent: str | None) -> tuple[str | None, ...]:
+        described = self.describe(user_agent) if user_agent is not None else (None, None, None)
+        return (self.country(ip), *described)
+
+
+def enrich_batch(db: Database, geo: Geo, limit: int) -> tuple[list[tuple], list[tuple]]:
+    """On the reader: what to fill the next clicks (after the cursor) with, as
+    (country, device, os, browser, id), and the clicks looked at (id, ip, ua)."""
+    rows = db.unenriched(limit)
+    updates = []
+    for click_id, ip, user_agent in rows:
+        values = geo(ip, user_agent)
+        if any(values):
+            updates.append((*values, click_id))
+    return updates, rows
 
 
 # -- reports --
@@ -5964,6 +6091,20 @@ class Database:
         costs = self.con.execute(self._costs_sql(key, where, len(q.by)), span)
         return stats_rows(q, clicks.fetchall(), conversions.fetchall(), costs.fetchall())
 
+    def unenriched(self, limit: int) -> list[tuple]:
+        """The next clicks the Enricher has not looked at: (id, ip, ua), oldest first."""
+        found = self.con.execute("SELECT value FROM meta WHERE key = 'enriched_upto'").fetchone()
+        after = bytes.fromhex(found[0]) if found else b""
+        return self.con.execute(
+            "SELECT id, ip, ua FROM clicks WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        ).fetchall()
+
+    def set_enriched(self, now_ms: int, *, updates: Sequence[tuple], last: bytes) -> None:
+        """Clicks' country, device, os and browser ((country, device, os, browser, id)),
+        and the cursor past the last click looked at, in one transaction."""
+        self.con.executemany("UPDATE clicks SET country = ?, device = ?, os = ?, browser = ? WHERE id = ?", updates)
+        self.con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('enriched_upto', ?)", (bytes(last).hex(),))
+
     def slots_since(self) -> int | None:
         """Since when the quarter-hour totals hold clicks, unix ms: the oldest click kept
         when schema 11 made them (its conversions are all in)."""
@@ -7291,6 +7432,72 @@ class Alerter:
         return sent
 
 
+# --- Background work: where clicks come from -------------------------------------------
+
+
+class Enricher:
+    """Fills stored clicks' country, device, os and browser ([geo]), in batches after
+    they are committed: never on a click's path. It reads on the reader's thread (where
+    the parsing runs too) and writes one short transaction per ENRICH_BATCH clicks."""
+
+    def __init__(self, app: TinyTrack) -> None:
+        self.app = app
+        self.geo: Geo | None = None
+        self.filled = 0  # clicks given something since start
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:  # always: a reload may add [geo]
+        self._task = asyncio.create_task(self._run(), name="tinytrack-enrich")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                looked = await self.step()
+            except StorageError:  # writes failing (a full disk): the store says so; the next look
+                looked = 0
+            except Exception:  # a broken database file, a parser's bug: the next look
+                log.exception("geo: filling clicks' country and device failed")
+                looked = 0
+            await asyncio.sleep(ENRICH_IDLE_SECONDS if looked < ENRICH_BATCH else 0.01)
+
+    def current_geo(self) -> Geo | None:
+        """The Geo of the config as it is now (made again after a reload changed [geo])."""
+        conf = self.app.config.geo
+        if self.geo is None or self.geo.conf != conf:
+            try:
+                self.geo = Geo(conf)
+            except ConfigError as exc:  # the file went away since the config was read
+                log.error("geo: %s", exc)
+                return None
+        return self.geo if self.geo else None
+
+    async def step(self) -> int:
+        """One batch: how many clicks it looked at."""
+        geo = self.current_geo()
+        if geo is None:
+            return 0
+        updates, looked = await self.app.store.read(enrich_batch, geo, ENRICH_BATCH)
+        if not looked:
+            return 0
+        await self.app.store.write(partial(Database.set_enriched, updates=updates, last=looked[-1][0]))
+        self.filled += len(updates)
+        return len(looked)
+
+    async def catch_up(self) -> int:
+        """Look until nothing is left (tests, and a command that wants it now): clicks filled."""
+        before = self.filled
+        while await self.step() >= ENRICH_BATCH:
+            pass
+        return self.filled - before
+
+
 # --- Background work: purge -----------------------------------------------------------
 
 
@@ -7470,6 +7677,7 @@ class TinyTrack:
         self.health = PostbackHealth(clock)
         self.selftest_key = ""  # read from the database at startup
         self.alerter = Alerter(self)
+        self.enricher = Enricher(self)
         self.clicks = Counter()  # stored since start: human, bot
         self.bad_costs = 0  # clicks whose `cost` was no amount (stored without it)
         self.bad_uids = 0  # clicks whose `uid` was no uid (stored without it)
@@ -7548,6 +7756,7 @@ class TinyTrack:
         self.forwarder.start()
         self.purger.start()
         self.alerter.start()
+        self.enricher.start()
         if self.tune_gc:
             # Measured: the 16-22 ms p99 tails under load were gen-0 collections of
             # short-lived request objects. Freeze start-up objects, collect less often.
@@ -7569,6 +7778,7 @@ class TinyTrack:
         if self.store.closed:
             return
         await self.alerter.stop()
+        await self.enricher.stop()
         await self.purger.stop()
         # Deliveries in flight get a bounded time; their results go through the writer.
         await self.forwarder.stop(grace=min(self.config.forward.timeout_seconds, FORWARD_SHUTDOWN_SECONDS))

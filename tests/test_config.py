@@ -158,7 +158,7 @@ def test_config_is_frozen():
         (config_with(storage={"path": ""}), "storage.path: must not be empty"),
         (
             {**BASE, "sever": {}},
-            "sever: unknown section; known: server, storage, postback, admin, retention, forward, money, fraud, attribution, pixel, alerts, campaigns",
+            "sever: unknown section; known: server, storage, postback, admin, retention, forward, money, fraud, attribution, pixel, alerts, geo, campaigns",
         ),
         ({**BASE, "campaigns": {"x": "https://a.com/"}}, "campaigns.x: must be a table, got 'https://a.com/'"),
         # Sections are checked in the file's usual order: campaigns last.

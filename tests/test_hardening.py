@@ -637,7 +637,7 @@ def test_a_misspelt_section_is_reported_before_what_it_left_out():
         tinytrack.build_config({"postbacks": {"tokens": [POSTBACK_TOKEN]}})
     assert (
         str(caught.value)
-        == "postbacks: unknown section; known: server, storage, postback, admin, retention, forward, money, fraud, attribution, pixel, alerts, campaigns"
+        == "postbacks: unknown section; known: server, storage, postback, admin, retention, forward, money, fraud, attribution, pixel, alerts, geo, campaigns"
     )
 
 
