@@ -2701,6 +2701,7 @@ STATS_GROUPS = (
     "browser",
 )
 MAX_GROUP_FIELDS = 3
+FILTER_FIELDS = (*SUB_FIELDS, "offer", "lander", "country", "device", "os", "browser")  # ?sub1=a&country=DE
 ENRICHED_FIELDS = ("country", "device", "os", "browser")  # the clicks' (Enricher): raw rows only
 # What each kind of totals can group by; a report whose fields fit none reads the raw rows (STATS_SOURCES).
 DAILY_FIELDS = frozenset(("day", "campaign", "sub1", "status", "channel"))  # per UTC day: daily_*
@@ -2742,6 +2743,7 @@ class StatsQuery:
     money: MoneyConfig = MoneyConfig()  # rates to report in one currency; none: each apart
     channels: Mapping[str, str] = dataclasses.field(default_factory=dict)  # campaign -> channel, for by=channel
     tz: str = "UTC"
+    filters: tuple[tuple[str, str], ...] = ()  # (field, value): only rows with that value (FILTER_FIELDS)
 
     def __post_init__(self) -> None:
         if isinstance(self.by, str):
@@ -2762,10 +2764,13 @@ class StatsQuery:
     def source(self) -> str:
         """Which rows answer it (a key of STATS_SOURCES): totals where its fields and
         zone fit them, else the raw rows."""
-        fields = set(self.by)
+        filtered = {name for name, _ in self.filters}
+        fields = set(self.by) | filtered
         utc = self.tz == "UTC"
-        if utc and fields <= DAILY_FIELDS:
+        if utc and fields <= DAILY_FIELDS:  # a sub1 filter too
             return "daily"
+        if filtered:  # the funnel and quarter-hour totals have no sub ids, countries...
+            return "raw"
         if utc and fields <= FUNNEL_FIELDS:
             return "funnel"
         start, end = self.span_ms
@@ -2878,6 +2883,13 @@ def stats_query(
     convert = params.get("convert") or "1"
     if convert not in ("0", "1"):
         raise FieldError("convert", f"must be 0 or 1, got {quoted(convert)}")
+    filters = []
+    for name in FILTER_FIELDS:
+        value = params.get(name)
+        if value is not None:
+            if len(value) > MAX_VALUE_CHARS or not value.isprintable():
+                raise FieldError(name, f"must be at most {MAX_VALUE_CHARS} printable characters")
+            filters.append((name, value))
     return StatsQuery(
         first,
         last,
@@ -2887,6 +2899,7 @@ def stats_query(
         money if convert == "1" else MoneyConfig(),
         channels or {},
         tz,
+        tuple(filters),
     )
 
 
@@ -6065,6 +6078,9 @@ class Database:
         if q.campaign is not None:
             where, args = " AND campaign = ?", (q.campaign,)
         source = q.source
+        if source == "daily":  # the only filter the totals take: sub1 ('' for none)
+            for name, value in q.filters:
+                where, args = f"{where} AND {name} = ?", (*args, value)
         if source == "funnel":
             return self._funnel_stats(q, where, args)
         if source == "slots":
@@ -6227,6 +6243,11 @@ class Database:
         its clicks and conversions carried (uploads are per campaign-day and sub1)."""
         start, end = q.span_ms
         offsets = zone_offsets(q.tz, start, end)
+        where_conversions = where.replace("campaign", "conversions.campaign")
+        for name, value in q.filters:  # '' is "none"
+            where, args = f"{where} AND coalesce({name}, '') = ?", (*args, value)
+            column = f"k.{name}" if name in ENRICHED_FIELDS else f"conversions.{name}"
+            where_conversions += f" AND coalesce({column}, '') = ?"
         ids = (uuid_floor(start), uuid_floor(end), *args)
 
         def key_sql(table: str, ms: str) -> str:
@@ -6248,9 +6269,8 @@ class Database:
         groups = ", ".join(str(i) for i in range(1, len(q.by) + 1))
         click_key = key_sql("clicks", "clicks.ts")
         conversion_key = key_sql("conversions", "conversions.ts")
-        where_conversions = where.replace("campaign", "conversions.campaign")
         join = ""
-        if set(q.by) & set(ENRICHED_FIELDS):
+        if (set(q.by) | {name for name, _ in q.filters}) & set(ENRICHED_FIELDS):
             join = " LEFT JOIN clicks AS k ON k.id = coalesce(conversions.credited_click, conversions.click_id)"
         clicks = self.con.execute(
             f"""SELECT {click_key}, sum(bot = 0), sum(bot), 0, sum(bot = 0 AND lp_at IS NOT NULL),

@@ -349,3 +349,25 @@ async def test_days_a_zone_does_not_start_on_a_quarter_hour_read_the_raw_rows(cl
     assert (answer["source"], answer["rows"]) == ("raw", [])
     today = await report(client, f"from={D}&to={D}&by=day&tz=Africa/Monrovia")
     assert today["source"] == "slots"
+
+
+async def test_filters_narrow_a_report_to_one_value_each(client):
+    await seed_subs(client)
+    one = await report(client, f"from={D}&to={D}&by=campaign&sub1=b")
+    assert one["source"] == "daily"
+    assert brief(one["rows"], "campaign") == [("spring", 2, 0, 0, 0, 1, {}, {})]
+    deeper = await report(client, f"from={D}&to={D}&by=sub2&campaign=spring&sub1=a")
+    assert deeper["source"] == "raw"
+    assert brief(deeper["rows"], "sub2") == [
+        ("x", 3, 1, 1, 0, 0, {"USD": "1.00"}, {}),
+        ("y", 1, 0, 0, 1, 0, {}, {}),
+    ]
+    by_sub2 = await report(client, f"from={D}&to={D}&by=campaign&sub2=x")
+    assert [(r["campaign"], r["clicks"], r["approved"], r["rejected"]) for r in by_sub2["rows"]] == [
+        ("cpc", 2, 1, 0),
+        ("spring", 5, 1, 1),
+    ]
+    nothing = await report(client, f"from={D}&to={D}&by=campaign&sub3=")  # '' is "none given"
+    assert [(r["campaign"], r["clicks"]) for r in nothing["rows"]] == [("cpc", 2), ("spring", 6)]
+    long = await client.get(f"/api/stats?sub1={'x' * 300}", headers=ADMIN)
+    assert (long.status_code, long.json()) == (400, {"error": "sub1: must be at most 256 printable characters"})
