@@ -8646,31 +8646,49 @@ class Admin:
         )
 
     async def admin_page(self, request: Request) -> Response:
-        """One page for a person: the last 30 days, campaigns, conversions, orphans, forwards."""
+        """One page for a person: a report chosen with a form (range, zone, grouping,
+        campaign, and the filters its drill-down links add), its totals and charts, and
+        what needs a look: deliveries, held conversions, the latest conversions, orphans."""
         self.require_admin(request)
-        last = int(self.app.clock() // 86400)
-        read = self.app.store.read
-        money = self.app.config.money
+        config, read = self.app.config, self.app.store.read
+        params = dict(request.query_params)
+        params["by"] = ",".join(v for v in request.query_params.getlist("by") if v) or "campaign"
+        error, status = None, 200
+        try:
+            q = stats_query(params, self.app.clock(), config.money, campaign_channels(config))
+        except FieldError as exc:  # said on the page, over the form as it was sent
+            error, status = exc.message, 400
+            q = stats_query({}, self.app.clock(), config.money, campaign_channels(config))
+        rows = await read(Database.stats, q)
+        overall = q if q.by == ("campaign",) else dataclasses.replace(q, by=("campaign",))
+        per_day = q if q.by == ("day",) else dataclasses.replace(q, by=("day",))
         funnels = {}  # campaign -> its landers' and offers' rows, for the campaigns that have them
-        for name in [name for name, c in self.app.config.campaigns.items() if c.funnel][:ADMIN_FUNNELS]:
-            funnels[name] = [
-                (by, row)
-                for by in ("lander", "offer")
-                for row in await read(Database.stats, StatsQuery(last - 29, last, by, name, money=money))
-            ]
-        page = render_admin(
-            last,
-            await read(Database.stats, StatsQuery(last - 29, last, "day", money=money)),
-            await read(Database.stats, StatsQuery(last - 29, last, "campaign", money=money)),
-            await read(Database.recent_conversions, 20),
-            await read(Database.recent_orphans, 10),
-            await read(Database.outbox_states),
-            await read(Database.troubled_deliveries, 10),
-            funnels,
-            await read(Database.held_conversions, 20),
-            await read(Database.latest_quarantined, 10),
+        if not q.filters:
+            names = [name for name, c in config.campaigns.items() if c.funnel and q.campaign in (None, name)]
+            for name in names[:ADMIN_FUNNELS]:
+                funnels[name] = [
+                    (by, row)
+                    for by in ("lander", "offer")
+                    for row in await read(Database.stats, dataclasses.replace(q, by=(by,), campaign=name))
+                ]
+        view = AdminView(
+            q=q,
+            form=params,
+            error=error,
+            campaigns=sorted(config.campaigns),
+            rows=rows,
+            overall=rows if overall is q else await read(Database.stats, overall),
+            days=rows if per_day is q else await read(Database.stats, per_day),
+            kept=stats_answer(q, [], report_kept(config.retention, self.app.clock(), await read(Database.slots_since))),
+            conversions=await read(Database.recent_conversions, 20),
+            orphans=await read(Database.recent_orphans, 10),
+            outbox=await read(Database.outbox_states),
+            problems=await read(Database.troubled_deliveries, 10),
+            funnels=funnels,
+            held=await read(Database.held_conversions, 20),
+            quarantined=await read(Database.latest_quarantined, 10),
         )
-        return HTMLResponse(page, headers=ADMIN_HEADERS)
+        return HTMLResponse(render_admin(view), status_code=status, headers=ADMIN_HEADERS)
 
     async def admin_conversion(self, request: Request) -> Response:
         """One conversion for a person: its fields, history and credit."""
@@ -10030,17 +10048,26 @@ class RawHTML(str):
     """Markup html_table puts in a cell as it is (made here, never from input)."""
 
 
-def html_table(header: Iterable[str], rows: Iterable[Iterable[object]], empty: str) -> str:
-    """A table whose every cell is escaped (but RawHTML), or `empty` when it has no rows."""
+def html_table(header: Sequence[str], rows: Iterable[Iterable[object]], empty: str, numeric: int = 0) -> str:
+    """A table whose every cell is escaped (but RawHTML), or `empty` when it has no rows.
+    Each cell carries its column's name (data-label: a phone shows a row as a card of
+    "name value" lines); the last `numeric` columns are figures, kept on one line."""
     e = html.escape
     head = "".join(f"<th>{e(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>"
-        + "".join(f"<td>{v if isinstance(v, RawHTML) else e('' if v is None else str(v))}</td>" for v in row)
-        + "</tr>"
-        for row in rows
-    )
-    return f"<div class=scroll><table><tr>{head}</tr>{body}</table></div>" if body else f"<p class=muted>{e(empty)}</p>"
+    first_number = len(header) - numeric
+    labels = [f' data-label="{e(h)}"' + (" class=n" if i >= first_number else "") for i, h in enumerate(header)]
+
+    def cell(label: str, value: object) -> str:
+        if isinstance(value, RawHTML):
+            return f"<td{label}>{value}</td>"
+        text = "" if value is None else str(value)
+        long = " class=w" if len(text) > 20 and " class=n" not in label else ""  # may break anywhere
+        return f"<td{label}{long}>{e(text)}</td>"
+
+    body = "".join("<tr>" + "".join(cell(label, v) for label, v in zip(labels, row)) + "</tr>" for row in rows)
+    if not body:
+        return f"<p class=muted>{e(empty)}</p>"
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def conversion_link(conversion_id: int) -> RawHTML:
@@ -10088,89 +10115,267 @@ def render_conversion(view: Mapping[str, Any]) -> str:
     return ADMIN_PAGE.format(body="\n".join(sections))
 
 
-def render_admin(
-    last_day: int,
-    days: list[dict],
-    campaigns: list[dict],
-    conversions: list[tuple],
-    orphans: list[tuple],
-    outbox: Mapping[str, int],
-    problems: list[tuple],
-    funnels: Mapping[str, list[tuple[str, dict]]] = {},  # noqa: B006 (read only)
-    held: Sequence[tuple] = (),
-    quarantined: Sequence[tuple] = (),
-) -> str:
-    """The /admin page: plain HTML and an inline SVG chart, no script, no CDN."""
-    e = html.escape
-    by_day = {row["day"]: row for row in days}
-    series = [(day_text(d), by_day.get(day_text(d), {})) for d in range(last_day - 29, last_day + 1)]
-    chart = svg_chart([(day, row.get("clicks", 0), row.get("conversions", 0)) for day, row in series])
+@dataclasses.dataclass
+class AdminView:
+    """What /admin shows: the report asked for, and the reads around it."""
 
-    def money(payout: Mapping[str, str]) -> str:
-        return " ".join(f"{amount} {cur}" for cur, amount in payout.items()) or "0.00"
+    q: StatsQuery
+    form: Mapping[str, str]  # the query as sent (shown back in the form)
+    error: str | None  # what was wrong with it ("field: problem"); the default report is shown then
+    campaigns: Sequence[str]
+    rows: list[dict]  # the report, grouped by q.by
+    overall: list[dict]  # the same by campaign: the totals at the top
+    days: list[dict]  # the same by day: the charts
+    kept: Mapping[str, Any]  # stats_answer's facts (source, complete_from)
+    conversions: list[tuple]
+    orphans: list[tuple]
+    outbox: Mapping[str, int]
+    problems: list[tuple]
+    funnels: Mapping[str, list[tuple[str, dict]]]
+    held: Sequence[tuple]
+    quarantined: Sequence[tuple]
 
-    def figure(values: Mapping[str, str | None]) -> str:  # ROI and CPA: "-" where there is none
-        return " ".join(f"{value} {cur}" for cur, value in values.items() if value is not None) or "-"
 
-    table = html_table
-    totals = {k: sum(row[k] for row in campaigns) for k in ("clicks", "conversions", "approved", "rejected")}
+ADMIN_ZONES = (  # offered in the form's zone field; any IANA name may be typed
+    "UTC",
+    "Europe/London",
+    "Europe/Berlin",
+    "Europe/Moscow",
+    "America/New_York",
+    "America/Chicago",
+    "America/Denver",
+    "America/Los_Angeles",
+    "America/Sao_Paulo",
+    "Asia/Dubai",
+    "Asia/Kolkata",
+    "Asia/Singapore",
+    "Asia/Tokyo",
+    "Australia/Sydney",
+)
+DRILL_ORDER = ("campaign", *SUB_FIELDS, "offer", "lander", "country", "device", "os", "browser")
+FIELD_TITLES = {"unique_clicks": "unique", "conversions": "conv.", "lp_ctr": "LP CTR %", "cr": "CR %"}
+
+
+def local_time(ms: int, tz: str) -> str:
+    """A moment as a person reads it in zone tz: 2026-03-04 17:00:05."""
+    moment = dt.datetime.fromtimestamp(ms / 1000, dt.UTC if tz == "UTC" else zone(tz))
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def admin_link(params: Mapping[str, str], **changes: str | None) -> str:
+    """/admin with the query `params` after `changes` (None drops a parameter), escaped for an attribute."""
+    query = {k: v for k, v in {**params, **changes}.items() if v is not None}
+    return html.escape("/admin?" + urlencode(query))
+
+
+def report_params(q: StatsQuery) -> dict[str, str]:
+    """The query parameters that ask for q again."""
+    params = {"from": day_text(q.first_day), "to": day_text(q.last_day), "tz": q.tz, "by": ",".join(q.by)}
+    if q.campaign:
+        params["campaign"] = q.campaign
+    params.update(q.filters)
+    if q.bots:
+        params["bots"] = "1"
+    return params
+
+
+def drill_link(q: StatsQuery, row: Mapping[str, Any], text: str) -> RawHTML | str:
+    """`text` linking one level down from a report row: its values become filters (a day
+    becomes the range), grouped by the next field nobody has chosen yet (DRILL_ORDER)."""
+    params = report_params(q)
+    chosen = set(q.by) | {name for name, _ in q.filters} | ({"campaign"} if q.campaign else set())
+    for name in q.by:
+        value = row[name]
+        if name == "day":
+            params["from"] = params["to"] = value
+        elif name == "campaign" or name in FILTER_FIELDS:
+            params[name] = value
+        else:  # hour, status, channel: not a filter; the link keeps the grouping by it
+            return text
+    following = next((name for name in DRILL_ORDER if name not in chosen), None)
+    if following is None:
+        return text
+    params["by"] = following
+    return RawHTML(f'<a href="{admin_link(params)}">{html.escape(text)}</a>')
+
+
+def nice_step(top: float) -> int:
+    """A round step for about four ticks up to `top`: 1, 2 or 5 times a power of ten."""
+    raw = max(top / 4, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    return int(next(m * power for m in (1, 2, 5, 10) if m * power >= raw))
+
+
+def bar_chart(name: str, points: Sequence[tuple[str, int]], unit: str, caption: str) -> str:
+    """Bars of one figure per day on one labelled scale (0 to a round top, ticks on the
+    left), the days under them. Sized in per cent and pixels with no viewBox, so its
+    text keeps the page's size on a phone. A bar's <title> says its day and value."""
+    height, base, left = 200, 176, 9.0  # px: the chart, the axis line; %: the tick labels' column
+    top = max([value for _, value in points] + [1])
+    step = nice_step(top)
+    top = -(-top // step) * step
+    plot = base - 8
+    width = (100 - left) / len(points)
+    parts = []
+    for tick in range(0, top + 1, step):
+        y = base - plot * tick / top
+        parts.append(
+            f'<line class=grid x1="{left}%" x2="100%" y1="{y:.1f}" y2="{y:.1f}"/>'
+            f'<text class=tick x="{left - 1}%" y="{y + 4:.1f}" text-anchor=end>{tick:,}</text>'
+        )
+    for i, (day, value) in enumerate(points):
+        h = plot * value / top
+        parts.append(
+            f'<rect class=bar x="{left + i * width + width * 0.1:.3f}%" width="{width * 0.8:.3f}%" '
+            f'y="{base - h:.1f}" height="{h:.1f}"><title>{day}: {value} {unit}</title></rect>'
+        )
+    every = max(1, math.ceil(len(points) / 6))  # at most about six dates under the axis
+    for i in range(0, len(points), every):
+        x = left + (i + 0.5) * width
+        parts.append(f'<text class=tick x="{x:.3f}%" y="{height - 6}" text-anchor=middle>{points[i][0][5:]}</text>')
+    return (
+        f'<figure><figcaption>{html.escape(caption)}</figcaption><svg id="{name}" width="100%" height="{height}" '
+        f'role=img aria-label="{html.escape(caption)}">{"".join(parts)}</svg></figure>'
+    )
+
+
+def render_form(view: AdminView) -> str:
+    """The report's form: an ordinary GET (no script), showing what was asked."""
+    e, form, q = html.escape, view.form, view.q
+    chosen = [name for name in (form.get("by") or "").split(",") if name] if view.error else list(q.by)
+
+    def select(name: str, options: Sequence[str], current: str | None, blank: str | None) -> str:
+        items = [f'<option value="">{e(blank)}</option>'] if blank is not None else []
+        items += [f'<option value="{e(o)}"{" selected" if o == current else ""}>{e(o)}</option>' for o in options]
+        return f'<select name="{name}">{"".join(items)}</select>'
+
+    groups = "".join(
+        f"<label>{'Group by' if i == 0 else 'then'} "
+        + select("by", STATS_GROUPS, chosen[i] if i < len(chosen) else None, None if i == 0 else "-")
+        + "</label>"
+        for i in range(MAX_GROUP_FIELDS)
+    )
+    value = (lambda key, default: form.get(key, default)) if view.error else (lambda key, default: default)
+    hidden = "".join(f'<input type=hidden name="{name}" value="{e(v)}">' for name, v in q.filters)
+    zones = "".join(f"<option>{z}</option>" for z in ADMIN_ZONES)
+    return (
+        "<form method=get action=/admin>"
+        f'<label>From <input type=date name=from value="{e(value("from", day_text(q.first_day)))}"></label>'
+        f'<label>To <input type=date name=to value="{e(value("to", day_text(q.last_day)))}"></label>'
+        f'<label>Time zone <input name=tz list=zones value="{e(value("tz", q.tz))}" size=18></label>'
+        f"<datalist id=zones>{zones}</datalist>{groups}"
+        f"<label>Campaign {select('campaign', view.campaigns, q.campaign, 'all')}</label>"
+        f"{hidden}<button>Show</button></form>"
+    )
+
+
+def money_text(amounts: Mapping[str, str | None], suffix: str = "") -> RawHTML:
+    """Amounts per currency, each kept whole on a line of its own if they must wrap; "-" for none."""
+    shown = [f"<span>{html.escape(f'{v}{suffix} {cur}')}</span>" for cur, v in amounts.items() if v is not None]
+    return RawHTML(" ".join(shown) or "-")
+
+
+def kpis(rows: Sequence[dict]) -> str:
+    """The totals of a report's rows (one per campaign): clicks, unique clicks,
+    conversions, revenue (approved), cost, profit, ROI, CR and EPC."""
+    counts = {k: sum(row[k] for row in rows) for k in ("clicks", "unique_clicks", "conversions", "approved")}
     revenue: Counter[str] = Counter()
     spent: Counter[str] = Counter()
-    for row in campaigns:  # exact: amounts have at most 6 decimals
+    for row in rows:  # exact: amounts have at most 6 decimals
         for cur, amount in row["payout"].items():
             revenue[cur] += int(Decimal(amount) * 1_000_000)
         for cur, amount in row["cost"].items():
             spent[cur] += int(Decimal(amount) * 1_000_000)
-    overall = money_figures(revenue, spent, {"clicks": totals["clicks"], "conversions": totals["conversions"]})
-    roi = figure({cur: value and f"{value}%" for cur, value in overall["roi"].items()})
-    health = " · ".join(f"{state} <b>{outbox.get(state, 0)}</b>" for state in ("pending", "failed", "dead", "done"))
+    figures = money_figures(revenue, spent, counts)
+    tiles = [
+        ("Clicks", f"{counts['clicks']:,}"),
+        ("Unique clicks", f"{counts['unique_clicks']:,}"),
+        ("Conversions", f"{counts['conversions']:,}"),
+        ("Revenue", money_text(figures["payout"])),
+        ("Cost", money_text(figures["cost"])),
+        ("Profit", money_text(figures["profit"])),
+        ("ROI", money_text(figures["roi"], "%")),
+        ("CR", f"{figures['cr']}%" if figures["cr"] is not None else "-"),
+        ("EPC", money_text(figures["epc"])),
+    ]
+    return "<div class=kpis>" + "".join(f"<div><span>{t}</span><b>{v}</b></div>" for t, v in tiles) + "</div>"
+
+
+def report_table(view: AdminView) -> str:
+    """The grouped report: a column per field (the first cell links one level down),
+    the counts, money and ratios."""
+    q = view.q
+    columns = ("clicks", "unique_clicks", "conversions", "approved", "pending", "rejected", "cr")
+    header = [*q.by, *(FIELD_TITLES.get(c, c) for c in columns), "revenue", "cost", "profit", "ROI %", "EPC", "CPA"]
+    lines = []
+    for row in view.rows:
+        fields = [
+            "(none)"
+            if row[name] == "" and name not in ("status",)
+            else f"{row[name]:02d}:00"
+            if name == "hour"
+            else row[name]
+            for name in q.by
+        ]
+        fields[0] = drill_link(q, row, str(fields[0]))
+        lines.append(
+            [
+                *fields,
+                *(row[c] if row[c] is not None else "-" for c in columns),
+                money_text(row["payout"]),
+                money_text(row["cost"]),
+                money_text(row["profit"]),
+                money_text(row["roi"]),
+                money_text(row["epc"]),
+                money_text(row["cpa"]),
+            ]
+        )
+    return html_table(header, lines, "Nothing in this range.", numeric=len(header) - len(q.by))
+
+
+def render_admin(view: AdminView) -> str:
+    """The /admin page: plain HTML, inline SVG charts, no script, no CDN."""
+    e, q = html.escape, view.q
+    tz = q.tz
+    series = {row["day"]: row for row in view.days}
+    days = [day_text(d) for d in range(q.first_day, q.last_day + 1)]
+    params = report_params(q)
+    filters = " ".join(
+        f'<a class=chip href="{admin_link(params, **{name: None})}" title="remove this filter">'
+        f"{e(name)} = {e(value or '(none)')} &#215;</a>"
+        for name, value in ([("campaign", q.campaign)] if q.campaign else []) + list(q.filters)
+    )
+    source = view.kept["source"]
+    note = f"read from the {STATS_SOURCES[source]}"
+    if "complete_from" in view.kept:
+        note += f", complete from {local_time(iso_to_ms(view.kept['complete_from']), tz)}"
+    health = " · ".join(
+        f"{state} <b>{view.outbox.get(state, 0)}</b>" for state in ("pending", "failed", "dead", "done")
+    )
+    when = lambda ms: local_time(ms, tz)  # noqa: E731
+    table = html_table
     sections = [
-        f"<h1>tinytrack</h1><p class=muted>last 30 days to {day_text(last_day)} (UTC) · clicks {totals['clicks']} · "
-        f"conversions {totals['conversions']} · rejected {totals['rejected']} · "
-        f"revenue <b>{e(money(overall['payout']))}</b> (approved) · cost <b>{e(money(overall['cost']))}</b> · "
-        f"profit <b>{e(money(overall['profit']))}</b> · ROI <b>{e(roi)}</b></p>",
-        f"<h2>Clicks and conversions per day</h2>{chart}",
-        "<h2>Campaigns</h2>"
-        + table(
-            (
-                "campaign",
-                "clicks",
-                "unique",
-                "bots",
-                "conv.",
-                "approved",
-                "pending",
-                "rejected",
-                "payout",
-                "cost",
-                "profit",
-                "ROI %",
-                "CR %",
-                "EPC",
-                "CPA",
-            ),
-            (
-                (
-                    r["campaign"],
-                    r["clicks"],
-                    r["unique_clicks"],
-                    r["bot_clicks"],
-                    r["conversions"],
-                    r["approved"],
-                    r["pending"],
-                    r["rejected"],
-                    money(r["payout"]),
-                    money(r["cost"]),
-                    money(r["profit"]),
-                    figure(r["roi"]),
-                    r["cr"],
-                    money(r["epc"]),
-                    figure(r["cpa"]),
-                )
-                for r in campaigns
-            ),
-            "No clicks in the last 30 days.",
-        ),
+        "<h1>tinytrack</h1>",
+        f"<p class=error>{e(view.error)} (showing the last {STATS_DEFAULT_DAYS} days instead)</p>"
+        if view.error
+        else "",
+        render_form(view),
+        f"<p class=muted>{day_text(q.first_day)} to {day_text(q.last_day)} ({e(tz)}) {filters}</p>",
+        kpis(view.overall),
+        "<div class=charts>"
+        + bar_chart(
+            "clicks", [(d, series.get(d, {}).get("clicks", 0)) for d in days], "clicks", f"Clicks per day ({tz})"
+        )
+        + bar_chart(
+            "conversions",
+            [(d, series.get(d, {}).get("conversions", 0)) for d in days],
+            "conversions",
+            f"Conversions per day ({tz}): approved and pending",
+        )
+        + "</div>",
+        f"<h2>By {e(', '.join(q.by))}</h2>"
+        f'<p class=muted>{e(note)} · <a href="{e("/api/stats?" + urlencode({**params, "format": "csv"}))}">'
+        "CSV of this table</a></p>" + report_table(view),
         *(
             f"<h2>Landers and offers: {e(name)}</h2>"
             + table(
@@ -10195,26 +10400,27 @@ def render_admin(
                         r["lp_ctr"],
                         r["conversions"],
                         r["cr"],
-                        money(r["payout"]),
-                        money(r["epc"]),
+                        money_text(r["payout"]),
+                        money_text(r["epc"]),
                         *(
-                            (money(r["cost"]), money(r["profit"]), figure(r["roi"]))
+                            (money_text(r["cost"]), money_text(r["profit"]), money_text(r["roi"]))
                             if any(r["cost"] for _, r in rows)
                             else ()
                         ),
                     )
                     for by, r in rows
                 ),
-                "No clicks in the last 30 days.",
+                "No clicks in this range.",
+                numeric=10 if any(r["cost"] for _, r in rows) else 7,
             )
-            for name, rows in funnels.items()
+            for name, rows in view.funnels.items()
         ),
         f"<h2>Forwards</h2><p>{health}</p>"
         + table(
             ("id", "campaign", "state", "tries", "last try", "code", "error"),
             (
-                (i, c, "retrying" if st == "pending" else st, n, at and iso_ms(at), code, err)
-                for i, c, st, n, at, code, err in problems
+                (i, c, "retrying" if st == "pending" else st, n, at and when(at), code, err)
+                for i, c, st, n, at, code, err in view.problems
             ),
             "Nothing failed or retrying.",
         ),
@@ -10225,7 +10431,7 @@ def render_admin(
             (
                 (
                     i,
-                    iso_ms(at),
+                    when(at),
                     c,
                     s1,
                     ev,
@@ -10233,17 +10439,17 @@ def render_admin(
                     network,
                     "; ".join(f"{k}: {v}" for k, v in orjson.loads(flags or "{}").items()),
                 )
-                for i, at, c, s1, ev, p, cur, flags, network in held
+                for i, at, c, s1, ev, p, cur, flags, network in view.held
             ),
             "Nothing held.",
         ),
-        "<h2>Latest conversions</h2>"
+        f"<h2>Latest conversions</h2><p class=muted>Times in {e(tz)}.</p>"
         + table(
             ("id", "when", "campaign", "sub1", "event", "status", "payout", "why", "credited by"),
             (
                 (
                     conversion_link(i),
-                    iso_ms(at),
+                    when(at),
                     c,
                     s1,
                     ev,
@@ -10252,14 +10458,14 @@ def render_admin(
                     why,
                     orjson.loads(attribution)["rule"] if attribution else "its click",
                 )
-                for i, at, c, s1, ev, st, p, cur, why, attribution in conversions
+                for i, at, c, s1, ev, st, p, cur, why, attribution in view.conversions
             ),
             "No conversions yet.",
         ),
         "<h2>Orphans</h2><p class=muted>Postbacks for click ids this server never issued (or has purged).</p>"
         + table(
             ("last seen", "click_id", "event", "payout", "hits"),
-            ((iso_ms(at), cid, ev, f"{format_money(p)} {cur}", hits) for at, cid, ev, p, cur, hits in orphans),
+            ((when(at), cid, ev, f"{format_money(p)} {cur}", hits) for at, cid, ev, p, cur, hits in view.orphans),
             "None.",
         ),
         "<h2>Refused postbacks</h2><p class=muted>Sent with a valid token, refused for what they said (a 400): "
@@ -10267,51 +10473,47 @@ def render_admin(
         + table(
             ("at", "why", "fields"),
             (
-                (iso_ms(at), reason, "; ".join(f"{k}={v}" for k, v in orjson.loads(fields).items()))
-                for _, at, reason, fields in quarantined
+                (when(at), reason, "; ".join(f"{k}={v}" for k, v in orjson.loads(fields).items()))
+                for _, at, reason, fields in view.quarantined
             ),
             "None.",
         ),
     ]
-    return ADMIN_PAGE.format(body="\n".join(sections))
+    return ADMIN_PAGE.format(body="\n".join(section for section in sections if section))
 
 
-def svg_chart(points: list[tuple[str, int, int]], width: int = 720, height: int = 220) -> str:
-    """Bars for clicks and a line for conversions (each on its own scale), per day."""
-    pad, n = 8, len(points)
-    top_clicks = max([c for _, c, _ in points] + [1])
-    top_conv = max([v for _, _, v in points] + [1])
-    step = (width - 2 * pad) / n
-    inner = height - 2 * pad
-    bars, dots = [], []
-    for i, (day, clicks, conv) in enumerate(points):
-        x = pad + i * step
-        h = inner * clicks / top_clicks
-        bars.append(
-            f'<rect class=c x="{x + 1:.1f}" y="{pad + inner - h:.1f}" width="{step - 2:.1f}" height="{h:.1f}">'
-            f"<title>{day}: {clicks} clicks, {conv} conversions</title></rect>"
-        )
-        dots.append(f"{x + step / 2:.1f},{pad + inner - inner * conv / top_conv:.1f}")
-    # Labels are HTML around the chart, not SVG text, so they keep their size on a phone.
-    return (
-        f"<p class=legend><span class=c>&#9632; clicks (max {top_clicks})</span>"
-        f"<span class=v>&#9473; conversions (max {top_conv})</span></p>"
-        f'<svg id=chart viewBox="0 0 {width} {height}" role=img aria-label="clicks and conversions per day">'
-        f'{"".join(bars)}<polyline class=v points="{" ".join(dots)}"/></svg>'
-        f"<p class=axis><span>{points[0][0]}</span><span>{points[-1][0]}</span></p>"
-    )
+def iso_to_ms(text: str) -> int:
+    """iso_ms's text back to unix ms."""
+    return int(dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
 
 
+# The page's look: wide enough for the report at 1280 px; under 700 px each table row
+# becomes a card of "column value" lines (data-label), so nothing is cut off on a phone.
 ADMIN_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>tinytrack</title>
-<style>body{{font:15px/1.45 system-ui,sans-serif;max-width:60rem;margin:1rem auto;padding:0 .8rem;color:#222}}
-h1{{margin:.2rem 0}}h2{{font-size:1.1rem;margin:1.6rem 0 .4rem}}.muted{{color:#666}}
-.scroll{{overflow-x:auto}}table{{border-collapse:collapse;width:100%;font-size:.9rem}}
-th,td{{text-align:left;padding:.25rem .5rem;border-bottom:1px solid #ddd;white-space:nowrap}}
-svg{{width:100%;height:auto;background:#fafafa;display:block}}rect.c{{fill:#9bb7d4}}
-polyline.v{{fill:none;stroke:#d2691e;stroke-width:2}}.legend,.axis{{display:flex;justify-content:space-between;
-margin:.2rem 0;font-size:.85rem;color:#555}}span.c{{color:#6d8fb3}}span.v{{color:#d2691e}}</style>
+<style>body{{font:15px/1.45 system-ui,sans-serif;max-width:80rem;margin:1rem auto;padding:0 .8rem;color:#222}}
+h1{{margin:.2rem 0}}h2{{font-size:1.1rem;margin:1.6rem 0 .4rem}}.muted{{color:#666}}.error{{color:#a00;font-weight:600}}
+a{{color:#1a5fa8}}form{{display:flex;flex-wrap:wrap;gap:.4rem .8rem;align-items:end;margin:.6rem 0}}
+label{{display:flex;flex-direction:column;font-size:.8rem;color:#555}}input,select,button{{font:inherit;font-size:.9rem}}
+button{{padding:.2rem .9rem}}.chip{{display:inline-block;background:#eef3f9;border-radius:1rem;padding:0 .6rem;
+margin-left:.3rem;text-decoration:none;overflow-wrap:anywhere}}
+.kpis{{display:grid;grid-template-columns:repeat(auto-fit,minmax(7.6rem,1fr));gap:.5rem;margin:.8rem 0}}
+.kpis div{{background:#f6f8fa;border-radius:.4rem;padding:.4rem .6rem;min-width:0}}
+.kpis span{{display:block;font-size:.8rem;color:#555}}.kpis b{{font-size:1.1rem;overflow-wrap:anywhere}}
+.charts{{display:grid;grid-template-columns:repeat(auto-fit,minmax(18rem,1fr));gap:1rem}}
+figure{{margin:0}}figcaption{{font-size:.85rem;color:#555}}svg{{display:block;background:#fafafa}}
+rect.bar{{fill:#6d8fb3}}#conversions rect.bar{{fill:#d2691e}}line.grid{{stroke:#ddd}}
+text.tick{{font-size:11px;fill:#555}}
+table{{border-collapse:collapse;width:100%;font-size:.88rem}}
+th,td{{text-align:left;padding:.25rem .45rem;border-bottom:1px solid #ddd;vertical-align:top;white-space:nowrap}}
+td.w{{white-space:normal;overflow-wrap:anywhere;min-width:8rem}}td.n{{text-align:right}}td.n span{{display:block}}
+td a{{overflow-wrap:anywhere;white-space:normal}}
+@media (max-width:700px){{thead{{display:none}}table,tbody,tr,td{{display:block;width:auto}}
+tr{{border:1px solid #ddd;border-radius:.4rem;margin:.5rem 0;padding:.2rem .4rem}}
+td{{display:flex;gap:.8rem;justify-content:space-between;border:0;padding:.1rem 0;text-align:right}}
+td.w{{min-width:0}}td.n{{white-space:normal}}td.n span{{display:inline}}
+td::before{{content:attr(data-label);color:#666;text-align:left;white-space:nowrap}}}}</style>
 </head><body>
 {body}
 </body></html>

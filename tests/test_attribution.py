@@ -455,7 +455,7 @@ async def test_admin_shows_how_a_conversion_was_credited(app, clock):
     assert f'<a href="/admin/conversions/{answer["id"]}">' in page.text
     assert "email: the last email touch in the 30-day window; no affiliate or paid touch" in page.text
     assert detail.status_code == 200 and "default-src 'none'" in detail.headers["content-security-policy"]
-    assert "<b>email: the last email touch" in detail.text and "<td>newsletter</td>" in detail.text
+    assert "<b>email: the last email touch" in detail.text and ">newsletter</td>" in detail.text
     assert (missing.status_code, api_missing.status_code, anonymous.status_code) == (404, 404, 401)
 
 

@@ -358,7 +358,7 @@ async def test_hold_keeps_it_pending_unforwarded_until_approved_then_forwards_it
     assert outbox(app) == []
     async with client_for(app) as http:
         page = (await http.get("/admin", headers=ADMIN)).text
-    assert f"<td>{conversion_id}</td>" in page.split("<h2>Held for review</h2>")[1].split("</table>")[0]
+    assert f'<td data-label="id">{conversion_id}</td>' in page.split("<h2>Held for review</h2>")[1].split("</table>")[0]
     approved = await review(app, conversion_id, b'{"decision": "approve"}')
     assert (approved.status_code, approved.json()) == (200, {"id": conversion_id, "status": "approved"})
     assert outbox(app) == [(conversion_id, "approved", f"https://source.example/pb?c={cid}&s=approved")]
@@ -642,7 +642,7 @@ async def test_a_held_conversion_the_network_rejects_is_approved_as_rejected(app
     async with client_for(app) as http:
         page = (await http.get("/admin", headers=ADMIN)).text
     held = page.split("<h2>Held for review</h2>")[1].split("</table>")[0]
-    assert "<td>rejected</td>" in held  # what the network says, beside the flags
+    assert '<td data-label="network says">rejected</td>' in held  # what the network says, beside the flags
     answer = await review(app, conversion_id, b'{"decision": "approve"}')
     assert answer.json() == {"id": conversion_id, "status": "rejected"}
     assert outbox(app) == []

@@ -688,8 +688,8 @@ async def test_admin_shows_retrying_deliveries_and_revenue(app, client):
                        VALUES (1, 'spring', 'approved', 'https://x.example/', 'k', 'pending', 2, 0, 0, 0, 0, 502, 'HTTP 502')""")
     page = (await client.get("/admin", headers=BEARER)).text
     assert "Nothing failed" not in page
-    assert "<td>retrying</td><td>2</td>" in page and "HTTP 502" in page
-    assert "revenue <b>0.25 EUR 12.50 USD</b>" in page
+    assert '<td data-label="state">retrying</td><td data-label="tries">2</td>' in page and "HTTP 502" in page
+    assert "<div><span>Revenue</span><b><span>0.25 EUR</span> <span>12.50 USD</span></b></div>" in page
 
 
 # --- 19. A postback dated before its click -------------------------------------------------

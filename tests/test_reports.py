@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import zlib
+from functools import partial
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -823,7 +824,16 @@ class Page(HTMLParser):
         self.tables: dict[str, list[list[str]]] = {}
         self.bars: list[dict] = []
         self.svg_ids: list[str] = []
+        self.ticks: dict[str, list[str]] = {}  # each chart's tick labels
+        self.kpis: dict[str, str] = {}
+        self.links: dict[str, str] = {}  # a link's text -> its href
+        self.inputs: dict[str, str] = {}  # the form's inputs' values
+        self.selected: dict[str, list[str]] = {}  # each select's chosen option, per select of that name
         self.scripts = 0
+        self._href: str | None = None
+        self._link_text: list[str] = []
+        self._select: str | None = None
+        self._kpi: list[str] | None = None
         self._text: list[str] | None = None
         self._in_h2 = False
         self.feed(html)
@@ -837,6 +847,23 @@ class Page(HTMLParser):
             self._in_h2, self.section = True, ""
         elif tag == "svg":
             self.svg_ids.append(attrs.get("id"))
+        elif tag == "text":
+            self._text = []
+        elif tag == "a":
+            self._href, self._link_text = attrs.get("href"), []
+        elif tag == "input":
+            self.inputs[attrs.get("name")] = attrs.get("value")
+        elif tag == "select":
+            self._select = attrs.get("name")
+            self.selected.setdefault(self._select, []).append("")
+        elif tag == "option" and "selected" in attrs and self._select:
+            self.selected[self._select][-1] = attrs.get("value", "<text>")
+        elif tag == "div" and attrs.get("class") == "kpis":
+            self._kpi = []
+        elif tag == "div" and attrs.get("class") == "charts":  # the tiles are over
+            self._kpi = None
+        elif tag in ("span", "b") and self._kpi is not None and (tag == "b" or self._text is None):
+            self._text = []  # a tile's label (span), then its value (b, which may hold spans)
         elif tag == "rect":
             self.bars.append({**attrs, "title": ""})
         elif tag == "tr":
@@ -847,6 +874,20 @@ class Page(HTMLParser):
     def handle_endtag(self, tag: str) -> None:
         if tag == "h2":
             self._in_h2 = False
+        elif tag == "text" and self._text is not None:
+            self.ticks.setdefault(self.svg_ids[-1], []).append("".join(self._text))
+            self._text = None
+        elif tag == "a" and self._href is not None:
+            self.links.setdefault("".join(self._link_text), self._href)  # the first of a text
+            self._href = None
+        elif tag == "select":
+            self._select = None
+        elif self._kpi is not None and self._text is not None and (tag == "b" or (tag == "span" and not self._kpi)):
+            self._kpi.append("".join(self._text))
+            self._text = None
+            if len(self._kpi) == 2:
+                self.kpis[self._kpi[0]] = self._kpi[1]
+                self._kpi = []
         elif tag in ("td", "th") and self._text is not None:
             self.tables[self.section][-1].append("".join(self._text))
             self._text = None
@@ -860,6 +901,8 @@ class Page(HTMLParser):
             self.section += data
         if self._text is not None:
             self._text.append(data)
+        if self._href is not None:
+            self._link_text.append(data)
 
 
 def bar_heights(page: Page) -> dict[str, float]:
@@ -882,32 +925,45 @@ async def test_admin_page_in_process(client, clock):
     text = answer.text
     assert "<script" not in text.lower() and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     page = Page(text)
-    assert page.scripts == 0 and page.svg_ids == ["chart"]
-    assert len(page.bars) == 30  # 02-03 .. 03-04
-    assert [bar["title"] for bar in page.bars][::10] == [
-        "2026-02-03: 0 clicks, 0 conversions",
-        "2026-02-13: 0 clicks, 0 conversions",
-        "2026-02-23: 0 clicks, 0 conversions",
+    assert page.scripts == 0 and page.svg_ids == ["clicks", "conversions"]
+    clicks = [bar for bar in page.bars if bar["title"].endswith(" clicks")]
+    assert len(clicks) == 30  # 02-03 .. 03-04
+    assert [bar["title"] for bar in clicks][::10] == [
+        "2026-02-03: 0 clicks",
+        "2026-02-13: 0 clicks",
+        "2026-02-23: 0 clicks",
     ]
-    heights = bar_heights(page)
-    top = 220 - 2 * 8  # the tallest bar: 03-01 with 8 clicks (the chart pads 8 units)
-    assert {day: h for day, h in heights.items() if h} == {OLD: top * 5 / 8, A: top, B: top * 5 / 8, C: top * 3 / 8}
-    assert page.bars[-1]["title"] == "2026-03-04: 3 clicks, 2 conversions"
-    assert page.tables["Campaigns"] == [
+    # one scale from 0 to a round top (8 human clicks on 03-01: ticks 0, 2 ... 8), 168 px high
+    assert page.ticks["clicks"][:5] == ["0", "2", "4", "6", "8"]
+    heights = {bar["title"].split(":")[0]: float(bar["height"]) for bar in clicks}
+    assert {day: h for day, h in heights.items() if h} == {OLD: 168 * 5 / 8, A: 168, B: 168 * 5 / 8, C: 168 * 3 / 8}
+    conversions = [bar["title"] for bar in page.bars if bar["title"].endswith(" conversions")]
+    assert conversions[-1] == "2026-03-04: 2 conversions"
+    assert page.kpis == {
+        "Clicks": "21",
+        "Unique clicks": "6",
+        "Conversions": "13",
+        "Revenue": "5.00 EUR 108.75 USD",
+        "Cost": "-",
+        "Profit": "5.00 EUR 108.75 USD",
+        "ROI": "-",
+        "CR": "61.90%",
+        "EPC": "0.2381 EUR 5.1786 USD",
+    }
+    assert page.tables["By campaign"] == [
         [
             "campaign",
             "clicks",
             "unique",
-            "bots",
             "conv.",
             "approved",
             "pending",
             "rejected",
-            "payout",
+            "CR %",
+            "revenue",
             "cost",
             "profit",
             "ROI %",
-            "CR %",
             "EPC",
             "CPA",
         ],
@@ -917,41 +973,28 @@ async def test_admin_page_in_process(client, clock):
             "spring",
             "18",
             "4",
-            "2",
             "11",
             "10",
             "1",
             "1",
-            "2.00 EUR 104.75 USD",
-            "0.00",
+            "61.11",
             "2.00 EUR 104.75 USD",
             "-",
-            "61.11",
+            "2.00 EUR 104.75 USD",
+            "-",
             "0.1111 EUR 5.8194 USD",
             "-",
         ],
-        [
-            "summer",
-            "3",
-            "2",
-            "1",
-            "2",
-            "2",
-            "0",
-            "0",
-            "3.00 EUR 4.00 USD",
-            "0.00",
-            "3.00 EUR 4.00 USD",
-            "-",
-            "66.67",
-            "1.0000 EUR 1.3333 USD",
-            "-",
-        ],
+        ["summer", "3", "2", "2", "2", "0", "0", "66.67", "3.00 EUR 4.00 USD", "-", "3.00 EUR 4.00 USD", "-"]
+        + ["1.0000 EUR 1.3333 USD", "-"],
     ]
+    # each campaign drills down to its sub1, in the same range and zone
+    assert page.links["spring"] == "/admin?from=2026-02-03&to=2026-03-04&tz=UTC&by=sub1&campaign=spring"
+    assert page.links["CSV of this table"] == "/api/stats?from=2026-02-03&to=2026-03-04&tz=UTC&by=campaign&format=csv"
     latest = page.tables["Latest conversions"]
     assert latest[0] == ["id", "when", "campaign", "sub1", "event", "status", "payout", "why", "credited by"]
     assert latest[1][1:] == [
-        "2026-03-04T17:00:00.000Z",
+        "2026-03-04 17:00:00",
         "spring",
         XSS,
         "conversion",
@@ -960,26 +1003,66 @@ async def test_admin_page_in_process(client, clock):
         "",
         "its click",
     ]
-    assert latest[2][1:] == [
-        "2026-03-04T15:00:00.000Z",
-        "spring",
-        "",
-        "conversion",
-        "approved",
-        "0.67 USD",
-        "",
-        "its click",
-    ]
+    assert latest[2][1:] == ["2026-03-04 15:00:00", "spring", "", "conversion", "approved", "0.67 USD", "", "its click"]
     assert int(latest[1][0]) > int(latest[2][0])  # each links to its page (/admin/conversions/<id>)
     assert len(latest) == 1 + 14  # every conversion, newest first (fewer than 20)
     assert [
-        "2026-03-04T15:00:00.000Z",
+        "2026-03-04 15:00:00",
         "0190a6b2-7c1d-7abc-8def-0123456789ab",
         "conversion",
         "9.00 USD",
         "1",
     ] in page.tables["Orphans"]
     assert "pending <b>0</b> · failed <b>0</b> · dead <b>0</b> · done <b>0</b>" in text
+
+
+@pytest.mark.anyio
+async def test_admin_form_picks_range_zone_grouping_and_drills_down(client, clock):
+    await seed(client, clock)
+    auth = basic("admin", ADMIN_TOKEN)
+    # New York's 03-01 runs 05:00Z on 03-01 to 05:00Z on 03-02: the 03-01 clicks (09:00Z) are in it
+    query = f"from={A}&to={A}&tz=America/New_York&by=campaign&by=sub1&by=&campaign="
+    answer = await client.get(f"/admin?{query}", headers=auth)
+    assert answer.status_code == 200, answer.text
+    page = Page(answer.text)
+    assert page.selected == {"by": ["campaign", "sub1", ""], "campaign": [""]}
+    assert page.inputs["tz"] == "America/New_York" and page.inputs["from"] == A
+    table = page.tables["By campaign, sub1"]
+    assert [row[:4] for row in table[1:]] == [
+        ["spring", "a", "4", "1"],  # 4 humans (the Googlebot is not counted), 1 unique
+        ["spring", "b", "2", "0"],  # b1, b2 (the empty-UA bot is not counted)
+        ["summer", "a", "2", "1"],
+    ]
+    assert "read from the raw rows" in answer.text  # sub1 in another zone than UTC
+    # the drill-down link narrows to the row's campaign and sub1 and groups by the next field
+    link = page.links["spring"]
+    assert link == f"/admin?from={A}&to={A}&tz=America%2FNew_York&by=sub2&campaign=spring&sub1=a"
+    deeper = Page((await client.get(link, headers=auth)).text)
+    assert [row[:2] for row in deeper.tables["By sub2"][1:]] == [["x", "4"]]
+    assert deeper.inputs["sub1"] == "a"  # the filter stays when the form is sent again
+    # a mistake is said on the page, over the form as it was sent; the default report below it
+    wrong = await client.get("/admin?tz=Mars/Base&by=campaign", headers=auth)
+    assert wrong.status_code == 400
+    assert "tz: must be an IANA time zone like Europe/Berlin or UTC, got &#x27;Mars/Base&#x27;" in wrong.text
+    assert Page(wrong.text).inputs["tz"] == "Mars/Base"
+
+
+# A sub id as long as a click keeps (256 characters), with no place to break a line.
+LONG = "utm_" + "x" * 252
+# What test_admin_page_in_headless_chromium measures in Chromium's layout (tests/browser.py's inspect).
+LAYOUT = """(() => {
+  const shown = (el) => el.getClientRects().length > 0;
+  const where = (el) => (el.closest('table')?.previousElementSibling?.textContent || '').slice(0, 40);
+  return {
+    cut: [...document.querySelectorAll('td, th')].filter(c => shown(c) && c.scrollWidth > c.clientWidth + 1)
+      .map(c => where(c) + ' | ' + c.textContent.slice(0, 60) + ' | ' + c.scrollWidth + ' > ' + c.clientWidth),
+    wide_tables: [...document.querySelectorAll('table')].filter(t => t.getBoundingClientRect().right > innerWidth + 1)
+      .map(t => where(t) + ' ' + Math.round(t.getBoundingClientRect().right)),
+    page_width: document.documentElement.scrollWidth,
+    window: innerWidth,
+    html: document.documentElement.outerHTML,
+  };
+})()"""
 
 
 def png_facts(path: Path) -> tuple[int, int, int]:
@@ -1026,6 +1109,9 @@ async def test_admin_page_in_headless_chromium(tmp_path):
             await postback(http, summer[1], payout="1", currency="EUR")
             clock.now = max(now - 2, today * 86400.0)  # today, a moment ago
             evil = await click(http, "spring", sub1=XSS)
+            long = await click(http, "spring", sub1=LONG)
+            clock.now += 1
+            await postback(http, long, payout="0.10")
             clock.now += 1
             await postback(http, evil, payout="1.25")
             await postback(http, beta[0], payout="9", status="pending")
@@ -1047,91 +1133,67 @@ async def test_admin_page_in_headless_chromium(tmp_path):
                 == "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
             )
         ARTIFACTS.mkdir(exist_ok=True)
-        url = browser.basic_auth_url(f"{server.url}/admin", "admin", ADMIN_TOKEN)
-        desktop = await anyio.to_thread.run_sync(lambda: browser.render(url, ARTIFACTS / "admin.png", 1280, 1000))
-        phone = await anyio.to_thread.run_sync(lambda: browser.render(url, ARTIFACTS / "admin-phone.png", 390, 844))
+        auth = {"authorization": basic("admin", ADMIN_TOKEN)["authorization"]}
+        seen = {}
+        for view, query in (("", ""), ("-drilldown", "?by=campaign&by=sub1&by=sub2&tz=America/New_York")):
+            for size, (width, height) in (("", (1280, 900)), ("-phone", (390, 844))):
+                name = f"admin{view}{size}.png"
+                look = partial(
+                    browser.inspect,
+                    f"{server.url}/admin{query}",
+                    LAYOUT,
+                    width=width,
+                    height=height,
+                    headers=auth,
+                    screenshot=ARTIFACTS / name,
+                )
+                seen[name] = await anyio.to_thread.run_sync(look)
     finally:
         code = server.stop()
     assert code == 0, server.output()
 
-    for dom in (desktop, phone):
+    for name, measured in seen.items():
+        # Nothing is cut off: no cell's content is wider than its cell, no table wider than the
+        # window, and the page needs no sideways scrolling (measured in Chromium's layout).
+        assert measured["cut"] == [], (name, measured["cut"])
+        assert measured["wide_tables"] == [], (name, measured["wide_tables"])
+        assert measured["page_width"] <= measured["window"], name
+        assert measured["window"] == (390 if "phone" in name else 1280)
+        dom = measured["html"]
         page = Page(dom)
-        assert page.svg_ids == ["chart"] and page.scripts == 0
+        assert page.scripts == 0 and page.svg_ids == ["clicks", "conversions"]
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
-        assert len(page.bars) == 30
-        heights = bar_heights(page)
-        top = 220 - 2 * 8  # the tallest bar: 8 human clicks, 2 days ago (the chart pads 8 units)
-        assert {d: h for d, h in heights.items() if h} == {day(5): top * 3 / 8, day(2): top, day(0): top / 8}
-        titles = {bar["title"] for bar in page.bars}
-        assert {
-            f"{day(5)}: 3 clicks, 1 conversions",
-            f"{day(2)}: 8 clicks, 1 conversions",
-            f"{day(0)}: 1 clicks, 2 conversions",
-        } <= titles
-        assert page.tables["Campaigns"] == [
-            [
-                "campaign",
-                "clicks",
-                "unique",
-                "bots",
-                "conv.",
-                "approved",
-                "pending",
-                "rejected",
-                "payout",
-                "cost",
-                "profit",
-                "ROI %",
-                "CR %",
-                "EPC",
-                "CPA",
-            ],
-            [
-                "spring",
-                "10",
-                "3",
-                "1",
-                "3",
-                "2",
-                "1",
-                "0",
-                "3.75 USD",
-                "0.00",
-                "3.75 USD",
-                "-",
-                "30.00",
-                "0.3750 USD",
-                "-",
-            ],
-            [
-                "summer",
-                "2",
-                "1",
-                "0",
-                "1",
-                "1",
-                "0",
-                "0",
-                "1.00 EUR",
-                "0.00",
-                "1.00 EUR",
-                "-",
-                "50.00",
-                "0.5000 EUR",
-                "-",
-            ],
-        ]
+        clicks = [bar["title"] for bar in page.bars if bar["title"].endswith(" clicks")]
+        assert len(clicks) == 30
         latest = [cells[2:] for cells in page.tables["Latest conversions"][1:]]
         assert latest == [
             ["spring", "beta", "conversion", "pending", "9.00 USD", "", "its click"],
             ["spring", XSS, "conversion", "approved", "1.25 USD", "", "its click"],
+            ["spring", LONG, "conversion", "approved", "0.10 USD", "", "its click"],
             ["summer", "", "conversion", "approved", "1.00 EUR", "", "its click"],
             ["spring", "alpha", "conversion", "approved", "2.50 USD", "", "its click"],
         ]
+        if "drilldown" in name:
+            table = page.tables["By campaign, sub1, sub2"]
+            assert [row[:4] for row in table[1:]] == [
+                ["spring", XSS, "(none)", "1"],
+                ["spring", "alpha", "(none)", "3"],
+                ["spring", "beta", "(none)", "6"],
+                ["spring", LONG, "(none)", "1"],
+                ["summer", "(none)", "(none)", "2"],
+            ]
+            continue
+        assert {bar["title"] for bar in page.bars} >= {
+            f"{day(5)}: 3 clicks",
+            f"{day(2)}: 8 clicks",
+            f"{day(0)}: 2 clicks",
+        }
+        assert page.kpis["Clicks"] == "13" and page.kpis["Revenue"] == "1.00 EUR 3.85 USD"
+        assert page.tables["By campaign"][1][:8] == ["spring", "11", "3", "4", "3", "1", "0", "36.36"]
         assert page.tables["Orphans"][1][1:] == ["0190a6b2-7c1d-7abc-8def-0123456789ab", "conversion", "3.00 USD", "1"]
-    for name, size in (("admin.png", (1280, 1000)), ("admin-phone.png", (390, 844))):
+    for name in seen:
         width, height, values = png_facts(ARTIFACTS / name)
-        assert (width, height) == size
+        assert width == (390 if "phone" in name else 1280) and height >= 844
         assert values > 20, f"{name} looks blank"
 
 
