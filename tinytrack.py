@@ -2587,8 +2587,10 @@ MOBILE_OS = frozenset(
 DESKTOP_OS = frozenset(
     ("Windows", "Mac OS X", "macOS", "Linux", "Ubuntu", "Chrome OS", "Fedora", "Debian", "FreeBSD", "OpenBSD")
 )
-ENRICH_BATCH = 500  # clicks per look (one read, one short write)
+ENRICH_BATCH = 200  # clicks per look: one read, one write of ~2 ms that clicks queue behind
 ENRICH_IDLE_SECONDS = 1.0  # the wait when it has caught up
+ENRICH_LAG_MS = 2000  # it looks at clicks at least this old: all committed, in id order
+ENRICH_PAUSE_SECONDS = 0.05  # between batches while behind (after an upgrade: ~4,000 clicks a second)
 
 
 def open_country_database(path: str, key: str) -> Any:
@@ -2671,10 +2673,10 @@ class Geo:
         return (self.country(ip), *described)
 
 
-def enrich_batch(db: Database, geo: Geo, limit: int) -> tuple[list[tuple], list[tuple]]:
-    """On the reader: what to fill the next clicks (after the cursor) with, as
-    (country, device, os, browser, id), and the clicks looked at (id, ip, ua)."""
-    rows = db.unenriched(limit)
+def enrich_batch(db: Database, geo: Geo, limit: int, before_ms: int) -> tuple[list[tuple], list[tuple]]:
+    """On the reader: what to fill the next clicks (after the cursor, made before
+    before_ms) with, as (country, device, os, browser, id), and the clicks looked at (id, ip, ua)."""
+    rows = db.unenriched(limit, before_ms)
     updates = []
     for click_id, ip, user_agent in rows:
         values = geo(ip, user_agent)
@@ -6107,12 +6109,15 @@ class Database:
         costs = self.con.execute(self._costs_sql(key, where, len(q.by)), span)
         return stats_rows(q, clicks.fetchall(), conversions.fetchall(), costs.fetchall())
 
-    def unenriched(self, limit: int) -> list[tuple]:
-        """The next clicks the Enricher has not looked at: (id, ip, ua), oldest first."""
+    def unenriched(self, limit: int, before_ms: int) -> list[tuple]:
+        """The next clicks the Enricher has not looked at, made before a moment: (id, ip,
+        ua), oldest first. (It stays a moment behind: a click whose id was made just
+        before another's may be committed just after it.)"""
         found = self.con.execute("SELECT value FROM meta WHERE key = 'enriched_upto'").fetchone()
         after = bytes.fromhex(found[0]) if found else b""
         return self.con.execute(
-            "SELECT id, ip, ua FROM clicks WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+            "SELECT id, ip, ua FROM clicks WHERE id > ? AND id < ? ORDER BY id LIMIT ?",
+            (after, uuid_floor(before_ms), limit),
         ).fetchall()
 
     def set_enriched(self, now_ms: int, *, updates: Sequence[tuple], last: bytes) -> None:
@@ -6131,8 +6136,8 @@ class Database:
         """A report from the quarter-hour totals: days and hours in any zone, exact."""
         start, end = q.span_ms
         offsets = zone_offsets(q.tz, start, end)
-        time = time_fields_sql(f"slot * {SLOT_MS}", offsets)
-        fields = {**time, "campaign": "campaign", "channel": "campaign", "status": "''"}
+        moments = time_fields_sql(f"slot * {SLOT_MS}", offsets)
+        fields = {**moments, "campaign": "campaign", "channel": "campaign", "status": "''"}
         key = ", ".join(fields[name] for name in q.by)
         groups = ", ".join(str(i) for i in range(1, len(q.by) + 1))
         span = (start // SLOT_MS, end // SLOT_MS, *args)
@@ -7485,7 +7490,7 @@ class Enricher:
             except Exception:  # a broken database file, a parser's bug: the next look
                 log.exception("geo: filling clicks' country and device failed")
                 looked = 0
-            await asyncio.sleep(ENRICH_IDLE_SECONDS if looked < ENRICH_BATCH else 0.01)
+            await asyncio.sleep(ENRICH_IDLE_SECONDS if looked < ENRICH_BATCH else ENRICH_PAUSE_SECONDS)
 
     def current_geo(self) -> Geo | None:
         """The Geo of the config as it is now (made again after a reload changed [geo])."""
@@ -7503,7 +7508,8 @@ class Enricher:
         geo = self.current_geo()
         if geo is None:
             return 0
-        updates, looked = await self.app.store.read(enrich_batch, geo, ENRICH_BATCH)
+        before = int(self.app.clock() * 1000) - ENRICH_LAG_MS
+        updates, looked = await self.app.store.read(enrich_batch, geo, ENRICH_BATCH, before)
         if not looked:
             return 0
         await self.app.store.write(partial(Database.set_enriched, updates=updates, last=looked[-1][0]))

@@ -192,7 +192,7 @@ class StatsLoop:
                 conn.request("GET", query, headers=headers)
                 response = conn.getresponse()
                 body = response.read()
-                if response.status != 200 or not body.startswith(b'{"rows":[{'):
+                if response.status != 200 or b'"rows":[{' not in body:
                     self.errors += 1
                     continue
             except OSError:
@@ -225,8 +225,8 @@ def main() -> int:
     parser.add_argument(
         "--by",
         action="append",
-        choices=tinytrack.STATS_GROUPS,
-        help="the reports the loop asks for, in turn (default: --by day --by sub2)",
+        help="the reports the loop asks for, in turn: a by= value and any more parameters, e.g. "
+        "'day', 'country,device' or 'day&tz=America/New_York' (default: --by day --by sub2)",
     )
     parser.add_argument("--python", default=sys.executable, help="Python that runs the server")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (database, server log)")

@@ -64,7 +64,7 @@ def stored(app) -> list[tuple]:
         return con.execute("SELECT ip, country, device, os, browser FROM clicks ORDER BY id").fetchall()
 
 
-async def test_a_known_address_and_user_agent_are_filled_in_after_the_click(make_app, countries):
+async def test_a_known_address_and_user_agent_are_filled_in_after_the_click(make_app, countries, clock):
     app = await make_app(geo_section(countries))
     await app.enricher.stop()  # so the test sees the clicks before and after it looks
     await click_from(app, "203.0.113.7", IPHONE)
@@ -74,6 +74,8 @@ async def test_a_known_address_and_user_agent_are_filled_in_after_the_click(make
     await click_from(app, "203.0.113.8", GOOGLEBOT)
     # the click's path stores none of it: the 302 came before anything was looked up
     assert [row[1:] for row in stored(app)] == [(None, None, None, None)] * 5
+    assert await app.enricher.catch_up() == 0  # it stays two seconds behind the newest clicks
+    clock.now += 2.5
     assert await app.enricher.catch_up() == 5
     assert stored(app) == [
         ("203.0.113.7", "DE", "mobile", "iOS", "Mobile Safari"),
@@ -85,7 +87,7 @@ async def test_a_known_address_and_user_agent_are_filled_in_after_the_click(make
     assert await app.enricher.catch_up() == 0  # each click is looked at once
 
 
-async def test_reports_group_by_country_and_device_with_their_conversions(make_app, countries):
+async def test_reports_group_by_country_and_device_with_their_conversions(make_app, countries, clock):
     app = await make_app(geo_section(countries))
     await app.enricher.stop()
     german = [await click_from(app, "203.0.113.7", IPHONE) for _ in range(2)]
@@ -96,6 +98,7 @@ async def test_reports_group_by_country_and_device_with_their_conversions(make_a
         for cid, payout in ((german[0], "2"), (french, "3")):
             answer = await http.get("/postback", params={"click_id": cid, "token": POSTBACK_TOKEN, "payout": payout})
             assert answer.status_code == 200, answer.text
+        clock.now += 2.5
         await app.enricher.catch_up()
         answer = await http.get(f"/api/stats?from={D}&to={D}&by=country,device", headers=ADMIN)
     assert answer.status_code == 200, answer.text
@@ -117,17 +120,18 @@ async def test_reports_group_by_country_and_device_with_their_conversions(make_a
     ]
 
 
-async def test_without_a_database_country_stays_empty_and_devices_still_come(make_app):
+async def test_without_a_database_country_stays_empty_and_devices_still_come(make_app, clock):
     app = await make_app()
-    await app.enricher.catch_up()
     await click_from(app, "203.0.113.7", IPHONE)
+    clock.now += 2.5
     await app.enricher.catch_up()
     assert stored(app) == [("203.0.113.7", None, "mobile", "iOS", "Mobile Safari")]
 
 
-async def test_user_agents_off_and_no_database_fill_nothing(make_app):
+async def test_user_agents_off_and_no_database_fill_nothing(make_app, clock):
     app = await make_app("\n[geo]\nuser_agents = false\n")
     await click_from(app, "203.0.113.7", IPHONE)
+    clock.now += 2.5
     assert await app.enricher.catch_up() == 0
     assert stored(app) == [("203.0.113.7", None, None, None, None)]
 
