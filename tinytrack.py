@@ -2746,6 +2746,7 @@ class StatsQuery:
     channels: Mapping[str, str] = dataclasses.field(default_factory=dict)  # campaign -> channel, for by=channel
     tz: str = "UTC"
     filters: tuple[tuple[str, str], ...] = ()  # (field, value): only rows with that value (FILTER_FIELDS)
+    slots_since: int | None = None  # unix ms from which the quarter-hour totals are whole (None: unknown)
 
     def __post_init__(self) -> None:
         if isinstance(self.by, str):
@@ -2770,6 +2771,9 @@ class StatsQuery:
         fields = set(self.by) | filtered
         utc = self.tz == "UTC"
         if utc and fields <= DAILY_FIELDS:  # a sub1 filter too
+            if fields <= SLOT_FIELDS and not filtered and self.slots_since is not None:
+                if self.span_ms[0] >= self.slots_since:  # the same numbers from far fewer rows
+                    return "slots"  # (96 a campaign-day, not one per sub1)
             return "daily"
         if filtered:  # the funnel and quarter-hour totals have no sub ids, countries...
             return "raw"
@@ -3780,8 +3784,10 @@ SCHEMA = [
         UNION ALL
         SELECT ts / {SLOT_MS}, campaign, cost_currency, cost FROM conversions
         WHERE cost_model IS NOT NULL AND status = 'approved') GROUP BY 1, 2, 3;
-    INSERT INTO meta (key, value) SELECT 'slots_since', coalesce(
-        (SELECT min(ts) FROM clicks), CAST((julianday('now') - 2440587.5) * {DAY_MS} AS INTEGER));
+    -- A database that never counted a click (a new one) has everything in them: 0.
+    INSERT INTO meta (key, value) SELECT 'slots_since', CASE WHEN EXISTS (SELECT 1 FROM daily_clicks)
+        THEN coalesce((SELECT min(ts) FROM clicks), CAST((julianday('now') - 2440587.5) * {DAY_MS} AS INTEGER))
+        ELSE 0 END;
     """,
 ]
 OTHER_SUB1 = "(other)"  # the totals' sub1 for a campaign-day's sub1 beyond retention.sub1_per_day
@@ -8488,13 +8494,12 @@ class Admin:
         if fmt not in ("json", "csv"):
             raise FieldError("format", f"must be json or csv, got {quoted(fmt)}")
         q = stats_query(params, self.app.clock(), self.app.config.money, campaign_channels(self.app.config))
+        slots_since = await self.app.store.read(Database.slots_since)
+        q = dataclasses.replace(q, slots_since=slots_since)
         rows = await self.app.store.read(Database.stats, q)
         headers = {"cache-control": "no-store"}
         if fmt == "json":
-            kept = report_kept(
-                self.app.config.retention, self.app.clock(), await self.app.store.read(Database.slots_since)
-            )
-            answer = stats_answer(q, rows, kept)
+            answer = stats_answer(q, rows, report_kept(self.app.config.retention, self.app.clock(), slots_since))
             return Response(orjson.dumps(answer), headers=headers, media_type="application/json")
         return Response(csv_text(*stats_table(q, rows)), headers=headers, media_type="text/csv; charset=utf-8")
 
@@ -8665,6 +8670,8 @@ class Admin:
         except FieldError as exc:  # said on the page, over the form as it was sent
             error, status = exc.message, 400
             q = stats_query({}, self.app.clock(), config.money, campaign_channels(config))
+        slots_since = await read(Database.slots_since)
+        q = dataclasses.replace(q, slots_since=slots_since)
         rows = await read(Database.stats, q)
         overall = q if q.by == ("campaign",) else dataclasses.replace(q, by=("campaign",))
         per_day = q if q.by == ("day",) else dataclasses.replace(q, by=("day",))
@@ -8685,7 +8692,7 @@ class Admin:
             rows=rows,
             overall=rows if overall is q else await read(Database.stats, overall),
             days=rows if per_day is q else await read(Database.stats, per_day),
-            kept=stats_answer(q, [], report_kept(config.retention, self.app.clock(), await read(Database.slots_since))),
+            kept=stats_answer(q, [], report_kept(config.retention, self.app.clock(), slots_since)),
             conversions=await read(Database.recent_conversions, 20),
             orphans=await read(Database.recent_orphans, 10),
             outbox=await read(Database.outbox_states),
@@ -9186,8 +9193,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     except FieldError as exc:
         raise TinytrackError(f"--{exc.message}") from None
     with closing(db):
+        q = dataclasses.replace(q, slots_since=db.slots_since())
         rows = db.stats(q)
-        answer = stats_answer(q, rows, report_kept(config.retention, time.time(), db.slots_since()))
+        answer = stats_answer(q, rows, report_kept(config.retention, time.time(), q.slots_since))
     if args.json:
         sys.stdout.write(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0

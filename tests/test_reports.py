@@ -779,7 +779,7 @@ async def test_cli_stats_table_csv_json_beside_the_running_app(client, clock, co
         "to": C,
         "tz": "UTC",
         "by": ["day"],
-        "source": "daily",
+        "source": "slots",
         "rows": BY_DAY,
     }
     api = await client.get(f"/api/stats?from={A}&to={C}&by=day", headers=BEARER)
