@@ -2641,6 +2641,7 @@ class Geo:
             else:
                 self.parse = ua_parser.parse
         self.describe = lru_cache(maxsize=8192)(self._describe)
+        self.warm = self.parse is None  # the parser has been used once (Enricher.step)
 
     def __bool__(self) -> bool:
         return self.countries is not None or self.parse is not None
@@ -2673,16 +2674,20 @@ class Geo:
         return (self.country(ip), *described)
 
 
-def enrich_batch(db: Database, geo: Geo, limit: int, before_ms: int) -> tuple[list[tuple], list[tuple]]:
-    """On the reader: what to fill the next clicks (after the cursor, made before
-    before_ms) with, as (country, device, os, browser, id), and the clicks looked at (id, ip, ua)."""
+def enrich_batch(db: Database, now_ms: int, *, geo: Geo, limit: int, before_ms: int) -> tuple[int, int]:
+    """A writer's job: the next clicks (after the cursor, made before before_ms) looked
+    at and their facts stored. On the writer, not the reader: the clicks were just
+    written (their pages are in its cache), and a reader's snapshot at the wrong moment
+    keeps a checkpoint from emptying the WAL. How many were looked at, and filled."""
     rows = db.unenriched(limit, before_ms)
     updates = []
     for click_id, ip, user_agent in rows:
         values = geo(ip, user_agent)
         if any(values):
             updates.append((*values, click_id))
-    return updates, rows
+    if rows:
+        db.set_enriched(now_ms, updates=updates, last=rows[-1][0])
+    return len(rows), len(updates)
 
 
 # -- reports --
@@ -3697,11 +3702,18 @@ SCHEMA = [
     -- Where a click came from and on what, filled in batches after it is stored (the
     -- Enricher), never on its path: country (ISO 3166 alpha-2, from [geo] database),
     -- device (desktop, mobile, tablet, other), os and browser (families, from ua-parser).
-    -- NULL until filled, and for good when nothing was known (no address, no parser).
-    ALTER TABLE clicks ADD COLUMN country TEXT;
-    ALTER TABLE clicks ADD COLUMN device TEXT;
-    ALTER TABLE clicks ADD COLUMN os TEXT;
-    ALTER TABLE clicks ADD COLUMN browser TEXT;
+    -- A table of its own, appended to in id order: the wide click rows are not written
+    -- twice. No row (or NULL): nothing known. Deleted with its click.
+    CREATE TABLE click_facts (
+        id BLOB PRIMARY KEY,                         -- the click's
+        country TEXT,
+        device TEXT,
+        os TEXT,
+        browser TEXT
+    ) WITHOUT ROWID;
+    CREATE TRIGGER clicks_facts_delete AFTER DELETE ON clicks BEGIN
+        DELETE FROM click_facts WHERE id = OLD.id;
+    END;
     -- Totals per quarter hour (slot: unix ms / {SLOT_MS}) and campaign: every zone in use
     -- starts its days on a quarter hour (India +5:30, Nepal +5:45), so a day in any zone
     -- is a whole number of slots. At most 96 rows per campaign and day in each table.
@@ -6129,7 +6141,9 @@ class Database:
     def set_enriched(self, now_ms: int, *, updates: Sequence[tuple], last: bytes) -> None:
         """Clicks' country, device, os and browser ((country, device, os, browser, id)),
         and the cursor past the last click looked at, in one transaction."""
-        self.con.executemany("UPDATE clicks SET country = ?, device = ?, os = ?, browser = ? WHERE id = ?", updates)
+        self.con.executemany(
+            "INSERT OR REPLACE INTO click_facts (country, device, os, browser, id) VALUES (?, ?, ?, ?, ?)", updates
+        )
         self.con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('enriched_upto', ?)", (bytes(last).hex(),))
 
     def slots_since(self) -> int | None:
@@ -6249,70 +6263,73 @@ class Database:
         return tuple(values[name] for name in q.by)
 
     def _raw_stats(self, q: StatsQuery, where: str, args: tuple) -> list[dict]:
-        """A report from the raw rows still kept: any field, any zone. A conversion's
-        country and device are its click's (while the click is kept); its costs are what
-        its clicks and conversions carried (uploads are per campaign-day and sub1)."""
+        """A report from the raw rows still kept: any field, any zone. Clicks are `c`
+        (with their click_facts `f`), conversions `v` (with their click's facts `k`,
+        while the click is kept). Costs are what clicks and conversions carried (uploads
+        are per campaign-day and sub1: the totals' business)."""
         start, end = q.span_ms
         offsets = zone_offsets(q.tz, start, end)
-        where_conversions = where.replace("campaign", "conversions.campaign")
-        for name, value in q.filters:  # '' is "none"
-            where, args = f"{where} AND coalesce({name}, '') = ?", (*args, value)
-            column = f"k.{name}" if name in ENRICHED_FIELDS else f"conversions.{name}"
-            where_conversions += f" AND coalesce({column}, '') = ?"
-        ids = (uuid_floor(start), uuid_floor(end), *args)
+        filters = [name for name, _ in q.filters]
+        enriched = bool((set(q.by) | set(filters)) & set(ENRICHED_FIELDS))
+        facts = " LEFT JOIN click_facts AS f ON f.id = c.id" if enriched else ""
+        their_facts = " LEFT JOIN click_facts AS k ON k.id = coalesce(v.credited_click, v.click_id)" if enriched else ""
 
-        def key_sql(table: str, ms: str) -> str:
-            time = time_fields_sql(ms, offsets)
-            fields = []
+        def column(table: str, name: str) -> str:
+            if name in ENRICHED_FIELDS:
+                return f"coalesce({'f' if table == 'c' else 'k'}.{name}, '')"
+            return f"coalesce({table}.{name}, '')"
+
+        def key_sql(table: str) -> str:
+            moments = time_fields_sql(f"{table}.ts", offsets)
+            keys = []
             for name in q.by:
-                if name in time:
-                    fields.append(time[name])
+                if name in moments:
+                    keys.append(moments[name])
                 elif name == "status":
-                    fields.append("status" if table == "conversions" else "''")
+                    keys.append("v.status" if table == "v" else "''")
                 elif name in ("campaign", "channel"):
-                    fields.append(f"{table}.campaign")
-                elif name in ENRICHED_FIELDS and table == "conversions":
-                    fields.append(f"coalesce(k.{name}, '')")
+                    keys.append(f"{table}.campaign")
                 else:
-                    fields.append(f"coalesce({table}.{name}, '')")
-            return ", ".join(fields)
+                    keys.append(column(table, name))
+            return ", ".join(keys)
 
+        where_clicks = where.replace("campaign", "c.campaign") + "".join(f" AND {column('c', n)} = ?" for n in filters)
+        where_conversions = where.replace("campaign", "v.campaign") + "".join(
+            f" AND {column('v', n)} = ?" for n in filters
+        )
+        args = (*args, *(value for _, value in q.filters))
+        ids = (uuid_floor(start), uuid_floor(end), *args)
         groups = ", ".join(str(i) for i in range(1, len(q.by) + 1))
-        click_key = key_sql("clicks", "clicks.ts")
-        conversion_key = key_sql("conversions", "conversions.ts")
-        join = ""
-        if (set(q.by) | {name for name, _ in q.filters}) & set(ENRICHED_FIELDS):
-            join = " LEFT JOIN clicks AS k ON k.id = coalesce(conversions.credited_click, conversions.click_id)"
+        click_key, conversion_key = key_sql("c"), key_sql("v")
         clicks = self.con.execute(
-            f"""SELECT {click_key}, sum(bot = 0), sum(bot), 0, sum(bot = 0 AND lp_at IS NOT NULL),
-                       sum(bot = 0 AND lander IS NOT NULL), sum(bot = 0 AND lander IS NOT NULL AND lp_at IS NOT NULL),
-                       sum(bot = 0 AND flags IS NOT NULL)
-                FROM clicks WHERE id >= ? AND id < ?{where} GROUP BY {groups}""",
+            f"""SELECT {click_key}, sum(c.bot = 0), sum(c.bot), 0, sum(c.bot = 0 AND c.lp_at IS NOT NULL),
+                       sum(c.bot = 0 AND c.lander IS NOT NULL),
+                       sum(c.bot = 0 AND c.lander IS NOT NULL AND c.lp_at IS NOT NULL),
+                       sum(c.bot = 0 AND c.flags IS NOT NULL)
+                FROM clicks AS c{facts} WHERE c.id >= ? AND c.id < ?{where_clicks} GROUP BY {groups}""",
             ids,
         ).fetchall()
         unique = self.con.execute(  # the first human click of its (campaign, UTC day, address, User-Agent)
-            f"""SELECT {click_key}, 0, 0, count(*), 0, 0, 0, 0 FROM clicks WHERE id IN (
-                    SELECT min(id) FROM clicks WHERE id >= ? AND id < ? AND bot = 0{where}
-                    GROUP BY ts / {DAY_MS}, campaign, ip, ua) GROUP BY {groups}""",
+            f"""SELECT {click_key}, 0, 0, count(*), 0, 0, 0, 0 FROM clicks AS c{facts} WHERE c.id IN (
+                    SELECT min(c.id) FROM clicks AS c{facts} WHERE c.id >= ? AND c.id < ? AND c.bot = 0{where_clicks}
+                    GROUP BY c.ts / {DAY_MS}, c.campaign, c.ip, c.ua) GROUP BY {groups}""",
             ids,
         ).fetchall()
         conversions = self.con.execute(
-            f"""SELECT {conversion_key}, conversions.status, conversions.currency, count(*),
-                       {money_sum("conversions.payout")}, sum(conversions.flags IS NOT NULL),
-                       sum(conversions.source IS 'pixel')
-                FROM conversions{join} WHERE conversions.ts >= ? AND conversions.ts < ?{where_conversions}
-                GROUP BY {groups}, conversions.status, conversions.currency""",
+            f"""SELECT {conversion_key}, v.status, v.currency, count(*), {money_sum("v.payout")},
+                       sum(v.flags IS NOT NULL), sum(v.source IS 'pixel')
+                FROM conversions AS v{their_facts} WHERE v.ts >= ? AND v.ts < ?{where_conversions}
+                GROUP BY {groups}, v.status, v.currency""",
             (start, end, *args),
         )
         costs = self.con.execute(
-            f"""SELECT {click_key}, cost_currency, {money_sum("cost")} FROM clicks
-                WHERE id >= ? AND id < ? AND cost IS NOT NULL{where} GROUP BY {groups}, cost_currency
+            f"""SELECT {click_key}, c.cost_currency, {money_sum("c.cost")} FROM clicks AS c{facts}
+                WHERE c.id >= ? AND c.id < ? AND c.cost IS NOT NULL{where_clicks} GROUP BY {groups}, c.cost_currency
                 UNION ALL
-                SELECT {conversion_key.replace("status", "''")}, conversions.cost_currency,
-                       {money_sum("conversions.cost")}
-                FROM conversions{join} WHERE conversions.ts >= ? AND conversions.ts < ?
-                    AND conversions.cost_model IS NOT NULL AND conversions.status = 'approved'{where_conversions}
-                GROUP BY {groups}, conversions.cost_currency""",
+                SELECT {conversion_key.replace("v.status", "''")}, v.cost_currency, {money_sum("v.cost")}
+                FROM conversions AS v{their_facts} WHERE v.ts >= ? AND v.ts < ?
+                    AND v.cost_model IS NOT NULL AND v.status = 'approved'{where_conversions}
+                GROUP BY {groups}, v.cost_currency""",
             (*ids, start, end, *args),
         )
         return stats_rows(q, clicks + unique, conversions.fetchall(), costs.fetchall())
@@ -7468,8 +7485,8 @@ class Alerter:
 
 class Enricher:
     """Fills stored clicks' country, device, os and browser ([geo]), in batches after
-    they are committed: never on a click's path. It reads on the reader's thread (where
-    the parsing runs too) and writes one short transaction per ENRICH_BATCH clicks."""
+    they are committed: never on a click's path. Each batch is one short job on the
+    writer (enrich_batch: ENRICH_BATCH clicks read, looked up, their facts stored)."""
 
     def __init__(self, app: TinyTrack) -> None:
         self.app = app
@@ -7514,13 +7531,14 @@ class Enricher:
         geo = self.current_geo()
         if geo is None:
             return 0
+        if not geo.warm:  # ua-parser builds its matcher on first use (~0.5 s): not on the writer
+            await asyncio.to_thread(geo.describe, "Mozilla/5.0")
+            geo.warm = True
         before = int(self.app.clock() * 1000) - ENRICH_LAG_MS
-        updates, looked = await self.app.store.read(enrich_batch, geo, ENRICH_BATCH, before)
-        if not looked:
-            return 0
-        await self.app.store.write(partial(Database.set_enriched, updates=updates, last=looked[-1][0]))
-        self.filled += len(updates)
-        return len(looked)
+        job = partial(enrich_batch, geo=geo, limit=ENRICH_BATCH, before_ms=before)
+        looked, filled = await self.app.store.write(job)
+        self.filled += filled
+        return looked
 
     async def catch_up(self) -> int:
         """Look until nothing is left (tests, and a command that wants it now): clicks filled."""

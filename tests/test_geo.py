@@ -61,7 +61,10 @@ async def click_from(app, address: str, user_agent: str, **params: str) -> str:
 
 def stored(app) -> list[tuple]:
     with sqlite3.connect(app.config.storage.path) as con:
-        return con.execute("SELECT ip, country, device, os, browser FROM clicks ORDER BY id").fetchall()
+        return con.execute(
+            """SELECT c.ip, f.country, f.device, f.os, f.browser FROM clicks AS c
+               LEFT JOIN click_facts AS f ON f.id = c.id ORDER BY c.id"""
+        ).fetchall()
 
 
 async def test_a_known_address_and_user_agent_are_filled_in_after_the_click(make_app, countries, clock):
@@ -186,3 +189,15 @@ def test_without_the_geo_extra_the_config_says_what_to_install(tmp_path, countri
 )
 def test_device_kinds(user_agent, device):
     assert tinytrack.Geo(tinytrack.GeoConfig())(None, user_agent)[1] == device
+
+
+async def test_a_clicks_facts_go_with_it(make_app, clock):
+    app = await make_app()
+    await click_from(app, "203.0.113.7", IPHONE)
+    await click_from(app, "203.0.113.8", WINDOWS)
+    clock.now += 2.5
+    await app.enricher.catch_up()
+    with sqlite3.connect(app.config.storage.path) as con:
+        assert con.execute("SELECT count(*) FROM click_facts").fetchone() == (2,)
+        con.execute("DELETE FROM clicks WHERE ip = '203.0.113.7'")  # as a purge or `forget --ip` does
+        assert con.execute("SELECT device FROM click_facts").fetchall() == [("desktop",)]
