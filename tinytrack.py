@@ -52,7 +52,7 @@ from functools import cache, lru_cache, partial
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import quote, unquote_to_bytes, urlencode, urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import h11
 import orjson
@@ -2380,11 +2380,25 @@ class CostUpload(NamedTuple):
     currency: str
 
 
+UTC_NAMES = frozenset(
+    ("UTC", "utc", "Z", "+00:00", "Etc/UTC", "UTC0", "GMT", "Etc/GMT", "Etc/Zulu", "Zulu", "Universal", "Etc/Universal")
+    + ("UCT", "Etc/UCT", "Etc/Greenwich", "Greenwich", "GMT0", "Etc/GMT0", "Etc/GMT+0", "Etc/GMT-0")
+)
+
+
+@cache
+def zone_names() -> frozenset[str]:
+    """The IANA zones this machine knows (not its files that are no zone: localtime, posixrules...)."""
+    return frozenset(available_timezones()) - {"Factory", "localtime", "posixrules", "posix", "right"}
+
+
 @lru_cache(maxsize=64)
 def zone(name: str) -> ZoneInfo:
     """An IANA time zone (Europe/Berlin, America/New_York, UTC); FieldError if unknown."""
     try:
         if not name or len(name) > 64 or name.startswith(("/", ".")) or ".." in name:
+            raise ValueError(name)
+        if name not in zone_names() and name != "UTC":
             raise ValueError(name)
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
@@ -2679,10 +2693,14 @@ def enrich_batch(db: Database, now_ms: int, *, geo: Geo, limit: int, before_ms: 
     at and their facts stored. On the writer, not the reader: the clicks were just
     written (their pages are in its cache), and a reader's snapshot at the wrong moment
     keeps a checkpoint from emptying the WAL. How many were looked at, and filled."""
-    rows = db.unenriched(limit, before_ms)
+    rows = db.unenriched(limit, before_ms, geo.conf)
     updates = []
     for click_id, ip, user_agent in rows:
-        values = geo(ip, user_agent)
+        try:
+            values = geo(ip, user_agent)
+        except Exception:  # a parser's bug on one odd User-Agent must not stop the rest
+            log.exception("geo: looking up a click failed; it is left empty")
+            continue
         if any(values):
             updates.append((*values, click_id))
     if rows:
@@ -2737,6 +2755,7 @@ MONEY_COLUMNS = ("payout", "cost", "profit", "roi")  # each {currency: amount}, 
 STATS_COLUMNS = (*COUNT_COLUMNS, *MONEY_COLUMNS, "cr", "epc", "cpa", "lp_ctr")
 STATS_DEFAULT_DAYS = 30
 STATS_MAX_DAYS = 3660
+LAST_DAY = 2932531  # 9998-12-31
 HOUR_MS = 3_600_000
 
 
@@ -2793,16 +2812,14 @@ class StatsQuery:
 
 
 def local_midnight(day: int, tz: str) -> int:
-    """Unix ms of the start of `day` (days since 1970) in zone tz: its first instant (a
-    zone that skips midnight, as some did for daylight saving, starts the day later)."""
+    """Unix ms of the start of `day` (days since 1970) in zone tz: its first instant."""
     if tz == "UTC":
         return day * DAY_MS
     date = dt.date(1970, 1, 1) + dt.timedelta(days=day)
-    local = dt.datetime.combine(date, dt.time(), zone(tz))
-    ms = int(local.timestamp() * 1000)
-    # fold=0 on a skipped midnight gives the instant before the gap; the day starts at its end
-    back = dt.datetime.fromtimestamp(ms / 1000, zone(tz))
-    return ms if back.date() == date else int(local.replace(fold=1).timestamp() * 1000)
+    # A midnight in a gap (clocks put forward at 00:00) is read with the offset before
+    # it: the instant of the change, which is then when the day starts. A day the zone
+    # skipped whole (Samoa's 2011-12-30) starts and ends at that instant: no hours.
+    return int(dt.datetime.combine(date, dt.time(), zone(tz)).timestamp() * 1000)
 
 
 def zone_offsets(tz: str, start_ms: int, end_ms: int) -> list[tuple[int, int]]:
@@ -2874,7 +2891,7 @@ def stats_query(
 ) -> StatsQuery:
     """A StatsQuery from ?from=&to=&tz=&by=&campaign=&bots=&convert= (or the CLI's flags); FieldError names what is wrong."""
     tz = params.get("tz") or "UTC"
-    if tz in ("utc", "Z", "Etc/UTC", "UTC0"):
+    if tz in UTC_NAMES:
         tz = "UTC"
     if tz != "UTC":
         zone(tz)
@@ -2885,7 +2902,7 @@ def stats_query(
         raise FieldError("from", f"must not be after to ({day_text(last)}), got {day_text(first)}")
     if last - first >= STATS_MAX_DAYS:
         raise FieldError("from", f"the range is at most {STATS_MAX_DAYS} days")
-    if first < 0 or last > 2932500:  # a zone's midnight must be a time: 1970-01-01 to 9998
+    if first < 0 or last > LAST_DAY:  # a zone's midnight after the last day must still be a time
         raise FieldError("from" if first < 0 else "to", "must be from 1970-01-01 to 9998-12-31")
     by = parse_group(params.get("by") or "campaign")
     bots = params.get("bots") or "0"
@@ -3796,9 +3813,14 @@ SCHEMA = [
         UNION ALL
         SELECT ts / {SLOT_MS}, campaign, cost_currency, cost FROM conversions
         WHERE cost_model IS NOT NULL AND status = 'approved') GROUP BY 1, 2, 3;
-    -- A database that never counted a click (a new one) has everything in them: 0.
+    -- From when they are whole: the oldest click kept, or the UTC day after the last
+    -- human click whose User-Agent was cut (pii_days: its unique clicks can't be
+    -- counted again), whichever is later. A database that never counted a click (a new
+    -- one) has everything in them: 0.
     INSERT INTO meta (key, value) SELECT 'slots_since', CASE WHEN EXISTS (SELECT 1 FROM daily_clicks)
-        THEN coalesce((SELECT min(ts) FROM clicks), CAST((julianday('now') - 2440587.5) * {DAY_MS} AS INTEGER))
+        THEN max(
+            coalesce((SELECT min(ts) FROM clicks), CAST((julianday('now') - 2440587.5) * {DAY_MS} AS INTEGER)),
+            coalesce((SELECT max(ts) FROM clicks WHERE bot = 0 AND ua IS NULL) / {DAY_MS} * {DAY_MS} + {DAY_MS}, 0))
         ELSE 0 END;
     """,
 ]
@@ -6127,12 +6149,18 @@ class Database:
         costs = self.con.execute(self._costs_sql(key, where, len(q.by)), span)
         return stats_rows(q, clicks.fetchall(), conversions.fetchall(), costs.fetchall())
 
-    def unenriched(self, limit: int, before_ms: int) -> list[tuple]:
+    def unenriched(self, limit: int, before_ms: int, conf: GeoConfig) -> list[tuple]:
         """The next clicks the Enricher has not looked at, made before a moment: (id, ip,
         ua), oldest first. (It stays a moment behind: a click whose id was made just
-        before another's may be committed just after it.)"""
-        found = self.con.execute("SELECT value FROM meta WHERE key = 'enriched_upto'").fetchone()
-        after = bytes.fromhex(found[0]) if found else b""
+        before another's may be committed just after it.) When [geo] changed since it
+        last looked (a country file added, say), it starts again from the oldest kept."""
+        found = dict(self.con.execute("SELECT key, value FROM meta WHERE key IN ('enriched_upto', 'enriched_with')"))
+        looked_with = f"{conf.database}|{conf.user_agents}"
+        if found.get("enriched_with") != looked_with:
+            self.con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('enriched_with', ?)", (looked_with,))
+            self.con.execute("DELETE FROM meta WHERE key = 'enriched_upto'")
+            found.pop("enriched_upto", None)
+        after = bytes.fromhex(found["enriched_upto"]) if "enriched_upto" in found else b""
         return self.con.execute(
             "SELECT id, ip, ua FROM clicks WHERE id > ? AND id < ? ORDER BY id LIMIT ?",
             (after, uuid_floor(before_ms), limit),
@@ -6277,7 +6305,8 @@ class Database:
         def column(table: str, name: str) -> str:
             if name in ENRICHED_FIELDS:
                 return f"coalesce({'f' if table == 'c' else 'k'}.{name}, '')"
-            return f"coalesce({table}.{name}, '')"
+            none = DEFAULT_OFFER if name == "offer" else ""  # a plain `url`'s click: as the totals name it
+            return f"coalesce({table}.{name}, '{none}')"
 
         def key_sql(table: str) -> str:
             moments = time_fields_sql(f"{table}.ts", offsets)
@@ -6293,6 +6322,7 @@ class Database:
                     keys.append(column(table, name))
             return ", ".join(keys)
 
+        campaign_only, campaign_args = where, args  # a visitor's first click is found among all of its campaign's
         where_clicks = where.replace("campaign", "c.campaign") + "".join(f" AND {column('c', n)} = ?" for n in filters)
         where_conversions = where.replace("campaign", "v.campaign") + "".join(
             f" AND {column('v', n)} = ?" for n in filters
@@ -6309,11 +6339,16 @@ class Database:
                 FROM clicks AS c{facts} WHERE c.id >= ? AND c.id < ?{where_clicks} GROUP BY {groups}""",
             ids,
         ).fetchall()
-        unique = self.con.execute(  # the first human click of its (campaign, UTC day, address, User-Agent)
+        # The first human click of its (campaign, UTC day, address, User-Agent), found over
+        # the whole UTC days around the range and whatever the filters: a zone's day that
+        # starts mid-UTC-day, or a filter, must not make a later click the first.
+        days = (uuid_floor(start // DAY_MS * DAY_MS), uuid_floor(-(-end // DAY_MS) * DAY_MS), *campaign_args)
+        unique = self.con.execute(
             f"""SELECT {click_key}, 0, 0, count(*), 0, 0, 0, 0 FROM clicks AS c{facts} WHERE c.id IN (
-                    SELECT min(c.id) FROM clicks AS c{facts} WHERE c.id >= ? AND c.id < ? AND c.bot = 0{where_clicks}
-                    GROUP BY c.ts / {DAY_MS}, c.campaign, c.ip, c.ua) GROUP BY {groups}""",
-            ids,
+                    SELECT min(id) FROM clicks WHERE id >= ? AND id < ? AND bot = 0{campaign_only}
+                    GROUP BY ts / {DAY_MS}, campaign, ip, ua)
+                AND c.id >= ? AND c.id < ?{where_clicks} GROUP BY {groups}""",
+            (*days, *ids),
         ).fetchall()
         conversions = self.con.execute(
             f"""SELECT {conversion_key}, v.status, v.currency, count(*), {money_sum("v.payout")},
@@ -7491,6 +7526,7 @@ class Enricher:
     def __init__(self, app: TinyTrack) -> None:
         self.app = app
         self.geo: Geo | None = None
+        self._config: Config | None = None  # the config self.geo was made from
         self.filled = 0  # clicks given something since start
         self._task: asyncio.Task | None = None
 
@@ -7516,14 +7552,15 @@ class Enricher:
             await asyncio.sleep(ENRICH_IDLE_SECONDS if looked < ENRICH_BATCH else ENRICH_PAUSE_SECONDS)
 
     def current_geo(self) -> Geo | None:
-        """The Geo of the config as it is now (made again after a reload changed [geo])."""
-        conf = self.app.config.geo
-        if self.geo is None or self.geo.conf != conf:
+        """The Geo of the config as it is now: made again after each reload, so a
+        country file replaced in place is read anew."""
+        if self.geo is None or self._config is not self.app.config:
+            self._config = self.app.config
             try:
-                self.geo = Geo(conf)
+                self.geo = Geo(self._config.geo)
             except ConfigError as exc:  # the file went away since the config was read
                 log.error("geo: %s", exc)
-                return None
+                self.geo = None
         return self.geo if self.geo else None
 
     async def step(self) -> int:
@@ -10288,7 +10325,13 @@ def render_form(view: AdminView) -> str:
         for i in range(MAX_GROUP_FIELDS)
     )
     value = (lambda key, default: form.get(key, default)) if view.error else (lambda key, default: default)
-    hidden = "".join(f'<input type=hidden name="{name}" value="{e(v)}">' for name, v in q.filters)
+    # What the form has no field for is sent again as it was: the filters (and bots=1).
+    kept = [(n, form[n]) for n in (*FILTER_FIELDS, "bots") if n in form] if view.error else list(q.filters)
+    if q.bots and not view.error:
+        kept.append(("bots", "1"))
+    hidden = "".join(f'<input type=hidden name="{name}" value="{e(v)}">' for name, v in kept)
+    campaign = value("campaign", q.campaign) or None
+    campaigns = list(view.campaigns) + ([campaign] if campaign and campaign not in view.campaigns else [])
     zones = "".join(f"<option>{z}</option>" for z in ADMIN_ZONES)
     return (
         "<form method=get action=/admin>"
@@ -10296,7 +10339,7 @@ def render_form(view: AdminView) -> str:
         f'<label>To <input type=date name=to value="{e(value("to", day_text(q.last_day)))}"></label>'
         f'<label>Time zone <input name=tz list=zones value="{e(value("tz", q.tz))}" size=18></label>'
         f"<datalist id=zones>{zones}</datalist>{groups}"
-        f"<label>Campaign {select('campaign', view.campaigns, q.campaign, 'all')}</label>"
+        f"<label>Campaign {select('campaign', campaigns, campaign, 'all')}</label>"
         f"{hidden}<button>Show</button></form>"
     )
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 import io
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 
 import httpx
 import pytest
@@ -26,6 +28,7 @@ HUMAN = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 D = "2026-11-20"
 CPC = '\n[campaigns.cpc]\nurl = "https://offer.example.com/a?cid={click_id}"\ncost_model = "cpc"\ncost_value = "0.05"\n'
 NY = "America/New_York"
+DAY_MS = 86_400_000
 
 
 @pytest.fixture
@@ -397,3 +400,116 @@ async def test_the_quarter_hour_totals_give_the_daily_totals_numbers_in_utc(app,
         assert (daily.source, slots.source) == ("daily", "slots")
         read = app.store.read
         assert await read(tinytrack.Database.stats, daily) == await read(tinytrack.Database.stats, slots), by
+
+
+async def test_raw_unique_clicks_are_first_of_their_utc_day_whatever_the_range_and_filters(make_app, clock):
+    """A unique click is the first of its (campaign, UTC day, address, User-Agent): a zone's
+    day that starts mid-UTC-day, or a filter, must not make a later click the first."""
+    clock.now = at(D, 3)  # 11-19 22:00 in New York
+    app = await make_app()
+    async with client_for(app) as client:
+        await click(client, sub2="x")
+        clock.now = at(D, 6)  # 11-20 01:00 in New York: the same UTC day, not unique
+        await click(client, sub2="y")
+        clock.now = at(D, 12)
+        for query in (f"from={D}&to={D}&tz={NY}&by=day", f"from={D}&to={D}&tz={NY}&by=day,sub2"):
+            rows = (await report(client, query))["rows"]
+            assert [(r["clicks"], r["unique_clicks"]) for r in rows] == [(1, 0)], query
+        by_sub2 = (await report(client, f"from={D}&to={D}&by=sub2"))["rows"]
+        assert [(r["sub2"], r["unique_clicks"]) for r in by_sub2] == [("x", 1), ("y", 0)]
+        only_y = (await report(client, f"from={D}&to={D}&by=sub2&sub2=y"))["rows"]
+        assert [(r["sub2"], r["unique_clicks"]) for r in only_y] == [("y", 0)]
+
+
+async def test_a_day_a_zone_skipped_has_no_hours_and_the_day_before_keeps_its_own(make_app, clock):
+    # Samoa went from 2011-12-29 24:00 (UTC-10) to 12-31 00:00 (UTC+14): there was no 12-30
+    clock.now = at("2011-12-29", 20)  # 12-29 10:00 in Samoa
+    app = await make_app()
+    async with client_for(app) as client:
+        await click(client, sub2="x")
+        clock.now = at("2011-12-31", 12)
+        for by in ("day", "day,sub2"):
+            rows = (await report(client, f"from=2011-12-29&to=2011-12-29&tz=Pacific/Apia&by={by}"))["rows"]
+            assert [(r["day"], r["clicks"]) for r in rows] == [("2011-12-29", 1)], by
+            assert (await report(client, f"from=2011-12-30&to=2011-12-30&tz=Pacific/Apia&by={by}"))["rows"] == []
+
+
+@pytest.mark.parametrize("tz", ["+00:00", "Z", "utc", "Etc/UTC", "GMT", "Etc/Zulu", "Universal"])
+async def test_names_of_utc_are_utc(client, tz):
+    answer = await client.get("/api/stats", params={"tz": tz, "by": "sub1"}, headers=ADMIN)
+    assert (answer.status_code, answer.json()["tz"], answer.json()["source"]) == (200, "UTC", "daily")
+
+
+@pytest.mark.parametrize("tz", ["localtime", "posixrules", "Factory", "right/UTC", "posix/Europe/Berlin"])
+async def test_names_that_are_no_zone_are_refused(client, tz):
+    answer = await client.get("/api/stats", params={"tz": tz}, headers=ADMIN)
+    assert answer.status_code == 400
+    assert answer.json()["error"].startswith("tz: must be an IANA time zone")
+
+
+async def test_the_last_day_is_9998_12_31(client):
+    answer = await client.get("/api/stats?from=9998-12-01&to=9998-12-31", headers=ADMIN)
+    assert answer.status_code == 200, answer.text
+
+
+def test_the_migration_fills_the_quarter_hours_from_what_is_kept_and_says_from_when(tmp_path):
+    """A schema-10 database: two days of clicks, the first day's User-Agents already cut
+    (pii_days), a conversion. Schema 11 backfills the quarter-hour totals from the kept
+    rows; they are whole only from the day after the last cut User-Agent, so UTC
+    reports before that read the daily totals and zone reports say from when they are whole."""
+    path = str(tmp_path / "old.db")
+    day = 20_000  # 2024-10-04
+    with closing(sqlite3.connect(path, isolation_level=None)) as con:
+        for number, script in enumerate(tinytrack.SCHEMA[:10], start=1):
+            con.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+        rows = [  # (ms, ua): the first day's cut, the second day's kept (one visitor twice)
+            (day * DAY_MS + 3_600_000, None),
+            (day * DAY_MS + 7_200_000, None),
+            ((day + 1) * DAY_MS + 3_600_000, "Mozilla/5.0"),
+            ((day + 1) * DAY_MS + 4_500_000, "Mozilla/5.0"),
+            ((day + 1) * DAY_MS + 80_000_000, "Other/1.0"),
+        ]
+        for i, (ms, ua) in enumerate(rows):
+            con.execute(
+                "INSERT INTO clicks (id, ts, campaign, sub1, ip, ua, bot) VALUES (?, ?, 'spring', 'a', ?, ?, 0)",
+                (ms.to_bytes(6, "big") + bytes([0x70, i]) + bytes(8), ms, "203.0.113.0", ua),
+            )
+        con.execute(
+            "INSERT INTO daily_clicks (day, campaign, sub1, clicks, bot_clicks, unique_clicks) VALUES "
+            f"({day}, 'spring', 'a', 2, 0, 2), ({day + 1}, 'spring', 'a', 3, 0, 2)"
+        )
+        con.execute(
+            """INSERT INTO conversions (click_id, dedupe_key, click_ts, campaign, event, status, payout, currency, ts,
+                   created_at, updated_at) VALUES (?, 'e:conversion', ?, 'spring', 'conversion', 'approved', 2000000,
+                   'USD', ?, ?, ?)""",
+            (b"x" * 16, rows[2][0], rows[2][0] + 60_000, 0, 0),
+        )
+    with closing(tinytrack.open_database(path)) as con:
+        assert con.execute("SELECT value FROM meta WHERE key = 'slots_since'").fetchone() == (str((day + 1) * DAY_MS),)
+        slots = con.execute("SELECT slot, clicks, unique_clicks FROM slot_clicks ORDER BY slot").fetchall()
+        assert slots == [
+            (day * 96 + 4, 1, 0),
+            (day * 96 + 8, 1, 0),
+            ((day + 1) * 96 + 4, 1, 1),
+            ((day + 1) * 96 + 5, 1, 0),  # the same visitor again that day
+            ((day + 1) * 96 + 88, 1, 1),
+        ]
+        assert con.execute("SELECT slot, conversions, payout FROM slot_conversions").fetchall() == [
+            ((day + 1) * 96 + 4, 1, 2_000_000)
+        ]
+    db = tinytrack.Database.open(path)
+    try:
+        since = db.slots_since()
+        both = tinytrack.StatsQuery(day, day + 1, "day", slots_since=since)
+        second = tinytrack.StatsQuery(day + 1, day + 1, "day", slots_since=since)
+        assert (both.source, second.source) == ("daily", "slots")
+        assert [(r["day"], r["clicks"], r["unique_clicks"]) for r in db.stats(both)] == [
+            ("2024-10-04", 2, 2),  # the daily totals' own count, from before the cut
+            ("2024-10-05", 3, 2),
+        ]
+        assert [(r["clicks"], r["unique_clicks"], r["approved"]) for r in db.stats(second)] == [(3, 2, 1)]
+        zoned = tinytrack.StatsQuery(day, day + 1, "day", tz="Europe/Berlin", slots_since=since)
+        answer = tinytrack.stats_answer(zoned, db.stats(zoned), {"slots_since": since})
+        assert answer["source"] == "slots" and answer["complete_from"] == "2024-10-05T00:00:00.000Z"
+    finally:
+        db.close()

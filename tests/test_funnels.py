@@ -936,3 +936,10 @@ async def test_the_landers_and_offers_table_in_headless_chromium(tmp_path: Path)
         ]
         # `direct` had no clicks: its heading and the line that says so, no table.
         assert "Landers and offers: direct" in dom and "Landers and offers: direct" not in page.tables
+
+
+async def test_a_plain_url_clicks_offer_is_default_in_every_report(client, script):
+    await click(client, script, None, campaign="plain", sub1="s")
+    for query in ("by=offer", "by=offer,sub1", "by=offer&tz=Asia/Kolkata", "by=offer&offer=default"):
+        answer = await client.get(f"/api/stats?from={D}&to={D}&campaign=plain&{query}", headers=ADMIN)
+        assert [(r["offer"], r["clicks"]) for r in answer.json()["rows"]] == [("default", 1)], query

@@ -201,3 +201,52 @@ async def test_a_clicks_facts_go_with_it(make_app, clock):
         assert con.execute("SELECT count(*) FROM click_facts").fetchone() == (2,)
         con.execute("DELETE FROM clicks WHERE ip = '203.0.113.7'")  # as a purge or `forget --ip` does
         assert con.execute("SELECT device FROM click_facts").fetchall() == [("desktop",)]
+
+
+async def test_a_replaced_country_file_is_read_after_a_reload(make_app, countries, clock, tmp_path):
+    app = await make_app(geo_section(countries))
+    await app.enricher.stop()
+    await click_from(app, "203.0.113.7", IPHONE)
+    clock.now += 2.5
+    await app.enricher.catch_up()
+    newer = tmp_path / "newer.mmdb"
+    write_mmdb(newer, {"203.0.113.0/24": FRANCE})  # the range moved to France
+    newer.replace(countries)
+    assert app.reload(str(tmp_path / "config.toml"))
+    await click_from(app, "203.0.113.8", IPHONE)
+    clock.now += 2.5
+    await app.enricher.catch_up()
+    assert [row[1] for row in stored(app)] == ["DE", "FR"]  # each as the file said when it was looked at
+
+
+async def test_a_country_file_added_later_fills_the_clicks_kept(make_app, countries, clock, tmp_path):
+    app = await make_app()
+    await app.enricher.stop()
+    await click_from(app, "203.0.113.7", IPHONE)
+    clock.now += 2.5
+    await app.enricher.catch_up()
+    assert [row[1:3] for row in stored(app)] == [(None, "mobile")]
+    (tmp_path / "config.toml").write_text((tmp_path / "config.toml").read_text() + geo_section(countries))
+    assert app.reload(str(tmp_path / "config.toml"))
+    assert await app.enricher.catch_up() == 1
+    assert [row[1:3] for row in stored(app)] == [("DE", "mobile")]
+
+
+async def test_one_user_agent_the_parser_chokes_on_is_left_empty(make_app, clock, monkeypatch):
+    app = await make_app()
+    await app.enricher.stop()
+    await click_from(app, "203.0.113.7", "Choke/1.0")
+    await click_from(app, "203.0.113.8", IPHONE)
+    clock.now += 2.5
+    geo = app.enricher.current_geo()
+    parse = geo.parse
+
+    def choking(user_agent: str):
+        if user_agent.startswith("Choke"):
+            raise RuntimeError("a parser's bug")
+        return parse(user_agent)
+
+    monkeypatch.setattr(geo, "parse", choking)
+    assert await app.enricher.catch_up() == 1
+    assert [row[2] for row in stored(app)] == [None, "mobile"]
+    assert await app.enricher.catch_up() == 0  # and it went on past it

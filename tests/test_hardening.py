@@ -159,6 +159,15 @@ async def test_reports_survive_totals_that_overflowed_before_the_cap(app, client
                 (day - 1, "y", "EUR", 9_000_000_000_000_000_000),
             ],
         )
+        con.executemany(  # and the quarter-hour totals, which by=campaign reads
+            """INSERT INTO slot_conversions (slot, campaign, status, currency, conversions, payout, flagged, pixel_only)
+               VALUES (?, 'spring', 'approved', ?, 10, ?, 0, 0)""",
+            [
+                (day * 96, "USD", 9.999999999999999e18),
+                (day * 96 + 1, "EUR", 9_000_000_000_000_000_000),
+                (day * 96 - 1, "EUR", 9_000_000_000_000_000_000),
+            ],
+        )
     stats = await client.get("/api/stats?by=campaign", headers=BEARER)
     assert stats.status_code == 200, stats.text
     [row] = stats.json()["rows"]
@@ -167,6 +176,8 @@ async def test_reports_survive_totals_that_overflowed_before_the_cap(app, client
         "0.01"
     )  # a REAL: as near as it holds
     assert (await client.get("/api/stats?by=sub1&format=csv", headers=BEARER)).status_code == 200
+    by_sub1 = (await client.get("/api/stats?by=campaign,sub1", headers=BEARER)).json()["rows"]  # the daily totals
+    assert [(r["sub1"], r["payout"].get("EUR")) for r in by_sub1] == [("y", "18000000000000.00"), ("z", None)]
     assert (await client.get("/admin", headers=BEARER)).status_code == 200
     done = run("stats", "-c", str(config_file), "--by", "day", cwd=tmp_path)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr

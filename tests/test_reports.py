@@ -1047,6 +1047,13 @@ async def test_admin_form_picks_range_zone_grouping_and_drills_down(client, cloc
     assert wrong.status_code == 400
     assert "tz: must be an IANA time zone like Europe/Berlin or UTC, got &#x27;Mars/Base&#x27;" in wrong.text
     assert Page(wrong.text).inputs["tz"] == "Mars/Base"
+    # what the form has no field for is sent again: the filters (also after a mistake), bots=1,
+    # and a campaign no longer in the config stays chosen
+    kept = Page((await client.get("/admin?sub1=a&tz=Mars/Base&bots=1", headers=auth)).text)
+    assert (kept.inputs["sub1"], kept.inputs["bots"]) == ("a", "1")
+    gone = Page((await client.get("/admin?campaign=retired&sub2=x&bots=1", headers=auth)).text)
+    assert gone.selected["campaign"] == ["retired"]
+    assert (gone.inputs["sub2"], gone.inputs["bots"]) == ("x", "1")
 
 
 # A sub id as long as a click keeps (256 characters), with no place to break a line.
