@@ -3772,12 +3772,8 @@ SCHEMA = [
             NEW.flags IS NOT NULL, NEW.source IS 'pixel')
         ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout,
             flagged = flagged + excluded.flagged, pixel_only = pixel_only + excluded.pixel_only;
-        INSERT INTO slot_costs SELECT NEW.ts / {SLOT_MS}, NEW.campaign, NEW.cost_currency, NEW.cost
-            WHERE NEW.cost_model IS NOT NULL AND NEW.status = 'approved'
-        ON CONFLICT DO UPDATE SET cost = cost + excluded.cost;
     END;
-    CREATE TRIGGER conversions_slot_update AFTER UPDATE OF status, payout, currency, flags, source, cost, cost_currency
-    ON conversions BEGIN
+    CREATE TRIGGER conversions_slot_update AFTER UPDATE OF status, payout, currency, flags, source ON conversions BEGIN
         UPDATE slot_conversions SET conversions = conversions - 1, payout = payout - OLD.payout,
             flagged = flagged - (OLD.flags IS NOT NULL), pixel_only = pixel_only - (OLD.source IS 'pixel')
         WHERE slot = OLD.ts / {SLOT_MS} AND campaign = OLD.campaign AND status = OLD.status AND currency = OLD.currency;
@@ -3785,6 +3781,16 @@ SCHEMA = [
             NEW.flags IS NOT NULL, NEW.source IS 'pixel')
         ON CONFLICT DO UPDATE SET conversions = conversions + 1, payout = payout + excluded.payout,
             flagged = flagged + excluded.flagged, pixel_only = pixel_only + excluded.pixel_only;
+    END;
+    -- Costs in triggers of their own, run only for the conversions that have one.
+    CREATE TRIGGER conversions_slot_cost_insert AFTER INSERT ON conversions
+    WHEN NEW.cost_model IS NOT NULL AND NEW.status = 'approved' BEGIN
+        INSERT INTO slot_costs VALUES (NEW.ts / {SLOT_MS}, NEW.campaign, NEW.cost_currency, NEW.cost)
+        ON CONFLICT DO UPDATE SET cost = cost + excluded.cost;
+    END;
+    CREATE TRIGGER conversions_slot_cost_update AFTER UPDATE OF status, cost, cost_currency ON conversions
+    WHEN (OLD.cost_model IS NOT NULL AND OLD.status = 'approved') OR (NEW.cost_model IS NOT NULL AND NEW.status = 'approved')
+    BEGIN
         UPDATE slot_costs SET cost = cost - OLD.cost
         WHERE OLD.cost_model IS NOT NULL AND OLD.status = 'approved' AND slot = OLD.ts / {SLOT_MS}
             AND campaign = OLD.campaign AND currency = OLD.cost_currency;
