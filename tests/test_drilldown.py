@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -513,3 +515,26 @@ def test_the_migration_fills_the_quarter_hours_from_what_is_kept_and_says_from_w
         assert answer["source"] == "slots" and answer["complete_from"] == "2024-10-05T00:00:00.000Z"
     finally:
         db.close()
+
+
+async def test_reports_run_in_a_process_of_their_own_that_comes_back(app, client, monkeypatch):
+    """Reports run in a lower-priority process (a long one must not pause clicks through
+    the GIL); one killed is started again, and where none can start the server's
+    reader thread answers."""
+    await seed_subs(client)
+    query = f"from={D}&to={D}&by=campaign,sub1,sub2"
+    first = await report(client, query)
+    pids = [process.pid for process in app.reports._pool._processes.values()]
+    assert len(pids) == 1 and pids[0] != os.getpid()
+    assert os.getpriority(os.PRIO_PROCESS, pids[0]) >= tinytrack.READER_NICE
+    os.kill(pids[0], signal.SIGKILL)
+    assert (await report(client, query))["rows"] == first["rows"]
+    assert [process.pid for process in app.reports._pool._processes.values()] != pids
+
+    def refused(*args, **kwargs):
+        raise OSError("no processes here")
+
+    app.reports.close()
+    monkeypatch.setattr(tinytrack, "ProcessPoolExecutor", refused)
+    assert (await report(client, query))["rows"] == first["rows"]
+    assert not app.reports.in_process
