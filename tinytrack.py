@@ -2759,7 +2759,8 @@ STATS_DEFAULT_DAYS = 30
 STATS_MAX_DAYS = 3660
 LAST_DAY = 2932531  # 9998-12-31
 HOUR_MS = 3_600_000
-RAW_REPORT_PAUSE = 0.06  # seconds between a raw report's days: time for the writer to checkpoint (due after 50 ms)
+RAW_REPORT_READ = 0.05  # seconds a raw report reads (a day at a time) before it pauses...
+RAW_REPORT_PAUSE = 0.06  # ...this long: time for the writer to checkpoint (due 50 ms after the last)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6358,14 +6359,20 @@ class Database:
         # of them never holds one snapshot long enough to keep the writer's checkpoints
         # from emptying the WAL, and the writer (and clicks) go on between the days.
         clicks, costs = [], []
-        for day in range(start // DAY_MS, -(-end // DAY_MS)):
+        oldest = self.con.execute("SELECT ts FROM clicks ORDER BY id LIMIT 1").fetchone()  # days before: none kept
+        reading = 0.0  # seconds read since the last pause
+        for day in range(max(start, oldest[0] if oldest else end) // DAY_MS, -(-end // DAY_MS)):
+            began = time.monotonic()
             lo, hi = max(start, day * DAY_MS), min(end, (day + 1) * DAY_MS)
             ids = (uuid_floor(lo), uuid_floor(hi), *args)
             whole_day = (uuid_floor(day * DAY_MS), uuid_floor((day + 1) * DAY_MS), *campaign_args)
             clicks += self.con.execute(clicks_sql, ids).fetchall()
             clicks += self.con.execute(unique_sql, (*whole_day, *ids)).fetchall()
             costs += self.con.execute(click_costs_sql, ids).fetchall()
-            time.sleep(RAW_REPORT_PAUSE)
+            reading += time.monotonic() - began
+            if reading >= RAW_REPORT_READ:
+                time.sleep(RAW_REPORT_PAUSE)
+                reading = 0.0
         conversions = self.con.execute(
             f"""SELECT {conversion_key}, v.status, v.currency, count(*), {money_sum("v.payout")},
                        sum(v.flags IS NOT NULL), sum(v.source IS 'pixel')
