@@ -7590,8 +7590,12 @@ class Reports:
         return await self.store.read(Database.stats, q)
 
     def close(self) -> None:
+        """Stop the process now, a report in it or not (its read-only work is lost, nothing else)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            for process in list(getattr(self._pool, "_processes", {}).values()):
+                with suppress(OSError):
+                    process.terminate()
+            self._pool.shutdown(wait=True, cancel_futures=True)  # not wait=False: its exit hook then fails
             self._pool = None
 
 

@@ -538,3 +538,32 @@ async def test_reports_run_in_a_process_of_their_own_that_comes_back(app, client
     monkeypatch.setattr(tinytrack, "ProcessPoolExecutor", refused)
     assert (await report(client, query))["rows"] == first["rows"]
     assert not app.reports.in_process
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def test_the_report_process_ends_with_the_server(server):
+    """A real `tinytrack serve`: a raw report starts the report process; SIGTERM stops
+    the server and it, with no traceback at exit."""
+    with server.client() as http:
+        assert http.get("/c/spring", params={"sub2": "x"}).status_code == 302
+        answer = http.get("/api/stats?by=sub2", headers=ADMIN)
+        assert answer.status_code == 200 and answer.json()["source"] == "raw"
+    spawned = children(server.process.pid)
+    assert spawned  # the report process (and multiprocessing's resource tracker)
+    assert server.stop() == 0
+    for pid in spawned:
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+    output = server.output()
+    assert "Traceback" not in output and "Exception ignored" not in output, output[-2000:]
