@@ -246,6 +246,9 @@ class HTTPError(TinytrackError):
         self.headers = list(headers)
         super().__init__(self.message)
 
+    def __reduce__(self) -> tuple:  # the same error out of the report process
+        return HTTPError, (self.refusal, self.message, self.headers)
+
 
 class FieldError(HTTPError):
     """Bad input in one named field: always a 400 naming the field."""
@@ -253,6 +256,9 @@ class FieldError(HTTPError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(Refusal.BAD_REQUEST, f"{field}: {problem}")
         self.field = field
+
+    def __reduce__(self) -> tuple:
+        return FieldError.from_message, (self.message,)
 
     @classmethod
     def from_message(cls, message: str) -> FieldError:
@@ -2394,13 +2400,24 @@ def zone_names() -> frozenset[str]:
     return frozenset(available_timezones()) - {"Factory", "localtime", "posixrules", "posix", "right"}
 
 
+def zone_param(text: str | None, field: str = "tz") -> str:
+    """A zone as given (?tz=, --tz): UTC's other names as "UTC", else an IANA zone this
+    machine knows (not its files that are no zone); FieldError if not."""
+    name = text or "UTC"
+    if name in UTC_NAMES:
+        return "UTC"
+    if name not in zone_names():
+        raise FieldError(field, f"must be an IANA time zone like Europe/Berlin or UTC, got {quoted(name)}")
+    zone(name)
+    return name
+
+
 @lru_cache(maxsize=64)
 def zone(name: str) -> ZoneInfo:
-    """An IANA time zone (Europe/Berlin, America/New_York, UTC); FieldError if unknown."""
+    """An IANA time zone (Europe/Berlin, America/New_York, UTC); FieldError if unknown.
+    (Input is checked by zone_param first; a zone stored by an older version is read as it was.)"""
     try:
         if not name or len(name) > 64 or name.startswith(("/", ".")) or ".." in name:
-            raise ValueError(name)
-        if name not in zone_names() and name != "UTC":
             raise ValueError(name)
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
@@ -2830,6 +2847,8 @@ def zone_offsets(tz: str, start_ms: int, end_ms: int) -> list[tuple[int, int]]:
     """The zone's UTC offsets over [start_ms, end_ms): (from unix ms, offset ms), the
     first from start_ms; each change found to the millisecond (offsets are sampled
     every six hours, and a change bisected between two samples)."""
+    if tz == "UTC":
+        return [(start_ms, 0)]
     local = zone(tz)
 
     def offset(ms: int) -> int:
@@ -2894,11 +2913,7 @@ def stats_query(
     channels: Mapping[str, str] | None = None,
 ) -> StatsQuery:
     """A StatsQuery from ?from=&to=&tz=&by=&campaign=&bots=&convert= (or the CLI's flags); FieldError names what is wrong."""
-    tz = params.get("tz") or "UTC"
-    if tz in UTC_NAMES:
-        tz = "UTC"
-    if tz != "UTC":
-        zone(tz)
+    tz = zone_param(params.get("tz"))
     today = local_today(now, tz)
     last = parse_day(params["to"], "to") if params.get("to") else today
     first = parse_day(params["from"], "from") if params.get("from") else last - STATS_DEFAULT_DAYS + 1
@@ -6180,7 +6195,11 @@ class Database:
         """Clicks' country, device, os and browser ((country, device, os, browser, id)),
         and the cursor past the last click looked at, in one transaction."""
         self.con.executemany(
-            "INSERT OR REPLACE INTO click_facts (country, device, os, browser, id) VALUES (?, ?, ?, ?, ?)", updates
+            """INSERT INTO click_facts (country, device, os, browser, id) VALUES (?, ?, ?, ?, ?)
+               ON CONFLICT (id) DO UPDATE SET country = coalesce(excluded.country, country),
+                   device = coalesce(excluded.device, device), os = coalesce(excluded.os, os),
+                   browser = coalesce(excluded.browser, browser)""",  # looked at again: what it can't say now stays
+            updates,
         )
         self.con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('enriched_upto', ?)", (bytes(last).hex(),))
 
@@ -7546,6 +7565,9 @@ def report_process_start(path: str) -> None:
     global _report_db
     with suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, 0, READER_NICE)
+    # The server stops it (Reports.close): Ctrl-C or systemd's SIGTERM to the group is the server's.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _report_db = Database.open_readonly(path)
 
 
@@ -7567,34 +7589,41 @@ class Reports:
         self.path, self.store = path, store
         self._pool: ProcessPoolExecutor | None = None
         self.in_process = True  # False once a process could not be started: the reader's thread, then
+        self.closing = False
 
     async def stats(self, q: StatsQuery) -> list[dict]:
-        loop = asyncio.get_running_loop()
-        for attempt in (1, 2):
-            if not self.in_process:
-                break
+        if self.closing:
+            raise HTTPError(Refusal.UNAVAILABLE, "shutting down")
+        if self._pool is not None and getattr(self._pool, "_broken", False):
+            self.close()  # it died between reports (killed): a new one, and no report lost
+        if self._pool is None and self.in_process:
             try:
-                if self._pool is None:
-                    self._pool = ProcessPoolExecutor(
-                        1,
-                        mp_context=multiprocessing.get_context("spawn"),  # not fork: the server has threads
-                        initializer=report_process_start,
-                        initargs=(self.path,),
-                    )
-                return await loop.run_in_executor(self._pool, report_process_stats, q)
-            except (BrokenProcessPool, OSError) as exc:  # it died (killed?), or none can start here
-                self.close()
-                if attempt == 2:
-                    log.warning("reports: no process of their own (%s); they run on the reader's thread", exc)
-                    self.in_process = False
-        return await self.store.read(Database.stats, q)
+                self._pool = ProcessPoolExecutor(
+                    1,
+                    mp_context=multiprocessing.get_context("spawn"),  # not fork: the server has threads
+                    initializer=report_process_start,
+                    initargs=(self.path,),
+                )
+            except OSError as exc:  # no process can start here (a sandbox): the reader's thread, then
+                log.warning("reports: no process of their own (%s); they run on the reader's thread", exc)
+                self.in_process = False
+        if not self.in_process:
+            return await self.store.read(Database.stats, q)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, report_process_stats, q)
+        except BrokenProcessPool:  # it died (killed, out of memory): not run again; the next report starts one
+            self.close()
+            if self.closing:
+                raise HTTPError(Refusal.UNAVAILABLE, "shutting down") from None
+            log.warning("reports: the report process stopped during a report; the next one starts a new one")
+            raise HTTPError(Refusal.UNAVAILABLE, "the report process stopped (out of memory?): ask again") from None
 
     def close(self) -> None:
         """Stop the process now, a report in it or not (its read-only work is lost, nothing else)."""
         if self._pool is not None:
             for process in list(getattr(self._pool, "_processes", {}).values()):
                 with suppress(OSError):
-                    process.terminate()
+                    process.kill()  # it ignores SIGTERM (the group's: systemd's stop)
             self._pool.shutdown(wait=True, cancel_futures=True)  # not wait=False: its exit hook then fails
             self._pool = None
 
@@ -7949,13 +7978,14 @@ class TinyTrack:
         """Stop the background work, finish every queued write, close (once)."""
         if self.store.closed:
             return
+        self.reports.closing = True
+        self.reports.close()  # first: its read-only connection would keep the writer's close from checkpointing
         await self.alerter.stop()
         await self.enricher.stop()
         await self.purger.stop()
         # Deliveries in flight get a bounded time; their results go through the writer.
         await self.forwarder.stop(grace=min(self.config.forward.timeout_seconds, FORWARD_SHUTDOWN_SECONDS))
         await self.store.close()
-        self.reports.close()
         log.info("tinytrack stopped; every acknowledged write is committed")
 
     def peer_address(self, scope: dict, forwarded_for: str | None) -> str:
@@ -8647,8 +8677,7 @@ class Admin:
     async def api_costs(self, request: Request) -> Response:
         """A source's spend report: PUT {"rows": [...]} as JSON, or CSV with a header; ?tz= its zone."""
         self.require_admin(request)
-        tz = request.query_params.get("tz") or "UTC"
-        zone(tz)
+        tz = zone_param(request.query_params.get("tz"))
         length = request.headers.get("content-length")
         too_large = HTTPError(Refusal.TOO_LARGE, f"body: more than {MAX_COST_BODY} bytes")
         if length and (not DIGITS_RE.fullmatch(length) or int(length) > MAX_COST_BODY):
@@ -9753,7 +9782,7 @@ def cmd_costs(args: argparse.Namespace) -> int:
     config, db = open_for_command(args)
     with closing(db):
         try:
-            zone(args.tz)
+            args.tz = zone_param(args.tz)
             text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
             last_day = int(time.time() // 86400) + 1
             count, rows = parse_cost_upload(text.encode(), "text/csv", config.campaigns, args.tz, last_day)

@@ -8,6 +8,7 @@ on 03-08 at 07:00Z and 11-01 at 06:00Z).
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import os
@@ -17,6 +18,7 @@ import subprocess
 import sys
 from contextlib import closing
 
+import anyio
 import httpx
 import pytest
 from conftest import ADMIN_TOKEN, POSTBACK_TOKEN, FakeClock, at, client_for
@@ -440,6 +442,9 @@ async def test_a_day_a_zone_skipped_has_no_hours_and_the_day_before_keeps_its_ow
 async def test_names_of_utc_are_utc(client, tz):
     answer = await client.get("/api/stats", params={"tz": tz, "by": "sub1"}, headers=ADMIN)
     assert (answer.status_code, answer.json()["tz"], answer.json()["source"]) == (200, "UTC", "daily")
+    rows = {"rows": [{"day": D, "campaign": "cpc", "cost": "1"}]}
+    upload = await client.put("/api/costs", params={"tz": tz}, json=rows, headers=ADMIN)
+    assert upload.status_code == 200, upload.text
 
 
 @pytest.mark.parametrize("tz", ["localtime", "posixrules", "Factory", "right/UTC", "posix/Europe/Berlin"])
@@ -527,9 +532,28 @@ async def test_reports_run_in_a_process_of_their_own_that_comes_back(app, client
     pids = [process.pid for process in app.reports._pool._processes.values()]
     assert len(pids) == 1 and pids[0] != os.getpid()
     assert os.getpriority(os.PRIO_PROCESS, pids[0]) >= tinytrack.READER_NICE
+    # an error in the process is the same error here, and the process stays
+    with pytest.raises(tinytrack.FieldError, match="tz: must be an IANA time zone"):
+        await app.reports.stats(tinytrack.StatsQuery(0, 1, "day", tz="Mars/Base"))
+    assert [process.pid for process in app.reports._pool._processes.values()] == pids
+    # one killed between reports is replaced at the next, which is answered
     os.kill(pids[0], signal.SIGKILL)
+    for _ in range(100):
+        if app.reports._pool._broken:
+            break
+        await anyio.sleep(0.05)
     assert (await report(client, query))["rows"] == first["rows"]
     assert [process.pid for process in app.reports._pool._processes.values()] != pids
+    # one killed during a report: that report is a 503 (not run again: it may be what killed it)
+    slow = tinytrack.StatsQuery(0, 2932531 - 1, "sub2", tz="Europe/Berlin")  # 8,000 years of offsets: seconds
+    pending = asyncio.ensure_future(app.reports.stats(slow))
+    await anyio.sleep(0.3)
+    for process in app.reports._pool._processes.values():
+        os.kill(process.pid, signal.SIGKILL)
+    with pytest.raises(tinytrack.HTTPError) as stopped:
+        await pending
+    assert stopped.value.status == 503
+    assert (await report(client, query))["rows"] == first["rows"]
 
     def refused(*args, **kwargs):
         raise OSError("no processes here")
@@ -562,7 +586,11 @@ def test_the_report_process_ends_with_the_server(server):
         assert answer.status_code == 200 and answer.json()["source"] == "raw"
     spawned = children(server.process.pid)
     assert spawned  # the report process (and multiprocessing's resource tracker)
+    with server.client() as http:  # written after the report process opened the file
+        assert all(http.get("/c/spring").status_code == 302 for _ in range(20))
     assert server.stop() == 0
+    wal = server.directory / "tinytrack.db-wal"  # the last connection's close checkpointed it all
+    assert not wal.exists() or wal.stat().st_size == 0
     for pid in spawned:
         assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
     output = server.output()

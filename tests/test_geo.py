@@ -250,3 +250,19 @@ async def test_one_user_agent_the_parser_chokes_on_is_left_empty(make_app, clock
     assert await app.enricher.catch_up() == 1
     assert [row[2] for row in stored(app)] == [None, "mobile"]
     assert await app.enricher.catch_up() == 0  # and it went on past it
+
+
+async def test_looking_again_keeps_what_can_no_longer_be_looked_up(make_app, countries, clock, tmp_path):
+    """A [geo] change looks at the kept clicks again; a click whose User-Agent pii_days
+    has cut keeps its device, os and browser, and gains its country."""
+    app = await make_app()
+    await app.enricher.stop()
+    await click_from(app, "203.0.113.7", IPHONE)
+    clock.now += 2.5
+    await app.enricher.catch_up()
+    with sqlite3.connect(app.config.storage.path) as con:
+        con.execute("UPDATE clicks SET ip = '203.0.113.0', ua = NULL")  # as the pii purge leaves it
+    (tmp_path / "config.toml").write_text((tmp_path / "config.toml").read_text() + geo_section(countries))
+    assert app.reload(str(tmp_path / "config.toml"))
+    await app.enricher.catch_up()
+    assert stored(app) == [("203.0.113.0", "DE", "mobile", "iOS", "Mobile Safari")]
