@@ -3077,12 +3077,11 @@ def report_kept(retention: RetentionConfig, now: float, slots_since: int | None)
     return {"clicks_since": clicks, "slots_since": slots_since}
 
 
-def stats_answer(q: StatsQuery, rows: list[dict], kept: Mapping[str, int | None] = {}) -> dict[str, Any]:  # noqa: B006
-    """/api/stats' (and `stats --json`'s) answer: what it covers and read, the rows, and
-    with report_currency the rates used and any currency that had none (kept apart,
-    never dropped). `kept`: since when the raw clicks (clicks_since) and the quarter-hour
-    totals (slots_since) are kept, unix ms, where the report's source needs them."""
-    answer: dict[str, Any] = {
+def report_facts(q: StatsQuery, kept: Mapping[str, int | None]) -> dict[str, Any]:
+    """What a report covers and read (from, to, tz, by, source) and, when its first days
+    are partial, from when it is whole (complete_from). `kept`: since when the raw
+    clicks (clicks_since) and the quarter-hour totals (slots_since) are, unix ms."""
+    facts: dict[str, Any] = {
         "from": day_text(q.first_day),
         "to": day_text(q.last_day),
         "tz": q.tz,
@@ -3090,9 +3089,15 @@ def stats_answer(q: StatsQuery, rows: list[dict], kept: Mapping[str, int | None]
         "source": q.source,
     }
     since = kept.get("clicks_since" if q.source == "raw" else "slots_since" if q.source == "slots" else "")
-    start = q.span_ms[0]
-    if since is not None and since > start:  # the first days are partial: say from when they are whole
-        answer["complete_from"] = iso_ms(since)
+    if since is not None and since > q.span_ms[0]:
+        facts["complete_from"] = iso_ms(since)
+    return facts
+
+
+def stats_answer(q: StatsQuery, rows: list[dict], kept: Mapping[str, int | None] = {}) -> dict[str, Any]:  # noqa: B006
+    """/api/stats' (and `stats --json`'s) answer: report_facts, the rows, and with
+    report_currency the rates used and any currency that had none (kept apart, never dropped)."""
+    answer = report_facts(q, kept)
     answer["rows"] = rows
     report = q.money.report_currency
     if report is not None:
@@ -6314,7 +6319,7 @@ class Database:
     def _slot_key(q: StatsQuery, offsets: Sequence[tuple[int, int]], slot: int, campaign: str) -> tuple:
         """A slot's key in a report without status: its day and hour in the zone, its campaign."""
         ms = slot * SLOT_MS
-        local = ms + next(off for at, off in reversed(offsets) if at <= ms or at == offsets[0][0])
+        local = ms + offsets[max(bisect.bisect_right(offsets, (ms, math.inf)) - 1, 0)][1]
         values = {"day": local // DAY_MS, "hour": local % DAY_MS // HOUR_MS, "campaign": campaign}
         values["channel"], values["status"] = campaign, ""
         return tuple(values[name] for name in q.by)
@@ -7487,20 +7492,15 @@ def judge_health(window: tuple[int, int, int], dead: int, conf: AlertsConfig) ->
     }
 
 
-class Alerter:
-    """[alerts]: every ALERT_CHECK_SECONDS, each condition judged; one that starts to
-    hold is announced (at most once an hour), and once it clears, that is announced too.
-    Alerts are JSON POSTs queued in the outbox: retried, and sent after a restart."""
+class Background:
+    """A loop of the server's own (`_run`), started with it (always: a reload may turn
+    its feature on) and cancelled at shutdown."""
 
-    def __init__(self, app: TinyTrack) -> None:
-        self.app = app
-        self.announced: dict[str, bool] = {}
-        self.last_fired: dict[str, int] = {}
-        self.loaded = False  # the state is kept in the database: a restart neither repeats nor forgets one
-        self._task: asyncio.Task | None = None
+    task_name = "tinytrack-background"
+    _task: asyncio.Task | None = None
 
-    def start(self) -> None:  # always: a reload may add [alerts] webhook_url
-        self._task = asyncio.create_task(self._run(), name="tinytrack-alerts")
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self.task_name)
 
     async def stop(self) -> None:
         if self._task:
@@ -7508,6 +7508,23 @@ class Alerter:
             with suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Alerter(Background):
+    """[alerts]: every ALERT_CHECK_SECONDS, each condition judged; one that starts to
+    hold is announced (at most once an hour), and once it clears, that is announced too.
+    Alerts are JSON POSTs queued in the outbox: retried, and sent after a restart."""
+
+    task_name = "tinytrack-alerts"
+
+    def __init__(self, app: TinyTrack) -> None:
+        self.app = app
+        self.announced: dict[str, bool] = {}
+        self.last_fired: dict[str, int] = {}
+        self.loaded = False  # the state is kept in the database: a restart neither repeats nor forgets one
 
     async def _run(self) -> None:
         while True:
@@ -7631,27 +7648,18 @@ class Reports:
 # --- Background work: where clicks come from -------------------------------------------
 
 
-class Enricher:
+class Enricher(Background):
     """Fills stored clicks' country, device, os and browser ([geo]), in batches after
     they are committed: never on a click's path. Each batch is one short job on the
     writer (enrich_batch: ENRICH_BATCH clicks read, looked up, their facts stored)."""
+
+    task_name = "tinytrack-enrich"
 
     def __init__(self, app: TinyTrack) -> None:
         self.app = app
         self.geo: Geo | None = None
         self._config: Config | None = None  # the config self.geo was made from
         self.filled = 0  # clicks given something since start
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:  # always: a reload may add [geo]
-        self._task = asyncio.create_task(self._run(), name="tinytrack-enrich")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def _run(self) -> None:
         while True:
@@ -8863,7 +8871,7 @@ class Admin:
             rows=rows,
             overall=rows if overall is q else await stats(overall),
             days=rows if per_day is q else await stats(per_day),
-            kept=stats_answer(q, [], report_kept(config.retention, self.app.clock(), slots_since)),
+            facts=report_facts(q, report_kept(config.retention, self.app.clock(), slots_since)),
             conversions=await read(Database.recent_conversions, 20),
             orphans=await read(Database.recent_orphans, 10),
             outbox=await read(Database.outbox_states),
@@ -10311,7 +10319,7 @@ class AdminView:
     rows: list[dict]  # the report, grouped by q.by
     overall: list[dict]  # the same by campaign: the totals at the top
     days: list[dict]  # the same by day: the charts
-    kept: Mapping[str, Any]  # stats_answer's facts (source, complete_from)
+    facts: Mapping[str, Any]  # report_facts (source, complete_from)
     conversions: list[tuple]
     orphans: list[tuple]
     outbox: Mapping[str, int]
@@ -10500,14 +10508,7 @@ def report_table(view: AdminView) -> str:
     header = [*q.by, *(FIELD_TITLES.get(c, c) for c in columns), "revenue", "cost", "profit", "ROI %", "EPC", "CPA"]
     lines = []
     for row in view.rows:
-        fields = [
-            "(none)"
-            if row[name] == "" and name not in ("status",)
-            else f"{row[name]:02d}:00"
-            if name == "hour"
-            else row[name]
-            for name in q.by
-        ]
+        fields = [f"{row[name]:02d}:00" if name == "hour" else row[name] or "(none)" for name in q.by]
         fields[0] = drill_link(q, row, str(fields[0]))
         lines.append(
             [
@@ -10536,10 +10537,10 @@ def render_admin(view: AdminView) -> str:
         f"{e(name)} = {e(value or '(none)')} &#215;</a>"
         for name, value in ([("campaign", q.campaign)] if q.campaign else []) + list(q.filters)
     )
-    source = view.kept["source"]
+    source = view.facts["source"]
     note = f"read from the {STATS_SOURCES[source]}"
-    if "complete_from" in view.kept:
-        note += f", complete from {local_time(iso_to_ms(view.kept['complete_from']), tz)}"
+    if "complete_from" in view.facts:
+        note += f", complete from {local_time(iso_to_ms(view.facts['complete_from']), tz)}"
     health = " · ".join(
         f"{state} <b>{view.outbox.get(state, 0)}</b>" for state in ("pending", "failed", "dead", "done")
     )
